@@ -1,0 +1,144 @@
+"""A LightningDataModule over WebDataset caption shards, with a per-stage caption word budget."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import IterableDataset
+
+from datamodules.captions import PromptFormat, collate_captions, select_caption
+from datamodules.shards import budget_counts, read_index
+
+log = logging.getLogger(__name__)
+
+
+def _decode(sample: dict) -> tuple[str, Image.Image, dict]:
+    image = Image.open(io.BytesIO(sample["png"])).convert("RGB")
+    return sample["__key__"], image, json.loads(sample["json"])
+
+
+class ShardStream(IterableDataset):
+    """Samples of some shards, split by node and worker; in `train` mode shuffled and endless.
+
+    The shuffle order is a function of (seed, epoch), so a resumed run sees the same order and
+    every epoch a new one. The caller bounds an epoch with `WebLoader.with_epoch`.
+    """
+
+    def __init__(self, urls: list[str], seed: int, epoch: int, train: bool, shuffle_buffer: int = 2000) -> None:
+        self.urls, self.seed, self.epoch, self.train, self.shuffle_buffer = urls, seed, epoch, train, shuffle_buffer
+
+    def _one_pass(self, epoch: int) -> Iterator[dict]:
+        urls = list(self.urls)
+        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
+        if self.train:
+            random.Random(f"{self.seed}/shards/{epoch}").shuffle(urls)
+            stages[0] = wds.SimpleShardList(urls)
+            worker = torch.utils.data.get_worker_info()
+            rng = random.Random(f"{self.seed}/samples/{epoch}/{worker.id if worker else 0}")
+            stages += [wds.tarfile_to_samples(), wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)]
+        else:
+            stages += [wds.tarfile_to_samples()]
+        return iter(wds.DataPipeline(*stages))
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = self.epoch
+        while True:
+            yield from self._one_pass(epoch)
+            if not self.train:
+                return
+            epoch += 1
+
+
+class CaptionDataModule(L.LightningDataModule):
+    """Caption batches from `shard_dir`, each image with the longest caption of at most `max_words` words.
+
+    Call `connect(tokenizer, image_processor, num_image_tokens, prompt)` before use: those are known
+    only once the models are loaded.
+    """
+
+    def __init__(
+        self, shard_dir: str | Path, max_words: int, batch_size: int = 32, num_workers: int = 0, seed: int = 0
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        self.shard_dir, self.max_words = Path(shard_dir), max_words
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self.index = read_index(self.shard_dir)
+        self.format: PromptFormat | None = None
+        self.processor = None
+
+    def connect(self, tokenizer, image_processor, num_image_tokens: int, prompt: str) -> None:
+        self.format = PromptFormat(tokenizer, num_image_tokens, prompt)
+        self.processor = image_processor
+
+    def budget_report(self, split: str = "train") -> dict[str, int]:
+        """How many images of `split` this stage's word budget keeps and skips."""
+        kept, skipped = budget_counts(self.index, split, self.max_words)
+        return {"kept": kept, "skipped": skipped, "max_words": self.max_words}
+
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.processor(images, return_tensors="pt")["pixel_values"]
+
+    def _collate(self, samples: list[dict]) -> dict:
+        keys, images, sequences = [], [], []
+        for sample in samples:
+            key, image, meta = _decode(sample)
+            text = select_caption(meta["captions"], self.max_words)
+            keys.append(key)
+            images.append(image)
+            sequences.append(self.format.encode(text))
+        return collate_captions(keys, self.pixels(images), sequences, self.format.tokenizer.pad_token_id)
+
+    def _fits(self, sample: dict) -> bool:
+        return select_caption(json.loads(sample["json"])["captions"], self.max_words) is not None
+
+    def _loader(self, split: str, train: bool) -> wds.WebLoader:
+        if self.format is None:
+            raise RuntimeError("CaptionDataModule.connect(...) must be called before its dataloaders are used")
+        urls = [str(self.shard_dir / shard["url"]) for shard in self.index["splits"][split]]
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        stream = wds.DataPipeline(
+            ShardStream(urls, self.seed, epoch, train),
+            wds.select(self._fits),
+            wds.batched(self.batch_size, collation_fn=self._collate, partial=not train),
+        )
+        loader = wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers)
+        if train:
+            kept, _ = budget_counts(self.index, split, self.max_words)
+            world = self.trainer.world_size if self.trainer is not None else 1
+            batches = kept // (self.batch_size * world)
+            if batches == 0:
+                raise ValueError(
+                    f"{self.shard_dir}: only {kept} training images fit max_words={self.max_words}, "
+                    f"fewer than one batch of {self.batch_size} per device"
+                )
+            # with_epoch makes every rank stop after the same number of batches (unequal counts hang DDP);
+            # with_length gives Lightning the epoch length for its schedulers and progress bar.
+            loader = loader.with_epoch(batches).with_length(batches)
+        return loader
+
+    def train_dataloader(self) -> wds.WebLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> wds.WebLoader:
+        return self._loader("val", train=False)
+
+    def eval_samples(self, split: str = "test", limit: int | None = None) -> list[tuple[str, Image.Image, dict]]:
+        """Decoded (key, image, metadata) of a held-out split, in shard order, for evaluation."""
+        urls = [str(self.shard_dir / shard["url"]) for shard in self.index["splits"][split]]
+        samples = []
+        for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
+            samples.append(_decode(sample))
+            if limit is not None and len(samples) >= limit:
+                break
+        return samples

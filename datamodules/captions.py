@@ -1,0 +1,71 @@
+"""Turning a shard sample into model inputs: caption selection by word budget, tokens, pixels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def select_caption(captions: dict[str, str], max_words: int) -> str | None:
+    """The longest caption variant with at most `max_words` words, or None if every one is longer.
+
+    A stage of the curriculum trains each image on the longest description its word budget allows.
+    """
+    fitting = [text for text in captions.values() if len(text.split()) <= max_words]
+    return max(fitting, key=lambda text: len(text.split())) if fitting else None
+
+
+@dataclass
+class PromptFormat:
+    """How a caption sample becomes a token sequence:
+
+    `[bos] <image> x num_image_tokens  prompt  caption  [eos]`, with the loss on caption and eos only.
+    """
+
+    tokenizer: object
+    num_image_tokens: int
+    prompt: str
+
+    def __post_init__(self) -> None:
+        image_token = getattr(self.tokenizer, "image_token", None)
+        if image_token is None:
+            raise ValueError("the tokenizer has no image_token; save it with extra_special_tokens={'image_token': ...}")
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
+        self.prompt_ids = self._ids(self.prompt)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prefix(self) -> list[int]:
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return bos + [self.image_token_id] * self.num_image_tokens + self.prompt_ids
+
+    def encode(self, caption: str) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) for one caption."""
+        prefix = self.prefix()
+        target = self._ids(caption) + [self.tokenizer.eos_token_id]
+        return prefix + target, [IGNORE_INDEX] * len(prefix) + target
+
+
+def collate_captions(
+    keys: list[str], pixel_values: torch.Tensor, sequences: list[tuple[list[int], list[int]]], pad_token_id: int
+) -> dict[str, torch.Tensor | list[str]]:
+    """Right-pads (input_ids, labels) pairs into a batch beside their keys and pixel values."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (ids, target) in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(target)] = torch.tensor(target)
+        attention_mask[row, : len(ids)] = 1
+    return {
+        "keys": keys,
+        "pixel_values": pixel_values,
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+    }

@@ -1,0 +1,85 @@
+"""Writing and indexing WebDataset shards.
+
+A shard folder holds `<split>-NNNNNN.tar` files and `index.json`, which lists every shard with its
+sample count and, per sample, the word counts of its caption variants. The index is what lets a
+stage know how many batches an epoch has (WebDataset streams cannot tell) and how many images its
+caption word budget skips, without opening a tar file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import webdataset as wds
+
+from datamodules.world import WorldConfig, make_scene, png_bytes, render
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+INDEX_NAME = "index.json"
+
+
+def write_shards(samples: Iterable[dict], out_dir: Path, split: str, shard_size: int) -> list[dict]:
+    """Writes samples ({"__key__", "png", "json"}) as shards of `split`; returns their index entries.
+
+    Tar members carry mtime 0 so that the same samples always give byte-identical shards.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries: list[dict] = []
+    with wds.ShardWriter(str(out_dir / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0) as sink:
+        for sample in samples:
+            if not entries or entries[-1]["count"] >= shard_size:
+                entries.append({"url": f"{split}-{len(entries):06d}.tar", "count": 0, "caption_words": []})
+            sink.write(sample)
+            entries[-1]["count"] += 1
+            entries[-1]["caption_words"].append(json.loads(sample["json"])["caption_words"])
+    return entries
+
+
+def world_samples(config: WorldConfig, seed: int, split: str, size: int) -> Iterator[dict]:
+    for index in range(size):
+        scene = make_scene(config, seed, split, index)
+        meta = scene.metadata()
+        yield {"__key__": scene.key, "png": png_bytes(render(scene, config.image_size, seed)), "json": json.dumps(meta)}
+
+
+def write_world(config: WorldConfig, seed: int, out_dir: Path) -> dict:
+    """Renders the synthetic world's train/val/test splits as shards; returns the index."""
+    sizes = {"train": config.train_size, "val": config.val_size, "test": config.test_size}
+    index = {"source": "synthetic-world", "seed": seed, "splits": {}}
+    for split in SPLITS:
+        index["splits"][split] = write_shards(
+            world_samples(config, seed, split, sizes[split]), out_dir, split, config.shard_size
+        )
+    (out_dir / INDEX_NAME).write_text(json.dumps(index))
+    log.info("wrote %s samples of the synthetic world to %s", sum(sizes.values()), out_dir)
+    return index
+
+
+def read_index(shard_dir: Path) -> dict:
+    path = Path(shard_dir) / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no shard index at {path}: build the shards first (the data step of the curriculum)")
+    return json.loads(path.read_text())
+
+
+def index_digest(shard_dir: Path) -> str:
+    """A content hash of the index, which changes whenever any shard's samples change."""
+    return hashlib.sha256((Path(shard_dir) / INDEX_NAME).read_bytes()).hexdigest()[:16]
+
+
+def budget_counts(index: dict, split: str, max_words: int) -> tuple[int, int]:
+    """(samples with a caption of at most `max_words` words, samples with none) in `split`."""
+    fits = skipped = 0
+    for shard in index["splits"][split]:
+        for words in shard["caption_words"]:
+            if min(words.values()) <= max_words:
+                fits += 1
+            else:
+                skipped += 1
+    return fits, skipped

@@ -1,0 +1,231 @@
+"""The synthetic world: scenes of coloured shapes with exact ground truth.
+
+Every scene is drawn from a seeded generator, so the same (seed, index) always gives the same
+image, objects, captions and questions. Because the ground truth is exact, hallucination can be
+measured exactly (see stages/metrics.py).
+
+A scene has 1 to `max_objects` objects, each in its own cell of a 3x3 grid, each with a shape, a
+colour and a size, on a plain background. Captions come in several lengths from the same scene:
+
+- short: the (up to) two largest objects by colour and shape ("a red circle and a blue square");
+- medium: every object by colour and shape, and the background;
+- long: every object with size, colour and place, and the background;
+- raw: noisy alt-text as found on the web: generic, repetitive, sometimes naming an absent object.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 90, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+}
+BACKGROUNDS = {"gray": (110, 110, 110), "black": (15, 15, 15), "brown": (100, 70, 40)}
+SIZES = ("small", "large")
+# Grid cells in reading order; the phrase names the place in long captions.
+PLACES = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CAPTION_KINDS = ("short", "medium", "long")
+
+
+@dataclass
+class WorldConfig:
+    """How the synthetic world is drawn. Changing any field changes every image and caption."""
+
+    image_size: int = 64
+    """Side of the square images, in pixels."""
+    max_objects: int = 4
+    """Objects per scene are drawn uniformly from 1..max_objects (at most 9, one per grid cell)."""
+    train_size: int = 20000
+    val_size: int = 256
+    test_size: int = 256
+    shard_size: int = 5000
+    """Samples per WebDataset shard."""
+    raw_hallucination_rate: float = 0.3
+    """Share of raw captions that name an object which is not in the image."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_objects <= len(PLACES):
+            raise ValueError(f"world.max_objects must be in 1..{len(PLACES)}, got {self.max_objects}")
+        if self.image_size < 24:
+            raise ValueError(f"world.image_size must be at least 24 pixels, got {self.image_size}")
+        for name in ("train_size", "val_size", "test_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"world.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class WorldObject:
+    shape: str
+    colour: str
+    size: str
+    cell: int  # index into PLACES
+
+    @property
+    def place(self) -> str:
+        return PLACES[self.cell]
+
+
+@dataclass
+class Scene:
+    key: str
+    background: str
+    objects: list[WorldObject]
+    raw_caption: str = ""
+    questions: list[dict] = field(default_factory=list)
+
+    def captions(self) -> dict[str, str]:
+        return {kind: caption(self, kind) for kind in CAPTION_KINDS}
+
+    def metadata(self) -> dict:
+        """The JSON stored beside the image in a shard: ground truth, captions and probes."""
+        captions = self.captions()
+        return {
+            "key": self.key,
+            "background": self.background,
+            "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size, "place": o.place} for o in self.objects],
+            "captions": captions,
+            "caption_words": {kind: len(text.split()) for kind, text in captions.items()},
+            "raw_caption": self.raw_caption,
+            "questions": self.questions,
+        }
+
+
+def _phrase(obj: WorldObject, with_size: bool, with_place: bool) -> str:
+    words = ["a"] + ([obj.size] if with_size else []) + [obj.colour, obj.shape]
+    if with_place:
+        words += ["in", "the", obj.place] if obj.place == "center" else ["at", "the", obj.place]
+    return " ".join(words)
+
+
+def caption(scene: Scene, kind: str) -> str:
+    """The caption of `kind` ("short", "medium" or "long") for a scene."""
+    by_size = sorted(scene.objects, key=lambda o: (o.size != "large", o.cell))
+    if kind == "short":
+        return " and ".join(_phrase(o, False, False) for o in by_size[:2])
+    if kind == "medium":
+        body = " and ".join(_phrase(o, False, False) for o in by_size)
+        return f"{body} on a {scene.background} background"
+    if kind == "long":
+        body = " and ".join(_phrase(o, True, True) for o in sorted(scene.objects, key=lambda o: o.cell))
+        return f"{body} on a {scene.background} background"
+    raise ValueError(f"unknown caption kind {kind!r}; expected one of {CAPTION_KINDS}")
+
+
+def _raw_caption(scene: Scene, rng: random.Random, hallucination_rate: float) -> str:
+    """Alt-text-like noise: generic phrases, repetitions, and sometimes an absent object."""
+    generic = rng.choice(["a picture of shapes", "image", "shapes shapes shapes", "colorful shapes on a background"])
+    words = [generic]
+    if rng.random() < 0.5:
+        words.append(_phrase(rng.choice(scene.objects), False, False))
+    if rng.random() < hallucination_rate:
+        present = {(o.colour, o.shape) for o in scene.objects}
+        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+        colour, shape = rng.choice(absent)
+        words.append(f"a {colour} {shape}")
+    return " ".join(words)
+
+
+def _questions(scene: Scene, rng: random.Random) -> list[dict]:
+    """Yes/no probes (one present, one absent object), a count and an attribute question."""
+    obj = rng.choice(scene.objects)
+    present = {(o.colour, o.shape) for o in scene.objects}
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    colour, shape = rng.choice(absent)
+    same_shape = sum(o.shape == obj.shape for o in scene.objects)
+    if same_shape == 1:
+        attribute = {"type": "colour", "question": f"what color is the {obj.shape} ?", "answer": obj.colour}
+    else:
+        attribute = {
+            "type": "count",
+            "question": f"how many {obj.shape}s are there ?",
+            "answer": NUMBER_WORDS[same_shape],
+        }
+    return [
+        {"type": "yes_no", "question": f"is there a {obj.colour} {obj.shape} ?", "answer": "yes"},
+        {"type": "yes_no", "question": f"is there a {colour} {shape} ?", "answer": "no"},
+        {"type": "count", "question": "how many shapes are there ?", "answer": NUMBER_WORDS[len(scene.objects)]},
+        attribute,
+    ]
+
+
+def make_scene(config: WorldConfig, seed: int, split: str, index: int) -> Scene:
+    """The scene number `index` of `split`: a pure function of its arguments."""
+    rng = random.Random(f"{seed}/{split}/{index}")
+    count = rng.randint(1, config.max_objects)
+    cells = rng.sample(range(len(PLACES)), count)
+    objects = [WorldObject(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), cell) for cell in cells]
+    scene = Scene(key=f"{split}-{index:07d}", background=rng.choice(list(BACKGROUNDS)), objects=objects)
+    scene.raw_caption = _raw_caption(scene, rng, config.raw_hallucination_rate)
+    scene.questions = _questions(scene, rng)
+    return scene
+
+
+def _polygon(cx: float, cy: float, radius: float, shape: str) -> list[tuple[float, float]]:
+    if shape == "triangle":
+        angles, radii = [90, 210, 330], [radius] * 3
+    elif shape == "diamond":
+        angles, radii = [0, 90, 180, 270], [radius] * 4
+    elif shape == "star":
+        angles, radii = [90 + 36 * i for i in range(10)], [radius if i % 2 == 0 else radius * 0.45 for i in range(10)]
+    else:
+        raise ValueError(shape)
+    return [
+        (cx + r * math.cos(math.radians(a)), cy - r * math.sin(math.radians(a)))
+        for a, r in zip(angles, radii, strict=True)
+    ]
+
+
+def render(scene: Scene, image_size: int, seed: int = 0) -> Image.Image:
+    """Draws a scene. Positions jitter inside each cell by a seeded amount."""
+    rng = random.Random(f"{seed}/render/{scene.key}")
+    image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    cell = image_size / 3
+    for obj in scene.objects:
+        radius = cell * (0.42 if obj.size == "large" else 0.24)
+        slack = cell / 2 - radius
+        cx = (obj.cell % 3 + 0.5) * cell + rng.uniform(-slack, slack) * 0.8
+        cy = (obj.cell // 3 + 0.5) * cell + rng.uniform(-slack, slack) * 0.8
+        fill = COLOURS[obj.colour]
+        box = (cx - radius, cy - radius, cx + radius, cy + radius)
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif obj.shape == "square":
+            r = radius * 0.85
+            draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif obj.shape == "cross":
+            w = radius * 0.35
+            draw.rectangle((cx - radius, cy - w, cx + radius, cy + w), fill=fill)
+            draw.rectangle((cx - w, cy - radius, cx + w, cy + radius), fill=fill)
+        else:
+            draw.polygon(_polygon(cx, cy, radius, obj.shape), fill=fill)
+    return image
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=1)
+    return buffer.getvalue()
+
+
+def vocabulary_corpus() -> list[str]:
+    """Every word the world can say, one phrase per line, for training the tokenizer."""
+    lines = [" ".join(SHAPES), " ".join(COLOURS), " ".join(BACKGROUNDS), " ".join(SIZES), " ".join(NUMBER_WORDS)]
+    lines += [f"at the {p}" for p in PLACES] + ["in the center on a background and"]
+    lines += ["a picture of shapes", "image", "colorful shapes on a background"]
+    lines += ["is there a ?", "how many shapes are there ?", "what color is the ?", "yes no"]
+    lines += [f"how many {s}s are there ?" for s in SHAPES]
+    return lines

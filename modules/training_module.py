@@ -1,0 +1,135 @@
+"""LightningModules that train a VisionLanguageModel: projector alignment and LoRA SFT.
+
+Which parameters train is part of a stage's spec (`trainable`): groups among "projector", "lora",
+"vision" and "lm". Everything else is frozen, and frozen towers stay in eval mode so that their
+normalisation statistics do not drift either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+from modules.handoff import attach_lora, has_lora
+from modules.loading import LoraSpec
+from modules.vlm import VisionLanguageModel
+
+GROUPS = ("projector", "lora", "vision", "lm")
+
+
+@dataclass
+class LearningRates:
+    """Peak learning rate per parameter group; only the groups a stage trains are used."""
+
+    projector: float = 1e-3
+    lora: float = 2e-3
+    vision: float = 1e-5
+    lm: float = 1e-5
+
+
+@dataclass
+class OptimSpec:
+    lr: LearningRates
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    """Linear warm-up, then cosine decay to `min_lr_ratio` x peak over the stage's optimizer steps."""
+    min_lr_ratio: float = 0.1
+
+
+def group_parameters(vlm: VisionLanguageModel) -> dict[str, list[torch.nn.Parameter]]:
+    """Every parameter of the VLM in exactly one group."""
+    groups: dict[str, list[torch.nn.Parameter]] = {name: [] for name in GROUPS}
+    for name, param in vlm.named_parameters():
+        if name.startswith("projector."):
+            groups["projector"].append(param)
+        elif name.startswith("vision."):
+            groups["vision"].append(param)
+        elif "lora_" in name:
+            groups["lora"].append(param)
+        else:
+            groups["lm"].append(param)
+    return groups
+
+
+class VLMModule(L.LightningModule):
+    """Next-token loss on the caption tokens, for whichever parameter groups are `trainable`."""
+
+    # Checkpoints hold only the trained parameters; the frozen rest comes from the base folders.
+    strict_loading = False
+
+    def __init__(self, vlm: VisionLanguageModel, trainable: list[str], optim: OptimSpec) -> None:
+        super().__init__()
+        unknown = set(trainable) - set(GROUPS)
+        if unknown or not trainable:
+            raise ValueError(f"trainable must be a non-empty subset of {GROUPS}, got {trainable}")
+        self.vlm, self.trainable, self.optim = vlm, list(trainable), optim
+        groups = group_parameters(vlm)
+        if "lora" in trainable and not groups["lora"]:
+            raise ValueError("trainable names 'lora' but the language model has no LoRA adapter")
+        for name, params in groups.items():
+            for param in params:
+                param.requires_grad_(name in trainable)
+
+    @override
+    def train(self, mode: bool = True) -> VLMModule:
+        super().train(mode)
+        if "vision" not in self.trainable:
+            self.vlm.vision.eval()
+        return self
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        return self.vlm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]).loss
+
+    @override
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["keys"]))
+        return loss
+
+    @override
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch), prog_bar=True, batch_size=len(batch["keys"]), sync_dist=True)
+
+    @override
+    def configure_optimizers(self):
+        groups = group_parameters(self.vlm)
+        param_groups = [
+            {"params": groups[name], "lr": getattr(self.optim.lr, name), "name": name} for name in self.trainable
+        ]
+        optimizer = torch.optim.AdamW(param_groups, weight_decay=self.optim.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup, floor = min(self.optim.warmup_steps, total // 2), self.optim.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trained = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+
+
+class AlignModule(VLMModule):
+    """Projector pretraining: the vision tower and the language model stay frozen."""
+
+    def __init__(self, vlm: VisionLanguageModel, optim: OptimSpec) -> None:
+        super().__init__(vlm, ["projector"], optim)
+
+
+class LoRASFTModule(VLMModule):
+    """LoRA SFT of the language model (adapter carried in, or a fresh one), projector trainable by default."""
+
+    def __init__(self, vlm: VisionLanguageModel, lora: LoraSpec, optim: OptimSpec, trainable: list[str]) -> None:
+        if not has_lora(vlm):
+            attach_lora(vlm, lora)
+        super().__init__(vlm, trainable, optim)

@@ -1,0 +1,131 @@
+"""The configuration schema of a curriculum run: typed dataclasses that jsonargparse fills from
+YAML files and dotted command-line overrides (`--stages.sft_long.trainer.max_epochs 2`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from datamodules.world import WorldConfig
+from modules.base_models import TinyBaseConfig
+from modules.loading import ModelConfig
+from modules.training_module import GROUPS, LearningRates
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of `lightning.Trainer`. Unset (null) fields inherit: a stage's from the run's
+    `trainer`, the run's from Lightning's own defaults."""
+
+    accelerator: str | None = None
+    devices: int | str | None = None
+    num_nodes: int | None = None
+    strategy: str | None = None
+    """"auto", "ddp", "deepspeed_stage_2", ... (Lightning's strategy names)."""
+    precision: str | None = None
+    """"32-true", "bf16-mixed", "16-mixed", ..."""
+    max_epochs: int | None = None
+    max_steps: int | None = None
+    accumulate_grad_batches: int | None = None
+    gradient_clip_val: float | None = None
+    log_every_n_steps: int | None = None
+    val_check_interval: int | float | None = None
+    limit_val_batches: int | float | None = None
+    num_sanity_val_steps: int | None = None
+    deterministic: bool | None = None
+    enable_progress_bar: bool | None = None
+
+    def merged(self, override: TrainerConfig) -> TrainerConfig:
+        """This config with every field that `override` sets replaced."""
+        return replace(
+            self,
+            **{f.name: getattr(override, f.name) for f in fields(override) if getattr(override, f.name) is not None},
+        )
+
+    def kwargs(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class StageSpec:
+    """One stage of the curriculum: what trains, on which captions, from which weights."""
+
+    trainable: list[str]
+    """Parameter groups that train: any of "projector", "lora", "vision", "lm"."""
+    max_words: int
+    """Caption word budget: each image trains on its longest caption of at most this many words;
+    images with none are skipped (and counted)."""
+    init_from: str = "previous"
+    """Where the projector and adapter come from: "previous" (the stage before), "base" (fresh), or a stage name."""
+    lr: LearningRates = field(default_factory=LearningRates)
+    warmup_steps: int = 20
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.trainable) - set(GROUPS))
+        if unknown or not self.trainable:
+            raise ValueError(f"trainable must be a non-empty list of {GROUPS}; unknown: {unknown}")
+        if self.max_words < 1:
+            raise ValueError(f"max_words must be positive, got {self.max_words}")
+
+
+@dataclass
+class DataConfig:
+    shard_dir: str | None = None
+    """Folder of WebDataset shards with index.json; unset: the synthetic world, written to <run_dir>/data."""
+    batch_size: int = 32
+    """Per-device batch size."""
+    num_workers: int = 0
+    """DataLoader worker processes per device."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after every stage: greedy captions on a held-out split."""
+
+    split: str = "test"
+    limit: int = 256
+    """Images evaluated (the first ones of the split, in shard order)."""
+    max_new_tokens: int = 64
+    num_beams: int = 1
+    batch_size: int = 128
+    table_rows: int = 8
+    """Rows of the TensorBoard text table of ground truth against generated captions."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_train_steps: int = 100
+    """Also checkpoint every this many optimizer steps (`last.ckpt`), so that an interrupted stage resumes."""
+
+
+@dataclass
+class CurriculumConfig:
+    """A curriculum run: the data, the base models, and the stages in order."""
+
+    stages: dict[str, StageSpec]
+    """Stages in the order they run, keyed by name."""
+    run_dir: str | None = None
+    """Output folder; unset: runs/<name of the last --config file, or tiny>."""
+    seed: int = 0
+    world: WorldConfig = field(default_factory=WorldConfig)
+    base: TinyBaseConfig = field(default_factory=TinyBaseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("stages: a curriculum needs at least one stage")
+        names = list(self.stages)
+        for index, (name, spec) in enumerate(self.stages.items()):
+            source = spec.init_from
+            if source == "previous" and index == 0:
+                raise ValueError(f"stages.{name}.init_from: 'previous' but {name} is the first stage; use 'base'")
+            if source not in ("previous", "base") and source not in names[:index]:
+                raise ValueError(
+                    f"stages.{name}.init_from: {source!r} is not 'previous', 'base' "
+                    f"or an earlier stage ({names[:index]})"
+                )

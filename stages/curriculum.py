@@ -1,0 +1,83 @@
+"""The curriculum loop: data, base models, then every stage in order, each handing off to the next."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from datamodules.shards import INDEX_NAME, index_digest, write_world
+from modules.base_models import pretrain_lm, pretrain_vision
+from stages.config import CurriculumConfig
+from stages.stage import RunInputs, StageResult, fingerprint, run_stage
+
+log = logging.getLogger(__name__)
+
+
+def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
+    """The shard folder: `data.shard_dir` if given, else the synthetic world written (once) to <run_dir>/data."""
+    if cfg.data.shard_dir is not None:
+        shard_dir = Path(cfg.data.shard_dir)
+        if not (shard_dir / INDEX_NAME).is_file():
+            raise FileNotFoundError(f"--data.shard_dir: {shard_dir} has no {INDEX_NAME}; build it with the data stage")
+        return shard_dir
+    shard_dir = run_dir / "data"
+    wanted = fingerprint({"world": cfg.world, "seed": cfg.seed})
+    stamp = shard_dir / "world.json"
+    if stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == wanted:
+        return shard_dir
+    log.info("writing the synthetic world to %s", shard_dir)
+    write_world(cfg.world, cfg.seed, shard_dir)
+    stamp.write_text(json.dumps({"fingerprint": wanted}))
+    return shard_dir
+
+
+def _folder_digest(folder: Path) -> str:
+    """Cheap identity of a model folder: its config and the names and sizes of its files."""
+    files = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file())
+    config = (folder / "config.json").read_text() if (folder / "config.json").is_file() else ""
+    return fingerprint({"files": files, "config": config})
+
+
+def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Path]:
+    """(vision folder, LM folder): the configured ones, or the tiny pair built (once) under <run_dir>/base."""
+    if cfg.model.vision_path is not None and cfg.model.lm_path is not None:
+        return Path(cfg.model.vision_path), Path(cfg.model.lm_path)
+    base = run_dir / "base"
+    wanted = fingerprint({"base": cfg.base, "world": cfg.world, "seed": cfg.seed})
+    stamp = base / "build.json"
+    if not (stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == wanted):
+        base.mkdir(parents=True, exist_ok=True)
+        log.info("pretraining the tiny vision tower and language model under %s", base)
+        accuracy = pretrain_vision(cfg.base, cfg.world, cfg.seed, base / "vision")
+        loss = pretrain_lm(cfg.base, cfg.world, cfg.seed, base / "lm")
+        stamp.write_text(json.dumps({"fingerprint": wanted, "vision_cell_accuracy": accuracy, "lm_loss": loss}))
+    vision = Path(cfg.model.vision_path) if cfg.model.vision_path else base / "vision"
+    lm = Path(cfg.model.lm_path) if cfg.model.lm_path else base / "lm"
+    return vision, lm
+
+
+def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shard_dir = prepare_data(cfg, run_dir)
+    vision, lm = prepare_base_models(cfg, run_dir)
+    digests = {
+        "shards": index_digest(shard_dir),
+        "vision": _folder_digest(vision) if vision.is_dir() else "missing",
+        "lm": _folder_digest(lm) if lm.is_dir() else "missing",
+    }
+    inputs = RunInputs(run_dir, shard_dir, vision, lm, digests)
+    results: list[StageResult] = []
+    names = list(cfg.stages)
+    step_offset = 0
+    for index, name in enumerate(names):
+        source = cfg.stages[name].init_from
+        source = names[index - 1] if source == "previous" else source
+        init = None if source == "base" else next(r for r in results if r.name == source)
+        init_dir = None if init is None else run_dir / init.name / "export"
+        result = run_stage(cfg, name, inputs, init_dir, None if init is None else init.fingerprint, step_offset)
+        results.append(result)
+        step_offset += result.global_steps
+    summary = {r.name: {k: v for k, v in r.metrics.items() if k != "budget"} for r in results}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return results

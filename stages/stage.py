@@ -1,0 +1,189 @@
+"""Running one stage of the curriculum: build its model and data, fit, evaluate, hand off.
+
+A stage writes `<run_dir>/<stage>/`:
+    config.yaml     the resolved configuration and inputs; its hash is the stage's fingerprint
+    checkpoints/    Lightning checkpoints (last.ckpt) of the trained parameters only
+    export/         projector.safetensors (+ adapter/), what the next stage starts from
+    metrics.json    the held-out evaluation
+    done.json       written last: the fingerprint, optimizer steps and wall time
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from PIL import Image
+
+from callbacks.evaluation import CaptionEvaluation
+from datamodules.caption_datamodule import CaptionDataModule
+from modules.handoff import load_handoff, save_handoff
+from modules.loading import build_vlm
+from modules.training_module import AlignModule, LoRASFTModule, OptimSpec, VLMModule
+from modules.vlm import VisionLanguageModel, vision_tokens
+from stages.config import CurriculumConfig, StageSpec
+from stages.tb_logger import CurriculumTensorBoardLogger
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunInputs:
+    """What every stage of a run reads: the shards and the base model folders, with their fingerprints."""
+
+    run_dir: Path
+    shard_dir: Path
+    vision_path: Path
+    lm_path: Path
+    digests: dict[str, str]
+
+
+@dataclass
+class StageResult:
+    name: str
+    fingerprint: str
+    global_steps: int
+    metrics: dict
+    skipped: bool
+
+
+def count_image_tokens(vlm: VisionLanguageModel, processor) -> int:
+    """Image tokens per image, found by running the tower on one blank image."""
+    size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+    side = size.get("height") or size.get("shortest_edge")
+    pixels = processor([Image.new("RGB", (side, side))], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        return vision_tokens(vlm.vision, pixels.to(next(vlm.vision.parameters()).dtype), vlm.grid).shape[1]
+
+
+def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig) -> VLMModule:
+    optim = OptimSpec(lr=spec.lr, warmup_steps=spec.warmup_steps)
+    if "lora" in spec.trainable:
+        return LoRASFTModule(vlm, cfg.model.lora, optim, spec.trainable)
+    if spec.trainable == ["projector"]:
+        return AlignModule(vlm, optim)
+    return VLMModule(vlm, spec.trainable, optim)
+
+
+def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, init_print: str | None) -> dict:
+    """Everything that decides what this stage computes; its hash is the stage's fingerprint."""
+    spec = cfg.stages[name]
+    trainer = cfg.trainer.merged(spec.trainer)
+    stage = {**asdict(spec), "trainer": asdict(trainer)}
+    return {
+        "stage": name,
+        "spec": stage,
+        "seed": cfg.seed,
+        "model": asdict(cfg.model),
+        "data": asdict(cfg.data),
+        "eval": asdict(cfg.eval),
+        "inputs": {
+            "shard_dir": str(inputs.shard_dir),
+            "vision_path": str(inputs.vision_path),
+            "lm_path": str(inputs.lm_path),
+            "digests": inputs.digests,
+            "init_from": init_print,
+        },
+    }
+
+
+def _stage_seed(seed: int, name: str) -> int:
+    """Each stage's seed depends on the run seed and its name only, so a skipped stage changes nothing."""
+    return zlib.crc32(f"{seed}/{name}".encode())
+
+
+def run_stage(
+    cfg: CurriculumConfig, name: str, inputs: RunInputs, init_dir: Path | None, init_print: str | None, step_offset: int
+) -> StageResult:
+    """Runs stage `name` unless it already finished with the same fingerprint; resumes from last.ckpt."""
+    spec = cfg.stages[name]
+    stage_dir = inputs.run_dir / name
+    resolved = resolved_stage_config(cfg, name, inputs, init_print)
+    print_ = fingerprint(resolved)
+    done_path = stage_dir / "done.json"
+    if done_path.is_file():
+        done = json.loads(done_path.read_text())
+        if done["fingerprint"] == print_:
+            log.info("stage %s: finished before with the same config and inputs, skipped", name)
+            metrics = json.loads((stage_dir / "metrics.json").read_text())
+            return StageResult(name, print_, done["global_steps"], metrics, skipped=True)
+    config_path = stage_dir / "config.yaml"
+    if config_path.is_file() and yaml.safe_load(config_path.read_text()).get("fingerprint") != print_:
+        log.warning("stage %s: config or inputs changed since its last run; starting it afresh", name)
+        shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    done_path.unlink(missing_ok=True)
+    config_path.write_text(yaml.safe_dump({"fingerprint": print_, **resolved}, sort_keys=False))
+
+    started = time.perf_counter()
+    L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)
+    vlm, tokenizer, processor = build_vlm(cfg.model, inputs.vision_path, inputs.lm_path)
+    if init_dir is not None:
+        load_handoff(vlm, init_dir)
+    module = make_module(spec, vlm, cfg)
+    datamodule = CaptionDataModule(
+        inputs.shard_dir, spec.max_words, cfg.data.batch_size, cfg.data.num_workers, cfg.seed
+    )
+    datamodule.connect(tokenizer, processor, count_image_tokens(vlm, processor), cfg.model.prompt)
+    budget = datamodule.budget_report()
+    log.info(
+        "stage %s: %d training images fit max_words=%d, %d skipped",
+        name,
+        budget["kept"],
+        spec.max_words,
+        budget["skipped"],
+    )
+
+    evaluation = CaptionEvaluation(
+        name,
+        datamodule.eval_samples(cfg.eval.split, cfg.eval.limit),
+        datamodule.format,
+        processor,
+        stage_dir / "metrics.json",
+        max_new_tokens=cfg.eval.max_new_tokens,
+        num_beams=cfg.eval.num_beams,
+        batch_size=cfg.eval.batch_size,
+        table_rows=cfg.eval.table_rows,
+        extra={"budget": budget},
+    )
+    checkpoint = ModelCheckpoint(
+        dirpath=stage_dir / "checkpoints",
+        save_last=True,
+        save_top_k=0,
+        every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+    )
+    trainer = L.Trainer(
+        **cfg.trainer.merged(spec.trainer).kwargs(),
+        logger=CurriculumTensorBoardLogger(str(inputs.run_dir), step_offset),
+        callbacks=[checkpoint, evaluation, LearningRateMonitor(logging_interval="step")],
+        default_root_dir=stage_dir,
+        reload_dataloaders_every_n_epochs=1,  # a new, seeded shuffle order every epoch
+    )
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("stage %s: resuming from %s", name, last)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+
+    if trainer.is_global_zero:
+        save_handoff(module.vlm, stage_dir / "export")
+        done = {
+            "fingerprint": print_,
+            "global_steps": trainer.global_step,
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
+        done_path.write_text(json.dumps(done, indent=2))
+    return StageResult(name, print_, trainer.global_step, evaluation.metrics, skipped=False)
