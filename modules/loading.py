@@ -48,7 +48,7 @@ class ModelConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
 
 
-def _folder(path: str | Path, flag: str) -> Path:
+def model_folder(path: str | Path, flag: str) -> Path:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
@@ -60,7 +60,7 @@ def _folder(path: str | Path, flag: str) -> Path:
 
 def load_vision_tower(path: str | Path) -> tuple[nn.Module, object, int]:
     """(tower, image processor, feature width) from a local folder."""
-    folder = _folder(path, "--model.vision_path")
+    folder = model_folder(path, "--model.vision_path")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if hasattr(config, "vision_config"):  # a full CLIP / SigLIP checkpoint: keep only its vision half
         model_class = type(AutoModel.from_config(config.vision_config))
@@ -75,7 +75,7 @@ def load_vision_tower(path: str | Path) -> tuple[nn.Module, object, int]:
 
 def load_language_model(path: str | Path) -> tuple[nn.Module, object]:
     """(causal LM, tokenizer) from a local folder. The tokenizer must define an image placeholder token."""
-    folder = _folder(path, "--model.lm_path")
+    folder = model_folder(path, "--model.lm_path")
     lm = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return lm, tokenizer

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from datamodules.shards import INDEX_NAME, index_digest, write_world
 from modules.base_models import pretrain_lm, pretrain_vision
+from modules.loading import model_folder
 from stages.config import CurriculumConfig
 from stages.stage import RunInputs, StageResult, fingerprint, run_stage
 
@@ -41,6 +42,9 @@ def _folder_digest(folder: Path) -> str:
 
 def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Path]:
     """(vision folder, LM folder): the configured ones, or the tiny pair built (once) under <run_dir>/base."""
+    for flag, path in (("--model.vision_path", cfg.model.vision_path), ("--model.lm_path", cfg.model.lm_path)):
+        if path is not None:
+            model_folder(path, flag)  # fail before any work if a named folder is missing
     if cfg.model.vision_path is not None and cfg.model.lm_path is not None:
         return Path(cfg.model.vision_path), Path(cfg.model.lm_path)
     base = run_dir / "base"

@@ -56,10 +56,17 @@ def main(argv: list[str] | None = None) -> int:
 
         sub = args.curriculum
         config_files = [str(p) for p in (sub.pop("config", None) or [])]
-        config = parser.instantiate_classes(args).curriculum
-        cfg = CurriculumConfig(**{k: v for k, v in vars(config).items() if not k.startswith("__")})
+        try:
+            config = parser.instantiate_classes(args).curriculum
+            cfg = CurriculumConfig(**{k: v for k, v in vars(config).items() if not k.startswith("__")})
+        except (ValueError, TypeError) as error:
+            parser.error(str(error))
         run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(config_files)
-        results = run_curriculum(cfg, run_dir)
+        try:
+            results = run_curriculum(cfg, run_dir)
+        except FileNotFoundError as error:  # a missing model folder or shard index: say which, no traceback
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         for result in results:
             m = result.metrics
             scores = "  ".join(f"{k} {m[k]:.3f}" for k in ("recall", "chair_i", "chair_s", "mean_words", "bleu4"))

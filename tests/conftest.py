@@ -1,0 +1,53 @@
+"""Shared fixtures: a micro synthetic world and micro base models, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded in tests
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from datamodules.shards import write_world  # noqa: E402
+from datamodules.world import WorldConfig  # noqa: E402
+from modules.base_models import TinyBaseConfig, pretrain_lm, pretrain_vision  # noqa: E402
+
+MICRO_WORLD = WorldConfig(train_size=192, val_size=32, test_size=24, shard_size=64)
+MICRO_BASE = TinyBaseConfig(vision_hidden_sizes=(16, 32), vision_steps=4, lm_hidden_size=32, lm_steps=4, batch_size=8)
+
+# Command-line overrides that shrink the default curriculum to seconds.
+MICRO_ARGS = [
+    "--world.train_size=192",
+    "--world.val_size=32",
+    "--world.test_size=24",
+    "--world.shard_size=64",
+    "--base.vision_hidden_sizes=[16, 32]",
+    "--base.vision_steps=4",
+    "--base.lm_hidden_size=32",
+    "--base.lm_steps=4",
+    "--base.batch_size=8",
+    "--data.batch_size=8",
+    "--eval.limit=8",
+    "--eval.max_new_tokens=12",
+    "--trainer.enable_progress_bar=false",
+    "--checkpoint.every_n_train_steps=2",
+    *[f"--stages.{name}.trainer.max_steps=3" for name in ("align", "sft_short", "sft_medium", "sft_long")],
+]
+
+
+@pytest.fixture(scope="session")
+def micro_world(tmp_path_factory) -> Path:
+    shard_dir = tmp_path_factory.mktemp("world")
+    write_world(MICRO_WORLD, seed=0, out_dir=shard_dir)
+    return shard_dir
+
+
+@pytest.fixture(scope="session")
+def micro_base(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("base")
+    pretrain_vision(MICRO_BASE, MICRO_WORLD, 0, base / "vision")
+    pretrain_lm(MICRO_BASE, MICRO_WORLD, 0, base / "lm")
+    return base / "vision", base / "lm"

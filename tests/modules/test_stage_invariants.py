@@ -1,0 +1,102 @@
+"""Invariants of the training modules on micro models: what trains, what stays frozen, what carries over."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.evaluation import generate_captions
+from datamodules.caption_datamodule import CaptionDataModule
+from modules.handoff import attach_lora, has_lora, load_handoff, save_handoff
+from modules.loading import LoraSpec, ModelConfig, build_vlm
+from modules.training_module import AlignModule, LearningRates, LoRASFTModule, OptimSpec, group_parameters
+from stages.stage import count_image_tokens
+
+
+def _vlm(micro_base):
+    return build_vlm(ModelConfig(), *micro_base)
+
+
+def _fit(module, vlm, tokenizer, processor, micro_world, steps=3, max_words=8):
+    data = CaptionDataModule(micro_world, max_words=max_words, batch_size=8)
+    data.connect(tokenizer, processor, count_image_tokens(vlm, processor), "describe the image")
+    trainer = L.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+    )
+    trainer.fit(module, datamodule=data)
+    return data
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, bytes]:
+    return {k: v.detach().numpy().tobytes() for k, v in module.state_dict().items()}
+
+
+def test_align_changes_only_the_projector(micro_base, micro_world):
+    vlm, tokenizer, processor = _vlm(micro_base)
+    vision, lm, projector = _snapshot(vlm.vision), _snapshot(vlm.lm), _snapshot(vlm.projector)
+    module = AlignModule(vlm, OptimSpec(LearningRates(projector=1e-2)))
+    _fit(module, vlm, tokenizer, processor, micro_world)
+    assert _snapshot(vlm.vision) == vision  # parameters and BatchNorm statistics alike
+    assert _snapshot(vlm.lm) == lm
+    assert _snapshot(vlm.projector) != projector
+
+
+@pytest.mark.parametrize("trainable", [["projector", "lora"], ["lora"]], ids=["projector+lora", "lora-only"])
+def test_trainable_set_matches_the_stage_spec(micro_base, micro_world, trainable):
+    vlm, tokenizer, processor = _vlm(micro_base)
+    module = LoRASFTModule(vlm, LoraSpec(r=4), OptimSpec(LearningRates()), trainable)
+    groups = group_parameters(vlm)
+    for name, params in groups.items():
+        assert all(p.requires_grad == (name in trainable) for p in params), name
+    before = {name: [p.detach().clone() for p in params] for name, params in groups.items()}
+    _fit(module, vlm, tokenizer, processor, micro_world)
+    for name, params in groups.items():
+        changed = any(not torch.equal(a, b) for a, b in zip(before[name], params, strict=True))
+        assert changed == (name in trainable), name
+
+
+def test_lora_and_projector_carry_to_the_next_stage(micro_base, micro_world, tmp_path):
+    vlm, tokenizer, processor = _vlm(micro_base)
+    module = LoRASFTModule(vlm, LoraSpec(r=4), OptimSpec(LearningRates()), ["projector", "lora"])
+    _fit(module, vlm, tokenizer, processor, micro_world)
+    save_handoff(vlm, tmp_path / "export")
+    trained = {k: v.clone() for k, v in vlm.state_dict().items() if "lora_" in k or k.startswith("projector.")}
+
+    fresh, _, _ = _vlm(micro_base)
+    load_handoff(fresh, tmp_path / "export")
+    assert has_lora(fresh)
+    loaded = fresh.state_dict()
+    assert trained and all(torch.equal(loaded[k], v) for k, v in trained.items())
+    # The carried adapter trains on in the next stage.
+    LoRASFTModule(fresh, LoraSpec(r=4), OptimSpec(LearningRates()), ["projector", "lora"])
+    assert all(p.requires_grad for p in group_parameters(fresh)["lora"])
+
+
+def test_saved_and_reloaded_model_generates_the_same_tokens(micro_base, micro_world, tmp_path):
+    vlm, tokenizer, processor = _vlm(micro_base)
+    attach_lora(vlm, LoraSpec(r=4))
+    module = LoRASFTModule(
+        vlm, LoraSpec(r=4), OptimSpec(LearningRates(projector=1e-2, lora=1e-2)), ["projector", "lora"]
+    )
+    data = _fit(module, vlm, tokenizer, processor, micro_world, steps=6)
+    save_handoff(vlm, tmp_path / "export")
+    samples = data.eval_samples("test", limit=6)
+    before = generate_captions(vlm.eval(), samples, data.format, processor, 4, max_new_tokens=10)
+
+    reloaded, _, _ = _vlm(micro_base)
+    load_handoff(reloaded, tmp_path / "export")
+    after = generate_captions(reloaded.eval(), samples, data.format, processor, 4, max_new_tokens=10)
+    assert before == after and any(before)
+
+
+def test_lora_on_a_missing_module_names_it(micro_base):
+    vlm, _, _ = _vlm(micro_base)
+    with pytest.raises(ValueError, match="not_a_proj"):
+        attach_lora(vlm, LoraSpec(target_modules=["q_proj", "not_a_proj"]))

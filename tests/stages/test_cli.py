@@ -1,0 +1,111 @@
+"""The command line as a user runs it: a micro curriculum end to end, rerun, interrupt, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from stages.run import main
+from tests.conftest import MICRO_ARGS
+
+STAGES = ["align", "sft_short", "sft_medium", "sft_long"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(run_dir: Path, *extra: str) -> int:
+    return main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS, *extra])
+
+
+@pytest.mark.slow
+def test_micro_curriculum_end_to_end_then_rerun_trains_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert _run(run_dir) == 0
+    steps = 0
+    for name in STAGES:
+        stage = run_dir / name
+        metrics = json.loads((stage / "metrics.json").read_text())
+        assert {"chair_i", "chair_s", "recall", "mean_words", "bleu4"} <= metrics.keys()
+        assert (stage / "config.yaml").is_file() and (stage / "checkpoints" / "last.ckpt").is_file()
+        assert (stage / "export" / "projector.safetensors").is_file()
+        assert (stage / "export" / "adapter").is_dir() == (name != "align")
+        steps += json.loads((stage / "done.json").read_text())["global_steps"]
+    assert steps == 12
+    assert any((run_dir / "tb").glob("events.out.tfevents.*"))
+    mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.ckpt")}
+
+    capsys.readouterr()
+    assert _run(run_dir) == 0
+    assert capsys.readouterr().out.count("skipped: done before") == 4
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.ckpt")} == mtimes
+
+
+@pytest.mark.slow
+def test_a_changed_stage_config_reruns_that_stage_and_the_ones_after(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert _run(run_dir) == 0
+    capsys.readouterr()
+    assert _run(run_dir, "--stages.sft_medium.max_words=18") == 0
+    out = capsys.readouterr().out
+    skipped = [line.split()[0] for line in out.splitlines() if "skipped: done before" in line]
+    assert skipped == ["align", "sft_short"]
+
+
+@pytest.mark.slow
+def test_interrupted_curriculum_resumes_from_its_last_checkpoint(tmp_path):
+    """SIGINT during sft_short (after align finished), then the same command again."""
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "stages.run", "curriculum", f"--run_dir={run_dir}", *MICRO_ARGS]
+    args += ["--stages.sft_short.trainer.max_steps=400"]  # long enough to be caught in the middle
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run_dir / "sft_short" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before sft_short wrote a checkpoint"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    assert (run_dir / "align" / "done.json").is_file()
+    assert not (run_dir / "sft_short" / "done.json").exists()
+
+    result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = [line.split() for line in result.stdout.splitlines() if "steps" in line and "recall" in line]
+    assert [row[0] for row in summary] == STAGES
+    assert "skipped: done before" in " ".join(summary[0]) and "skipped" not in " ".join(summary[1])
+    assert "resuming from" in result.stderr
+    assert json.loads((run_dir / "sft_short" / "done.json").read_text())["global_steps"] == 400
+    assert (run_dir / "sft_long" / "done.json").is_file()
+
+
+def test_unknown_override_names_the_key(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _run(tmp_path / "run", "--stages.align.no_such_key=1")
+    assert "no_such_key" in capsys.readouterr().err
+
+
+def test_missing_model_folder_names_the_flag(tmp_path, capsys):
+    code = _run(tmp_path / "run", f"--model.vision_path={tmp_path / 'nowhere'}", f"--model.lm_path={tmp_path}")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--model.vision_path" in err and "nowhere" in err
+
+
+def test_init_from_an_unknown_stage_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _run(tmp_path / "run", "--stages.sft_long.init_from=sft_huge")
+    assert "sft_huge" in capsys.readouterr().err
+
+
+def test_help_explains_the_stage_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["curriculum", "--help"])
+    out = capsys.readouterr().out
+    assert "--stages" in out and "--trainer.max_epochs" in out and "--print_config" in out
