@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class TinyBaseConfig:
     """The tiny vision tower and language model that the default curriculum builds for itself."""
 
-    vision_hidden_sizes: tuple[int, ...] = (32, 64, 128)
+    vision_hidden_sizes: tuple[int, ...] = (64, 128)
     """Channels of the ResNet stages; the last one is the feature width the projector sees."""
     vision_steps: int = 400
     """Optimizer steps of the vision tower's per-cell pretraining (batch `batch_size`)."""
@@ -56,6 +56,8 @@ class TinyBaseConfig:
     lm_heads: int = 4
     lm_steps: int = 400
     """Optimizer steps of the language model's caption pretraining."""
+    lm_context_share: float = 0.8
+    """Share of the LM's pretraining examples that put a text listing of the scene before the prompt."""
     batch_size: int = 64
     lr: float = 3e-3
     prompt: str = "describe the image"
@@ -140,10 +142,10 @@ def pretrain_vision(config: TinyBaseConfig, world: WorldConfig, seed: int, out_d
     return accuracy.item()
 
 
-def _lm_example(scene, prompt: str, rng: random.Random) -> tuple[str, str]:
-    """(context, target): half the time the context lists the scene, else it is empty."""
+def _lm_example(scene, prompt: str, rng: random.Random, context_share: float) -> tuple[str, str]:
+    """(context, target): with probability `context_share` the context lists the scene, else it is empty."""
     target = caption(scene, rng.choice(("short", "medium", "long")))
-    if rng.random() < 0.5:
+    if rng.random() >= context_share:
         return prompt, target
     objects = sorted(scene.objects, key=lambda o: o.cell)
     context = " and ".join(f"{o.size} {o.colour} {o.shape} {o.place}" for o in objects)
@@ -179,7 +181,7 @@ def pretrain_lm(config: TinyBaseConfig, world: WorldConfig, seed: int, out_dir: 
         ids, labels = [], []
         for i in range(config.batch_size):
             scene = make_scene(world, seed, "pretrain-text", step * config.batch_size + i)
-            context, target = _lm_example(scene, config.prompt, rng)
+            context, target = _lm_example(scene, config.prompt, rng, config.lm_context_share)
             prefix = [tokenizer.bos_token_id, *tokenizer(context, add_special_tokens=False)["input_ids"]]
             answer = [*tokenizer(target, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
             ids.append(prefix + answer)

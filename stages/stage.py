@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -173,6 +174,8 @@ def run_stage(
         default_root_dir=stage_dir,
         reload_dataloaders_every_n_epochs=1,  # a new, seeded shuffle order every epoch
     )
+    # Frozen towers are kept in eval mode on purpose (VLMModule.train); Lightning warns about that.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     last = stage_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         log.info("stage %s: resuming from %s", name, last)

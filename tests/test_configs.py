@@ -1,0 +1,53 @@
+"""Every shipped config parses into a valid CurriculumConfig, and config files stack."""
+
+from pathlib import Path
+
+import pytest
+
+from stages.config import CurriculumConfig
+from stages.run import CONFIG_DIR, build_parser
+
+CURRICULA = sorted((CONFIG_DIR / "curriculum").glob("*.yaml"))
+
+
+def _parse(*args: str) -> CurriculumConfig:
+    parser = build_parser()
+    namespace = parser.instantiate_classes(parser.parse_args(["curriculum", *args])).curriculum
+    values = {k: v for k, v in vars(namespace).items() if k != "config" and not k.startswith("__")}
+    return CurriculumConfig(**values)
+
+
+@pytest.mark.parametrize("path", CURRICULA, ids=[p.name for p in CURRICULA])
+def test_every_curriculum_config_parses(path: Path):
+    cfg = _parse("--config", str(path))
+    assert cfg.stages and all(spec.max_words > 0 for spec in cfg.stages.values())
+
+
+def test_the_default_is_the_tiny_curriculum():
+    cfg = _parse()
+    assert list(cfg.stages) == ["align", "sft_short", "sft_medium", "sft_long"]
+    assert cfg.stages["align"].trainable == ["projector"]
+    budgets = [spec.max_words for spec in cfg.stages.values()]
+    assert budgets[1:] == sorted(budgets[1:]) and budgets[-1] > budgets[1]
+
+
+def test_config_files_stack_and_dotted_overrides_win(tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("seed: 1\nmodel: {lora: {r: 4}}\n")
+    second.write_text("seed: 2\n")
+    cfg = _parse("--config", str(first), "--config", str(second), "--stages.sft_long.trainer.max_epochs=2")
+    assert cfg.seed == 2 and cfg.model.lora.r == 4
+    assert cfg.stages["sft_long"].trainer.max_epochs == 2
+    assert cfg.stages["sft_long"].max_words == 48  # untouched keys keep the default config's values
+
+
+def test_a_config_that_sets_stages_replaces_the_whole_mapping(tmp_path):
+    path = tmp_path / "one_stage.yaml"
+    path.write_text("stages: {only: {trainable: [projector], max_words: 5, init_from: base}}\n")
+    assert list(_parse("--config", str(path)).stages) == ["only"]
+
+
+def test_stage_trainer_settings_override_the_run_trainer():
+    cfg = _parse("--trainer.max_epochs=3", "--stages.sft_long.trainer.max_epochs=5")
+    assert cfg.trainer.merged(cfg.stages["sft_long"].trainer).max_epochs == 5
+    assert cfg.trainer.merged(cfg.stages["sft_short"].trainer).max_epochs == 3
