@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import random
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
@@ -33,8 +35,19 @@ class ShardStream(IterableDataset):
     every epoch a new one. The caller bounds an epoch with `WebLoader.with_epoch`.
     """
 
-    def __init__(self, urls: list[str], seed: int, epoch: int, train: bool, shuffle_buffer: int = 2000) -> None:
-        self.urls, self.seed, self.epoch, self.train, self.shuffle_buffer = urls, seed, epoch, train, shuffle_buffer
+    def __init__(
+        self,
+        urls: list[str],
+        seed: int,
+        epoch: int,
+        train: bool,
+        keep: Callable[[dict], bool],
+        skip_batches: int = 0,
+        batch_size: int = 1,
+        shuffle_buffer: int = 2000,
+    ) -> None:
+        self.urls, self.seed, self.epoch, self.train, self.keep = urls, seed, epoch, train, keep
+        self.skip_batches, self.batch_size, self.shuffle_buffer = skip_batches, batch_size, shuffle_buffer
 
     def _one_pass(self, epoch: int) -> Iterator[dict]:
         urls = list(self.urls)
@@ -49,13 +62,22 @@ class ShardStream(IterableDataset):
             stages += [wds.tarfile_to_samples()]
         return iter(wds.DataPipeline(*stages))
 
-    def __iter__(self) -> Iterator[dict]:
+    def _samples(self) -> Iterator[dict]:
         epoch = self.epoch
         while True:
             yield from self._one_pass(epoch)
             if not self.train:
                 return
             epoch += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        """Kept samples, less the first `skip_batches` batches of this epoch (trained on before a resume)."""
+        worker = torch.utils.data.get_worker_info()
+        workers, index = (worker.num_workers, worker.id) if worker else (1, 0)
+        # Lightning takes batches from the workers in turn: worker `index` made batches index, index + workers, ...
+        mine = -(-(self.skip_batches - index) // workers) if self.skip_batches > index else 0
+        kept = (sample for sample in self._samples() if self.keep(sample))
+        return itertools.islice(kept, mine * self.batch_size, None)
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -107,9 +129,9 @@ class CaptionDataModule(L.LightningDataModule):
             raise RuntimeError("CaptionDataModule.connect(...) must be called before its dataloaders are used")
         urls = [str(self.shard_dir / shard["url"]) for shard in self.index["splits"][split]]
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        skip = self._batches_done_this_epoch() if train else 0
         stream = wds.DataPipeline(
-            ShardStream(urls, self.seed, epoch, train),
-            wds.select(self._fits),
+            ShardStream(urls, self.seed, epoch, train, self._fits, skip, self.batch_size),
             wds.batched(self.batch_size, collation_fn=self._collate, partial=not train),
         )
         loader = wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers)
@@ -124,8 +146,21 @@ class CaptionDataModule(L.LightningDataModule):
                 )
             # with_epoch makes every rank stop after the same number of batches (unequal counts hang DDP);
             # with_length gives Lightning the epoch length for its schedulers and progress bar.
-            loader = loader.with_epoch(batches).with_length(batches)
+            with warnings.catch_warnings():  # "with_length only sets __len__": that is all it is for here
+                warnings.simplefilter("ignore", UserWarning)
+                loader = loader.with_epoch(batches).with_length(batches)
         return loader
+
+    def _batches_done_this_epoch(self) -> int:
+        """Batches of the current epoch already trained on, when Lightning resumes from a mid-epoch checkpoint.
+
+        A checkpoint written in `on_train_batch_end` has that batch processed but not yet completed;
+        Lightning counts it as completed on restart (`_TrainingEpochLoop.reset`), so `processed` is
+        the number to skip. Skipping them makes a resumed run see exactly the batches it would have.
+        """
+        if self.trainer is None or not self.trainer.fit_loop.restarting:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> wds.WebLoader:
         return self._loader("train", train=True)

@@ -8,9 +8,11 @@ normalisation statistics do not drift either.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import lightning as L
+import numpy as np
 import torch
 from typing_extensions import override
 
@@ -38,6 +40,25 @@ class OptimSpec:
     warmup_steps: int = 20
     """Linear warm-up, then cosine decay to `min_lr_ratio` x peak over the stage's optimizer steps."""
     min_lr_ratio: float = 0.1
+
+
+def rng_states() -> dict:
+    """Random generator states in types that `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = [kind, keys.tolist(), pos, has_gauss, gauss]
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def group_parameters(vlm: VisionLanguageModel) -> dict[str, list[torch.nn.Parameter]]:
@@ -117,6 +138,20 @@ class VLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trained = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        # LoRA dropout draws from these: a resumed run must continue the same random stream.
+        checkpoint["rng_states"] = rng_states()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Restored at the first batch, not now: creating the dataloader iterator draws from the torch
+        # generator, which the original run had done before the checkpoint was written.
+        self._resume_rng = checkpoint.get("rng_states")
+
+    @override
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if getattr(self, "_resume_rng", None) is not None:
+            set_rng_states(self._resume_rng)
+            self._resume_rng = None
 
 
 class AlignModule(VLMModule):

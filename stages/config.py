@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from callbacks.epoch_boundary import BoundaryConfig
+from callbacks.instability import InstabilityConfig
 from datamodules.world import WorldConfig
 from modules.base_models import TinyBaseConfig
 from modules.loading import ModelConfig
@@ -100,6 +102,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class StabilityConfig:
+    """Alerts on loss and gradient instability and on loss jumps at epoch and stage boundaries."""
+
+    instability: InstabilityConfig = field(default_factory=InstabilityConfig)
+    boundary: BoundaryConfig = field(default_factory=BoundaryConfig)
+    webhook_url: str | None = None
+    """Also POST every alert here as JSON (a Slack-compatible body); delivery failures are logged."""
+
+
+@dataclass
 class CurriculumConfig:
     """A curriculum run: the data, the base models, and the stages in order."""
 
@@ -115,6 +127,7 @@ class CurriculumConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     def __post_init__(self) -> None:
         if not self.stages:

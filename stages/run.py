@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "curriculum":
         from stages.curriculum import run_curriculum
+        from stages.stage import StageStopped
 
         sub = args.curriculum
         config_files = [str(p) for p in (sub.pop("config", None) or [])]
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as error:  # a missing model folder or shard index: say which, no traceback
             print(f"error: {error}", file=sys.stderr)
             return 2
+        except StageStopped as error:
+            print(f"stopped: {error}", file=sys.stderr)
+            return 3
         for result in results:
             m = result.metrics
             scores = "  ".join(f"{k} {m[k]:.3f}" for k in ("recall", "chair_i", "chair_s", "mean_words", "bleu4"))

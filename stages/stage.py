@@ -5,6 +5,8 @@ A stage writes `<run_dir>/<stage>/`:
     checkpoints/    Lightning checkpoints (last.ckpt) of the trained parameters only
     export/         projector.safetensors (+ adapter/), what the next stage starts from
     metrics.json    the held-out evaluation
+    losses.json     the loss of every optimizer step
+    alerts.jsonl    stability alerts, one JSON object a line (absent when there were none)
     done.json       written last: the fingerprint, optimizer steps and wall time
 """
 
@@ -17,7 +19,7 @@ import shutil
 import time
 import warnings
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +28,10 @@ import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from PIL import Image
 
+from callbacks.alerts import AlertSinks
+from callbacks.epoch_boundary import BoundaryCheck
 from callbacks.evaluation import CaptionEvaluation
+from callbacks.instability import InstabilityMonitor
 from datamodules.caption_datamodule import CaptionDataModule
 from modules.handoff import load_handoff, save_handoff
 from modules.loading import build_vlm
@@ -51,6 +56,10 @@ class RunInputs:
     vision_path: Path
     lm_path: Path
     digests: dict[str, str]
+
+
+class StageStopped(RuntimeError):
+    """A stability alert with action `stop` ended the stage (its checkpoint is saved)."""
 
 
 @dataclass
@@ -107,8 +116,25 @@ def _stage_seed(seed: int, name: str) -> int:
     return zlib.crc32(f"{seed}/{name}".encode())
 
 
+def stability_callbacks(
+    cfg: CurriculumConfig, name: str, stage_dir: Path, previous_tail: list[float]
+) -> tuple[InstabilityMonitor | None, BoundaryCheck]:
+    stability = cfg.stability
+    sinks = AlertSinks(name, stage_dir / "alerts.jsonl", stability.webhook_url)
+    monitor = InstabilityMonitor(stability.instability, sinks, name) if stability.instability.enabled else None
+    # The boundary check also records the per-step losses, so it runs even when its alerts are off.
+    boundary_config = stability.boundary if stability.boundary.enabled else replace(stability.boundary, z=float("inf"))
+    return monitor, BoundaryCheck(boundary_config, sinks, name, previous_tail)
+
+
 def run_stage(
-    cfg: CurriculumConfig, name: str, inputs: RunInputs, init_dir: Path | None, init_print: str | None, step_offset: int
+    cfg: CurriculumConfig,
+    name: str,
+    inputs: RunInputs,
+    init_dir: Path | None,
+    init_print: str | None,
+    step_offset: int,
+    previous_tail: list[float] | None = None,
 ) -> StageResult:
     """Runs stage `name` unless it already finished with the same fingerprint; resumes from last.ckpt."""
     spec = cfg.stages[name]
@@ -167,21 +193,31 @@ def run_stage(
         save_top_k=0,
         every_n_train_steps=cfg.checkpoint.every_n_train_steps,
     )
+    monitor, boundary = stability_callbacks(cfg, name, stage_dir, previous_tail or [])
     trainer = L.Trainer(
         **cfg.trainer.merged(spec.trainer).kwargs(),
         logger=CurriculumTensorBoardLogger(str(inputs.run_dir), step_offset),
-        callbacks=[checkpoint, evaluation, LearningRateMonitor(logging_interval="step")],
+        callbacks=[c for c in (monitor, boundary, evaluation, checkpoint) if c is not None]
+        + [LearningRateMonitor(logging_interval="step")],
         default_root_dir=stage_dir,
         reload_dataloaders_every_n_epochs=1,  # a new, seeded shuffle order every epoch
     )
     # Frozen towers are kept in eval mode on purpose (VLMModule.train); Lightning warns about that.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    # The caption DataModule resumes mid-epoch itself (it skips the batches already trained on).
+    warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
     last = stage_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         log.info("stage %s: resuming from %s", name, last)
     trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+    if monitor is not None and monitor.stopped:
+        raise StageStopped(
+            f"stage {name} stopped by a stability alert at step {trainer.global_step}; see {stage_dir / 'alerts.jsonl'}"
+            f" and {stage_dir / 'checkpoints' / 'stopped.ckpt'}"
+        )
 
     if trainer.is_global_zero:
+        boundary.write_losses(stage_dir / "losses.json")
         save_handoff(module.vlm, stage_dir / "export")
         done = {
             "fingerprint": print_,

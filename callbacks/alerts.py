@@ -1,0 +1,78 @@
+"""Alerts and where they go: the console, TensorBoard, `alerts.jsonl` in the stage folder, a webhook.
+
+An alert is a record of something a stability check saw (a loss spike, a NaN gradient, a jump at
+an epoch boundary). Delivering it never stops training: a webhook that fails is logged and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+KINDS = ("loss_spike", "grad_spike", "non_finite", "divergence", "epoch_boundary", "stage_boundary")
+
+
+@dataclass
+class Alert:
+    stage: str
+    step: int
+    """Optimizer step within the stage (the trainer's global step when the alert fired)."""
+    epoch: int
+    kind: str
+    value: float
+    threshold: float
+    action: str
+    keys: list[str] = field(default_factory=list)
+    """Sample keys of the offending batch(es)."""
+    causes: list[str] = field(default_factory=list)
+    """Likely causes the check could observe (epoch and stage boundaries)."""
+    detail: str = ""
+
+    def line(self) -> str:
+        """One readable line for the console and chat."""
+        keys = f" batch keys {', '.join(self.keys[:4])}{' ...' if len(self.keys) > 4 else ''}" if self.keys else ""
+        causes = f" likely causes: {', '.join(self.causes)}." if self.causes else ""
+        return (
+            f"[{self.kind}] stage {self.stage} step {self.step} epoch {self.epoch}: value {self.value:.4g} "
+            f"vs threshold {self.threshold:.4g}; action {self.action}.{causes}{keys} {self.detail}".rstrip()
+        )
+
+
+class AlertSinks:
+    """Delivers alerts of one stage. Only rank 0 should call `emit` (the callbacks see to that)."""
+
+    def __init__(self, stage: str, jsonl_path: Path | None = None, webhook_url: str | None = None) -> None:
+        self.stage, self.jsonl_path, self.webhook_url = stage, jsonl_path, webhook_url
+        self.counts: Counter[str] = Counter()
+        self.webhook_failures = 0
+
+    def emit(self, alert: Alert, logger=None, global_step: int | None = None) -> None:
+        self.counts[alert.kind] += 1
+        log.warning("ALERT %s", alert.line())
+        if self.jsonl_path is not None:
+            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.jsonl_path.open("a") as sink:
+                sink.write(json.dumps(asdict(alert)) + "\n")
+        if logger is not None:
+            step = alert.step if global_step is None else global_step
+            logger.log_metrics({f"alerts/{alert.kind}": float(self.counts[alert.kind])}, step=alert.step)
+            logger.experiment.add_text(f"alerts/{self.stage}", alert.line(), global_step=step)
+        if self.webhook_url:
+            self._post(alert)
+
+    def _post(self, alert: Alert) -> None:
+        """A Slack-compatible body: `text` for chat, `alert` for machines."""
+        body = json.dumps({"text": f"vlm-curriculum: {alert.line()}", "alert": asdict(alert)}).encode()
+        request = urllib.request.Request(self.webhook_url, body, {"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                response.read()
+        except Exception as error:  # delivery must never end a training run
+            self.webhook_failures += 1
+            log.error("alert webhook %s failed (%s); the alert is in the log and alerts.jsonl", self.webhook_url, error)

@@ -1,0 +1,201 @@
+"""Epoch- and stage-boundary loss checks, with the likely causes the check can observe.
+
+A loss that jumps at every epoch boundary is a classic symptom with a handful of causes. After the
+first `k` optimizer steps of epoch e+1, the mean of those losses is compared with the mean of the
+last `k` of epoch e, relative to the spread of epoch e's losses (a robust standard deviation of
+their step-to-step changes, so that the normal downward trend is not counted as noise). A jump of
+more than `z` spreads and `min_rel` of the loss is an alert naming what it saw at the boundary:
+
+- lr_jump: the learning rate of the first step differs from the last by more than `lr_ratio`x;
+- repeated_order: the first batch of the epoch has the same samples as the previous epoch's first
+  batch (the data was not reshuffled);
+- batch_size_changed / accumulation_changed: the batch size or `accumulate_grad_batches` differs;
+- optimizer_reset: the optimizer's step count went back (its state was rebuilt);
+- short_last_batch: the previous epoch ended with a smaller batch.
+
+The same comparison runs at a stage boundary of the curriculum: the stage's first `k` losses against
+the previous stage's last `k` (passed in as `previous_tail`). The curriculum passes the tail only
+when both stages train on the same caption budget: longer captions raise the loss by construction,
+whereas a jump on the same data means the handoff lost something (the adapter, the projector).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+
+import lightning as L
+from typing_extensions import override
+
+from callbacks.alerts import Alert, AlertSinks
+
+
+@dataclass
+class BoundaryConfig:
+    enabled: bool = True
+    k: int = 5
+    """Steps compared on each side of the boundary."""
+    z: float = 4.0
+    """Jump, in robust standard deviations of step-to-step loss changes, that makes an alert."""
+    min_rel: float = 0.1
+    """The jump must also be at least this share of the previous loss."""
+    lr_ratio: float = 1.5
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.z <= 0 or self.min_rel < 0 or self.lr_ratio <= 1:
+            raise ValueError("stability.boundary: k >= 1, z > 0, min_rel >= 0 and lr_ratio > 1 are required")
+
+
+def spread(losses: list[float]) -> float:
+    """Robust standard deviation of step-to-step changes (1.4826 x MAD), trend-free by construction."""
+    diffs = [b - a for a, b in pairwise(losses)]
+    if len(diffs) < 2:
+        return 0.0
+    median = statistics.median(diffs)
+    return 1.4826 * statistics.median(abs(d - median) for d in diffs)
+
+
+def boundary_jump(
+    before: list[float], after: list[float], noise: float, config: BoundaryConfig
+) -> tuple[bool, float, float]:
+    """(alert?, jump, threshold): the rise of the mean loss across a boundary against the noise."""
+    jump = statistics.fmean(after) - statistics.fmean(before)
+    threshold = max(config.z * noise, config.min_rel * abs(statistics.fmean(before)))
+    return jump > threshold, jump, threshold
+
+
+@dataclass
+class _EpochTrace:
+    losses: list[float]
+    lrs: list[float]
+    batch_sizes: list[int]
+    first_keys: list[str]
+    accumulation: int
+    optimizer_steps: int | None = None  # the optimizer's own step count after the epoch's last step
+
+
+def _optimizer_step_count(trainer) -> int | None:
+    """The step count the optimizer keeps in its state (Adam's "step"), or None if it keeps none."""
+    counts = [int(state["step"]) for opt in trainer.optimizers for state in opt.state.values() if "step" in state]
+    return max(counts) if counts else None
+
+
+class BoundaryCheck(L.Callback):
+    """Compares losses across epoch boundaries (and the stage boundary, given `previous_tail`)."""
+
+    def __init__(
+        self, config: BoundaryConfig, sinks: AlertSinks, stage: str = "", previous_tail: list[float] | None = None
+    ) -> None:
+        self.config, self.sinks, self.stage = config, sinks, stage
+        self.previous_tail = list(previous_tail or [])
+        self.epochs: list[_EpochTrace] = []
+        self.alerts: list[Alert] = []
+        self.all_losses: list[float] = []
+        self._micro: list[float] = []
+        self._checked: set[int] = set()
+
+    def _trace(self, trainer) -> _EpochTrace:
+        while len(self.epochs) <= trainer.current_epoch:
+            self.epochs.append(_EpochTrace([], [], [], [], trainer.accumulate_grad_batches))
+        return self.epochs[trainer.current_epoch]
+
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        trace = self._trace(trainer)
+        if isinstance(batch, dict) and "keys" in batch:
+            if not trace.first_keys:
+                trace.first_keys = list(batch["keys"])
+            trace.batch_sizes.append(len(batch["keys"]))
+        if trainer.optimizers and batch_idx % trainer.accumulate_grad_batches == 0:  # the rate this step uses
+            trace.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        self._micro.append(float(loss) * trainer.accumulate_grad_batches)
+        if len(self._micro) < trainer.accumulate_grad_batches:
+            return
+        trace = self._trace(trainer)
+        value, self._micro = statistics.fmean(self._micro), []
+        trace.losses.append(value)
+        self.all_losses.append(value)
+        trace.optimizer_steps = _optimizer_step_count(trainer)
+        if len(trace.losses) == self.config.k:
+            self._check(trainer)
+
+    def _check(self, trainer) -> None:
+        epoch = trainer.current_epoch
+        if epoch in self._checked:
+            return
+        self._checked.add(epoch)
+        current = self.epochs[epoch]
+        if epoch == 0:
+            if len(self.previous_tail) >= self.config.k:
+                noise = spread(self.previous_tail)
+                before = self.previous_tail[-self.config.k :]
+                self._judge(trainer, "stage_boundary", before, current.losses, noise, [])
+            return
+        previous = self.epochs[epoch - 1]
+        if len(previous.losses) < self.config.k:
+            return
+        # The noise comes from the epoch's own steps, not its first k (themselves right after a boundary).
+        settled = previous.losses[self.config.k :] if len(previous.losses) >= 3 * self.config.k else previous.losses
+        noise = spread(settled)
+        self._judge(
+            trainer,
+            "epoch_boundary",
+            previous.losses[-self.config.k :],
+            current.losses,
+            noise,
+            self._causes(trainer, previous, current),
+        )
+
+    def _causes(self, trainer, previous: _EpochTrace, current: _EpochTrace) -> list[str]:
+        causes = []
+        last_lr, first_lr = previous.lrs[-1], current.lrs[0]
+        if min(last_lr, first_lr) > 0 and max(last_lr, first_lr) / min(last_lr, first_lr) > self.config.lr_ratio:
+            causes.append(f"lr_jump ({last_lr:.3g} -> {first_lr:.3g})")
+        if previous.first_keys and previous.first_keys == current.first_keys:
+            causes.append("repeated_order (same first batch as the previous epoch: no reshuffle)")
+        full_before = previous.batch_sizes[:-1] or previous.batch_sizes
+        if full_before and current.batch_sizes and max(full_before) != current.batch_sizes[0]:
+            causes.append(f"batch_size_changed ({max(full_before)} -> {current.batch_sizes[0]})")
+        if previous.accumulation != current.accumulation:
+            causes.append(f"accumulation_changed ({previous.accumulation} -> {current.accumulation})")
+        before_steps = previous.optimizer_steps
+        now_steps = _optimizer_step_count(trainer)
+        if before_steps is not None and now_steps is not None and now_steps < before_steps:
+            causes.append(f"optimizer_reset (optimizer step count {before_steps} -> {now_steps})")
+        if len(previous.batch_sizes) > 1 and previous.batch_sizes[-1] < max(previous.batch_sizes[:-1]):
+            causes.append(f"short_last_batch ({previous.batch_sizes[-1]} samples)")
+        return causes
+
+    def _judge(self, trainer, kind: str, before, after, noise: float, causes: list[str]) -> None:
+        alert, jump, threshold = boundary_jump(before, after, noise, self.config)
+        if not alert:
+            return
+        detail = f"mean loss {statistics.fmean(before):.4g} -> {statistics.fmean(after):.4g} over {self.config.k} steps"
+        record = Alert(
+            self.stage, trainer.global_step, trainer.current_epoch, kind, jump, threshold, "warn", [], causes, detail
+        )
+        self.alerts.append(record)
+        if trainer.is_global_zero:
+            self.sinks.emit(record, trainer.logger)
+
+    def write_losses(self, path: Path) -> None:
+        """Per-optimizer-step losses of the stage, for the next stage's boundary check and for tests."""
+        path.write_text(json.dumps({"stage": self.stage, "losses": self.all_losses}))
+
+    @override
+    def state_dict(self) -> dict:
+        return {"all_losses": self.all_losses, "checked": sorted(self._checked)}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.all_losses = list(state_dict["all_losses"])
+        self._checked = set(state_dict["checked"])

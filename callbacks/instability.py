@@ -1,0 +1,231 @@
+"""Loss and gradient instability alerts, checked at every optimizer step.
+
+Per optimizer step the callback sees:
+- the loss, in units that do not change with gradient accumulation: Lightning hands
+  `on_before_backward` the loss divided by `accumulate_grad_batches`, so it is multiplied back and
+  averaged over the step's micro-batches;
+- the global L2 norm of the gradients in `on_before_optimizer_step`, which Lightning calls after
+  AMP unscaling and before gradient clipping (so the norm is the true one).
+
+Both are judged against robust rolling statistics of the healthy steps before them, in log space
+(so a spike is a ratio, whatever the scale): the median of the last few values, and the spread of
+step-to-step changes (MAD), which a falling curve does not inflate. A value is a spike when it
+exceeds that median by `z` robust standard deviations and by `min_ratio` x; NaN or Inf is
+always an alert. A rolling median that climbs `divergence_ratio` x above its lowest point is a
+divergence. Spikes are not added to the statistics, so one bad batch does not raise the bar.
+
+Actions: `warn`; `skip` (the step's gradients are dropped, so the optimizer leaves every
+parameter and its state untouched); `rewind` (restore the trained parameters and optimizer state of
+the last healthy snapshot, then go on with the next batches: the offending batch and those since
+the snapshot are not replayed, as PaLM did); `stop` (no update; save `checkpoints/stopped.ckpt` and
+end the stage; the CLI exits non-zero). Decisions are reduced across ranks: if any rank sees a
+problem, every rank acts.
+
+Inspired by Lightning's SpikeDetection, which raises out of `fit` and cannot resume; this one acts
+and keeps its statistics in `state_dict` for resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+from collections import deque
+from dataclasses import asdict, dataclass
+from itertools import pairwise
+from pathlib import Path
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+from callbacks.alerts import Alert, AlertSinks
+
+ACTIONS = ("warn", "skip", "rewind", "stop")
+
+
+@dataclass
+class InstabilityConfig:
+    """Thresholds and the action of the instability alerts (the defaults suit LoRA SFT)."""
+
+    enabled: bool = True
+    action: str = "warn"
+    """warn | skip | rewind | stop."""
+    window: int = 50
+    """Healthy steps in the rolling statistics."""
+    warmup: int = 20
+    """Steps before spikes are judged (NaN/Inf are judged from the first step)."""
+    z: float = 6.0
+    """Robust standard deviations (of the log value) above the median that make a spike."""
+    min_ratio: float = 2.0
+    """A spike is also at least this many times the rolling median."""
+    check_grad_norm: bool = True
+    divergence_ratio: float = 3.0
+    """Rolling median above this multiple of its lowest value so far is a divergence (0 turns it off)."""
+    snapshot_every: int = 25
+    """With action rewind: healthy steps between in-memory snapshots of the trained state."""
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"stability.instability.action must be one of {ACTIONS}, got {self.action!r}")
+        if self.window < 5 or self.warmup < 5:
+            raise ValueError("stability.instability.window and .warmup must be at least 5 steps")
+        if self.z <= 0 or self.min_ratio < 1:
+            raise ValueError("stability.instability.z must be positive and .min_ratio at least 1")
+
+
+def spike_threshold(history: list[float], z: float, min_ratio: float, recent: int = 5) -> float:
+    """The value above which the next one is a spike, from the healthy `history` (all > 0).
+
+    In log space: the centre is the median of the last `recent` values, so a falling or drifting
+    curve is followed closely; the noise is the robust spread of step-to-step changes
+    (1.4826 x MAD / sqrt 2), which a trend does not inflate.
+    """
+    logs = [math.log(max(v, 1e-12)) for v in history]
+    centre = statistics.median(logs[-recent:])
+    diffs = [b - a for a, b in pairwise(logs)]
+    noise = 1.4826 * statistics.median(abs(d - statistics.median(diffs)) for d in diffs) / math.sqrt(2)
+    return math.exp(centre + max(z * noise, math.log(min_ratio)))
+
+
+def judge(value: float, history: list[float], config: InstabilityConfig, spike_kind: str) -> tuple[str | None, float]:
+    """(alert kind or None, threshold) for one value against its healthy history."""
+    if not math.isfinite(value):
+        return "non_finite", math.inf
+    if len(history) < config.warmup:
+        return None, math.inf
+    threshold = spike_threshold(history[-config.window :], config.z, config.min_ratio)
+    return (spike_kind if value > threshold else None), threshold
+
+
+def global_grad_norm(pl_module: L.LightningModule) -> float | None:
+    """L2 norm over every parameter's gradient; None when no parameter holds one (e.g. DeepSpeed)."""
+    norms = [p.grad.detach().float().norm(2) for p in pl_module.parameters() if p.grad is not None]
+    if not norms:
+        return None
+    return torch.linalg.vector_norm(torch.stack(norms), 2).item()
+
+
+class InstabilityMonitor(L.Callback):
+    """Alerts on loss and gradient-norm spikes, NaN/Inf and divergence; acts as configured."""
+
+    def __init__(self, config: InstabilityConfig, sinks: AlertSinks, stage: str = "") -> None:
+        self.config, self.sinks, self.stage = config, sinks, stage
+        self.loss_history: deque[float] = deque(maxlen=config.window)
+        self.grad_history: deque[float] = deque(maxlen=config.window)
+        self.lowest_median = math.inf
+        self.diverged = False
+        self.alerts: list[Alert] = []
+        self.stopped = False
+        self._micro_losses: list[torch.Tensor] = []
+        self._keys: list[str] = []
+        self._snapshot: dict | None = None
+        self._healthy_since_snapshot = 0
+
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if isinstance(batch, dict) and "keys" in batch:
+            self._keys += list(batch["keys"])
+
+    @override
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
+        self._micro_losses.append(loss.detach().float() * trainer.accumulate_grad_batches)
+
+    def _findings(self, loss: float, grad: float | None) -> list[tuple[str, float, float]]:
+        found = []
+        kind, threshold = judge(loss, list(self.loss_history), self.config, "loss_spike")
+        if kind:
+            found.append((kind, loss, threshold))
+        if grad is not None and self.config.check_grad_norm:
+            kind, threshold = judge(grad, list(self.grad_history), self.config, "grad_spike")
+            if kind:
+                found.append((kind, grad, threshold))
+        return found
+
+    def _divergence(self, loss: float) -> tuple[float, float] | None:
+        """(rolling median, threshold) once the median has climbed far above its lowest point."""
+        if self.config.divergence_ratio <= 0 or len(self.loss_history) < self.config.warmup:
+            return None
+        median = statistics.median(list(self.loss_history)[-self.config.warmup :])
+        self.lowest_median = min(self.lowest_median, median)
+        threshold = self.lowest_median * self.config.divergence_ratio
+        if median > threshold and not self.diverged:
+            self.diverged = True
+            return median, threshold
+        if median <= threshold:
+            self.diverged = False
+        return None
+
+    @override
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self._micro_losses:
+            return
+        loss = torch.stack(self._micro_losses).mean().item()
+        grad = global_grad_norm(pl_module)
+        keys, self._micro_losses, self._keys = self._keys, [], []
+        findings = self._findings(loss, grad)
+        act = trainer.strategy.reduce_boolean_decision(bool(findings), all=False)
+        if not act:
+            self.loss_history.append(loss)
+            if grad is not None:
+                self.grad_history.append(grad)
+            diverging = self._divergence(loss)
+            if diverging is not None:  # a trend, not a batch: reported, never acted on
+                self._report(trainer, "divergence", diverging[0], diverging[1], keys, "warn")
+            self._maybe_snapshot(pl_module, optimizer)
+            return
+        for kind, value, threshold in findings or [("non_finite", math.nan, math.inf)]:
+            self._report(trainer, kind, value, threshold, keys, self.config.action)
+        self._act(trainer, pl_module, optimizer)
+
+    def _report(self, trainer, kind: str, value: float, threshold: float, keys: list[str], action: str) -> None:
+        alert = Alert(self.stage, trainer.global_step, trainer.current_epoch, kind, value, threshold, action, keys)
+        self.alerts.append(alert)
+        if trainer.is_global_zero:
+            self.sinks.emit(alert, trainer.logger)
+
+    def _act(self, trainer, pl_module, optimizer) -> None:
+        action = self.config.action
+        if action == "warn":
+            return
+        for group in optimizer.param_groups:  # no gradient: torch optimizers skip the parameter entirely
+            for param in group["params"]:
+                param.grad = None
+        if action == "rewind" and self._snapshot is not None:
+            pl_module.load_state_dict(self._snapshot["model"], strict=False)
+            optimizer.load_state_dict(self._snapshot["optimizer"])
+        if action == "stop":
+            self.stopped = True
+            trainer.should_stop = True
+
+    def _maybe_snapshot(self, pl_module, optimizer) -> None:
+        if self.config.action != "rewind":
+            return
+        self._healthy_since_snapshot += 1
+        if self._snapshot is None or self._healthy_since_snapshot >= self.config.snapshot_every:
+            trained = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+            self._snapshot = {"model": trained, "optimizer": copy.deepcopy(optimizer.state_dict())}
+            self._healthy_since_snapshot = 0
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.stopped and not getattr(self, "_saved_stop", False):
+            self._saved_stop = True
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "stopped.ckpt")
+
+    @override
+    def state_dict(self) -> dict:
+        return {
+            "loss_history": list(self.loss_history),
+            "grad_history": list(self.grad_history),
+            "lowest_median": self.lowest_median,
+            "counts": dict(self.sinks.counts),
+            "config": asdict(self.config),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.loss_history.extend(state_dict["loss_history"])
+        self.grad_history.extend(state_dict["grad_history"])
+        self.lowest_median = state_dict["lowest_median"]
+        self.sinks.counts.update(state_dict["counts"])

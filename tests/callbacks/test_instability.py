@@ -1,0 +1,154 @@
+"""Fault injection against the instability monitor, on a small real LightningModule (tests/callbacks/toy.py).
+
+Latency: every injected fault must be reported at the optimizer step it happens in (0 steps late).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.alerts import Alert, AlertSinks
+from callbacks.instability import InstabilityConfig, InstabilityMonitor, judge, spike_threshold
+from tests.callbacks.toy import KeyedRegression, ToyRegression, loader, trainer
+
+
+def _run(faults=None, action="warn", steps=60, tmp_path=None, seed=0, **module_kwargs):
+    sinks = AlertSinks("toy", tmp_path / "alerts.jsonl" if tmp_path else None)
+    monitor = InstabilityMonitor(InstabilityConfig(action=action, snapshot_every=5), sinks, "toy")
+    module = ToyRegression(faults, seed=seed, **module_kwargs)
+    weights = WeightTrace()
+    trainer([monitor, weights], max_steps=steps).fit(module, loader(KeyedRegression(seed=seed), seed=seed))
+    return monitor, module, weights
+
+
+class WeightTrace(L.Callback):
+    """The trained weights after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.after: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after.append(torch.cat([p.detach().flatten().clone() for p in pl_module.parameters()]))
+
+
+def _kinds(monitor) -> list[tuple[str, int]]:
+    return [(a.kind, a.step) for a in monitor.alerts]
+
+
+def test_spike_threshold_is_a_ratio_over_a_steady_history():
+    assert spike_threshold([1.0] * 30, z=6, min_ratio=2) == pytest.approx(2.0)
+    assert judge(float("nan"), [], InstabilityConfig(), "loss_spike")[0] == "non_finite"
+    assert judge(100.0, [1.0] * 5, InstabilityConfig(), "loss_spike")[0] is None  # still warming up
+
+
+def test_nan_loss_is_reported_at_its_step_and_skip_leaves_the_weights(tmp_path):
+    monitor, _, weights = _run({30: "nan"}, action="skip", tmp_path=tmp_path)
+    assert ("non_finite", 30) in _kinds(monitor)
+    assert torch.equal(weights.after[30], weights.after[29])  # the NaN step changed nothing
+    assert torch.isfinite(weights.after[-1]).all()
+    lines = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert lines[0]["kind"] == "non_finite" and lines[0]["stage"] == "toy" and len(lines[0]["keys"]) == 32
+
+
+def test_inf_gradient_is_reported_and_skipped():
+    monitor, _, weights = _run({25: "inf_grad"}, action="skip")
+    assert [k for k in _kinds(monitor) if k[0] != "loss_spike"] == [("non_finite", 25)]
+    assert torch.equal(weights.after[25], weights.after[24])
+
+
+def test_ten_x_loss_spike():
+    monitor, _, _ = _run({40: "spike"})
+    assert ("loss_spike", 40) in _kinds(monitor)
+    assert all(step == 40 for _, step in _kinds(monitor))
+
+
+def test_gradient_explosion_from_a_bad_batch_names_its_samples():
+    warned, _, _ = _run({35: "bad_batch"})
+    assert warned.alerts[0].step == 35 and warned.alerts[0].kind in ("grad_spike", "loss_spike")
+    monitor, _, _ = _run({35: "bad_batch"}, action="skip")  # skipped, the bad batch leaves no aftermath
+    grad_alerts = [a for a in monitor.alerts if a.kind == "grad_spike"]
+    assert [a.step for a in grad_alerts] == [35]
+    assert len(grad_alerts[0].keys) == 32 and all(k.startswith("sample-") for k in grad_alerts[0].keys)
+    assert grad_alerts[0].value > grad_alerts[0].threshold
+
+
+def test_slow_drift_is_no_spike():
+    monitor, _, _ = _run(drift=0.02, steps=80)
+    assert not [a for a in monitor.alerts if a.kind in ("loss_spike", "grad_spike", "non_finite")]
+
+
+def test_noisy_but_stable_curve_raises_no_alert():
+    for seed in range(3):
+        monitor, _, _ = _run(noise=0.3, seed=seed, steps=80)
+        assert monitor.alerts == [], seed
+
+
+def test_rewind_recovers_the_clean_final_loss():
+    _, clean, _ = _run(steps=60)
+    monitor, rewound, _ = _run({30: "bad_batch"}, action="rewind", steps=60)
+    _, warned, _ = _run({30: "bad_batch"}, action="warn", steps=60)
+    assert ("grad_spike", 30) in _kinds(monitor)
+    final = sum(clean.step_losses[-10:]) / 10
+    assert abs(sum(rewound.step_losses[-10:]) / 10 - final) <= 0.25 * final  # within 25% of the clean run
+    assert sum(warned.step_losses[-10:]) / 10 > 10 * final  # ...whereas applying the bad update wrecks it
+
+
+def test_stop_ends_training_at_the_alert(tmp_path):
+    sinks = AlertSinks("toy")
+    monitor = InstabilityMonitor(InstabilityConfig(action="stop"), sinks, "toy")
+    t = trainer([monitor], max_steps=60, default_root_dir=tmp_path)
+    t.fit(ToyRegression({30: "nan"}), loader(KeyedRegression()))
+    assert monitor.stopped and t.global_step <= 31
+    assert (tmp_path / "checkpoints" / "stopped.ckpt").is_file()
+
+
+def test_statistics_survive_a_state_dict_round_trip():
+    monitor, _, _ = _run(steps=40)
+    restored = InstabilityMonitor(InstabilityConfig(), AlertSinks("toy"), "toy")
+    restored.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
+    assert list(restored.loss_history) == list(monitor.loss_history)
+    assert list(restored.grad_history) == list(monitor.grad_history)
+
+
+def test_bad_action_names_the_flag():
+    with pytest.raises(ValueError, match="stability.instability.action"):
+        InstabilityConfig(action="panic")
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Hook.received.append(json.loads(body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_webhook_receives_a_slack_compatible_post_and_failures_are_not_fatal():
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        alert = Alert("sft_long", 7, 0, "loss_spike", 12.0, 3.0, "warn", ["k1"])
+        AlertSinks("sft_long", webhook_url=f"http://127.0.0.1:{server.server_port}/hook").emit(alert)
+    finally:
+        server.shutdown()
+        server.server_close()  # the port now refuses connections
+    assert _Hook.received[-1]["text"].startswith("vlm-curriculum: [loss_spike] stage sft_long step 7")
+    assert _Hook.received[-1]["alert"]["threshold"] == 3.0
+
+    dead = AlertSinks("sft_long", webhook_url=f"http://127.0.0.1:{server.server_port}/gone")
+    dead.emit(alert)  # the server is down: logged, counted, not raised
+    assert dead.webhook_failures == 1 and dead.counts["loss_spike"] == 1
+    assert math.isfinite(alert.value)

@@ -1,0 +1,75 @@
+"""Stability regressions: the pinned micro curriculum reproduces its per-step losses, falls, and
+resumes after a kill with the same tail. Golden values and how to regenerate them: golden.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.stability.golden import GOLDEN, STAGES, STEPS, command, read_losses
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+# Same torch build and fp32 CPU kernels: equal to rounding. Relative 1e-4 leaves room for another
+# CPU's vector width; a real change to the training path moves losses by far more.
+RTOL, ATOL = 1e-4, 1e-5
+# Each stage's last 3 losses must average at least this much below its first 3.
+FALL = 0.05
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    record = json.loads(GOLDEN.read_text())
+    if record["torch"].split("+")[0] != torch.__version__.split("+")[0]:
+        pytest.skip(f"golden losses were pinned under torch {record['torch']}; regenerate: {record['regenerate']}")
+    return record
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory) -> dict[str, list[float]]:
+    run_dir = tmp_path_factory.mktemp("stability") / "run"
+    subprocess.run(command(run_dir), cwd=REPO, env=ENV, check=True, capture_output=True, timeout=600)
+    return read_losses(run_dir)
+
+
+def _assert_matches(losses: dict[str, list[float]], golden: dict) -> None:
+    for name in STAGES:
+        assert len(losses[name]) == STEPS, name
+        torch.testing.assert_close(
+            torch.tensor(losses[name]), torch.tensor(golden["losses"][name]), rtol=RTOL, atol=ATOL
+        )
+
+
+def test_losses_match_the_golden_file(clean_run, golden):
+    _assert_matches(clean_run, golden)
+
+
+def test_every_stage_curve_falls(clean_run):
+    for name in STAGES:
+        first, last = sum(clean_run[name][:3]) / 3, sum(clean_run[name][-3:]) / 3
+        assert last < (1 - FALL) * first, f"{name}: {first:.4f} -> {last:.4f}"
+
+
+def test_killed_in_the_middle_of_a_stage_and_rerun_reproduces_the_golden_tail(tmp_path, golden):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(command(run_dir), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run_dir / "sft_medium" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no graceful shutdown: as a crash or a preempted node
+    proc.wait(timeout=60)
+    assert not (run_dir / "sft_medium" / "done.json").exists(), "the kill came too late to test a resume"
+
+    subprocess.run(command(run_dir), cwd=REPO, env=ENV, check=True, capture_output=True, timeout=600)
+    _assert_matches(read_losses(run_dir), golden)
