@@ -138,7 +138,7 @@ class InstabilityMonitor(L.Callback):
             found.append((kind, loss, threshold))
         if grad is not None and self.config.check_grad_norm:
             kind, threshold = judge(grad, list(self.grad_history), self.config, "grad_spike")
-            if kind:
+            if kind and kind not in {k for k, _, _ in found}:  # a NaN loss gives NaN gradients: one alert
                 found.append((kind, grad, threshold))
         return found
 

@@ -109,6 +109,9 @@ class StabilityConfig:
     boundary: BoundaryConfig = field(default_factory=BoundaryConfig)
     webhook_url: str | None = None
     """Also POST every alert here as JSON (a Slack-compatible body); delivery failures are logged."""
+    faults: dict[int, str] = field(default_factory=dict)
+    """Chaos testing: inject a fault at these optimizer steps of every stage, e.g. {80: spike}
+    (nan, spike, bad_batch, inf_grad; see callbacks/fault_injection.py)."""
 
 
 @dataclass

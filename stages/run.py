@@ -33,10 +33,21 @@ def curriculum_parser() -> ArgumentParser:
     return parser
 
 
+def stability_bench_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="False-alarm and detection rates of the stability alerts.")
+    parser.add_argument("--seeds", type=int, default=20, help="clean runs of the shortened tiny curriculum")
+    parser.add_argument("--fault_seeds", type=int, default=5, help="runs per injected fault kind")
+    parser.add_argument("--root", type=str, default="runs/bench-stability", help="where the runs go")
+    return parser
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m stages.run", description="vlm-curriculum: curriculum training for VLMs.")
     commands = parser.add_subcommands(dest="command")
     commands.add_subcommand("curriculum", curriculum_parser(), help="run the whole curriculum (the default: tiny.yaml)")
+    bench = ArgumentParser(description="Benchmarks that print figures.")
+    commands.add_subcommand("bench", bench, help="benchmarks that print figures")
+    bench.add_subcommands(dest="bench").add_subcommand("stability", stability_bench_parser())
     return parser
 
 
@@ -77,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             note = "  (skipped: done before)" if result.skipped else ""
             print(f"{result.name:>12}  steps {result.global_steps:5d}  {scores}{note}")
         print(f"run folder: {run_dir}   TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    if args.command == "bench" and args.bench.bench == "stability":
+        from stages.bench import bench_stability, print_report
+
+        options = args.bench.stability
+        print_report(bench_stability(Path(options.root), options.seeds, options.fault_seeds))
     return 0
 
 

@@ -31,6 +31,7 @@ from PIL import Image
 from callbacks.alerts import AlertSinks
 from callbacks.epoch_boundary import BoundaryCheck
 from callbacks.evaluation import CaptionEvaluation
+from callbacks.fault_injection import FaultInjection
 from callbacks.instability import InstabilityMonitor
 from datamodules.caption_datamodule import CaptionDataModule
 from modules.handoff import load_handoff, save_handoff
@@ -101,6 +102,8 @@ def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, i
         "model": asdict(cfg.model),
         "data": asdict(cfg.data),
         "eval": asdict(cfg.eval),
+        # What changes the trained weights; thresholds and sinks only change what is reported.
+        "stability": {"action": cfg.stability.instability.action, "faults": cfg.stability.faults},
         "inputs": {
             "shard_dir": str(inputs.shard_dir),
             "vision_path": str(inputs.vision_path),
@@ -194,10 +197,11 @@ def run_stage(
         every_n_train_steps=cfg.checkpoint.every_n_train_steps,
     )
     monitor, boundary = stability_callbacks(cfg, name, stage_dir, previous_tail or [])
+    faults = FaultInjection(cfg.stability.faults, cfg.seed) if cfg.stability.faults else None
     trainer = L.Trainer(
         **cfg.trainer.merged(spec.trainer).kwargs(),
         logger=CurriculumTensorBoardLogger(str(inputs.run_dir), step_offset),
-        callbacks=[c for c in (monitor, boundary, evaluation, checkpoint) if c is not None]
+        callbacks=[c for c in (faults, monitor, boundary, evaluation, checkpoint) if c is not None]
         + [LearningRateMonitor(logging_interval="step")],
         default_root_dir=stage_dir,
         reload_dataloaders_every_n_epochs=1,  # a new, seeded shuffle order every epoch

@@ -121,3 +121,22 @@ def test_help_explains_the_stage_keys(capsys):
         main(["curriculum", "--help"])
     out = capsys.readouterr().out
     assert "--stages" in out and "--trainer.max_epochs" in out and "--print_config" in out
+
+
+def test_an_injected_nan_is_alerted_in_every_stage_and_skipped(tmp_path):
+    run_dir = tmp_path / "run"
+    assert _run(run_dir, "--stability.faults={1: nan}", "--stability.instability.action=skip") == 0
+    for name in STAGES:
+        alerts = [json.loads(line) for line in (run_dir / name / "alerts.jsonl").read_text().splitlines()]
+        assert [(a["kind"], a["step"], a["action"]) for a in alerts] == [("non_finite", 1, "skip")]
+        assert len(alerts[0]["keys"]) == 8 and alerts[0]["stage"] == name
+    losses = json.loads((run_dir / "sft_long" / "losses.json").read_text())["losses"]
+    assert len(losses) == 3
+
+
+def test_action_stop_ends_the_run_with_a_checkpoint_and_a_nonzero_exit(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert _run(run_dir, "--stability.faults={1: nan}", "--stability.instability.action=stop") == 3
+    assert "stopped by a stability alert" in capsys.readouterr().err
+    assert (run_dir / "align" / "checkpoints" / "stopped.ckpt").is_file()
+    assert not (run_dir / "align" / "done.json").exists()

@@ -1,0 +1,50 @@
+"""Deliberate faults at chosen optimizer steps, to check that the stability alerts fire (chaos testing).
+
+Set `stability.faults` to a mapping from optimizer step to fault kind, for example
+`--stability.faults '{80: spike}'`. Faults change the batch in place before the forward pass, or a
+gradient after the backward pass, so the alerts see exactly what a real fault would produce:
+
+- nan: the images become NaN, and so do the loss and the gradients;
+- spike: the caption targets are replaced by random tokens, so the loss jumps several-fold;
+- bad_batch: the images are scaled 1000x (a broken decoder or normalisation), so gradients explode;
+- inf_grad: one gradient entry becomes Inf after the backward pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+FAULTS = ("nan", "spike", "bad_batch", "inf_grad")
+
+
+class FaultInjection(L.Callback):
+    def __init__(self, faults: dict[int, str], seed: int = 0) -> None:
+        unknown = sorted(set(faults.values()) - set(FAULTS))
+        if unknown:
+            raise ValueError(f"stability.faults: unknown fault kinds {unknown}; expected {FAULTS}")
+        self.faults = {int(step): kind for step, kind in faults.items()}
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        kind = self.faults.get(trainer.global_step)
+        if kind == "nan":
+            batch["pixel_values"].fill_(math.nan)
+        elif kind == "bad_batch":
+            batch["pixel_values"].mul_(1000.0)
+        elif kind == "spike":
+            labels = batch["labels"]
+            targets = labels != -100
+            vocab = pl_module.vlm.lm.get_input_embeddings().num_embeddings
+            noise = torch.randint(0, vocab, (int(targets.sum()),), generator=self.generator).to(labels.device)
+            labels[targets] = noise
+
+    @override
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.faults.get(trainer.global_step) == "inf_grad":
+            param = next(p for p in pl_module.parameters() if p.grad is not None)
+            param.grad.view(-1)[0] = math.inf

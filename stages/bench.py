@@ -1,0 +1,110 @@
+"""Benchmarks that print figures. `python -m stages.run bench stability --seeds 20`:
+
+- false alarms: the tiny curriculum, shortened, on `seeds` seeds with no fault: every alert is false;
+- detection: per fault kind (callbacks/fault_injection.py), a single align stage on the same data
+  and base models with the fault at step `fault_step`: detected if an alert of an expected kind
+  fires within `max_latency` steps; latency in optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import yaml
+
+from callbacks.fault_injection import FAULTS
+
+CURRICULUM_STAGES = ("align", "sft_short", "sft_medium", "sft_long")
+# A shorter tiny curriculum: fewer images and steps, same models and recipe.
+SHORT_ARGS = ["--world.train_size=4000", "--base.vision_steps=150", "--base.lm_steps=150", "--eval.limit=32"]
+SHORT_ARGS += ["--trainer.enable_progress_bar=false"]
+SHORT_STAGE_ARGS = [f"--stages.{name}.trainer.max_steps=120" for name in CURRICULUM_STAGES]
+EXPECTED = {
+    "nan": {"non_finite"},
+    "inf_grad": {"non_finite"},
+    "spike": {"loss_spike"},
+    "bad_batch": {"grad_spike", "loss_spike", "non_finite"},
+}
+ONE_STAGE = {"stages": {"sft": {"trainable": ["projector", "lora"], "max_words": 48, "init_from": "base"}}}
+
+
+def _alerts(run_dir: Path) -> list[dict]:
+    return [
+        json.loads(line) for path in sorted(run_dir.glob("*/alerts.jsonl")) for line in path.read_text().splitlines()
+    ]
+
+
+def _curriculum(args: list[str]) -> None:
+    from stages.run import main
+
+    if main(["curriculum", *args]) != 0:
+        raise RuntimeError(f"benchmark run failed: {args}")
+
+
+def bench_stability(root: Path, seeds: int, fault_seeds: int, fault_step: int = 70, max_latency: int = 3) -> dict:
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    clean = []
+    for seed in range(seeds):
+        run_dir = root / f"clean-{seed}"
+        _curriculum([f"--run_dir={run_dir}", f"--seed={seed}", *SHORT_ARGS, *SHORT_STAGE_ARGS])
+        steps = sum(json.loads((run_dir / s / "done.json").read_text())["global_steps"] for s in CURRICULUM_STAGES)
+        clean.append({"seed": seed, "steps": steps, "alerts": [a["kind"] for a in _alerts(run_dir)]})
+    one_stage = root / "one_stage.yaml"
+    one_stage.write_text(yaml.safe_dump(ONE_STAGE))
+    detection: dict[str, list[int | None]] = {kind: [] for kind in FAULTS}
+    for seed in range(fault_seeds):
+        base = root / f"clean-{seed}"
+        for kind in FAULTS:
+            run_dir = root / f"fault-{kind}-{seed}"
+            _curriculum(
+                [
+                    "--config",
+                    str(one_stage),
+                    f"--run_dir={run_dir}",
+                    f"--seed={seed}",
+                    *SHORT_ARGS,
+                    "--stages.sft.trainer.max_steps=90",
+                    f"--data.shard_dir={base / 'data'}",
+                    f"--model.vision_path={base / 'base' / 'vision'}",
+                    f"--model.lm_path={base / 'base' / 'lm'}",
+                    f"--stability.faults={{{fault_step}: {kind}}}",
+                ]
+            )
+            hits = [a["step"] - fault_step for a in _alerts(run_dir) if a["kind"] in EXPECTED[kind]]
+            hits = [lag for lag in hits if 0 <= lag <= max_latency]
+            detection[kind].append(min(hits) if hits else None)
+    total_steps = sum(run["steps"] for run in clean)
+    false_alarms = sum(len(run["alerts"]) for run in clean)
+    report = {
+        "clean_runs": seeds,
+        "clean_runs_with_an_alert": sum(bool(run["alerts"]) for run in clean),
+        "false_alarms_per_1000_steps": 1000 * false_alarms / max(1, total_steps),
+        "false_alarm_kinds": sorted({k for run in clean for k in run["alerts"]}),
+        "detection": {
+            kind: {
+                "detected": sum(lag is not None for lag in lags),
+                "runs": len(lags),
+                "median_latency_steps": statistics.median([lag for lag in lags if lag is not None])
+                if any(lag is not None for lag in lags)
+                else None,
+            }
+            for kind, lags in detection.items()
+        },
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    (root / "stability_bench.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def print_report(report: dict) -> None:
+    rate = report["false_alarms_per_1000_steps"]
+    print(f"clean runs: {report['clean_runs']}, with any alert: {report['clean_runs_with_an_alert']}")
+    print(f"false alarms per 1000 steps: {rate:.2f} (kinds: {report['false_alarm_kinds']})")
+    for kind, row in report["detection"].items():
+        latency = row["median_latency_steps"]
+        print(f"fault {kind:>9}: detected {row['detected']}/{row['runs']}, median latency {latency} steps")
+    print(f"wall time {report['wall_s']} s")
