@@ -23,9 +23,14 @@ from datamodules.shards import budget_counts, read_index
 log = logging.getLogger(__name__)
 
 
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+
+
 def _decode(sample: dict) -> tuple[str, Image.Image, dict]:
-    image = Image.open(io.BytesIO(sample["png"])).convert("RGB")
-    return sample["__key__"], image, json.loads(sample["json"])
+    data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    if data is None:
+        raise ValueError(f"shard sample {sample['__key__']} has no image ({', '.join(IMAGE_EXTENSIONS)})")
+    return sample["__key__"], Image.open(io.BytesIO(data)).convert("RGB"), json.loads(sample["json"])
 
 
 class ShardStream(IterableDataset):

@@ -11,12 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import webdataset as wds
-
-from datamodules.world import WorldConfig, make_scene, png_bytes, render
 
 log = logging.getLogger(__name__)
 
@@ -39,26 +37,6 @@ def write_shards(samples: Iterable[dict], out_dir: Path, split: str, shard_size:
             entries[-1]["count"] += 1
             entries[-1]["caption_words"].append(json.loads(sample["json"])["caption_words"])
     return entries
-
-
-def world_samples(config: WorldConfig, seed: int, split: str, size: int) -> Iterator[dict]:
-    for index in range(size):
-        scene = make_scene(config, seed, split, index)
-        meta = scene.metadata()
-        yield {"__key__": scene.key, "png": png_bytes(render(scene, config.image_size, seed)), "json": json.dumps(meta)}
-
-
-def write_world(config: WorldConfig, seed: int, out_dir: Path) -> dict:
-    """Renders the synthetic world's train/val/test splits as shards; returns the index."""
-    sizes = {"train": config.train_size, "val": config.val_size, "test": config.test_size}
-    index = {"source": "synthetic-world", "seed": seed, "splits": {}}
-    for split in SPLITS:
-        index["splits"][split] = write_shards(
-            world_samples(config, seed, split, sizes[split]), out_dir, split, config.shard_size
-        )
-    (out_dir / INDEX_NAME).write_text(json.dumps(index))
-    log.info("wrote %s samples of the synthetic world to %s", sum(sizes.values()), out_dir)
-    return index
 
 
 def read_index(shard_dir: Path) -> dict:

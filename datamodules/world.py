@@ -51,8 +51,6 @@ class WorldConfig:
     train_size: int = 20000
     val_size: int = 256
     test_size: int = 256
-    shard_size: int = 5000
-    """Samples per WebDataset shard."""
     raw_hallucination_rate: float = 0.3
     """Share of raw captions that name an object which is not in the image."""
 
@@ -61,7 +59,7 @@ class WorldConfig:
             raise ValueError(f"world.max_objects must be in 1..{len(PLACES)}, got {self.max_objects}")
         if self.image_size < 24:
             raise ValueError(f"world.image_size must be at least 24 pixels, got {self.image_size}")
-        for name in ("train_size", "val_size", "test_size", "shard_size"):
+        for name in ("train_size", "val_size", "test_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"world.{name} must be positive, got {getattr(self, name)}")
 
@@ -229,3 +227,9 @@ def vocabulary_corpus() -> list[str]:
     lines += ["is there a ?", "how many shapes are there ?", "what color is the ?", "yes no"]
     lines += [f"how many {s}s are there ?" for s in SHAPES]
     return lines
+
+
+def scene_from_metadata(meta: dict) -> Scene:
+    """The Scene that `Scene.metadata()` (or the raw sample's ground truth) describes."""
+    objects = [WorldObject(o["shape"], o["colour"], o["size"], PLACES.index(o["place"])) for o in meta["objects"]]
+    return Scene(key=meta["key"], background=meta["background"], objects=objects)

@@ -74,7 +74,9 @@ class StageSpec:
 @dataclass
 class DataConfig:
     shard_dir: str | None = None
-    """Folder of WebDataset shards with index.json; unset: the synthetic world, written to <run_dir>/data."""
+    """Folder of WebDataset shards with index.json, built before; unset: `recipe` builds them in <run_dir>/data."""
+    recipe: str = "configs/data/synthetic.yaml"
+    """The Data-Juicer recipe that builds the shards (relative paths: from the working folder, then the repo)."""
     batch_size: int = 32
     """Per-device batch size."""
     num_workers: int = 0

@@ -6,30 +6,43 @@ import json
 import logging
 from pathlib import Path
 
-from datamodules.shards import INDEX_NAME, index_digest, write_world
+from datamodules.shards import INDEX_NAME, index_digest
 from modules.base_models import pretrain_lm, pretrain_vision
 from modules.loading import model_folder
 from stages.config import CurriculumConfig
+from stages.data import load_recipe, run_data_stage
 from stages.stage import RunInputs, StageResult, fingerprint, run_stage
 
 log = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_recipe(path: str) -> Path:
+    candidate = Path(path)
+    if candidate.is_file() or candidate.is_absolute():
+        return candidate
+    return REPO_ROOT / candidate
 
 
 def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
-    """The shard folder: `data.shard_dir` if given, else the synthetic world written (once) to <run_dir>/data."""
+    """The shard folder: `data.shard_dir` if given, else built (once) by the `data.recipe` in <run_dir>/data."""
     if cfg.data.shard_dir is not None:
         shard_dir = Path(cfg.data.shard_dir)
         if not (shard_dir / INDEX_NAME).is_file():
             raise FileNotFoundError(f"--data.shard_dir: {shard_dir} has no {INDEX_NAME}; build it with the data stage")
         return shard_dir
+    recipe_path = resolve_recipe(cfg.data.recipe)
+    if not recipe_path.is_file():
+        raise FileNotFoundError(f"--data.recipe: {recipe_path} does not exist")
+    recipe = load_recipe(recipe_path)
     shard_dir = run_dir / "data"
-    wanted = fingerprint({"world": cfg.world, "seed": cfg.seed})
-    stamp = shard_dir / "world.json"
+    wanted = fingerprint({"recipe": recipe, "world": cfg.world, "seed": cfg.seed})
+    stamp = shard_dir / "recipe.json"
     if stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == wanted:
         return shard_dir
-    log.info("writing the synthetic world to %s", shard_dir)
-    write_world(cfg.world, cfg.seed, shard_dir)
-    stamp.write_text(json.dumps({"fingerprint": wanted}))
+    log.info("building the shards with the data recipe %s in %s", recipe_path, shard_dir)
+    run_data_stage(recipe, shard_dir, cfg.world, cfg.seed)
+    stamp.write_text(json.dumps({"fingerprint": wanted, "recipe": str(recipe_path)}))
     return shard_dir
 
 

@@ -41,14 +41,50 @@ def stability_bench_parser() -> ArgumentParser:
     return parser
 
 
+def data_parser() -> ArgumentParser:
+    from datamodules.world import WorldConfig
+    from stages.data import RecipeConfig
+
+    parser = ArgumentParser(
+        description="Build WebDataset shards with a Data-Juicer recipe (recaptioning + filters) and write a "
+        "data report (report.md / report.json) beside them.",
+        exit_on_error=True,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="the recipe YAML (configs/data/*.yaml)")
+    parser.add_class_arguments(RecipeConfig, fail_untyped=True, sub_configs=True)
+    parser.add_argument("--out_dir", type=str, required=True, help="where the shards and the report go")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic world")
+    parser.add_class_arguments(WorldConfig, "world", help="the synthetic world (synthetic input only)")
+    return parser
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m stages.run", description="vlm-curriculum: curriculum training for VLMs.")
     commands = parser.add_subcommands(dest="command")
     commands.add_subcommand("curriculum", curriculum_parser(), help="run the whole curriculum (the default: tiny.yaml)")
+    commands.add_subcommand("data", data_parser(), help="build shards with a Data-Juicer recipe")
     bench = ArgumentParser(description="Benchmarks that print figures.")
     commands.add_subcommand("bench", bench, help="benchmarks that print figures")
     bench.add_subcommands(dest="bench").add_subcommand("stability", stability_bench_parser())
     return parser
+
+
+def run_data_command(parser: ArgumentParser, args) -> int:
+    from stages.data import RecipeConfig, run_data_stage
+
+    values = parser.instantiate_classes(args).data
+    fields = {k: v for k, v in vars(values).items() if k in RecipeConfig.__dataclass_fields__}
+    try:
+        recipe = RecipeConfig(**fields)
+        report = run_data_stage(recipe, Path(values.out_dir), values.world, values.seed)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    samples = report["samples"]
+    print(f"{samples['kept']} of {samples['input']} samples kept; shards and report.md in {values.out_dir}")
+    for op in report["ops"]:
+        print(f"  {op['op']:>28}: {op['in']} in, {op['out']} out")
+    return 0
 
 
 def default_run_dir(config_files: list) -> Path:
@@ -88,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             note = "  (skipped: done before)" if result.skipped else ""
             print(f"{result.name:>12}  steps {result.global_steps:5d}  {scores}{note}")
         print(f"run folder: {run_dir}   TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    if args.command == "data":
+        return run_data_command(parser, args)
     if args.command == "bench" and args.bench.bench == "stability":
         from stages.bench import bench_stability, print_report
 

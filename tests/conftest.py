@@ -11,11 +11,14 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from datamodules.shards import write_world  # noqa: E402
 from datamodules.world import WorldConfig  # noqa: E402
 from modules.base_models import TinyBaseConfig, pretrain_lm, pretrain_vision  # noqa: E402
+from stages.data import load_recipe, run_data_stage  # noqa: E402
 
-MICRO_WORLD = WorldConfig(train_size=192, val_size=32, test_size=24, shard_size=64)
+REPO = Path(__file__).resolve().parents[1]
+SYNTHETIC_RECIPE = REPO / "configs" / "data" / "synthetic.yaml"
+
+MICRO_WORLD = WorldConfig(train_size=192, val_size=32, test_size=24)
 MICRO_BASE = TinyBaseConfig(vision_hidden_sizes=(16, 32), vision_steps=4, lm_hidden_size=32, lm_steps=4, batch_size=8)
 
 # Command-line overrides that shrink the default curriculum to seconds.
@@ -23,7 +26,6 @@ MICRO_ARGS = [
     "--world.train_size=192",
     "--world.val_size=32",
     "--world.test_size=24",
-    "--world.shard_size=64",
     "--base.vision_hidden_sizes=[16, 32]",
     "--base.vision_steps=4",
     "--base.lm_hidden_size=32",
@@ -40,8 +42,9 @@ MICRO_ARGS = [
 
 @pytest.fixture(scope="session")
 def micro_world(tmp_path_factory) -> Path:
+    """The micro world's shards, built as every shard is: by the Data-Juicer recipe."""
     shard_dir = tmp_path_factory.mktemp("world")
-    write_world(MICRO_WORLD, seed=0, out_dir=shard_dir)
+    run_data_stage(load_recipe(SYNTHETIC_RECIPE, ["--shard_size=64"]), shard_dir, MICRO_WORLD, seed=0)
     return shard_dir
 
 

@@ -33,7 +33,6 @@ ARGS = [
     "--world.train_size=512",
     "--world.val_size=32",
     "--world.test_size=16",
-    "--world.shard_size=64",
     "--base.vision_hidden_sizes=[32, 64]",
     "--base.vision_steps=100",
     "--base.lm_hidden_size=64",

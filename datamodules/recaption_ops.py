@@ -1,0 +1,125 @@
+"""Data-Juicer operators of the project: caption variants for every image.
+
+Both write `caption_variants` (a JSON object: variant name -> caption) and set the sample's text to
+its longest variant, without Data-Juicer's `<__dj__image>` token (which its word counts would
+otherwise include), so that the recipe's text filters judge the new caption.
+
+- `oracle_caption_mapper`: the synthetic world's captioner, which reads the scene's ground truth
+  (`meta_json`) and writes the world's short / medium / long captions.
+- `blip2_caption_mapper`: BLIP-2 from a local folder, once per worker, bf16 on CUDA (fp32 on CPU),
+  batched, greedy or beam search, one prompt per variant, a word cap. Data-Juicer's stock
+  `image_captioning_mapper` samples with a fixed 128-token budget in the stored dtype and keeps
+  the original sample beside the new ones; this op is the fast, deterministic alternative.
+
+Importing this module registers both with Data-Juicer's `OPERATORS`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from data_juicer.ops.base_op import OPERATORS, Mapper
+from PIL import Image
+
+from datamodules.world import CAPTION_KINDS, caption, scene_from_metadata
+
+VARIANTS_KEY = "caption_variants"
+
+
+def _cap_words(text: str, max_words: int) -> str:
+    return " ".join(text.split()[:max_words])
+
+
+@OPERATORS.register_module("oracle_caption_mapper")
+class OracleCaptionMapper(Mapper):
+    """Writes the synthetic world's caption variants from each sample's ground truth (`meta_json`)."""
+
+    _batched_op = True
+
+    def __init__(self, variants: list[str] | None = None, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.variants = list(variants or CAPTION_KINDS)
+        unknown = sorted(set(self.variants) - set(CAPTION_KINDS))
+        if unknown:
+            raise ValueError(f"oracle_caption_mapper.variants: unknown {unknown}; expected some of {CAPTION_KINDS}")
+
+    def process_batched(self, samples: dict) -> dict:
+        variants, texts = [], []
+        for meta_json in samples["meta_json"]:
+            scene = scene_from_metadata(json.loads(meta_json))
+            captions = {kind: caption(scene, kind) for kind in self.variants}
+            variants.append(json.dumps(captions))
+            texts.append(max(captions.values(), key=lambda t: len(t.split())))
+        samples[VARIANTS_KEY] = variants
+        samples[self.text_key] = texts
+        return samples
+
+
+@OPERATORS.register_module("blip2_caption_mapper")
+class Blip2CaptionMapper(Mapper):
+    """Caption variants from a BLIP-2 checkpoint in a local folder."""
+
+    _batched_op = True
+    _accelerator = "cuda"
+
+    def __init__(
+        self,
+        model_path: str = "",
+        prompts: dict[str, str] | None = None,
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        max_words: int = 60,
+        *args,
+        **kwargs,
+    ) -> None:
+        """
+        :param model_path: a folder saved with `save_pretrained` (model and processor).
+        :param prompts: variant name -> text prompt ("" for BLIP-2's plain captioning).
+        :param max_new_tokens: generation budget per caption.
+        :param num_beams: 1 is greedy decoding.
+        :param max_words: captions are cut to this many words.
+        """
+        super().__init__(*args, **kwargs)
+        if not model_path:
+            raise ValueError("blip2_caption_mapper.model_path: give a local folder with a BLIP-2 model")
+        self.model_path, self.max_new_tokens, self.num_beams, self.max_words = (
+            model_path,
+            max_new_tokens,
+            num_beams,
+            max_words,
+        )
+        self.prompts = dict(prompts or {"short": "", "detailed": "a detailed description of the image:"})
+        self._model = None
+
+    def _load(self, device: str):
+        if self._model is None:
+            from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+            self._processor = Blip2Processor.from_pretrained(self.model_path, local_files_only=True)
+            self._model = (
+                Blip2ForConditionalGeneration.from_pretrained(self.model_path, local_files_only=True, dtype=dtype)
+                .to(device)
+                .eval()
+            )
+        return self._model, self._processor
+
+    @torch.no_grad()
+    def process_batched(self, samples: dict, rank: int | None = None) -> dict:
+        device = f"cuda:{rank or 0}" if self.use_cuda() else "cpu"
+        model, processor = self._load(device)
+        images = [Image.open(paths[0]).convert("RGB") for paths in samples[self.image_key]]
+        results: list[dict[str, str]] = [{} for _ in images]
+        for name, prompt in self.prompts.items():
+            inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
+            inputs = inputs.to(device, model.dtype)
+            tokens = model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False
+            )
+            new = tokens[:, inputs["input_ids"].shape[1] :] if model.config.use_decoder_only_language_model else tokens
+            for row, text in enumerate(processor.batch_decode(new, skip_special_tokens=True)):
+                results[row][name] = _cap_words(text.strip(), self.max_words)
+        samples[VARIANTS_KEY] = [json.dumps(r) for r in results]
+        samples[self.text_key] = [max(r.values(), key=lambda t: len(t.split())) for r in results]
+        return samples

@@ -1,0 +1,81 @@
+"""Statistics of a caption corpus for the data report: length, vocabulary and lexical diversity.
+
+Type-token ratio falls as a corpus grows, so corpora are compared on MTLD and MATTR, which do not
+depend on corpus size, and on TTR only over equally many tokens.
+- MTLD (McCarthy and Jarvis, 2010): the mean length of runs of tokens whose running TTR stays
+  above 0.72, averaged over a forward and a backward pass.
+- MATTR (Covington and McFall, 2010): the mean TTR of every window of `window` consecutive tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def tokens(text: str) -> list[str]:
+    return text.lower().split()
+
+
+def _mtld_pass(words: list[str], threshold: float) -> float:
+    factors, types, count = 0.0, set(), 0
+    for word in words:
+        types.add(word)
+        count += 1
+        if len(types) / count <= threshold:
+            factors += 1
+            types, count = set(), 0
+    if count:  # the partial factor at the end
+        ttr = len(types) / count
+        factors += (1 - ttr) / (1 - threshold) if ttr < 1 else 0.0
+    return len(words) / factors if factors else float(len(words))
+
+
+def mtld(words: list[str], threshold: float = 0.72) -> float:
+    if not words:
+        return 0.0
+    return (_mtld_pass(words, threshold) + _mtld_pass(words[::-1], threshold)) / 2
+
+
+def mattr(words: list[str], window: int = 50) -> float:
+    if not words:
+        return 0.0
+    if len(words) <= window:
+        return len(set(words)) / len(words)
+    counts: dict[str, int] = {}
+    for word in words[:window]:
+        counts[word] = counts.get(word, 0) + 1
+    types_per_window = [len(counts)]
+    for i in range(window, len(words)):
+        out, new = words[i - window], words[i]
+        counts[out] -= 1
+        if counts[out] == 0:
+            del counts[out]
+        counts[new] = counts.get(new, 0) + 1
+        types_per_window.append(len(counts))
+    return sum(types_per_window) / (len(types_per_window) * window)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    return float(ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)])
+
+
+def corpus_stats(texts: list[str], ttr_tokens: int | None = None) -> dict[str, float]:
+    """Words per text (mean, p50, p95), vocabulary, MTLD, MATTR, and TTR over the first `ttr_tokens` tokens."""
+    if not texts:
+        return {"texts": 0}
+    lengths = [len(tokens(t)) for t in texts]
+    stream = [w for t in texts for w in tokens(t)]
+    head = stream[: ttr_tokens or len(stream)]
+    return {
+        "texts": len(texts),
+        "mean_words": sum(lengths) / len(lengths),
+        "p50_words": percentile(lengths, 50),
+        "p95_words": percentile(lengths, 95),
+        "vocabulary": len(set(stream)),
+        "mtld": mtld(stream),
+        "mattr": mattr(stream),
+        "ttr_equal_tokens": len(set(head)) / len(head) if head else 0.0,
+        "ttr_tokens": len(head),
+    }

@@ -1,0 +1,234 @@
+"""The data stage: a Data-Juicer recipe from raw samples to WebDataset shards, with a data report.
+
+    raw samples (synthetic | llava | dj_jsonl)  ->  Data-Juicer ops, one at a time (recaption, filters)
+      ->  shards (train/val/test by a stable hash of the key) + index.json  ->  report.json / report.md
+
+Ops run one at a time so that the report can say how many samples each one took in and let out.
+Filters first compute their stats for every sample (written to `stats/<op>.jsonl`), then filter.
+Data-Juicer's own `skip_op_error` is forced off: a failing op fails the stage with its name,
+instead of dropping a batch with one log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from datamodules.data_inputs import SkipLog, read_dj_jsonl, read_llava_json, read_synthetic
+from datamodules.shards import INDEX_NAME, SPLITS, write_shards
+from datamodules.text_stats import corpus_stats
+from datamodules.world import WorldConfig
+
+log = logging.getLogger(__name__)
+FORMATS = ("synthetic", "llava", "dj_jsonl")
+
+
+@dataclass
+class InputSpec:
+    format: str = "synthetic"
+    """synthetic | llava | dj_jsonl."""
+    path: str | None = None
+    """The input file (not used by synthetic)."""
+    image_root: str | None = None
+    """Folder that relative image paths resolve against; default: the input file's folder."""
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"input.format must be one of {FORMATS}, got {self.format!r}")
+        if self.format != "synthetic" and not self.path:
+            raise ValueError(f"input.path: the {self.format} format needs an input file")
+
+
+@dataclass
+class RecipeConfig:
+    """A data recipe: where raw samples come from, the Data-Juicer ops, and how shards are cut."""
+
+    input: InputSpec = field(default_factory=InputSpec)
+    process: list[dict] = field(default_factory=list)
+    """Data-Juicer ops in order, as in a Data-Juicer recipe: [{op_name: {arg: value}}, ...]."""
+    val_share: float = 0.0125
+    test_share: float = 0.0125
+    """Samples without a split of their own go to val / test by a stable hash of their key."""
+    shard_size: int = 5000
+    max_skip_share: float = 0.05
+    """Fail when more than this share of the input samples is unusable (missing image, ...)."""
+    report_examples: int = 5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.val_share + self.test_share < 1:
+            raise ValueError("val_share + test_share must be in [0, 1)")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    """A recipe from YAML (and dotted overrides), checked against RecipeConfig: unknown keys fail."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(RecipeConfig, fail_untyped=True, sub_configs=True)
+    namespace = parser.parse_args(["--config", str(path), *(overrides or [])])
+    values = parser.instantiate_classes(namespace)
+    return RecipeConfig(**{k: v for k, v in vars(values).items() if k != "config" and not k.startswith("__")})
+
+
+def split_of(key: str, val_share: float, test_share: float) -> str:
+    """A stable split from the key alone: the same key lands in the same split on every run."""
+    position = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 16**8
+    return "test" if position < test_share else "val" if position < test_share + val_share else "train"
+
+
+def _raw_rows(recipe: RecipeConfig, world: WorldConfig, seed: int, work_dir: Path, skips: SkipLog) -> list[dict]:
+    spec = recipe.input
+    root = Path(spec.image_root) if spec.image_root else None
+    if spec.format == "synthetic":
+        return list(read_synthetic(world, seed, work_dir / "images"))
+    path = Path(spec.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input.path: {path} does not exist")
+    reader = read_llava_json if spec.format == "llava" else read_dj_jsonl
+    return list(reader(path, skips, root))
+
+
+def quiet_data_juicer() -> None:
+    """Data-Juicer logs every op's worker count at INFO through loguru; keep its warnings and errors."""
+    import sys
+
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+
+
+def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(surviving rows, per-op accounting) after running the recipe's ops one at a time."""
+    import datasets
+    from data_juicer.core.data import NestedDataset
+    from data_juicer.ops import load_ops
+    from data_juicer.ops.base_op import Filter
+    from data_juicer.utils.constant import Fields
+
+    import datamodules.recaption_ops  # noqa: F401  (registers the project's ops)
+
+    quiet_data_juicer()
+    datasets.disable_progress_bars()
+    process = [{name: {**(args or {}), "skip_op_error": False}} for item in process for name, args in item.items()]
+    dataset = NestedDataset.from_list(rows)
+    accounting = []
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    for op in load_ops(process):
+        before = len(dataset)
+        if isinstance(op, Filter):
+            dataset = op.run(dataset, reduce=False)
+            with (stats_dir / f"{op._name}.jsonl").open("w") as sink:
+                for key, stats in zip(dataset["__key__"], dataset[Fields.stats], strict=True):
+                    sink.write(json.dumps({"key": key, **stats}) + "\n")
+            dataset = dataset.filter(op.process, num_proc=op.runtime_np(), batch_size=op.batch_size)
+        else:
+            dataset = op.run(dataset)
+        args = {k: v for k, v in op._op_cfg[op._name].items() if k != "skip_op_error"}
+        accounting.append(
+            {"op": op._name, "args": args, "in": before, "out": len(dataset), "dropped": before - len(dataset)}
+        )
+        log.info("data op %s: %d in, %d out", op._name, before, len(dataset))
+    return dataset.to_list(), accounting
+
+
+def _shard_sample(row: dict) -> dict:
+    """A shard sample: the original image bytes and the caption variants with their word counts."""
+    image = Path(row["images"][0])
+    variants = json.loads(row.get("caption_variants") or "{}") or {"raw": row["text"]}
+    meta = json.loads(row["meta_json"])
+    record = {
+        "key": row["__key__"],
+        "captions": variants,
+        "caption_words": {name: len(text.split()) for name, text in variants.items()},
+        "raw_caption": row["raw_caption"],
+        **{k: meta[k] for k in ("objects", "background") if k in meta},
+    }
+    extension = image.suffix.lower().lstrip(".").replace("jpeg", "jpg") or "png"
+    return {"__key__": row["__key__"], extension: image.read_bytes(), "json": json.dumps(record, sort_keys=True)}
+
+
+def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None = None, seed: int = 0) -> dict:
+    """Runs the recipe into `out_dir` (shards, index.json, report.json, report.md); returns the report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skips = SkipLog()
+    rows = _raw_rows(recipe, world or WorldConfig(), seed, out_dir / "work", skips)
+    total = len(rows) + skips.total
+    if total == 0:
+        raise ValueError(f"input {recipe.input.path or recipe.input.format}: no samples")
+    if skips.total / total > recipe.max_skip_share:
+        raise ValueError(
+            f"input {recipe.input.path}: {skips.total} of {total} samples are unusable ({dict(skips.counts)}; "
+            f"first keys {skips.examples}), more than max_skip_share={recipe.max_skip_share}"
+        )
+    for row in rows:
+        row["raw_caption"] = row["text"].replace("<__dj__image>", "").strip()
+    kept, accounting = _run_ops(rows, recipe.process, out_dir / "stats")
+
+    by_split: dict[str, list[dict]] = defaultdict(list)
+    for row in kept:
+        split = row.get("split") or split_of(row["__key__"], recipe.val_share, recipe.test_share)
+        by_split[split].append(_shard_sample(row))
+    index = {"source": recipe.input.format, "splits": {}}
+    for split in SPLITS:
+        index["splits"][split] = write_shards(by_split[split], out_dir, split, recipe.shard_size)
+    (out_dir / INDEX_NAME).write_text(json.dumps(index))
+
+    shutil.rmtree(out_dir / "work", ignore_errors=True)  # the images now live in the shards
+    report = build_report(recipe, rows, kept, accounting, skips, total)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.md").write_text(report_markdown(report))
+    return report
+
+
+def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int) -> dict:
+    raw = [r["raw_caption"] for r in rows]
+    new = [r["text"] for r in kept]
+    equal = min(sum(len(t.split()) for t in raw), sum(len(t.split()) for t in new))
+    examples = [
+        {"key": r["__key__"], "raw": r["raw_caption"], "captions": json.loads(r.get("caption_variants") or "{}")}
+        for r in kept[: recipe.report_examples]
+    ]
+    return {
+        "recipe": asdict(recipe),
+        "samples": {"input": total, "skipped_at_input": skips.total, "processed": len(rows), "kept": len(kept)},
+        "input_skips": {"counts": dict(skips.counts), "first_keys": skips.examples},
+        "ops": accounting,
+        "text": {"raw": corpus_stats(raw, equal), "recaptioned": corpus_stats(new, equal)},
+        "examples": examples,
+    }
+
+
+def report_markdown(report: dict) -> str:
+    s = report["samples"]
+    lines = [
+        "# Data report",
+        "",
+        f"{s['input']} input samples, {s['skipped_at_input']} unusable at input, {s['kept']} kept.",
+        "",
+        "| op | in | out | dropped | args |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {o['op']} | {o['in']} | {o['out']} | {o['dropped']} | `{json.dumps(o['args'])}` |" for o in report["ops"]
+    ]
+    if report["input_skips"]["counts"]:
+        lines += ["", "Unusable at input: " + ", ".join(f"{k} {v}" for k, v in report["input_skips"]["counts"].items())]
+        lines += [f"- {reason}: {', '.join(keys)}" for reason, keys in report["input_skips"]["first_keys"].items()]
+    lines += ["", "| corpus | texts | mean words | p50 | p95 | vocabulary | MTLD | MATTR | TTR (equal tokens) |"]
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
+    for name, t in report["text"].items():
+        if t.get("texts"):
+            lines.append(
+                f"| {name} | {t['texts']} | {t['mean_words']:.1f} | {t['p50_words']:.0f} | {t['p95_words']:.0f} | "
+                f"{t['vocabulary']} | {t['mtld']:.1f} | {t['mattr']:.3f} | {t['ttr_equal_tokens']:.3f} |"
+            )
+    lines += ["", "Examples (raw -> recaptioned):", ""]
+    lines += [f"- `{e['key']}`: {e['raw']!r} -> {json.dumps(e['captions'])}" for e in report["examples"]]
+    return "\n".join(lines) + "\n"
