@@ -1,0 +1,134 @@
+"""The data stage through the real Data-Juicer pipeline: inputs, bad samples, BLIP-2, shards, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from datamodules.shards import read_index
+from datamodules.text_stats import corpus_stats, mattr, mtld, percentile
+from datamodules.world import WorldConfig
+from stages.data import InputSpec, RecipeConfig, load_recipe, run_data_stage, split_of
+from tests.conftest import SYNTHETIC_RECIPE
+from tests.stages.blip2_fixture import build_tiny_blip2
+
+BLIP2_OPS = [
+    {
+        "blip2_caption_mapper": {
+            "prompts": {"short": "", "detailed": "a picture of"},
+            "max_new_tokens": 10,
+            "max_words": 8,
+        }
+    },
+    {"words_num_filter": {"min_num": 1, "max_num": 60}},
+    {"image_shape_filter": {"min_width": 32, "min_height": 32}},
+]
+
+
+@pytest.fixture(scope="module")
+def blip2(tmp_path_factory) -> Path:
+    return build_tiny_blip2(tmp_path_factory.mktemp("blip2"))
+
+
+def _image(path: Path, side: int = 48) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (side, side), (side * 3 % 255, 80, 160)).save(path)
+
+
+def _recipe(blip2: Path, fmt: str, path: Path, **kwargs) -> RecipeConfig:
+    ops = [{**BLIP2_OPS[0]["blip2_caption_mapper"], "model_path": str(blip2)}]
+    process = [{"blip2_caption_mapper": ops[0]}, *BLIP2_OPS[1:]]
+    return RecipeConfig(input=InputSpec(format=fmt, path=str(path)), process=process, **kwargs)
+
+
+@pytest.fixture
+def llava(tmp_path) -> Path:
+    """Six records: four good (one too small for the image filter), one missing image, one corrupt."""
+    records = []
+    for i in range(4):
+        _image(tmp_path / "images" / f"{i}.png", side=16 if i == 3 else 48)
+        records.append({"id": f"s{i}", "image": f"images/{i}.png", "conversations": _turns(f"a caption number {i}")})
+    records.append({"id": "missing", "image": "images/nowhere.png", "conversations": _turns("lost")})
+    (tmp_path / "images" / "bad.png").write_bytes(b"not a png at all")
+    records.append({"id": "corrupt", "image": "images/bad.png", "conversations": _turns("broken")})
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def _turns(answer: str) -> list[dict]:
+    return [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": answer}]
+
+
+def test_llava_input_through_blip2_and_filters_with_every_skip_counted(blip2, llava, tmp_path):
+    out = tmp_path / "shards"
+    report = run_data_stage(_recipe(blip2, "llava", llava, max_skip_share=0.5), out)
+    assert report["samples"] == {"input": 6, "skipped_at_input": 2, "processed": 4, "kept": 3}
+    assert report["input_skips"]["counts"] == {"missing_image": 1, "corrupt_image": 1}
+    assert report["input_skips"]["first_keys"] == {"missing_image": ["missing"], "corrupt_image": ["corrupt"]}
+    assert [(o["op"], o["in"], o["out"]) for o in report["ops"]] == [
+        ("blip2_caption_mapper", 4, 4),
+        ("words_num_filter", 4, 4),
+        ("image_shape_filter", 4, 3),
+    ]
+    stats = [json.loads(line) for line in (out / "stats" / "image_shape_filter.jsonl").read_text().splitlines()]
+    assert len(stats) == 4  # stats for every sample, the dropped one too
+    index = read_index(out)
+    assert sum(s["count"] for split in index["splits"].values() for s in split) == 3
+    sample_words = [w for split in index["splits"].values() for s in split for w in s["caption_words"]]
+    assert all(set(words) == {"short", "detailed"} and max(words.values()) <= 8 for words in sample_words)
+    assert "blip2_caption_mapper" in (out / "report.md").read_text()
+
+
+def test_too_many_unusable_samples_fail_naming_the_file(blip2, llava, tmp_path):
+    with pytest.raises(ValueError, match=r"llava\.json.*2 of 6.*max_skip_share"):
+        run_data_stage(_recipe(blip2, "llava", llava, max_skip_share=0.1), tmp_path / "out")
+
+
+def test_dj_jsonl_with_a_truncated_last_line(blip2, tmp_path):
+    _image(tmp_path / "a.png")
+    _image(tmp_path / "b.png")
+    lines = [
+        json.dumps({"text": "<__dj__image> first", "images": ["a.png"]}),
+        json.dumps({"text": "second", "images": ["b.png"]}),
+    ]
+    lines.append('{"text": "<__dj__image> cut off", "ima')  # a download that stopped mid-line
+    lines.append(json.dumps({"text": "no image here"}))
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines))
+    report = run_data_stage(_recipe(blip2, "dj_jsonl", path, max_skip_share=0.6), tmp_path / "out")
+    assert report["input_skips"]["counts"] == {"unreadable_line": 1, "no_image": 1}
+    assert report["samples"]["kept"] == 2
+
+
+def test_the_same_recipe_and_inputs_give_byte_identical_shards(tmp_path):
+    world = WorldConfig(train_size=40, val_size=8, test_size=8)
+    recipe = load_recipe(SYNTHETIC_RECIPE, ["--shard_size=16"])
+    first, second = tmp_path / "a", tmp_path / "b"
+    run_data_stage(recipe, first, world, seed=3)
+    run_data_stage(recipe, second, world, seed=3)
+    tars = sorted(p.name for p in first.glob("*.tar"))
+    assert tars == sorted(p.name for p in second.glob("*.tar")) and len(tars) == 5
+    assert all((first / t).read_bytes() == (second / t).read_bytes() for t in tars)
+    assert (first / "index.json").read_text() == (second / "index.json").read_text()
+
+
+def test_split_by_key_hash_is_stable():
+    keys = [f"k{i}" for i in range(2000)]
+    splits = [split_of(k, 0.1, 0.1) for k in keys]
+    assert splits == [split_of(k, 0.1, 0.1) for k in keys]
+    assert 150 < splits.count("test") < 250 and 150 < splits.count("val") < 250
+
+
+def test_text_statistics_against_hand_computed_values():
+    assert percentile([1, 2, 3, 4], 50) == 2 and percentile([1, 2, 3, 4], 95) == 4
+    # MATTR, window 2: windows (a a) (a b) (b c) -> TTRs 0.5, 1, 1
+    assert mattr(["a", "a", "b", "c"], window=2) == pytest.approx(2.5 / 3)
+    # MTLD: "a a a a" -> forward: TTR 1, 0.5 (<= 0.72: one factor, reset), 1, 0.5 (second factor): 4 / 2
+    assert mtld(["a", "a", "a", "a"]) == pytest.approx(2.0)
+    stats = corpus_stats(["a red circle", "a red circle and a blue star"], ttr_tokens=3)
+    assert stats["mean_words"] == pytest.approx(5.0) and stats["vocabulary"] == 6  # (3 + 7) / 2
+    assert stats["ttr_equal_tokens"] == pytest.approx(1.0) and stats["ttr_tokens"] == 3
