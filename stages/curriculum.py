@@ -12,6 +12,7 @@ from modules.loading import model_folder
 from stages.config import CurriculumConfig
 from stages.data import load_recipe, run_data_stage
 from stages.stage import RunInputs, StageResult, fingerprint, run_stage
+from stages.tb_logger import CurriculumTensorBoardLogger
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +42,20 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
     if stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == wanted:
         return shard_dir
     log.info("building the shards with the data recipe %s in %s", recipe_path, shard_dir)
-    run_data_stage(recipe, shard_dir, cfg.world, cfg.seed)
+    report = run_data_stage(recipe, shard_dir, cfg.world, cfg.seed)
+    log_data_report(run_dir, report, (shard_dir / "report.md").read_text())
     stamp.write_text(json.dumps({"fingerprint": wanted, "recipe": str(recipe_path)}))
     return shard_dir
+
+
+def log_data_report(run_dir: Path, report: dict, markdown: str) -> None:
+    """The data report in the run's TensorBoard: the Markdown table, and kept/dropped counts per op."""
+    logger = CurriculumTensorBoardLogger(str(run_dir))
+    logger.experiment.add_text("data/report", markdown, global_step=0)
+    for position, op in enumerate(report["ops"]):
+        logger.experiment.add_scalar(f"data/kept_after_op/{position:02d}_{op['op']}", op["out"], 0)
+    logger.experiment.add_scalar("data/skipped_at_input", report["samples"]["skipped_at_input"], 0)
+    logger.experiment.flush()
 
 
 def _folder_digest(folder: Path) -> str:

@@ -29,6 +29,8 @@ def _assert_tensorboard_spans_the_curriculum(tb_dir: Path) -> None:
     assert eval_steps == [3, 6, 9, 12]  # 3 optimizer steps per stage, offset by the stages before
     text_tags = [tag for tag in events.Tags()["tensors"] if tag.endswith("captions/text_summary")]
     assert len(text_tags) == len(STAGES)
+    assert "data/report/text_summary" in events.Tags()["tensors"]
+    assert events.Scalars("data/skipped_at_input")[0].value == 0
 
 
 def _run(run_dir: Path, *extra: str) -> int:
