@@ -80,10 +80,6 @@ class Blip2CaptionMapper(Mapper):
         :param num_beams: 1 is greedy decoding.
         :param max_words: captions are cut to this many words.
         """
-        if not torch.cuda.is_available():
-            # On CPU, run in this process: a forked worker that runs torch after the parent has started
-            # its OpenMP threads can deadlock (seen in CI). On CUDA Data-Juicer spawns its workers.
-            kwargs.setdefault("num_proc", 1)
         super().__init__(*args, **kwargs)
         if not model_path:
             raise ValueError("blip2_caption_mapper.model_path: give a local folder with a BLIP-2 model")

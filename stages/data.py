@@ -116,7 +116,13 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path) -> tuple[li
 
     quiet_data_juicer()
     datasets.disable_progress_bars()
-    process = [{name: {**(args or {}), "skip_op_error": False}} for item in process for name, args in item.items()]
+    # One process per op unless the recipe asks for more: a forked worker that runs torch after this
+    # process started its OpenMP threads can hang (seen in CI with the BLIP-2 op).
+    process = [
+        {name: {"num_proc": 1, **(args or {}), "skip_op_error": False}}
+        for item in process
+        for name, args in item.items()
+    ]
     dataset = NestedDataset.from_list(rows)
     accounting = []
     stats_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +136,7 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path) -> tuple[li
             dataset = dataset.filter(op.process, num_proc=op.runtime_np(), batch_size=op.batch_size)
         else:
             dataset = op.run(dataset)
-        args = {k: v for k, v in op._op_cfg[op._name].items() if k != "skip_op_error"}
+        args = {k: v for k, v in op._op_cfg[op._name].items() if k not in ("skip_op_error", "num_proc")}
         accounting.append(
             {"op": op._name, "args": args, "in": before, "out": len(dataset), "dropped": before - len(dataset)}
         )
