@@ -116,10 +116,13 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path) -> tuple[li
 
     quiet_data_juicer()
     datasets.disable_progress_bars()
-    # One process per op unless the recipe asks for more: a forked worker that runs torch after this
-    # process started its OpenMP threads can hang (seen in CI with the BLIP-2 op).
+    # Ops run in this process unless the recipe sets num_proc: a forked worker that runs torch after
+    # this process started its OpenMP threads can hang (seen in CI with the BLIP-2 op). Data-Juicer
+    # picks a worker count itself unless auto_op_parallelism is off, and `datasets` forks a pool for
+    # any num_proc >= 1, so the in-process default is num_proc None with auto parallelism off.
+    in_process = {"auto_op_parallelism": False, "num_proc": None}
     process = [
-        {name: {"num_proc": 1, **(args or {}), "skip_op_error": False}}
+        {name: {**in_process, **(args or {}), "skip_op_error": False}}
         for item in process
         for name, args in item.items()
     ]
@@ -136,7 +139,7 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path) -> tuple[li
             dataset = dataset.filter(op.process, num_proc=op.runtime_np(), batch_size=op.batch_size)
         else:
             dataset = op.run(dataset)
-        args = {k: v for k, v in op._op_cfg[op._name].items() if k not in ("skip_op_error", "num_proc")}
+        args = {k: v for k, v in op._op_cfg[op._name].items() if k not in ("skip_op_error", *in_process)}
         accounting.append(
             {"op": op._name, "args": args, "in": before, "out": len(dataset), "dropped": before - len(dataset)}
         )
