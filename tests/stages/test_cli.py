@@ -78,7 +78,16 @@ def test_interrupted_curriculum_resumes_from_its_last_checkpoint(tmp_path):
     args = [sys.executable, "-m", "stages.run", "curriculum", f"--run_dir={run_dir}", *MICRO_ARGS]
     args += ["--stages.sft_short.trainer.max_steps=400"]  # long enough to be caught in the middle
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A shell that starts jobs in the background makes them ignore SIGINT, and Python then installs
+    # no KeyboardInterrupt handler: restore the default so the test sees what a terminal user sees.
+    proc = subprocess.Popen(
+        args,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     ckpt = run_dir / "sft_short" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 120
     while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
