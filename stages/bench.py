@@ -1,7 +1,7 @@
 """Benchmarks that print figures. `python -m stages.run bench stability --seeds 20`:
 
 - false alarms: the tiny curriculum, shortened, on `seeds` seeds with no fault: every alert is false;
-- detection: per fault kind (callbacks/fault_injection.py), a single align stage on the same data
+- detection: per fault kind (callbacks/fault_injection.py), a single LoRA SFT stage on the same data
   and base models with the fault at step `fault_step`: detected if an alert of an expected kind
   fires within `max_latency` steps; latency in optimizer steps.
 """
