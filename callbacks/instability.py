@@ -121,6 +121,7 @@ class InstabilityMonitor(L.Callback):
         self.diverged = False
         self.alerts: list[Alert] = []
         self.stopped = False
+        self._stop_checkpoint_due = False
         self._micro_losses: list[torch.Tensor] = []
         self._keys: list[str] = []
         self._snapshot: dict | None = None
@@ -199,7 +200,7 @@ class InstabilityMonitor(L.Callback):
             pl_module.load_state_dict(self._snapshot["model"], strict=False)
             optimizer.load_state_dict(self._snapshot["optimizer"])
         if action == "stop":
-            self.stopped = True
+            self.stopped = self._stop_checkpoint_due = True
             trainer.should_stop = True
 
     def _maybe_snapshot(self, pl_module, optimizer) -> None:
@@ -213,8 +214,8 @@ class InstabilityMonitor(L.Callback):
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.stopped and not getattr(self, "_saved_stop", False):
-            self._saved_stop = True
+        if self._stop_checkpoint_due:  # after the step, so the checkpoint is a consistent state
+            self._stop_checkpoint_due = False
             trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "stopped.ckpt")
 
     @override

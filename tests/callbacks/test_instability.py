@@ -6,7 +6,6 @@ Latency: every injected fault must be reported at the optimizer step it happens 
 from __future__ import annotations
 
 import json
-import math
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -151,4 +150,3 @@ def test_webhook_receives_a_slack_compatible_post_and_failures_are_not_fatal():
     dead = AlertSinks("sft_long", webhook_url=f"http://127.0.0.1:{server.server_port}/gone")
     dead.emit(alert)  # the server is down: logged, counted, not raised
     assert dead.webhook_failures == 1 and dead.counts["loss_spike"] == 1
-    assert math.isfinite(alert.value)
