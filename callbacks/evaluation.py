@@ -1,18 +1,26 @@
-"""Evaluation at the end of a stage: greedy captions on a held-out split, scored against ground truth."""
+"""Evaluation during and at the end of a stage: captions of a held-out split, scored against ground truth.
+
+Every `every_n_steps` optimizer steps (if set) and when the stage ends, the callback captions the
+held-out images with the configured generation settings, scores them (stages/metrics.py), and logs
+scalars, a text table and an image grid with the generated captions to TensorBoard. `metrics.json`
+holds the final scores, the generation settings and the history of the periodic evaluations.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import textwrap
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from typing_extensions import override
 
 from datamodules.captions import PromptFormat
-from stages.metrics import caption_metrics
+from stages.metrics import DEFAULT_BUCKETS, caption_metrics
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +58,43 @@ def _gather(items: list) -> list:
     return [item for part in gathered for item in part]
 
 
+def score(results: list[tuple[str, dict, str]], buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> dict:
+    """Metrics of (key, metadata, generated caption) triples; references are the scene's caption variants."""
+    return caption_metrics(
+        [text for _, _, text in results],
+        [meta["objects"] for _, meta, _ in results],
+        [list(meta["captions"].values()) for _, meta, _ in results],
+        keys=[key for key, _, _ in results],
+        buckets=buckets,
+    )
+
+
+def scalars(metrics: dict, prefix: str = "eval") -> dict[str, float]:
+    """The flat scalars of `metrics`, with the per-length buckets as `<prefix>_length/<bucket>/<name>`."""
+    flat = {f"{prefix}/{k}": float(v) for k, v in metrics.items() if not isinstance(v, dict)}
+    for bucket, values in metrics.get("by_length", {}).items():
+        flat.update({f"{prefix}_length/{bucket}/{k}": float(v) for k, v in values.items()})
+    return flat
+
+
+def caption_grid(images: list, captions: list[str], cell: int = 160, columns: int = 4) -> np.ndarray:
+    """An (H, W, 3) uint8 grid: each image scaled to `cell` pixels with its generated caption below."""
+    from PIL import Image, ImageDraw
+
+    line_height, chars = 11, cell // 6
+    wrapped = [textwrap.wrap(text, chars)[:6] or ["(empty)"] for text in captions]
+    text_height = line_height * max(len(lines) for lines in wrapped) + 4
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * cell, rows * (cell + text_height)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, (image, lines) in enumerate(zip(images, wrapped, strict=True)):
+        x, y = (i % columns) * cell, (i // columns) * (cell + text_height)
+        grid.paste(image.convert("RGB").resize((cell, cell), Image.NEAREST), (x, y))
+        for j, line in enumerate(lines):
+            draw.text((x + 2, y + cell + 2 + j * line_height), line, fill=(0, 0, 0))
+    return np.asarray(grid)
+
+
 def markdown_table(rows: list[tuple[str, str, str]]) -> str:
     lines = ["| key | ground truth | generated |", "|---|---|---|"]
     lines += [f"| {key} | {truth} | {generated} |" for key, truth, generated in rows]
@@ -57,10 +102,11 @@ def markdown_table(rows: list[tuple[str, str, str]]) -> str:
 
 
 class CaptionEvaluation(L.Callback):
-    """At the end of training, captions `samples` greedily, writes `metrics.json`, and logs to TensorBoard.
+    """Captions `samples`, scores them, writes `metrics.json` and logs to TensorBoard.
 
-    Each rank captions its share of the samples (under DeepSpeed ZeRO-3 every rank must take part
-    in a forward pass); rank 0 scores the gathered results.
+    Runs every `every_n_steps` optimizer steps (None: only at the end) and when training ends. Each
+    rank captions its share of the samples (under DeepSpeed ZeRO-3 every rank must take part in a
+    forward pass); rank 0 scores the gathered results.
     """
 
     def __init__(
@@ -74,46 +120,91 @@ class CaptionEvaluation(L.Callback):
         num_beams: int = 1,
         batch_size: int = 128,
         table_rows: int = 8,
+        every_n_steps: int | None = None,
+        grid_images: int = 8,
+        buckets: tuple[int, ...] = DEFAULT_BUCKETS,
         extra: dict | None = None,
     ) -> None:
         if not samples:
             raise ValueError("CaptionEvaluation needs at least one held-out sample")
         if max_new_tokens < 1 or num_beams < 1 or batch_size < 1:
             raise ValueError("eval.max_new_tokens, eval.num_beams and eval.batch_size must be positive")
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"eval.every_n_steps must be positive or null, got {every_n_steps}")
         self.stage, self.samples, self.fmt, self.processor = stage, samples, fmt, processor
         self.out_path, self.table_rows, self.batch_size = Path(out_path), table_rows, batch_size
-        self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
+        self.every_n_steps, self.grid_images, self.buckets = every_n_steps, grid_images, tuple(buckets)
+        self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}
         self.extra = extra or {}
-        self.metrics: dict[str, float] | None = None
+        self.metrics: dict | None = None
+        self.history: list[dict] = []
+        self._last_step: int | None = None
 
-    def evaluate(self, vlm, rank: int = 0, world_size: int = 1) -> tuple[dict[str, float], list[tuple[str, str, str]]]:
+    @override
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
+
+    def caption(self, vlm, rank: int = 0, world_size: int = 1, owner=None) -> list[tuple[str, dict, str]]:
+        """(key, metadata, caption) for every sample, sorted by key, gathered from all ranks.
+
+        `owner` (the LightningModule) is put back into its own train mode afterwards: its `train`
+        keeps a frozen tower's batch norm in eval mode, which `vlm.train()` would not.
+        """
         mine = self.samples[rank::world_size]
-        was_training = vlm.training
-        vlm.eval()
-        captions = generate_captions(vlm, mine, self.fmt, self.processor, self.batch_size, **self.generate_kwargs)
-        vlm.train(was_training)
+        owner = owner if owner is not None else vlm
+        was_training = owner.training
+        owner.eval()
+        kwargs = {k: v for k, v in self.generate_kwargs.items() if k != "do_sample"}
+        captions = generate_captions(vlm, mine, self.fmt, self.processor, self.batch_size, **kwargs)
+        owner.train(was_training)
         results = _gather([(key, meta, text) for (key, _, meta), text in zip(mine, captions, strict=True)])
-        results.sort(key=lambda r: r[0])
-        metrics = caption_metrics(
-            [text for _, _, text in results],
-            [meta["objects"] for _, meta, _ in results],
-            [list(meta["captions"].values()) for _, meta, _ in results],
-        )
+        return sorted(results, key=lambda r: r[0])
+
+    def evaluate(self, vlm, rank: int = 0, world_size: int = 1) -> tuple[dict, list[tuple[str, str, str]]]:
+        results = self.caption(vlm, rank, world_size)
         rows = [(key, meta["captions"]["long"], text) for key, meta, text in results[: self.table_rows]]
-        return metrics, rows
+        return score(results, self.buckets), rows
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
+        results = self.caption(pl_module.vlm, trainer.global_rank, trainer.world_size, owner=pl_module)
+        if not trainer.is_global_zero:
+            return
+        metrics = score(results, self.buckets)
+        step = trainer.global_step
+        self.history.append({"global_step": step, **{k: v for k, v in metrics.items() if k != "by_length"}})
+        logger = trainer.logger
+        if logger is not None:
+            logger.log_metrics(scalars(metrics), step=step)
+            tb_step = getattr(logger, "global_step", lambda s: s)(step)
+            rows = [(key, meta["captions"]["long"], text) for key, meta, text in results[: self.table_rows]]
+            logger.experiment.add_text(f"eval/{self.stage}/captions", markdown_table(rows), global_step=tb_step)
+            if self.grid_images:
+                by_key = {key: image for key, image, _ in self.samples}
+                shown = results[: self.grid_images]
+                grid = caption_grid([by_key[key] for key, _, _ in shown], [text for _, _, text in shown])
+                logger.experiment.add_image(f"eval/{self.stage}/grid", grid, tb_step, dataformats="HWC")
+        if final:
+            self.metrics = metrics
+            record = {"stage": self.stage, "global_step": step, "generation": self.generate_kwargs}
+            record.update(metrics, **self.extra, history=self.history)
+            self.out_path.write_text(json.dumps(record, indent=2))
+            samples_path = self.out_path.with_name("captions.jsonl")
+            samples_path.write_text("".join(json.dumps({"key": k, "caption": t}) + "\n" for k, _, t in results))
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if not isinstance(v, dict))
+            log.info("%s evaluation: %s", self.stage, shown)
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step and step % self.every_n_steps == 0 and step < (trainer.max_steps or -1):
+            if self._last_step != step:  # with gradient accumulation, once per optimizer step
+                self._last_step = step
+                self._run(trainer, pl_module, final=False)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics, rows = self.evaluate(pl_module.vlm, trainer.global_rank, trainer.world_size)
-        self.metrics = metrics
-        if not trainer.is_global_zero:
-            return
-        record = {"stage": self.stage, "global_step": trainer.global_step, "generation": self.generate_kwargs}
-        record.update(metrics, **self.extra)
-        self.out_path.write_text(json.dumps(record, indent=2))
-        log.info("%s evaluation: %s", self.stage, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-        logger = trainer.logger
-        if logger is not None:
-            logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
-            step = getattr(logger, "global_step", lambda s: s)(trainer.global_step)
-            logger.experiment.add_text(f"eval/{self.stage}/captions", markdown_table(rows), global_step=step)
+        self._run(trainer, pl_module, final=True)

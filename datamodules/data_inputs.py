@@ -73,7 +73,7 @@ def read_synthetic(world: WorldConfig, seed: int, image_dir: Path) -> Iterator[d
         for index in range(getattr(world, size_field)):
             scene = make_scene(world, seed, split, index)
             path = image_dir / f"{scene.key}.png"
-            path.write_bytes(png_bytes(render(scene, world.image_size, seed)))
+            path.write_bytes(png_bytes(render(scene, world.image_size, seed, world)))
             meta = {k: v for k, v in scene.metadata().items() if k in ("key", "background", "objects")}
             yield _row(scene.key, scene.raw_caption, path, meta, split)
 

@@ -32,6 +32,8 @@ COLOURS = {
     "orange": (245, 140, 30),
     "white": (245, 245, 245),
 }
+# Colours beyond the default seven, used when `world.palette` asks for more (harder to tell apart).
+EXTRA_COLOURS = {"pink": (240, 130, 180), "cyan": (40, 200, 210), "lime": (160, 220, 40)}
 BACKGROUNDS = {"gray": (110, 110, 110), "black": (15, 15, 15), "brown": (100, 70, 40)}
 SIZES = ("small", "large")
 # Grid cells in reading order; the phrase names the place in long captions.
@@ -53,8 +55,29 @@ class WorldConfig:
     test_size: int = 256
     raw_hallucination_rate: float = 0.3
     """Share of raw captions that name an object which is not in the image."""
+    # Difficulty knobs; the defaults draw the easy world that the tiny curriculum learns almost perfectly.
+    min_objects: int = 1
+    """Objects per scene are drawn uniformly from min_objects..max_objects."""
+    object_scale: float = 1.0
+    """Object radius relative to the default (large 0.42, small 0.24 of a grid cell)."""
+    overlap: float = 0.0
+    """Extra position jitter, in grid cells: above about 0.1 objects spill into neighbouring cells and overlap."""
+    texture: float = 0.0
+    """Distractor strokes in object colours drawn on the background, per pixel of image area x 0.01."""
+    palette: int = 7
+    """Colours in use: the default 7, then pink, cyan and lime (up to 10)."""
+    held_out_pairs: int = 0
+    """(colour, shape) combinations that never appear outside val/test: rare combinations for the probes."""
 
     def __post_init__(self) -> None:
+        if not 1 <= self.min_objects <= self.max_objects:
+            raise ValueError(f"world.min_objects must be in 1..max_objects, got {self.min_objects}")
+        if not 0 < self.object_scale <= 1.2 or self.overlap < 0 or self.texture < 0:
+            raise ValueError("world.object_scale must be in (0, 1.2]; world.overlap and world.texture non-negative")
+        if not 2 <= self.palette <= len(COLOURS) + len(EXTRA_COLOURS):
+            raise ValueError(f"world.palette must be in 2..{len(COLOURS) + len(EXTRA_COLOURS)}, got {self.palette}")
+        if not 0 <= self.held_out_pairs <= len(SHAPES) * self.palette // 4:
+            raise ValueError(f"world.held_out_pairs must be in 0..{len(SHAPES) * self.palette // 4}")
         if not 1 <= self.max_objects <= len(PLACES):
             raise ValueError(f"world.max_objects must be in 1..{len(PLACES)}, got {self.max_objects}")
         if self.image_size < 24:
@@ -62,6 +85,23 @@ class WorldConfig:
         for name in ("train_size", "val_size", "test_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"world.{name} must be positive, got {getattr(self, name)}")
+
+
+def palette(config: WorldConfig) -> list[str]:
+    """The colour names in use, in a fixed order."""
+    return [*COLOURS, *EXTRA_COLOURS][: config.palette]
+
+
+def colour_rgb(name: str) -> tuple[int, int, int]:
+    return COLOURS.get(name) or EXTRA_COLOURS[name]
+
+
+def held_out(config: WorldConfig, seed: int) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs kept out of training and pretraining scenes."""
+    if not config.held_out_pairs:
+        return set()
+    pairs = [(c, s) for c in palette(config) for s in SHAPES]
+    return set(random.Random(f"{seed}/held-out").sample(pairs, config.held_out_pairs))
 
 
 @dataclass(frozen=True)
@@ -122,7 +162,7 @@ def caption(scene: Scene, kind: str) -> str:
     raise ValueError(f"unknown caption kind {kind!r}; expected one of {CAPTION_KINDS}")
 
 
-def _raw_caption(scene: Scene, rng: random.Random, hallucination_rate: float) -> str:
+def _raw_caption(scene: Scene, rng: random.Random, hallucination_rate: float, colours: list[str]) -> str:
     """Alt-text-like noise: generic phrases, repetitions, and sometimes an absent object."""
     generic = rng.choice(["a picture of shapes", "image", "shapes shapes shapes", "colorful shapes on a background"])
     words = [generic]
@@ -130,17 +170,17 @@ def _raw_caption(scene: Scene, rng: random.Random, hallucination_rate: float) ->
         words.append(_phrase(rng.choice(scene.objects), False, False))
     if rng.random() < hallucination_rate:
         present = {(o.colour, o.shape) for o in scene.objects}
-        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+        absent = [(c, s) for c in colours for s in SHAPES if (c, s) not in present]
         colour, shape = rng.choice(absent)
         words.append(f"a {colour} {shape}")
     return " ".join(words)
 
 
-def _questions(scene: Scene, rng: random.Random) -> list[dict]:
+def _questions(scene: Scene, rng: random.Random, colours: list[str]) -> list[dict]:
     """Yes/no probes (one present, one absent object), a count and an attribute question."""
     obj = rng.choice(scene.objects)
     present = {(o.colour, o.shape) for o in scene.objects}
-    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    absent = [(c, s) for c in colours for s in SHAPES if (c, s) not in present]
     colour, shape = rng.choice(absent)
     same_shape = sum(o.shape == obj.shape for o in scene.objects)
     if same_shape == 1:
@@ -162,12 +202,19 @@ def _questions(scene: Scene, rng: random.Random) -> list[dict]:
 def make_scene(config: WorldConfig, seed: int, split: str, index: int) -> Scene:
     """The scene number `index` of `split`: a pure function of its arguments."""
     rng = random.Random(f"{seed}/{split}/{index}")
-    count = rng.randint(1, config.max_objects)
+    colours = palette(config)
+    banned = held_out(config, seed) if split not in ("val", "test") else set()
+    count = rng.randint(config.min_objects, config.max_objects)
     cells = rng.sample(range(len(PLACES)), count)
-    objects = [WorldObject(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), cell) for cell in cells]
+    objects = []
+    for cell in cells:
+        obj = WorldObject(rng.choice(SHAPES), rng.choice(colours), rng.choice(SIZES), cell)
+        while (obj.colour, obj.shape) in banned:
+            obj = WorldObject(obj.shape, rng.choice(colours), obj.size, cell)
+        objects.append(obj)
     scene = Scene(key=f"{split}-{index:07d}", background=rng.choice(list(BACKGROUNDS)), objects=objects)
-    scene.raw_caption = _raw_caption(scene, rng, config.raw_hallucination_rate)
-    scene.questions = _questions(scene, rng)
+    scene.raw_caption = _raw_caption(scene, rng, config.raw_hallucination_rate, colours)
+    scene.questions = _questions(scene, rng, colours)
     return scene
 
 
@@ -186,18 +233,30 @@ def _polygon(cx: float, cy: float, radius: float, shape: str) -> list[tuple[floa
     ]
 
 
-def render(scene: Scene, image_size: int, seed: int = 0) -> Image.Image:
-    """Draws a scene. Positions jitter inside each cell by a seeded amount."""
+def _texture(draw: ImageDraw.ImageDraw, rng: random.Random, image_size: int, strokes: int, colours: list[str]) -> None:
+    """Distractor strokes: short lines in object colours, one pixel wide, so they never form a shape."""
+    for _ in range(strokes):
+        x, y = rng.uniform(0, image_size), rng.uniform(0, image_size)
+        dx, dy = rng.uniform(-6, 6), rng.uniform(-6, 6)
+        draw.line((x, y, x + dx, y + dy), fill=colour_rgb(rng.choice(colours)), width=1)
+
+
+def render(scene: Scene, image_size: int, seed: int = 0, world: WorldConfig | None = None) -> Image.Image:
+    """Draws a scene. Positions jitter inside each cell by a seeded amount; `world` sets the difficulty knobs."""
+    world = world or WorldConfig()
     rng = random.Random(f"{seed}/render/{scene.key}")
     image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
+    if world.texture:
+        strokes = round(world.texture * image_size * image_size * 0.01)
+        _texture(draw, random.Random(f"{seed}/texture/{scene.key}"), image_size, strokes, palette(world))
     cell = image_size / 3
     for obj in scene.objects:
-        radius = cell * (0.42 if obj.size == "large" else 0.24)
-        slack = cell / 2 - radius
+        radius = cell * (0.42 if obj.size == "large" else 0.24) * world.object_scale
+        slack = cell / 2 - radius + world.overlap * cell
         cx = (obj.cell % 3 + 0.5) * cell + rng.uniform(-slack, slack) * 0.8
         cy = (obj.cell // 3 + 0.5) * cell + rng.uniform(-slack, slack) * 0.8
-        fill = COLOURS[obj.colour]
+        fill = colour_rgb(obj.colour)
         box = (cx - radius, cy - radius, cx + radius, cy + radius)
         if obj.shape == "circle":
             draw.ellipse(box, fill=fill)
@@ -219,9 +278,10 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def vocabulary_corpus() -> list[str]:
+def vocabulary_corpus(world: WorldConfig | None = None) -> list[str]:
     """Every word the world can say, one phrase per line, for training the tokenizer."""
-    lines = [" ".join(SHAPES), " ".join(COLOURS), " ".join(BACKGROUNDS), " ".join(SIZES), " ".join(NUMBER_WORDS)]
+    colours = palette(world or WorldConfig())
+    lines = [" ".join(SHAPES), " ".join(colours), " ".join(BACKGROUNDS), " ".join(SIZES), " ".join(NUMBER_WORDS)]
     lines += [f"at the {p}" for p in PLACES] + ["in the center on a background and"]
     lines += ["a picture of shapes", "image", "colorful shapes on a background"]
     lines += ["is there a ?", "how many shapes are there ?", "what color is the ?", "yes no"]

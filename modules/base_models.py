@@ -28,13 +28,13 @@ from torch import nn
 from transformers import CLIPImageProcessor, LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetModel
 
 from datamodules.world import (
-    COLOURS,
     PLACES,
     SHAPES,
     SIZES,
     WorldConfig,
     caption,
     make_scene,
+    palette,
     render,
     vocabulary_corpus,
 )
@@ -86,10 +86,10 @@ def grid_pool(feature_map: torch.Tensor, grid: int) -> torch.Tensor:
 class CellHeads(nn.Module):
     """Per-cell classifiers used only to pretrain the vision tower; "none" marks an empty cell."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, colours: int) -> None:
         super().__init__()
         self.shape = nn.Linear(width, len(SHAPES) + 1)
-        self.colour = nn.Linear(width, len(COLOURS) + 1)
+        self.colour = nn.Linear(width, colours + 1)
         self.size = nn.Linear(width, len(SIZES) + 1)
 
     def loss(self, cells: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,10 +100,10 @@ class CellHeads(nn.Module):
         return loss, right.float().mean()
 
 
-def _cell_targets(scene) -> list[list[int]]:
-    targets = [[len(SHAPES), len(COLOURS), len(SIZES)] for _ in PLACES]
+def _cell_targets(scene, colours: list[str]) -> list[list[int]]:
+    targets = [[len(SHAPES), len(colours), len(SIZES)] for _ in PLACES]
     for obj in scene.objects:
-        targets[obj.cell] = [SHAPES.index(obj.shape), list(COLOURS).index(obj.colour), SIZES.index(obj.size)]
+        targets[obj.cell] = [SHAPES.index(obj.shape), colours.index(obj.colour), SIZES.index(obj.size)]
     return targets
 
 
@@ -119,7 +119,8 @@ def pretrain_vision(config: TinyBaseConfig, world: WorldConfig, seed: int, out_d
             downsample_in_first_stage=False,
         )
     )
-    heads = CellHeads(config.vision_hidden_sizes[-1])
+    colours = palette(world)
+    heads = CellHeads(config.vision_hidden_sizes[-1], len(colours))
     processor = image_processor(world.image_size)
     optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=config.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.vision_steps)
@@ -128,8 +129,9 @@ def pretrain_vision(config: TinyBaseConfig, world: WorldConfig, seed: int, out_d
         scenes = [
             make_scene(world, seed, "pretrain-vision", step * config.batch_size + i) for i in range(config.batch_size)
         ]
-        pixels = processor([render(s, world.image_size, seed) for s in scenes], return_tensors="pt")["pixel_values"]
-        targets = torch.tensor([_cell_targets(s) for s in scenes])
+        images = [render(s, world.image_size, seed, world) for s in scenes]
+        pixels = processor(images, return_tensors="pt")["pixel_values"]
+        targets = torch.tensor([_cell_targets(s, colours) for s in scenes])
         loss, accuracy = heads.loss(grid_pool(tower(pixels).last_hidden_state, 3), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -158,7 +160,7 @@ def pretrain_lm(config: TinyBaseConfig, world: WorldConfig, seed: int, out_dir: 
     rng = random.Random(seed)
     texts = [caption(make_scene(world, seed, "pretrain-text", i), "long") for i in range(200)]
 
-    tokenizer = train_world_tokenizer([*vocabulary_corpus(), config.prompt, *texts], out_dir)
+    tokenizer = train_world_tokenizer([*vocabulary_corpus(world), config.prompt, *texts], out_dir)
     lm = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tokenizer),

@@ -95,6 +95,12 @@ class EvalConfig:
     batch_size: int = 128
     table_rows: int = 8
     """Rows of the TensorBoard text table of ground truth against generated captions."""
+    every_n_steps: int | None = None
+    """Also evaluate every this many optimizer steps during a stage (null: only at its end)."""
+    grid_images: int = 8
+    """Images in the TensorBoard grid of images with their generated captions (0: no grid)."""
+    length_buckets: list[int] = field(default_factory=lambda: [8, 20, 48])
+    """Upper edges (words) of the generated-caption length buckets that hallucination is also reported by."""
 
 
 @dataclass

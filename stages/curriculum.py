@@ -11,6 +11,7 @@ from modules.base_models import pretrain_lm, pretrain_vision
 from modules.loading import model_folder
 from stages.config import CurriculumConfig
 from stages.data import load_recipe, run_data_stage
+from stages.report import write_report
 from stages.stage import RunInputs, StageResult, fingerprint, run_stage
 from stages.tb_logger import CurriculumTensorBoardLogger
 
@@ -119,4 +120,5 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
         step_offset += result.global_steps
     summary = {r.name: {k: v for k, v in r.metrics.items() if k != "budget"} for r in results}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("report: %s", write_report(run_dir))
     return results

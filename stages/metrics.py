@@ -1,25 +1,49 @@
-"""Caption metrics against the synthetic world's exact ground truth.
+"""Caption, hallucination and VQA metrics. Pure functions, each unit-tested against hand-computed cases.
 
-An object mention is a shape word with the colour (and size) words just before it: "a large red
-circle" mentions (shape=circle, colour=red, size=large). In this world an object is identified by
-its colour and shape, so:
+Hallucination against the synthetic world's exact ground truth. An object mention is a shape word
+with the colour (and size) words just before it: "a large red circle" mentions (shape=circle,
+colour=red, size=large). In this world an object is identified by its colour and shape, so:
 
 - CHAIR-i: mentions whose (colour, shape) is not in the image / all mentions (a mention with no
   colour counts as hallucinated only if no object has that shape);
 - CHAIR-s: captions with at least one such mention / all captions;
+- attribute hallucination: among mentions whose shape is in the image, the share that state a
+  colour or size which no object of that shape has (right shape, wrong colour or size);
 - recall: ground-truth objects whose (colour, shape) some mention names / all ground-truth objects;
-- mean_words: mean caption length in words (CHAIR-s rises with length: compare at matched length);
-- bleu1, bleu4: corpus BLEU (torchmetrics) against all of the scene's caption variants. torchmetrics'
-  BLEU is 0 when any n-gram order has no match, so BLEU-1 is reported beside BLEU-4.
+- all of these also per bucket of generated caption length: CHAIR-s rises with length by
+  construction, so curricula are compared at matched lengths.
+
+POPE-style probes (`pope`) ask "is there a <colour> <shape>?" for the image's objects and for as
+many absent ones, drawn three ways (random; popular: the most frequent objects of the evaluated
+set; adversarial: absent objects that share a shape or colour with a present one). A captioning
+model answers from its caption: "yes" when the caption names the object.
+
+Real data sets: `chair_synonyms` with a synonym table; `vqa_accuracy` is the official VQAv2 /
+TextVQA accuracy (answer normalisation, min(#matches / 3, 1) averaged over the 10 leave-one-out
+subsets of the human answers); `vqa_exact` is exact match after the same normalisation.
+
+Text metrics: BLEU-1..4 (torchmetrics, corpus level: it returns 0 whenever one n-gram order has no
+match, so the lower orders are reported too), ROUGE-L (the COCO caption definition: LCS-based
+F-measure with beta 1.2, best reference), CIDEr-D (the COCO caption definition: tf-idf n-gram
+vectors for n = 1..4 with document frequencies over the evaluated references, clipped, Gaussian
+length penalty with sigma 6, times 10; checked against pycocoevalcap 1.2 in the tests).
 """
 
 from __future__ import annotations
 
+import math
+import random
+import re
+from collections import Counter
 from dataclasses import dataclass
 
 from torchmetrics.functional.text import bleu_score
 
-from datamodules.world import COLOURS, SHAPES, SIZES
+from datamodules.world import COLOURS, EXTRA_COLOURS, SHAPES, SIZES
+
+ALL_COLOURS = {**COLOURS, **EXTRA_COLOURS}
+DEFAULT_BUCKETS = (8, 20, 48)
+POPE_SETTINGS = ("random", "popular", "adversarial")
 
 
 @dataclass(frozen=True)
@@ -37,7 +61,7 @@ def mentions(caption: str) -> list[Mention]:
         if shape not in SHAPES:
             continue
         before = words[max(0, i - 2) : i]
-        colour = next((w for w in reversed(before) if w in COLOURS), None)
+        colour = next((w for w in reversed(before) if w in ALL_COLOURS), None)
         size = next((w for w in before if w in SIZES), None)
         found.append(Mention(shape, colour, size))
     return found
@@ -47,26 +71,267 @@ def _present(mention: Mention, objects: list[dict]) -> bool:
     return any(o["shape"] == mention.shape and mention.colour in (None, o["colour"]) for o in objects)
 
 
-def caption_metrics(predictions: list[str], objects: list[list[dict]], references: list[list[str]]) -> dict[str, float]:
-    """Hallucination, recall, length and BLEU of `predictions`, one per image, against its ground truth."""
-    if not predictions or not (len(predictions) == len(objects) == len(references)):
-        raise ValueError("caption_metrics needs equally many (>0) predictions, object lists and references")
-    total_mentions = hallucinated = captions_with = gt_total = gt_found = 0
+def _wrong_attribute(mention: Mention, objects: list[dict]) -> bool:
+    same_shape = [o for o in objects if o["shape"] == mention.shape]
+    return not any(mention.colour in (None, o["colour"]) and mention.size in (None, o["size"]) for o in same_shape)
+
+
+def _named(said: list[Mention], obj: dict) -> bool:
+    return any(m.shape == obj["shape"] and m.colour in (None, obj["colour"]) for m in said)
+
+
+def hallucination(predictions: list[str], objects: list[list[dict]]) -> dict[str, float]:
+    """CHAIR-i, CHAIR-s, attribute hallucination, recall and mean words of captions against their objects."""
+    total = bad_total = with_bad = attr_total = attr_bad = gt_total = gt_found = 0
     for caption, truth in zip(predictions, objects, strict=True):
         said = mentions(caption)
         bad = [m for m in said if not _present(m, truth)]
-        total_mentions += len(said)
-        hallucinated += len(bad)
-        captions_with += bool(bad)
-        named = {(m.colour, m.shape) for m in said}
+        total, bad_total, with_bad = total + len(said), bad_total + len(bad), with_bad + bool(bad)
+        shape_present = [m for m in said if any(o["shape"] == m.shape for o in truth)]
+        attr_total += len(shape_present)
+        attr_bad += sum(_wrong_attribute(m, truth) for m in shape_present)
         gt_total += len(truth)
-        gt_found += sum((o["colour"], o["shape"]) in named for o in truth)
+        gt_found += sum(_named(said, o) for o in truth)
+    n = len(predictions)
     return {
-        "chair_i": hallucinated / total_mentions if total_mentions else 0.0,
-        "chair_s": captions_with / len(predictions),
+        "chair_i": bad_total / total if total else 0.0,
+        "chair_s": with_bad / n if n else 0.0,
+        "attr_halluc": attr_bad / attr_total if attr_total else 0.0,
         "recall": gt_found / gt_total if gt_total else 0.0,
-        "mean_words": sum(len(p.split()) for p in predictions) / len(predictions),
-        "bleu1": float(bleu_score(predictions, references, n_gram=1)),
-        "bleu4": float(bleu_score(predictions, references, n_gram=4, smooth=True)),
-        "images": float(len(predictions)),
+        "mean_words": sum(len(p.split()) for p in predictions) / n if n else 0.0,
+        "images": float(n),
     }
+
+
+def bucket_name(words: int, edges: tuple[int, ...]) -> str:
+    low = 0
+    for edge in edges:
+        if words <= edge:
+            return f"{low}-{edge}"
+        low = edge + 1
+    return f"{low}+"
+
+
+def by_length(predictions: list[str], objects: list[list[dict]], edges=DEFAULT_BUCKETS) -> dict[str, dict]:
+    """`hallucination` per bucket of generated caption length (words), e.g. {"0-8": {...}, "9-20": {...}}."""
+    groups: dict[str, list[int]] = {}
+    for i, caption in enumerate(predictions):
+        groups.setdefault(bucket_name(len(caption.split()), tuple(edges)), []).append(i)
+    return {
+        name: hallucination([predictions[i] for i in rows], [objects[i] for i in rows])
+        for name, rows in sorted(groups.items(), key=lambda item: int(item[0].split("-")[0].rstrip("+")))
+    }
+
+
+def _pair(obj: dict) -> tuple[str, str]:
+    return obj["colour"], obj["shape"]
+
+
+def pope_probes(
+    key: str, objects: list[dict], setting: str, popularity: list[tuple[str, str]], per_image: int = 3
+) -> list[tuple[tuple[str, str], bool]]:
+    """((colour, shape), present?) probes for one image: up to `per_image` present objects and as many absent."""
+    present = sorted({_pair(o) for o in objects})[:per_image]
+    everything = set(popularity) | {(c, s) for c in COLOURS for s in SHAPES} | set(present)
+    truth = {_pair(o) for o in objects}
+    absent = sorted(everything - truth)
+    rng = random.Random(f"pope/{setting}/{key}")
+    if setting == "random":
+        negatives = rng.sample(absent, min(len(present), len(absent)))
+    elif setting == "popular":
+        ranked = [pair for pair in popularity if pair not in truth] + [p for p in absent if p not in popularity]
+        negatives = ranked[: len(present)]  # the most frequent absent objects, then the rest in order
+    elif setting == "adversarial":
+        shapes, colours = {s for _, s in truth}, {c for c, _ in truth}
+        confusable = [p for p in absent if p[1] in shapes or p[0] in colours]
+        rng.shuffle(confusable)
+        confusable.sort(key=lambda p: p[1] not in shapes)  # same shape, other colour first
+        negatives = confusable[: len(present)]
+    else:
+        raise ValueError(f"unknown POPE setting {setting!r}; expected one of {POPE_SETTINGS}")
+    return [(pair, True) for pair in present] + [(pair, False) for pair in negatives]
+
+
+def binary_scores(answers: list[bool], truth: list[bool]) -> dict[str, float]:
+    """Accuracy, precision, recall, F1 and yes-ratio of yes/no answers ("yes" = True)."""
+    tp = sum(a and t for a, t in zip(answers, truth, strict=True))
+    fp = sum(a and not t for a, t in zip(answers, truth, strict=True))
+    fn = sum(t and not a for a, t in zip(answers, truth, strict=True))
+    n = len(answers)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    return {
+        "accuracy": sum(a == t for a, t in zip(answers, truth, strict=True)) / n if n else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "yes_ratio": sum(answers) / n if n else 0.0,
+    }
+
+
+def pope(keys: list[str], predictions: list[str], objects: list[list[dict]], per_image: int = 3) -> dict[str, dict]:
+    """POPE scores per setting, each probe answered "yes" when the caption names the object."""
+    frequency = Counter(_pair(o) for truth in objects for o in truth)
+    popularity = sorted(frequency, key=lambda pair: (-frequency[pair], pair))
+    results = {}
+    for setting in POPE_SETTINGS:
+        answers, truth = [], []
+        for key, caption, objs in zip(keys, predictions, objects, strict=True):
+            said = mentions(caption)
+            for (colour, shape), present in pope_probes(key, objs, setting, popularity, per_image):
+                answers.append(_named(said, {"colour": colour, "shape": shape}))
+                truth.append(present)
+        results[setting] = binary_scores(answers, truth)
+    return results
+
+
+def chair_synonyms(predictions: list[str], objects: list[set[str]], synonyms: dict[str, list[str]]) -> dict:
+    """CHAIR-i / CHAIR-s for real data: `synonyms` maps each object class to the words that name it
+    (multi-word phrases allowed, longest match first); `objects` are each image's classes."""
+    phrases = [(w.split(), cls) for cls, words in synonyms.items() for w in [cls, *words]]
+    phrases.sort(key=lambda p: -len(p[0]))
+    total = bad = with_bad = 0
+    for caption, truth in zip(predictions, objects, strict=True):
+        words = re.findall(r"[a-z]+", caption.lower())
+        said, i = set(), 0
+        while i < len(words):
+            for phrase, cls in phrases:
+                window = words[i : i + len(phrase)]
+                if window == phrase or [w.removesuffix("s") for w in window] == phrase:
+                    said.add(cls)
+                    i += len(phrase)
+                    break
+            else:
+                i += 1
+        wrong = said - set(truth)
+        total, bad, with_bad = total + len(said), bad + len(wrong), with_bad + bool(wrong)
+    return {"chair_i": bad / total if total else 0.0, "chair_s": with_bad / len(predictions) if predictions else 0.0}
+
+
+# The VQA evaluation's answer normalisation (VQAv2 / TextVQA evaluation code).
+_CONTRACTIONS = {
+    "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't", "havent": "haven't", "hes": "he's", "im": "i'm",
+    "isnt": "isn't", "itll": "it'll", "ive": "i've", "shouldnt": "shouldn't", "thats": "that's",
+    "theres": "there's", "theyre": "they're", "wasnt": "wasn't", "werent": "weren't", "whats": "what's",
+    "wont": "won't", "wouldnt": "wouldn't", "youre": "you're", "youve": "you've", "yall": "y'all",
+}  # fmt: skip
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = ';/[]"{}()=+\\_-><@`,?!'
+
+
+def normalize_answer(answer: str) -> str:
+    text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
+    for p in _PUNCT:
+        if (p + " " in text or " " + p in text) or re.search(r"(\d)(\,)(\d)", text):
+            text = text.replace(p, "")
+        else:
+            text = text.replace(p, " ")
+    text = re.sub(r"(?!<=\d)(\.)(?!\d)", "", text)
+    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words)
+
+
+def vqa_accuracy(prediction: str, human_answers: list[str]) -> float:
+    """Official VQA accuracy of one answer: mean over the leave-one-out subsets of min(#matches / 3, 1)."""
+    if not human_answers:
+        raise ValueError("vqa_accuracy needs the human answers (10 in VQAv2 and TextVQA)")
+    pred = normalize_answer(prediction)
+    gts = [normalize_answer(a) for a in human_answers]
+    scores = [min(sum(g == pred for j, g in enumerate(gts) if j != i) / 3, 1.0) for i in range(len(gts))]
+    return sum(scores) / len(scores)
+
+
+def vqa_exact(predictions: list[str], answers: list[str]) -> float:
+    """Exact-match accuracy after normalisation (the synthetic world has one right answer)."""
+    hits = [normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, answers, strict=True)]
+    return sum(hits) / len(hits) if hits else 0.0
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        previous = 0
+        for j, y in enumerate(b, 1):
+            previous, row[j] = row[j], previous + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(prediction: str, references: list[str], beta: float = 1.2) -> float:
+    """COCO caption ROUGE-L of one caption: F-measure from the best precision and best recall over references."""
+    cand = prediction.split()
+    if not cand or not references:
+        return 0.0
+    lcs = [_lcs(ref.split(), cand) for ref in references]
+    precision = max(m / len(cand) for m in lcs)
+    recall = max(m / len(ref.split()) for m, ref in zip(lcs, references, strict=True) if ref.split())
+    if precision == 0 or recall == 0:
+        return 0.0
+    return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
+
+
+def _ngrams(text: str, n: int = 4) -> Counter:
+    words = text.split()
+    return Counter(tuple(words[i : i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+def cider_d(predictions: list[str], references: list[list[str]], sigma: float = 6.0) -> list[float]:
+    """CIDEr-D of each caption (the corpus score is their mean), as pycocoevalcap computes it."""
+    refs = [[_ngrams(r) for r in rs] for rs in references]
+    document_frequency = Counter(g for rs in refs for g in {g for r in rs for g in r})
+    log_images = math.log(float(len(refs)))
+
+    def vector(counts: Counter) -> tuple[list[dict], list[float], int]:
+        vec: list[dict] = [{} for _ in range(4)]
+        for gram, tf in counts.items():
+            vec[len(gram) - 1][gram] = tf * (log_images - math.log(max(1.0, document_frequency[gram])))
+        norms = [math.sqrt(sum(v * v for v in part.values())) for part in vec]
+        bigrams = sum(tf for gram, tf in counts.items() if len(gram) == 2)  # pycocoevalcap's "length"
+        return vec, norms, bigrams
+
+    scores = []
+    for prediction, rs in zip(predictions, refs, strict=True):
+        vec, norms, length = vector(_ngrams(prediction))
+        total = [0.0] * 4
+        for ref in rs:
+            rvec, rnorms, rlength = vector(ref)
+            penalty = math.exp(-((length - rlength) ** 2) / (2 * sigma**2))
+            for n in range(4):
+                value = sum(min(w, rvec[n].get(g, 0.0)) * rvec[n].get(g, 0.0) for g, w in vec[n].items())
+                if norms[n] and rnorms[n]:
+                    value /= norms[n] * rnorms[n]
+                total[n] += value * penalty
+        scores.append(sum(total) / 4 / len(rs) * 10.0)
+    return scores
+
+
+def text_metrics(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """BLEU-1..4 (corpus, smoothed), ROUGE-L and CIDEr-D (means over captions)."""
+    scores = {f"bleu{n}": float(bleu_score(predictions, references, n_gram=n, smooth=True)) for n in range(1, 5)}
+    scores["rouge_l"] = sum(rouge_l(p, r) for p, r in zip(predictions, references, strict=True)) / len(predictions)
+    scores["cider_d"] = sum(cider_d(predictions, references)) / len(predictions)
+    return scores
+
+
+def caption_metrics(
+    predictions: list[str],
+    objects: list[list[dict]],
+    references: list[list[str]],
+    keys: list[str] | None = None,
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+) -> dict:
+    """Every caption metric of `predictions` (one per image) against its ground truth.
+
+    Flat scalars (chair_i, ..., bleu1..4, rouge_l, cider_d, pope_<setting>_<score>) plus
+    `by_length`: the hallucination scores per caption-length bucket.
+    """
+    if not predictions or not (len(predictions) == len(objects) == len(references)):
+        raise ValueError("caption_metrics needs equally many (>0) predictions, object lists and references")
+    keys = keys or [str(i) for i in range(len(predictions))]
+    result: dict = hallucination(predictions, objects)
+    result.update(text_metrics(predictions, references))
+    for setting, scores in pope(keys, predictions, objects).items():
+        result.update({f"pope_{setting}_{name}": value for name, value in scores.items()})
+    result["by_length"] = by_length(predictions, objects, buckets)
+    return result

@@ -58,11 +58,37 @@ def data_parser() -> ArgumentParser:
     return parser
 
 
+def export_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Write a run's model (LoRA merged) as a Hugging Face folder.")
+    parser.add_argument("--run_dir", type=str, required=True, help="a run folder (its last stage) or a stage folder")
+    parser.add_argument("--stage", type=str, default=None, help="export this stage of the run instead of the last")
+    parser.add_argument("--out_dir", type=str, default=None, help="default: <run_dir>/export_hf")
+    return parser
+
+
+def eval_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Caption a held-out split with a model and print its scores.")
+    parser.add_argument("--model", type=str, required=True, help="an exported folder or a finished stage folder")
+    parser.add_argument("--data", type=str, default=None, help="shard folder; default: the shards it trained on")
+    parser.add_argument("--split", type=str, default="test")
+    parser.add_argument("--limit", type=int, default=256, help="images evaluated (the first of the split)")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--num_beams", type=int, default=1)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (with every caption)")
+    return parser
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m stages.run", description="vlm-curriculum: curriculum training for VLMs.")
     commands = parser.add_subcommands(dest="command")
     commands.add_subcommand("curriculum", curriculum_parser(), help="run the whole curriculum (the default: tiny.yaml)")
     commands.add_subcommand("data", data_parser(), help="build shards with a Data-Juicer recipe")
+    commands.add_subcommand("export", export_parser(), help="merged Hugging Face folder of a run's model")
+    commands.add_subcommand("eval", eval_parser(), help="score an exported model or a finished stage")
+    report = ArgumentParser(description="Rewrite <run_dir>/report.md and its plots from the run's files.")
+    report.add_argument("--run_dir", type=str, required=True)
+    commands.add_subcommand("report", report, help="rewrite a run's report.md")
     bench = ArgumentParser(description="Benchmarks that print figures.")
     commands.add_subcommand("bench", bench, help="benchmarks that print figures")
     bench.add_subcommands(dest="bench").add_subcommand("stability", stability_bench_parser())
@@ -84,6 +110,39 @@ def run_data_command(parser: ArgumentParser, args) -> int:
     print(f"{samples['kept']} of {samples['input']} samples kept; shards and report.md in {values.out_dir}")
     for op in report["ops"]:
         print(f"  {op['op']:>28}: {op['in']} in, {op['out']} out")
+    return 0
+
+
+def run_model_command(command: str, options) -> int:
+    import json
+
+    from stages.export import evaluate_model, export_model, find_stage, metrics_table
+
+    try:
+        if command == "export":
+            source = find_stage(options.run_dir, options.stage)
+            out = Path(options.out_dir) if options.out_dir else Path(options.run_dir) / "export_hf"
+            export_model(source, out)
+            print(f"exported {source.stage_dir} (step {source.global_step}) to {out}; see {out / 'README.md'}")
+            return 0
+        result = evaluate_model(
+            options.model,
+            options.data,
+            options.split,
+            options.limit,
+            options.max_new_tokens,
+            options.num_beams,
+            options.batch_size,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if options.json:
+        print(json.dumps(result, indent=2))
+    else:
+        data = result["data"]
+        print(f"{options.model}: {data['images']} {data['split']} images of {data['shard_dir']}")
+        print(metrics_table(result["metrics"]))
     return 0
 
 
@@ -126,6 +185,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run folder: {run_dir}   TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     if args.command == "data":
         return run_data_command(parser, args)
+    if args.command == "report":
+        from stages.report import write_report
+
+        try:
+            print(f"wrote {write_report(Path(args.report.run_dir))}")
+        except FileNotFoundError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+    if args.command in ("export", "eval"):
+        return run_model_command(args.command, args[args.command])
     if args.command == "bench" and args.bench.bench == "stability":
         from stages.bench import bench_stability, print_report
 

@@ -33,6 +33,7 @@ from callbacks.epoch_boundary import BoundaryCheck
 from callbacks.evaluation import CaptionEvaluation
 from callbacks.fault_injection import FaultInjection
 from callbacks.instability import InstabilityMonitor
+from callbacks.throughput import Throughput
 from datamodules.caption_datamodule import CaptionDataModule
 from modules.handoff import load_handoff, save_handoff
 from modules.loading import build_vlm
@@ -188,6 +189,9 @@ def run_stage(
         num_beams=cfg.eval.num_beams,
         batch_size=cfg.eval.batch_size,
         table_rows=cfg.eval.table_rows,
+        every_n_steps=cfg.eval.every_n_steps,
+        grid_images=cfg.eval.grid_images,
+        buckets=tuple(cfg.eval.length_buckets),
         extra={"budget": budget},
     )
     checkpoint = ModelCheckpoint(
@@ -198,10 +202,11 @@ def run_stage(
     )
     monitor, boundary = stability_callbacks(cfg, name, stage_dir, previous_tail or [])
     faults = FaultInjection(cfg.stability.faults, cfg.seed) if cfg.stability.faults else None
+    throughput = Throughput(log_every=cfg.trainer.merged(spec.trainer).log_every_n_steps or 50)
     trainer = L.Trainer(
         **cfg.trainer.merged(spec.trainer).kwargs(),
         logger=CurriculumTensorBoardLogger(str(inputs.run_dir), step_offset),
-        callbacks=[c for c in (faults, monitor, boundary, evaluation, checkpoint) if c is not None]
+        callbacks=[c for c in (faults, monitor, boundary, throughput, evaluation, checkpoint) if c is not None]
         + [LearningRateMonitor(logging_interval="step")],
         default_root_dir=stage_dir,
         reload_dataloaders_every_n_epochs=1,  # a new, seeded shuffle order every epoch
@@ -227,6 +232,7 @@ def run_stage(
             "fingerprint": print_,
             "global_steps": trainer.global_step,
             "wall_s": round(time.perf_counter() - started, 1),
+            "resources": throughput.summary(module.device),
         }
         done_path.write_text(json.dumps(done, indent=2))
     return StageResult(name, print_, trainer.global_step, evaluation.metrics, skipped=False)

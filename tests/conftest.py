@@ -54,3 +54,13 @@ def micro_base(tmp_path_factory) -> tuple[Path, Path]:
     pretrain_vision(MICRO_BASE, MICRO_WORLD, 0, base / "vision")
     pretrain_lm(MICRO_BASE, MICRO_WORLD, 0, base / "lm")
     return base / "vision", base / "lm"
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory) -> Path:
+    """A finished micro curriculum (with an evaluation every 2 steps), shared by export, eval and report tests."""
+    from stages.run import main
+
+    run_dir = tmp_path_factory.mktemp("micro_run") / "run"
+    assert main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS, "--eval.every_n_steps=2"]) == 0
+    return run_dir

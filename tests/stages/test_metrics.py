@@ -1,6 +1,20 @@
 import pytest
 
-from stages.metrics import caption_metrics, mentions
+from stages.metrics import (
+    binary_scores,
+    by_length,
+    caption_metrics,
+    chair_synonyms,
+    cider_d,
+    hallucination,
+    mentions,
+    normalize_answer,
+    pope,
+    pope_probes,
+    rouge_l,
+    vqa_accuracy,
+    vqa_exact,
+)
 
 RED_CIRCLE = {"shape": "circle", "colour": "red", "size": "large", "place": "top"}
 BLUE_STAR = {"shape": "star", "colour": "blue", "size": "small", "place": "center"}
@@ -26,11 +40,119 @@ def test_hand_computed_chair_and_recall():
     assert m["recall"] == pytest.approx(3 / 4)
     assert m["mean_words"] == pytest.approx(7)
     assert m["bleu1"] == pytest.approx(1.0, abs=0.3) and 0 < m["bleu4"] <= 1
+    assert {"bleu2", "bleu3", "rouge_l", "cider_d", "pope_adversarial_f1", "by_length"} <= m.keys()
 
 
 def test_wrong_colour_is_a_hallucination_and_not_a_recall():
     m = caption_metrics(["a blue circle"], [[RED_CIRCLE]], [["a red circle"]])
     assert m["chair_i"] == 1.0 and m["recall"] == 0.0
+
+
+def test_attribute_hallucination_is_right_shape_wrong_colour_or_size():
+    # wrong colour; wrong size (but the object is there: no CHAIR-i); right; absent shape (not counted)
+    captions = ["a blue circle", "a small red circle", "a large red circle", "a green square"]
+    m = hallucination(captions, [[RED_CIRCLE]] * 4)
+    assert m["attr_halluc"] == pytest.approx(2 / 3)
+    assert m["chair_i"] == pytest.approx(2 / 4)
+
+
+def test_by_length_buckets_split_on_generated_words():
+    captions = ["a blue circle", "a large red circle at the top on a gray background"]  # 3 and 11 words
+    buckets = by_length(captions, [[RED_CIRCLE]] * 2, (8, 20))
+    assert list(buckets) == ["0-8", "9-20"]
+    assert buckets["0-8"]["chair_i"] == 1.0 and buckets["9-20"]["chair_i"] == 0.0
+    assert buckets["9-20"]["mean_words"] == 11
+
+
+def test_binary_scores_hand_computed():
+    scores = binary_scores([True, True, False, False], [True, False, True, False])
+    assert scores == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5}
+
+
+def test_pope_negatives_per_setting():
+    objects = [RED_CIRCLE, BLUE_STAR]
+    popularity = [("red", "circle"), ("green", "square"), ("white", "cross"), ("blue", "star")]
+    popular = pope_probes("k", objects, "popular", popularity)
+    assert popular == [(("blue", "star"), True), (("red", "circle"), True)] + [
+        (("green", "square"), False),
+        (("white", "cross"), False),
+    ]
+    adversarial = [pair for pair, present in pope_probes("k", objects, "adversarial", popularity) if not present]
+    assert len(adversarial) == 2 and all(shape in {"circle", "star"} for _, shape in adversarial)
+    assert all(pair not in {("red", "circle"), ("blue", "star")} for pair in adversarial)
+    randoms = pope_probes("k", objects, "random", popularity)
+    assert randoms == pope_probes("k", objects, "random", popularity)  # seeded by the key
+
+
+def test_pope_answers_from_the_caption():
+    scores = pope(["k"], ["a red circle"], [[RED_CIRCLE]])
+    for setting in ("random", "popular", "adversarial"):
+        assert scores[setting] == {"accuracy": 1.0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.5}
+    # Naming every circle colour says "yes" to the adversarial (same shape) negative.
+    greedy = pope(
+        ["k"],
+        [" and ".join(f"a {c} circle" for c in ("red", "green", "blue", "yellow", "purple", "orange", "white"))],
+        [[RED_CIRCLE]],
+    )
+    assert greedy["adversarial"]["yes_ratio"] == 1.0 and greedy["adversarial"]["precision"] == 0.5
+
+
+def test_vqa_official_accuracy_and_normalisation():
+    assert normalize_answer("Two dogs.") == "2 dogs"
+    assert normalize_answer("the Dog") == "dog"
+    assert normalize_answer("isnt it") == "isn't it"
+    # 2 of 10 humans said "2": 2 leave-one-out subsets keep one match (1/3), 8 keep two (2/3).
+    assert vqa_accuracy("two", ["2", "2"] + ["3"] * 8) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
+    assert vqa_accuracy("yes", ["yes"] * 10) == 1.0
+    assert vqa_accuracy("no", ["yes"] * 10) == 0.0
+    assert vqa_exact(["Yes", "three"], ["yes", "3"]) == 1.0
+    assert vqa_exact(["no"], ["yes"]) == 0.0
+
+
+def test_chair_with_a_synonym_table():
+    synonyms = {"dog": ["puppy"], "dining table": ["table"], "person": ["man", "woman"]}
+    scores = chair_synonyms(["A puppy on a table.", "a man and dogs"], [{"dog"}, {"dog", "person"}], synonyms)
+    assert scores["chair_i"] == pytest.approx(1 / 4) and scores["chair_s"] == pytest.approx(1 / 2)
+
+
+def test_rouge_l_hand_computed():
+    # LCS 3: precision 3/3, recall 3/4, F with beta 1.2
+    expected = (1 + 1.44) * 1 * 0.75 / (0.75 + 1.44 * 1)
+    assert rouge_l("a red circle", ["a red big circle", "green"]) == pytest.approx(expected)
+    assert rouge_l("", ["a"]) == 0.0
+
+
+# Reference values from pycocoevalcap 1.2 (Cider().compute_score and Rouge().compute_score on
+# these three images), computed once with that package; it is not a dependency of the project.
+GTS = [
+    [
+        "a red circle and a blue star on a gray background",
+        "a red circle and a blue star",
+        "a large red circle at the top and a small blue star at the center on a gray background",
+    ],
+    [
+        "a green square on a black background",
+        "a green square",
+        "a small green square at the left on a black background",
+    ],
+    [
+        "a yellow triangle and a white cross and a purple diamond on a brown background",
+        "a yellow triangle and a white cross",
+        "a large yellow triangle at the top left and a small white cross at the right and a large purple diamond at "
+        "the bottom on a brown background",
+    ],
+]
+RES = [
+    "a red circle and a green star on a gray background",
+    "a green square",
+    "a yellow triangle and a white cross and a purple diamond and a red circle on a brown background",
+]
+
+
+def test_cider_d_and_rouge_l_match_pycocoevalcap():
+    assert cider_d(RES, GTS) == pytest.approx([4.03113430760653, 4.130422129290199, 2.6143403967577634], rel=1e-12)
+    rouge = [rouge_l(r, g) for r, g in zip(RES, GTS, strict=True)]
+    assert rouge == pytest.approx([0.9090909090909091, 1.0, 0.9014778325123153], rel=1e-12)
 
 
 def test_mismatched_lengths_fail():

@@ -1,0 +1,72 @@
+"""Throughput and memory of a stage: tokens/s and samples/s of training steps, peak memory.
+
+Counts the non-padding tokens (attention mask) and samples of every training batch, and the wall
+time spent inside training batches (evaluation and checkpointing excluded). Logs `perf/*` to
+TensorBoard every `log_every` optimizer steps; `summary()` goes into the stage's done.json and the
+run's report.md.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import lightning as L
+import torch
+from typing_extensions import override
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class Throughput(L.Callback):
+    def __init__(self, log_every: int = 50) -> None:
+        self.log_every = log_every
+        self.tokens = self.samples = 0
+        self.train_s = 0.0
+        self._started: float | None = None
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    @override
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self._started = time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._started is None:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.train_s += time.perf_counter() - self._started
+        self.tokens += int(batch["attention_mask"].sum())
+        self.samples += len(batch["keys"])
+        step = trainer.global_step
+        if trainer.logger is not None and step and step % self.log_every == 0 and self.train_s:
+            trainer.logger.log_metrics(
+                {"perf/tokens_per_s": self.tokens / self.train_s, "perf/samples_per_s": self.samples / self.train_s},
+                step=step,
+            )
+
+    def summary(self, device: torch.device) -> dict:
+        """Totals of this process's training batches (a resumed stage counts from the resume)."""
+        result = {
+            "train_tokens": self.tokens,
+            "train_samples": self.samples,
+            "train_s": round(self.train_s, 2),
+            "tokens_per_s": round(self.tokens / self.train_s, 1) if self.train_s else None,
+            "samples_per_s": round(self.samples / self.train_s, 2) if self.train_s else None,
+            "peak_rss_gib": round(peak_rss_gib(), 3),
+        }
+        if device.type == "cuda":
+            result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        return result

@@ -1,0 +1,218 @@
+"""`stages.run export` and `stages.run eval`: a merged Hugging Face folder, and scoring any model.
+
+Export layout (one folder, loadable with transformers alone):
+
+    config.json                     VLMCurriculumConfig: the tower's and LM's configs, prompt layout, auto_map
+    model.safetensors               vision.*, projector.*, lm.* (LoRA merged into the LM weights)
+    modeling_vlm_curriculum.py      the model code (a copy of modules/modeling_vlm_curriculum.py)
+    tokenizer files, preprocessor_config.json
+    vlm_export.json                 where it came from: run, stage, step, shards
+    README.md                       a loading snippet
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+from modules import modeling_vlm_curriculum
+from modules.handoff import has_lora, load_handoff
+from modules.loading import LoraSpec, ModelConfig, build_vlm
+from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
+
+EXPORT_RECORD = "vlm_export.json"
+README = """# {name}
+
+A vision-language model trained with vlm-curriculum (run `{run}`, stage `{stage}`, step {step}):
+{vision} vision tower, an MLP projector, and {lm} with its LoRA adapter merged in.
+
+```python
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+folder = "{folder}"
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+
+pixels = processor([Image.open("image.png").convert("RGB")], return_tensors="pt")["pixel_values"]
+prompt = torch.tensor([model.prompt_ids(tokenizer)])
+tokens = model.generate(prompt, torch.ones_like(prompt), pixels, max_new_tokens=64, do_sample=False,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+print(tokenizer.batch_decode(tokens, skip_special_tokens=True)[0])
+```
+
+Or score it on WebDataset shards: `python -m stages.run eval --model {folder} --data <shard dir>`.
+"""
+
+
+@dataclass
+class StageSource:
+    """A finished stage of a run: its folder, resolved config, and the step it ended at."""
+
+    stage_dir: Path
+    config: dict
+    global_step: int
+
+    @property
+    def shard_dir(self) -> Path:
+        return Path(self.config["inputs"]["shard_dir"])
+
+
+def find_stage(run_or_stage: str | Path, stage: str | None = None) -> StageSource:
+    """The stage folder named by a run folder (its last stage, or `stage`) or by a stage folder itself."""
+    path = Path(run_or_stage)
+    if stage is None and (path / "done.json").is_file():
+        stage_dir = path
+    else:
+        summary = path / "summary.json"
+        if stage is None:
+            if not summary.is_file():
+                raise FileNotFoundError(f"--run_dir: {path} has no summary.json; has its curriculum finished?")
+            stage = list(json.loads(summary.read_text()))[-1]
+        stage_dir = path / stage
+    if not (stage_dir / "done.json").is_file():
+        raise FileNotFoundError(f"{stage_dir}: no done.json there; that stage has not finished")
+    config = yaml.safe_load((stage_dir / "config.yaml").read_text())
+    return StageSource(stage_dir, config, json.loads((stage_dir / "done.json").read_text())["global_steps"])
+
+
+def load_stage_model(source: StageSource):
+    """(VisionLanguageModel with the stage's projector and adapter, tokenizer, processor, ModelConfig)."""
+    model = dict(source.config["model"])
+    model_config = ModelConfig(**{**model, "lora": LoraSpec(**model["lora"])})
+    inputs = source.config["inputs"]
+    vlm, tokenizer, processor = build_vlm(model_config, inputs["vision_path"], inputs["lm_path"])
+    load_handoff(vlm, source.stage_dir / "export")
+    return vlm, tokenizer, processor, model_config
+
+
+def export_model(source: StageSource, out_dir: Path) -> Path:
+    """Writes the stage's model, LoRA merged, as one Hugging Face folder; returns `out_dir`."""
+    from stages.stage import count_image_tokens
+
+    vlm, tokenizer, processor, model_config = load_stage_model(source)
+    vlm.eval()
+    num_image_tokens = count_image_tokens(vlm, processor)
+    if has_lora(vlm):
+        vlm.lm = vlm.lm.merge_and_unload()
+    config = VLMCurriculumConfig(
+        vision_config=vlm.vision.config,
+        text_config=vlm.lm.config,
+        vision_width=vlm.vision_width,
+        image_token_id=vlm.image_token_id,
+        grid=model_config.grid,
+        num_image_tokens=num_image_tokens,
+        prompt=model_config.prompt,
+        auto_map={
+            "AutoConfig": "modeling_vlm_curriculum.VLMCurriculumConfig",
+            "AutoModel": "modeling_vlm_curriculum.VLMCurriculumForCaptioning",
+        },
+    )
+    merged = VLMCurriculumForCaptioning(config)
+    merged.load_state_dict(vlm.state_dict(), strict=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    shutil.copyfile(modeling_vlm_curriculum.__file__, out_dir / "modeling_vlm_curriculum.py")
+    record = {
+        "run_dir": str(source.stage_dir.parent),
+        "stage": source.stage_dir.name,
+        "global_step": source.global_step,
+        "shard_dir": str(source.shard_dir),
+    }
+    (out_dir / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
+    (out_dir / "README.md").write_text(
+        README.format(
+            name=out_dir.name,
+            run=record["run_dir"],
+            stage=record["stage"],
+            step=record["global_step"],
+            vision=type(vlm.vision).__name__,
+            lm=type(vlm.lm).__name__,
+            folder=out_dir,
+        )
+    )
+    return out_dir
+
+
+def load_exported(folder: Path):
+    """(model, tokenizer, processor) of an exported folder, through transformers' remote-code loading."""
+    if not (folder / EXPORT_RECORD).is_file():
+        raise FileNotFoundError(f"--model: {folder} is not an exported model (no {EXPORT_RECORD})")
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
+    return model, tokenizer, processor
+
+
+def evaluate_model(
+    model_path: str | Path,
+    shard_dir: str | Path | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    max_new_tokens: int = 64,
+    num_beams: int = 1,
+    batch_size: int = 64,
+    buckets: tuple[int, ...] = (8, 20, 48),
+) -> dict:
+    """Captions the held-out `split` of the shards with an exported folder or a finished stage; the scores."""
+    from callbacks.evaluation import generate_captions, score
+    from datamodules.caption_datamodule import CaptionDataModule
+    from datamodules.captions import PromptFormat
+
+    path = Path(model_path)
+    if (path / EXPORT_RECORD).is_file():
+        model, tokenizer, processor = load_exported(path)
+        record = json.loads((path / EXPORT_RECORD).read_text())
+        default_shards, source = Path(record["shard_dir"]), {"exported": str(path), **record}
+        num_image_tokens, prompt = model.config.num_image_tokens, model.config.prompt
+    else:
+        from stages.stage import count_image_tokens
+
+        stage = find_stage(path)
+        model, tokenizer, processor, model_config = load_stage_model(stage)
+        model.eval()
+        default_shards = stage.shard_dir
+        source = {"stage_dir": str(stage.stage_dir), "global_step": stage.global_step}
+        num_image_tokens, prompt = count_image_tokens(model, processor), model_config.prompt
+    shards = Path(shard_dir) if shard_dir else default_shards
+    samples = CaptionDataModule(shards, max_words=10**6).eval_samples(split, limit)
+    if not samples:
+        raise ValueError(f"--data: {shards} has no {split!r} samples")
+    fmt = PromptFormat(tokenizer, num_image_tokens, prompt)
+    with torch.no_grad():
+        captions = generate_captions(
+            model, samples, fmt, processor, batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams
+        )
+    results = [(key, meta, text) for (key, _, meta), text in zip(samples, captions, strict=True)]
+    metrics = score(sorted(results, key=lambda r: r[0]), buckets)
+    return {
+        "model": source,
+        "data": {"shard_dir": str(shards), "split": split, "images": len(samples)},
+        "generation": {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False},
+        "metrics": metrics,
+        "captions": {key: text for key, _, text in results},
+    }
+
+
+def metrics_table(metrics: dict) -> str:
+    """A plain-text table of the flat metrics, then the per-length buckets."""
+    lines = [f"{name:<28} {value:8.4f}" for name, value in metrics.items() if not isinstance(value, dict)]
+    buckets = metrics.get("by_length", {})
+    if buckets:
+        lines.append(f"\n{'length bucket':<14}{'images':>8}{'chair_i':>9}{'chair_s':>9}{'recall':>8}{'attr':>7}")
+        for name, m in buckets.items():
+            lines.append(
+                f"{name:<14}{int(m['images']):>8}{m['chair_i']:>9.3f}{m['chair_s']:>9.3f}"
+                f"{m['recall']:>8.3f}{m['attr_halluc']:>7.3f}"
+            )
+    return "\n".join(lines)

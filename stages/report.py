@@ -1,0 +1,186 @@
+"""`<run_dir>/report.md` and its PNG plots, written at the end of every curriculum run.
+
+Every number comes from the run's own files: data/report.json, each stage's config.yaml,
+losses.json, alerts.jsonl, metrics.json (with its evaluation history), done.json (wall time,
+tokens/s, peak memory) and checkpoints/. `python -m stages.run report --run_dir DIR` rewrites it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from stages.data import report_markdown
+
+TABLE = [
+    ("chair_i", "CHAIR-i"),
+    ("chair_s", "CHAIR-s"),
+    ("attr_halluc", "attr"),
+    ("recall", "recall"),
+    ("pope_adversarial_f1", "POPE adv F1"),
+    ("pope_random_yes_ratio", "POPE yes"),
+    ("mean_words", "words"),
+    ("bleu4", "BLEU-4"),
+    ("rouge_l", "ROUGE-L"),
+    ("cider_d", "CIDEr-D"),
+]
+
+
+def _stages(run_dir: Path) -> list[str]:
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        raise FileNotFoundError(f"--run_dir: {run_dir} has no summary.json; has its curriculum finished?")
+    return list(json.loads(summary.read_text()))
+
+
+def _read_json(path: Path, default=None):
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def plot_losses(run_dir: Path, stages: list[str], out: Path) -> None:
+    """Per-step training loss of every stage on one global step axis, stages in their own colours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    offset = 0
+    for name in stages:
+        losses = (_read_json(run_dir / name / "losses.json") or {}).get("losses", [])
+        ax.plot(range(offset + 1, offset + len(losses) + 1), losses, label=name, linewidth=1)
+        offset += len(losses)
+    ax.set_xlabel("optimizer step (whole curriculum)")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def plot_eval_history(run_dir: Path, stages: list[str], out: Path) -> None:
+    """CHAIR-i and recall at every evaluation (periodic and end of stage), on the global step axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    offset = 0
+    for name in stages:
+        metrics = _read_json(run_dir / name / "metrics.json") or {}
+        history = metrics.get("history", [])
+        steps = [offset + h["global_step"] for h in history]
+        for ax, key in zip(axes, ("chair_i", "recall"), strict=True):
+            ax.plot(steps, [h[key] for h in history], marker="o", markersize=3, label=name)
+        offset += metrics.get("global_step", 0)
+    for ax, key in zip(axes, ("CHAIR-i", "recall"), strict=True):
+        ax.set_xlabel("optimizer step (whole curriculum)")
+        ax.set_ylabel(key)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Writes report.md, loss_curves.png and eval_history.png into `run_dir`; returns the report's path."""
+    stages = _stages(run_dir)
+    lines = [f"# Training report: {run_dir.name}", ""]
+
+    configs = {name: yaml.safe_load((run_dir / name / "config.yaml").read_text()) for name in stages}
+    shard_dir = Path(configs[stages[0]]["inputs"]["shard_dir"])
+    lines += ["## Data", "", f"Shards: `{shard_dir}`."]
+    data = _read_json(shard_dir / "report.json")
+    if data is None:
+        lines += ["No data report beside the shards (they were not built by `stages.run data`).", ""]
+    else:
+        lines += [line.replace("# Data report", "").strip("\n") for line in report_markdown(data).splitlines()[1:]]
+
+    lines += ["## Stages", "", "| stage | trainable | max words | steps | lr | init from | fingerprint |"]
+    lines += ["|---|---|---|---|---|---|---|"]
+    for name, config in configs.items():
+        spec = config["spec"]
+        steps = _read_json(run_dir / name / "done.json", {}).get("global_steps")
+        lines.append(
+            f"| {name} | {', '.join(spec['trainable'])} | {spec['max_words']} | {steps} | "
+            f"{json.dumps(spec['lr'])} | {spec['init_from']} | `{config['fingerprint']}` |"
+        )
+    first = configs[stages[0]]
+    shared = {key: first[key] for key in ("seed", "model", "data", "eval", "stability")}
+    lines += ["", "Resolved settings shared by the stages (each stage's full config is its config.yaml):", ""]
+    lines += ["```yaml", yaml.safe_dump(shared, sort_keys=False).rstrip(), "```", ""]
+
+    plot_losses(run_dir, stages, run_dir / "loss_curves.png")
+    lines += ["## Training loss", "", "![loss curves](loss_curves.png)", ""]
+    lines += ["| stage | first loss | last loss | min |", "|---|---|---|---|"]
+    for name in stages:
+        losses = (_read_json(run_dir / name / "losses.json") or {}).get("losses", [])
+        if losses:
+            lines.append(f"| {name} | {losses[0]:.4f} | {losses[-1]:.4f} | {min(losses):.4f} |")
+
+    lines += ["", "## Alerts", ""]
+    alerts = [
+        json.loads(line)
+        for name in stages
+        if (run_dir / name / "alerts.jsonl").is_file()
+        for line in (run_dir / name / "alerts.jsonl").read_text().splitlines()
+    ]
+    if not alerts:
+        lines += ["None: no loss, gradient or boundary alert fired.", ""]
+    else:
+        lines += ["| stage | step | kind | value | threshold | action | causes |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"| {a['stage']} | {a['step']} | {a['kind']} | {a['value']:.4g} | {a['threshold']:.4g} | {a['action']} | "
+            f"{', '.join(a.get('causes', []))} |"
+            for a in alerts
+        ]
+        lines.append("")
+
+    plot_eval_history(run_dir, stages, run_dir / "eval_history.png")
+    lines += ["## Evaluation", ""]
+    metrics = {name: _read_json(run_dir / name / "metrics.json", {}) for name in stages}
+    generation = metrics[stages[-1]].get("generation", {})
+    images = int(metrics[stages[-1]].get("images", 0))
+    lines += [f"Held-out images: {images}; generation: `{json.dumps(generation)}`.", ""]
+    lines += ["| stage | " + " | ".join(label for _, label in TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
+    for name in stages:
+        lines.append(f"| {name} | " + " | ".join(_fmt(metrics[name].get(key)) for key, _ in TABLE) + " |")
+    lines += ["", "Hallucination by generated caption length (compare stages within a row of equal length):", ""]
+    lines += ["| stage | bucket | images | CHAIR-i | CHAIR-s | recall |", "|---|---|---|---|---|---|"]
+    for name in stages:
+        for bucket, m in metrics[name].get("by_length", {}).items():
+            lines.append(
+                f"| {name} | {bucket} | {int(m['images'])} | {m['chair_i']:.3f} | {m['chair_s']:.3f} | "
+                f"{m['recall']:.3f} |"
+            )
+    lines += ["", "![evaluation history](eval_history.png)", ""]
+
+    lines += ["## Checkpoints", "", "| stage | file | MiB |", "|---|---|---|"]
+    for name in stages:
+        for path in sorted((run_dir / name / "checkpoints").glob("*.ckpt")):
+            lines.append(f"| {name} | {path.relative_to(run_dir)} | {path.stat().st_size / 2**20:.2f} |")
+        if (run_dir / name / "export").is_dir():
+            lines.append(f"| {name} | {name}/export/ (projector + adapter for the next stage) | |")
+
+    lines += ["", "## Resources", ""]
+    lines += ["| stage | wall s | train s | tokens/s | samples/s | peak RSS GiB | peak GPU GiB |", "|---" * 7 + "|"]
+    for name in stages:
+        done = _read_json(run_dir / name / "done.json", {})
+        r = done.get("resources", {})
+        lines.append(
+            f"| {name} | {_fmt(done.get('wall_s'))} | {_fmt(r.get('train_s'))} | {_fmt(r.get('tokens_per_s'))} | "
+            f"{_fmt(r.get('samples_per_s'))} | {_fmt(r.get('peak_rss_gib'))} | {_fmt(r.get('peak_gpu_gib'))} |"
+        )
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,108 @@
+"""Export and eval: the merged Hugging Face folder loads in a fresh process and computes what training did."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from stages.export import EXPORT_RECORD, evaluate_model, export_model, find_stage, load_stage_model
+from stages.run import main
+
+# Run in a fresh interpreter, outside the repository: only transformers, torch and the folder itself.
+LOAD_AND_RUN = """
+import json, sys, torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+folder = sys.argv[1]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+images = [Image.open(p).convert("RGB") for p in sys.argv[2:]]
+pixels = processor(images, return_tensors="pt")["pixel_values"]
+prompt = torch.tensor([model.prompt_ids(tokenizer)] * len(images))
+mask = torch.ones_like(prompt)
+with torch.no_grad():
+    logits = model(prompt, mask, pixels).logits[:, -1]
+    tokens = model.generate(prompt, mask, pixels, max_new_tokens=12, do_sample=False,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+print(json.dumps({"tokens": tokens.tolist(), "logits": logits.tolist(), "class": type(model).__name__}))
+"""
+
+
+def _in_training_outputs(source, images):
+    from datamodules.captions import PromptFormat
+    from stages.stage import count_image_tokens
+
+    vlm, tokenizer, processor, config = load_stage_model(source)
+    vlm.eval()
+    fmt = PromptFormat(tokenizer, count_image_tokens(vlm, processor), config.prompt)
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    prompt = torch.tensor([fmt.prefix()] * len(images))
+    mask = torch.ones_like(prompt)
+    with torch.no_grad():
+        logits = vlm(prompt, mask, pixels).logits[:, -1]
+        tokens = vlm.generate(
+            prompt, mask, pixels, max_new_tokens=12, do_sample=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        with vlm.lm.disable_adapter():
+            base_logits = vlm(prompt, mask, pixels).logits[:, -1]
+    return tokens, logits, base_logits
+
+
+def test_export_loads_with_transformers_in_a_fresh_process_and_matches_training(micro_run, tmp_path):
+    from datamodules.caption_datamodule import CaptionDataModule
+
+    source = find_stage(micro_run)
+    assert source.stage_dir.name == "sft_long"
+    out = export_model(source, tmp_path / "exported")
+    assert {"config.json", "model.safetensors", "modeling_vlm_curriculum.py", "README.md", EXPORT_RECORD} <= {
+        p.name for p in out.iterdir()
+    }
+    samples = CaptionDataModule(source.shard_dir, max_words=100).eval_samples("test", 4)
+    paths = []
+    for key, image, _ in samples:
+        paths.append(tmp_path / f"{key}.png")
+        image.save(paths[-1])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_RUN, str(out), *map(str, paths)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert exported["class"] == "VLMCurriculumForCaptioning"
+
+    tokens, logits, base_logits = _in_training_outputs(source, [image for _, image, _ in samples])
+    assert exported["tokens"] == tokens.tolist()
+    assert torch.allclose(torch.tensor(exported["logits"]), logits, atol=1e-4)
+    # The LoRA adapter matters here, so matching logits means it was merged, not dropped.
+    assert (logits - base_logits).abs().max() > 1e-3
+
+
+def test_eval_command_scores_an_exported_model_as_its_stage(micro_run, tmp_path, capsys):
+    out = export_model(find_stage(micro_run, "sft_medium"), tmp_path / "exported")
+    from_export = evaluate_model(out, limit=8, max_new_tokens=12)
+    from_stage = evaluate_model(micro_run / "sft_medium", limit=8, max_new_tokens=12)
+    assert from_export["captions"] == from_stage["captions"]
+    assert from_export["metrics"]["chair_i"] == from_stage["metrics"]["chair_i"]
+    assert from_export["data"]["images"] == 8
+
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--limit=8", "--max_new_tokens=12", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {"chair_i", "attr_halluc", "pope_random_f1", "cider_d", "rouge_l", "by_length"} <= printed["metrics"].keys()
+    assert main(["eval", "--model", str(out), "--limit=8", "--max_new_tokens=12"]) == 0
+    assert "chair_i" in capsys.readouterr().out
+
+
+def test_eval_and_export_name_what_is_missing(tmp_path, capsys):
+    assert main(["eval", "--model", str(tmp_path)]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+    assert main(["export", "--run_dir", str(tmp_path)]) == 2
+    assert "summary.json" in capsys.readouterr().err

@@ -1,0 +1,41 @@
+"""Periodic evaluation and the run report, on the shared micro run."""
+
+from __future__ import annotations
+
+import json
+
+from stages.run import main
+
+
+def test_periodic_evaluation_is_logged_and_kept_in_metrics_json(micro_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name in ("align", "sft_short", "sft_medium", "sft_long"):
+        metrics = json.loads((micro_run / name / "metrics.json").read_text())
+        assert [h["global_step"] for h in metrics["history"]] == [2, 3]  # every 2 steps, and the stage's end
+        assert metrics["generation"] == {"max_new_tokens": 12, "num_beams": 1, "do_sample": False}
+        assert metrics["history"][-1]["chair_i"] == metrics["chair_i"]
+        assert sum(b["images"] for b in metrics["by_length"].values()) == metrics["images"] == 8
+    events = EventAccumulator(str(micro_run / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    assert [e.step for e in events.Scalars("eval/chair_i")] == [2, 3, 5, 6, 8, 9, 11, 12]
+    grid = events.Images("eval/sft_long/grid")[-1]
+    assert grid.width == 4 * 160 and grid.height > 2 * 160  # 8 images in 2 rows, captions below each
+
+
+def test_report_is_written_from_the_runs_files(micro_run, capsys):
+    report = (micro_run / "report.md").read_text()
+    for section in ("## Data", "## Stages", "## Training loss", "## Alerts", "## Evaluation", "## Checkpoints"):
+        assert section in report
+    assert (micro_run / "loss_curves.png").stat().st_size > 1000
+    assert (micro_run / "eval_history.png").stat().st_size > 1000
+    sft_long = json.loads((micro_run / "sft_long" / "metrics.json").read_text())
+    assert f"| sft_long | {sft_long['chair_i']:.3f} | {sft_long['chair_s']:.3f} |" in report
+    losses = json.loads((micro_run / "align" / "losses.json").read_text())["losses"]
+    assert f"| align | {losses[0]:.4f} | {losses[-1]:.4f} |" in report
+    done = json.loads((micro_run / "align" / "done.json").read_text())
+    assert done["resources"]["train_samples"] == 3 * 8 and done["resources"]["tokens_per_s"] > 0
+    assert f"| align | {done['wall_s']:.3f} |" in report
+
+    (micro_run / "report.md").unlink()
+    assert main(["report", "--run_dir", str(micro_run)]) == 0
+    assert (micro_run / "report.md").read_text() == report
