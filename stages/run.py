@@ -86,6 +86,12 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand("data", data_parser(), help="build shards with a Data-Juicer recipe")
     commands.add_subcommand("export", export_parser(), help="merged Hugging Face folder of a run's model")
     commands.add_subcommand("eval", eval_parser(), help="score an exported model or a finished stage")
+    compare = ArgumentParser(description="The curriculum against a single-stage baseline with the same steps.")
+    compare.add_argument("--profile", type=str, default=str(CONFIG_DIR / "curriculum" / "compare.yaml"))
+    compare.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each running both arms")
+    compare.add_argument("--root", type=str, default="runs/compare", help="where the runs and compare.md go")
+    compare.add_argument("--override", type=list[str], default=[], help='curriculum flags, e.g. ["--eval.limit=64"]')
+    commands.add_subcommand("compare", compare, help="curriculum vs single-stage baseline over seeds")
     report = ArgumentParser(description="Rewrite <run_dir>/report.md and its plots from the run's files.")
     report.add_argument("--run_dir", type=str, required=True)
     commands.add_subcommand("report", report, help="rewrite a run's report.md")
@@ -185,6 +191,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run folder: {run_dir}   TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     if args.command == "data":
         return run_data_command(parser, args)
+    if args.command == "compare":
+        from stages.compare import markdown, run_compare
+
+        options = args.compare
+        seeds = list(range(options.seeds))
+        try:
+            result = run_compare(Path(options.profile), seeds, Path(options.root), list(options.override))
+        except (FileNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(markdown(result, seeds))
+        print(f"compare.md, compare.json and compare.png in {options.root}")
     if args.command == "report":
         from stages.report import write_report
 

@@ -51,3 +51,60 @@ def test_world_shards_have_per_shard_counts_and_budget_counts(micro_world):
     assert kept == 0 and skipped == 192  # the shortest caption, "a red circle", has 3 words
     kept, skipped = budget_counts(index, "train", 7)
     assert kept + skipped == 192 and kept > 0
+
+
+def _world_digest(config: WorldConfig, count: int = 50) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for index in range(count):
+        scene = make_scene(config, 0, "train", index)
+        digest.update(repr(scene.metadata()).encode())
+        digest.update(render(scene, config.image_size, 0, config).tobytes())
+    return digest.hexdigest()
+
+
+def test_default_world_is_unchanged_by_the_difficulty_knobs():
+    # The first 50 default scenes and images as drawn before the knobs existed (commit 003d66d).
+    assert _world_digest(WorldConfig()) == "80b576d07cf3e32700f99c7f99554b6d4a6cf32bf4801142ca58bf684339bab1"
+
+
+def test_held_out_pairs_never_appear_in_training_but_do_in_test():
+    from datamodules.world import held_out
+
+    config = WorldConfig(held_out_pairs=6, max_objects=6)
+    banned = held_out(config, 0)
+    assert len(banned) == 6
+    train = {(o.colour, o.shape) for i in range(500) for o in make_scene(config, 0, "train", i).objects}
+    test = {(o.colour, o.shape) for i in range(500) for o in make_scene(config, 0, "test", i).objects}
+    assert not banned & train
+    assert banned <= test
+
+
+def test_difficulty_knobs_change_what_they_say():
+    import numpy as np
+
+    from datamodules.world import BACKGROUNDS
+
+    crowded = WorldConfig(min_objects=5, max_objects=7, palette=10)
+    scenes = [make_scene(crowded, 0, "train", i) for i in range(200)]
+    assert all(5 <= len(s.objects) <= 7 for s in scenes)
+    assert {"pink", "cyan", "lime"} <= {o.colour for s in scenes for o in s.objects}
+
+    def object_pixels(config: WorldConfig) -> int:
+        scene = make_scene(config, 0, "train", 1)
+        image = np.asarray(render(scene, 64, 0, config)).reshape(-1, 3)
+        return int((image != np.array(BACKGROUNDS[scene.background])).any(axis=1).sum())
+
+    assert object_pixels(WorldConfig(object_scale=0.5)) < 0.5 * object_pixels(WorldConfig())
+    plain, textured = WorldConfig(), WorldConfig(texture=0.5)
+    assert make_scene(textured, 0, "train", 1).metadata() == make_scene(plain, 0, "train", 1).metadata()
+    assert object_pixels(textured) > object_pixels(plain) + 50  # 20 strokes of a few pixels each
+
+
+def test_bad_knobs_name_the_field():
+    import pytest
+
+    for bad, field in (({"min_objects": 5}, "min_objects"), ({"palette": 11}, "palette"), ({"object_scale": 0}, "")):
+        with pytest.raises(ValueError, match=f"world.{field}"):
+            WorldConfig(**bad)

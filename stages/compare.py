@@ -1,0 +1,178 @@
+"""`stages.run compare`: the curriculum against a single-stage baseline, over several seeds.
+
+For each seed the curriculum runs as configured; the baseline then runs on the same shards and the
+same base models with the same total optimizer steps: the curriculum's first (align) stage as it
+is, then one LoRA SFT stage on the longest captions (the largest `max_words` of the curriculum, the
+last stage's learning rates) for the sum of the curriculum's SFT steps. Writes, under `root`:
+
+    compare.json   every metric per arm, stage and seed, and their mean and spread
+    compare.md     the table (mean +- standard deviation over seeds), also per caption-length bucket
+    compare.png    CHAIR-i and recall against mean caption length, per arm and stage
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from stages.config import CurriculumConfig
+
+METRICS = [
+    "chair_i",
+    "chair_s",
+    "attr_halluc",
+    "recall",
+    "pope_random_f1",
+    "pope_popular_f1",
+    "pope_adversarial_f1",
+    "mean_words",
+    "bleu4",
+    "cider_d",
+]
+
+
+def baseline_stages(cfg: CurriculumConfig) -> dict:
+    """The baseline's stages for a curriculum: its first stage, then one SFT stage with the same steps."""
+    names = list(cfg.stages)
+    if len(names) < 2:
+        raise ValueError("compare: the curriculum needs an align stage and at least one SFT stage")
+    steps = {}
+    for name in names:
+        max_steps = cfg.trainer.merged(cfg.stages[name].trainer).max_steps
+        if max_steps is None or max_steps < 1:
+            raise ValueError(f"compare: stages.{name}.trainer.max_steps must be set to match the optimizer steps")
+        steps[name] = max_steps
+    first, last = cfg.stages[names[0]], cfg.stages[names[-1]]
+
+    def plain(spec) -> dict:
+        return {k: v for k, v in asdict(spec).items() if v is not None}
+
+    sft = plain(last)
+    sft.update(
+        max_words=max(cfg.stages[n].max_words for n in names[1:]),
+        init_from="previous",
+        trainer={**sft.get("trainer", {}), "max_steps": sum(steps[n] for n in names[1:])},
+    )
+    align = plain(first)
+    align["trainer"] = {**align.get("trainer", {}), "max_steps": steps[names[0]]}
+    return {names[0]: align, "sft": sft}
+
+
+def _mean_spread(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+def collect(runs: dict[str, list[Path]]) -> dict:
+    """{arm: {stage: {metric: {mean, std, values}}, by_length of the last stage}} from the runs' files."""
+    result: dict = {}
+    for arm, run_dirs in runs.items():
+        stages = list(json.loads((run_dirs[0] / "summary.json").read_text()))
+        per_stage = {}
+        for stage in stages:
+            records = [json.loads((run / stage / "metrics.json").read_text()) for run in run_dirs]
+            per_stage[stage] = {m: _mean_spread([r[m] for r in records]) for m in METRICS}
+        last = [json.loads((run / stages[-1] / "metrics.json").read_text())["by_length"] for run in run_dirs]
+        buckets = sorted({b for record in last for b in record}, key=lambda b: int(b.split("-")[0].rstrip("+")))
+        by_length = {
+            bucket: {
+                "images": sum(int(r[bucket]["images"]) for r in last if bucket in r),
+                **{
+                    m: _mean_spread([r[bucket][m] for r in last if bucket in r])
+                    for m in ("chair_i", "chair_s", "recall", "attr_halluc")
+                },
+            }
+            for bucket in buckets
+        }
+        result[arm] = {"stages": per_stage, "last_stage_by_length": by_length}
+    return result
+
+
+def markdown(result: dict, seeds: list[int]) -> str:
+    lines = [f"# Curriculum vs single-stage baseline ({len(seeds)} seeds: {seeds})", ""]
+    lines += ["Mean +- standard deviation over seeds, on the held-out split after each stage.", ""]
+    lines += ["| arm | stage | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+    for arm, data in result.items():
+        for stage, metrics in data["stages"].items():
+            cells = [f"{metrics[m]['mean']:.3f} +- {metrics[m]['std']:.3f}" for m in METRICS]
+            lines.append(f"| {arm} | {stage} | " + " | ".join(cells) + " |")
+    lines += ["", "Final stage, by generated caption length (matched lengths; images summed over seeds):", ""]
+    lines += ["| arm | bucket | images | chair_i | chair_s | recall | attr_halluc |", "|---" * 7 + "|"]
+    for arm, data in result.items():
+        for bucket, m in data["last_stage_by_length"].items():
+            keys = ("chair_i", "chair_s", "recall", "attr_halluc")
+            cells = [f"{m[k]['mean']:.3f} +- {m[k]['std']:.3f}" for k in keys]
+            lines.append(f"| {arm} | {bucket} | {m['images']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for arm, marker in zip(result, ("o", "s"), strict=False):
+        stages = result[arm]["stages"]
+        words = [s["mean_words"]["mean"] for s in stages.values()]
+        for ax, key in zip(axes, ("chair_i", "recall"), strict=True):
+            ax.errorbar(
+                words,
+                [s[key]["mean"] for s in stages.values()],
+                xerr=[s["mean_words"]["std"] for s in stages.values()],
+                yerr=[s[key]["std"] for s in stages.values()],
+                marker=marker,
+                capsize=3,
+                label=arm,
+            )
+            for name, x, y in zip(stages, words, [s[key]["mean"] for s in stages.values()], strict=True):
+                ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for ax, label in zip(axes, ("CHAIR-i", "recall"), strict=True):
+        ax.set_xlabel("mean generated caption length (words)")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def run_compare(profile: Path, seeds: list[int], root: Path, overrides: list[str]) -> dict:
+    """Runs both arms for every seed (finished stages are skipped on a rerun) and writes the comparison."""
+    from stages.run import curriculum_parser, main
+
+    parser = curriculum_parser()
+    parsed = parser.instantiate_classes(parser.parse_args(["--config", str(profile), *overrides]))
+    cfg = CurriculumConfig(**{k: v for k, v in vars(parsed).items() if not k.startswith("__") and k != "config"})
+    root.mkdir(parents=True, exist_ok=True)
+    baseline_config = root / "baseline_stages.yaml"
+    baseline_config.write_text(yaml.safe_dump({"stages": baseline_stages(cfg)}, sort_keys=False))
+    runs: dict[str, list[Path]] = {"curriculum": [], "baseline": []}
+    for seed in seeds:
+        curriculum = root / f"curriculum-{seed}"
+        if main(["curriculum", "--config", str(profile), f"--run_dir={curriculum}", f"--seed={seed}", *overrides]):
+            raise RuntimeError(f"compare: the curriculum run {curriculum} failed")
+        # The baseline reads the very shards and base models the curriculum trained from.
+        inputs = yaml.safe_load((curriculum / next(iter(cfg.stages)) / "config.yaml").read_text())["inputs"]
+        shared = [f"--data.shard_dir={inputs['shard_dir']}"]
+        shared += [f"--model.vision_path={inputs['vision_path']}", f"--model.lm_path={inputs['lm_path']}"]
+        baseline = root / f"baseline-{seed}"
+        argv = ["curriculum", "--config", str(profile), "--config", str(baseline_config), f"--run_dir={baseline}"]
+        # --stages.* overrides are already folded into baseline_stages.yaml.
+        rest = [flag for flag in overrides if not flag.startswith("--stages.")]
+        if main([*argv, f"--seed={seed}", *rest, *shared]):
+            raise RuntimeError(f"compare: the baseline run {baseline} failed")
+        runs["curriculum"].append(curriculum)
+        runs["baseline"].append(baseline)
+    result = collect(runs)
+    (root / "compare.json").write_text(json.dumps({"seeds": seeds, "profile": str(profile), **result}, indent=2))
+    (root / "compare.md").write_text(markdown(result, seeds))
+    plot(result, root / "compare.png")
+    return result

@@ -1,0 +1,61 @@
+"""`stages.run compare` on the micro world: the baseline's budget, shared inputs, and the summary's arithmetic."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import yaml
+
+from modules.training_module import LearningRates
+from stages.compare import baseline_stages
+from stages.config import CurriculumConfig, StageSpec, TrainerConfig
+from stages.run import main
+from tests.conftest import MICRO_ARGS
+
+
+def test_baseline_has_the_curriculums_steps_on_its_longest_captions():
+    sft = ["projector", "lora"]
+    stages = {
+        "align": StageSpec(["projector"], 8, init_from="base", trainer=TrainerConfig(max_steps=40)),
+        "sft_a": StageSpec(sft, 8, lr=LearningRates(lora=1e-3), trainer=TrainerConfig(max_steps=30)),
+        "sft_b": StageSpec(sft, 48, lr=LearningRates(lora=2e-3), trainer=TrainerConfig(max_steps=50)),
+    }
+    baseline = baseline_stages(CurriculumConfig(stages=stages))
+    assert list(baseline) == ["align", "sft"]
+    assert baseline["align"]["trainer"]["max_steps"] == 40
+    assert baseline["sft"]["trainer"]["max_steps"] == 80 and baseline["sft"]["max_words"] == 48
+    assert baseline["sft"]["lr"]["lora"] == 2e-3 and baseline["sft"]["init_from"] == "previous"
+
+
+def test_baseline_needs_max_steps():
+    stages = {
+        "align": StageSpec(trainable=["projector"], max_words=8, init_from="base"),
+        "sft": StageSpec(trainable=["lora"], max_words=20),
+    }
+    with pytest.raises(ValueError, match="stages.align.trainer.max_steps"):
+        baseline_stages(CurriculumConfig(stages=stages))
+
+
+@pytest.mark.slow
+def test_compare_runs_both_arms_on_the_same_inputs(tmp_path, capsys):
+    tiny = "configs/curriculum/tiny.yaml"
+    override = json.dumps(MICRO_ARGS)
+    assert main(["compare", "--profile", tiny, "--seeds=2", f"--root={tmp_path}", f"--override={override}"]) == 0
+    assert "| baseline | sft |" in capsys.readouterr().out
+    for seed in (0, 1):
+        curriculum = yaml.safe_load((tmp_path / f"curriculum-{seed}" / "sft_long" / "config.yaml").read_text())
+        baseline = yaml.safe_load((tmp_path / f"baseline-{seed}" / "sft" / "config.yaml").read_text())
+        assert baseline["inputs"]["shard_dir"] == curriculum["inputs"]["shard_dir"]
+        assert baseline["inputs"]["lm_path"] == curriculum["inputs"]["lm_path"]
+        assert json.loads((tmp_path / f"baseline-{seed}" / "sft" / "done.json").read_text())["global_steps"] == 9
+    result = json.loads((tmp_path / "compare.json").read_text())
+    values = [
+        json.loads((tmp_path / f"baseline-{seed}" / "sft" / "metrics.json").read_text())["chair_i"] for seed in (0, 1)
+    ]
+    summary = result["baseline"]["stages"]["sft"]["chair_i"]
+    assert summary["values"] == values
+    assert summary["mean"] == pytest.approx(statistics.fmean(values))
+    assert summary["std"] == pytest.approx(statistics.stdev(values))
+    assert (tmp_path / "compare.png").stat().st_size > 1000 and (tmp_path / "compare.md").is_file()
