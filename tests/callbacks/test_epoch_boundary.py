@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import lightning as L
+
 from callbacks.alerts import AlertSinks
 from callbacks.epoch_boundary import BoundaryCheck, BoundaryConfig, boundary_jump, spread
 from tests.callbacks.toy import KeyedRegression, ToyRegression, loader, trainer
@@ -45,6 +47,34 @@ def test_no_reshuffle_is_named():
     assert [a.epoch for a in check.alerts] == [1, 2, 3]
     assert all(any(c.startswith("repeated_order") for c in a.causes) for a in check.alerts)
     assert not any(c.startswith("lr_jump") for a in check.alerts for c in a.causes)
+
+
+class BatchSizeSwitch(L.LightningDataModule):
+    """Batch size 32 for the first two epochs, then 128 (the loader is rebuilt every epoch)."""
+
+    def train_dataloader(self):
+        return loader(KeyedRegression(size=2048), batch_size=32 if self.trainer.current_epoch < 2 else 128)
+
+
+def test_batch_size_change_is_named():
+    # A loss summed over the batch grows 4x when the batch does.
+    check = BoundaryCheck(BoundaryConfig(), AlertSinks("toy"), "toy")
+    module = ToyRegression(lr=0.0004, reduction="sum")
+    trainer([check], max_steps=-1, max_epochs=4, reload_dataloaders_every_n_epochs=1).fit(module, BatchSizeSwitch())
+    assert [a.epoch for a in check.alerts] == [2]
+    assert check.alerts[0].causes == ["batch_size_changed (32 -> 128)"]
+
+
+def test_accumulation_change_is_named():
+    # A loss divided by the accumulation by hand (Lightning divides it too) jumps 4x when accumulation goes 4 -> 1.
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    check = BoundaryCheck(BoundaryConfig(), AlertSinks("toy"), "toy")
+    schedule = GradientAccumulationScheduler(scheduling={0: 4, 2: 1})
+    module = ToyRegression(lr=0.2, divide_by_accumulation=True)
+    trainer([schedule, check], max_steps=-1, max_epochs=4).fit(module, loader(KeyedRegression(size=2048), 64))
+    assert [a.epoch for a in check.alerts] == [2]
+    assert check.alerts[0].causes == ["accumulation_changed (4 -> 1)"]
 
 
 def test_stage_boundary_compares_with_the_previous_stage_tail():

@@ -47,6 +47,8 @@ class ToyRegression(L.LightningModule):
         lr_restart_every: int = 0,
         restart_lr: float = 0.95,
         seed: int = 0,
+        reduction: str = "mean",
+        divide_by_accumulation: bool = False,
     ) -> None:
         super().__init__()
         self.net = torch.nn.Linear(4, 1)
@@ -54,12 +56,17 @@ class ToyRegression(L.LightningModule):
         self.lr, self.drift, self.noise, self.seed = lr, drift, noise, seed
         self.lr_restart_every, self.restart_lr = lr_restart_every, restart_lr
         self.rng = random.Random(seed)
+        # Two classic bugs: a loss summed over the batch (its scale follows the batch size), and a loss
+        # divided by the accumulation steps by hand although Lightning divides it already.
+        self.reduction, self.divide_by_accumulation = reduction, divide_by_accumulation
         self.step_losses: list[float] = []
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         fault = self.faults.get(self.global_step)
         x = batch["x"] * (100.0 if fault == "bad_batch" else 1.0)
-        loss = torch.nn.functional.mse_loss(self.net(x).squeeze(-1), batch["y"])
+        loss = torch.nn.functional.mse_loss(self.net(x).squeeze(-1), batch["y"], reduction=self.reduction)
+        if self.divide_by_accumulation:
+            loss = loss / self.trainer.accumulate_grad_batches
         loss = loss * (1 + self.drift * self.global_step) * (1 + self.noise * self.rng.uniform(-1, 1))
         if fault == "nan":
             loss = loss * float("nan")
