@@ -147,10 +147,25 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path) -> tuple[li
     return dataset.to_list(), accounting
 
 
+DJ_SPECIAL = ("<__dj__image>", "<|__dj__eoc|>")
+
+
+def caption_variants(row: dict) -> dict[str, str]:
+    """The sample's captions by name: the project's ops write `caption_variants`; any other op (Data-Juicer's
+    stock image_captioning_mapper, or none) leaves its caption in `text`, between Data-Juicer's special tokens."""
+    variants = json.loads(row.get("caption_variants") or "{}")
+    if variants:
+        return variants
+    text = row["text"]
+    for token in DJ_SPECIAL:
+        text = text.replace(token, " ")
+    return {"caption": " ".join(text.split())}
+
+
 def _shard_sample(row: dict) -> dict:
     """A shard sample: the original image bytes and the caption variants with their word counts."""
     image = Path(row["images"][0])
-    variants = json.loads(row.get("caption_variants") or "{}") or {"raw": row["text"]}
+    variants = caption_variants(row)
     meta = json.loads(row["meta_json"])
     record = {
         "key": row["__key__"],
@@ -180,6 +195,12 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
         row["raw_caption"] = row["text"].replace("<__dj__image>", "").strip()
     kept, accounting = _run_ops(rows, recipe.process, out_dir / "stats")
 
+    # A caption op can leave a sample with nothing to train on (an empty generation): counted, not written.
+    empty = SkipLog()
+    for row in kept:
+        if not any(text.strip() for text in caption_variants(row).values()):
+            empty.skip("empty_caption", row["__key__"])
+    kept = [row for row in kept if any(text.strip() for text in caption_variants(row).values())]
     by_split: dict[str, list[dict]] = defaultdict(list)
     for row in kept:
         split = row.get("split") or split_of(row["__key__"], recipe.val_share, recipe.test_share)
@@ -190,24 +211,26 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
     (out_dir / INDEX_NAME).write_text(json.dumps(index))
 
     shutil.rmtree(out_dir / "work", ignore_errors=True)  # the images now live in the shards
-    report = build_report(recipe, rows, kept, accounting, skips, total)
+    report = build_report(recipe, rows, kept, accounting, skips, total, empty)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(report_markdown(report))
     return report
 
 
-def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int) -> dict:
+def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int, empty: SkipLog | None = None) -> dict:
+    empty = empty or SkipLog()
     raw = [r["raw_caption"] for r in rows]
-    new = [r["text"] for r in kept]
+    new = [r["text"] if r.get("caption_variants") else caption_variants(r)["caption"] for r in kept]
     equal = min(sum(len(t.split()) for t in raw), sum(len(t.split()) for t in new))
     examples = [
-        {"key": r["__key__"], "raw": r["raw_caption"], "captions": json.loads(r.get("caption_variants") or "{}")}
+        {"key": r["__key__"], "raw": r["raw_caption"], "captions": caption_variants(r)}
         for r in kept[: recipe.report_examples]
     ]
     return {
         "recipe": asdict(recipe),
         "samples": {"input": total, "skipped_at_input": skips.total, "processed": len(rows), "kept": len(kept)},
         "input_skips": {"counts": dict(skips.counts), "first_keys": skips.examples},
+        "output_skips": {"counts": dict(empty.counts), "first_keys": empty.examples},
         "ops": accounting,
         "text": {"raw": corpus_stats(raw, equal), "recaptioned": corpus_stats(new, equal)},
         "examples": examples,
@@ -230,6 +253,10 @@ def report_markdown(report: dict) -> str:
     if report["input_skips"]["counts"]:
         lines += ["", "Unusable at input: " + ", ".join(f"{k} {v}" for k, v in report["input_skips"]["counts"].items())]
         lines += [f"- {reason}: {', '.join(keys)}" for reason, keys in report["input_skips"]["first_keys"].items()]
+    dropped = report.get("output_skips", {}).get("counts", {})
+    if dropped:
+        lines += ["", "Dropped after the ops: " + ", ".join(f"{k} {v}" for k, v in dropped.items())]
+        lines += [f"- {reason}: {', '.join(keys)}" for reason, keys in report["output_skips"]["first_keys"].items()]
     lines += ["", "| corpus | texts | mean words | p50 | p95 | vocabulary | MTLD | MATTR | TTR (equal tokens) |"]
     lines += ["|---|---|---|---|---|---|---|---|---|"]
     for name, t in report["text"].items():

@@ -10,7 +10,7 @@ from PIL import Image
 
 from datamodules.shards import read_index
 from datamodules.text_stats import corpus_stats, mattr, mtld, percentile
-from datamodules.world import WorldConfig
+from datamodules.world import WorldConfig, vocabulary_corpus
 from stages.data import InputSpec, RecipeConfig, load_recipe, run_data_stage, split_of
 from tests.conftest import SYNTHETIC_RECIPE
 from tests.stages.blip2_fixture import build_tiny_blip2
@@ -102,6 +102,56 @@ def test_dj_jsonl_with_a_truncated_last_line(blip2, tmp_path):
     report = run_data_stage(_recipe(blip2, "dj_jsonl", path, max_skip_share=0.6), tmp_path / "out")
     assert report["input_skips"]["counts"] == {"unreadable_line": 1, "no_image": 1}
     assert report["samples"]["kept"] == 2
+
+
+def _shard_records(out: Path) -> list[dict]:
+    import webdataset as wds
+
+    urls = [str(out / s["url"]) for split in read_index(out)["splits"].values() for s in split]
+    return [
+        json.loads(sample["json"]) for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
+    ]
+
+
+def test_stock_image_captioning_mapper_through_the_same_recipe_format(llava, tmp_path):
+    # Data-Juicer's own op, loading a local BLIP-2 laid out like OPT-2.7B's vocabulary (the op pins its image token).
+    from tests.stages.blip2_fixture import build_tiny_blip2
+
+    model = build_tiny_blip2(tmp_path / "opt_layout_blip2", opt_image_token=True)
+    stock = {"image_captioning_mapper": {"hf_img2seq": str(model), "keep_original_sample": False}}
+    recipe = RecipeConfig(
+        input=InputSpec(format="llava", path=str(llava)),
+        process=[stock, {"image_shape_filter": {"min_width": 32, "min_height": 32}}],
+        max_skip_share=0.5,
+    )
+    report = run_data_stage(recipe, tmp_path / "out")
+    assert [(op["op"], op["in"], op["out"]) for op in report["ops"]] == [
+        ("image_captioning_mapper", 4, 4),
+        ("image_shape_filter", 4, 3),
+    ]
+    records = _shard_records(tmp_path / "out")
+    assert sorted(r["key"] for r in records) == ["s0", "s1", "s2"]
+    vocabulary = {w for line in vocabulary_corpus() for w in line.split()}
+    for record in records:
+        caption = record["captions"]["caption"]
+        assert "__dj__" not in caption and caption.split() and set(caption.split()) <= vocabulary
+        assert record["caption_words"]["caption"] == len(caption.split())
+
+
+def test_samples_left_without_a_caption_are_counted_not_written(tmp_path):
+    _image(tmp_path / "a.png")
+    _image(tmp_path / "b.png")
+    lines = [
+        json.dumps({"text": "<__dj__image> a red circle", "images": ["a.png"]}),
+        json.dumps({"text": "<__dj__image>", "images": ["b.png"]}),
+    ]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines))
+    recipe = RecipeConfig(input=InputSpec(format="dj_jsonl", path=str(tmp_path / "data.jsonl")), process=[])
+    report = run_data_stage(recipe, tmp_path / "out")
+    assert report["output_skips"]["counts"] == {"empty_caption": 1}
+    assert report["samples"]["kept"] == 1
+    assert [r["captions"] for r in _shard_records(tmp_path / "out")] == [{"caption": "a red circle"}]
+    assert "empty_caption 1" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_the_same_recipe_and_inputs_give_byte_identical_shards(tmp_path):
