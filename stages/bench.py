@@ -108,3 +108,89 @@ def print_report(report: dict) -> None:
         latency = row["median_latency_steps"]
         print(f"fault {kind:>9}: detected {row['detected']}/{row['runs']}, median latency {latency} steps")
     print(f"wall time {report['wall_s']} s")
+
+
+def bench_blip2(
+    root: Path, images: int, shape: str, batch_size: int, stock_images: int, max_new_tokens: int = 32
+) -> dict:
+    """Images/s of the project's `blip2_caption_mapper` and of Data-Juicer's stock `image_captioning_mapper`,
+    each end to end through `run_data_stage` (read images, run the op, write shards), on one random-weight
+    BLIP-2 of `shape` (bf16 on CUDA, fp32 on CPU), greedy with `max_new_tokens` for ours; the stock op
+    runs as it ships (sampling, 128 new tokens, its own batch of 8)."""
+    import torch
+
+    from datamodules.blip2_random import build_random_blip2
+    from datamodules.world import WorldConfig, make_scene, render
+    from stages.data import InputSpec, RecipeConfig, run_data_stage
+
+    root.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    model_dir = root / f"blip2-{shape}"
+    if not (model_dir / "config.json").is_file():
+        dtype = torch.bfloat16 if cuda else torch.float32
+        build_random_blip2(model_dir, shape, opt_image_token=True, device="cuda" if cuda else "cpu", dtype=dtype)
+    # LLaVA-style input: 224-pixel renders of the synthetic world (BLIP-2's processor resizes anyway).
+    image_dir, records = root / "images", []
+    image_dir.mkdir(exist_ok=True)
+    world = WorldConfig(image_size=224)
+    for index in range(images):
+        path = image_dir / f"{index:06d}.png"
+        if not path.is_file():
+            render(make_scene(world, 0, "bench", index), 224, 0, world).save(path)
+        turns = [{"from": "human", "value": "<image>\ndescribe"}, {"from": "gpt", "value": "shapes"}]
+        records.append({"id": f"img-{index:06d}", "image": f"images/{path.name}", "conversations": turns})
+    # Warm-up: the first data stage of a process pays one-off imports (Data-Juicer, datasets) of about 2 s.
+    (root / "warmup.json").write_text(json.dumps(records[:1]))
+    warmup = RecipeConfig(input=InputSpec(format="llava", path=str(root / "warmup.json")), process=[])
+    run_data_stage(warmup, root / "out-warmup")
+    results = {"shape": shape, "device": torch.cuda.get_device_name() if cuda else "cpu", "runs": {}}
+    ours = {
+        "blip2_caption_mapper": {
+            "model_path": str(model_dir),
+            "prompts": {"short": ""},
+            "max_new_tokens": max_new_tokens,
+            "min_new_tokens": max_new_tokens,  # random weights: every caption costs the full budget
+            "num_beams": 1,
+            "batch_size": batch_size,
+        }
+    }
+    stock = {"image_captioning_mapper": {"hf_img2seq": str(model_dir), "keep_original_sample": False}}
+    for name, op, count in (("blip2_caption_mapper", ours, images), ("image_captioning_mapper", stock, stock_images)):
+        if count < 1:
+            continue
+        listing = root / f"{name}.json"
+        listing.write_text(json.dumps(records[:count]))
+        recipe = RecipeConfig(input=InputSpec(format="llava", path=str(listing)), process=[op], max_skip_share=1.0)
+        started = time.perf_counter()
+        report = run_data_stage(recipe, root / f"out-{name}")
+        wall = time.perf_counter() - started
+        op_report = report["ops"][0]
+        results["runs"][name] = {
+            "images": count,
+            "wall_s": round(wall, 2),
+            "images_per_s": round(count / wall, 2),
+            "op_s": op_report["seconds"],
+            "op_phases_s": op_report.get("phases"),
+            "outside_op_s": round(wall - op_report["seconds"], 2),
+            "kept": report["samples"]["kept"],
+        }
+    runs = results["runs"]
+    if len(runs) == 2:
+        results["speedup"] = round(
+            runs["blip2_caption_mapper"]["images_per_s"] / runs["image_captioning_mapper"]["images_per_s"], 2
+        )
+    (root / "blip2_bench.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def print_blip2_report(results: dict) -> None:
+    print(f"BLIP-2 captioning, {results['shape']} shape, random weights, on {results['device']}")
+    for name, run in results["runs"].items():
+        print(
+            f"{name:>24}: {run['images']} images in {run['wall_s']} s = {run['images_per_s']} images/s "
+            f"(op {run['op_s']} s, data stage around it {run['outside_op_s']} s)"
+        )
+        if run.get("op_phases_s"):
+            print(" " * 26 + "op phases: " + ", ".join(f"{k} {v} s" for k, v in run["op_phases_s"].items()))
+    if "speedup" in results:
+        print(f"blip2_caption_mapper / image_captioning_mapper: {results['speedup']}x images/s")

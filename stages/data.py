@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,7 +131,7 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path) -> tuple[li
     accounting = []
     stats_dir.mkdir(parents=True, exist_ok=True)
     for op in load_ops(process):
-        before = len(dataset)
+        before, started = len(dataset), time.perf_counter()
         if isinstance(op, Filter):
             dataset = op.run(dataset, reduce=False)
             with (stats_dir / f"{op._name}.jsonl").open("w") as sink:
@@ -141,7 +142,15 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path) -> tuple[li
             dataset = op.run(dataset)
         args = {k: v for k, v in op._op_cfg[op._name].items() if k not in ("skip_op_error", *in_process)}
         accounting.append(
-            {"op": op._name, "args": args, "in": before, "out": len(dataset), "dropped": before - len(dataset)}
+            {
+                "op": op._name,
+                "args": args,
+                "in": before,
+                "out": len(dataset),
+                "dropped": before - len(dataset),
+                "seconds": round(time.perf_counter() - started, 3),
+                **({"phases": {k: round(v, 3) for k, v in op.seconds.items()}} if hasattr(op, "seconds") else {}),
+            }
         )
         log.info("data op %s: %d in, %d out", op._name, before, len(dataset))
     return dataset.to_list(), accounting

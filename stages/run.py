@@ -41,6 +41,17 @@ def stability_bench_parser() -> ArgumentParser:
     return parser
 
 
+def blip2_bench_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Images/s of BLIP-2 recaptioning through Data-Juicer: ours vs the stock op.")
+    parser.add_argument("--images", type=int, default=512, help="images for blip2_caption_mapper")
+    parser.add_argument("--stock_images", type=int, default=64, help="images for the (slow) stock op; 0 skips it")
+    parser.add_argument("--shape", type=str, default="opt-2.7b", help="opt-2.7b (Salesforce's shapes) or tiny")
+    parser.add_argument("--batch_size", type=int, default=64, help="batch of blip2_caption_mapper")
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--root", type=str, default="runs/bench-blip2", help="model, images and shards go here")
+    return parser
+
+
 def data_parser() -> ArgumentParser:
     from datamodules.world import WorldConfig
     from stages.data import RecipeConfig
@@ -97,7 +108,9 @@ def build_parser() -> ArgumentParser:
     commands.add_subcommand("report", report, help="rewrite a run's report.md")
     bench = ArgumentParser(description="Benchmarks that print figures.")
     commands.add_subcommand("bench", bench, help="benchmarks that print figures")
-    bench.add_subcommands(dest="bench").add_subcommand("stability", stability_bench_parser())
+    benches = bench.add_subcommands(dest="bench")
+    benches.add_subcommand("stability", stability_bench_parser())
+    benches.add_subcommand("blip2", blip2_bench_parser())
     return parser
 
 
@@ -218,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
 
         options = args.bench.stability
         print_report(bench_stability(Path(options.root), options.seeds, options.fault_seeds))
+    if args.command == "bench" and args.bench.bench == "blip2":
+        from stages.bench import bench_blip2, print_blip2_report
+
+        o = args.bench.blip2
+        results = bench_blip2(Path(o.root), o.images, o.shape, o.batch_size, o.stock_images, o.max_new_tokens)
+        print_blip2_report(results)
     return 0
 
 
