@@ -21,6 +21,10 @@ the snapshot are not replayed, as PaLM did); `stop` (no update; save `checkpoint
 end the stage; the CLI exits non-zero). Decisions are reduced across ranks: if any rank sees a
 problem, every rank acts.
 
+Under DeepSpeed, gradients live in the engine's partitioned buffers (`p.grad` is None), so the
+step is judged right after the engine's `step()`, with the engine's global norm (computed before
+clipping). The update is then already applied: only `warn` and `stop` are available there.
+
 Inspired by Lightning's SpikeDetection, which raises out of `fit` and cannot resume; this one acts
 and keeps its statistics in `state_dict` for resume.
 """
@@ -102,6 +106,13 @@ def judge(value: float, history: list[float], config: InstabilityConfig, spike_k
     return (spike_kind if value > threshold else None), threshold
 
 
+def deepspeed_engine(trainer: L.Trainer):
+    """The DeepSpeed engine when the trainer runs Lightning's DeepSpeed strategy, else None."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return trainer.strategy.deepspeed_engine if isinstance(trainer.strategy, DeepSpeedStrategy) else None
+
+
 def global_grad_norm(pl_module: L.LightningModule) -> float | None:
     """L2 norm over every parameter's gradient; None when no parameter holds one (e.g. DeepSpeed)."""
     norms = [p.grad.detach().float().norm(2) for p in pl_module.parameters() if p.grad is not None]
@@ -126,6 +137,7 @@ class InstabilityMonitor(L.Callback):
         self._keys: list[str] = []
         self._snapshot: dict | None = None
         self._healthy_since_snapshot = 0
+        self._judged_step: int | None = 0
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -162,11 +174,23 @@ class InstabilityMonitor(L.Callback):
         return None
 
     @override
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if deepspeed_engine(trainer) is not None and self.config.action in ("skip", "rewind"):
+            raise ValueError(
+                f"stability.instability.action {self.config.action!r} is not available under DeepSpeed: the engine "
+                "applies the update before its gradient norm is known. Use warn or stop."
+            )
+
+    @override
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if not self._micro_losses:
-            return
+        if not self._micro_losses or deepspeed_engine(trainer) is not None:
+            return  # under DeepSpeed the step is judged after it, with the engine's gradient norm
+        self._judge_step(trainer, pl_module, optimizer, global_grad_norm(pl_module))
+
+    def _judge_step(self, trainer, pl_module, optimizer, grad: float | None) -> None:
         loss = torch.stack(self._micro_losses).mean().item()
-        grad = global_grad_norm(pl_module)
+        if grad is not None and trainer.logger is not None and trainer.global_step % trainer.log_every_n_steps == 0:
+            trainer.logger.log_metrics({"train/grad_norm": grad}, step=trainer.global_step)
         keys, self._micro_losses, self._keys = self._keys, [], []
         findings = self._findings(loss, grad)
         act = trainer.strategy.reduce_boolean_decision(bool(findings), all=False)
@@ -193,7 +217,8 @@ class InstabilityMonitor(L.Callback):
         action = self.config.action
         if action == "warn":
             return
-        for group in optimizer.param_groups:  # no gradient: torch optimizers skip the parameter entirely
+        # No gradient: torch optimizers skip the parameter entirely (under DeepSpeed, optimizer is None).
+        for group in [] if optimizer is None else optimizer.param_groups:
             for param in group["params"]:
                 param.grad = None
         if action == "rewind" and self._snapshot is not None:
@@ -214,6 +239,11 @@ class InstabilityMonitor(L.Callback):
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        engine = deepspeed_engine(trainer)
+        if engine is not None and self._micro_losses and trainer.global_step != self._judged_step:
+            self._judged_step = trainer.global_step  # the engine stepped: its norm is this step's
+            norm = engine.get_global_grad_norm()
+            self._judge_step(trainer, pl_module, None, None if norm is None else float(norm))
         if self._stop_checkpoint_due:  # after the step, so the checkpoint is a consistent state
             self._stop_checkpoint_due = False
             trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "stopped.ckpt")

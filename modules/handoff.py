@@ -6,8 +6,10 @@ A stage's `export/` folder holds `projector.safetensors` and, once LoRA is in pl
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -32,12 +34,32 @@ def attach_lora(vlm: VisionLanguageModel, spec: LoraSpec) -> None:
     vlm.lm = get_peft_model(vlm.lm, config)
 
 
-def save_handoff(vlm: VisionLanguageModel, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in vlm.projector.state_dict().items()}
-    save_file(state, str(out_dir / PROJECTOR_FILE))
-    if has_lora(vlm):
-        vlm.lm.save_pretrained(out_dir / ADAPTER_DIR)
+@contextmanager
+def gathered(params: list[torch.nn.Parameter]):
+    """Full tensors of DeepSpeed ZeRO-3 partitioned `params` inside the block (a collective: every rank
+    must enter it); a no-op for ordinary parameters."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
+def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) -> None:
+    """Writes the projector and the adapter. Under ZeRO-3 every rank calls it (`write` on rank 0 only):
+    their weights are gathered first, or the files would hold empty partitions."""
+    handed = [*vlm.projector.parameters(), *(p for n, p in vlm.lm.named_parameters() if "lora_" in n)]
+    with gathered(handed):
+        if not write:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in vlm.projector.state_dict().items()}
+        save_file(state, str(out_dir / PROJECTOR_FILE))
+        if has_lora(vlm):
+            vlm.lm.save_pretrained(out_dir / ADAPTER_DIR)
 
 
 def load_handoff(vlm: VisionLanguageModel, from_dir: Path) -> None:

@@ -23,7 +23,9 @@ class TrainerConfig:
     devices: int | str | None = None
     num_nodes: int | None = None
     strategy: str | None = None
-    """"auto", "ddp", "deepspeed_stage_2", ... (Lightning's strategy names)."""
+    """"auto", "ddp", ... (Lightning's strategy names), or "deepspeed" with `deepspeed_config`."""
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON (configs/deepspeed/zero2.json, zero3.json, zero2_offload.json) for strategy "deepspeed"."""
     precision: str | None = None
     """"32-true", "bf16-mixed", "16-mixed", ..."""
     max_epochs: int | None = None
@@ -45,7 +47,23 @@ class TrainerConfig:
         )
 
     def kwargs(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """Keyword arguments of `lightning.Trainer`; strategy "deepspeed" becomes the configured DeepSpeed strategy."""
+        kwargs = {k: v for k, v in asdict(self).items() if v is not None and k != "deepspeed_config"}
+        if self.strategy == "deepspeed":
+            if self.deepspeed_config is None:
+                raise ValueError("trainer.strategy deepspeed needs trainer.deepspeed_config (configs/deepspeed/*.json)")
+            from stages.strategies import deepspeed_strategy
+
+            kwargs["strategy"] = deepspeed_strategy(self.deepspeed_config, self.accelerator)
+        elif self.strategy is not None and self.strategy.startswith("deepspeed"):
+            raise ValueError(
+                f"trainer.strategy {self.strategy}: use strategy deepspeed with trainer.deepspeed_config "
+                "(configs/deepspeed/zero2.json, ...): Lightning's named DeepSpeed strategies divide the loss twice "
+                "under gradient accumulation"
+            )
+        elif self.deepspeed_config is not None:
+            raise ValueError("trainer.deepspeed_config is set but trainer.strategy is not deepspeed")
+        return kwargs
 
 
 @dataclass

@@ -215,19 +215,19 @@ def run_stage(
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     # The caption DataModule resumes mid-epoch itself (it skips the batches already trained on).
     warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
-    last = stage_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
+    last = stage_dir / "checkpoints" / "last.ckpt"  # a folder under DeepSpeed, a file otherwise
+    if last.exists():
         log.info("stage %s: resuming from %s", name, last)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
     if monitor is not None and monitor.stopped:
         raise StageStopped(
             f"stage {name} stopped by a stability alert at step {trainer.global_step}; see {stage_dir / 'alerts.jsonl'}"
             f" and {stage_dir / 'checkpoints' / 'stopped.ckpt'}"
         )
 
+    save_handoff(module.vlm, stage_dir / "export", write=trainer.is_global_zero)  # every rank: ZeRO-3 gathers
     if trainer.is_global_zero:
         boundary.write_losses(stage_dir / "losses.json")
-        save_handoff(module.vlm, stage_dir / "export")
         done = {
             "fingerprint": print_,
             "global_steps": trainer.global_step,

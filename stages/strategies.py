@@ -1,0 +1,70 @@
+"""Lightning's DeepSpeed strategy from a config file, and its CPU variant for tests.
+
+`trainer.strategy: deepspeed` with `trainer.deepspeed_config: configs/deepspeed/zero2.json` (or
+zero3.json, zero2_offload.json) trains under `lightning.pytorch.strategies.DeepSpeedStrategy`.
+Lightning refuses DeepSpeed on a non-CUDA accelerator, while DeepSpeed itself runs on CPU over
+gloo; `CPUDeepSpeedStrategy` lifts only that check, so that CI exercises ZeRO-2/3 training, saving,
+resuming and exporting without a GPU. It is chosen when the accelerator is "cpu".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from typing_extensions import override
+
+
+class CurriculumDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy without the double division of the loss under gradient accumulation.
+
+    Lightning divides every micro-batch loss by `accumulate_grad_batches` before backward, and hands
+    DeepSpeed the same number as `gradient_accumulation_steps`, whose engine divides the loss again:
+    every gradient (and the norm that clipping and the stability alerts see) came out N times too
+    small. The engine is told not to scale (`scale_wrt_gas=False`), so updates equal the plain run's.
+    """
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer, *args, **kwargs) -> torch.Tensor:
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+
+class CPUDeepSpeedStrategy(CurriculumDeepSpeedStrategy):
+    """DeepSpeed over gloo on CPU: for tests only (no fused kernels, fp32)."""
+
+    @override
+    def setup_environment(self) -> None:
+        DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's CUDA-only check
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        # DeepSpeed reads the device index as the rank's device; a bare "cpu" device has none.
+        return torch.device("cpu", self.local_rank)
+
+    @override
+    def setup_distributed(self) -> None:
+        # DeepSpeedStrategy's version first checks CUDA device indices, which CPU devices do not have.
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+
+def resolve_config_path(path: str) -> Path:
+    candidate = Path(path)
+    if not candidate.is_file():
+        candidate = Path(__file__).resolve().parents[1] / path
+    if not candidate.is_file():
+        raise FileNotFoundError(f"--trainer.deepspeed_config: {path} does not exist")
+    return candidate
+
+
+def deepspeed_strategy(config_path: str, accelerator: str | None) -> CurriculumDeepSpeedStrategy:
+    """The DeepSpeed strategy for a JSON config; on CPU the test-only variant."""
+    config = json.loads(resolve_config_path(config_path).read_text())
+    cls = CPUDeepSpeedStrategy if accelerator == "cpu" else CurriculumDeepSpeedStrategy
+    return cls(config=config, exclude_frozen_parameters=True)
