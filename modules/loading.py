@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -46,6 +47,17 @@ class ModelConfig:
     prompt: str = "describe the image"
     """The captioning instruction placed after the image tokens."""
     lora: LoraSpec = field(default_factory=LoraSpec)
+    random_init: bool = False
+    """Random weights from the folders' config.json, or from `vision_arch` / `lm_arch` when no folder is
+    given: for throughput and memory runs of a real profile without its weights."""
+    vision_arch: dict | None = None
+    """The tower's transformers config (with `model_type`), used with `random_init` when `vision_path` is unset."""
+    lm_arch: dict | None = None
+    """The language model's transformers config (with `model_type`), as `vision_arch`."""
+    image_size: int = 336
+    """Input side of the image processor written for a random-init tower."""
+    dtype: str | None = None
+    """Storage dtype of the base models ("bfloat16", "float16"); unset: as saved (random init: float32)."""
 
 
 def model_folder(path: str | Path, flag: str) -> Path:
@@ -58,35 +70,77 @@ def model_folder(path: str | Path, flag: str) -> Path:
     return folder
 
 
-def load_vision_tower(path: str | Path) -> tuple[nn.Module, object, int]:
-    """(tower, image processor, feature width) from a local folder."""
+def _random(model_class, config, dtype: torch.dtype | None) -> nn.Module:
+    """A seeded random-weight model of `config`, without disturbing the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return model_class.from_config(config, dtype=dtype or torch.float32)
+
+
+def load_vision_tower(
+    path: str | Path, random_init: bool = False, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, object, int]:
+    """(tower, image processor, feature width) from a local folder (weights, or only its config.json)."""
     folder = model_folder(path, "--model.vision_path")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if hasattr(config, "vision_config"):  # a full CLIP / SigLIP checkpoint: keep only its vision half
         model_class = type(AutoModel.from_config(config.vision_config))
-        tower = model_class.from_pretrained(folder, local_files_only=True)
+        tower = (
+            _random(model_class, config.vision_config, dtype)
+            if random_init
+            else model_class.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        )
         width = config.vision_config.hidden_size
     else:
-        tower = AutoModel.from_pretrained(folder, local_files_only=True)
+        tower = (
+            _random(AutoModel, config, dtype)
+            if random_init
+            else AutoModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        )
         width = config.hidden_sizes[-1] if hasattr(config, "hidden_sizes") else config.hidden_size
     processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     return tower, processor, width
 
 
-def load_language_model(path: str | Path) -> tuple[nn.Module, object]:
+def load_language_model(
+    path: str | Path, random_init: bool = False, dtype: torch.dtype | None = None
+) -> tuple[nn.Module, object]:
     """(causal LM, tokenizer) from a local folder. The tokenizer must define an image placeholder token."""
     folder = model_folder(path, "--model.lm_path")
-    lm = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    if random_init:
+        lm = _random(AutoModelForCausalLM, AutoConfig.from_pretrained(folder, local_files_only=True), dtype)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return lm, tokenizer
+
+
+def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> tuple[Path, Path]:
+    """Folders holding only configs (the tower's with an image processor, the LM's with the synthetic
+    world's tokenizer) from `vision_arch` / `lm_arch`: what `random_init` builds models from."""
+    from transformers import CLIPImageProcessor
+
+    from modules.tokenizer import train_world_tokenizer
+
+    for flag, arch in (("--model.vision_arch", config.vision_arch), ("--model.lm_arch", config.lm_arch)):
+        if not arch or "model_type" not in arch:
+            raise ValueError(f"{flag}: random_init without a model folder needs a config dict with a model_type")
+    vision, lm = out / "vision", out / "lm"
+    AutoConfig.for_model(**config.vision_arch).save_pretrained(vision)
+    side = config.image_size
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(vision)
+    AutoConfig.for_model(**config.lm_arch).save_pretrained(lm)
+    train_world_tokenizer([*corpus, config.prompt], lm)
+    return vision, lm
 
 
 def build_vlm(
     config: ModelConfig, vision_path: str | Path, lm_path: str | Path
 ) -> tuple[VisionLanguageModel, object, object]:
     """(VLM with a freshly initialised projector, tokenizer, image processor)."""
-    tower, processor, width = load_vision_tower(vision_path)
-    lm, tokenizer = load_language_model(lm_path)
+    dtype = getattr(torch, config.dtype) if config.dtype else None
+    tower, processor, width = load_vision_tower(vision_path, config.random_init, dtype)
+    lm, tokenizer = load_language_model(lm_path, config.random_init, dtype)
     image_token = getattr(tokenizer, "image_token", None)
     if image_token is None:
         raise ValueError(

@@ -7,8 +7,9 @@ import logging
 from pathlib import Path
 
 from datamodules.shards import INDEX_NAME, index_digest
+from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
-from modules.loading import model_folder
+from modules.loading import model_folder, write_config_folders
 from stages.config import CurriculumConfig
 from stages.data import load_recipe, run_data_stage
 from stages.report import write_report
@@ -68,11 +69,30 @@ def _folder_digest(folder: Path) -> str:
 
 def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Path]:
     """(vision folder, LM folder): the configured ones, or the tiny pair built (once) under <run_dir>/base."""
-    for flag, path in (("--model.vision_path", cfg.model.vision_path), ("--model.lm_path", cfg.model.lm_path)):
-        if path is not None:
-            model_folder(path, flag)  # fail before any work if a named folder is missing
-    if cfg.model.vision_path is not None and cfg.model.lm_path is not None:
-        return Path(cfg.model.vision_path), Path(cfg.model.lm_path)
+    model = cfg.model
+    if model.random_init and (model.vision_arch or model.lm_arch):
+        # A profile's architectures with random weights: config-only folders, read by the usual loaders.
+        # A configured folder that exists wins (its config.json is used); missing ones are not an error here.
+        written = write_config_folders(model, run_dir / "base" / "random_init", vocabulary_corpus(cfg.world))
+        chosen = [
+            Path(path) if path and (Path(path) / "config.json").is_file() else default
+            for path, default in zip((model.vision_path, model.lm_path), written, strict=True)
+        ]
+        return chosen[0], chosen[1]
+    missing = []  # fail before any work, naming every configured folder that is not a model folder
+    for flag, path in (("--model.vision_path", model.vision_path), ("--model.lm_path", model.lm_path)):
+        try:
+            if path is not None:
+                model_folder(path, flag)
+        except FileNotFoundError as error:
+            missing.append(str(error).split(" Give a local")[0])
+    if missing:
+        raise FileNotFoundError(
+            " ".join(missing) + " Give local folders saved with save_pretrained (nothing is downloaded at run "
+            "time), or add --model.random_init true to build the profile's architecture with random weights."
+        )
+    if model.vision_path is not None and model.lm_path is not None:
+        return Path(model.vision_path), Path(model.lm_path)
     base = run_dir / "base"
     wanted = fingerprint({"base": cfg.base, "world": cfg.world, "seed": cfg.seed})
     stamp = base / "build.json"
@@ -94,8 +114,8 @@ def _losses(stage_dir: Path) -> list[float]:
 
 def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     run_dir.mkdir(parents=True, exist_ok=True)
+    vision, lm = prepare_base_models(cfg, run_dir)  # first: a missing model folder fails before any work
     shard_dir = prepare_data(cfg, run_dir)
-    vision, lm = prepare_base_models(cfg, run_dir)
     digests = {
         "shards": index_digest(shard_dir),
         "vision": _folder_digest(vision) if vision.is_dir() else "missing",
