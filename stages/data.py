@@ -272,7 +272,7 @@ def report_markdown(report: dict) -> str:
         if t.get("texts"):
             lines.append(
                 f"| {name} | {t['texts']} | {t['mean_words']:.1f} | {t['p50_words']:.0f} | {t['p95_words']:.0f} | "
-                f"{t['vocabulary']} | {t['mtld']:.1f} | {t['mattr']:.3f} | {t['ttr_equal_tokens']:.3f} |"
+                f"{t['vocabulary']} | {t['mtld']:.1f} | {t['mattr']:.3f} | {t['ttr_equal_tokens']:.3g} |"
             )
     lines += ["", "Examples (raw -> recaptioned):", ""]
     lines += [f"- `{e['key']}`: {e['raw']!r} -> {json.dumps(e['captions'])}" for e in report["examples"]]

@@ -105,6 +105,7 @@ def write_report(run_dir: Path) -> Path:
         lines += ["No data report beside the shards (they were not built by `stages.run data`).", ""]
     else:
         lines += [line.replace("# Data report", "").strip("\n") for line in report_markdown(data).splitlines()[1:]]
+        lines.append("")
 
     lines += ["## Stages", "", "| stage | trainable | max words | steps | lr | init from | fingerprint |"]
     lines += ["|---|---|---|---|---|---|---|"]
@@ -113,7 +114,8 @@ def write_report(run_dir: Path) -> Path:
         steps = _read_json(run_dir / name / "done.json", {}).get("global_steps")
         lines.append(
             f"| {name} | {', '.join(spec['trainable'])} | {spec['max_words']} | {steps} | "
-            f"{json.dumps(spec['lr'])} | {spec['init_from']} | `{config['fingerprint']}` |"
+            f"{json.dumps({g: spec['lr'][g] for g in spec['trainable']})} | {spec['init_from']} | "
+            f"`{config['fingerprint']}` |"
         )
     first = configs[stages[0]]
     shared = {key: first[key] for key in ("seed", "model", "data", "eval", "stability")}
