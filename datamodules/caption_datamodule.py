@@ -33,6 +33,12 @@ def _decode(sample: dict) -> tuple[str, Image.Image, dict]:
     return sample["__key__"], Image.open(io.BytesIO(data)).convert("RGB"), json.loads(sample["json"])
 
 
+def _every(step: int, offset: int) -> Callable[[dict], bool]:
+    """A predicate keeping the samples at positions offset, offset + step, ... of a stream."""
+    position = itertools.count()
+    return lambda _sample: next(position) % step == offset
+
+
 class ShardStream(IterableDataset):
     """Samples of some shards, split by node and worker; in `train` mode shuffled and endless.
 
@@ -56,23 +62,32 @@ class ShardStream(IterableDataset):
 
     def _one_pass(self, epoch: int) -> Iterator[dict]:
         urls = list(self.urls)
-        stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker]
         if self.train:
             random.Random(f"{self.seed}/shards/{epoch}").shuffle(urls)
-            stages[0] = wds.SimpleShardList(urls)
-            worker = torch.utils.data.get_worker_info()
-            rng = random.Random(f"{self.seed}/samples/{epoch}/{worker.id if worker else 0}")
-            stages += [wds.tarfile_to_samples(), wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)]
-        else:
-            stages += [wds.tarfile_to_samples()]
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        readers = world * workers
+        if len(urls) >= readers:  # every reader (rank x worker) gets whole shards of its own
+            stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples()]
+        else:  # fewer shards than readers: each reads all shards and keeps every `readers`-th sample
+            mine = rank * workers + worker
+            stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples()]
+            stages.append(wds.select(_every(readers, mine)))
+        if self.train:
+            rng = random.Random(f"{self.seed}/samples/{epoch}/{worker}")
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
         return iter(wds.DataPipeline(*stages))
 
     def _samples(self) -> Iterator[dict]:
         epoch = self.epoch
         while True:
-            yield from self._one_pass(epoch)
+            count = 0
+            for sample in self._one_pass(epoch):
+                count += 1
+                yield sample
             if not self.train:
                 return
+            if count == 0:  # an endless stream of empty passes would spin forever
+                raise RuntimeError(f"no training samples reached this reader from {len(self.urls)} shard(s)")
             epoch += 1
 
     def __iter__(self) -> Iterator[dict]:

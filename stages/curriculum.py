@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_only
+
 from datamodules.shards import INDEX_NAME, index_digest
 from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
@@ -138,6 +140,8 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
         result = run_stage(cfg, name, inputs, init_dir, None if init is None else init.fingerprint, step_offset, tail)
         results.append(result)
         step_offset += result.global_steps
+    if rank_zero_only.rank != 0:  # the other ranks of a multi-device run trained; rank 0 scores and reports
+        return []
     summary = {r.name: {k: v for k, v in r.metrics.items() if k != "budget"} for r in results}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("report: %s", write_report(run_dir))
