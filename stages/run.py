@@ -111,6 +111,13 @@ def build_parser() -> ArgumentParser:
     benches = bench.add_subcommands(dest="bench")
     benches.add_subcommand("stability", stability_bench_parser())
     benches.add_subcommand("blip2", blip2_bench_parser())
+    train = curriculum_parser()
+    train.description = "Training tokens/s, MFU and peak memory of a profile: our Lightning path vs a plain loop."
+    train.add_argument("--steps", type=int, default=20, help="optimizer steps per path and step kind")
+    train.add_argument("--warmup", type=int, default=5, help="steps not timed (compilation, allocator warm-up)")
+    train.add_argument("--batch", type=int, default=8, help="samples per step")
+    train.add_argument("--text_tokens", type=int, default=256, help="text tokens per sample, after the image tokens")
+    benches.add_subcommand("train", train)
     return parser
 
 
@@ -231,6 +238,26 @@ def main(argv: list[str] | None = None) -> int:
 
         options = args.bench.stability
         print_report(bench_stability(Path(options.root), options.seeds, options.fault_seeds))
+    if args.command == "bench" and args.bench.bench == "train":
+        from stages.bench_train import bench_train, print_train_report
+
+        sub = args.bench.train
+        config_files = [str(p) for p in (sub.pop("config", None) or [])]
+        options = {k: sub.pop(k) for k in ("steps", "warmup", "batch", "text_tokens")}
+        try:
+            values = parser.instantiate_classes(args).bench.train
+            cfg = CurriculumConfig(**{k: v for k, v in vars(values).items() if not k.startswith("__")})
+            run_dir = (
+                Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"bench-train-{default_run_dir(config_files).name}"
+            )
+            run_dir.mkdir(parents=True, exist_ok=True)
+            report = bench_train(
+                cfg, run_dir, options["steps"], options["warmup"], options["batch"], options["text_tokens"]
+            )
+        except (FileNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print_train_report(report)
     if args.command == "bench" and args.bench.bench == "blip2":
         from stages.bench import bench_blip2, print_blip2_report
 

@@ -18,3 +18,23 @@ def test_blip2_bench_runs_both_ops_and_splits_the_time(tmp_path, capsys):
     assert ours["op_s"] <= ours["wall_s"] and result["speedup"] > 0
     shard = json.loads((tmp_path / "out-blip2_caption_mapper" / "report.json").read_text())
     assert all(len(e["captions"]["short"].split()) >= 1 for e in shard["examples"])
+
+
+def test_train_bench_runs_both_paths_for_both_step_kinds(tmp_path, capsys):
+    vision = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 32, "patch_size": 8}  # fmt: skip
+    lm = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+          "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 128}  # fmt: skip
+    argv = [
+        "bench", "train", "--model.random_init=true", f"--model.vision_arch={json.dumps(vision)}",
+        f"--model.lm_arch={json.dumps(lm)}", "--model.image_size=32", "--model.grid=null",
+        "--trainer.accelerator=cpu", f"--run_dir={tmp_path}", "--steps=4", "--warmup=1", "--batch=2",
+        "--text_tokens=16",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "lightning / plain tokens/s" in capsys.readouterr().out
+    report = json.loads((tmp_path / "bench_train.json").read_text())
+    for kind in ("align", "sft"):
+        row = report[kind]
+        assert row["image_tokens"] == 16 and row["tokens_per_sample"] >= row["image_tokens"] + 16  # + the prompt
+        assert all(0 < row[path]["mfu"] and row[path]["tokens_per_s"] > 0 for path in ("lightning", "plain"))
