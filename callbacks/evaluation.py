@@ -20,7 +20,7 @@ import torch.distributed as dist
 from typing_extensions import override
 
 from datamodules.captions import PromptFormat
-from stages.metrics import DEFAULT_BUCKETS, caption_metrics
+from stages.metrics import DEFAULT_BUCKETS, caption_metrics, vqa_exact
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,50 @@ def _gather(items: list) -> list:
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, items)
     return [item for part in gathered for item in part]
+
+
+def answer_questions(vlm, samples: list, fmt: PromptFormat, processor, batch_size: int, max_new_tokens: int = 3):
+    """(key, question type, answer, generated answer) for every question the samples' metadata holds.
+
+    Each question replaces the captioning prompt after the image tokens; prompts of equal token length
+    are batched together, so no padding is needed.
+    """
+    device = next(vlm.parameters()).device
+    tokenizer = fmt.tokenizer
+    groups: dict[int, list[tuple]] = {}
+    for key, image, meta in samples:
+        for q in meta.get("questions", []):
+            prompt = PromptFormat(tokenizer, fmt.num_image_tokens, q["question"]).prefix()
+            groups.setdefault(len(prompt), []).append((key, q, image, prompt))
+    results = []
+    for rows in groups.values():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            pixels = processor([image for _, _, image, _ in chunk], return_tensors="pt")["pixel_values"].to(device)
+            input_ids = torch.tensor([prompt for *_, prompt in chunk], device=device)
+            tokens = vlm.generate(
+                input_ids,
+                torch.ones_like(input_ids),
+                pixels,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            answers = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+            results += [
+                (key, q["type"], q["answer"], a.strip()) for (key, q, _, _), a in zip(chunk, answers, strict=True)
+            ]
+    return results
+
+
+def vqa_scores(answers: list[tuple[str, str, str, str]]) -> dict[str, float]:
+    """Exact-match VQA accuracy overall and per question type, and the number of questions."""
+    scores = {"vqa_exact": vqa_exact([a[3] for a in answers], [a[2] for a in answers]), "vqa_questions": len(answers)}
+    for kind in sorted({a[1] for a in answers}):
+        rows = [a for a in answers if a[1] == kind]
+        scores[f"vqa_exact_{kind}"] = vqa_exact([a[3] for a in rows], [a[2] for a in rows])
+    return scores
 
 
 def score(results: list[tuple[str, dict, str]], buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> dict:
@@ -123,6 +167,7 @@ class CaptionEvaluation(L.Callback):
         every_n_steps: int | None = None,
         grid_images: int = 8,
         buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+        vqa: bool = False,
         extra: dict | None = None,
     ) -> None:
         if not samples:
@@ -134,6 +179,7 @@ class CaptionEvaluation(L.Callback):
         self.stage, self.samples, self.fmt, self.processor = stage, samples, fmt, processor
         self.out_path, self.table_rows, self.batch_size = Path(out_path), table_rows, batch_size
         self.every_n_steps, self.grid_images, self.buckets = every_n_steps, grid_images, tuple(buckets)
+        self.vqa = vqa
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}
         self.extra = extra or {}
         self.metrics: dict | None = None
@@ -171,6 +217,7 @@ class CaptionEvaluation(L.Callback):
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
         results = self.caption(pl_module.vlm, trainer.global_rank, trainer.world_size, owner=pl_module)
+        answers = self._answers(trainer, pl_module) if final and self.vqa else None  # every rank: ZeRO-3
         if not trainer.is_global_zero:
             return
         metrics = score(results, self.buckets)
@@ -187,6 +234,10 @@ class CaptionEvaluation(L.Callback):
                 shown = results[: self.grid_images]
                 grid = caption_grid([by_key[key] for key, _, _ in shown], [text for _, _, text in shown])
                 logger.experiment.add_image(f"eval/{self.stage}/grid", grid, tb_step, dataformats="HWC")
+        if answers is not None:
+            if not answers:
+                raise ValueError("eval.vqa: the evaluated shards hold no questions (rebuild them with the data stage)")
+            metrics.update(vqa_scores(answers))
         if final:
             self.metrics = metrics
             record = {"stage": self.stage, "global_step": step, "generation": self.generate_kwargs}
@@ -196,6 +247,15 @@ class CaptionEvaluation(L.Callback):
             samples_path.write_text("".join(json.dumps({"key": k, "caption": t}) + "\n" for k, _, t in results))
             shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if not isinstance(v, dict))
             log.info("%s evaluation: %s", self.stage, shown)
+
+    def _answers(self, trainer, pl_module) -> list:
+        """This rank's share of the questions answered, gathered from every rank."""
+        was_training = pl_module.training
+        pl_module.eval()
+        mine = self.samples[trainer.global_rank :: trainer.world_size]
+        answers = answer_questions(pl_module.vlm, mine, self.fmt, self.processor, self.batch_size)
+        pl_module.train(was_training)
+        return sorted(_gather(answers))
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:

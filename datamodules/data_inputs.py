@@ -74,7 +74,7 @@ def read_synthetic(world: WorldConfig, seed: int, image_dir: Path) -> Iterator[d
             scene = make_scene(world, seed, split, index)
             path = image_dir / f"{scene.key}.png"
             path.write_bytes(png_bytes(render(scene, world.image_size, seed, world)))
-            meta = {k: v for k, v in scene.metadata().items() if k in ("key", "background", "objects")}
+            meta = {k: v for k, v in scene.metadata().items() if k in ("key", "background", "objects", "questions")}
             yield _row(scene.key, scene.raw_caption, path, meta, split)
 
 

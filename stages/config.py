@@ -117,6 +117,9 @@ class EvalConfig:
     """Also evaluate every this many optimizer steps during a stage (null: only at its end)."""
     grid_images: int = 8
     """Images in the TensorBoard grid of images with their generated captions (0: no grid)."""
+    vqa: bool = False
+    """Also ask the held-out images' questions (yes/no, counting, colour) at each stage's end: exact-match VQA
+    accuracy overall and per type. Off by default: the tiny curriculum trains captioning only."""
     length_buckets: list[int] = field(default_factory=lambda: [8, 20, 48])
     """Upper edges (words) of the generated-caption length buckets that hallucination is also reported by."""
 

@@ -29,6 +29,10 @@ def resolve_recipe(path: str) -> Path:
     return REPO_ROOT / candidate
 
 
+# Bumped when what the shards hold changes (2: the world's questions), so older shards are rebuilt.
+SHARD_FORMAT = 2
+
+
 def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
     """The shard folder: `data.shard_dir` if given, else built (once) by the `data.recipe` in <run_dir>/data."""
     if cfg.data.shard_dir is not None:
@@ -41,7 +45,7 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
         raise FileNotFoundError(f"--data.recipe: {recipe_path} does not exist")
     recipe = load_recipe(recipe_path)
     shard_dir = run_dir / "data"
-    wanted = fingerprint({"recipe": recipe, "world": cfg.world, "seed": cfg.seed})
+    wanted = fingerprint({"recipe": recipe, "world": cfg.world, "seed": cfg.seed, "format": SHARD_FORMAT})
     stamp = shard_dir / "recipe.json"
     if stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == wanted:
         return shard_dir

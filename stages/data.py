@@ -181,7 +181,7 @@ def _shard_sample(row: dict) -> dict:
         "captions": variants,
         "caption_words": {name: len(text.split()) for name, text in variants.items()},
         "raw_caption": row["raw_caption"],
-        **{k: meta[k] for k in ("objects", "background") if k in meta},
+        **{k: meta[k] for k in ("objects", "background", "questions") if k in meta},
     }
     extension = image.suffix.lower().lstrip(".").replace("jpeg", "jpg") or "png"
     return {"__key__": row["__key__"], extension: image.read_bytes(), "json": json.dumps(record, sort_keys=True)}

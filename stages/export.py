@@ -163,9 +163,10 @@ def evaluate_model(
     num_beams: int = 1,
     batch_size: int = 64,
     buckets: tuple[int, ...] = (8, 20, 48),
+    vqa: bool = False,
 ) -> dict:
     """Captions the held-out `split` of the shards with an exported folder or a finished stage; the scores."""
-    from callbacks.evaluation import generate_captions, score
+    from callbacks.evaluation import answer_questions, generate_captions, score, vqa_scores
     from datamodules.caption_datamodule import CaptionDataModule
     from datamodules.captions import PromptFormat
 
@@ -195,6 +196,12 @@ def evaluate_model(
         )
     results = [(key, meta, text) for (key, _, meta), text in zip(samples, captions, strict=True)]
     metrics = score(sorted(results, key=lambda r: r[0]), buckets)
+    if vqa:
+        with torch.no_grad():
+            answers = answer_questions(model, samples, fmt, processor, batch_size)
+        if not answers:
+            raise ValueError(f"--vqa: {shards} holds no questions (rebuild the shards with the data stage)")
+        metrics.update(vqa_scores(answers))
     return {
         "model": source,
         "data": {"shard_dir": str(shards), "split": split, "images": len(samples)},

@@ -86,6 +86,7 @@ def eval_parser() -> ArgumentParser:
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--vqa", action="store_true", help="also ask the images' questions: exact-match VQA accuracy")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (with every caption)")
     return parser
 
@@ -159,6 +160,7 @@ def run_model_command(command: str, options) -> int:
             options.max_new_tokens,
             options.num_beams,
             options.batch_size,
+            vqa=options.vqa,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -192,6 +192,7 @@ def run_stage(
         every_n_steps=cfg.eval.every_n_steps,
         grid_images=cfg.eval.grid_images,
         buckets=tuple(cfg.eval.length_buckets),
+        vqa=cfg.eval.vqa,
         extra={"budget": budget},
     )
     checkpoint = ModelCheckpoint(

@@ -62,5 +62,5 @@ def micro_run(tmp_path_factory) -> Path:
     from stages.run import main
 
     run_dir = tmp_path_factory.mktemp("micro_run") / "run"
-    assert main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS, "--eval.every_n_steps=2"]) == 0
+    assert main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS, "--eval.every_n_steps=2", "--eval.vqa=true"]) == 0
     return run_dir

@@ -39,3 +39,19 @@ def test_report_is_written_from_the_runs_files(micro_run, capsys):
     (micro_run / "report.md").unlink()
     assert main(["report", "--run_dir", str(micro_run)]) == 0
     assert (micro_run / "report.md").read_text() == report
+
+
+def test_vqa_at_each_stage_end_and_from_the_eval_command(micro_run):
+    from callbacks.evaluation import vqa_scores
+    from stages.export import evaluate_model
+
+    metrics = json.loads((micro_run / "sft_long" / "metrics.json").read_text())
+    assert metrics["vqa_questions"] == 4 * 8  # the world asks 4 questions per image
+    assert {"vqa_exact", "vqa_exact_yes_no", "vqa_exact_count"} <= metrics.keys()
+    result = evaluate_model(micro_run / "sft_long", limit=8, max_new_tokens=12, vqa=True)
+    assert result["metrics"]["vqa_exact"] == metrics["vqa_exact"]
+    # (key, type, answer, generated): 2 of 3 right overall, yes/no 1 of 2
+    answers = [("a", "yes_no", "yes", "yes"), ("a", "yes_no", "no", "yes"), ("b", "count", "two", "2")]
+    assert vqa_scores(answers) == {
+        "vqa_exact": 2 / 3, "vqa_questions": 3, "vqa_exact_count": 1.0, "vqa_exact_yes_no": 0.5,
+    }  # fmt: skip
