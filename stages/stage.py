@@ -96,6 +96,12 @@ def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, i
     spec = cfg.stages[name]
     trainer = cfg.trainer.merged(spec.trainer)
     stage = {**asdict(spec), "trainer": asdict(trainer)}
+    if trainer.deepspeed_config:  # the file's content decides the run, not only its name
+        from stages.strategies import resolve_config_path
+
+        stage["trainer"]["deepspeed_config_digest"] = fingerprint(
+            resolve_config_path(trainer.deepspeed_config).read_text()
+        )
     return {
         "stage": name,
         "spec": stage,
@@ -236,4 +242,6 @@ def run_stage(
             "resources": throughput.summary(module.device),
         }
         done_path.write_text(json.dumps(done, indent=2))
+    # The other ranks go on to the next stage, which reads this stage's export: wait until rank 0 wrote it.
+    trainer.strategy.barrier("stage_written")
     return StageResult(name, print_, trainer.global_step, evaluation.metrics, skipped=False)

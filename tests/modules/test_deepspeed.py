@@ -168,11 +168,17 @@ def _two_rank_run(run_dir: Path, tmp_path: Path, strategy: list[str]) -> subproc
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
 
 
+def _errors(done: subprocess.CompletedProcess) -> str:
+    """The lines that say what failed, from both ranks, then the tail."""
+    lines = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line]
+    return "\n".join(lines[-20:]) + "\n---\n" + done.stderr[-2000:]
+
+
 def test_two_ranks_under_zero3_train_the_same_model_as_two_ranks_under_ddp(tmp_path):
     ddp = _two_rank_run(tmp_path / "ddp", tmp_path, ["--trainer.strategy=ddp"])
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.returncode == 0, _errors(ddp)
     zero3 = _two_rank_run(tmp_path / "zero3", tmp_path, _deepspeed_args(tmp_path, "zero3"))
-    assert zero3.returncode == 0, zero3.stderr[-3000:]
+    assert zero3.returncode == 0, _errors(zero3)
     for stage in ("align", "sft_short"):
         torch.testing.assert_close(
             _losses(tmp_path / "zero3", stage), _losses(tmp_path / "ddp", stage), rtol=1e-4, atol=1e-6
