@@ -39,6 +39,17 @@ MICRO_ARGS = [
     *[f"--stages.{name}.trainer.max_steps=3" for name in ("align", "sft_short", "sft_medium", "sft_long")],
 ]
 
+# A toy random-init profile: a CLIP-style ViT tower (all 16 patches kept) and a Qwen2 LM, as flags.
+TOY_PROFILE_ARGS = [
+    "--model.random_init=true",
+    '--model.vision_arch={"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, '
+    '"num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}',
+    '--model.lm_arch={"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, '
+    '"num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 128}',
+    "--model.image_size=32",
+    "--model.grid=null",
+]
+
 
 @pytest.fixture(scope="session")
 def micro_world(tmp_path_factory) -> Path:

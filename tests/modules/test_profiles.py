@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import yaml
 
 from modules.loading import LoraSpec, ModelConfig, build_vlm, write_config_folders
 from stages.run import main
-from tests.conftest import MICRO_ARGS
+from tests.conftest import MICRO_ARGS, TOY_PROFILE_ARGS
 
 PROFILES = {  # profile: (vision tower parameters, LM parameters), in millions, from the published models
     "mgm_2b": (303, 2506),  # CLIP ViT-L/14-336, Gemma-2B
@@ -48,15 +46,8 @@ def test_profile_without_its_folders_names_them(tmp_path, capsys):
 @pytest.mark.slow
 def test_random_init_profile_trains_exports_and_evaluates(tmp_path, micro_world):
     # A small profile's code path (CLIP-style ViT tower, Qwen2 LM, all patches kept) at toy sizes.
-    vision = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "image_size": 32, "patch_size": 8}  # fmt: skip
-    lm = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-          "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 128}  # fmt: skip
-    args = [
-        "curriculum", f"--run_dir={tmp_path / 'run'}", *MICRO_ARGS, f"--data.shard_dir={micro_world}",
-        "--model.random_init=true", f"--model.vision_arch={json.dumps(vision)}", f"--model.lm_arch={json.dumps(lm)}",
-        "--model.image_size=32", "--model.grid=null",
-    ]  # fmt: skip
+    args = ["curriculum", f"--run_dir={tmp_path / 'run'}", *MICRO_ARGS, f"--data.shard_dir={micro_world}"]
+    args += TOY_PROFILE_ARGS
     assert main(args) == 0
     from stages.export import evaluate_model, export_model, find_stage
 

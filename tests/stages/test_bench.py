@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from stages.run import main
+from tests.conftest import TOY_PROFILE_ARGS
 
 
 def test_blip2_bench_runs_both_ops_and_splits_the_time(tmp_path, capsys):
@@ -21,16 +22,8 @@ def test_blip2_bench_runs_both_ops_and_splits_the_time(tmp_path, capsys):
 
 
 def test_train_bench_runs_both_paths_for_both_step_kinds(tmp_path, capsys):
-    vision = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-              "num_attention_heads": 2, "image_size": 32, "patch_size": 8}  # fmt: skip
-    lm = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-          "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 128}  # fmt: skip
-    argv = [
-        "bench", "train", "--model.random_init=true", f"--model.vision_arch={json.dumps(vision)}",
-        f"--model.lm_arch={json.dumps(lm)}", "--model.image_size=32", "--model.grid=null",
-        "--trainer.accelerator=cpu", f"--run_dir={tmp_path}", "--steps=4", "--warmup=1", "--batch=2",
-        "--text_tokens=16",
-    ]  # fmt: skip
+    argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
+    argv += ["--steps=4", "--warmup=1", "--batch=2", "--text_tokens=16"]
     assert main(argv) == 0
     assert "lightning / plain tokens/s" in capsys.readouterr().out
     report = json.loads((tmp_path / "bench_train.json").read_text())
