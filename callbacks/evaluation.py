@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -48,6 +49,18 @@ def generate_captions(
         )
         captions += [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
     return captions
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """`module` in eval mode inside the block, then back in its own train mode (a LightningModule's
+    `train` keeps a frozen tower's batch norm in eval mode, which the inner VLM's would not)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def _gather(items: list) -> list:
@@ -180,7 +193,7 @@ class CaptionEvaluation(L.Callback):
         self.out_path, self.table_rows, self.batch_size = Path(out_path), table_rows, batch_size
         self.every_n_steps, self.grid_images, self.buckets = every_n_steps, grid_images, tuple(buckets)
         self.vqa = vqa
-        self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False}
+        self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
         self.extra = extra or {}
         self.metrics: dict | None = None
         self.history: list[dict] = []
@@ -195,18 +208,11 @@ class CaptionEvaluation(L.Callback):
         self.history = list(state_dict.get("history", []))
 
     def caption(self, vlm, rank: int = 0, world_size: int = 1, owner=None) -> list[tuple[str, dict, str]]:
-        """(key, metadata, caption) for every sample, sorted by key, gathered from all ranks.
-
-        `owner` (the LightningModule) is put back into its own train mode afterwards: its `train`
-        keeps a frozen tower's batch norm in eval mode, which `vlm.train()` would not.
-        """
+        """(key, metadata, caption) for every sample, sorted by key, gathered from all ranks; `owner` (the
+        LightningModule, if any) is the module whose train mode is switched off meanwhile (see `eval_mode`)."""
         mine = self.samples[rank::world_size]
-        owner = owner if owner is not None else vlm
-        was_training = owner.training
-        owner.eval()
-        kwargs = {k: v for k, v in self.generate_kwargs.items() if k != "do_sample"}
-        captions = generate_captions(vlm, mine, self.fmt, self.processor, self.batch_size, **kwargs)
-        owner.train(was_training)
+        with eval_mode(owner if owner is not None else vlm):
+            captions = generate_captions(vlm, mine, self.fmt, self.processor, self.batch_size, **self.generate_kwargs)
         results = _gather([(key, meta, text) for (key, _, meta), text in zip(mine, captions, strict=True)])
         return sorted(results, key=lambda r: r[0])
 
@@ -240,7 +246,8 @@ class CaptionEvaluation(L.Callback):
             metrics.update(vqa_scores(answers))
         if final:
             self.metrics = metrics
-            record = {"stage": self.stage, "global_step": step, "generation": self.generate_kwargs}
+            generation = {**self.generate_kwargs, "do_sample": False}  # generate_captions decodes greedily or by beam
+            record = {"stage": self.stage, "global_step": step, "generation": generation}
             record.update(metrics, **self.extra, history=self.history)
             self.out_path.write_text(json.dumps(record, indent=2))
             samples_path = self.out_path.with_name("captions.jsonl")
@@ -250,11 +257,9 @@ class CaptionEvaluation(L.Callback):
 
     def _answers(self, trainer, pl_module) -> list:
         """This rank's share of the questions answered, gathered from every rank."""
-        was_training = pl_module.training
-        pl_module.eval()
         mine = self.samples[trainer.global_rank :: trainer.world_size]
-        answers = answer_questions(pl_module.vlm, mine, self.fmt, self.processor, self.batch_size)
-        pl_module.train(was_training)
+        with eval_mode(pl_module):
+            answers = answer_questions(pl_module.vlm, mine, self.fmt, self.processor, self.batch_size)
         return sorted(_gather(answers))
 
     @override

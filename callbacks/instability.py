@@ -137,7 +137,7 @@ class InstabilityMonitor(L.Callback):
         self._keys: list[str] = []
         self._snapshot: dict | None = None
         self._healthy_since_snapshot = 0
-        self._judged_step: int | None = 0
+        self._judged_step = 0
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

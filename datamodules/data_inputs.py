@@ -27,6 +27,16 @@ from PIL import Image, UnidentifiedImageError
 from datamodules.world import WorldConfig, make_scene, png_bytes, render
 
 DJ_IMAGE_TOKEN = "<__dj__image>"
+DJ_CHUNK_END = "<|__dj__eoc|>"
+
+
+def strip_dj_tokens(text: str) -> str:
+    """`text` without Data-Juicer's image and chunk-end tokens, whitespace collapsed."""
+    for token in (DJ_IMAGE_TOKEN, DJ_CHUNK_END):
+        text = text.replace(token, " ")
+    return " ".join(text.split())
+
+
 SPLIT_SIZES = ("train_size", "val_size", "test_size")
 
 
@@ -123,4 +133,4 @@ def read_dj_jsonl(path: Path, skips: SkipLog, image_root: Path | None = None) ->
             images = record.get("images") or []
             image = _checked(key, images[0] if images else None, base, skips)
             if image is not None:
-                yield _row(key, record.get("text", "").replace(DJ_IMAGE_TOKEN, "").strip(), image)
+                yield _row(key, strip_dj_tokens(record.get("text", "")), image)

@@ -60,9 +60,13 @@ class ModelConfig:
     """Storage dtype of the base models ("bfloat16", "float16"); unset: as saved (random init: float32)."""
 
 
+def is_model_folder(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
 def model_folder(path: str | Path, flag: str) -> Path:
     folder = Path(path)
-    if not (folder / "config.json").is_file():
+    if not is_model_folder(folder):
         raise FileNotFoundError(
             f"{flag}: {folder} is not a model folder (no config.json there). Give a local folder saved with "
             "save_pretrained; nothing is downloaded at run time."
@@ -70,8 +74,11 @@ def model_folder(path: str | Path, flag: str) -> Path:
     return folder
 
 
-def _random(model_class, config, dtype: torch.dtype | None) -> nn.Module:
-    """A seeded random-weight model of `config`, without disturbing the caller's random state."""
+def _weights(model_class, folder: Path, config, random_init: bool, dtype: torch.dtype | None) -> nn.Module:
+    """`model_class` from `folder`'s weights, or (random_init) seeded random weights of `config`, without
+    disturbing the caller's random state."""
+    if not random_init:
+        return model_class.from_pretrained(folder, local_files_only=True, dtype=dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return model_class.from_config(config, dtype=dtype or torch.float32)
@@ -85,18 +92,10 @@ def load_vision_tower(
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if hasattr(config, "vision_config"):  # a full CLIP / SigLIP checkpoint: keep only its vision half
         model_class = type(AutoModel.from_config(config.vision_config))
-        tower = (
-            _random(model_class, config.vision_config, dtype)
-            if random_init
-            else model_class.from_pretrained(folder, local_files_only=True, dtype=dtype)
-        )
+        tower = _weights(model_class, folder, config.vision_config, random_init, dtype)
         width = config.vision_config.hidden_size
     else:
-        tower = (
-            _random(AutoModel, config, dtype)
-            if random_init
-            else AutoModel.from_pretrained(folder, local_files_only=True, dtype=dtype)
-        )
+        tower = _weights(AutoModel, folder, config, random_init, dtype)
         width = config.hidden_sizes[-1] if hasattr(config, "hidden_sizes") else config.hidden_size
     processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     return tower, processor, width
@@ -107,10 +106,8 @@ def load_language_model(
 ) -> tuple[nn.Module, object]:
     """(causal LM, tokenizer) from a local folder. The tokenizer must define an image placeholder token."""
     folder = model_folder(path, "--model.lm_path")
-    if random_init:
-        lm = _random(AutoModelForCausalLM, AutoConfig.from_pretrained(folder, local_files_only=True), dtype)
-    else:
-        lm = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    lm = _weights(AutoModelForCausalLM, folder, config, random_init, dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return lm, tokenizer
 

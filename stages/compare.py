@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from stages.config import CurriculumConfig
+from stages.report import pyplot, save_figure
 
 METRICS = [
     "chair_i",
@@ -114,12 +115,7 @@ def markdown(result: dict, seeds: list[int]) -> str:
 
 
 def plot(result: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.5))
     for arm, marker in zip(result, ("o", "s"), strict=False):
         stages = result[arm]["stages"]
         words = [s["mean_words"]["mean"] for s in stages.values()]
@@ -139,18 +135,15 @@ def plot(result: dict, out: Path) -> None:
         ax.set_xlabel("mean generated caption length (words)")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def run_compare(profile: Path, seeds: list[int], root: Path, overrides: list[str]) -> dict:
     """Runs both arms for every seed (finished stages are skipped on a rerun) and writes the comparison."""
-    from stages.run import curriculum_parser, main
+    from stages.run import curriculum_config, curriculum_parser, main
 
     parser = curriculum_parser()
-    parsed = parser.instantiate_classes(parser.parse_args(["--config", str(profile), *overrides]))
-    cfg = CurriculumConfig(**{k: v for k, v in vars(parsed).items() if not k.startswith("__") and k != "config"})
+    cfg = curriculum_config(parser.instantiate_classes(parser.parse_args(["--config", str(profile), *overrides])))
     root.mkdir(parents=True, exist_ok=True)
     baseline_config = root / "baseline_stages.yaml"
     baseline_config.write_text(yaml.safe_dump({"stages": baseline_stages(cfg)}, sort_keys=False))

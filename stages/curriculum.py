@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from datamodules.shards import INDEX_NAME, index_digest
 from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
-from modules.loading import model_folder, write_config_folders
+from modules.loading import is_model_folder, write_config_folders
 from stages.config import CurriculumConfig
 from stages.data import load_recipe, run_data_stage
 from stages.report import write_report
@@ -81,21 +81,18 @@ def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Pat
         # A configured folder that exists wins (its config.json is used); missing ones are not an error here.
         written = write_config_folders(model, run_dir / "base" / "random_init", vocabulary_corpus(cfg.world))
         chosen = [
-            Path(path) if path and (Path(path) / "config.json").is_file() else default
+            Path(path) if path and is_model_folder(path) else default
             for path, default in zip((model.vision_path, model.lm_path), written, strict=True)
         ]
         return chosen[0], chosen[1]
-    missing = []  # fail before any work, naming every configured folder that is not a model folder
-    for flag, path in (("--model.vision_path", model.vision_path), ("--model.lm_path", model.lm_path)):
-        try:
-            if path is not None:
-                model_folder(path, flag)
-        except FileNotFoundError as error:
-            missing.append(str(error).split(" Give a local")[0])
+    # Fail before any work, naming every configured folder that is not a model folder.
+    flags = (("--model.vision_path", model.vision_path), ("--model.lm_path", model.lm_path))
+    missing = [f"{flag} {path}" for flag, path in flags if path is not None and not is_model_folder(path)]
     if missing:
         raise FileNotFoundError(
-            " ".join(missing) + " Give local folders saved with save_pretrained (nothing is downloaded at run "
-            "time), or add --model.random_init true to build the profile's architecture with random weights."
+            f"not model folders (no config.json): {'; '.join(missing)}. Give local folders saved with "
+            "save_pretrained (nothing is downloaded at run time), or add --model.random_init true to build "
+            "the profile's architecture with random weights."
         )
     if model.vision_path is not None and model.lm_path is not None:
         return Path(model.vision_path), Path(model.lm_path)

@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from datamodules.data_inputs import SkipLog, read_dj_jsonl, read_llava_json, read_synthetic
+from datamodules.data_inputs import SkipLog, read_dj_jsonl, read_llava_json, read_synthetic, strip_dj_tokens
 from datamodules.shards import INDEX_NAME, SPLITS, write_shards
 from datamodules.text_stats import corpus_stats
 from datamodules.world import WorldConfig
@@ -156,19 +156,11 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path) -> tuple[li
     return dataset.to_list(), accounting
 
 
-DJ_SPECIAL = ("<__dj__image>", "<|__dj__eoc|>")
-
-
 def caption_variants(row: dict) -> dict[str, str]:
     """The sample's captions by name: the project's ops write `caption_variants`; any other op (Data-Juicer's
     stock image_captioning_mapper, or none) leaves its caption in `text`, between Data-Juicer's special tokens."""
     variants = json.loads(row.get("caption_variants") or "{}")
-    if variants:
-        return variants
-    text = row["text"]
-    for token in DJ_SPECIAL:
-        text = text.replace(token, " ")
-    return {"caption": " ".join(text.split())}
+    return variants or {"caption": strip_dj_tokens(row["text"])}
 
 
 def _shard_sample(row: dict) -> dict:
@@ -201,15 +193,17 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
             f"first keys {skips.examples}), more than max_skip_share={recipe.max_skip_share}"
         )
     for row in rows:
-        row["raw_caption"] = row["text"].replace("<__dj__image>", "").strip()
+        row["raw_caption"] = strip_dj_tokens(row["text"])
     kept, accounting = _run_ops(rows, recipe.process, out_dir / "stats")
 
     # A caption op can leave a sample with nothing to train on (an empty generation): counted, not written.
-    empty = SkipLog()
+    empty, written = SkipLog(), []
     for row in kept:
-        if not any(text.strip() for text in caption_variants(row).values()):
+        if any(text.strip() for text in caption_variants(row).values()):
+            written.append(row)
+        else:
             empty.skip("empty_caption", row["__key__"])
-    kept = [row for row in kept if any(text.strip() for text in caption_variants(row).values())]
+    kept = written
     by_split: dict[str, list[dict]] = defaultdict(list)
     for row in kept:
         split = row.get("split") or split_of(row["__key__"], recipe.val_share, recipe.test_share)
@@ -226,8 +220,7 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
     return report
 
 
-def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int, empty: SkipLog | None = None) -> dict:
-    empty = empty or SkipLog()
+def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int, empty: SkipLog) -> dict:
     raw = [r["raw_caption"] for r in rows]
     new = [r["text"] if r.get("caption_variants") else caption_variants(r)["caption"] for r in kept]
     equal = min(sum(len(t.split()) for t in raw), sum(len(t.split()) for t in new))

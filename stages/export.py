@@ -17,7 +17,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
@@ -25,6 +24,7 @@ from modules import modeling_vlm_curriculum
 from modules.handoff import has_lora, load_handoff
 from modules.loading import LoraSpec, ModelConfig, build_vlm
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
+from stages.metrics import DEFAULT_BUCKETS
 
 EXPORT_RECORD = "vlm_export.json"
 README = """# {name}
@@ -162,7 +162,7 @@ def evaluate_model(
     max_new_tokens: int = 64,
     num_beams: int = 1,
     batch_size: int = 64,
-    buckets: tuple[int, ...] = (8, 20, 48),
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS,
     vqa: bool = False,
 ) -> dict:
     """Captions the held-out `split` of the shards with an exported folder or a finished stage; the scores."""
@@ -190,15 +190,13 @@ def evaluate_model(
     if not samples:
         raise ValueError(f"--data: {shards} has no {split!r} samples")
     fmt = PromptFormat(tokenizer, num_image_tokens, prompt)
-    with torch.no_grad():
-        captions = generate_captions(
-            model, samples, fmt, processor, batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams
-        )
+    captions = generate_captions(
+        model, samples, fmt, processor, batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams
+    )
     results = [(key, meta, text) for (key, _, meta), text in zip(samples, captions, strict=True)]
     metrics = score(sorted(results, key=lambda r: r[0]), buckets)
     if vqa:
-        with torch.no_grad():
-            answers = answer_questions(model, samples, fmt, processor, batch_size)
+        answers = answer_questions(model, samples, fmt, processor, batch_size)
         if not answers:
             raise ValueError(f"--vqa: {shards} holds no questions (rebuild the shards with the data stage)")
         metrics.update(vqa_scores(answers))

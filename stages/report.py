@@ -39,14 +39,25 @@ def _read_json(path: Path, default=None):
     return json.loads(path.read_text()) if path.is_file() else default
 
 
-def plot_losses(run_dir: Path, stages: list[str], out: Path) -> None:
-    """Per-step training loss of every stage on one global step axis, stages in their own colours."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    return plt
+
+
+def save_figure(fig, out: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    pyplot().close(fig)
+
+
+def plot_losses(run_dir: Path, stages: list[str], out: Path) -> None:
+    """Per-step training loss of every stage on one global step axis, stages in their own colours."""
+    fig, ax = pyplot().subplots(figsize=(8, 3.5))
     offset = 0
     for name in stages:
         losses = (_read_json(run_dir / name / "losses.json") or {}).get("losses", [])
@@ -56,19 +67,12 @@ def plot_losses(run_dir: Path, stages: list[str], out: Path) -> None:
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def plot_eval_history(run_dir: Path, stages: list[str], out: Path) -> None:
     """CHAIR-i and recall at every evaluation (periodic and end of stage), on the global step axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.2))
     offset = 0
     for name in stages:
         metrics = _read_json(run_dir / name / "metrics.json") or {}
@@ -81,9 +85,7 @@ def plot_eval_history(run_dir: Path, stages: list[str], out: Path) -> None:
         ax.set_xlabel("optimizer step (whole curriculum)")
         ax.set_ylabel(key)
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def _fmt(value) -> str:

@@ -174,6 +174,11 @@ def run_model_command(command: str, options) -> int:
     return 0
 
 
+def curriculum_config(values) -> CurriculumConfig:
+    """The CurriculumConfig of an instantiated curriculum namespace (jsonargparse's own keys dropped)."""
+    return CurriculumConfig(**{k: v for k, v in vars(values).items() if not k.startswith("__") and k != "config"})
+
+
 def default_run_dir(config_files: list) -> Path:
     """runs/<stem of the last --config file>, or runs/tiny for the default config."""
     name = Path(str(config_files[-1])).stem if config_files else DEFAULT_CURRICULUM.stem
@@ -192,8 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         sub = args.curriculum
         config_files = [str(p) for p in (sub.pop("config", None) or [])]
         try:
-            config = parser.instantiate_classes(args).curriculum
-            cfg = CurriculumConfig(**{k: v for k, v in vars(config).items() if not k.startswith("__")})
+            cfg = curriculum_config(parser.instantiate_classes(args).curriculum)
         except (ValueError, TypeError) as error:
             parser.error(str(error))
         run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(config_files)
@@ -247,8 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         config_files = [str(p) for p in (sub.pop("config", None) or [])]
         options = {k: sub.pop(k) for k in ("steps", "warmup", "batch", "text_tokens")}
         try:
-            values = parser.instantiate_classes(args).bench.train
-            cfg = CurriculumConfig(**{k: v for k, v in vars(values).items() if not k.startswith("__")})
+            cfg = curriculum_config(parser.instantiate_classes(args).bench.train)
             run_dir = (
                 Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"bench-train-{default_run_dir(config_files).name}"
             )

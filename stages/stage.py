@@ -209,9 +209,10 @@ def run_stage(
     )
     monitor, boundary = stability_callbacks(cfg, name, stage_dir, previous_tail or [])
     faults = FaultInjection(cfg.stability.faults, cfg.seed) if cfg.stability.faults else None
-    throughput = Throughput(log_every=cfg.trainer.merged(spec.trainer).log_every_n_steps or 50)
+    trainer_config = cfg.trainer.merged(spec.trainer)
+    throughput = Throughput(log_every=trainer_config.log_every_n_steps or 50)
     trainer = L.Trainer(
-        **cfg.trainer.merged(spec.trainer).kwargs(),
+        **trainer_config.kwargs(),
         logger=CurriculumTensorBoardLogger(str(inputs.run_dir), step_offset),
         callbacks=[c for c in (faults, monitor, boundary, throughput, evaluation, checkpoint) if c is not None]
         + [LearningRateMonitor(logging_interval="step")],
