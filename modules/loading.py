@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from modules.speed import SpeedSpec
 from modules.vlm import VisionLanguageModel
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -58,6 +59,8 @@ class ModelConfig:
     """Input side of the image processor written for a random-init tower."""
     dtype: str | None = None
     """Storage dtype of the base models ("bfloat16", "float16"); unset: as saved (random init: float32)."""
+    speed: SpeedSpec = field(default_factory=SpeedSpec)
+    """Training-speed levers (modules/speed.py): chunked label-only loss, checkpointing, torch.compile."""
 
 
 def is_model_folder(path: str | Path) -> bool:

@@ -88,7 +88,9 @@ class ImageTokenMixin:
         labels: torch.Tensor | None = None,
     ):
         embeds = self.embed(input_ids, pixel_values)
-        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        # No KV cache outside generation: it costs memory, and its per-layer state makes each decoder
+        # layer a different graph for torch.compile.
+        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
 
     @torch.no_grad()
     def generate(

@@ -18,6 +18,7 @@ from typing_extensions import override
 
 from modules.handoff import attach_lora, has_lora
 from modules.loading import LoraSpec
+from modules.speed import SpeedSpec, apply_speed, caption_loss
 from modules.vlm import VisionLanguageModel
 
 GROUPS = ("projector", "lora", "vision", "lm")
@@ -82,12 +83,16 @@ class VLMModule(L.LightningModule):
     # Checkpoints hold only the trained parameters; the frozen rest comes from the base folders.
     strict_loading = False
 
-    def __init__(self, vlm: VisionLanguageModel, trainable: list[str], optim: OptimSpec) -> None:
+    def __init__(
+        self, vlm: VisionLanguageModel, trainable: list[str], optim: OptimSpec, speed: SpeedSpec | None = None
+    ) -> None:
         super().__init__()
         unknown = set(trainable) - set(GROUPS)
         if unknown or not trainable:
             raise ValueError(f"trainable must be a non-empty subset of {GROUPS}, got {trainable}")
         self.vlm, self.trainable, self.optim = vlm, list(trainable), optim
+        self.speed = speed or SpeedSpec()
+        apply_speed(vlm.lm, self.speed)
         groups = group_parameters(vlm)
         if "lora" in trainable and not groups["lora"]:
             raise ValueError("trainable names 'lora' but the language model has no LoRA adapter")
@@ -103,7 +108,10 @@ class VLMModule(L.LightningModule):
         return self
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        return self.vlm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]).loss
+        if self.speed.loss_chunk_tokens is None:
+            return self.vlm(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"]).loss
+        embeds = self.vlm.embed(batch["input_ids"], batch["pixel_values"])
+        return caption_loss(self.vlm.lm, embeds, batch["attention_mask"], batch["labels"], self.speed.loss_chunk_tokens)
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -157,14 +165,21 @@ class VLMModule(L.LightningModule):
 class AlignModule(VLMModule):
     """Projector pretraining: the vision tower and the language model stay frozen."""
 
-    def __init__(self, vlm: VisionLanguageModel, optim: OptimSpec) -> None:
-        super().__init__(vlm, ["projector"], optim)
+    def __init__(self, vlm: VisionLanguageModel, optim: OptimSpec, speed: SpeedSpec | None = None) -> None:
+        super().__init__(vlm, ["projector"], optim, speed)
 
 
 class LoRASFTModule(VLMModule):
     """LoRA SFT of the language model (adapter carried in, or a fresh one), projector trainable by default."""
 
-    def __init__(self, vlm: VisionLanguageModel, lora: LoraSpec, optim: OptimSpec, trainable: list[str]) -> None:
+    def __init__(
+        self,
+        vlm: VisionLanguageModel,
+        lora: LoraSpec,
+        optim: OptimSpec,
+        trainable: list[str],
+        speed: SpeedSpec | None = None,
+    ) -> None:
         if not has_lora(vlm):
             attach_lora(vlm, lora)
-        super().__init__(vlm, trainable, optim)
+        super().__init__(vlm, trainable, optim, speed)

@@ -1,24 +1,33 @@
-"""`stages.run bench train`: training throughput of a profile, our Lightning path beside a plain loop.
+"""`stages.run bench train`: training throughput of a profile, with and without each speed lever.
 
 For the align step (projector only) and the SFT step (projector + LoRA), on one synthetic batch of
-the profile's shapes (`batch_size` images, their image tokens plus `text_tokens` text tokens each):
+the profile's shapes (`batch` images, their image tokens plus `text_tokens` text tokens each), in
+one process, one variant after another on a copy of the same base model:
 
-- lightning: the project's LightningModule under the profile's Trainer settings (strategy,
-  precision, DeepSpeed config), as `stages.run curriculum` trains;
-- plain: the loop LLaVA-style scripts write: PEFT LoRA on the same VLM, AdamW, bf16 autocast on
-  CUDA, forward / backward / step.
+- `plain`: the loop LLaVA-style scripts write: PEFT LoRA on the same VLM, AdamW, bf16 autocast on
+  CUDA, forward / backward / step; `plain+ckpt` adds transformers' gradient checkpointing;
+- `none`: the project's LightningModule under the profile's Trainer settings (strategy, precision,
+  DeepSpeed config), as `stages.run curriculum` trains, with every lever off;
+- one variant per lever (modules/speed.py): `chunked_ce`, `ckpt`, `ckpt2` (every other layer),
+  `compile`, `no_dropout` (LoRA dropout 0; SFT only), and `+`-joined combinations of them;
+- `profile`: the levers and LoRA dropout that the profile's config sets.
 
-Printed per path and step kind: tokens/s and samples/s over the steps after `warmup`, peak memory
-(GPU: max allocated; CPU: peak RSS of the process, which only grows), and MFU: model FLOPs per
-second over a matmul peak measured in the same run. Model FLOPs per sample = 2 x (vision tower
-parameters) x image patches (forward only: it is frozen) + 4 x (LM parameters) x tokens (forward
-and input gradients) + 2 x (trainable parameters) x tokens (their weight gradients).
+Printed per variant: tokens/s and samples/s over the steps after `warmup`, peak memory (GPU: max
+allocated; CPU: peak RSS of the process, which only grows, so it is not comparable between
+variants), MFU (model FLOPs per second over a matmul peak measured in the same run) and tokens/s
+relative to `plain`. Model FLOPs per sample = 2 x (vision tower parameters) x image patches
+(forward only: it is frozen) + 4 x (LM parameters) x tokens (forward and input gradients) + 2 x
+(trainable parameters) x tokens (their weight gradients): recomputation is not counted. A variant
+that runs out of GPU memory is reported as such and the bench goes on.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -26,6 +35,9 @@ import torch
 from typing_extensions import override
 
 from callbacks.throughput import peak_rss_gib
+from modules.speed import SpeedSpec, set_checkpointing
+
+log = logging.getLogger(__name__)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
@@ -102,13 +114,12 @@ def _flops_per_sample(vlm, tokens: int, patches: int) -> float:
     return 2 * vision * patches + 4 * lm * tokens + 2 * trainable * tokens
 
 
-def _result(batch: dict, steps: int, seconds: float, flops_per_sample: float, peak: float, device) -> dict:
-    tokens = int(batch["attention_mask"].sum()) * steps
-    samples = len(batch["keys"]) * steps
+def _result(batch: dict, seconds_per_step: float, flops_per_sample: float, peak: float, device, peak_flops) -> dict:
+    samples = len(batch["keys"])
     result = {
-        "tokens_per_s": round(tokens / seconds, 1),
-        "samples_per_s": round(samples / seconds, 2),
-        "model_flops_per_s": flops_per_sample * samples / seconds,
+        "tokens_per_s": round(int(batch["attention_mask"].sum()) / seconds_per_step, 1),
+        "samples_per_s": round(samples / seconds_per_step, 2),
+        "mfu": round(flops_per_sample * samples / seconds_per_step / peak_flops, 4),
     }
     result["peak_gpu_gib" if device.type == "cuda" else "peak_rss_gib"] = round(peak, 3)
     return result
@@ -124,104 +135,161 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def bench_train(cfg, run_dir: Path, steps: int, warmup: int, batch_size: int, text_tokens: int) -> dict:
-    """Runs both paths for both step kinds on the profile `cfg` (a CurriculumConfig); returns the figures."""
-    from datamodules.captions import PromptFormat
+LEVERS: dict[str, dict] = {
+    "chunked_ce": {"loss_chunk_tokens": 1024},
+    "ckpt": {"checkpoint_every": 1},
+    "ckpt2": {"checkpoint_every": 2},
+    "compile": {"compile": "inductor"},
+    "no_dropout": {"lora_dropout": 0.0},
+}
+DEFAULT_VARIANTS = ["plain", "plain+ckpt", "none", *LEVERS, "profile"]
+
+
+def parse_variant(name: str, cfg) -> tuple[str, SpeedSpec, float]:
+    """("plain" or "lightning", speed levers, LoRA dropout) of a variant name."""
+    if name == "profile":
+        return "lightning", cfg.model.speed, cfg.model.lora.dropout
+    parts = name.split("+")
+    path = "plain" if parts[0] == "plain" else "lightning"
+    levers = parts[1:] if path == "plain" or parts[0] == "none" else parts
+    unknown = [lever for lever in levers if lever not in LEVERS]
+    if unknown or (path == "plain" and set(levers) - {"ckpt"}):
+        raise ValueError(
+            f"--variants: {name!r} is not a variant; use plain, plain+ckpt, none, profile or "
+            f"'+'-joined levers among {', '.join(LEVERS)}"
+        )
+    fields = {k: v for lever in levers for k, v in LEVERS[lever].items()}
+    dropout = fields.pop("lora_dropout", cfg.model.lora.dropout)
+    return path, SpeedSpec(**fields), dropout
+
+
+def _lightning_step(module, batch: dict, cfg, steps: int, warmup: int) -> float:
+    """Seconds per timed step of `module` under the profile's Trainer."""
+    timer = _StepTimer(warmup)
+    trainer_kwargs = cfg.trainer.kwargs()
+    trainer_kwargs.update(max_steps=steps, logger=False, enable_checkpointing=False, callbacks=[timer])
+    trainer_kwargs.update(enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer_kwargs["limit_val_batches"] = 0
+    L.Trainer(**trainer_kwargs).fit(
+        module, train_dataloaders=torch.utils.data.DataLoader(_Repeat(batch, steps), batch_size=None)
+    )
+    return timer.elapsed / timer.timed_steps
+
+
+def _plain_step(vlm, kind: str, lora, checkpointing: bool, batch: dict, device, steps: int, warmup: int) -> float:
+    """Seconds per timed step of the plain PyTorch + PEFT loop."""
     from modules.handoff import attach_lora
+
+    if kind == "sft":
+        attach_lora(vlm, lora)
+    if checkpointing:
+        set_checkpointing(vlm.lm, 1)
+    for name, param in vlm.named_parameters():
+        param.requires_grad = name.startswith("projector.") or (kind == "sft" and "lora_" in name)
+    vlm.to(device).train()
+    vlm.vision.eval()
+    optimizer = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-4)
+    on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    cuda = device.type == "cuda"
+    for step in range(steps):
+        if step == warmup:
+            if cuda:
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            inputs = on_device["input_ids"], on_device["attention_mask"], on_device["pixel_values"]
+            loss = vlm(*inputs, on_device["labels"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if cuda:
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - started) / (steps - warmup)
+
+
+def bench_train(
+    cfg, run_dir: Path, steps: int, warmup: int, batch_size: int, text_tokens: int, variants: list[str] | None = None
+) -> dict:
+    """Runs every variant for both step kinds on the profile `cfg` (a CurriculumConfig); returns the figures."""
+    from datamodules.captions import PromptFormat
     from modules.loading import build_vlm
     from modules.training_module import AlignModule, LoRASFTModule, OptimSpec
     from stages.curriculum import prepare_base_models
-    from stages.stage import count_image_tokens
+    from stages.stage import check_speed, count_image_tokens
 
     if steps <= warmup:
         raise ValueError(f"--steps ({steps}) must be larger than --warmup ({warmup})")
+    variants = variants or DEFAULT_VARIANTS
+    parsed = {name: parse_variant(name, cfg) for name in variants}
+    for _, speed, _ in parsed.values():
+        check_speed(speed, cfg.trainer)
     vision_path, lm_path = prepare_base_models(cfg, run_dir)
-    names = list(cfg.stages)
-    sft_spec = cfg.stages[names[-1]]
+    sft_spec = cfg.stages[list(cfg.stages)[-1]]
     cuda = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
     device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    peak_flops = matmul_peak(device, dtype, 8192 if cuda else 1024)
-    report: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu", "matmul_peak_flops": peak_flops}
+    peak_flops = matmul_peak(device, torch.bfloat16 if cuda else torch.float32, 8192 if cuda else 1024)
+    report: dict = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "matmul_peak_flops": peak_flops,
+        "batch": batch_size,
+    }
+    base, tokenizer, processor = build_vlm(cfg.model, vision_path, lm_path)
+    fmt = PromptFormat(tokenizer, count_image_tokens(base, processor), cfg.model.prompt)
+    batch = synthetic_batch(tokenizer, fmt, processor, batch_size, text_tokens, cfg.model.image_size)
+    tokens = int(batch["attention_mask"][0].sum())
+    optim = OptimSpec(lr=sft_spec.lr, warmup_steps=0)
     for kind in ("align", "sft"):
-        # Our path: the LightningModule under the profile's trainer.
-        vlm, tokenizer, processor = build_vlm(cfg.model, vision_path, lm_path)
-        fmt = PromptFormat(tokenizer, count_image_tokens(vlm, processor), cfg.model.prompt)
-        side = cfg.model.image_size
-        batch = synthetic_batch(tokenizer, fmt, processor, batch_size, text_tokens, side)
-        patches = fmt.num_image_tokens
-        optim = OptimSpec(lr=sft_spec.lr, warmup_steps=0)
-        module = (
-            AlignModule(vlm, optim)
-            if kind == "align"
-            else LoRASFTModule(vlm, cfg.model.lora, optim, sft_spec.trainable)
-        )
-        flops = _flops_per_sample(vlm, int(batch["attention_mask"][0].sum()), patches)
-        timer = _StepTimer(warmup)
-        trainer_kwargs = cfg.trainer.kwargs()
-        trainer_kwargs.update(max_steps=steps, logger=False, enable_checkpointing=False, callbacks=[timer])
-        trainer_kwargs.update(enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-        trainer_kwargs["limit_val_batches"] = 0
-        _reset_peak(device)
-        L.Trainer(**trainer_kwargs).fit(
-            module, train_dataloaders=torch.utils.data.DataLoader(_Repeat(batch, steps), batch_size=None)
-        )
-        lightning = _result(batch, timer.timed_steps, timer.elapsed, flops, _peak(device), device)
-        del module, vlm
-
-        # The plain loop on the same model, batch and trainable parameters.
-        vlm, tokenizer, processor = build_vlm(cfg.model, vision_path, lm_path)
-        if kind == "sft":
-            attach_lora(vlm, cfg.model.lora)
-        trainable = ["projector"] if kind == "align" else ["projector", "lora"]
-        for name, param in vlm.named_parameters():
-            param.requires_grad = any(
-                (group == "projector" and name.startswith("projector.")) or (group == "lora" and "lora_" in name)
-                for group in trainable
-            )
-        vlm.to(device).train()
-        vlm.vision.eval()
-        optimizer = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-4)
-        on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        _reset_peak(device)
-        for step in range(steps):
-            if step == warmup:
-                if cuda:
-                    torch.cuda.synchronize(device)
-                started = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                loss = vlm(
-                    on_device["input_ids"], on_device["attention_mask"], on_device["pixel_values"], on_device["labels"]
-                ).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize(device)
-        plain = _result(batch, steps - warmup, time.perf_counter() - started, flops, _peak(device), device)
-        del vlm, optimizer
-        for result in (lightning, plain):
-            result["mfu"] = round(result.pop("model_flops_per_s") / peak_flops, 4)
-        report[kind] = {
-            "tokens_per_sample": int(batch["attention_mask"][0].sum()),
-            "image_tokens": patches,
-            "lightning": lightning,
-            "plain": plain,
-            "speedup": round(lightning["tokens_per_s"] / plain["tokens_per_s"], 3),
-        }
+        results: dict = {}
+        for name, (path, speed, dropout) in parsed.items():
+            if kind == "align" and dropout != cfg.model.lora.dropout:
+                continue  # LoRA dropout does not exist in the align step
+            vlm = copy.deepcopy(base)
+            lora = replace(cfg.model.lora, dropout=dropout)
+            _reset_peak(device)
+            torch._dynamo.reset()
+            try:
+                if path == "plain":
+                    seconds = _plain_step(vlm, kind, lora, bool(speed.checkpoint_every), batch, device, steps, warmup)
+                else:
+                    module = (
+                        AlignModule(vlm, optim, speed)
+                        if kind == "align"
+                        else LoRASFTModule(vlm, lora, optim, sft_spec.trainable, speed)
+                    )
+                    seconds = _lightning_step(module, batch, cfg, steps, warmup)
+                    del module
+            except torch.cuda.OutOfMemoryError:
+                results[name] = {"error": "out of GPU memory"}
+                log.warning("bench train: %s %s ran out of GPU memory", kind, name)
+                continue
+            finally:
+                trainable_flops = _flops_per_sample(vlm, tokens, fmt.num_image_tokens)
+                del vlm
+            results[name] = _result(batch, seconds, trainable_flops, _peak(device), device, peak_flops)
+        reference = results.get("plain", {}).get("tokens_per_s")
+        for result in results.values():
+            if reference and "tokens_per_s" in result:
+                result["vs_plain"] = round(result["tokens_per_s"] / reference, 3)
+        report[kind] = {"tokens_per_sample": tokens, "image_tokens": fmt.num_image_tokens, "variants": results}
     (run_dir / "bench_train.json").write_text(json.dumps(report, indent=2))
     return report
 
 
 def print_train_report(report: dict) -> None:
-    print(f"training throughput on {report['device']} (matmul peak {report['matmul_peak_flops'] / 1e12:.2f} TFLOP/s)")
+    print(
+        f"training throughput on {report['device']} (matmul peak {report['matmul_peak_flops'] / 1e12:.2f} TFLOP/s), "
+        f"batch {report['batch']}"
+    )
     for kind in ("align", "sft"):
         row = report[kind]
         print(f"{kind}: {row['tokens_per_sample']} tokens per sample ({row['image_tokens']} image tokens)")
-        for path in ("lightning", "plain"):
-            r = row[path]
-            memory = f"peak GPU {r['peak_gpu_gib']} GiB" if "peak_gpu_gib" in r else f"peak RSS {r['peak_rss_gib']} GiB"
-            print(
-                f"  {path:>9}: {r['tokens_per_s']} tokens/s, {r['samples_per_s']} samples/s, MFU {r['mfu']}, {memory}"
-            )
-        print(f"  lightning / plain tokens/s: {row['speedup']}x")
+        print(f"  {'variant':<28} {'tokens/s':>10} {'samples/s':>10} {'MFU':>7} {'peak GiB':>9} {'vs plain':>9}")
+        for name, r in row["variants"].items():
+            if "error" in r:
+                print(f"  {name:<28} {r['error']}")
+                continue
+            memory = r.get("peak_gpu_gib", r.get("peak_rss_gib"))
+            ratio = f"{r['vs_plain']}x" if "vs_plain" in r else "-"
+            print(f"  {name:<28} {r['tokens_per_s']:>10} {r['samples_per_s']:>10} {r['mfu']:>7} {memory:>9} {ratio:>9}")
+    if report["device"] == "cpu":
+        print("peak GiB on CPU is the process's peak RSS so far: it only grows, so it does not compare variants")

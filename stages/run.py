@@ -118,6 +118,13 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--warmup", type=int, default=5, help="steps not timed (compilation, allocator warm-up)")
     train.add_argument("--batch", type=int, default=8, help="samples per step")
     train.add_argument("--text_tokens", type=int, default=256, help="text tokens per sample, after the image tokens")
+    train.add_argument(
+        "--variants",
+        type=list[str],
+        default=None,
+        help="what to measure (default: plain, plain+ckpt, none, each lever alone, profile); levers: "
+        "chunked_ce, ckpt, ckpt2, compile, no_dropout, joined with '+', e.g. chunked_ce+ckpt2+compile",
+    )
     benches.add_subcommand("train", train)
     return parser
 
@@ -249,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
         sub = args.bench.train
         config_files = [str(p) for p in (sub.pop("config", None) or [])]
-        options = {k: sub.pop(k) for k in ("steps", "warmup", "batch", "text_tokens")}
+        options = {k: sub.pop(k) for k in ("steps", "warmup", "batch", "text_tokens", "variants")}
         try:
             cfg = curriculum_config(parser.instantiate_classes(args).bench.train)
             run_dir = (
@@ -257,7 +264,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             run_dir.mkdir(parents=True, exist_ok=True)
             report = bench_train(
-                cfg, run_dir, options["steps"], options["warmup"], options["batch"], options["text_tokens"]
+                cfg,
+                run_dir,
+                options["steps"],
+                options["warmup"],
+                options["batch"],
+                options["text_tokens"],
+                options["variants"],
             )
         except (FileNotFoundError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from stages.run import main
 from tests.conftest import TOY_PROFILE_ARGS
 
@@ -21,13 +23,25 @@ def test_blip2_bench_runs_both_ops_and_splits_the_time(tmp_path, capsys):
     assert all(len(e["captions"]["short"].split()) >= 1 for e in shard["examples"])
 
 
-def test_train_bench_runs_both_paths_for_both_step_kinds(tmp_path, capsys):
+def test_train_bench_measures_each_variant_for_both_step_kinds(tmp_path, capsys):
     argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
-    argv += ["--steps=4", "--warmup=1", "--batch=2", "--text_tokens=16"]
+    argv += ["--steps=3", "--warmup=1", "--batch=2", "--text_tokens=16"]
+    argv += ['--variants=["plain", "plain+ckpt", "none", "chunked_ce+ckpt2", "no_dropout"]']
     assert main(argv) == 0
-    assert "lightning / plain tokens/s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "chunked_ce+ckpt2" in out and "vs plain" in out
     report = json.loads((tmp_path / "bench_train.json").read_text())
     for kind in ("align", "sft"):
         row = report[kind]
         assert row["image_tokens"] == 16 and row["tokens_per_sample"] >= row["image_tokens"] + 16  # + the prompt
-        assert all(0 < row[path]["mfu"] and row[path]["tokens_per_s"] > 0 for path in ("lightning", "plain"))
+        expected = ["plain", "plain+ckpt", "none", "chunked_ce+ckpt2"] + (["no_dropout"] if kind == "sft" else [])
+        assert list(row["variants"]) == expected  # LoRA dropout has no align variant
+        for result in row["variants"].values():
+            assert 0 < result["mfu"] and result["tokens_per_s"] > 0 and result["vs_plain"] > 0
+
+
+@pytest.mark.parametrize("variant", ["fast", "plain+compile", "none+ckpt3"])
+def test_train_bench_refuses_unknown_variants(tmp_path, capsys, variant):
+    argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
+    assert main([*argv, f'--variants=["{variant}"]']) == 2
+    assert f"--variants: {variant!r} is not a variant" in capsys.readouterr().err

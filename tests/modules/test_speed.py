@@ -1,0 +1,129 @@
+"""The speed levers compute what the plain path computes: same loss, same gradients, on micro models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodules.captions import PromptFormat, collate_captions
+from modules.loading import LoraSpec, ModelConfig, build_vlm
+from modules.speed import SpeedSpec, checkpointed_layers, decoder_layers, set_compile
+from modules.training_module import LearningRates, LoRASFTModule, OptimSpec
+from stages.stage import count_image_tokens
+
+CAPTIONS = ["a red circle", "two small blue squares on the left", "a big green triangle at the top right"]
+
+
+def _module(micro_base, speed: SpeedSpec, dropout: float = 0.0) -> tuple[LoRASFTModule, dict]:
+    torch.manual_seed(0)
+    vlm, tokenizer, processor = build_vlm(ModelConfig(), *micro_base)
+    module = LoRASFTModule(
+        vlm, LoraSpec(r=4, dropout=dropout), OptimSpec(LearningRates()), ["projector", "lora"], speed
+    )
+    # LoRA's B starts at zero; nonzero values make the adapter's gradients depend on the whole path.
+    with torch.no_grad():
+        for name, param in vlm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    fmt = PromptFormat(tokenizer, count_image_tokens(vlm, processor), "describe the image")
+    side = processor.crop_size["height"]
+    pixels = torch.rand(len(CAPTIONS), 3, side, side, generator=torch.Generator().manual_seed(1))
+    batch = collate_captions(
+        [str(i) for i in range(len(CAPTIONS))], pixels, [fmt.encode(c) for c in CAPTIONS], tokenizer.pad_token_id
+    )
+    assert batch["attention_mask"].min() == 0, "the batch should hold padding"
+    module.train()
+    return module, batch
+
+
+def _loss_and_grads(module: LoRASFTModule, batch: dict, seed: int = 0) -> tuple[float, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    loss = module._loss(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    module.zero_grad()
+    return loss.item(), grads
+
+
+def _assert_same(reference, other, rtol=1e-5, atol=1e-7) -> None:
+    assert other[0] == pytest.approx(reference[0], rel=rtol)
+    assert reference[1].keys() == other[1].keys()
+    for name, grad in reference[1].items():
+        torch.testing.assert_close(other[1][name], grad, rtol=rtol * 10, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 4096])
+def test_label_only_chunked_loss_matches_the_lm_loss(micro_base, chunk):
+    module, batch = _module(micro_base, SpeedSpec())
+    reference = _loss_and_grads(module, batch)
+    module.speed = SpeedSpec(loss_chunk_tokens=chunk)
+    _assert_same(reference, _loss_and_grads(module, batch))
+
+
+def test_chunked_loss_never_builds_logits_for_unlabelled_positions(micro_base):
+    module, batch = _module(micro_base, SpeedSpec(loss_chunk_tokens=4))
+    head = module.vlm.lm.get_base_model().get_output_embeddings()
+    rows = []
+    handle = head.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    module._loss(batch).backward()
+    handle.remove()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    # Each 4-token chunk once in forward and once more when backward recomputes it.
+    assert sum(rows) == 2 * labelled
+    assert max(rows) == 4
+    assert labelled < batch["input_ids"].numel() / 2  # image tokens, prompt and padding are the majority
+
+
+@pytest.mark.parametrize("every, expected", [(1, [0, 1]), (2, [0])])
+def test_checkpointing_recomputes_the_chosen_layers_with_the_same_gradients(micro_base, every, expected):
+    module, batch = _module(micro_base, SpeedSpec(), dropout=0.1)
+    reference = _loss_and_grads(module, batch)
+    module, batch = _module(micro_base, SpeedSpec(checkpoint_every=every), dropout=0.1)
+    assert checkpointed_layers(module.vlm.lm) == expected
+    calls = [0] * len(decoder_layers(module.vlm.lm))
+    for i, layer in enumerate(decoder_layers(module.vlm.lm)):
+        layer.self_attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    # LoRA dropout draws the same masks in the recompute: gradients equal the unchecked run's.
+    _assert_same(reference, _loss_and_grads(module, batch))
+    assert calls == [2 if i in expected else 1 for i in range(len(calls))]
+
+
+def test_compiled_layers_train_through_one_graph_and_generate_eagerly(micro_base):
+    graphs, runs = [], []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return lambda *args: (runs.append(1), graph_module.forward(*args))[1]
+
+    module, batch = _module(micro_base, SpeedSpec())
+    reference = _loss_and_grads(module, batch)
+    torch._dynamo.reset()
+    set_compile(module.vlm.lm, counting_backend)
+    _assert_same(reference, _loss_and_grads(module, batch))
+    layers = len(decoder_layers(module.vlm.lm))
+    assert len(runs) == layers, "every decoder layer should run compiled"
+    # One graph serves every layer. A KV cache in training made each layer its own graph, and past
+    # torch's recompile limit (8) the remaining layers of a real LM ran eagerly.
+    assert len(graphs) == 1, f"{len(graphs)} graphs for {layers} identical layers"
+    module.eval()
+    prompt = batch["input_ids"][:1, :-1], batch["attention_mask"][:1, :-1], batch["pixel_values"][:1]
+    module.vlm.generate(*prompt, max_new_tokens=3, do_sample=False)
+    assert len(runs) == layers, "generation should run the layers eagerly"
+    set_compile(module.vlm.lm, None)
+    assert all("forward" not in layer.__dict__ for layer in decoder_layers(module.vlm.lm))
+
+
+def test_compile_with_aot_autograd_matches_eager(micro_base):
+    module, batch = _module(micro_base, SpeedSpec(), dropout=0.0)
+    reference = _loss_and_grads(module, batch)
+    torch._dynamo.reset()
+    module, batch = _module(micro_base, SpeedSpec(compile="aot_eager", checkpoint_every=1, loss_chunk_tokens=8))
+    _assert_same(reference, _loss_and_grads(module, batch))
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag", [({"loss_chunk_tokens": 0}, "loss_chunk_tokens"), ({"checkpoint_every": -1}, "checkpoint_every")]
+)
+def test_bad_speed_values_name_their_flag(kwargs, flag):
+    with pytest.raises(ValueError, match=f"model.speed.{flag}"):
+        SpeedSpec(**kwargs)
