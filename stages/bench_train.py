@@ -214,8 +214,9 @@ def bench_train(
     from datamodules.captions import PromptFormat
     from modules.loading import build_vlm
     from modules.training_module import AlignModule, LoRASFTModule, OptimSpec
+    from stages.config import check_speed
     from stages.curriculum import prepare_base_models
-    from stages.stage import check_speed, count_image_tokens
+    from stages.stage import count_image_tokens
 
     if steps <= warmup:
         raise ValueError(f"--steps ({steps}) must be larger than --warmup ({warmup})")

@@ -11,6 +11,7 @@ from callbacks.instability import InstabilityConfig
 from datamodules.world import WorldConfig
 from modules.base_models import TinyBaseConfig
 from modules.loading import ModelConfig
+from modules.speed import SpeedSpec
 from modules.training_module import GROUPS, LearningRates
 
 
@@ -87,6 +88,19 @@ class StageSpec:
             raise ValueError(f"trainable must be a non-empty list of {GROUPS}; unknown: {unknown}")
         if self.max_words < 1:
             raise ValueError(f"max_words must be positive, got {self.max_words}")
+
+
+def check_speed(speed: SpeedSpec, trainer: TrainerConfig) -> None:
+    """Refuses lever combinations this project has not made work."""
+    if speed.compile and trainer.strategy == "deepspeed" and trainer.deepspeed_config:
+        from stages.strategies import zero_stage
+
+        if zero_stage(trainer.deepspeed_config) == 3:
+            raise ValueError(
+                f"--model.speed.compile {speed.compile} with ZeRO-3 ({trainer.deepspeed_config}): ZeRO-3 gathers "
+                "partitioned weights in module hooks, which this project has not run under torch.compile; use "
+                "ZeRO-2 or leave model.speed.compile unset"
+            )
 
 
 @dataclass
@@ -174,3 +188,4 @@ class CurriculumConfig:
                     f"stages.{name}.init_from: {source!r} is not 'previous', 'base' "
                     f"or an earlier stage ({names[:index]})"
                 )
+            check_speed(self.model.speed, self.trainer.merged(spec.trainer))

@@ -37,10 +37,9 @@ from callbacks.throughput import Throughput
 from datamodules.caption_datamodule import CaptionDataModule
 from modules.handoff import load_handoff, save_handoff
 from modules.loading import build_vlm
-from modules.speed import SpeedSpec
 from modules.training_module import AlignModule, LoRASFTModule, OptimSpec, VLMModule
 from modules.vlm import VisionLanguageModel, vision_tokens
-from stages.config import CurriculumConfig, StageSpec, TrainerConfig
+from stages.config import CurriculumConfig, StageSpec
 from stages.tb_logger import CurriculumTensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -90,18 +89,6 @@ def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig
     if spec.trainable == ["projector"]:
         return AlignModule(vlm, optim, cfg.model.speed)
     return VLMModule(vlm, spec.trainable, optim, cfg.model.speed)
-
-
-def check_speed(speed: SpeedSpec, trainer: TrainerConfig) -> None:
-    """Refuses lever combinations this project has not made work."""
-    if speed.compile and trainer.strategy == "deepspeed" and trainer.deepspeed_config:
-        from stages.strategies import zero_stage
-
-        if zero_stage(trainer.deepspeed_config) == 3:
-            raise ValueError(
-                f"--model.speed.compile {speed.compile} with ZeRO-3 ({trainer.deepspeed_config}): ZeRO-3 gathers "
-                "each layer's partitioned weights in module hooks that compiled layers bypass; use ZeRO-2 or eager"
-            )
 
 
 def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, init_print: str | None) -> dict:
@@ -161,7 +148,6 @@ def run_stage(
 ) -> StageResult:
     """Runs stage `name` unless it already finished with the same fingerprint; resumes from last.ckpt."""
     spec = cfg.stages[name]
-    check_speed(cfg.model.speed, cfg.trainer.merged(spec.trainer))
     stage_dir = inputs.run_dir / name
     resolved = resolved_stage_config(cfg, name, inputs, init_print)
     print_ = fingerprint(resolved)

@@ -63,15 +63,19 @@ def _grad_norms(run_dir: Path) -> list[float]:
     return [e.value for e in events.Scalars("train/grad_norm")]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, micro_world, micro_base) -> dict[str, Path]:
-    """The same two stages with accumulate_grad_batches=2: plain, ZeRO-2, ZeRO-3 (tiny threshold)."""
-    tmp = tmp_path_factory.mktemp("deepspeed")
-    shared = [
+def _shared_args(tmp: Path, micro_world: Path, micro_base: tuple[Path, Path]) -> list[str]:
+    return [
         "--config", _two_stage_config(tmp), *TWO_STAGES, f"--data.shard_dir={micro_world}",
         f"--model.vision_path={micro_base[0]}", f"--model.lm_path={micro_base[1]}",
         "--trainer.accumulate_grad_batches=2", "--trainer.log_every_n_steps=1", "--model.lora.dropout=0",
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, micro_world, micro_base) -> dict[str, Path]:
+    """The same two stages with accumulate_grad_batches=2: plain, ZeRO-2, ZeRO-3 (tiny threshold)."""
+    tmp = tmp_path_factory.mktemp("deepspeed")
+    shared = _shared_args(tmp, micro_world, micro_base)
     result = {}
     for zero in ("plain", "zero2", "zero3"):
         run_dir = tmp / zero
@@ -92,6 +96,28 @@ def test_deepspeed_updates_equal_the_plain_run_under_gradient_accumulation(runs)
         torch.testing.assert_close(torch.tensor(_grad_norms(runs[zero])), torch.tensor(plain_norms), rtol=1e-3, atol=0)
         for stage in ("align", "sft_short"):
             torch.testing.assert_close(_losses(runs[zero], stage), _losses(runs["plain"], stage), rtol=1e-4, atol=1e-6)
+
+
+def test_zero3_with_chunked_loss_and_checkpointing_trains_as_the_plain_run(runs, tmp_path, micro_world, micro_base):
+    """The chunked loss calls the partitioned output layer once per chunk and again in backward; checkpointed
+    layers gather their partitioned weights again when recomputed."""
+    run_dir = tmp_path / "zero3_levers"
+    levers = ["--model.speed.loss_chunk_tokens=5", "--model.speed.checkpoint_every=1"]
+    argv = ["curriculum", f"--run_dir={run_dir}", *_shared_args(tmp_path, micro_world, micro_base)]
+    assert main([*argv, *_deepspeed_args(tmp_path, "zero3"), *levers]) == 0
+    torch.testing.assert_close(
+        torch.tensor(_grad_norms(run_dir)), torch.tensor(_grad_norms(runs["plain"])), rtol=1e-3, atol=0
+    )
+    for stage in ("align", "sft_short"):
+        torch.testing.assert_close(_losses(run_dir, stage), _losses(runs["plain"], stage), rtol=1e-4, atol=1e-6)
+
+
+def test_compile_under_zero3_is_refused_with_the_flags(tmp_path, capsys, micro_world, micro_base):
+    argv = ["curriculum", f"--run_dir={tmp_path / 'run'}", *_shared_args(tmp_path, micro_world, micro_base)]
+    with pytest.raises(SystemExit):
+        main([*argv, *_deepspeed_args(tmp_path, "zero3"), "--model.speed.compile=inductor"])
+    assert "--model.speed.compile inductor with ZeRO-3" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused while parsing the flags
 
 
 def test_zero3_saves_whole_projector_and_adapter(runs):
