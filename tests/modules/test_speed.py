@@ -7,7 +7,7 @@ import torch
 
 from datamodules.captions import PromptFormat, collate_captions
 from modules.loading import LoraSpec, ModelConfig, build_vlm
-from modules.speed import SpeedSpec, checkpointed_layers, decoder_layers, set_compile
+from modules.speed import SpeedSpec, caption_loss, checkpointed_layers, decoder_layers, set_compile
 from modules.training_module import LearningRates, LoRASFTModule, OptimSpec
 from stages.stage import count_image_tokens
 
@@ -127,3 +127,31 @@ def test_compile_with_aot_autograd_matches_eager(micro_base):
 def test_bad_speed_values_name_their_flag(kwargs, flag):
     with pytest.raises(ValueError, match=f"model.speed.{flag}"):
         SpeedSpec(**kwargs)
+
+
+def _tiny_lm(model_type: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, **extra,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).train()
+
+
+def test_chunked_loss_applies_gemma2_logit_softcapping():
+    lm = _tiny_lm("gemma2", final_logit_softcapping=0.1, attn_implementation="eager")
+    embeds = torch.randn(2, 7, 32)
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    labels = torch.tensor([[-100, -100, 3, 4, 5, 6, 7], [-100, -100, 8, 9, 10, -100, -100]])
+    expected = lm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+    assert caption_loss(lm, embeds, mask, labels, chunk=3).item() == pytest.approx(expected.item(), rel=1e-5)
+    lm.config.final_logit_softcapping = None  # without the cap the loss differs: the test sees it
+    assert caption_loss(lm, embeds, mask, labels, chunk=3).item() != pytest.approx(expected.item(), rel=1e-3)
+
+
+def test_chunked_loss_refuses_scaled_logits():
+    lm = _tiny_lm("cohere", logit_scale=0.5)
+    with pytest.raises(ValueError, match="logit_scale"):
+        caption_loss(lm, torch.randn(1, 4, 32), torch.ones(1, 4), torch.tensor([[-100, 1, 2, 3]]), chunk=2)
