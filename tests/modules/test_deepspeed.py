@@ -154,6 +154,22 @@ def test_skip_and_rewind_are_refused_under_deepspeed(runs, tmp_path, capsys, mic
         main(argv)
 
 
+def kill_mid_stage_and_rerun(command: list[str], env: dict, stage_dir: Path, timeout: int) -> None:
+    """Starts `command`, SIGKILLs it once the stage's DeepSpeed checkpoint exists (no graceful shutdown: as a
+    crash or a preempted node), reruns it to the end, and checks that the rerun resumed."""
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = stage_dir / "checkpoints" / "last.ckpt" / "latest"
+    deadline = time.monotonic() + timeout
+    while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not (stage_dir / "done.json").exists(), "the kill came too late to test a resume"
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stderr
+
+
 def test_zero3_run_killed_mid_stage_resumes_where_it_stopped(runs, tmp_path, micro_world, micro_base):
     run_dir = tmp_path / "run"
     args = [
@@ -167,17 +183,7 @@ def test_zero3_run_killed_mid_stage_resumes_where_it_stopped(runs, tmp_path, mic
     # Not the port of the process group that this test process still holds from the in-process runs.
     dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
     env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run_dir / "sft_short" / "checkpoints" / "last.ckpt" / "latest"
-    deadline = time.monotonic() + 300
-    while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert not (run_dir / "sft_short" / "done.json").exists(), "the kill came too late to test a resume"
-    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming from" in rerun.stderr
+    kill_mid_stage_and_rerun(command, env, run_dir / "sft_short", timeout=600)
     torch.testing.assert_close(_losses(run_dir, "sft_short"), _losses(runs["zero3"], "sft_short"), rtol=1e-4, atol=1e-6)
 
 

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.modules.test_deepspeed import REPO, TWO_STAGES, ZERO3_TINY, _losses, _two_stage_config
+from tests.modules.test_deepspeed import (
+    REPO,
+    TWO_STAGES,
+    ZERO3_TINY,
+    _losses,
+    _two_stage_config,
+    kill_mid_stage_and_rerun,
+)
 
 pytest.importorskip("deepspeed")
 pytestmark = [
@@ -65,17 +70,7 @@ def test_killed_mid_sft_on_gpu_resumes_and_exports_what_it_trained(tmp_path, mic
     assert done.returncode == 0, done.stderr[-3000:]
 
     command = _command(killed_dir, tmp_path, zero, micro_world, micro_base)
-    proc = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = killed_dir / "sft_short" / "checkpoints" / "last.ckpt" / "latest"
-    deadline = time.monotonic() + 600
-    while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert not (killed_dir / "sft_short" / "done.json").exists(), "the kill came too late to test a resume"
-    rerun = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "resuming from" in rerun.stderr
+    kill_mid_stage_and_rerun(command, ENV, killed_dir / "sft_short", timeout=900)
     torch.testing.assert_close(_losses(killed_dir, "sft_short"), _losses(clean_dir, "sft_short"), rtol=1e-3, atol=1e-5)
 
     exported = export_model(find_stage(killed_dir), tmp_path / "export")
