@@ -12,8 +12,9 @@
   layer, so compiling takes seconds, not minutes). Only the training forward is compiled; generation
   in evaluation runs eagerly, where every new sequence length would otherwise compile again.
 
-None of them changes what is computed beyond float rounding (tests/test_speed.py checks losses and
-gradients against the plain path); `stages.run bench train` measures what each one buys.
+None of them changes what is computed beyond float rounding (tests/modules/test_speed.py checks losses
+and gradients against the plain path); `stages.run bench train` measures what each
+one buys.
 """
 
 from __future__ import annotations

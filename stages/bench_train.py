@@ -12,22 +12,26 @@ one process, one variant after another on a copy of the same base model:
   `compile`, `no_dropout` (LoRA dropout 0; SFT only), and `+`-joined combinations of them;
 - `profile`: the levers and LoRA dropout that the profile's config sets.
 
-Printed per variant: tokens/s and samples/s over the steps after `warmup`, peak memory (GPU: max
-allocated; CPU: peak RSS of the process, which only grows, so it is not comparable between
-variants), MFU (model FLOPs per second over a matmul peak measured in the same run) and tokens/s
-relative to `plain`. Model FLOPs per sample = 2 x (vision tower parameters) x image patches
-(forward only: it is frozen) + 4 x (LM parameters) x tokens (forward and input gradients) + 2 x
-(trainable parameters) x tokens (their weight gradients): recomputation is not counted. A variant
-that runs out of GPU memory is reported as such and the bench goes on.
+Printed per variant: tokens/s and samples/s over the steps after `warmup` (one batch per optimizer
+step, whatever the profile's accumulation), peak memory (GPU: max allocated during the variant;
+CPU: peak RSS of the process, which only grows, so it is not comparable between variants), MFU and
+tokens/s relative to `plain`. MFU is useful model FLOPs per second over a bf16 matmul peak measured
+in the same run, with the same FLOPs per sample for every variant: 2 x (tower parameters) x patches
+(forward only: it is frozen), 4 x (LM layer parameters) x tokens (forward and gradients to the
+inputs), 4 x (output layer parameters) x labelled tokens (no loss needs logits for image tokens),
+2 x (trainable parameters) x tokens (their weight gradients); recomputation is not counted. A
+variant that runs out of GPU memory, or that the config refuses (compile under ZeRO-3), is reported
+as such and the bench goes on.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
@@ -107,11 +111,26 @@ class _StepTimer(L.Callback):
             self.elapsed = time.perf_counter() - self.started
 
 
-def _flops_per_sample(vlm, tokens: int, patches: int) -> float:
+def _flops_per_sample(vlm, trainable: int, tokens: int, patches: int, labelled: int) -> float:
+    """Useful model FLOPs per sample, the same for every variant: the frozen tower forward on the patches;
+    the LM's layers forward and back to their inputs on every token; its output layer on the labelled
+    positions only (no loss needs logits for the image tokens); weight gradients of the trainable parameters."""
     vision = sum(p.numel() for p in vlm.vision.parameters())
     lm = sum(p.numel() for n, p in vlm.lm.named_parameters() if "lora_" not in n)
-    trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
-    return 2 * vision * patches + 4 * lm * tokens + 2 * trainable * tokens
+    embedding, head = vlm.lm.get_input_embeddings().weight, vlm.lm.get_output_embeddings().weight
+    layers = lm - embedding.numel() - (0 if head is embedding else head.numel())
+    return 2 * vision * patches + 4 * layers * tokens + 4 * head.numel() * labelled + 2 * trainable * tokens
+
+
+def _trainable_count(base, kind: str, lora) -> int:
+    """Parameters the step trains: the projector, and for SFT the LoRA matrices (r x (in + out) per target)."""
+    count = sum(p.numel() for p in base.projector.parameters())
+    if kind == "sft":
+        targets = set(lora.target_modules)
+        for name, module in base.lm.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+                count += lora.r * (module.in_features + module.out_features)
+    return count
 
 
 def _result(batch: dict, seconds_per_step: float, flops_per_sample: float, peak: float, device, peak_flops) -> dict:
@@ -119,20 +138,26 @@ def _result(batch: dict, seconds_per_step: float, flops_per_sample: float, peak:
     result = {
         "tokens_per_s": round(int(batch["attention_mask"].sum()) / seconds_per_step, 1),
         "samples_per_s": round(samples / seconds_per_step, 2),
-        "mfu": round(flops_per_sample * samples / seconds_per_step / peak_flops, 4),
+        "mfu": float(f"{flops_per_sample * samples / seconds_per_step / peak_flops:.3g}"),  # toy models: 1e-5
     }
     result["peak_gpu_gib" if device.type == "cuda" else "peak_rss_gib"] = round(peak, 3)
     return result
 
 
-def _peak(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gib()
+def _start_variant(device: torch.device) -> float:
+    """Frees what earlier variants left (Trainer, engine and compile references form cycles) and starts the
+    peak count; returns the memory still allocated, which the variant's peak does not include."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type != "cuda":
+        return 0.0
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device) / 2**30
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+def _peak(device: torch.device, start: float) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 - start if device.type == "cuda" else peak_rss_gib()
 
 
 LEVERS: dict[str, dict] = {
@@ -168,6 +193,7 @@ def _lightning_step(module, batch: dict, cfg, steps: int, warmup: int) -> float:
     timer = _StepTimer(warmup)
     trainer_kwargs = cfg.trainer.kwargs()
     trainer_kwargs.update(max_steps=steps, logger=False, enable_checkpointing=False, callbacks=[timer])
+    trainer_kwargs["accumulate_grad_batches"] = 1  # one batch per optimizer step, as the plain loop
     trainer_kwargs.update(enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer_kwargs["limit_val_batches"] = 0
     L.Trainer(**trainer_kwargs).fit(
@@ -222,8 +248,6 @@ def bench_train(
         raise ValueError(f"--steps ({steps}) must be larger than --warmup ({warmup})")
     variants = variants or DEFAULT_VARIANTS
     parsed = {name: parse_variant(name, cfg) for name in variants}
-    for _, speed, _ in parsed.values():
-        check_speed(speed, cfg.trainer)
     vision_path, lm_path = prepare_base_models(cfg, run_dir)
     sft_spec = cfg.stages[list(cfg.stages)[-1]]
     cuda = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
@@ -238,16 +262,24 @@ def bench_train(
     fmt = PromptFormat(tokenizer, count_image_tokens(base, processor), cfg.model.prompt)
     batch = synthetic_batch(tokenizer, fmt, processor, batch_size, text_tokens, cfg.model.image_size)
     tokens = int(batch["attention_mask"][0].sum())
+    labelled = int((batch["labels"][0, 1:] != -100).sum())
     optim = OptimSpec(lr=sft_spec.lr, warmup_steps=0)
     for kind in ("align", "sft"):
+        flops = _flops_per_sample(
+            base, _trainable_count(base, kind, cfg.model.lora), tokens, fmt.num_image_tokens, labelled
+        )
         results: dict = {}
         for name, (path, speed, dropout) in parsed.items():
             if kind == "align" and dropout != cfg.model.lora.dropout:
                 continue  # LoRA dropout does not exist in the align step
-            vlm = copy.deepcopy(base)
-            lora = replace(cfg.model.lora, dropout=dropout)
-            _reset_peak(device)
-            torch._dynamo.reset()
+            levers = {**asdict(speed), "lora_dropout": dropout}
+            try:
+                check_speed(speed, cfg.trainer)
+            except ValueError as error:
+                results[name] = {"error": f"refused: {error}", "levers": levers}
+                continue
+            vlm, lora = copy.deepcopy(base), replace(cfg.model.lora, dropout=dropout)
+            start = _start_variant(device)
             try:
                 if path == "plain":
                     seconds = _plain_step(vlm, kind, lora, bool(speed.checkpoint_every), batch, device, steps, warmup)
@@ -258,20 +290,26 @@ def bench_train(
                         else LoRASFTModule(vlm, lora, optim, sft_spec.trainable, speed)
                     )
                     seconds = _lightning_step(module, batch, cfg, steps, warmup)
-                    del module
             except torch.cuda.OutOfMemoryError:
-                results[name] = {"error": "out of GPU memory"}
+                results[name] = {"error": "out of GPU memory", "levers": levers}
                 log.warning("bench train: %s %s ran out of GPU memory", kind, name)
                 continue
             finally:
-                trainable_flops = _flops_per_sample(vlm, tokens, fmt.num_image_tokens)
-                del vlm
-            results[name] = _result(batch, seconds, trainable_flops, _peak(device), device, peak_flops)
+                module = vlm = None  # noqa: F841 (drop the references before the next variant)
+            results[name] = {
+                **_result(batch, seconds, flops, _peak(device, start), device, peak_flops),
+                "levers": levers,
+            }
         reference = results.get("plain", {}).get("tokens_per_s")
         for result in results.values():
             if reference and "tokens_per_s" in result:
                 result["vs_plain"] = round(result["tokens_per_s"] / reference, 3)
-        report[kind] = {"tokens_per_sample": tokens, "image_tokens": fmt.num_image_tokens, "variants": results}
+        report[kind] = {
+            "tokens_per_sample": tokens,
+            "image_tokens": fmt.num_image_tokens,
+            "labelled_tokens": labelled,
+            "variants": results,
+        }
     (run_dir / "bench_train.json").write_text(json.dumps(report, indent=2))
     return report
 

@@ -38,6 +38,19 @@ def test_train_bench_measures_each_variant_for_both_step_kinds(tmp_path, capsys)
         assert list(row["variants"]) == expected  # LoRA dropout has no align variant
         for result in row["variants"].values():
             assert 0 < result["mfu"] and result["tokens_per_s"] > 0 and result["vs_plain"] > 0
+        levers = row["variants"]["chunked_ce+ckpt2"]["levers"]
+        assert levers["loss_chunk_tokens"] == 1024 and levers["checkpoint_every"] == 2 and levers["compile"] is None
+        assert row["variants"]["none"]["levers"]["loss_chunk_tokens"] is None
+    assert report["sft"]["variants"]["no_dropout"]["levers"]["lora_dropout"] == 0.0
+
+
+def test_train_bench_reports_a_refused_variant_and_goes_on(tmp_path, capsys):
+    argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
+    argv += ["--trainer.strategy=deepspeed", "--trainer.deepspeed_config=configs/deepspeed/zero3.json"]
+    assert main([*argv, "--steps=2", "--warmup=1", "--batch=2", "--text_tokens=8", '--variants=["compile"]']) == 0
+    report = json.loads((tmp_path / "bench_train.json").read_text())
+    assert "refused" in report["sft"]["variants"]["compile"]["error"]
+    assert "ZeRO-3" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("variant", ["fast", "plain+compile", "none+ckpt3"])
