@@ -234,7 +234,14 @@ def _plain_step(vlm, kind: str, lora, checkpointing: bool, batch: dict, device, 
 
 
 def bench_train(
-    cfg, run_dir: Path, steps: int, warmup: int, batch_size: int, text_tokens: int, variants: list[str] | None = None
+    cfg,
+    run_dir: Path,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    text_tokens: int,
+    variants: list[str] | None = None,
+    kinds: tuple[str, ...] = ("align", "sft"),
 ) -> dict:
     """Runs every variant for both step kinds on the profile `cfg` (a CurriculumConfig); returns the figures."""
     from datamodules.captions import PromptFormat
@@ -247,6 +254,8 @@ def bench_train(
     if steps <= warmup:
         raise ValueError(f"--steps ({steps}) must be larger than --warmup ({warmup})")
     variants = variants or DEFAULT_VARIANTS
+    if not kinds or set(kinds) - {"align", "sft"}:
+        raise ValueError(f"--kinds: {list(kinds)} must be a non-empty subset of ['align', 'sft']")
     parsed = {name: parse_variant(name, cfg) for name in variants}
     vision_path, lm_path = prepare_base_models(cfg, run_dir)
     sft_spec = cfg.stages[list(cfg.stages)[-1]]
@@ -264,7 +273,7 @@ def bench_train(
     tokens = int(batch["attention_mask"][0].sum())
     labelled = int((batch["labels"][0, 1:] != -100).sum())
     optim = OptimSpec(lr=sft_spec.lr, warmup_steps=0)
-    for kind in ("align", "sft"):
+    for kind in kinds:
         flops = _flops_per_sample(
             base, _trainable_count(base, kind, cfg.model.lora), tokens, fmt.num_image_tokens, labelled
         )
@@ -319,7 +328,7 @@ def print_train_report(report: dict) -> None:
         f"training throughput on {report['device']} (matmul peak {report['matmul_peak_flops'] / 1e12:.2f} TFLOP/s), "
         f"batch {report['batch']}"
     )
-    for kind in ("align", "sft"):
+    for kind in [k for k in ("align", "sft") if k in report]:
         row = report[kind]
         print(f"{kind}: {row['tokens_per_sample']} tokens per sample ({row['image_tokens']} image tokens)")
         print(f"  {'variant':<28} {'tokens/s':>10} {'samples/s':>10} {'MFU':>7} {'peak GiB':>9} {'vs plain':>9}")

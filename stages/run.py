@@ -125,6 +125,7 @@ def build_parser() -> ArgumentParser:
         help="what to measure (default: plain, plain+ckpt, none, each lever alone, profile); levers: "
         "chunked_ce, ckpt, ckpt2, compile, no_dropout, joined with '+', e.g. chunked_ce+ckpt2+compile",
     )
+    train.add_argument("--kinds", type=list[str], default=["align", "sft"], help="step kinds to measure")
     benches.add_subcommand("train", train)
     return parser
 
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
         sub = args.bench.train
         config_files = [str(p) for p in (sub.pop("config", None) or [])]
-        options = {k: sub.pop(k) for k in ("steps", "warmup", "batch", "text_tokens", "variants")}
+        options = {k: sub.pop(k) for k in ("steps", "warmup", "batch", "text_tokens", "variants", "kinds")}
         try:
             cfg = curriculum_config(parser.instantiate_classes(args).bench.train)
             run_dir = (
@@ -271,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                 options["batch"],
                 options["text_tokens"],
                 options["variants"],
+                tuple(options["kinds"]),
             )
         except (FileNotFoundError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)

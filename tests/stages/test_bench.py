@@ -47,8 +47,10 @@ def test_train_bench_measures_each_variant_for_both_step_kinds(tmp_path, capsys)
 def test_train_bench_reports_a_refused_variant_and_goes_on(tmp_path, capsys):
     argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
     argv += ["--trainer.strategy=deepspeed", "--trainer.deepspeed_config=configs/deepspeed/zero3.json"]
-    assert main([*argv, "--steps=2", "--warmup=1", "--batch=2", "--text_tokens=8", '--variants=["compile"]']) == 0
+    argv += ["--steps=2", "--warmup=1", "--batch=2", "--text_tokens=8", '--variants=["compile"]', '--kinds=["sft"]']
+    assert main(argv) == 0
     report = json.loads((tmp_path / "bench_train.json").read_text())
+    assert "align" not in report
     assert "refused" in report["sft"]["variants"]["compile"]["error"]
     assert "ZeRO-3" in capsys.readouterr().out
 
