@@ -91,6 +91,12 @@ class _Repeat(torch.utils.data.IterableDataset):
         return iter([self.batch] * self.steps)
 
 
+def _first(items: list):
+    """The one ready-made batch of a size-1 loader: Lightning's DeepSpeed strategy reads the loader's
+    `batch_sampler.batch_size` and fails on an unbatched loader (batch_size=None), which has none."""
+    return items[0]
+
+
 class _StepTimer(L.Callback):
     """Wall time of the optimizer steps after `warmup` (synchronised on CUDA)."""
 
@@ -197,7 +203,7 @@ def _lightning_step(module, batch: dict, cfg, steps: int, warmup: int) -> float:
     trainer_kwargs.update(enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer_kwargs["limit_val_batches"] = 0
     L.Trainer(**trainer_kwargs).fit(
-        module, train_dataloaders=torch.utils.data.DataLoader(_Repeat(batch, steps), batch_size=None)
+        module, train_dataloaders=torch.utils.data.DataLoader(_Repeat(batch, steps), batch_size=1, collate_fn=_first)
     )
     return timer.elapsed / timer.timed_steps
 

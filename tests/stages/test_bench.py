@@ -60,3 +60,15 @@ def test_train_bench_refuses_unknown_variants(tmp_path, capsys, variant):
     argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
     assert main([*argv, f'--variants=["{variant}"]']) == 2
     assert f"--variants: {variant!r} is not a variant" in capsys.readouterr().err
+
+
+def test_train_bench_runs_under_deepspeed(tmp_path):
+    """Lightning's DeepSpeed strategy read `batch_sampler.batch_size` of the bench's loader, which an
+    unbatched loader does not have; and several engines are started one after another in one process."""
+    pytest.importorskip("deepspeed")
+    argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
+    argv += ["--trainer.strategy=deepspeed", "--trainer.deepspeed_config=configs/deepspeed/zero2.json"]
+    argv += ["--steps=3", "--warmup=1", "--batch=2", "--text_tokens=8", '--variants=["none", "chunked_ce+ckpt"]']
+    assert main([*argv, '--kinds=["sft"]']) == 0
+    variants = json.loads((tmp_path / "bench_train.json").read_text())["sft"]["variants"]
+    assert all(variants[name]["tokens_per_s"] > 0 for name in ("none", "chunked_ce+ckpt"))
