@@ -347,3 +347,34 @@ def print_train_report(report: dict) -> None:
             print(f"  {name:<28} {r['tokens_per_s']:>10} {r['samples_per_s']:>10} {r['mfu']:>7} {memory:>9} {ratio:>9}")
     if report["device"] == "cpu":
         print("peak GiB on CPU is the process's peak RSS so far: it only grows, so it does not compare variants")
+    for line in sft_targets(report):
+        print(line)
+
+
+def sft_targets(report: dict, speedup: float = 2.0, budget_gib: float = 24.0) -> list[str]:
+    """Issue 6's SFT targets, judged on a GPU report: the fastest Lightning variant within the plain loop's
+    peak memory against `speedup` x its tokens/s, and the lowest peak against `budget_gib`."""
+    rows = report.get("sft", {}).get("variants", {})
+    measured = {n: r for n, r in rows.items() if "peak_gpu_gib" in r}
+    plain = measured.get("plain")
+    ours = {n: r for n, r in measured.items() if not n.startswith("plain")}
+    if plain is None or not ours:
+        return []
+    within = {n: r for n, r in ours.items() if r["peak_gpu_gib"] <= plain["peak_gpu_gib"]}
+    lines = []
+    if within:
+        name, best = max(within.items(), key=lambda item: item[1]["tokens_per_s"])
+        verdict = "met" if best["tokens_per_s"] >= speedup * plain["tokens_per_s"] else "not met"
+        lines.append(
+            f"target {speedup}x plain tokens/s at no more memory: {verdict} (best {name}: {best['vs_plain']}x, "
+            f"{best['peak_gpu_gib']} GiB vs plain {plain['peak_gpu_gib']} GiB)"
+        )
+    else:
+        lines.append(f"target {speedup}x plain tokens/s at no more memory: not met (every variant needs more memory)")
+    name, lowest = min(ours.items(), key=lambda item: item[1]["peak_gpu_gib"])
+    verdict = "met" if lowest["peak_gpu_gib"] <= budget_gib else "not met"
+    lines.append(
+        f"target batch {report['batch']} within {budget_gib} GiB: {verdict} "
+        f"(lowest {name}: {lowest['peak_gpu_gib']} GiB, {lowest['tokens_per_s']} tokens/s)"
+    )
+    return lines

@@ -72,3 +72,21 @@ def test_train_bench_runs_under_deepspeed(tmp_path):
     assert main([*argv, '--kinds=["sft"]']) == 0
     variants = json.loads((tmp_path / "bench_train.json").read_text())["sft"]["variants"]
     assert all(variants[name]["tokens_per_s"] > 0 for name in ("none", "chunked_ce+ckpt"))
+
+
+def test_sft_targets_judge_speed_within_the_plain_memory_and_the_budget():
+    from stages.bench_train import sft_targets
+
+    def row(tokens, gib):
+        return {"tokens_per_s": tokens, "peak_gpu_gib": gib, "vs_plain": tokens / 100}
+
+    report = {"batch": 8, "sft": {"variants": {"plain": row(100, 25.0), "plain+ckpt": row(80, 20.0)}}}
+    report["sft"]["variants"] |= {"none": row(300, 60.0), "chunked_ce+ckpt": row(210, 19.0), "ckpt": row(90, 23.0)}
+    speed, memory = sft_targets(report)
+    # 300 tokens/s needs more memory than plain: the 2.1x variant within 25 GiB decides.
+    assert speed.startswith("target 2.0x plain tokens/s at no more memory: met (best chunked_ce+ckpt: 2.1x")
+    assert memory.startswith("target batch 8 within 24.0 GiB: met (lowest chunked_ce+ckpt: 19.0 GiB")
+    report["sft"]["variants"]["chunked_ce+ckpt"] = row(150, 26.0)
+    speed, memory = sft_targets(report)
+    assert "not met (best ckpt: 0.9x" in speed and "met (lowest ckpt: 23.0 GiB" in memory
+    assert sft_targets({"batch": 2, "sft": {"variants": {"plain": {"tokens_per_s": 1, "peak_rss_gib": 1}}}}) == []
