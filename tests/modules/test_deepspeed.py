@@ -98,16 +98,22 @@ def test_deepspeed_updates_equal_the_plain_run_under_gradient_accumulation(runs)
             torch.testing.assert_close(_losses(runs[zero], stage), _losses(runs["plain"], stage), rtol=1e-4, atol=1e-6)
 
 
-def test_zero3_with_chunked_loss_and_checkpointing_trains_as_the_plain_run(runs, tmp_path, micro_world, micro_base):
-    """The chunked loss calls the partitioned output layer once per chunk and again in backward; checkpointed
-    layers gather their partitioned weights again when recomputed."""
-    run_dir = tmp_path / "zero3_levers"
-    levers = ["--model.speed.loss_chunk_tokens=5", "--model.speed.checkpoint_every=1"]
+@pytest.mark.parametrize(
+    "zero, levers",
+    [
+        ("zero3", ["--model.speed.loss_chunk_tokens=5", "--model.speed.checkpoint_every=1"]),
+        ("zero2", ["--model.speed.loss_chunk_tokens=5", "--model.speed.compile=aot_eager"]),
+    ],
+)
+def test_speed_levers_under_deepspeed_train_as_the_plain_run(runs, tmp_path, micro_world, micro_base, zero, levers):
+    """The chunked loss calls the (under ZeRO-3 partitioned) output layer once per chunk and again in backward;
+    checkpointed layers gather their partitioned weights again when recomputed; compiled layers run inside
+    the engine."""
+    run_dir = tmp_path / "levers"
     argv = ["curriculum", f"--run_dir={run_dir}", *_shared_args(tmp_path, micro_world, micro_base)]
-    assert main([*argv, *_deepspeed_args(tmp_path, "zero3"), *levers]) == 0
-    torch.testing.assert_close(
-        torch.tensor(_grad_norms(run_dir)), torch.tensor(_grad_norms(runs["plain"])), rtol=1e-3, atol=0
-    )
+    assert main([*argv, *_deepspeed_args(tmp_path, zero), *levers]) == 0
+    plain_norms = torch.tensor(_grad_norms(runs["plain"]))
+    torch.testing.assert_close(torch.tensor(_grad_norms(run_dir)), plain_norms, rtol=1e-3, atol=0)
     for stage in ("align", "sft_short"):
         torch.testing.assert_close(_losses(run_dir, stage), _losses(runs["plain"], stage), rtol=1e-4, atol=1e-6)
 
