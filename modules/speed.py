@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from datamodules.captions import IGNORE_INDEX
 
 
 @dataclass
@@ -56,18 +56,15 @@ def decoder_layers(lm: nn.Module) -> nn.ModuleList:
     decoder = base_lm(lm).get_decoder()
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"{type(decoder).__name__} keeps no `layers` list: model.speed.compile cannot find its blocks")
+        raise ValueError(f"{type(decoder).__name__} keeps no `layers` list: model.speed cannot find its decoder layers")
     return layers
 
 
 def set_checkpointing(lm: nn.Module, every: int) -> None:
-    """Checkpoint every `every`-th decoder layer (non-reentrant, so frozen inputs need no grad hooks); 0: none."""
+    """Checkpoint every `every`-th decoder layer (non-reentrant, so frozen inputs need no grad hooks)."""
     model = base_lm(lm)
-    # transformers 5.23 renamed gradient_checkpointing_* to activation_checkpointing_*; older ones have the old names.
+    # transformers 5.23 renamed gradient_checkpointing_enable to activation_checkpointing_enable.
     prefix = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    if not every:
-        getattr(model, f"{prefix}_checkpointing_disable")()
-        return
     getattr(model, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
     for index, layer in enumerate(decoder_layers(lm)):  # every n-th layer, as in any transformers version
         layer.gradient_checkpointing = index % every == 0

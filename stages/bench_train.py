@@ -211,16 +211,20 @@ def _lightning_step(module, batch: dict, cfg, steps: int, warmup: int) -> float:
 def _plain_step(vlm, kind: str, lora, checkpointing: bool, batch: dict, device, steps: int, warmup: int) -> float:
     """Seconds per timed step of the plain PyTorch + PEFT loop."""
     from modules.handoff import attach_lora
+    from modules.training_module import group_parameters
 
     if kind == "sft":
         attach_lora(vlm, lora)
     if checkpointing:
         set_checkpointing(vlm.lm, 1)
-    for name, param in vlm.named_parameters():
-        param.requires_grad = name.startswith("projector.") or (kind == "sft" and "lora_" in name)
+    groups = group_parameters(vlm)
+    trainable = groups["projector"] + (groups["lora"] if kind == "sft" else [])
+    vlm.requires_grad_(False)
+    for param in trainable:
+        param.requires_grad_(True)
     vlm.to(device).train()
     vlm.vision.eval()
-    optimizer = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     cuda = device.type == "cuda"
     for step in range(steps):
@@ -250,7 +254,7 @@ def bench_train(
     kinds: tuple[str, ...] = ("align", "sft"),
 ) -> dict:
     """Runs every variant for both step kinds on the profile `cfg` (a CurriculumConfig); returns the figures."""
-    from datamodules.captions import PromptFormat
+    from datamodules.captions import IGNORE_INDEX, PromptFormat
     from modules.loading import build_vlm
     from modules.training_module import AlignModule, LoRASFTModule, OptimSpec
     from stages.config import check_speed
@@ -277,7 +281,7 @@ def bench_train(
     fmt = PromptFormat(tokenizer, count_image_tokens(base, processor), cfg.model.prompt)
     batch = synthetic_batch(tokenizer, fmt, processor, batch_size, text_tokens, cfg.model.image_size)
     tokens = int(batch["attention_mask"][0].sum())
-    labelled = int((batch["labels"][0, 1:] != -100).sum())
+    labelled = int((batch["labels"][0, 1:] != IGNORE_INDEX).sum())
     optim = OptimSpec(lr=sft_spec.lr, warmup_steps=0)
     for kind in kinds:
         flops = _flops_per_sample(

@@ -63,14 +63,17 @@ def resolve_config_path(path: str) -> Path:
     return candidate
 
 
+def read_config(path: str) -> dict:
+    return json.loads(resolve_config_path(path).read_text())
+
+
 def zero_stage(config_path: str) -> int:
     """The ZeRO stage that a DeepSpeed JSON config asks for (0 when it names none)."""
-    config = json.loads(resolve_config_path(config_path).read_text())
-    return int(config.get("zero_optimization", {}).get("stage", 0))
+    return int(read_config(config_path).get("zero_optimization", {}).get("stage", 0))
 
 
 def deepspeed_strategy(config_path: str, accelerator: str | None) -> CurriculumDeepSpeedStrategy:
     """The DeepSpeed strategy for a JSON config; on CPU the test-only variant."""
-    config = json.loads(resolve_config_path(config_path).read_text())
+    config = read_config(config_path)
     cls = CPUDeepSpeedStrategy if accelerator == "cpu" else CurriculumDeepSpeedStrategy
     return cls(config=config, exclude_frozen_parameters=True)
