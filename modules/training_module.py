@@ -77,6 +77,16 @@ def group_parameters(vlm: VisionLanguageModel) -> dict[str, list[torch.nn.Parame
     return groups
 
 
+def match_norm_statistics(module: torch.nn.Module) -> None:
+    """Casts each BatchNorm-style layer's running statistics to its own parameters' dtype."""
+    for norm in module.modules():
+        if isinstance(norm, torch.nn.modules.batchnorm._NormBase) and norm.weight is not None:
+            for name in ("running_mean", "running_var"):
+                stats = getattr(norm, name)
+                if stats is not None and stats.dtype != norm.weight.dtype:
+                    setattr(norm, name, stats.to(norm.weight.dtype))
+
+
 class VLMModule(L.LightningModule):
     """Next-token loss on the caption tokens, for whichever parameter groups are `trainable`."""
 
@@ -99,6 +109,12 @@ class VLMModule(L.LightningModule):
         for name, params in groups.items():
             for param in params:
                 param.requires_grad_(name in trainable)
+
+    @override
+    def on_fit_start(self) -> None:
+        # DeepSpeed's bf16 / fp16 casts parameters and keeps buffers in fp32, so a BatchNorm layer (the
+        # ResNet tower's) would meet bf16 weights with fp32 running statistics: no kernel takes that mix.
+        match_norm_statistics(self.vlm)
 
     @override
     def train(self, mode: bool = True) -> VLMModule:

@@ -118,6 +118,19 @@ def test_speed_levers_under_deepspeed_train_as_the_plain_run(runs, tmp_path, mic
         torch.testing.assert_close(_losses(run_dir, stage), _losses(runs["plain"], stage), rtol=1e-4, atol=1e-6)
 
 
+def test_bf16_under_deepspeed_trains_as_lightnings_bf16_mixed(tmp_path, micro_world, micro_base):
+    """DeepSpeed's bf16 casts parameters and keeps buffers in fp32: the micro tower's BatchNorm then met bf16
+    weights with fp32 running statistics and the first step failed. Now its statistics follow its weights,
+    and ZeRO-2 / ZeRO-3 bf16 train as Lightning's autocast bf16-mixed does (fp32 master weights in both)."""
+    losses = {}
+    for zero in ("plain", "zero2", "zero3"):
+        argv = ["curriculum", f"--run_dir={tmp_path / zero}", *_shared_args(tmp_path, micro_world, micro_base)]
+        assert main([*argv, *_deepspeed_args(tmp_path, zero), "--trainer.precision=bf16-mixed"]) == 0
+        losses[zero] = torch.cat([_losses(tmp_path / zero, stage) for stage in ("align", "sft_short")])
+    for zero in ("zero2", "zero3"):
+        torch.testing.assert_close(losses[zero], losses["plain"], rtol=1e-3, atol=0)
+
+
 def test_compile_under_zero3_is_refused_with_the_flags(tmp_path, capsys, micro_world, micro_base):
     argv = ["curriculum", f"--run_dir={tmp_path / 'run'}", *_shared_args(tmp_path, micro_world, micro_base)]
     with pytest.raises(SystemExit):
