@@ -283,11 +283,21 @@ def bench_train(
     tokens = int(batch["attention_mask"][0].sum())
     labelled = int((batch["labels"][0, 1:] != IGNORE_INDEX).sum())
     optim = OptimSpec(lr=sft_spec.lr, warmup_steps=0)
+
+    def save() -> None:
+        (run_dir / "bench_train.json").write_text(json.dumps(report, indent=2))
+
     for kind in kinds:
         flops = _flops_per_sample(
             base, _trainable_count(base, kind, cfg.model.lora), tokens, fmt.num_image_tokens, labelled
         )
         results: dict = {}
+        report[kind] = {
+            "tokens_per_sample": tokens,
+            "image_tokens": fmt.num_image_tokens,
+            "labelled_tokens": labelled,
+            "variants": results,
+        }
         for name, (path, speed, dropout) in parsed.items():
             if kind == "align" and dropout != cfg.model.lora.dropout:
                 continue  # LoRA dropout does not exist in the align step
@@ -312,24 +322,23 @@ def bench_train(
             except torch.cuda.OutOfMemoryError:
                 results[name] = {"error": "out of GPU memory", "levers": levers}
                 log.warning("bench train: %s %s ran out of GPU memory", kind, name)
-                continue
+            except Exception as error:  # one broken variant (a compiler missing, say) must not lose the rest
+                log.exception("bench train: %s %s failed", kind, name)
+                results[name] = {"error": f"failed: {type(error).__name__}: {error}"[:500], "levers": levers}
+            else:
+                results[name] = {
+                    **_result(batch, seconds, flops, _peak(device, start), device, peak_flops),
+                    "levers": levers,
+                }
+                log.info("bench train: %s %s: %s", kind, name, results[name])
             finally:
                 module = vlm = None  # noqa: F841 (drop the references before the next variant)
-            results[name] = {
-                **_result(batch, seconds, flops, _peak(device, start), device, peak_flops),
-                "levers": levers,
-            }
+            save()  # what is measured so far survives a run stopped by a time limit
         reference = results.get("plain", {}).get("tokens_per_s")
         for result in results.values():
             if reference and "tokens_per_s" in result:
                 result["vs_plain"] = round(result["tokens_per_s"] / reference, 3)
-        report[kind] = {
-            "tokens_per_sample": tokens,
-            "image_tokens": fmt.num_image_tokens,
-            "labelled_tokens": labelled,
-            "variants": results,
-        }
-    (run_dir / "bench_train.json").write_text(json.dumps(report, indent=2))
+    save()
     return report
 
 

@@ -8,7 +8,6 @@ fully merged configuration and exits. Unknown keys fail with the key named.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -195,7 +194,6 @@ def default_run_dir(config_files: list) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "curriculum":
@@ -278,6 +276,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         print_train_report(report)
+        failed = [
+            f"{kind} {name}"
+            for kind in ("align", "sft")
+            for name, r in report.get(kind, {}).get("variants", {}).items()
+            if r.get("error", "").startswith("failed")
+        ]
+        if failed:
+            print(
+                f"error: variants failed (their tracebacks are in the log above): {', '.join(failed)}", file=sys.stderr
+            )
+            return 1
     if args.command == "bench" and args.bench.bench == "blip2":
         from stages.bench import bench_blip2, print_blip2_report
 

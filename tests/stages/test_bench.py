@@ -55,6 +55,22 @@ def test_train_bench_reports_a_refused_variant_and_goes_on(tmp_path, capsys):
     assert "ZeRO-3" in capsys.readouterr().out
 
 
+def test_train_bench_records_a_failed_variant_measures_the_rest_and_exits_nonzero(tmp_path, capsys, monkeypatch):
+    """A variant that breaks (here inductor without a C++ compiler, as Triton without gcc would on a GPU
+    machine) is reported with its error; the variants after it are still measured and saved."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-compiler")))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)  # a cached kernel would need no compiler
+    argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
+    argv += ["--steps=2", "--warmup=1", "--batch=2", "--text_tokens=8", '--variants=["compile", "none"]']
+    assert main([*argv, '--kinds=["sft"]']) == 1
+    assert "variants failed" in capsys.readouterr().err
+    variants = json.loads((tmp_path / "bench_train.json").read_text())["sft"]["variants"]
+    assert variants["compile"]["error"].startswith("failed: ") and variants["compile"]["levers"]["compile"]
+    assert variants["none"]["tokens_per_s"] > 0
+
+
 @pytest.mark.parametrize("variant", ["fast", "plain+compile", "none+ckpt3"])
 def test_train_bench_refuses_unknown_variants(tmp_path, capsys, variant):
     argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
