@@ -127,6 +127,14 @@ def test_init_from_an_unknown_stage_is_refused(tmp_path, capsys):
     assert "sft_huge" in capsys.readouterr().err
 
 
+def test_the_command_line_puts_the_hub_offline_before_it_is_imported():
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import: setting it in main() came too late."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    code = "import stages.run, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "True", done.stderr[-2000:]
+
+
 def test_help_explains_the_stage_keys(capsys):
     with pytest.raises(SystemExit):
         main(["curriculum", "--help"])
