@@ -29,11 +29,14 @@ class Throughput(L.Callback):
         self.tokens = self.samples = 0
         self.train_s = 0.0
         self._started: float | None = None
+        self.device = torch.device("cpu")
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if torch.cuda.is_available() and pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        # Kept for summary(): after fit, Lightning's teardown has moved the module back to the CPU.
+        self.device = pl_module.device
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -57,8 +60,9 @@ class Throughput(L.Callback):
                 step=step,
             )
 
-    def summary(self, device: torch.device) -> dict:
-        """Totals of this process's training batches (a resumed stage counts from the resume)."""
+    def summary(self) -> dict:
+        """Totals of this process's training batches (a resumed stage counts from the resume), and peak
+        memory: the process's resident set, and on a GPU the most allocated there since training started."""
         result = {
             "train_tokens": self.tokens,
             "train_samples": self.samples,
@@ -67,6 +71,6 @@ class Throughput(L.Callback):
             "samples_per_s": round(self.samples / self.train_s, 2) if self.train_s else None,
             "peak_rss_gib": round(peak_rss_gib(), 3),
         }
-        if device.type == "cuda":
-            result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        if self.device.type == "cuda":
+            result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return result

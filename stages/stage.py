@@ -240,7 +240,7 @@ def run_stage(
             "fingerprint": print_,
             "global_steps": trainer.global_step,
             "wall_s": round(time.perf_counter() - started, 1),
-            "resources": throughput.summary(module.device),
+            "resources": throughput.summary(),
         }
         done_path.write_text(json.dumps(done, indent=2))
     # The other ranks go on to the next stage, which reads this stage's export: wait until rank 0 wrote it.

@@ -68,6 +68,8 @@ def test_killed_mid_sft_on_gpu_resumes_and_exports_what_it_trained(tmp_path, mic
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    # Read on the GPU at train start: after fit the module is back on the CPU.
+    assert json.loads((clean_dir / "sft_short" / "done.json").read_text())["resources"]["peak_gpu_gib"] > 0
 
     command = _command(killed_dir, tmp_path, zero, micro_world, micro_base)
     kill_mid_stage_and_rerun(command, ENV, killed_dir / "sft_short", timeout=900)
