@@ -118,6 +118,19 @@ def test_speed_levers_under_deepspeed_train_as_the_plain_run(runs, tmp_path, mic
         torch.testing.assert_close(_losses(run_dir, stage), _losses(runs["plain"], stage), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("shipped", ["zero3.json", "zero2_offload.json"])
+def test_shipped_deepspeed_configs_train_as_the_plain_run(runs, tmp_path, micro_world, micro_base, shipped):
+    """zero2_offload.json failed at engine start: DeepSpeed refuses a client optimizer under offload unless
+    zero_force_ds_cpu_optimizer is false (its DeepSpeedCPUAdam needs compiled ops)."""
+    config = REPO / "configs" / "deepspeed" / shipped
+    argv = ["curriculum", f"--run_dir={tmp_path / 'run'}", *_shared_args(tmp_path, micro_world, micro_base)]
+    argv += ["--trainer.accelerator=cpu", "--trainer.strategy=deepspeed", f"--trainer.deepspeed_config={config}"]
+    assert main(argv) == 0
+    for stage in ("align", "sft_short"):
+        expected = _losses(runs["plain"], stage)
+        torch.testing.assert_close(_losses(tmp_path / "run", stage), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_bf16_under_deepspeed_trains_as_lightnings_bf16_mixed(tmp_path, micro_world, micro_base):
     """DeepSpeed's bf16 casts parameters and keeps buffers in fp32: the micro tower's BatchNorm then met bf16
     weights with fp32 running statistics and the first step failed. Now its statistics follow its weights,
