@@ -172,7 +172,10 @@ def write_report(run_dir: Path) -> Path:
     lines += ["## Checkpoints", "", "| stage | file | MiB |", "|---|---|---|"]
     for name in stages:
         for path in sorted((run_dir / name / "checkpoints").glob("*.ckpt")):
-            lines.append(f"| {name} | {path.relative_to(run_dir)} | {path.stat().st_size / 2**20:.2f} |")
+            size = (
+                sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+            )
+            lines.append(f"| {name} | {path.relative_to(run_dir)} | {size / 2**20:.2f} |")
         if (run_dir / name / "export").is_dir():
             lines.append(f"| {name} | {name}/export/ (projector + adapter for the next stage) | |")
 

@@ -223,7 +223,7 @@ def run_stage(
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     # The caption DataModule resumes mid-epoch itself (it skips the batches already trained on).
     warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
-    last = stage_dir / "checkpoints" / "last.ckpt"  # a folder under DeepSpeed, a file otherwise
+    last = stage_dir / "checkpoints" / "last.ckpt"  # a file; under DeepSpeed a link to a folder (strategies.py)
     if last.exists():
         log.info("stage %s: resuming from %s", name, last)
     trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)

@@ -10,6 +10,8 @@ resuming and exporting without a GPU. It is chosen when the accelerator is "cpu"
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -31,6 +33,35 @@ class CurriculumDeepSpeedStrategy(DeepSpeedStrategy):
     def backward(self, closure_loss: torch.Tensor, optimizer, *args, **kwargs) -> torch.Tensor:
         kwargs.setdefault("scale_wrt_gas", False)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """Writes into a fresh folder, then swaps the `filepath` link to it: a process killed while saving
+        leaves the previous checkpoint whole.
+
+        Lightning's version rewrites one folder in place (the files of tag "checkpoint" in last.ckpt/), so a
+        kill during a save left a half-written last.ckpt that the rerun could not resume from. Here
+        last.ckpt is a relative symbolic link to last.ckpt.a or last.ckpt.b; the save goes to the one it
+        does not point to, `os.replace` moves the link atomically, and the older folder is then deleted.
+        """
+        final = Path(self.broadcast(str(filepath)))
+        current = os.readlink(final) if final.is_symlink() else None
+        target = final.with_name(final.name + (".b" if current == final.name + ".a" else ".a"))
+        if self.is_global_zero:
+            shutil.rmtree(target, ignore_errors=True)  # a save that was killed half-way
+        self.barrier("checkpoint_folder_clear")
+        super().save_checkpoint(checkpoint, target, storage_options)
+        self.barrier("checkpoint_written")
+        if self.is_global_zero:
+            if final.exists() and not final.is_symlink():  # a folder written in place by Lightning's own save
+                shutil.rmtree(final)
+            link = final.with_name(final.name + ".link")
+            link.unlink(missing_ok=True)
+            os.symlink(target.name, link)
+            os.replace(link, final)
+            if current is not None:
+                shutil.rmtree(final.with_name(current), ignore_errors=True)
+        self.barrier("checkpoint_linked")
 
 
 class CPUDeepSpeedStrategy(CurriculumDeepSpeedStrategy):

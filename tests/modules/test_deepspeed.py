@@ -8,6 +8,7 @@ resume that silently restarts. The micro curriculum's first two stages are enoug
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -217,6 +218,43 @@ def test_zero3_run_killed_mid_stage_resumes_where_it_stopped(runs, tmp_path, mic
     env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"HF_HUB_OFFLINE": "1"}
     kill_mid_stage_and_rerun(command, env, run_dir / "sft_short", timeout=600)
     torch.testing.assert_close(_losses(run_dir, "sft_short"), _losses(runs["zero3"], "sft_short"), rtol=1e-4, atol=1e-6)
+
+
+def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint_to_resume_from(
+    runs, tmp_path, monkeypatch, caplog, micro_world, micro_base
+):
+    """Lightning wrote DeepSpeed's last.ckpt in place: a process dying while it saved left a checkpoint half
+    old, half new. Here the second save of sft_short writes a torn file and fails, as a kill would leave it;
+    last.ckpt still points at the first save, and the rerun resumes from it to the uninterrupted losses."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    run_dir = tmp_path / "run"
+    argv = ["curriculum", f"--run_dir={run_dir}", *_shared_args(tmp_path, micro_world, micro_base)]
+    argv += [*_deepspeed_args(tmp_path, "zero2"), "--checkpoint.every_n_train_steps=1"]
+    save, files = TorchCheckpointEngine.save, []
+
+    def torn_save(self, state_dict, path):
+        files.append(path)
+        if sum("sft_short" in f for f in files) == 3:  # 2 files a save (model, optimizer): the second save
+            Path(path).write_bytes(b"torn")
+            raise RuntimeError("killed while saving")
+        save(self, state_dict, path)
+
+    monkeypatch.setattr(TorchCheckpointEngine, "save", torn_save)
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        main(argv)
+    monkeypatch.setattr(TorchCheckpointEngine, "save", save)
+    last = run_dir / "sft_short" / "checkpoints" / "last.ckpt"
+    assert (last / "latest").is_file()
+    with caplog.at_level(logging.INFO, logger="stages.stage"):
+        assert main(argv) == 0
+    assert "stage sft_short: resuming from" in caplog.text
+    # last.ckpt links to the newest of two folders; the other one was deleted after the link moved.
+    assert last.is_symlink() and sorted(p.name for p in last.parent.iterdir()) == [
+        "last.ckpt",
+        f"last.ckpt.{os.readlink(last)[-1]}",
+    ]
+    torch.testing.assert_close(_losses(run_dir, "sft_short"), _losses(runs["zero2"], "sft_short"), rtol=1e-4, atol=1e-6)
 
 
 def _two_rank_run(run_dir: Path, tmp_path: Path, strategy: list[str]) -> subprocess.CompletedProcess:
