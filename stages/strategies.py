@@ -43,25 +43,53 @@ class CurriculumDeepSpeedStrategy(DeepSpeedStrategy):
         kill during a save left a half-written last.ckpt that the rerun could not resume from. Here
         last.ckpt is a relative symbolic link to last.ckpt.a or last.ckpt.b; the save goes to the one it
         does not point to, `os.replace` moves the link atomically, and the older folder is then deleted.
+        Rank 0 picks the folder for every rank; all ranks must see one shared file system, as DeepSpeed's
+        own sharded checkpoints already require.
         """
         final = Path(self.broadcast(str(filepath)))
-        current = os.readlink(final) if final.is_symlink() else None
-        target = final.with_name(final.name + (".b" if current == final.name + ".a" else ".a"))
+        current = _linked_folder(final) if self.is_global_zero else None
+        slot = ".b" if current is not None and current.name == final.name + ".a" else ".a"
+        target = final.with_name(final.name + slot)
+        target = Path(self.broadcast(str(target)))
         if self.is_global_zero:
             shutil.rmtree(target, ignore_errors=True)  # a save that was killed half-way
         self.barrier("checkpoint_folder_clear")
         super().save_checkpoint(checkpoint, target, storage_options)
         self.barrier("checkpoint_written")
         if self.is_global_zero:
-            if final.exists() and not final.is_symlink():  # a folder written in place by Lightning's own save
+            if final.is_dir() and not final.is_symlink():  # a folder written in place by Lightning's own save
                 shutil.rmtree(final)
             link = final.with_name(final.name + ".link")
             link.unlink(missing_ok=True)
             os.symlink(target.name, link)
             os.replace(link, final)
             if current is not None:
-                shutil.rmtree(final.with_name(current), ignore_errors=True)
+                shutil.rmtree(current, ignore_errors=True)
         self.barrier("checkpoint_linked")
+
+    @override
+    def remove_checkpoint(self, filepath) -> None:
+        """Removes the folder that a checkpoint link points to as well as the link."""
+        path = Path(filepath)
+        if self.is_global_zero:
+            folder = _linked_folder(path)
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            if path.is_symlink():
+                path.unlink()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _linked_folder(link: Path) -> Path | None:
+    """The a/b folder beside `link` that it points to, or None (no link, or a link to anything else)."""
+    if not link.is_symlink():
+        return None
+    folder = Path(os.path.realpath(link))
+    beside = folder.parent == Path(os.path.realpath(link.parent))
+    if beside and folder.name in (link.name + ".a", link.name + ".b"):
+        return folder
+    return None
 
 
 class CPUDeepSpeedStrategy(CurriculumDeepSpeedStrategy):

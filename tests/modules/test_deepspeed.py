@@ -257,6 +257,19 @@ def test_a_save_that_dies_half_way_leaves_the_previous_checkpoint_to_resume_from
     torch.testing.assert_close(_losses(run_dir, "sft_short"), _losses(runs["zero2"], "sft_short"), rtol=1e-4, atol=1e-6)
 
 
+def test_removing_a_linked_checkpoint_removes_its_folder(tmp_path):
+    """Lightning removes stale checkpoints (save_top_k, save_last="link") by path: for a link that left the
+    folder behind."""
+    from stages.strategies import CPUDeepSpeedStrategy
+
+    (tmp_path / "epoch=1.ckpt.b").mkdir()
+    (tmp_path / "epoch=1.ckpt.b" / "latest").write_text("checkpoint")
+    os.symlink("epoch=1.ckpt.b", tmp_path / "epoch=1.ckpt")
+    (tmp_path / "kept.ckpt.a").mkdir()
+    CPUDeepSpeedStrategy(config={"zero_optimization": {"stage": 2}}).remove_checkpoint(tmp_path / "epoch=1.ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.ckpt.a"]
+
+
 def _two_rank_run(run_dir: Path, tmp_path: Path, strategy: list[str]) -> subprocess.CompletedProcess:
     # Lightning starts rank 1 by running the same command again, so this goes through the CLI as users run it.
     # The micro world's default recipe writes a single training shard: fewer shards than ranks.
