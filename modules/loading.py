@@ -77,43 +77,50 @@ def model_folder(path: str | Path, flag: str) -> Path:
     return folder
 
 
-def _weights(model_class, folder: Path, config, random_init: bool, dtype: torch.dtype | None) -> nn.Module:
+def _weights(
+    model_class, folder: Path, config, random_init: bool, dtype: torch.dtype | None, init_device: str = "cpu"
+) -> nn.Module:
     """`model_class` from `folder`'s weights, or (random_init) seeded random weights of `config`, without
-    disturbing the caller's random state. Random weights are drawn on the GPU when there is one (a 2.5B
-    model takes over a minute to initialise on one CPU thread) and returned on the CPU, as loaded ones are."""
+    disturbing the caller's random state. Random weights are drawn on `init_device` and returned on the
+    CPU, as loaded ones are. They depend on the device type, so a run's stages, resume and export draw
+    on the CPU; only `bench train`, whose weights never outlive it, draws on the GPU (a 2.5B model takes
+    over a minute to initialise on the CPU)."""
     if not random_init:
         return model_class.from_pretrained(folder, local_files_only=True, dtype=dtype)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else []), device:
+    device = torch.device(init_device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), device:
         torch.manual_seed(0)
         model = model_class.from_config(config, dtype=dtype or torch.float32)
-    return model.to("cpu")
+    model.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return model
 
 
 def load_vision_tower(
-    path: str | Path, random_init: bool = False, dtype: torch.dtype | None = None
+    path: str | Path, random_init: bool = False, dtype: torch.dtype | None = None, init_device: str = "cpu"
 ) -> tuple[nn.Module, object, int]:
     """(tower, image processor, feature width) from a local folder (weights, or only its config.json)."""
     folder = model_folder(path, "--model.vision_path")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if hasattr(config, "vision_config"):  # a full CLIP / SigLIP checkpoint: keep only its vision half
         model_class = type(AutoModel.from_config(config.vision_config))
-        tower = _weights(model_class, folder, config.vision_config, random_init, dtype)
+        tower = _weights(model_class, folder, config.vision_config, random_init, dtype, init_device)
         width = config.vision_config.hidden_size
     else:
-        tower = _weights(AutoModel, folder, config, random_init, dtype)
+        tower = _weights(AutoModel, folder, config, random_init, dtype, init_device)
         width = config.hidden_sizes[-1] if hasattr(config, "hidden_sizes") else config.hidden_size
     processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     return tower, processor, width
 
 
 def load_language_model(
-    path: str | Path, random_init: bool = False, dtype: torch.dtype | None = None
+    path: str | Path, random_init: bool = False, dtype: torch.dtype | None = None, init_device: str = "cpu"
 ) -> tuple[nn.Module, object]:
     """(causal LM, tokenizer) from a local folder. The tokenizer must define an image placeholder token."""
     folder = model_folder(path, "--model.lm_path")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    lm = _weights(AutoModelForCausalLM, folder, config, random_init, dtype)
+    lm = _weights(AutoModelForCausalLM, folder, config, random_init, dtype, init_device)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return lm, tokenizer
 
@@ -138,12 +145,12 @@ def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> t
 
 
 def build_vlm(
-    config: ModelConfig, vision_path: str | Path, lm_path: str | Path
+    config: ModelConfig, vision_path: str | Path, lm_path: str | Path, init_device: str = "cpu"
 ) -> tuple[VisionLanguageModel, object, object]:
-    """(VLM with a freshly initialised projector, tokenizer, image processor)."""
+    """(VLM with a freshly initialised projector, tokenizer, image processor); `init_device`: see _weights."""
     dtype = getattr(torch, config.dtype) if config.dtype else None
-    tower, processor, width = load_vision_tower(vision_path, config.random_init, dtype)
-    lm, tokenizer = load_language_model(lm_path, config.random_init, dtype)
+    tower, processor, width = load_vision_tower(vision_path, config.random_init, dtype, init_device)
+    lm, tokenizer = load_language_model(lm_path, config.random_init, dtype, init_device)
     image_token = getattr(tokenizer, "image_token", None)
     if image_token is None:
         raise ValueError(

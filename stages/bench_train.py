@@ -277,7 +277,7 @@ def bench_train(
         "matmul_peak_flops": peak_flops,
         "batch": batch_size,
     }
-    base, tokenizer, processor = build_vlm(cfg.model, vision_path, lm_path)
+    base, tokenizer, processor = build_vlm(cfg.model, vision_path, lm_path, init_device=device.type)
     fmt = PromptFormat(tokenizer, count_image_tokens(base, processor), cfg.model.prompt)
     batch = synthetic_batch(tokenizer, fmt, processor, batch_size, text_tokens, cfg.model.image_size)
     tokens = int(batch["attention_mask"][0].sum())
