@@ -162,6 +162,14 @@ def _start_variant(device: torch.device) -> float:
     return torch.cuda.memory_allocated(device) / 2**30
 
 
+def _compile_counts() -> tuple[int, int]:
+    """(graphs dynamo has compiled, times it gave up recompiling) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    limit_hits = sum(n for reason, n in counters["unimplemented"].items() if "recompile limit" in reason.lower())
+    return counters["stats"]["unique_graphs"], limit_hits
+
+
 def _peak(device: torch.device, start: float) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 - start if device.type == "cuda" else peak_rss_gib()
 
@@ -308,7 +316,7 @@ def bench_train(
                 results[name] = {"error": f"refused: {error}", "levers": levers}
                 continue
             vlm, lora = copy.deepcopy(base), replace(cfg.model.lora, dropout=dropout)
-            start = _start_variant(device)
+            start, graphs = _start_variant(device), _compile_counts()
             try:
                 if path == "plain":
                     seconds = _plain_step(vlm, kind, lora, bool(speed.checkpoint_every), batch, device, steps, warmup)
@@ -330,6 +338,12 @@ def bench_train(
                     **_result(batch, seconds, flops, _peak(device, start), device, peak_flops),
                     "levers": levers,
                 }
+                if speed.compile:
+                    # One graph should serve every decoder layer; more, or layers past dynamo's recompile
+                    # limit (which then run eagerly), would make the figure something else than it says.
+                    after = _compile_counts()
+                    results[name]["compiled_graphs"] = after[0] - graphs[0]
+                    results[name]["recompile_limit_hits"] = after[1] - graphs[1]
                 log.info("bench train: %s %s: %s", kind, name, results[name])
             finally:
                 module = vlm = None  # noqa: F841 (drop the references before the next variant)
@@ -358,6 +372,9 @@ def print_train_report(report: dict) -> None:
             memory = r.get("peak_gpu_gib", r.get("peak_rss_gib"))
             ratio = f"{r['vs_plain']}x" if "vs_plain" in r else "-"
             print(f"  {name:<28} {r['tokens_per_s']:>10} {r['samples_per_s']:>10} {r['mfu']:>7} {memory:>9} {ratio:>9}")
+            if "compiled_graphs" in r:
+                hits = f", recompile limit hit {r['recompile_limit_hits']}x" if r["recompile_limit_hits"] else ""
+                print(f"  {'':<28} compiled graphs: {r['compiled_graphs']}{hits}")
     if report["device"] == "cpu":
         print("peak GiB on CPU is the process's peak RSS so far: it only grows, so it does not compare variants")
     for line in sft_targets(report):

@@ -74,6 +74,19 @@ def test_train_bench_records_a_failed_variant_measures_the_rest_and_exits_nonzer
     assert variants["none"]["tokens_per_s"] > 0
 
 
+def test_train_bench_counts_the_graphs_of_a_compiled_variant(tmp_path, monkeypatch):
+    """One graph serves every decoder layer; the count is in the report so that a GPU run shows it too."""
+    from stages import bench_train
+
+    monkeypatch.setitem(bench_train.LEVERS, "compile", {"compile": "aot_eager"})  # inductor: 25 s on CPU
+    argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
+    argv += ["--steps=2", "--warmup=1", "--batch=2", "--text_tokens=8", '--variants=["compile", "none"]']
+    assert main([*argv, '--kinds=["sft"]']) == 0
+    variants = json.loads((tmp_path / "bench_train.json").read_text())["sft"]["variants"]
+    assert (variants["compile"]["compiled_graphs"], variants["compile"]["recompile_limit_hits"]) == (1, 0)
+    assert "compiled_graphs" not in variants["none"]
+
+
 @pytest.mark.parametrize("variant", ["fast", "plain+compile", "none+ckpt3"])
 def test_train_bench_refuses_unknown_variants(tmp_path, capsys, variant):
     argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
