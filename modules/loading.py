@@ -87,13 +87,16 @@ def _weights(
     over a minute to initialise on the CPU)."""
     if not random_init:
         return model_class.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    if init_device == "cpu":  # no device context of our own: a caller's (tests build on "meta") applies
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return model_class.from_config(config, dtype=dtype or torch.float32)
     device = torch.device(init_device)
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), device:
+    with torch.random.fork_rng(devices=[device.index or 0]), device:
         torch.manual_seed(0)
         model = model_class.from_config(config, dtype=dtype or torch.float32)
     model.to("cpu")
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()
     return model
 
 

@@ -30,6 +30,7 @@ def test_profile_architectures_have_the_published_sizes(profile, tmp_path):
     vision, lm = write_config_folders(config, tmp_path, ["a red circle"])
     with torch.device("meta"):  # shapes only: no memory for billions of weights
         vlm, tokenizer, processor = build_vlm(config, vision, lm)
+    assert all(p.is_meta for p in vlm.parameters()), "random init must build under the caller's device"
     millions = [sum(p.numel() for p in part.parameters()) / 1e6 for part in (vlm.vision, vlm.lm)]
     expected = PROFILES[profile]
     assert millions == pytest.approx(expected, rel=0.02), millions
