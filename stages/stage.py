@@ -26,6 +26,7 @@ import lightning as L
 import torch
 import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
 from callbacks.alerts import AlertSinks
@@ -80,6 +81,24 @@ def count_image_tokens(vlm: VisionLanguageModel, processor) -> int:
     pixels = processor([Image.new("RGB", (side, side))], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         return vision_tokens(vlm.vision, pixels.to(next(vlm.vision.parameters()).dtype), vlm.grid).shape[1]
+
+
+def prepare_stage_folder(stage_dir: Path, print_: str, resolved: dict, rank_zero: bool) -> None:
+    """Empties a stage folder whose config or inputs changed, and writes the stage's config.yaml.
+
+    Every rank runs each stage, but only rank 0 touches its folder: when two ranks both rewrote
+    config.yaml, one could read it half-written (empty) and fail, and both deleted the same folder.
+    """
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if not rank_zero:
+        return
+    config_path = stage_dir / "config.yaml"
+    if config_path.is_file() and yaml.safe_load(config_path.read_text()).get("fingerprint") != print_:
+        log.warning("stage %s: config or inputs changed since its last run; starting it afresh", stage_dir.name)
+        shutil.rmtree(stage_dir)
+        stage_dir.mkdir(parents=True)
+    (stage_dir / "done.json").unlink(missing_ok=True)
+    config_path.write_text(yaml.safe_dump({"fingerprint": print_, **resolved}, sort_keys=False))
 
 
 def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig) -> VLMModule:
@@ -158,13 +177,7 @@ def run_stage(
             log.info("stage %s: finished before with the same config and inputs, skipped", name)
             metrics = json.loads((stage_dir / "metrics.json").read_text())
             return StageResult(name, print_, done["global_steps"], metrics, skipped=True)
-    config_path = stage_dir / "config.yaml"
-    if config_path.is_file() and yaml.safe_load(config_path.read_text()).get("fingerprint") != print_:
-        log.warning("stage %s: config or inputs changed since its last run; starting it afresh", name)
-        shutil.rmtree(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    done_path.unlink(missing_ok=True)
-    config_path.write_text(yaml.safe_dump({"fingerprint": print_, **resolved}, sort_keys=False))
+    prepare_stage_folder(stage_dir, print_, resolved, rank_zero_only.rank == 0)
 
     started = time.perf_counter()
     L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)

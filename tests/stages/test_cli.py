@@ -72,6 +72,23 @@ def test_a_changed_stage_config_reruns_that_stage_and_the_ones_after(tmp_path, c
 
 
 @pytest.mark.slow
+def test_only_rank_zero_touches_a_stage_folder(tmp_path):
+    """Two ranks both rewrote config.yaml: one read the other's half-written (empty) file, got None from
+    yaml and failed (seen once in CI's two-rank ZeRO-3 run)."""
+    from stages.stage import prepare_stage_folder
+
+    stage_dir = tmp_path / "sft_short"
+    stage_dir.mkdir()
+    (stage_dir / "config.yaml").write_text("")  # rank 0 is writing it
+    (stage_dir / "checkpoints").mkdir()
+    prepare_stage_folder(stage_dir, "new", {"lr": 1}, rank_zero=False)
+    assert (stage_dir / "config.yaml").read_text() == "" and (stage_dir / "checkpoints").is_dir()
+    (stage_dir / "config.yaml").write_text("fingerprint: old\n")
+    prepare_stage_folder(stage_dir, "new", {"lr": 1}, rank_zero=True)
+    assert not (stage_dir / "checkpoints").exists()  # a changed config starts the stage afresh
+    assert (stage_dir / "config.yaml").read_text() == "fingerprint: new\nlr: 1\n"
+
+
 def test_interrupted_curriculum_resumes_from_its_last_checkpoint(tmp_path):
     """SIGINT during sft_short (after align finished), then the same command again."""
     run_dir = tmp_path / "run"
