@@ -6,6 +6,7 @@ Qwen, ...) go through these same functions; nothing is fetched from a hub (`loca
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,16 +88,15 @@ def _weights(
     over a minute to initialise on the CPU)."""
     if not random_init:
         return model_class.from_pretrained(folder, local_files_only=True, dtype=dtype)
-    if init_device == "cpu":  # no device context of our own: a caller's (tests build on "meta") applies
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return model_class.from_config(config, dtype=dtype or torch.float32)
     device = torch.device(init_device)
-    with torch.random.fork_rng(devices=[device.index or 0]), device:
+    cuda = device.type == "cuda"
+    # On the CPU no device context of our own: a caller's (the tests build on "meta") applies.
+    with torch.random.fork_rng(devices=[device.index or 0] if cuda else []), device if cuda else nullcontext():
         torch.manual_seed(0)
         model = model_class.from_config(config, dtype=dtype or torch.float32)
-    model.to("cpu")
-    torch.cuda.empty_cache()
+    if cuda:
+        model.to("cpu")
+        torch.cuda.empty_cache()
     return model
 
 

@@ -356,6 +356,16 @@ def bench_train(
     return report
 
 
+def failed_variants(report: dict) -> list[str]:
+    """ "kind variant" of every variant that broke (not those out of memory or refused by the config)."""
+    return [
+        f"{kind} {name}"
+        for kind in ("align", "sft")
+        for name, r in report.get(kind, {}).get("variants", {}).items()
+        if r.get("error", "").startswith("failed")
+    ]
+
+
 def print_train_report(report: dict) -> None:
     print(
         f"training throughput on {report['device']} (matmul peak {report['matmul_peak_flops'] / 1e12:.2f} TFLOP/s), "

@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         options = args.bench.stability
         print_report(bench_stability(Path(options.root), options.seeds, options.fault_seeds))
     if args.command == "bench" and args.bench.bench == "train":
-        from stages.bench_train import bench_train, print_train_report
+        from stages.bench_train import bench_train, failed_variants, print_train_report
 
         sub = args.bench.train
         config_files = [str(p) for p in (sub.pop("config", None) or [])]
@@ -276,12 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         print_train_report(report)
-        failed = [
-            f"{kind} {name}"
-            for kind in ("align", "sft")
-            for name, r in report.get(kind, {}).get("variants", {}).items()
-            if r.get("error", "").startswith("failed")
-        ]
+        failed = failed_variants(report)
         if failed:
             print(
                 f"error: variants failed (their tracebacks are in the log above): {', '.join(failed)}", file=sys.stderr

@@ -69,16 +69,11 @@ class CurriculumDeepSpeedStrategy(DeepSpeedStrategy):
 
     @override
     def remove_checkpoint(self, filepath) -> None:
-        """Removes the folder that a checkpoint link points to as well as the link."""
-        path = Path(filepath)
-        if self.is_global_zero:
-            folder = _linked_folder(path)
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
-            if path.is_symlink():
-                path.unlink()
-            else:
-                shutil.rmtree(path, ignore_errors=True)
+        """Removes the folder that a checkpoint link points to; Lightning's removal takes only the link."""
+        folder = _linked_folder(Path(filepath)) if self.is_global_zero else None
+        super().remove_checkpoint(filepath)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _linked_folder(link: Path) -> Path | None:
