@@ -32,7 +32,7 @@ class PromptFormat:
     def __post_init__(self) -> None:
         image_token = getattr(self.tokenizer, "image_token", None)
         if image_token is None:
-            raise ValueError("the tokenizer has no image_token; save it with extra_special_tokens={'image_token': ...}")
+            raise ValueError("the tokenizer has no image_token: load it with modules.loading.load_tokenizer")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
         self.prompt_ids = self._ids(self.prompt)
 

@@ -6,6 +6,7 @@ Qwen, ...) go through these same functions; nothing is fetched from a hub (`loca
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,13 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 
 from modules.speed import SpeedSpec
 from modules.vlm import VisionLanguageModel
+
+log = logging.getLogger(__name__)
+
+
+class ModelFolderError(ValueError):
+    """A model folder that does not fit the configuration (the CLI reports it without a traceback)."""
+
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -48,6 +56,9 @@ class ModelConfig:
     """Pool the tower's feature map to grid x grid image tokens; null keeps every patch."""
     prompt: str = "describe the image"
     """The captioning instruction placed after the image tokens."""
+    image_token: str | None = None
+    """For a tokenizer that declares no image_token (real LMs' do not): a token of its vocabulary that text
+    never produces, to mark the image positions, e.g. '<|image_pad|>' (Qwen2.5) or '<unk>' (Llama-2)."""
     lora: LoraSpec = field(default_factory=LoraSpec)
     random_init: bool = False
     """Random weights from the folders' config.json, or from `vision_arch` / `lm_arch` when no folder is
@@ -118,14 +129,60 @@ def load_vision_tower(
 
 
 def load_language_model(
-    path: str | Path, random_init: bool = False, dtype: torch.dtype | None = None, init_device: str = "cpu"
+    path: str | Path,
+    random_init: bool = False,
+    dtype: torch.dtype | None = None,
+    init_device: str = "cpu",
+    image_token: str | None = None,
 ) -> tuple[nn.Module, object]:
-    """(causal LM, tokenizer) from a local folder. The tokenizer must define an image placeholder token."""
+    """(causal LM, tokenizer) from a local folder; the tokenizer as `load_tokenizer` prepares it."""
     folder = model_folder(path, "--model.lm_path")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     lm = _weights(AutoModelForCausalLM, folder, config, random_init, dtype, init_device)
+    return lm, load_tokenizer(folder, image_token)
+
+
+def load_tokenizer(path: str | Path, image_token: str | None = None):
+    """The LM folder's tokenizer with an image token declared and a pad token set.
+
+    The tokenizer's own `image_token` is used when it declares one (the tiny LM's does). Otherwise
+    `image_token` (--model.image_token) names a token already in the vocabulary: the VLM replaces the
+    embeddings at its positions with image features, so no row is added and the LM keeps its shapes.
+    The declaration is saved with the tokenizer, so an exported model loads with it. A tokenizer without
+    a pad token (Llama's) pads with its unk token, or eos: padded positions are masked and carry no loss.
+    """
+    folder = model_folder(path, "--model.lm_path")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    return lm, tokenizer
+    declared = getattr(tokenizer, "image_token", None)
+    if declared is not None:
+        if image_token is not None and image_token != declared:
+            log.warning("--model.image_token %r is not used: %s's tokenizer declares %r", image_token, folder, declared)
+    elif image_token is None:
+        raise ModelFolderError(
+            f"--model.lm_path {folder}: the tokenizer declares no image_token. Set --model.image_token to a token "
+            "of its vocabulary that text never produces (Qwen2.5: '<|image_pad|>'; Llama-2: '<unk>'), or save the "
+            "tokenizer with extra_special_tokens={'image_token': ...}"
+        )
+    elif image_token not in tokenizer.get_vocab():
+        raise ModelFolderError(
+            f"--model.image_token {image_token!r} is not in the vocabulary of {folder}'s tokenizer: name one of its "
+            "tokens (adding a new one would change the LM's embedding shapes)"
+        )
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, extra_special_tokens={"image_token": image_token}
+        )
+    reserved = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token} - {None}
+    if tokenizer.image_token in reserved:
+        raise ModelFolderError(
+            f"--model.image_token {tokenizer.image_token!r} is also {folder}'s bos, eos or pad token: name another"
+        )
+    if tokenizer.pad_token is None:
+        pads = [t for t in (tokenizer.unk_token, tokenizer.eos_token) if t is not None and t != tokenizer.image_token]
+        if not pads:
+            raise ModelFolderError(f"--model.lm_path {folder}: the tokenizer has no pad, unk or eos token to pad with")
+        tokenizer.pad_token = pads[0]
+    return tokenizer
 
 
 def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> tuple[Path, Path]:
@@ -153,11 +210,13 @@ def build_vlm(
     """(VLM with a freshly initialised projector, tokenizer, image processor); `init_device`: see _weights."""
     dtype = getattr(torch, config.dtype) if config.dtype else None
     tower, processor, width = load_vision_tower(vision_path, config.random_init, dtype, init_device)
-    lm, tokenizer = load_language_model(lm_path, config.random_init, dtype, init_device)
-    image_token = getattr(tokenizer, "image_token", None)
-    if image_token is None:
-        raise ValueError(
-            f"{lm_path}: the tokenizer defines no image_token (extra_special_tokens={{'image_token': ...}})"
+    lm, tokenizer = load_language_model(lm_path, config.random_init, dtype, init_device, config.image_token)
+    image_token_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+    rows = lm.get_input_embeddings().num_embeddings
+    if image_token_id >= rows:
+        raise ModelFolderError(
+            f"{lm_path}: the image token {tokenizer.image_token!r} has id {image_token_id}, past the LM's {rows} "
+            "embedding rows"
         )
-    vlm = VisionLanguageModel(tower, lm, width, tokenizer.convert_tokens_to_ids(image_token), config.grid)
+    vlm = VisionLanguageModel(tower, lm, width, image_token_id, config.grid)
     return vlm, tokenizer, processor

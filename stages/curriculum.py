@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from datamodules.shards import INDEX_NAME, index_digest
 from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
-from modules.loading import is_model_folder, write_config_folders
+from modules.loading import is_model_folder, load_tokenizer, write_config_folders
 from stages.config import CurriculumConfig
 from stages.data import load_recipe, run_data_stage
 from stages.report import write_report
@@ -118,6 +118,7 @@ def _losses(stage_dir: Path) -> list[float]:
 def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     run_dir.mkdir(parents=True, exist_ok=True)
     vision, lm = prepare_base_models(cfg, run_dir)  # first: a missing model folder fails before any work
+    load_tokenizer(lm, cfg.model.image_token)  # and so does a tokenizer without an image token
     shard_dir = prepare_data(cfg, run_dir)
     digests = {
         "shards": index_digest(shard_dir),

@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "curriculum":
+        from modules.loading import ModelFolderError
         from stages.curriculum import run_curriculum
         from stages.stage import StageStopped
 
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(config_files)
         try:
             results = run_curriculum(cfg, run_dir)
-        except FileNotFoundError as error:  # a missing model folder or shard index: say which, no traceback
+        except (FileNotFoundError, ModelFolderError) as error:  # say which folder or index, no traceback
             print(f"error: {error}", file=sys.stderr)
             return 2
         except StageStopped as error:

@@ -1,0 +1,80 @@
+"""Real LM folders: their tokenizers declare no image token, and Llama's has no pad token."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from transformers import AutoTokenizer
+
+from modules.loading import load_tokenizer
+from stages.run import main
+from tests.conftest import MICRO_ARGS
+
+
+@pytest.fixture
+def plain_lm(micro_base, tmp_path):
+    """The micro LM as a real checkpoint's folder looks: `<image>` is a token of the vocabulary, but the
+    tokenizer declares no image token and, as Llama's, no pad token."""
+    folder = tmp_path / "plain_lm"
+    shutil.copytree(micro_base[1], folder)
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    for key in ("image_token", "pad_token", "model_specific_special_tokens"):
+        config.pop(key, None)
+    path.write_text(json.dumps(config))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert getattr(tokenizer, "image_token", None) is None and tokenizer.pad_token is None
+    return folder
+
+
+def test_image_token_from_the_flag_is_declared_and_saved(plain_lm, tmp_path):
+    tokenizer = load_tokenizer(plain_lm, "<image>")
+    assert tokenizer.image_token == "<image>"
+    assert len(tokenizer) == len(AutoTokenizer.from_pretrained(plain_lm)), "no token may be added"
+    assert tokenizer.pad_token == "<unk>", "Llama-style: pad with unk"
+    tokenizer.save_pretrained(tmp_path / "saved")  # what export writes: it must load on its own
+    again = AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert (again.image_token, again.pad_token) == ("<image>", "<unk>")
+    assert load_tokenizer(plain_lm, "<unk>").pad_token == "<eos>", "unk marks images: pad with eos"
+
+
+@pytest.mark.parametrize(
+    ("image_token", "message"),
+    [
+        (None, "declares no image_token. Set --model.image_token"),
+        ("<zzz>", "--model.image_token '<zzz>' is not in the vocabulary"),
+        ("<eos>", "is also"),
+    ],
+)
+def test_a_bad_image_token_is_named(plain_lm, image_token, message):
+    with pytest.raises(ValueError, match=message) as error:
+        load_tokenizer(plain_lm, image_token)
+    assert str(plain_lm) in str(error.value)
+
+
+def test_a_declared_image_token_wins(micro_base, caplog):
+    assert load_tokenizer(micro_base[1], "<unk>").image_token == "<image>"
+    assert "--model.image_token '<unk>' is not used" in caplog.text
+
+
+def test_curriculum_without_an_image_token_fails_before_any_work(plain_lm, micro_base, tmp_path, capsys):
+    args = ["curriculum", f"--run_dir={tmp_path / 'run'}", f"--model.vision_path={micro_base[0]}"]
+    assert main([*args, f"--model.lm_path={plain_lm}"]) == 2
+    assert "--model.image_token" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "data").exists()
+
+
+@pytest.mark.slow
+def test_curriculum_and_export_with_a_plain_tokenizer(plain_lm, micro_base, micro_world, tmp_path):
+    from stages.export import evaluate_model, export_model, find_stage
+
+    run_dir = tmp_path / "run"
+    args = ["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS, f"--data.shard_dir={micro_world}"]
+    args += [f"--model.vision_path={micro_base[0]}", f"--model.lm_path={plain_lm}", "--model.image_token=<image>"]
+    assert main(args) == 0
+    out = export_model(find_stage(run_dir), tmp_path / "exported")
+    exported = AutoTokenizer.from_pretrained(out)
+    assert (exported.image_token, exported.pad_token) == ("<image>", "<unk>")
+    assert evaluate_model(out, limit=4, max_new_tokens=6)["data"]["images"] == 4
