@@ -54,6 +54,8 @@ class ModelConfig:
     """Folder of a causal language model and its tokenizer; unset: the tiny LM built under <run_dir>/base."""
     grid: int | None = 3
     """Pool the tower's feature map to grid x grid image tokens; null keeps every patch."""
+    vision_layer: int = -1
+    """The tower's hidden state that gives the image tokens: -1 its output, -2 the layer before (LLaVA-1.5, MGM)."""
     prompt: str = "describe the image"
     """The captioning instruction placed after the image tokens."""
     image_token: str | None = None
@@ -218,5 +220,5 @@ def build_vlm(
             f"{lm_path}: the image token {tokenizer.image_token!r} has id {image_token_id}, past the LM's {rows} "
             "embedding rows"
         )
-    vlm = VisionLanguageModel(tower, lm, width, image_token_id, config.grid)
+    vlm = VisionLanguageModel(tower, lm, width, image_token_id, config.grid, config.vision_layer)
     return vlm, tokenizer, processor

@@ -15,15 +15,22 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 
-def vision_tokens(tower: nn.Module, pixel_values: torch.Tensor, grid: int | None) -> torch.Tensor:
+def vision_tokens(tower: nn.Module, pixel_values: torch.Tensor, grid: int | None, layer: int = -1) -> torch.Tensor:
     """The tower's image tokens, (B, N, width).
 
-    Convolutional towers give a (B, C, H, W) map: pooled to `grid` x `grid` cells if `grid` is set.
-    ViT towers (CLIP, SigLIP) give (B, 1 + N, D) with a class token (CLIP) or (B, N, D) (SigLIP): the
-    class token is dropped, as LLaVA does, and the patch grid pooled to `grid` if set.
+    `layer` -1 takes the tower's output (`last_hidden_state`); -2 the hidden state of the layer before,
+    as LLaVA-1.5 and MGM do with CLIP (`hidden_states[layer]`). Convolutional towers give a
+    (B, C, H, W) map: pooled to `grid` x `grid` cells if `grid` is set. ViT towers (CLIP, SigLIP) give
+    (B, 1 + N, D) with a class token (CLIP) or (B, N, D) (SigLIP): the class token is dropped, as LLaVA
+    does, and the patch grid pooled to `grid` if set.
     """
-    output = tower(pixel_values=pixel_values)
-    features = output.last_hidden_state
+    if layer == -1:
+        features = tower(pixel_values=pixel_values).last_hidden_state
+    else:
+        states = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        if not -len(states) <= layer < 0:
+            raise ValueError(f"model.vision_layer {layer}: the tower has hidden states -1 to -{len(states)}")
+        features = states[layer]
     if features.dim() == 4:
         return (
             F.adaptive_avg_pool2d(features, grid).flatten(2).transpose(1, 2)
@@ -61,12 +68,13 @@ class ImageTokenMixin:
     projector: MLPProjector
     image_token_id: int
     grid: int | None
+    vision_layer: int = -1
 
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         pixel_values = pixel_values.to(next(self.vision.parameters()).dtype)
         frozen = not any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            features = vision_tokens(self.vision, pixel_values, self.grid)
+            features = vision_tokens(self.vision, pixel_values, self.grid, self.vision_layer)
         return self.projector(features.to(self.projector.net[0].weight.dtype))
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -106,8 +114,9 @@ def _sub_config(value) -> PretrainedConfig:
 
 
 class VLMCurriculumConfig(PretrainedConfig):
-    """A merged vlm-curriculum model: the tower's and the LM's own configs, the projector's widths,
-    and the prompt layout (`num_image_tokens` placeholders after bos, then `prompt`)."""
+    """A merged vlm-curriculum model: the tower's and the LM's own configs, the projector's widths, the
+    tower's hidden state that gives the image tokens (`vision_layer`), and the prompt layout
+    (`num_image_tokens` placeholders after bos, then `prompt`)."""
 
     model_type = "vlm_curriculum"
 
@@ -120,11 +129,13 @@ class VLMCurriculumConfig(PretrainedConfig):
         grid: int | None = None,
         num_image_tokens: int = 0,
         prompt: str = "",
+        vision_layer: int = -1,
         **kwargs,
     ) -> None:
         self.vision_config = _sub_config(vision_config) if vision_config is not None else None
         self.text_config = _sub_config(text_config) if text_config is not None else None
         self.vision_width, self.image_token_id, self.grid = vision_width, image_token_id, grid
+        self.vision_layer = vision_layer
         self.num_image_tokens, self.prompt = num_image_tokens, prompt
         super().__init__(**kwargs)
 
@@ -151,7 +162,7 @@ class VLMCurriculumForCaptioning(ImageTokenMixin, PreTrainedModel):
         self.vision = AutoModel.from_config(config.vision_config)
         self.lm = AutoModelForCausalLM.from_config(config.text_config)
         self.projector = MLPProjector(config.vision_width, config.text_config.hidden_size)
-        self.image_token_id, self.grid = config.image_token_id, config.grid
+        self.image_token_id, self.grid, self.vision_layer = config.image_token_id, config.grid, config.vision_layer
         self.post_init()
 
     def prompt_ids(self, tokenizer) -> list[int]:

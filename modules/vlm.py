@@ -21,7 +21,13 @@ class VisionLanguageModel(ImageTokenMixin, nn.Module):
     """
 
     def __init__(
-        self, vision: nn.Module, lm: nn.Module, vision_width: int, image_token_id: int, grid: int | None
+        self,
+        vision: nn.Module,
+        lm: nn.Module,
+        vision_width: int,
+        image_token_id: int,
+        grid: int | None,
+        vision_layer: int = -1,
     ) -> None:
         super().__init__()
         self.vision = vision
@@ -30,3 +36,4 @@ class VisionLanguageModel(ImageTokenMixin, nn.Module):
         self.vision_width = vision_width
         self.image_token_id = image_token_id
         self.grid = grid
+        self.vision_layer = vision_layer

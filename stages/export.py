@@ -109,6 +109,7 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
         vision_width=vlm.vision_width,
         image_token_id=vlm.image_token_id,
         grid=model_config.grid,
+        vision_layer=model_config.vision_layer,
         num_image_tokens=num_image_tokens,
         prompt=model_config.prompt,
         auto_map={

@@ -80,7 +80,8 @@ def count_image_tokens(vlm: VisionLanguageModel, processor) -> int:
     side = size.get("height") or size.get("shortest_edge")
     pixels = processor([Image.new("RGB", (side, side))], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        return vision_tokens(vlm.vision, pixels.to(next(vlm.vision.parameters()).dtype), vlm.grid).shape[1]
+        pixels = pixels.to(next(vlm.vision.parameters()).dtype)
+        return vision_tokens(vlm.vision, pixels, vlm.grid, vlm.vision_layer).shape[1]
 
 
 def prepare_stage_folder(stage_dir: Path, print_: str, resolved: dict, rank_zero: bool) -> None:

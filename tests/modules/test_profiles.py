@@ -44,16 +44,45 @@ def test_profile_without_its_folders_names_them(tmp_path, capsys):
     assert not (tmp_path / "data").exists(), "nothing should run before the folders are checked"
 
 
+def test_vision_layer_picks_the_towers_hidden_state():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from modules.vlm import vision_tokens
+
+    torch.manual_seed(0)
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+    tower = CLIPVisionModel(CLIPVisionConfig(num_hidden_layers=2, **shape)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        states = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+        torch.testing.assert_close(vision_tokens(tower, pixels, None, -2), states[-2][:, 1:])  # class token dropped
+        torch.testing.assert_close(vision_tokens(tower, pixels, None), states[-1][:, 1:])
+        assert not torch.allclose(states[-2], states[-1])
+        assert vision_tokens(tower, pixels, 2, -2).shape == (2, 4, 32)
+        with pytest.raises(ValueError, match="model.vision_layer -4: the tower has hidden states -1 to -3"):
+            vision_tokens(tower, pixels, None, -4)
+
+
 @pytest.mark.slow
 def test_random_init_profile_trains_exports_and_evaluates(tmp_path, micro_world):
-    # A small profile's code path (CLIP-style ViT tower, Qwen2 LM, all patches kept) at toy sizes.
+    # A small profile's code path (CLIP-style ViT tower, Qwen2 LM, all patches kept, the penultimate
+    # layer's features as LLaVA takes them) at toy sizes.
     args = ["curriculum", f"--run_dir={tmp_path / 'run'}", *MICRO_ARGS, f"--data.shard_dir={micro_world}"]
-    args += TOY_PROFILE_ARGS
+    args += [*TOY_PROFILE_ARGS, "--model.vision_layer=-2"]
     assert main(args) == 0
-    from stages.export import evaluate_model, export_model, find_stage
+    from transformers import AutoModel
+
+    from stages.export import evaluate_model, export_model, find_stage, load_stage_model
 
     source = find_stage(tmp_path / "run")
     assert source.config["inputs"]["lm_path"].endswith("random_init/lm")
     out = export_model(source, tmp_path / "exported")
     result = evaluate_model(out, limit=4, max_new_tokens=6)
     assert result["data"]["images"] == 4 and "chair_i" in result["metrics"]
+    # The exported model takes its image tokens from the same hidden state as the trained one.
+    vlm = load_stage_model(source)[0].eval()
+    exported = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    assert (vlm.vision_layer, exported.config.vision_layer) == (-2, -2)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.image_embeddings(pixels), vlm.image_embeddings(pixels))
