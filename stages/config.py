@@ -5,6 +5,7 @@ YAML files and dotted command-line overrides (`--stages.sft_long.trainer.max_epo
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Literal
 
 from callbacks.epoch_boundary import BoundaryConfig
 from callbacks.instability import InstabilityConfig
@@ -37,7 +38,8 @@ class TrainerConfig:
     val_check_interval: int | float | None = None
     limit_val_batches: int | float | None = None
     num_sanity_val_steps: int | None = None
-    deterministic: bool | None = None
+    deterministic: bool | Literal["warn"] | None = None
+    """true: deterministic kernels, failing on an op that has none; "warn": warn on it instead."""
     enable_progress_bar: bool | None = None
 
     def merged(self, override: TrainerConfig) -> TrainerConfig:

@@ -35,7 +35,8 @@ pytestmark = [
 ]
 
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
-# Deterministic cuBLAS, so that the resumed run can be compared with the uninterrupted one.
+# Deterministic cuBLAS, so that the resumed run can be compared with the uninterrupted one; an op
+# without a deterministic CUDA kernel warns (deterministic=warn) instead of failing the run.
 ENV = {k: v for k, v in os.environ.items() if k not in DIST_VARS} | {
     "HF_HUB_OFFLINE": "1",
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
@@ -52,7 +53,7 @@ def _command(run_dir: Path, tmp_path: Path, zero: str, micro_world: Path, micro_
         f"--data.shard_dir={micro_world}", f"--model.vision_path={micro_base[0]}", f"--model.lm_path={micro_base[1]}",
         "--stages.sft_short.trainer.max_steps=8", "--checkpoint.every_n_train_steps=2",
         "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.precision=bf16-mixed",
-        "--trainer.deterministic=true", "--trainer.strategy=deepspeed", f"--trainer.deepspeed_config={config}",
+        "--trainer.deterministic=warn", "--trainer.strategy=deepspeed", f"--trainer.deepspeed_config={config}",
         "--model.speed.loss_chunk_tokens=16", "--model.speed.checkpoint_every=1",
     ]  # fmt: skip
     return [sys.executable, "-c", f"import sys; from stages.run import main; sys.exit(main({args!r}))"]

@@ -152,6 +152,13 @@ def test_the_command_line_puts_the_hub_offline_before_it_is_imported():
     assert done.stdout.strip() == "True", done.stderr[-2000:]
 
 
+def test_deterministic_takes_lightnings_warn(capsys):
+    # The GPU test runs "warn": a CUDA op without a deterministic kernel must not end the run.
+    with pytest.raises(SystemExit):
+        main(["curriculum", "--trainer.deterministic=warn", "--print_config"])
+    assert "deterministic: warn" in capsys.readouterr().out
+
+
 def test_help_explains_the_stage_keys(capsys):
     with pytest.raises(SystemExit):
         main(["curriculum", "--help"])
