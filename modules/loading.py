@@ -19,6 +19,7 @@ from modules.speed import SpeedSpec
 from modules.vlm import VisionLanguageModel
 
 log = logging.getLogger(__name__)
+_WARNED: set[tuple[Path, str]] = set()
 
 
 class ModelFolderError(ValueError):
@@ -157,7 +158,8 @@ def load_tokenizer(path: str | Path, image_token: str | None = None):
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     declared = getattr(tokenizer, "image_token", None)
     if declared is not None:
-        if image_token is not None and image_token != declared:
+        if image_token is not None and image_token != declared and (folder, image_token) not in _WARNED:
+            _WARNED.add((folder, image_token))  # once a run, not at every stage's build
             log.warning("--model.image_token %r is not used: %s's tokenizer declares %r", image_token, folder, declared)
     elif image_token is None:
         raise ModelFolderError(
