@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from modules.speed import SpeedSpec
-from modules.vlm import VisionLanguageModel
+from modules.vlm import VisionLanguageModel, vision_tokens
 
 log = logging.getLogger(__name__)
 _WARNED: set[tuple[Path, str]] = set()
@@ -145,14 +145,20 @@ def load_language_model(
     return lm, load_tokenizer(folder, image_token)
 
 
+def _some(names: list[str], most: int = 12) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
 def load_tokenizer(path: str | Path, image_token: str | None = None):
     """The LM folder's tokenizer with an image token declared and a pad token set.
 
     The tokenizer's own `image_token` is used when it declares one (the tiny LM's does). Otherwise
-    `image_token` (--model.image_token) names a token already in the vocabulary: the VLM replaces the
-    embeddings at its positions with image features, so no row is added and the LM keeps its shapes.
-    The declaration is saved with the tokenizer, so an exported model loads with it. A tokenizer without
-    a pad token (Llama's) pads with its unk token, or eos: padded positions are masked and carry no loss.
+    `image_token` (--model.image_token) names one of its added tokens (atomic: text maps to it only
+    where it is written out): the VLM replaces the embeddings at its positions with image features, so
+    no row is added and the LM keeps its shapes. The declaration is saved with the tokenizer, so an
+    exported model loads with it. Padding never uses the image token: a tokenizer without a pad token
+    (Llama's), or whose pad token is the image token (Vicuna's pads with unk), pads with unk or else eos;
+    padded positions are masked and carry no loss.
     """
     folder = model_folder(path, "--model.lm_path")
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -163,25 +169,23 @@ def load_tokenizer(path: str | Path, image_token: str | None = None):
             log.warning("--model.image_token %r is not used: %s's tokenizer declares %r", image_token, folder, declared)
     elif image_token is None:
         raise ModelFolderError(
-            f"--model.lm_path {folder}: the tokenizer declares no image_token. Set --model.image_token to a token "
-            "of its vocabulary that text never produces (Qwen2.5: '<|image_pad|>'; Llama-2: '<unk>'), or save the "
-            "tokenizer with extra_special_tokens={'image_token': ...}"
+            f"--model.lm_path {folder}: the tokenizer declares no image_token. Set --model.image_token to one of "
+            "its added tokens that text never contains (Qwen2.5: '<|image_pad|>'; Gemma: '<unused0>'; Llama-2: "
+            "'<unk>'), or save the tokenizer with extra_special_tokens={'image_token': ...}"
         )
-    elif image_token not in tokenizer.get_vocab():
+    elif image_token not in tokenizer.added_tokens_encoder:
         raise ModelFolderError(
-            f"--model.image_token {image_token!r} is not in the vocabulary of {folder}'s tokenizer: name one of its "
-            "tokens (adding a new one would change the LM's embedding shapes)"
+            f"--model.image_token {image_token!r} is not an added token of {folder}'s tokenizer: name one of "
+            f"{_some(sorted(tokenizer.added_tokens_encoder))} (a word of the vocabulary would also stand for "
+            "itself in text; a new token would change the LM's embedding shapes)"
         )
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, local_files_only=True, extra_special_tokens={"image_token": image_token}
-        )
-    reserved = {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token} - {None}
-    if tokenizer.image_token in reserved:
+    else:  # declared through the loader, which keeps the tokenizer's other special tokens
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, image_token=image_token)
+    if tokenizer.image_token in {tokenizer.bos_token, tokenizer.eos_token}:
         raise ModelFolderError(
-            f"--model.image_token {tokenizer.image_token!r} is also {folder}'s bos, eos or pad token: name another"
+            f"--model.image_token {tokenizer.image_token!r} is also {folder}'s bos or eos token: name another"
         )
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token in (None, tokenizer.image_token):
         pads = [t for t in (tokenizer.unk_token, tokenizer.eos_token) if t is not None and t != tokenizer.image_token]
         if not pads:
             raise ModelFolderError(f"--model.lm_path {folder}: the tokenizer has no pad, unk or eos token to pad with")
@@ -222,5 +226,21 @@ def build_vlm(
             f"{lm_path}: the image token {tokenizer.image_token!r} has id {image_token_id}, past the LM's {rows} "
             "embedding rows"
         )
+    if config.vision_layer != -1:  # an earlier stage of a convolutional tower is narrower than its output
+        width = _probe_width(tower, processor, config.vision_layer)
     vlm = VisionLanguageModel(tower, lm, width, image_token_id, config.grid, config.vision_layer)
     return vlm, tokenizer, processor
+
+
+def _probe_width(tower: nn.Module, processor, layer: int) -> int:
+    """The feature width of the tower's hidden state `layer`, from one blank input (shapes only on "meta")."""
+    size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+    side = size.get("height") or size.get("shortest_edge")
+    weight = next(tower.parameters())
+    pixels = torch.zeros(1, 3, side, side, device=weight.device, dtype=weight.dtype)
+    training = tower.training
+    tower.eval()  # BatchNorm statistics stay as loaded
+    with torch.no_grad():
+        width = vision_tokens(tower, pixels, None, layer).shape[-1]
+    tower.train(training)
+    return width

@@ -8,22 +8,26 @@ import shutil
 import pytest
 from transformers import AutoTokenizer
 
-from modules.loading import load_tokenizer
+from modules.loading import ModelFolderError, load_tokenizer
 from stages.run import main
 from tests.conftest import MICRO_ARGS
 
 
-@pytest.fixture
-def plain_lm(micro_base, tmp_path):
-    """The micro LM as a real checkpoint's folder looks: `<image>` is a token of the vocabulary, but the
-    tokenizer declares no image token and, as Llama's, no pad token."""
-    folder = tmp_path / "plain_lm"
-    shutil.copytree(micro_base[1], folder)
+def _plain_copy(lm_folder, folder, **tokenizer_config):
+    """The micro LM as a real checkpoint's folder looks: `<image>` is an added token of the vocabulary, but
+    the tokenizer declares no image token and, as Llama's, no pad token; `tokenizer_config` sets more."""
+    shutil.copytree(lm_folder, folder)
     path = folder / "tokenizer_config.json"
     config = json.loads(path.read_text())
     for key in ("image_token", "pad_token", "model_specific_special_tokens"):
         config.pop(key, None)
-    path.write_text(json.dumps(config))
+    path.write_text(json.dumps(config | tokenizer_config))
+    return folder
+
+
+@pytest.fixture
+def plain_lm(micro_base, tmp_path):
+    folder = _plain_copy(micro_base[1], tmp_path / "plain_lm")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert getattr(tokenizer, "image_token", None) is None and tokenizer.pad_token is None
     return folder
@@ -40,21 +44,37 @@ def test_image_token_from_the_flag_is_declared_and_saved(plain_lm, tmp_path):
     assert load_tokenizer(plain_lm, "<unk>").pad_token == "<eos>", "unk marks images: pad with eos"
 
 
+def test_vicuna_style_pad_unk_with_unk_marking_images_pads_with_eos(micro_base, tmp_path):
+    folder = _plain_copy(micro_base[1], tmp_path / "vicuna", pad_token="<unk>")
+    assert AutoTokenizer.from_pretrained(folder).pad_token == "<unk>"
+    tokenizer = load_tokenizer(folder, "<unk>")
+    assert (tokenizer.image_token, tokenizer.pad_token) == ("<unk>", "<eos>")
+
+
+def test_declaring_the_image_token_keeps_the_other_special_tokens(micro_base, tmp_path):
+    folder = _plain_copy(micro_base[1], tmp_path / "chat", extra_special_tokens=["<pad>"])  # e.g. <|im_start|>
+    tokenizer = load_tokenizer(folder, "<image>")
+    assert tokenizer.image_token == "<image>" and {"<pad>", "<image>"} <= set(tokenizer.all_special_tokens)
+
+
 @pytest.mark.parametrize(
     ("image_token", "message"),
     [
         (None, "declares no image_token. Set --model.image_token"),
-        ("<zzz>", "--model.image_token '<zzz>' is not in the vocabulary"),
+        ("<zzz>", "--model.image_token '<zzz>' is not an added token"),
+        ("red", "--model.image_token 'red' is not an added token"),  # in the vocabulary, but a word
         ("<eos>", "is also"),
     ],
 )
 def test_a_bad_image_token_is_named(plain_lm, image_token, message):
-    with pytest.raises(ValueError, match=message) as error:
+    assert "red" in AutoTokenizer.from_pretrained(plain_lm).get_vocab()
+    with pytest.raises(ModelFolderError, match=message) as error:
         load_tokenizer(plain_lm, image_token)
     assert str(plain_lm) in str(error.value)
 
 
-def test_a_declared_image_token_wins(micro_base, caplog):
+def test_a_declared_image_token_wins(micro_base, caplog, monkeypatch):
+    monkeypatch.setattr("modules.loading._WARNED", set())
     assert load_tokenizer(micro_base[1], "<bos>").image_token == "<image>"
     assert load_tokenizer(micro_base[1], "<bos>").image_token == "<image>"
     assert caplog.text.count("--model.image_token '<bos>' is not used") == 1, "once, not at every stage"

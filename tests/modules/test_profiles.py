@@ -63,6 +63,17 @@ def test_vision_layer_picks_the_towers_hidden_state():
             vision_tokens(tower, pixels, None, -4)
 
 
+def test_vision_layer_of_a_convolutional_tower_sizes_the_projector(micro_base):
+    # The tiny ResNet's stage before its last is narrower (16 channels, not 32): the projector must fit it.
+    from PIL import Image
+
+    vlm, _, processor = build_vlm(ModelConfig(vision_layer=-2), *micro_base)
+    assert vlm.projector.net[0].in_features == 16
+    pixels = processor([Image.new("RGB", (64, 64))], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        assert vlm.image_embeddings(pixels).shape == (1, 9, vlm.lm.config.hidden_size)
+
+
 @pytest.mark.slow
 def test_random_init_profile_trains_exports_and_evaluates(tmp_path, micro_world):
     # A small profile's code path (CLIP-style ViT tower, Qwen2 LM, all patches kept, the penultimate
