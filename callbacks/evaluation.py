@@ -115,15 +115,49 @@ def vqa_scores(answers: list[tuple[str, str, str, str]]) -> dict[str, float]:
     return scores
 
 
-def score(results: list[tuple[str, dict, str]], buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> dict:
-    """Metrics of (key, metadata, generated caption) triples; references are the scene's caption variants."""
+def score(
+    results: list[tuple[str, dict, str]], buckets: tuple[int, ...] = DEFAULT_BUCKETS, synonyms: dict | None = None
+) -> dict:
+    """Metrics of (key, metadata, generated caption) triples; references are the sample's caption variants,
+    object annotations its `objects` (the world's, or class names of real data, scored with `synonyms`)."""
+    objects = [meta.get("objects") for _, meta, _ in results]
+    missing = sum(truth is None for truth in objects)
+    if missing:
+        log.warning(
+            "%d of %d evaluated images carry no object annotations (e.g. %s): no CHAIR, recall or POPE, "
+            "only text metrics",
+            missing,
+            len(objects),
+            next(key for (key, _, _), truth in zip(results, objects, strict=True) if truth is None),
+        )
     return caption_metrics(
         [text for _, _, text in results],
-        [meta["objects"] for _, meta, _ in results],
+        objects,
         [list(meta["captions"].values()) for _, meta, _ in results],
         keys=[key for key, _, _ in results],
         buckets=buckets,
+        synonyms=synonyms,
     )
+
+
+def reference(meta: dict) -> str:
+    """The sample's longest caption variant: the ground truth shown beside a generated caption."""
+    return max(meta["captions"].values(), key=lambda text: len(text.split()))
+
+
+def load_synonyms(path: str | Path | None, flag: str = "eval.synonyms") -> dict[str, list[str]] | None:
+    """A CHAIR synonym table, {class: [words naming it]}, from a JSON file (None: unset)."""
+    if path is None:
+        return None
+    try:
+        table = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{flag} {path}: not a readable JSON file ({error})") from error
+    if not isinstance(table, dict) or not all(
+        isinstance(words, list) and all(isinstance(w, str) for w in words) for words in table.values()
+    ):
+        raise ValueError(f'{flag} {path}: expected {{"class": ["word", ...], ...}}')
+    return table
 
 
 def scalars(metrics: dict, prefix: str = "eval") -> dict[str, float]:
@@ -182,6 +216,7 @@ class CaptionEvaluation(L.Callback):
         buckets: tuple[int, ...] = DEFAULT_BUCKETS,
         vqa: bool = False,
         extra: dict | None = None,
+        synonyms: dict[str, list[str]] | None = None,
     ) -> None:
         if not samples:
             raise ValueError("CaptionEvaluation needs at least one held-out sample")
@@ -192,7 +227,7 @@ class CaptionEvaluation(L.Callback):
         self.stage, self.samples, self.fmt, self.processor = stage, samples, fmt, processor
         self.out_path, self.table_rows, self.batch_size = Path(out_path), table_rows, batch_size
         self.every_n_steps, self.grid_images, self.buckets = every_n_steps, grid_images, tuple(buckets)
-        self.vqa = vqa
+        self.vqa, self.synonyms = vqa, synonyms
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
         self.extra = extra or {}
         self.metrics: dict | None = None
@@ -218,22 +253,22 @@ class CaptionEvaluation(L.Callback):
 
     def evaluate(self, vlm, rank: int = 0, world_size: int = 1) -> tuple[dict, list[tuple[str, str, str]]]:
         results = self.caption(vlm, rank, world_size)
-        rows = [(key, meta["captions"]["long"], text) for key, meta, text in results[: self.table_rows]]
-        return score(results, self.buckets), rows
+        rows = [(key, reference(meta), text) for key, meta, text in results[: self.table_rows]]
+        return score(results, self.buckets, self.synonyms), rows
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
         results = self.caption(pl_module.vlm, trainer.global_rank, trainer.world_size, owner=pl_module)
         answers = self._answers(trainer, pl_module) if final and self.vqa else None  # every rank: ZeRO-3
         if not trainer.is_global_zero:
             return
-        metrics = score(results, self.buckets)
+        metrics = score(results, self.buckets, self.synonyms)
         step = trainer.global_step
         self.history.append({"global_step": step, **{k: v for k, v in metrics.items() if k != "by_length"}})
         logger = trainer.logger
         if logger is not None:
             logger.log_metrics(scalars(metrics), step=step)
             tb_step = getattr(logger, "global_step", lambda s: s)(step)
-            rows = [(key, meta["captions"]["long"], text) for key, meta, text in results[: self.table_rows]]
+            rows = [(key, reference(meta), text) for key, meta, text in results[: self.table_rows]]
             logger.experiment.add_text(f"eval/{self.stage}/captions", markdown_table(rows), global_step=tb_step)
             if self.grid_images:
                 by_key = {key: image for key, image, _ in self.samples}

@@ -9,6 +9,9 @@ Every input becomes rows of `{"__key__", "text": "<__dj__image> <raw caption>", 
   the raw caption is the first answer;
 - `dj_jsonl`: Data-Juicer jsonl, one {"text", "images", ...} object a line.
 
+A `llava` or `dj_jsonl` record may carry `"objects": ["dog", "frisbee"]`, the classes annotated in its
+image (COCO-style): they travel into the shards, and evaluation scores CHAIR and recall against them.
+
 Relative image paths resolve against the input file's folder (or `image_root`). A sample that
 cannot be used (unreadable line, no image, missing or corrupt image file) is skipped and counted
 by reason, with its key; nothing is dropped silently.
@@ -100,6 +103,17 @@ def _checked(key: str, image: str | None, base: Path, skips: SkipLog) -> Path | 
     return path
 
 
+def _annotations(record: dict, key: str, skips: SkipLog) -> dict | None:
+    """The record's object classes as metadata ({} without any); None (skipped, counted) when malformed."""
+    if "objects" not in record:
+        return {}
+    objects = record["objects"]
+    if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
+        skips.skip("bad_objects", key)
+        return None
+    return {"objects": objects}
+
+
 def read_llava_json(path: Path, skips: SkipLog, image_root: Path | None = None) -> Iterator[dict]:
     try:
         records = json.loads(path.read_text())
@@ -112,9 +126,10 @@ def read_llava_json(path: Path, skips: SkipLog, image_root: Path | None = None) 
         if not answers:
             skips.skip("no_caption", key)
             continue
-        image = _checked(key, record.get("image"), base, skips)
+        meta = _annotations(record, key, skips)
+        image = None if meta is None else _checked(key, record.get("image"), base, skips)
         if image is not None:
-            yield _row(key, answers[0].replace("<image>", "").strip(), image)
+            yield _row(key, answers[0].replace("<image>", "").strip(), image, meta)
 
 
 def read_dj_jsonl(path: Path, skips: SkipLog, image_root: Path | None = None) -> Iterator[dict]:
@@ -131,6 +146,7 @@ def read_dj_jsonl(path: Path, skips: SkipLog, image_root: Path | None = None) ->
                 continue
             key = str(record.get("__key__") or record.get("id") or key)
             images = record.get("images") or []
-            image = _checked(key, images[0] if images else None, base, skips)
+            meta = _annotations(record, key, skips)
+            image = None if meta is None else _checked(key, images[0] if images else None, base, skips)
             if image is not None:
-                yield _row(key, strip_dj_tokens(record.get("text", "")), image)
+                yield _row(key, strip_dj_tokens(record.get("text", "")), image, meta)

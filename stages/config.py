@@ -138,6 +138,14 @@ class EvalConfig:
     accuracy overall and per type. Off by default: the tiny curriculum trains captioning only."""
     length_buckets: list[int] = field(default_factory=lambda: [8, 20, 48])
     """Upper edges (words) of the generated-caption length buckets that hallucination is also reported by."""
+    synonyms: str | None = None
+    """Real data whose samples carry object class names: a JSON file {class: [words naming it]} for CHAIR
+    (e.g. COCO's synonym list); unset: every annotated class names itself."""
+
+    def __post_init__(self) -> None:
+        from callbacks.evaluation import load_synonyms
+
+        load_synonyms(self.synonyms)  # a bad table fails before any work, naming the flag
 
 
 @dataclass

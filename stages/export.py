@@ -165,9 +165,10 @@ def evaluate_model(
     batch_size: int = 64,
     buckets: tuple[int, ...] = DEFAULT_BUCKETS,
     vqa: bool = False,
+    synonyms: str | Path | None = None,
 ) -> dict:
     """Captions the held-out `split` of the shards with an exported folder or a finished stage; the scores."""
-    from callbacks.evaluation import answer_questions, generate_captions, score, vqa_scores
+    from callbacks.evaluation import answer_questions, generate_captions, load_synonyms, score, vqa_scores
     from datamodules.caption_datamodule import CaptionDataModule
     from datamodules.captions import PromptFormat
 
@@ -195,7 +196,7 @@ def evaluate_model(
         model, samples, fmt, processor, batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams
     )
     results = [(key, meta, text) for (key, _, meta), text in zip(samples, captions, strict=True)]
-    metrics = score(sorted(results, key=lambda r: r[0]), buckets)
+    metrics = score(sorted(results, key=lambda r: r[0]), buckets, load_synonyms(synonyms, "--synonyms"))
     if vqa:
         answers = answer_questions(model, samples, fmt, processor, batch_size)
         if not answers:
@@ -211,14 +212,16 @@ def evaluate_model(
 
 
 def metrics_table(metrics: dict) -> str:
-    """A plain-text table of the flat metrics, then the per-length buckets."""
+    """A plain-text table of the flat metrics, then the per-length buckets (their columns as scored)."""
     lines = [f"{name:<28} {value:8.4f}" for name, value in metrics.items() if not isinstance(value, dict)]
     buckets = metrics.get("by_length", {})
     if buckets:
-        lines.append(f"\n{'length bucket':<14}{'images':>8}{'chair_i':>9}{'chair_s':>9}{'recall':>8}{'attr':>7}")
+        columns = [
+            c
+            for c in ("chair_i", "chair_s", "recall", "attr_halluc", "mean_words")
+            if c in next(iter(buckets.values()))
+        ]
+        lines.append(f"\n{'length bucket':<14}{'images':>8}" + "".join(f"{c:>12}" for c in columns))
         for name, m in buckets.items():
-            lines.append(
-                f"{name:<14}{int(m['images']):>8}{m['chair_i']:>9.3f}{m['chair_s']:>9.3f}"
-                f"{m['recall']:>8.3f}{m['attr_halluc']:>7.3f}"
-            )
+            lines.append(f"{name:<14}{int(m['images']):>8}" + "".join(f"{m[c]:>12.3f}" for c in columns))
     return "\n".join(lines)

@@ -18,9 +18,11 @@ many absent ones, drawn three ways (random; popular: the most frequent objects o
 set; adversarial: absent objects that share a shape or colour with a present one). A captioning
 model answers from its caption: "yes" when the caption names the object.
 
-Real data sets: `chair_synonyms` with a synonym table; `vqa_accuracy` is the official VQAv2 /
-TextVQA accuracy (answer normalisation, min(#matches / 3, 1) averaged over the 10 leave-one-out
-subsets of the human answers); `vqa_exact` is exact match after the same normalisation.
+Real data: shards whose samples carry object class names (COCO-style annotations) are scored with
+`chair_synonyms` (CHAIR-i / CHAIR-s and recall, by a synonym table); without annotations only the
+text metrics and caption lengths are computed. `vqa_accuracy` is the official VQAv2 / TextVQA
+accuracy (answer normalisation, min(#matches / 3, 1) averaged over the 10 leave-one-out subsets of the
+human answers); `vqa_exact` is exact match after the same normalisation.
 
 Text metrics: BLEU-1..4 (torchmetrics, corpus level: it returns 0 whenever one n-gram order has no
 match, so the lower orders are reported too), ROUGE-L (the COCO caption definition: LCS-based
@@ -112,13 +114,21 @@ def bucket_name(words: int, edges: tuple[int, ...]) -> str:
     return f"{low}+"
 
 
-def by_length(predictions: list[str], objects: list[list[dict]], edges=DEFAULT_BUCKETS) -> dict[str, dict]:
-    """`hallucination` per bucket of generated caption length (words), e.g. {"0-8": {...}, "9-20": {...}}."""
+def words_and_images(predictions: list[str], objects: list | None = None) -> dict[str, float]:
+    """Mean words and image count: all that is scored of images without object annotations."""
+    n = len(predictions)
+    return {"mean_words": sum(len(p.split()) for p in predictions) / n if n else 0.0, "images": float(n)}
+
+
+def by_length(predictions: list[str], objects: list, edges=DEFAULT_BUCKETS, scorer=None) -> dict[str, dict]:
+    """`scorer(predictions, objects)` (default: `hallucination`) per bucket of generated caption length
+    (words), e.g. {"0-8": {...}, "9-20": {...}}."""
+    scorer = scorer or hallucination
     groups: dict[str, list[int]] = {}
     for i, caption in enumerate(predictions):
         groups.setdefault(bucket_name(len(caption.split()), tuple(edges)), []).append(i)
     return {
-        name: hallucination([predictions[i] for i in rows], [objects[i] for i in rows])
+        name: scorer([predictions[i] for i in rows], [objects[i] for i in rows])
         for name, rows in sorted(groups.items(), key=lambda item: int(item[0].split("-")[0].rstrip("+")))
     }
 
@@ -185,12 +195,14 @@ def pope(keys: list[str], predictions: list[str], objects: list[list[dict]], per
     return results
 
 
-def chair_synonyms(predictions: list[str], objects: list[set[str]], synonyms: dict[str, list[str]]) -> dict:
-    """CHAIR-i / CHAIR-s for real data: `synonyms` maps each object class to the words that name it
-    (multi-word phrases allowed, longest match first); `objects` are each image's classes."""
-    phrases = [(w.split(), cls) for cls, words in synonyms.items() for w in [cls, *words]]
+def chair_synonyms(predictions: list[str], objects: list[list[str]], synonyms: dict[str, list[str]]) -> dict:
+    """CHAIR-i / CHAIR-s and recall for real data: `synonyms` maps each object class to the words that name
+    it (multi-word phrases allowed, longest match first, a plural "s" ignored); `objects` are each image's
+    annotated classes. A named class that the image lacks is hallucinated; recall is the share of the
+    annotated classes that the caption names."""
+    phrases = [(w.lower().split(), cls) for cls, words in synonyms.items() for w in [cls, *words]]
     phrases.sort(key=lambda p: -len(p[0]))
-    total = bad = with_bad = 0
+    total = bad = with_bad = gt_total = gt_found = 0
     for caption, truth in zip(predictions, objects, strict=True):
         words = re.findall(r"[a-z]+", caption.lower())
         said, i = set(), 0
@@ -205,7 +217,12 @@ def chair_synonyms(predictions: list[str], objects: list[set[str]], synonyms: di
                 i += 1
         wrong = said - set(truth)
         total, bad, with_bad = total + len(said), bad + len(wrong), with_bad + bool(wrong)
-    return {"chair_i": bad / total if total else 0.0, "chair_s": with_bad / len(predictions) if predictions else 0.0}
+        gt_total, gt_found = gt_total + len(set(truth)), gt_found + len(set(truth) & said)
+    return {
+        "chair_i": bad / total if total else 0.0,
+        "chair_s": with_bad / len(predictions) if predictions else 0.0,
+        "recall": gt_found / gt_total if gt_total else 0.0,
+    }
 
 
 # The VQA evaluation's answer normalisation (VQAv2 / TextVQA evaluation code).
@@ -314,24 +331,52 @@ def text_metrics(predictions: list[str], references: list[list[str]]) -> dict[st
     return scores
 
 
+def object_kind(objects: list) -> str | None:
+    """What the images' object annotations are: "world" (the synthetic world's colour/shape/size dicts),
+    "classes" (class names, as COCO-style annotations of real data), or None when an image has none."""
+    if any(truth is None for truth in objects):
+        return None
+    items = [item for truth in objects for item in truth]
+    if all(isinstance(item, dict) for item in items):
+        return "world"
+    if all(isinstance(item, str) for item in items):
+        return "classes"
+    raise ValueError("object annotations mix the world's object dicts and class names")
+
+
 def caption_metrics(
     predictions: list[str],
-    objects: list[list[dict]],
+    objects: list,
     references: list[list[str]],
     keys: list[str] | None = None,
     buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+    synonyms: dict[str, list[str]] | None = None,
 ) -> dict:
     """Every caption metric of `predictions` (one per image) against its ground truth.
 
-    Flat scalars (chair_i, ..., bleu1..4, rouge_l, cider_d, pope_<setting>_<score>) plus
-    `by_length`: the hallucination scores per caption-length bucket.
+    `objects` holds each image's annotations (see `object_kind`): with the synthetic world's objects,
+    the exact hallucination scores and POPE; with class names, CHAIR-i / CHAIR-s and recall by
+    `synonyms` (unset: every annotated class names itself); with any image unannotated (None), no
+    object metric. Always: mean words, BLEU-1..4, ROUGE-L and CIDEr-D against `references`. Flat
+    scalars plus `by_length`: the object metrics (or the words) per caption-length bucket.
     """
     if not predictions or not (len(predictions) == len(objects) == len(references)):
         raise ValueError("caption_metrics needs equally many (>0) predictions, object lists and references")
     keys = keys or [str(i) for i in range(len(predictions))]
-    result: dict = hallucination(predictions, objects)
+    kind = object_kind(objects)
+    if kind == "world":
+        scorer = hallucination
+    elif kind == "classes":
+        table = synonyms if synonyms is not None else {cls: [] for truth in objects for cls in truth}
+
+        def scorer(p: list[str], o: list) -> dict:
+            return {**chair_synonyms(p, o, table), **words_and_images(p)}
+    else:
+        scorer = words_and_images
+    result: dict = scorer(predictions, objects)
     result.update(text_metrics(predictions, references))
-    for setting, scores in pope(keys, predictions, objects).items():
-        result.update({f"pope_{setting}_{name}": value for name, value in scores.items()})
-    result["by_length"] = by_length(predictions, objects, buckets)
+    if kind == "world":
+        for setting, scores in pope(keys, predictions, objects).items():
+            result.update({f"pope_{setting}_{name}": value for name, value in scores.items()})
+    result["by_length"] = by_length(predictions, objects, buckets, scorer)
     return result

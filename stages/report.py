@@ -71,17 +71,20 @@ def plot_losses(run_dir: Path, stages: list[str], out: Path) -> None:
 
 
 def plot_eval_history(run_dir: Path, stages: list[str], out: Path) -> None:
-    """CHAIR-i and recall at every evaluation (periodic and end of stage), on the global step axis."""
+    """CHAIR-i and recall (BLEU-4 and CIDEr-D for data without object annotations) at every evaluation
+    (periodic and end of stage), on the global step axis."""
     fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.2))
+    records = [_read_json(run_dir / name / "metrics.json") or {} for name in stages]
+    annotated = all("chair_i" in h for r in records for h in r.get("history", []))
+    keys = ("chair_i", "recall") if annotated else ("bleu4", "cider_d")
     offset = 0
-    for name in stages:
-        metrics = _read_json(run_dir / name / "metrics.json") or {}
+    for name, metrics in zip(stages, records, strict=True):
         history = metrics.get("history", [])
         steps = [offset + h["global_step"] for h in history]
-        for ax, key in zip(axes, ("chair_i", "recall"), strict=True):
+        for ax, key in zip(axes, keys, strict=True):
             ax.plot(steps, [h[key] for h in history], marker="o", markersize=3, label=name)
         offset += metrics.get("global_step", 0)
-    for ax, key in zip(axes, ("CHAIR-i", "recall"), strict=True):
+    for ax, key in zip(axes, keys, strict=True):
         ax.set_xlabel("optimizer step (whole curriculum)")
         ax.set_ylabel(key)
     axes[1].legend(fontsize=8)
@@ -164,8 +167,8 @@ def write_report(run_dir: Path) -> Path:
     for name in stages:
         for bucket, m in metrics[name].get("by_length", {}).items():
             lines.append(
-                f"| {name} | {bucket} | {int(m['images'])} | {m['chair_i']:.3f} | {m['chair_s']:.3f} | "
-                f"{m['recall']:.3f} |"
+                f"| {name} | {bucket} | {int(m['images'])} | {_fmt(m.get('chair_i'))} | {_fmt(m.get('chair_s'))} | "
+                f"{_fmt(m.get('recall'))} |"
             )
     lines += ["", "![evaluation history](eval_history.png)", ""]
 

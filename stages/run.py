@@ -11,9 +11,12 @@ import logging
 import sys
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from stages.config import CurriculumConfig
+
+# `--help` shows each config field's docstring (the text under it in stages/config.py and the dataclasses).
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CURRICULUM = CONFIG_DIR / "curriculum" / "tiny.yaml"
@@ -86,6 +89,7 @@ def eval_parser() -> ArgumentParser:
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--vqa", action="store_true", help="also ask the images' questions: exact-match VQA accuracy")
+    parser.add_argument("--synonyms", type=str, default=None, help="CHAIR synonym table (JSON) for real data")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (with every caption)")
     return parser
 
@@ -168,6 +172,7 @@ def run_model_command(command: str, options) -> int:
             options.num_beams,
             options.batch_size,
             vqa=options.vqa,
+            synonyms=options.synonyms,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -218,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         for result in results:
             m = result.metrics
-            scores = "  ".join(f"{k} {m[k]:.3f}" for k in ("recall", "chair_i", "chair_s", "mean_words", "bleu4"))
+            keys = [k for k in ("recall", "chair_i", "chair_s", "mean_words", "bleu4") if k in m]
+            scores = "  ".join(f"{k} {m[k]:.3f}" for k in keys)
             note = "  (skipped: done before)" if result.skipped else ""
             print(f"{result.name:>12}  steps {result.global_steps:5d}  {scores}{note}")
         print(f"run folder: {run_dir}   TensorBoard: tensorboard --logdir {run_dir / 'tb'}")

@@ -31,7 +31,7 @@ from PIL import Image
 
 from callbacks.alerts import AlertSinks
 from callbacks.epoch_boundary import BoundaryCheck
-from callbacks.evaluation import CaptionEvaluation
+from callbacks.evaluation import CaptionEvaluation, load_synonyms
 from callbacks.fault_injection import FaultInjection
 from callbacks.instability import InstabilityMonitor
 from callbacks.throughput import Throughput
@@ -214,6 +214,7 @@ def run_stage(
         buckets=tuple(cfg.eval.length_buckets),
         vqa=cfg.eval.vqa,
         extra={"budget": budget},
+        synonyms=load_synonyms(cfg.eval.synonyms),
     )
     checkpoint = ModelCheckpoint(
         dirpath=stage_dir / "checkpoints",

@@ -113,6 +113,30 @@ def test_chair_with_a_synonym_table():
     synonyms = {"dog": ["puppy"], "dining table": ["table"], "person": ["man", "woman"]}
     scores = chair_synonyms(["A puppy on a table.", "a man and dogs"], [{"dog"}, {"dog", "person"}], synonyms)
     assert scores["chair_i"] == pytest.approx(1 / 4) and scores["chair_s"] == pytest.approx(1 / 2)
+    assert scores["recall"] == 1.0  # dog; dog and person: all 3 annotated classes named
+    assert chair_synonyms(["a cat"], [["dog"]], {"dog": [], "Cat": []}) == {
+        "chair_i": 1.0,
+        "chair_s": 1.0,
+        "recall": 0.0,
+    }
+
+
+def test_caption_metrics_on_class_annotations_and_on_none():
+    predictions, refs = ["a dog and a cat", "a frisbee"], [["a dog"], ["a dog with a frisbee"]]
+    objects = [["dog"], ["frisbee", "dog"]]
+    # Default table: the annotated classes name themselves; "cat" is no class, so not counted.
+    m = caption_metrics(predictions, objects, refs)
+    assert (m["chair_i"], m["chair_s"], m["recall"]) == (0.0, 0.0, pytest.approx(2 / 3))
+    assert "pope_random_f1" not in m and "attr_halluc" not in m and m["mean_words"] == 3.5  # 5 and 2 words
+    m = caption_metrics(predictions, objects, refs, synonyms={"dog": [], "cat": ["kitten"], "frisbee": []})
+    assert (m["chair_i"], m["chair_s"]) == (pytest.approx(1 / 3), 0.5)  # the cat is hallucinated
+    assert m["by_length"]["0-8"]["chair_i"] == pytest.approx(1 / 3)
+    # One image without annotations: no object metric at all, text metrics and lengths only.
+    m = caption_metrics(predictions, [["dog"], None], refs)
+    assert "chair_i" not in m and "recall" not in m and m["bleu1"] > 0 and m["images"] == 2.0
+    assert m["by_length"] == {"0-8": {"mean_words": 3.5, "images": 2.0}}
+    with pytest.raises(ValueError, match="mix"):
+        caption_metrics(predictions, [["dog"], [RED_CIRCLE]], refs)
 
 
 def test_rouge_l_hand_computed():
