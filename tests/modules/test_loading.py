@@ -99,3 +99,36 @@ def test_curriculum_and_export_with_a_plain_tokenizer(plain_lm, micro_base, micr
     exported = AutoTokenizer.from_pretrained(out)
     assert (exported.image_token, exported.pad_token) == ("<image>", "<unk>")
     assert evaluate_model(out, limit=4, max_new_tokens=6)["data"]["images"] == 4
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_a_full_clip_or_siglip_checkpoint_gives_its_vision_half(family, micro_base, tmp_path):
+    # Real towers come as whole CLIP / SigLIP checkpoints (text half included): the loader keeps the
+    # vision model, with the checkpoint's trained weights.
+    import torch
+    from PIL import Image
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    from modules.loading import ModelConfig, build_vlm
+
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    vision |= {"image_size": 32, "patch_size": 8}
+    text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    torch.manual_seed(0)
+    if family == "clip":
+        full = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    else:
+        full = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+        processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    full.save_pretrained(tmp_path / family)
+    processor.save_pretrained(tmp_path / family)
+
+    vlm, _, loaded = build_vlm(ModelConfig(grid=None, vision_layer=-2), tmp_path / family, micro_base[1])
+    assert type(vlm.vision).__name__ == {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}[family]
+    assert vlm.vision.state_dict().keys() == full.vision_model.state_dict().keys()
+    for name, tensor in full.vision_model.state_dict().items():
+        torch.testing.assert_close(vlm.vision.state_dict()[name], tensor, rtol=0, atol=0)
+    pixels = loaded([Image.new("RGB", (40, 40))], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():  # 16 patches; CLIP's class token dropped
+        assert vlm.image_embeddings(pixels).shape == (1, 16, vlm.lm.config.hidden_size)
