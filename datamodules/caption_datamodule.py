@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -18,19 +17,17 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from datamodules.captions import PromptFormat, collate_captions, select_caption
+from datamodules.images import SHARD_FORMATS, open_rgb
 from datamodules.shards import budget_counts, read_index
 
 log = logging.getLogger(__name__)
 
 
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
-
-
 def _decode(sample: dict) -> tuple[str, Image.Image, dict]:
-    data = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    data = next((sample[ext] for ext in SHARD_FORMATS if ext in sample), None)
     if data is None:
-        raise ValueError(f"shard sample {sample['__key__']} has no image ({', '.join(IMAGE_EXTENSIONS)})")
-    return sample["__key__"], Image.open(io.BytesIO(data)).convert("RGB"), json.loads(sample["json"])
+        raise ValueError(f"shard sample {sample['__key__']} has no image ({', '.join(SHARD_FORMATS)})")
+    return sample["__key__"], open_rgb(data), json.loads(sample["json"])
 
 
 def _every(step: int, offset: int) -> Callable[[dict], bool]:
@@ -185,13 +182,18 @@ class CaptionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> wds.WebLoader:
         return self._loader("train", train=True)
 
-    def val_dataloader(self) -> wds.WebLoader:
+    def val_dataloader(self) -> wds.WebLoader | list:
+        if not self.index["splits"]["val"]:  # a small data set may have no val samples: no validation loss
+            log.warning("%s has no val samples: no validation loss", self.shard_dir)
+            return []
         return self._loader("val", train=False)
 
     def eval_samples(self, split: str = "test", limit: int | None = None) -> list[tuple[str, Image.Image, dict]]:
         """Decoded (key, image, metadata) of a held-out split, in shard order, for evaluation."""
         urls = [str(self.shard_dir / shard["url"]) for shard in self.index["splits"][split]]
-        samples = []
+        samples: list = []
+        if not urls:
+            return samples
         for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
             samples.append(_decode(sample))
             if limit is not None and len(samples) >= limit:

@@ -14,7 +14,7 @@ def select_caption(captions: dict[str, str], max_words: int) -> str | None:
 
     A stage of the curriculum trains each image on the longest description its word budget allows.
     """
-    fitting = [text for text in captions.values() if len(text.split()) <= max_words]
+    fitting = [text for text in captions.values() if 0 < len(text.split()) <= max_words]  # never an empty one
     return max(fitting, key=lambda text: len(text.split())) if fitting else None
 
 

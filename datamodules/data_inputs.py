@@ -25,8 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
+from datamodules.images import image_problem
 from datamodules.world import WorldConfig, make_scene, png_bytes, render
 
 DJ_IMAGE_TOKEN = "<__dj__image>"
@@ -41,6 +40,7 @@ def strip_dj_tokens(text: str) -> str:
 
 
 SPLIT_SIZES = ("train_size", "val_size", "test_size")
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -62,21 +62,13 @@ class SkipLog:
         return sum(self.counts.values())
 
 
-def image_problem(path: Path) -> str | None:
-    """None if `path` is a readable image, else the reason it is not."""
-    if not path.is_file():
-        return "missing_image"
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return "corrupt_image"
-    return None
-
-
-def _row(key: str, raw: str, image: Path, meta: dict | None = None, split: str | None = None) -> dict:
+def _row(
+    key: str, raw: str, image: Path, meta: dict | None = None, split: str | None = None, split_key: str | None = None
+) -> dict:
     text = f"{DJ_IMAGE_TOKEN} {raw}".strip()
-    return {"__key__": key, "text": text, "images": [str(image)], "meta_json": json.dumps(meta or {}), "split": split}
+    meta_json = json.dumps(meta or {})
+    row = {"__key__": key, "text": text, "images": [str(image)], "meta_json": meta_json, "split": split}
+    return row | {"split_key": split_key or key}
 
 
 def read_synthetic(world: WorldConfig, seed: int, image_dir: Path) -> Iterator[dict]:
@@ -114,6 +106,46 @@ def _annotations(record: dict, key: str, skips: SkipLog) -> dict | None:
     return {"objects": objects}
 
 
+def _record_row(record: dict, key: str, caption: str, images, base: Path, skips: SkipLog) -> dict | None:
+    """A llava / dj_jsonl record as a raw row, or None when it cannot be used (skipped and counted): its
+    object classes, its own split (train / val / test) if it names one, and exactly one readable image."""
+    meta = _annotations(record, key, skips)
+    if meta is None:
+        return None
+    images = [images] if isinstance(images, str) else list(images or [])
+    if len(images) > 1:  # the shards and the model take one image a sample
+        skips.skip("several_images", key)
+        return None
+    split = record.get("split")
+    if split is not None and split not in SPLITS:
+        skips.skip("bad_split", key)
+        return None
+    path = _checked(key, images[0] if images else None, base, skips)
+    if path is None:
+        return None
+    # Without a split of its own, the sample's split comes from its image as the record names it: records
+    # that share an image (one per caption, COCO-style) land in the same split.
+    return _row(key, caption, path, meta, split, split_key=str(images[0]))
+
+
+def unique_keys(rows: list[dict], skips: SkipLog) -> list[dict]:
+    """`rows` with keys that WebDataset keeps whole: a dot would split the key from the file extension
+    there, so dots become "_" (the original id stays in the sample's metadata as `id`). A key seen
+    before is skipped and counted (`duplicate_key`): two samples of one key break a shard."""
+    seen, kept = set(), []
+    for row in rows:
+        key = row["__key__"].replace(".", "_")
+        if key in seen:
+            skips.skip("duplicate_key", row["__key__"])
+            continue
+        if key != row["__key__"]:
+            row["meta_json"] = json.dumps({**json.loads(row["meta_json"]), "id": row["__key__"]})
+            row["__key__"] = key
+        seen.add(key)
+        kept.append(row)
+    return kept
+
+
 def read_llava_json(path: Path, skips: SkipLog, image_root: Path | None = None) -> Iterator[dict]:
     try:
         records = json.loads(path.read_text())
@@ -126,10 +158,9 @@ def read_llava_json(path: Path, skips: SkipLog, image_root: Path | None = None) 
         if not answers:
             skips.skip("no_caption", key)
             continue
-        meta = _annotations(record, key, skips)
-        image = None if meta is None else _checked(key, record.get("image"), base, skips)
-        if image is not None:
-            yield _row(key, answers[0].replace("<image>", "").strip(), image, meta)
+        row = _record_row(record, key, answers[0].replace("<image>", "").strip(), record.get("image"), base, skips)
+        if row is not None:
+            yield row
 
 
 def read_dj_jsonl(path: Path, skips: SkipLog, image_root: Path | None = None) -> Iterator[dict]:
@@ -145,8 +176,6 @@ def read_dj_jsonl(path: Path, skips: SkipLog, image_root: Path | None = None) ->
                 skips.skip("unreadable_line", key)
                 continue
             key = str(record.get("__key__") or record.get("id") or key)
-            images = record.get("images") or []
-            meta = _annotations(record, key, skips)
-            image = None if meta is None else _checked(key, images[0] if images else None, base, skips)
-            if image is not None:
-                yield _row(key, strip_dj_tokens(record.get("text", "")), image, meta)
+            row = _record_row(record, key, strip_dj_tokens(record.get("text", "")), record.get("images"), base, skips)
+            if row is not None:
+                yield row

@@ -21,8 +21,8 @@ import time
 
 import torch
 from data_juicer.ops.base_op import OPERATORS, Mapper
-from PIL import Image
 
+from datamodules.images import open_rgb
 from datamodules.world import CAPTION_KINDS, caption, scene_from_metadata
 
 VARIANTS_KEY = "caption_variants"
@@ -126,7 +126,7 @@ class Blip2CaptionMapper(Mapper):
         device = f"cuda:{rank or 0}" if self.use_cuda() else "cpu"
         model, processor = self._load(device)
         clock = time.perf_counter()
-        images = [Image.open(paths[0]).convert("RGB") for paths in samples[self.image_key]]
+        images = [open_rgb(paths[0]) for paths in samples[self.image_key]]
         clock = self._tick("read_images", clock, device)
         results: list[dict[str, str]] = [{} for _ in images]
         for name, prompt in self.prompts.items():

@@ -39,6 +39,33 @@ def write_shards(samples: Iterable[dict], out_dir: Path, split: str, shard_size:
     return entries
 
 
+class ShardError(ValueError):
+    """Shards that cannot serve the configured run (the CLI reports it without a traceback)."""
+
+
+def check_shards_serve(index: dict, shard_dir: Path, budgets: dict[str, int], batch_size: int, eval_split: str) -> None:
+    """Fails before any training when a stage's word budget leaves less than one batch of training images,
+    or when the evaluated split is empty, naming the stage or split and the captions' lengths."""
+    if not sum(shard["count"] for shard in index["splits"].get(eval_split, [])):
+        raise ShardError(
+            f"{shard_dir}: no {eval_split!r} samples to evaluate on (eval.split); give the recipe a larger "
+            "val_share / test_share, or the input records their own split"
+        )
+    shortest = sorted(
+        min((w for w in words.values() if w > 0), default=0) for shard in index["splits"]["train"]
+        for words in shard["caption_words"]
+    )  # fmt: skip
+    for stage, max_words in budgets.items():
+        kept, _ = budget_counts(index, "train", max_words)
+        if kept < batch_size:
+            middle = shortest[len(shortest) // 2] if shortest else 0
+            raise ShardError(
+                f"stage {stage}: {kept} training images of {shard_dir} have a caption of at most max_words="
+                f"{max_words} words, fewer than one batch of {batch_size} (their shortest captions: median "
+                f"{middle} words); raise stages.{stage}.max_words or caption shorter variants"
+            )
+
+
 def read_index(shard_dir: Path) -> dict:
     path = Path(shard_dir) / INDEX_NAME
     if not path.is_file():
@@ -56,7 +83,7 @@ def budget_counts(index: dict, split: str, max_words: int) -> tuple[int, int]:
     fits = skipped = 0
     for shard in index["splits"][split]:
         for words in shard["caption_words"]:
-            if min(words.values()) <= max_words:
+            if min((w for w in words.values() if w > 0), default=max_words + 1) <= max_words:
                 fits += 1
             else:
                 skipped += 1

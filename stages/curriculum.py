@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from datamodules.shards import INDEX_NAME, index_digest
+from datamodules.shards import INDEX_NAME, check_shards_serve, index_digest, read_index
 from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
 from modules.loading import is_model_folder, load_tokenizer, write_config_folders
@@ -35,6 +35,16 @@ def resolve_recipe(path: str) -> Path:
 SHARD_FORMAT = 2
 
 
+def _data_inputs(recipe, cfg: CurriculumConfig) -> dict:
+    """What the shards are made from besides the recipe: the synthetic world and seed, or the input file
+    (its path, size and modification time: an edited file rebuilds the shards; a changed world does not)."""
+    if recipe.input.format == "synthetic":
+        return {"world": cfg.world, "seed": cfg.seed}
+    path = Path(recipe.input.path)
+    stat = path.stat() if path.is_file() else None
+    return {"input": str(path.resolve()), "size": stat and stat.st_size, "mtime_ns": stat and stat.st_mtime_ns}
+
+
 def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
     """The shard folder: `data.shard_dir` if given, else built (once) by the `data.recipe` in <run_dir>/data."""
     if cfg.data.shard_dir is not None:
@@ -47,7 +57,7 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
         raise FileNotFoundError(f"--data.recipe: {recipe_path} does not exist")
     recipe = load_recipe(recipe_path)
     shard_dir = run_dir / "data"
-    wanted = fingerprint({"recipe": recipe, "world": cfg.world, "seed": cfg.seed, "format": SHARD_FORMAT})
+    wanted = fingerprint({"recipe": recipe, **_data_inputs(recipe, cfg), "format": SHARD_FORMAT})
     stamp = shard_dir / "recipe.json"
     if stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == wanted:
         return shard_dir
@@ -133,6 +143,8 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     vision, lm = prepare_base_models(cfg, run_dir)  # first: a missing model folder fails before any work
     load_tokenizer(lm, cfg.model.image_token)  # and so does a tokenizer without an image token
     shard_dir = prepare_data(cfg, run_dir)
+    budgets = {name: spec.max_words for name, spec in cfg.stages.items()}
+    check_shards_serve(read_index(shard_dir), shard_dir, budgets, cfg.data.batch_size, cfg.eval.split)
     digests = {
         "shards": index_digest(shard_dir),
         "vision": _folder_digest(vision) if vision.is_dir() else "missing",

@@ -20,7 +20,15 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from datamodules.data_inputs import SkipLog, read_dj_jsonl, read_llava_json, read_synthetic, strip_dj_tokens
+from datamodules.data_inputs import (
+    SkipLog,
+    read_dj_jsonl,
+    read_llava_json,
+    read_synthetic,
+    strip_dj_tokens,
+    unique_keys,
+)
+from datamodules.images import shard_image
 from datamodules.shards import INDEX_NAME, SPLITS, write_shards
 from datamodules.text_stats import corpus_stats
 from datamodules.world import WorldConfig
@@ -92,7 +100,7 @@ def _raw_rows(recipe: RecipeConfig, world: WorldConfig, seed: int, work_dir: Pat
     if not path.is_file():
         raise FileNotFoundError(f"input.path: {path} does not exist")
     reader = read_llava_json if spec.format == "llava" else read_dj_jsonl
-    return list(reader(path, skips, root))
+    return unique_keys(list(reader(path, skips, root)), skips)
 
 
 def quiet_data_juicer() -> None:
@@ -158,14 +166,17 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path) -> tuple[li
 
 def caption_variants(row: dict) -> dict[str, str]:
     """The sample's captions by name: the project's ops write `caption_variants`; any other op (Data-Juicer's
-    stock image_captioning_mapper, or none) leaves its caption in `text`, between Data-Juicer's special tokens."""
-    variants = json.loads(row.get("caption_variants") or "{}")
-    return variants or {"caption": strip_dj_tokens(row["text"])}
+    stock image_captioning_mapper, or none) leaves its caption in `text`, between Data-Juicer's special tokens.
+    An empty variant (a generation that produced nothing) is left out: it would fit every word budget and
+    train the model to stop at once."""
+    if row.get("caption_variants"):
+        return {name: text for name, text in json.loads(row["caption_variants"]).items() if text.strip()}
+    return {"caption": strip_dj_tokens(row["text"])}
 
 
 def _shard_sample(row: dict) -> dict:
     """A shard sample: the original image bytes and the caption variants with their word counts."""
-    image = Path(row["images"][0])
+    extension, image_bytes = shard_image(Path(row["images"][0]))
     variants = caption_variants(row)
     meta = json.loads(row["meta_json"])
     record = {
@@ -173,10 +184,9 @@ def _shard_sample(row: dict) -> dict:
         "captions": variants,
         "caption_words": {name: len(text.split()) for name, text in variants.items()},
         "raw_caption": row["raw_caption"],
-        **{k: meta[k] for k in ("objects", "background", "questions") if k in meta},
+        **{k: meta[k] for k in ("objects", "background", "questions", "id") if k in meta},
     }
-    extension = image.suffix.lower().lstrip(".").replace("jpeg", "jpg") or "png"
-    return {"__key__": row["__key__"], extension: image.read_bytes(), "json": json.dumps(record, sort_keys=True)}
+    return {"__key__": row["__key__"], extension: image_bytes, "json": json.dumps(record, sort_keys=True)}
 
 
 def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None = None, seed: int = 0) -> dict:
@@ -206,7 +216,9 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
     kept = written
     by_split: dict[str, list[dict]] = defaultdict(list)
     for row in kept:
-        split = row.get("split") or split_of(row["__key__"], recipe.val_share, recipe.test_share)
+        split = row.get("split") or split_of(
+            row.get("split_key") or row["__key__"], recipe.val_share, recipe.test_share
+        )
         by_split[split].append(_shard_sample(row))
     index = {"source": recipe.input.format, "splits": {}}
     for split in SPLITS:

@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "curriculum":
+        from datamodules.shards import ShardError
         from modules.loading import ModelFolderError
         from stages.curriculum import run_curriculum
         from stages.stage import StageStopped
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(config_files)
         try:
             results = run_curriculum(cfg, run_dir)
-        except (FileNotFoundError, ModelFolderError) as error:  # say which folder or index, no traceback
+        except (FileNotFoundError, ModelFolderError, ShardError) as error:  # say which, no traceback
             print(f"error: {error}", file=sys.stderr)
             return 2
         except StageStopped as error:

@@ -10,8 +10,12 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
+from datamodules.caption_datamodule import CaptionDataModule
+from datamodules.captions import select_caption
+from datamodules.images import image_problem, open_rgb, shard_image
+from datamodules.shards import budget_counts, read_index
 from stages.data import InputSpec, RecipeConfig, run_data_stage
 from stages.export import evaluate_model
 from stages.run import main
@@ -21,7 +25,7 @@ COLOURS = {"red": (220, 40, 40), "blue": (40, 40, 220), "green": (40, 180, 40)}
 SHAPES = ("circle", "square", "triangle")
 
 
-def _llava_shards(tmp_path: Path, name: str, annotated: bool) -> Path:
+def _llava_shards(tmp_path: Path, name: str, annotated: bool, val_share: float = 0.2) -> Path:
     """48 LLaVA records of plain coloured images, captioned in the tiny LM's words; `annotated`: each
     names its shape class in "objects"."""
     records = []
@@ -39,7 +43,7 @@ def _llava_shards(tmp_path: Path, name: str, annotated: bool) -> Path:
     recipe = RecipeConfig(
         input=InputSpec(format="llava", path=str(path)),
         process=[{"words_num_filter": {"min_num": 1, "max_num": 60}}],
-        val_share=0.2,
+        val_share=val_share,
         test_share=0.2,
     )
     out = tmp_path / name
@@ -64,7 +68,7 @@ def test_malformed_object_annotations_are_skipped_and_counted(tmp_path):
 
 @pytest.mark.slow
 def test_curriculum_on_llava_shards_evaluates_and_reports(tmp_path, micro_base):
-    plain = _llava_shards(tmp_path, "plain", annotated=False)
+    plain = _llava_shards(tmp_path, "plain", annotated=False, val_share=0.0)  # no val split: no val loss
     run_dir = tmp_path / "run"
     args = ["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS, f"--data.shard_dir={plain}"]
     assert main([*args, f"--model.vision_path={micro_base[0]}", f"--model.lm_path={micro_base[1]}"]) == 0
@@ -82,3 +86,105 @@ def test_curriculum_on_llava_shards_evaluates_and_reports(tmp_path, micro_base):
     result = evaluate_model(run_dir / "sft_long", annotated, limit=8, max_new_tokens=6, synonyms=table)
     assert {"chair_i", "chair_s", "recall"} <= set(result["metrics"])
     assert main(["eval", f"--model={run_dir / 'sft_long'}", f"--data={annotated}", "--synonyms=nowhere.json"]) == 2
+
+
+def test_images_read_as_a_viewer_shows_them(tmp_path, monkeypatch):
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    Image.new("RGB", (40, 24), (200, 0, 0)).save(rotated, exif=exif)
+    assert open_rgb(rotated).size == (24, 40)
+    deep = tmp_path / "grey16.png"
+    Image.new("I;16", (8, 8), 32768).save(deep)  # mid grey in 16 bits
+    assert open_rgb(deep).getpixel((0, 0)) == (128, 128, 128)
+
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(rotated.read_bytes()[:-200])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as Data-Juicer's import leaves it
+    assert image_problem(truncated) == "corrupt_image" and ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+    bmp, jfif = tmp_path / "a.bmp", tmp_path / "b.jfif"
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(bmp)
+    jfif.write_bytes(rotated.read_bytes())
+    extension, data = shard_image(bmp)
+    assert extension == "png" and open_rgb(data).getpixel((0, 0)) == (0, 0, 255)
+    assert shard_image(jfif) == ("jpg", rotated.read_bytes()), "a JPEG keeps its bytes, whatever its suffix"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 960 pixels is past twice the limit: a "bomb"
+    assert image_problem(rotated) == "too_large_image"
+
+
+def test_llava_keys_splits_and_image_lists_are_kept_or_counted(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (48, 48), (40 * i, 90, 90)).save(tmp_path / f"{i}.png")
+    turns = [{"from": "gpt", "value": "a red circle on the left side"}]
+    records = [
+        {"id": "img.5", "image": "0.png", "conversations": turns},  # a dot would split the key in a shard
+        {"id": "dup", "image": "1.png", "conversations": turns},
+        {"id": "dup", "image": "2.png", "conversations": turns},  # same id again
+        {"id": "pair", "image": ["1.png", "2.png"], "conversations": turns},  # two images: not one sample
+        {"id": "mine", "image": "1.png", "conversations": turns, "split": "test"},
+        {"id": "odd", "image": "1.png", "conversations": turns, "split": "holdout"},
+        *[{"id": f"cap{i}", "image": "2.png", "conversations": turns} for i in range(6)],  # one image, 6 captions
+    ]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    recipe = RecipeConfig(
+        input=InputSpec(format="llava", path=str(tmp_path / "in.json")), max_skip_share=0.5, val_share=0.3
+    )
+    report = run_data_stage(recipe, tmp_path / "out")
+    assert report["input_skips"]["counts"] == {"duplicate_key": 1, "several_images": 1, "bad_split": 1}
+    assert report["input_skips"]["first_keys"]["duplicate_key"] == ["dup"]
+    module = CaptionDataModule(tmp_path / "out", max_words=60)
+    by_split = {split: {key: meta for key, _, meta in module.eval_samples(split)} for split in ("train", "val", "test")}
+    every = {key: (split, meta) for split, samples in by_split.items() for key, meta in samples.items()}
+    assert set(every) == {"img_5", "dup", "mine", *(f"cap{i}" for i in range(6))}
+    assert every["img_5"][1]["id"] == "img.5" and every["mine"][0] == "test"
+    assert len({every[f"cap{i}"][0] for i in range(6)}) == 1, "records of one image share its split"
+
+
+def test_an_empty_caption_variant_is_never_a_target():
+    assert select_caption({"short": "", "detailed": "a red circle"}, 8) == "a red circle"
+    assert select_caption({"short": "  "}, 8) is None
+    index = {"splits": {"train": [{"caption_words": [{"short": 0, "detailed": 3}, {"short": 0, "detailed": 12}]}]}}
+    assert budget_counts(index, "train", 8) == (1, 1)
+
+
+def test_shards_rebuild_when_the_input_changes_not_the_world(tmp_path):
+    from stages.curriculum import prepare_data
+    from stages.run import build_parser, curriculum_config
+
+    images = tmp_path / "images"
+    images.mkdir()
+    records = []
+    for i in range(4):
+        Image.new("RGB", (48, 48), (60 * i, 0, 0)).save(images / f"{i}.png")
+        records.append(
+            {"id": f"r{i}", "image": f"images/{i}.png", "conversations": [{"from": "gpt", "value": "a red circle"}]}
+        )
+    data = tmp_path / "in.json"
+    data.write_text(json.dumps(records))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"input: {{format: llava, path: {data}}}\nprocess: []\n")
+
+    def shards(*flags: str) -> tuple[Path, int]:
+        parser = build_parser()
+        args = parser.parse_args(["curriculum", f"--data.recipe={recipe}", *flags])
+        args.curriculum.pop("config", None)
+        shard_dir = prepare_data(curriculum_config(parser.instantiate_classes(args).curriculum), tmp_path / "run")
+        return shard_dir, (shard_dir / "index.json").stat().st_mtime_ns
+
+    _, built = shards()
+    assert shards("--world.palette=5", "--seed=3")[1] == built, "the world does not make LLaVA shards"
+    data.write_text(json.dumps(records[:3]))
+    shard_dir, rebuilt = shards()
+    assert rebuilt != built and sum(s["count"] for v in read_index(shard_dir)["splits"].values() for s in v) == 3
+
+
+def test_a_stage_without_a_batch_of_fitting_captions_fails_before_training(tmp_path, micro_base, capsys):
+    shards = _llava_shards(tmp_path, "plain", annotated=False)  # 2-word captions
+    args = ["curriculum", f"--run_dir={tmp_path / 'run'}", *MICRO_ARGS, f"--data.shard_dir={shards}"]
+    args += [f"--model.vision_path={micro_base[0]}", f"--model.lm_path={micro_base[1]}", "--stages.align.max_words=1"]
+    assert main(args) == 2
+    assert "stage align: 0 training images" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "align").exists()
+    assert main([*args[:-1], "--eval.split=nowhere"]) == 2
+    assert "no 'nowhere' samples to evaluate on" in capsys.readouterr().err

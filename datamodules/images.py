@@ -1,0 +1,63 @@
+"""Reading images the same way everywhere: the data stage's check, the BLIP-2 op, the trainer and eval.
+
+Real data sets hold JPEGs with an EXIF rotation, 16-bit grayscale PNGs, palette and CMYK images, and
+truncated files. `open_rgb` gives every one as the upright 8-bit RGB picture a viewer shows;
+`image_problem` tells the data stage which files cannot be used, whatever Data-Juicer set globally
+(it imports with `ImageFile.LOAD_TRUNCATED_IMAGES = True`, which turns a truncated JPEG into a
+grey-filled image without an error).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# The formats a shard keeps as they are (and the trainer decodes); others are re-encoded as PNG.
+SHARD_FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
+
+
+def open_rgb(source: str | Path | bytes) -> Image.Image:
+    """The image at `source` (a path or encoded bytes), upright (EXIF orientation applied), as 8-bit RGB."""
+    image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I"):  # 16-bit grayscale: scale to 8 bits (convert() would clip it to white)
+        scale = 256 if image.getextrema()[1] > 255 else 1
+        image = image.point(lambda value: value / scale).convert("L")
+    return image.convert("RGB")
+
+
+def image_problem(path: Path) -> str | None:
+    """None if `path` is an image that decodes completely, else the reason it cannot be used:
+    `missing_image`, `too_large_image` (past PIL's decompression-bomb limit) or `corrupt_image`
+    (unreadable, or truncated)."""
+    if not path.is_file():
+        return "missing_image"
+    truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error here, not a grey fill
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Image.DecompressionBombError:
+        return "too_large_image"
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return "corrupt_image"
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+    return None
+
+
+def shard_image(path: Path) -> tuple[str, bytes]:
+    """(extension, bytes) of the image as a shard stores it: the original bytes for PNG, JPEG and WebP,
+    else (BMP, GIF, TIFF, ...) the picture re-encoded as PNG, which the trainer decodes."""
+    extension = SHARD_FORMATS.get(path.suffix.lower().lstrip("."))
+    if extension is None:
+        with Image.open(path) as image:
+            kind = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(image.format or "")
+        extension = kind  # a JPEG named .jfif or without a suffix keeps its bytes
+    if extension is not None:
+        return extension, path.read_bytes()
+    buffer = io.BytesIO()
+    open_rgb(path).save(buffer, format="PNG")
+    return "png", buffer.getvalue()
