@@ -24,6 +24,7 @@ from datamodules.captions import PromptFormat
 from stages.metrics import DEFAULT_BUCKETS, caption_metrics, vqa_exact
 
 log = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # evaluated sets (by their first unannotated key) already warned about
 
 
 def generate_captions(
@@ -122,13 +123,15 @@ def score(
     object annotations its `objects` (the world's, or class names of real data, scored with `synonyms`)."""
     objects = [meta.get("objects") for _, meta, _ in results]
     missing = sum(truth is None for truth in objects)
-    if missing:
+    first = next((key for (key, _, _), truth in zip(results, objects, strict=True) if truth is None), None)
+    if missing and first not in _WARNED:  # once, not at every periodic evaluation
+        _WARNED.add(first)
         log.warning(
             "%d of %d evaluated images carry no object annotations (e.g. %s): no CHAIR, recall or POPE, "
             "only text metrics",
             missing,
             len(objects),
-            next(key for (key, _, _), truth in zip(results, objects, strict=True) if truth is None),
+            first,
         )
     return caption_metrics(
         [text for _, _, text in results],

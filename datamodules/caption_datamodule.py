@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset
 
 from datamodules.captions import PromptFormat, collate_captions, select_caption
 from datamodules.images import SHARD_FORMATS, open_rgb
-from datamodules.shards import budget_counts, read_index
+from datamodules.shards import ShardError, budget_counts, read_index
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class CaptionDataModule(L.LightningDataModule):
             world = self.trainer.world_size if self.trainer is not None else 1
             batches = kept // (self.batch_size * world)
             if batches == 0:
-                raise ValueError(
+                raise ShardError(
                     f"{self.shard_dir}: only {kept} training images fit max_words={self.max_words}, "
                     f"fewer than one batch of {self.batch_size} per device"
                 )

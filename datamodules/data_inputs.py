@@ -19,6 +19,7 @@ by reason, with its key; nothing is dropped silently.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -123,25 +124,37 @@ def _record_row(record: dict, key: str, caption: str, images, base: Path, skips:
     path = _checked(key, images[0] if images else None, base, skips)
     if path is None:
         return None
-    # Without a split of its own, the sample's split comes from its image as the record names it: records
-    # that share an image (one per caption, COCO-style) land in the same split.
-    return _row(key, caption, path, meta, split, split_key=str(images[0]))
+    # Without a split of its own, the sample's split comes from its image (the path relative to the input,
+    # "./a.png" and "a.png" alike): records that share an image (one per caption, COCO-style) share a split.
+    return _row(key, caption, path, meta, split, split_key=_relative(path, base))
+
+
+def _relative(path: Path, base: Path) -> str:
+    resolved = path.resolve()
+    try:
+        return resolved.relative_to(base.resolve()).as_posix()
+    except ValueError:  # an image outside the input's folder
+        return resolved.as_posix()
 
 
 def unique_keys(rows: list[dict], skips: SkipLog) -> list[dict]:
     """`rows` with keys that WebDataset keeps whole: a dot would split the key from the file extension
     there, so dots become "_" (the original id stays in the sample's metadata as `id`). A key seen
     before is skipped and counted (`duplicate_key`): two samples of one key break a shard."""
+    ids = {row["__key__"] for row in rows}
     seen, kept = set(), []
     for row in rows:
-        key = row["__key__"].replace(".", "_")
-        if key in seen:
-            skips.skip("duplicate_key", row["__key__"])
+        original = row["__key__"]
+        if original in seen:
+            skips.skip("duplicate_key", original)
             continue
-        if key != row["__key__"]:
-            row["meta_json"] = json.dumps({**json.loads(row["meta_json"]), "id": row["__key__"]})
+        seen.add(original)
+        key = original.replace(".", "_")
+        if key != original:
+            if key in ids:  # "a.b" beside an "a_b" of its own: keep both, apart
+                key += "_" + hashlib.sha1(original.encode()).hexdigest()[:6]
+            row["meta_json"] = json.dumps({**json.loads(row["meta_json"]), "id": original})
             row["__key__"] = key
-        seen.add(key)
         kept.append(row)
     return kept
 

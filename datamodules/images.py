@@ -22,9 +22,14 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
     """The image at `source` (a path or encoded bytes), upright (EXIF orientation applied), as 8-bit RGB."""
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     image = ImageOps.exif_transpose(image)
-    if image.mode.startswith("I"):  # 16-bit grayscale: scale to 8 bits (convert() would clip it to white)
-        scale = 256 if image.getextrema()[1] > 255 else 1
-        image = image.point(lambda value: value / scale).convert("L")
+    if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float grayscale: scale to 8 bits
+        image = image.convert("F")  # convert("L") would clip 16-bit values to white
+        top = image.getextrema()[1]
+        scale = 255.0 if top <= 1.0 else 1 / 256 if top > 255 else 1.0  # 0..1, 0..65535 or 0..255
+        image = image.point(lambda value: value * scale).convert("L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")  # transparent parts on white, as a viewer shows them, not black
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return image.convert("RGB")
 
 
@@ -37,8 +42,7 @@ def image_problem(path: Path) -> str | None:
     truncated_ok = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error here, not a grey fill
     try:
-        with Image.open(path) as image:
-            image.load()
+        open_rgb(path)  # decoded in full, as every reader will
     except Image.DecompressionBombError:
         return "too_large_image"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):

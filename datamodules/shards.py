@@ -43,9 +43,12 @@ class ShardError(ValueError):
     """Shards that cannot serve the configured run (the CLI reports it without a traceback)."""
 
 
-def check_shards_serve(index: dict, shard_dir: Path, budgets: dict[str, int], batch_size: int, eval_split: str) -> None:
-    """Fails before any training when a stage's word budget leaves less than one batch of training images,
-    or when the evaluated split is empty, naming the stage or split and the captions' lengths."""
+def check_shards_serve(
+    index: dict, shard_dir: Path, budgets: dict[str, tuple[int, int]], batch_size: int, eval_split: str
+) -> None:
+    """Fails before any training when a stage's word budget leaves less than one batch per rank of training
+    images (`budgets`: stage -> (max_words, ranks)), or when the evaluated split is empty, naming the stage
+    or split and the captions' lengths."""
     if not sum(shard["count"] for shard in index["splits"].get(eval_split, [])):
         raise ShardError(
             f"{shard_dir}: no {eval_split!r} samples to evaluate on (eval.split); give the recipe a larger "
@@ -55,14 +58,15 @@ def check_shards_serve(index: dict, shard_dir: Path, budgets: dict[str, int], ba
         min((w for w in words.values() if w > 0), default=0) for shard in index["splits"]["train"]
         for words in shard["caption_words"]
     )  # fmt: skip
-    for stage, max_words in budgets.items():
+    for stage, (max_words, ranks) in budgets.items():
         kept, _ = budget_counts(index, "train", max_words)
-        if kept < batch_size:
+        if kept < batch_size * ranks:
             middle = shortest[len(shortest) // 2] if shortest else 0
             raise ShardError(
                 f"stage {stage}: {kept} training images of {shard_dir} have a caption of at most max_words="
-                f"{max_words} words, fewer than one batch of {batch_size} (their shortest captions: median "
-                f"{middle} words); raise stages.{stage}.max_words or caption shorter variants"
+                f"{max_words} words, fewer than one batch of {batch_size} for each of {ranks} rank(s) (their "
+                f"shortest captions: median {middle} words); raise stages.{stage}.max_words, caption shorter "
+                "variants, or lower data.batch_size"
             )
 
 

@@ -14,7 +14,7 @@ from datamodules.shards import INDEX_NAME, check_shards_serve, index_digest, rea
 from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
 from modules.loading import is_model_folder, load_tokenizer, write_config_folders
-from stages.config import CurriculumConfig
+from stages.config import CurriculumConfig, TrainerConfig
 from stages.data import load_recipe, run_data_stage
 from stages.report import write_report
 from stages.stage import RunInputs, StageResult, fingerprint, run_stage
@@ -127,6 +127,22 @@ def _losses(stage_dir: Path) -> list[float]:
     return json.loads(path.read_text())["losses"] if path.is_file() else []
 
 
+def ranks(trainer: TrainerConfig) -> int:
+    """The processes a stage trains on, as Lightning reads `devices` and `num_nodes` ("auto" and -1: every
+    visible GPU, or one process on the CPU; "2": two devices; "0,3": those two)."""
+    devices = trainer.devices
+    if devices in (None, "auto", -1, "-1"):
+        gpus = torch.cuda.device_count() if trainer.accelerator != "cpu" else 0
+        count = max(gpus, 1)
+    elif isinstance(devices, int):
+        count = devices
+    elif "," in devices:
+        count = len([d for d in devices.split(",") if d.strip()])
+    else:
+        count = int(devices)
+    return max(count, 1) * (trainer.num_nodes or 1)
+
+
 def free_stage_memory() -> None:
     """Frees the finished stage's model before the next stage builds its own. Lightning's trainer and
     module refer to each other, so the model outlives the stage until the garbage collector's next full
@@ -143,7 +159,7 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     vision, lm = prepare_base_models(cfg, run_dir)  # first: a missing model folder fails before any work
     load_tokenizer(lm, cfg.model.image_token)  # and so does a tokenizer without an image token
     shard_dir = prepare_data(cfg, run_dir)
-    budgets = {name: spec.max_words for name, spec in cfg.stages.items()}
+    budgets = {name: (spec.max_words, ranks(cfg.trainer.merged(spec.trainer))) for name, spec in cfg.stages.items()}
     check_shards_serve(read_index(shard_dir), shard_dir, budgets, cfg.data.batch_size, cfg.eval.split)
     digests = {
         "shards": index_digest(shard_dir),

@@ -214,11 +214,12 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
         else:
             empty.skip("empty_caption", row["__key__"])
     kept = written
+    # A split a record names holds for every record of its image; the others follow a hash of the image.
+    named = {row["split_key"]: row["split"] for row in kept if row.get("split") and row.get("split_key")}
     by_split: dict[str, list[dict]] = defaultdict(list)
     for row in kept:
-        split = row.get("split") or split_of(
-            row.get("split_key") or row["__key__"], recipe.val_share, recipe.test_share
-        )
+        key = row.get("split_key") or row["__key__"]
+        split = row.get("split") or named.get(key) or split_of(key, recipe.val_share, recipe.test_share)
         by_split[split].append(_shard_sample(row))
     index = {"source": recipe.input.format, "splits": {}}
     for split in SPLITS:

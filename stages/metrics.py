@@ -195,11 +195,16 @@ def pope(keys: list[str], predictions: list[str], objects: list[list[dict]], per
     return results
 
 
+def _singular(word: str, noun: str) -> bool:
+    """`word` is `noun` or its plural (-s, -es): "rackets" for racket, "buses" for bus."""
+    return word in (noun, noun + "s", noun + "es")
+
+
 def chair_synonyms(predictions: list[str], objects: list[list[str]], synonyms: dict[str, list[str]]) -> dict:
     """CHAIR-i / CHAIR-s and recall for real data: `synonyms` maps each object class to the words that name
-    it (multi-word phrases allowed, longest match first, a plural "s" ignored); `objects` are each image's
-    annotated classes. A named class that the image lacks is hallucinated; recall is the share of the
-    annotated classes that the caption names."""
+    it (multi-word phrases allowed, longest match first, the last word also in its plural); `objects` are
+    each image's annotated classes. A named class that the image lacks is hallucinated; recall is the
+    share of the annotated classes that the caption names."""
     phrases = [(w.lower().split(), cls) for cls, words in synonyms.items() for w in [cls, *words]]
     phrases.sort(key=lambda p: -len(p[0]))
     total = bad = with_bad = gt_total = gt_found = 0
@@ -209,7 +214,7 @@ def chair_synonyms(predictions: list[str], objects: list[list[str]], synonyms: d
         while i < len(words):
             for phrase, cls in phrases:
                 window = words[i : i + len(phrase)]
-                if window == phrase or [w.removesuffix("s") for w in window] == phrase:
+                if len(window) == len(phrase) and window[:-1] == phrase[:-1] and _singular(window[-1], phrase[-1]):
                     said.add(cls)
                     i += len(phrase)
                     break
@@ -337,9 +342,9 @@ def object_kind(objects: list) -> str | None:
     if any(truth is None for truth in objects):
         return None
     items = [item for truth in objects for item in truth]
-    if all(isinstance(item, dict) for item in items):
+    if items and all(isinstance(item, dict) for item in items):
         return "world"
-    if all(isinstance(item, str) for item in items):
+    if all(isinstance(item, str) for item in items):  # also: every list empty (annotated, nothing in them)
         return "classes"
     raise ValueError("object annotations mix the world's object dicts and class names")
 

@@ -163,13 +163,11 @@ def write_report(run_dir: Path) -> Path:
     for name in stages:
         lines.append(f"| {name} | " + " | ".join(_fmt(metrics[name].get(key)) for key, _ in TABLE) + " |")
     lines += ["", "Hallucination by generated caption length (compare stages within a row of equal length):", ""]
-    lines += ["| stage | bucket | images | CHAIR-i | CHAIR-s | recall |", "|---|---|---|---|---|---|"]
+    lines += ["| stage | bucket | images | CHAIR-i | CHAIR-s | recall | words |", "|---" * 7 + "|"]
     for name in stages:
         for bucket, m in metrics[name].get("by_length", {}).items():
-            lines.append(
-                f"| {name} | {bucket} | {int(m['images'])} | {_fmt(m.get('chair_i'))} | {_fmt(m.get('chair_s'))} | "
-                f"{_fmt(m.get('recall'))} |"
-            )
+            scores = " | ".join(_fmt(m.get(key)) for key in ("chair_i", "chair_s", "recall", "mean_words"))
+            lines.append(f"| {name} | {bucket} | {int(m['images'])} | {scores} |")
     lines += ["", "![evaluation history](eval_history.png)", ""]
 
     lines += ["## Checkpoints", "", "| stage | file | MiB |", "|---|---|---|"]

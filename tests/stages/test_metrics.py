@@ -119,6 +119,10 @@ def test_chair_with_a_synonym_table():
         "chair_s": 1.0,
         "recall": 0.0,
     }
+    # Plurals of the last word only: "tennis" is not a plural of "tenni".
+    table = {"tennis racket": [], "bus": []}
+    plurals = chair_synonyms(["two tennis rackets", "three buses"], [["tennis racket"], ["bus"]], table)
+    assert plurals["recall"] == 1.0 and plurals["chair_i"] == 0.0
 
 
 def test_caption_metrics_on_class_annotations_and_on_none():
@@ -135,6 +139,9 @@ def test_caption_metrics_on_class_annotations_and_on_none():
     m = caption_metrics(predictions, [["dog"], None], refs)
     assert "chair_i" not in m and "recall" not in m and m["bleu1"] > 0 and m["images"] == 2.0
     assert m["by_length"] == {"0-8": {"mean_words": 3.5, "images": 2.0}}
+    # Annotated, but nothing in any image: no object may be named, and no synthetic-world scoring.
+    m = caption_metrics(["a red square sign"], [[]], [["a sign"]])
+    assert m["chair_i"] == 0.0 and "pope_random_f1" not in m
     with pytest.raises(ValueError, match="mix"):
         caption_metrics(predictions, [["dog"], [RED_CIRCLE]], refs)
 

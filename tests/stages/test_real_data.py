@@ -98,6 +98,13 @@ def test_images_read_as_a_viewer_shows_them(tmp_path, monkeypatch):
     Image.new("I;16", (8, 8), 32768).save(deep)  # mid grey in 16 bits
     assert open_rgb(deep).getpixel((0, 0)) == (128, 128, 128)
 
+    for mode, value, name in (("I;16B", 32768, "big_endian.tif"), ("F", 0.5, "float.tif")):
+        Image.new(mode, (8, 8), value).save(tmp_path / name)  # 16-bit big-endian and 0..1 float TIFFs
+        assert open_rgb(tmp_path / name).getpixel((0, 0))[0] in (127, 128) and image_problem(tmp_path / name) is None
+    clear = tmp_path / "clear.png"
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(clear)
+    assert open_rgb(clear).getpixel((0, 0)) == (255, 255, 255), "transparent shows as white, not black"
+
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(rotated.read_bytes()[:-200])
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as Data-Juicer's import leaves it
@@ -123,6 +130,9 @@ def test_llava_keys_splits_and_image_lists_are_kept_or_counted(tmp_path):
         {"id": "dup", "image": "2.png", "conversations": turns},  # same id again
         {"id": "pair", "image": ["1.png", "2.png"], "conversations": turns},  # two images: not one sample
         {"id": "mine", "image": "1.png", "conversations": turns, "split": "test"},
+        {"id": "also", "image": "./1.png", "conversations": turns},  # the same image: the split it was named
+        {"id": "a_b", "image": "0.png", "conversations": turns},
+        {"id": "a.b", "image": "0.png", "conversations": turns},  # "a_b" once its dot goes: kept apart
         {"id": "odd", "image": "1.png", "conversations": turns, "split": "holdout"},
         *[{"id": f"cap{i}", "image": "2.png", "conversations": turns} for i in range(6)],  # one image, 6 captions
     ]
@@ -136,8 +146,10 @@ def test_llava_keys_splits_and_image_lists_are_kept_or_counted(tmp_path):
     module = CaptionDataModule(tmp_path / "out", max_words=60)
     by_split = {split: {key: meta for key, _, meta in module.eval_samples(split)} for split in ("train", "val", "test")}
     every = {key: (split, meta) for split, samples in by_split.items() for key, meta in samples.items()}
-    assert set(every) == {"img_5", "dup", "mine", *(f"cap{i}" for i in range(6))}
-    assert every["img_5"][1]["id"] == "img.5" and every["mine"][0] == "test"
+    renamed = next(key for key in every if key.startswith("a_b_"))
+    assert set(every) == {"img_5", "dup", "mine", "also", "a_b", renamed, *(f"cap{i}" for i in range(6))}
+    assert every["img_5"][1]["id"] == "img.5" and every[renamed][1]["id"] == "a.b"
+    assert every["mine"][0] == every["also"][0] == "test"
     assert len({every[f"cap{i}"][0] for i in range(6)}) == 1, "records of one image share its split"
 
 
@@ -188,3 +200,18 @@ def test_a_stage_without_a_batch_of_fitting_captions_fails_before_training(tmp_p
     assert not (tmp_path / "run" / "align").exists()
     assert main([*args[:-1], "--eval.split=nowhere"]) == 2
     assert "no 'nowhere' samples to evaluate on" in capsys.readouterr().err
+
+
+def test_the_budget_check_counts_every_rank():
+    from datamodules.shards import ShardError, check_shards_serve
+    from stages.config import TrainerConfig
+    from stages.curriculum import ranks
+
+    assert [ranks(TrainerConfig(devices=d, accelerator="cpu")) for d in (None, "auto", 2, "2", "0,3", "1,")] == [
+        1, 1, 2, 2, 2, 1,
+    ]  # fmt: skip
+    assert ranks(TrainerConfig(devices=2, num_nodes=3)) == 6
+    index = {"splits": {"train": [{"count": 300, "caption_words": [{"c": 5}] * 300}], "test": [{"count": 1}]}}
+    check_shards_serve(index, Path("shards"), {"sft": (8, 1)}, 200, "test")
+    with pytest.raises(ShardError, match="fewer than one batch of 200 for each of 2 rank"):
+        check_shards_serve(index, Path("shards"), {"sft": (8, 2)}, 200, "test")
