@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from datamodules.images import image_problem
+from datamodules.shards import SPLITS
 from datamodules.world import WorldConfig, make_scene, png_bytes, render
 
 DJ_IMAGE_TOKEN = "<__dj__image>"
@@ -41,7 +42,6 @@ def strip_dj_tokens(text: str) -> str:
 
 
 SPLIT_SIZES = ("train_size", "val_size", "test_size")
-SPLITS = ("train", "val", "test")
 
 
 @dataclass

@@ -54,13 +54,14 @@ def check_shards_serve(
             f"{shard_dir}: no {eval_split!r} samples to evaluate on (eval.split); give the recipe a larger "
             "val_share / test_share, or the input records their own split"
         )
-    shortest = sorted(
-        min((w for w in words.values() if w > 0), default=0) for shard in index["splits"]["train"]
-        for words in shard["caption_words"]
-    )  # fmt: skip
     for stage, (max_words, ranks) in budgets.items():
         kept, _ = budget_counts(index, "train", max_words)
         if kept < batch_size * ranks:
+            shortest = sorted(
+                min((w for w in words.values() if w > 0), default=0)
+                for shard in index["splits"]["train"]
+                for words in shard["caption_words"]
+            )
             middle = shortest[len(shortest) // 2] if shortest else 0
             raise ShardError(
                 f"stage {stage}: {kept} training images of {shard_dir} have a caption of at most max_words="

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -227,20 +228,21 @@ def build_vlm(
             "embedding rows"
         )
     if config.vision_layer != -1:  # an earlier stage of a convolutional tower is narrower than its output
-        width = _probe_width(tower, processor, config.vision_layer)
+        width = probe_image_tokens(tower, processor, None, config.vision_layer)[1]
     vlm = VisionLanguageModel(tower, lm, width, image_token_id, config.grid, config.vision_layer)
     return vlm, tokenizer, processor
 
 
-def _probe_width(tower: nn.Module, processor, layer: int) -> int:
-    """The feature width of the tower's hidden state `layer`, from one blank input (shapes only on "meta")."""
+def probe_image_tokens(tower: nn.Module, processor, grid: int | None, layer: int = -1) -> tuple[int, int]:
+    """(image tokens per image, their width): the tower run once on a blank image, in eval mode so that
+    BatchNorm statistics stay as loaded (shapes only when the tower is on "meta")."""
     size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
     side = size.get("height") or size.get("shortest_edge")
     weight = next(tower.parameters())
-    pixels = torch.zeros(1, 3, side, side, device=weight.device, dtype=weight.dtype)
+    pixels = processor([Image.new("RGB", (side, side))], return_tensors="pt")["pixel_values"]
     training = tower.training
-    tower.eval()  # BatchNorm statistics stay as loaded
+    tower.eval()
     with torch.no_grad():
-        width = vision_tokens(tower, pixels, None, layer).shape[-1]
+        shape = vision_tokens(tower, pixels.to(weight.device, weight.dtype), grid, layer).shape
     tower.train(training)
-    return width
+    return shape[1], shape[2]

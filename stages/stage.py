@@ -23,11 +23,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
-import torch
 import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from PIL import Image
 
 from callbacks.alerts import AlertSinks
 from callbacks.epoch_boundary import BoundaryCheck
@@ -37,9 +35,9 @@ from callbacks.instability import InstabilityMonitor
 from callbacks.throughput import Throughput
 from datamodules.caption_datamodule import CaptionDataModule
 from modules.handoff import load_handoff, save_handoff
-from modules.loading import build_vlm
+from modules.loading import build_vlm, probe_image_tokens
 from modules.training_module import AlignModule, LoRASFTModule, OptimSpec, VLMModule
-from modules.vlm import VisionLanguageModel, vision_tokens
+from modules.vlm import VisionLanguageModel
 from stages.config import CurriculumConfig, StageSpec
 from stages.tb_logger import CurriculumTensorBoardLogger
 
@@ -76,12 +74,7 @@ class StageResult:
 
 def count_image_tokens(vlm: VisionLanguageModel, processor) -> int:
     """Image tokens per image, found by running the tower on one blank image."""
-    size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
-    side = size.get("height") or size.get("shortest_edge")
-    pixels = processor([Image.new("RGB", (side, side))], return_tensors="pt")["pixel_values"]
-    with torch.no_grad():
-        pixels = pixels.to(next(vlm.vision.parameters()).dtype)
-        return vision_tokens(vlm.vision, pixels, vlm.grid, vlm.vision_layer).shape[1]
+    return probe_image_tokens(vlm.vision, processor, vlm.grid, vlm.vision_layer)[0]
 
 
 def prepare_stage_folder(stage_dir: Path, print_: str, resolved: dict, rank_zero: bool) -> None:
