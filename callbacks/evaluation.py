@@ -44,7 +44,7 @@ def generate_captions(
             torch.ones_like(input_ids),
             pixels,
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=fmt.stop_ids,
             pad_token_id=tokenizer.pad_token_id,
             **generate_kwargs,
         )
@@ -83,7 +83,7 @@ def answer_questions(vlm, samples: list, fmt: PromptFormat, processor, batch_siz
     groups: dict[int, list[tuple]] = {}
     for key, image, meta in samples:
         for q in meta.get("questions", []):
-            prompt = PromptFormat(tokenizer, fmt.num_image_tokens, q["question"]).prefix()
+            prompt = fmt.asking(q["question"]).prefix()
             groups.setdefault(len(prompt), []).append((key, q, image, prompt))
     results = []
     for rows in groups.values():
@@ -97,7 +97,7 @@ def answer_questions(vlm, samples: list, fmt: PromptFormat, processor, batch_siz
                 pixels,
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=fmt.stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
             )
             answers = tokenizer.batch_decode(tokens, skip_special_tokens=True)

@@ -100,7 +100,7 @@ class ShardStream(IterableDataset):
 class CaptionDataModule(L.LightningDataModule):
     """Caption batches from `shard_dir`, each image with the longest caption of at most `max_words` words.
 
-    Call `connect(tokenizer, image_processor, num_image_tokens, prompt)` before use: those are known
+    Call `connect(tokenizer, image_processor, num_image_tokens, prompt[, chat_template])` before use: those are known
     only once the models are loaded.
     """
 
@@ -116,8 +116,10 @@ class CaptionDataModule(L.LightningDataModule):
         self.format: PromptFormat | None = None
         self.processor = None
 
-    def connect(self, tokenizer, image_processor, num_image_tokens: int, prompt: str) -> None:
-        self.format = PromptFormat(tokenizer, num_image_tokens, prompt)
+    def connect(
+        self, tokenizer, image_processor, num_image_tokens: int, prompt: str, chat_template: bool = False
+    ) -> None:
+        self.format = PromptFormat(tokenizer, num_image_tokens, prompt, chat_template)
         self.processor = image_processor
 
     def budget_report(self, split: str = "train") -> dict[str, int]:

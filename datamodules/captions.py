@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from modules.modeling_vlm_curriculum import prompt_layout, stop_ids
 
 IGNORE_INDEX = -100
 
@@ -22,31 +24,38 @@ def select_caption(captions: dict[str, str], max_words: int) -> str | None:
 class PromptFormat:
     """How a caption sample becomes a token sequence:
 
-    `[bos] <image> x num_image_tokens  prompt  caption  [eos]`, with the loss on caption and eos only.
+    `[bos] <image> x num_image_tokens  prompt  caption  [eos]`, with the loss on caption and eos only;
+    with `chat_template`, the LM's chat template frames them (`prompt_layout`) and the loss is on the
+    caption and the template's end of turn.
     """
 
     tokenizer: object
     num_image_tokens: int
     prompt: str
+    chat_template: bool = False
 
     def __post_init__(self) -> None:
         image_token = getattr(self.tokenizer, "image_token", None)
         if image_token is None:
             raise ValueError("the tokenizer has no image_token: load it with modules.loading.load_tokenizer")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
-        self.prompt_ids = self._ids(self.prompt)
+        self._prefix, self.end_ids = prompt_layout(
+            self.tokenizer, self.num_image_tokens, self.prompt, self.chat_template
+        )
+        self.stop_ids = stop_ids(self.end_ids, self.tokenizer.eos_token_id)
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def asking(self, prompt: str) -> PromptFormat:
+        """The same layout with another prompt (a question in place of the captioning instruction)."""
+        return replace(self, prompt=prompt)
 
     def prefix(self) -> list[int]:
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return bos + [self.image_token_id] * self.num_image_tokens + self.prompt_ids
+        """What every caption follows: the image placeholders and the prompt."""
+        return list(self._prefix)
 
     def encode(self, caption: str) -> tuple[list[int], list[int]]:
         """(input_ids, labels) for one caption."""
         prefix = self.prefix()
-        target = self._ids(caption) + [self.tokenizer.eos_token_id]
+        target = self.tokenizer(caption, add_special_tokens=False)["input_ids"] + self.end_ids
         return prefix + target, [IGNORE_INDEX] * len(prefix) + target
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from modules.modeling_vlm_curriculum import prompt_layout
 from modules.speed import SpeedSpec
 from modules.vlm import VisionLanguageModel, vision_tokens
 
@@ -60,6 +61,9 @@ class ModelConfig:
     """The tower's hidden state that gives the image tokens: -1 its output, -2 the layer before (LLaVA-1.5, MGM)."""
     prompt: str = "describe the image"
     """The captioning instruction placed after the image tokens."""
+    chat_template: bool = False
+    """Frame image tokens, prompt and caption in the LM tokenizer's chat template (an instruct LM's: a user
+    turn, then the caption as the assistant's reply, ended as the template ends a turn); false: plain."""
     image_token: str | None = None
     """For a tokenizer that declares no image_token (real LMs' do not): a token of its vocabulary that text
     never produces, to mark the image positions, e.g. '<|image_pad|>' (Qwen2.5) or '<unk>' (Llama-2)."""
@@ -192,6 +196,15 @@ def load_tokenizer(path: str | Path, image_token: str | None = None):
             raise ModelFolderError(f"--model.lm_path {folder}: the tokenizer has no pad, unk or eos token to pad with")
         tokenizer.pad_token = pads[0]
     return tokenizer
+
+
+def check_prompt(tokenizer, config: ModelConfig) -> None:
+    """Fails before any work, naming the flag, when the tokenizer cannot lay out the prompt as configured
+    (`--model.chat_template` with a tokenizer that has no chat template, or an unusable one)."""
+    try:
+        prompt_layout(tokenizer, 1, config.prompt, config.chat_template)
+    except ValueError as error:
+        raise ModelFolderError(str(error)) from error
 
 
 def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> tuple[Path, Path]:

@@ -47,6 +47,49 @@ def vision_tokens(tower: nn.Module, pixel_values: torch.Tensor, grid: int | None
     return features
 
 
+_REPLY = "CAPTION_REPLY_MARK"  # stands for the caption while a chat template is rendered
+
+
+def prompt_layout(tokenizer, num_image_tokens: int, prompt: str, chat_template: bool = False):
+    """(prefix, end): the token ids every caption follows, and those that end it.
+
+    Plain: `[bos] <image> x num_image_tokens prompt`, then the caption and eos. With `chat_template`, the
+    tokenizer's own chat template (an instruct LM's) frames a user turn `<image>\\n<prompt>` and opens the
+    assistant's reply; the caption is that reply, ended as the template ends a turn (Qwen's `<|im_end|>`,
+    Gemma's `<end_of_turn>`), and the one image token becomes `num_image_tokens` of them.
+    """
+    image_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    if not chat_template:
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return bos + [image_id] * num_image_tokens + ids(prompt), [tokenizer.eos_token_id]
+    name = tokenizer.name_or_path
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--model.chat_template: {name}'s tokenizer has no chat template")
+    user = [{"role": "user", "content": f"{tokenizer.image_token}\n{prompt}"}]
+    head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    whole = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": _REPLY}], tokenize=False)
+    if not whole.startswith(head + _REPLY):
+        raise ValueError(
+            f"--model.chat_template: {name}'s chat template does not write the reply right after its generation "
+            "prompt, so captions cannot be trained as replies; use the plain layout (false)"
+        )
+    prefix = ids(head)
+    if prefix.count(image_id) != 1:
+        raise ValueError(f"--model.chat_template: {name}'s chat template does not keep the image token once")
+    at = prefix.index(image_id)
+    end = ids(whole[len(head) + len(_REPLY) :].rstrip()) or [tokenizer.eos_token_id]
+    return prefix[:at] + [image_id] * num_image_tokens + prefix[at + 1 :], end
+
+
+def stop_ids(end: list[int], eos_token_id: int) -> list[int]:
+    """The token ids that end generation: the first of `end` (a turn's end), and eos."""
+    return list(dict.fromkeys([end[0], eos_token_id]))
+
+
 class MLPProjector(nn.Module):
     """Two linear layers with a GELU between them, applied to every image token (LLaVA-1.5's projector)."""
 
@@ -116,7 +159,8 @@ def _sub_config(value) -> PretrainedConfig:
 class VLMCurriculumConfig(PretrainedConfig):
     """A merged vlm-curriculum model: the tower's and the LM's own configs, the projector's widths, the
     tower's hidden state that gives the image tokens (`vision_layer`), and the prompt layout
-    (`num_image_tokens` placeholders after bos, then `prompt`)."""
+    (`num_image_tokens` placeholders after bos, then `prompt`; or in the tokenizer's chat template, see
+    `prompt_layout`)."""
 
     model_type = "vlm_curriculum"
 
@@ -130,13 +174,14 @@ class VLMCurriculumConfig(PretrainedConfig):
         num_image_tokens: int = 0,
         prompt: str = "",
         vision_layer: int = -1,
+        chat_template: bool = False,
         **kwargs,
     ) -> None:
         self.vision_config = _sub_config(vision_config) if vision_config is not None else None
         self.text_config = _sub_config(text_config) if text_config is not None else None
         self.vision_width, self.image_token_id, self.grid = vision_width, image_token_id, grid
         self.vision_layer = vision_layer
-        self.num_image_tokens, self.prompt = num_image_tokens, prompt
+        self.num_image_tokens, self.prompt, self.chat_template = num_image_tokens, prompt, chat_template
         super().__init__(**kwargs)
 
     def to_dict(self) -> dict:
@@ -166,7 +211,14 @@ class VLMCurriculumForCaptioning(ImageTokenMixin, PreTrainedModel):
         self.post_init()
 
     def prompt_ids(self, tokenizer) -> list[int]:
-        """bos, the image placeholders and the captioning prompt: what every caption is generated after."""
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        prompt = tokenizer(self.config.prompt, add_special_tokens=False)["input_ids"]
-        return bos + [self.config.image_token_id] * self.config.num_image_tokens + prompt
+        """The image placeholders and the captioning prompt, laid out as in training: what every caption is
+        generated after."""
+        return self._layout(tokenizer)[0]
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        """The token ids that end a caption (generate's `eos_token_id`)."""
+        return stop_ids(self._layout(tokenizer)[1], tokenizer.eos_token_id)
+
+    def _layout(self, tokenizer) -> tuple[list[int], list[int]]:
+        config = self.config
+        return prompt_layout(tokenizer, config.num_image_tokens, config.prompt, config.chat_template)

@@ -73,12 +73,10 @@ def synthetic_batch(tokenizer, fmt, processor, batch_size: int, text_tokens: int
         for _ in range(batch_size)
     ]
     sequences = []
+    prefix, end = fmt.prefix(), fmt.end_ids
     for _ in range(batch_size):
-        words = [vocab[i] for i in torch.randint(0, len(vocab), (text_tokens - 1,), generator=generator)]
-        prefix = fmt.prefix()
-        sequences.append(
-            (prefix + words + [tokenizer.eos_token_id], [-100] * len(prefix) + words + [tokenizer.eos_token_id])
-        )
+        words = [vocab[i] for i in torch.randint(0, len(vocab), (text_tokens - len(end),), generator=generator)]
+        sequences.append((prefix + words + end, [-100] * len(prefix) + words + end))
     pixels = processor(images, return_tensors="pt")["pixel_values"]
     return collate_captions([f"bench-{i}" for i in range(batch_size)], pixels, sequences, tokenizer.pad_token_id)
 
@@ -286,7 +284,7 @@ def bench_train(
         "batch": batch_size,
     }
     base, tokenizer, processor = build_vlm(cfg.model, vision_path, lm_path, init_device=device.type)
-    fmt = PromptFormat(tokenizer, count_image_tokens(base, processor), cfg.model.prompt)
+    fmt = PromptFormat(tokenizer, count_image_tokens(base, processor), cfg.model.prompt, cfg.model.chat_template)
     batch = synthetic_batch(tokenizer, fmt, processor, batch_size, text_tokens, cfg.model.image_size)
     tokens = int(batch["attention_mask"][0].sum())
     labelled = int((batch["labels"][0, 1:] != IGNORE_INDEX).sum())

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from datamodules.shards import INDEX_NAME, check_shards_serve, index_digest, read_index
 from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
-from modules.loading import is_model_folder, load_tokenizer, write_config_folders
+from modules.loading import check_prompt, is_model_folder, load_tokenizer, write_config_folders
 from stages.config import CurriculumConfig, TrainerConfig
 from stages.data import load_recipe, run_data_stage
 from stages.report import write_report
@@ -157,7 +157,8 @@ def free_stage_memory() -> None:
 def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     run_dir.mkdir(parents=True, exist_ok=True)
     vision, lm = prepare_base_models(cfg, run_dir)  # first: a missing model folder fails before any work
-    load_tokenizer(lm, cfg.model.image_token)  # and so does a tokenizer without an image token
+    # and so does a tokenizer without an image token, or without the chat template asked for
+    check_prompt(load_tokenizer(lm, cfg.model.image_token), cfg.model)
     shard_dir = prepare_data(cfg, run_dir)
     budgets = {name: (spec.max_words, ranks(cfg.trainer.merged(spec.trainer))) for name, spec in cfg.stages.items()}
     check_shards_serve(read_index(shard_dir), shard_dir, budgets, cfg.data.batch_size, cfg.eval.split)

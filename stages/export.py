@@ -45,7 +45,7 @@ processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
 pixels = processor([Image.open("image.png").convert("RGB")], return_tensors="pt")["pixel_values"]
 prompt = torch.tensor([model.prompt_ids(tokenizer)])
 tokens = model.generate(prompt, torch.ones_like(prompt), pixels, max_new_tokens=64, do_sample=False,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                        eos_token_id=model.stop_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
 print(tokenizer.batch_decode(tokens, skip_special_tokens=True)[0])
 ```
 
@@ -112,6 +112,7 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
         vision_layer=model_config.vision_layer,
         num_image_tokens=num_image_tokens,
         prompt=model_config.prompt,
+        chat_template=model_config.chat_template,
         auto_map={
             "AutoConfig": "modeling_vlm_curriculum.VLMCurriculumConfig",
             "AutoModel": "modeling_vlm_curriculum.VLMCurriculumForCaptioning",
@@ -178,6 +179,7 @@ def evaluate_model(
         record = json.loads((path / EXPORT_RECORD).read_text())
         default_shards, source = Path(record["shard_dir"]), {"exported": str(path), **record}
         num_image_tokens, prompt = model.config.num_image_tokens, model.config.prompt
+        chat_template = getattr(model.config, "chat_template", False)  # exports before it was a field: off
     else:
         from stages.stage import count_image_tokens
 
@@ -187,11 +189,12 @@ def evaluate_model(
         default_shards = stage.shard_dir
         source = {"stage_dir": str(stage.stage_dir), "global_step": stage.global_step}
         num_image_tokens, prompt = count_image_tokens(model, processor), model_config.prompt
+        chat_template = model_config.chat_template
     shards = Path(shard_dir) if shard_dir else default_shards
     samples = CaptionDataModule(shards, max_words=10**6).eval_samples(split, limit)
     if not samples:
         raise ValueError(f"--data: {shards} has no {split!r} samples")
-    fmt = PromptFormat(tokenizer, num_image_tokens, prompt)
+    fmt = PromptFormat(tokenizer, num_image_tokens, prompt, chat_template)
     captions = generate_captions(
         model, samples, fmt, processor, batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams
     )

@@ -182,7 +182,8 @@ def run_stage(
     datamodule = CaptionDataModule(
         inputs.shard_dir, spec.max_words, cfg.data.batch_size, cfg.data.num_workers, cfg.seed
     )
-    datamodule.connect(tokenizer, processor, count_image_tokens(vlm, processor), cfg.model.prompt)
+    num_image_tokens = count_image_tokens(vlm, processor)
+    datamodule.connect(tokenizer, processor, num_image_tokens, cfg.model.prompt, cfg.model.chat_template)
     budget = datamodule.budget_report()
     log.info(
         "stage %s: %d training images fit max_words=%d, %d skipped",

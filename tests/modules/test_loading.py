@@ -87,17 +87,89 @@ def test_curriculum_without_an_image_token_fails_before_any_work(plain_lm, micro
     assert not (tmp_path / "run" / "data").exists()
 
 
-@pytest.mark.slow
-def test_curriculum_and_export_with_a_plain_tokenizer(plain_lm, micro_base, micro_world, tmp_path):
-    from stages.export import evaluate_model, export_model, find_stage
+# ChatML, as Qwen2.5-instruct's tokenizer has it.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
+
+def _chat_copy(plain_lm, folder, template=CHATML):
+    """An instruct LM's folder: ChatML's turn tokens in the vocabulary (the LM's embeddings grown to fit),
+    and a chat template."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(plain_lm, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(folder)
+    lm = AutoModelForCausalLM.from_pretrained(folder)
+    lm.resize_token_embeddings(len(tokenizer))
+    lm.save_pretrained(folder)
+    return folder
+
+
+def test_chat_template_frames_prompt_and_caption_as_a_turn(plain_lm, tmp_path):
+    from datamodules.captions import IGNORE_INDEX, PromptFormat
+
+    tokenizer = load_tokenizer(_chat_copy(plain_lm, tmp_path / "instruct"), "<image>")
+    start, end, image = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<image>"])
+    fmt = PromptFormat(tokenizer, 3, "describe the image", chat_template=True)
+    ids, labels = fmt.encode("a red circle")
+    caption = tokenizer("a red circle", add_special_tokens=False)["input_ids"]
+    # <|im_start|> user \n <image> x3 \n prompt <|im_end|> \n <|im_start|> assistant \n | caption <|im_end|>
+    prefix = fmt.prefix()
+    assert prefix[0] == start and prefix.count(start) == 2 and prefix.count(end) == 1
+    at = prefix.index(image)
+    assert prefix[at : at + 3] == [image] * 3 and prefix.count(image) == 3
+    assert ids == prefix + caption + [end]
+    assert labels == [IGNORE_INDEX] * len(prefix) + caption + [end], "loss on the reply and its end of turn"
+    assert fmt.stop_ids == [end, tokenizer.eos_token_id]
+    question = fmt.asking("is there a circle").prefix()
+    assert question[: at + 3] == prefix[: at + 3] and question != prefix
+
+    plain = PromptFormat(tokenizer, 3, "describe the image")  # the default layout is unchanged
+    assert plain.prefix()[:4] == [tokenizer.bos_token_id, image, image, image]
+    assert plain.end_ids == [tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        (None, "--model.chat_template: .* has no chat template"),
+        (CHATML.replace("assistant\n{% endif %}", "reply: {% endif %}"), "does not write the reply right after"),
+        (CHATML.replace("{{ m['content'] }}", "{{ m['content'] | replace('<image>', '') }}"), "image token once"),
+    ],
+)
+def test_a_chat_template_that_cannot_frame_captions_is_named(plain_lm, tmp_path, template, message):
+    from modules.loading import ModelConfig, check_prompt
+
+    folder = _chat_copy(plain_lm, tmp_path / "instruct", template) if template else plain_lm
+    tokenizer = load_tokenizer(folder, "<image>")
+    check_prompt(tokenizer, ModelConfig())  # the plain layout needs no template
+    with pytest.raises(ModelFolderError, match=message):
+        check_prompt(tokenizer, ModelConfig(chat_template=True))
+
+
+@pytest.mark.slow
+def test_curriculum_and_export_with_a_plain_instruct_tokenizer(plain_lm, micro_base, micro_world, tmp_path):
+    # A real instruct LM's folder: no image token declared, no pad token, a chat template.
+    from datamodules.captions import PromptFormat
+    from stages.export import evaluate_model, export_model, find_stage, load_exported
+
+    lm = _chat_copy(plain_lm, tmp_path / "instruct")
     run_dir = tmp_path / "run"
     args = ["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS, f"--data.shard_dir={micro_world}"]
-    args += [f"--model.vision_path={micro_base[0]}", f"--model.lm_path={plain_lm}", "--model.image_token=<image>"]
-    assert main(args) == 0
+    args += [f"--model.vision_path={micro_base[0]}", f"--model.lm_path={lm}", "--model.image_token=<image>"]
+    assert main([*args, "--model.chat_template=true"]) == 0
     out = export_model(find_stage(run_dir), tmp_path / "exported")
-    exported = AutoTokenizer.from_pretrained(out)
+    model, exported, _ = load_exported(out)
     assert (exported.image_token, exported.pad_token) == ("<image>", "<unk>")
+    # The exported model lays out its prompt as training did: the chat template, saved with the tokenizer.
+    trained = PromptFormat(exported, model.config.num_image_tokens, model.config.prompt, chat_template=True)
+    assert model.config.chat_template and model.prompt_ids(exported) == trained.prefix()
+    assert model.stop_ids(exported) == [exported.convert_tokens_to_ids("<|im_end|>"), exported.eos_token_id]
     assert evaluate_model(out, limit=4, max_new_tokens=6)["data"]["images"] == 4
 
 
