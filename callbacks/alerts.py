@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -33,15 +34,27 @@ class Alert:
     causes: list[str] = field(default_factory=list)
     """Likely causes the check could observe (epoch and stage boundaries)."""
     detail: str = ""
+    rank: int = 0
+    """The rank whose batch it was (multi-GPU runs; rank 0 delivers every rank's alerts)."""
 
     def line(self) -> str:
         """One readable line for the console and chat."""
         keys = f" batch keys {', '.join(self.keys[:4])}{' ...' if len(self.keys) > 4 else ''}" if self.keys else ""
         causes = f" likely causes: {', '.join(self.causes)}." if self.causes else ""
+        rank = f" rank {self.rank}" if self.rank else ""
         return (
-            f"[{self.kind}] stage {self.stage} step {self.step} epoch {self.epoch}: value {self.value:.4g} "
+            f"[{self.kind}] stage {self.stage} step {self.step} epoch {self.epoch}{rank}: value {self.value:.4g} "
             f"vs threshold {self.threshold:.4g}; action {self.action}.{causes}{keys} {self.detail}".rstrip()
         )
+
+    def record(self) -> dict:
+        """The alert as standard JSON: a NaN or infinite value or threshold is written as "nan", "inf" or
+        "-inf" (JSON has no such numbers; `float()` reads them back)."""
+        record = asdict(self)
+        for name in ("value", "threshold"):
+            if not math.isfinite(record[name]):
+                record[name] = str(float(record[name]))
+        return record
 
 
 class AlertSinks:
@@ -52,23 +65,25 @@ class AlertSinks:
         self.counts: Counter[str] = Counter()
         self.webhook_failures = 0
 
-    def emit(self, alert: Alert, logger=None, global_step: int | None = None) -> None:
+    def emit(self, alert: Alert, logger=None) -> None:
         self.counts[alert.kind] += 1
         log.warning("ALERT %s", alert.line())
         if self.jsonl_path is not None:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
             with self.jsonl_path.open("a") as sink:
-                sink.write(json.dumps(asdict(alert)) + "\n")
+                sink.write(json.dumps(alert.record(), allow_nan=False) + "\n")
         if logger is not None:
-            step = alert.step if global_step is None else global_step
             logger.log_metrics({f"alerts/{alert.kind}": float(self.counts[alert.kind])}, step=alert.step)
-            logger.experiment.add_text(f"alerts/{self.stage}", alert.line(), global_step=step)
+            # The text goes to the writer itself: on the curriculum's logger, at the run-wide step as the scalar.
+            text_step = getattr(logger, "global_step", lambda step: step)(alert.step)
+            logger.experiment.add_text(f"alerts/{self.stage}", alert.line(), global_step=text_step)
         if self.webhook_url:
             self._post(alert)
 
     def _post(self, alert: Alert) -> None:
         """A Slack-compatible body: `text` for chat, `alert` for machines."""
-        body = json.dumps({"text": f"vlm-curriculum: {alert.line()}", "alert": asdict(alert)}).encode()
+        body = json.dumps({"text": f"vlm-curriculum: {alert.line()}", "alert": alert.record()}, allow_nan=False)
+        body = body.encode()
         request = urllib.request.Request(self.webhook_url, body, {"Content-Type": "application/json"}, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=5) as response:

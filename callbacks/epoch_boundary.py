@@ -96,6 +96,11 @@ class BoundaryCheck(L.Callback):
         self.all_losses: list[float] = []
         self._micro: list[float] = []
         self._checked: set[int] = set()
+        self._step = 0  # the trainer's global step when the last optimizer step was recorded
+
+    @override
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._step = trainer.global_step  # resumed: steps before it are in all_losses already
 
     def _trace(self, trainer) -> _EpochTrace:
         while len(self.epochs) <= trainer.current_epoch:
@@ -118,8 +123,11 @@ class BoundaryCheck(L.Callback):
         if loss is None:
             return
         self._micro.append(float(loss) * trainer.accumulate_grad_batches)
-        if len(self._micro) < trainer.accumulate_grad_batches:
+        # One loss per optimizer step, closed when the optimizer stepped: with accumulation, Lightning also
+        # steps on an epoch's last, partial window, so counting micro-batches would mix epochs.
+        if trainer.global_step == self._step:
             return
+        self._step = trainer.global_step
         trace = self._trace(trainer)
         value, self._micro = statistics.fmean(self._micro), []
         trace.losses.append(value)

@@ -11,15 +11,17 @@ Both are judged against robust rolling statistics of the healthy steps before th
 (so a spike is a ratio, whatever the scale): the median of the last few values, and the spread of
 step-to-step changes (MAD), which a falling curve does not inflate. A value is a spike when it
 exceeds that median by `z` robust standard deviations and by `min_ratio` x; NaN or Inf is
-always an alert. A rolling median that climbs `divergence_ratio` x above its lowest point is a
-divergence. Spikes are not added to the statistics, so one bad batch does not raise the bar.
+always an alert, except an infinite gradient of an fp16 run whose loss scaler skips that step
+itself (an alert only after `overflow_patience` such steps in a row). A rolling median that climbs
+`divergence_ratio` x above its lowest point is a divergence. Spikes are not added to the statistics,
+so one bad batch does not raise the bar.
 
 Actions: `warn`; `skip` (the step's gradients are dropped, so the optimizer leaves every
 parameter and its state untouched); `rewind` (restore the trained parameters and optimizer state of
 the last healthy snapshot, then go on with the next batches: the offending batch and those since
 the snapshot are not replayed, as PaLM did); `stop` (no update; save `checkpoints/stopped.ckpt` and
 end the stage; the CLI exits non-zero). Decisions are reduced across ranks: if any rank sees a
-problem, every rank acts.
+problem, every rank acts, and rank 0 reports each rank's findings with that rank's batch keys.
 
 Under DeepSpeed, gradients live in the engine's partitioned buffers (`p.grad` is None), so the
 step is judged right after the engine's `step()`, with the engine's global norm (computed before
@@ -41,6 +43,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from typing_extensions import override
 
 from callbacks.alerts import Alert, AlertSinks
@@ -71,12 +74,20 @@ class InstabilityConfig:
     """Rolling median above this multiple of its lowest value so far is a divergence (0 turns it off)."""
     snapshot_every: int = 25
     """With action rewind: healthy steps between in-memory snapshots of the trained state."""
+    overflow_patience: int = 8
+    """fp16 with a loss scaler (16-mixed): steps in a row whose gradients overflow before that is an alert.
+    The scaler skips such a step and lowers its scale, routinely at the start of a run; overflow after
+    overflow means the scale is collapsing."""
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ValueError(f"stability.instability.action must be one of {ACTIONS}, got {self.action!r}")
         if self.window < 5 or self.warmup < 5:
             raise ValueError("stability.instability.window and .warmup must be at least 5 steps")
+        if self.warmup > self.window:  # the history never holds more than `window` steps: no spike would be judged
+            raise ValueError(f"stability.instability.warmup ({self.warmup}) must not exceed .window ({self.window})")
+        if self.overflow_patience < 1:
+            raise ValueError(f"stability.instability.overflow_patience must be positive, got {self.overflow_patience}")
         if self.z <= 0 or self.min_ratio < 1 or self.grad_min_ratio < 1:
             raise ValueError("stability.instability.z must be positive and .min_ratio, .grad_min_ratio at least 1")
 
@@ -138,6 +149,7 @@ class InstabilityMonitor(L.Callback):
         self._snapshot: dict | None = None
         self._healthy_since_snapshot = 0
         self._judged_step = 0
+        self._overflows = 0  # fp16 steps in a row whose gradients overflowed
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -174,6 +186,10 @@ class InstabilityMonitor(L.Callback):
         return None
 
     @override
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._judged_step = trainer.global_step  # a resumed run's first step is not a finished one
+
+    @override
     def on_fit_start(self, trainer, pl_module) -> None:
         if deepspeed_engine(trainer) is not None and self.config.action in ("skip", "rewind"):
             raise ValueError(
@@ -192,23 +208,48 @@ class InstabilityMonitor(L.Callback):
         if grad is not None and trainer.logger is not None and trainer.global_step % trainer.log_every_n_steps == 0:
             trainer.logger.log_metrics({"train/grad_norm": grad}, step=trainer.global_step)
         keys, self._micro_losses, self._keys = self._keys, [], []
-        findings = self._findings(loss, grad)
-        act = trainer.strategy.reduce_boolean_decision(bool(findings), all=False)
-        if not act:
+        findings = self._findings(loss, self._unless_overflow(trainer, loss, grad))
+        every_rank = self._gather(trainer, findings, keys)
+        if not every_rank:
             self.loss_history.append(loss)
-            if grad is not None:
+            if grad is not None and math.isfinite(grad):
                 self.grad_history.append(grad)
             diverging = self._divergence(loss)
             if diverging is not None:  # a trend, not a batch: reported, never acted on
                 self._report(trainer, "divergence", diverging[0], diverging[1], keys, "warn")
             self._maybe_snapshot(pl_module, optimizer)
             return
-        for kind, value, threshold in findings or [("non_finite", math.nan, math.inf)]:
-            self._report(trainer, kind, value, threshold, keys, self.config.action)
+        for rank, rank_findings, rank_keys in every_rank:
+            for kind, value, threshold in rank_findings:
+                self._report(trainer, kind, value, threshold, rank_keys, self.config.action, rank)
         self._act(trainer, pl_module, optimizer)
 
-    def _report(self, trainer, kind: str, value: float, threshold: float, keys: list[str], action: str) -> None:
+    def _unless_overflow(self, trainer, loss: float, grad: float | None) -> float | None:
+        """The gradient norm to judge: None for an fp16 overflow that the loss scaler handles (a finite loss,
+        an infinite norm), until `overflow_patience` of them in a row."""
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        if grad is None or math.isfinite(grad) or not scaled or not math.isfinite(loss):
+            self._overflows = 0
+            return grad
+        self._overflows += 1
+        return grad if self._overflows == self.config.overflow_patience else None
+
+    def _gather(self, trainer, findings: list, keys: list[str]) -> list[tuple[int, list, list[str]]]:
+        """(rank, findings, batch keys) of every rank that found something; [] when none did (one collective
+        then, a second to gather them only when some rank found something)."""
+        if not trainer.strategy.reduce_boolean_decision(bool(findings), all=False):
+            return []
+        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return [(trainer.global_rank, findings, keys)]
+        gathered: list = [None] * trainer.world_size
+        dist.all_gather_object(gathered, (findings, keys))
+        return [(rank, found, batch) for rank, (found, batch) in enumerate(gathered) if found]
+
+    def _report(
+        self, trainer, kind: str, value: float, threshold: float, keys: list[str], action: str, rank: int = 0
+    ) -> None:
         alert = Alert(self.stage, trainer.global_step, trainer.current_epoch, kind, value, threshold, action, keys)
+        alert.rank = rank
         self.alerts.append(alert)
         if trainer.is_global_zero:
             self.sinks.emit(alert, trainer.logger)
@@ -254,6 +295,7 @@ class InstabilityMonitor(L.Callback):
             "loss_history": list(self.loss_history),
             "grad_history": list(self.grad_history),
             "lowest_median": self.lowest_median,
+            "diverged": self.diverged,
             "counts": dict(self.sinks.counts),
             "config": asdict(self.config),
         }
@@ -263,4 +305,5 @@ class InstabilityMonitor(L.Callback):
         self.loss_history.extend(state_dict["loss_history"])
         self.grad_history.extend(state_dict["grad_history"])
         self.lowest_median = state_dict["lowest_median"]
+        self.diverged = state_dict.get("diverged", False)  # reported once, not again after a resume
         self.sinks.counts.update(state_dict["counts"])

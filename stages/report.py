@@ -147,8 +147,8 @@ def write_report(run_dir: Path) -> Path:
     else:
         lines += ["| stage | step | kind | value | threshold | action | causes |", "|---|---|---|---|---|---|---|"]
         lines += [
-            f"| {a['stage']} | {a['step']} | {a['kind']} | {a['value']:.4g} | {a['threshold']:.4g} | {a['action']} | "
-            f"{', '.join(a.get('causes', []))} |"
+            f"| {a['stage']} | {a['step']} | {a['kind']} | {float(a['value']):.4g} | {float(a['threshold']):.4g} | "
+            f"{a['action']} | {', '.join(a.get('causes', []))} |"
             for a in alerts
         ]
         lines.append("")

@@ -110,15 +110,104 @@ def test_stop_ends_training_at_the_alert(tmp_path):
 
 def test_statistics_survive_a_state_dict_round_trip():
     monitor, _, _ = _run(steps=40)
+    monitor.diverged = True
     restored = InstabilityMonitor(InstabilityConfig(), AlertSinks("toy"), "toy")
     restored.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
     assert list(restored.loss_history) == list(monitor.loss_history)
     assert list(restored.grad_history) == list(monitor.grad_history)
+    assert restored.diverged, "a divergence already reported is not reported again after a resume"
 
 
 def test_bad_action_names_the_flag():
     with pytest.raises(ValueError, match="stability.instability.action"):
         InstabilityConfig(action="panic")
+
+
+def test_a_warmup_longer_than_the_window_is_refused():
+    # The history holds at most `window` steps: with warmup > window no spike would ever be judged.
+    with pytest.raises(ValueError, match=r"warmup \(60\) must not exceed .window \(50\)"):
+        InstabilityConfig(warmup=60)
+
+
+def _fp16_run(faults: dict, action: str = "warn", steps: int = 40):
+    from lightning.pytorch.plugins import MixedPrecision
+
+    monitor = InstabilityMonitor(InstabilityConfig(action=action), AlertSinks("toy"), "toy")
+    # 6 overflows in a row at first while the scale comes down (at Lightning's default 2**16: one).
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    t = trainer([monitor], max_steps=steps, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    t.fit(ToyRegression(faults), loader(KeyedRegression()))
+    return monitor, t
+
+
+def test_fp16_overflows_are_left_to_the_loss_scaler_until_they_persist():
+    monitor, t = _fp16_run({}, action="stop")
+    assert monitor.alerts == [] and t.global_step == 40, "the scaler's routine overflows are no alert, nor a stop"
+    # Gradients that overflow step after step: the scale is collapsing. One alert, at the 8th in a row.
+    monitor, _ = _fp16_run({step: "inf_grad" for step in range(20, 32)})
+    assert _kinds(monitor) == [("non_finite", 27)]
+    monitor, _ = _fp16_run({20: "nan"})  # a NaN loss is never the scaler's business
+    assert ("non_finite", 20) in _kinds(monitor)
+
+
+def test_a_resumed_deepspeed_step_is_judged_once_it_is_whole(monkeypatch, tmp_path):
+    # Under DeepSpeed the step is judged when the engine has stepped (global_step moved). Resumed at step 8
+    # with accumulation 2, the first micro-batch must not be taken for a finished step.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import callbacks.instability as instability
+
+    class Engine:  # what the monitor reads of DeepSpeed's engine: its global gradient norm
+        def get_global_grad_norm(self):
+            return 1.0
+
+    monkeypatch.setattr(instability, "deepspeed_engine", lambda trainer: Engine())
+    judged = []
+
+    class Recording(InstabilityMonitor):
+        def _judge_step(self, trainer, pl_module, optimizer, grad):
+            judged.append((trainer.global_step, len(self._micro_losses)))
+            super()._judge_step(trainer, pl_module, optimizer, grad)
+
+    def fit(steps: int, ckpt=None) -> None:
+        every = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=4)
+        monitor = Recording(InstabilityConfig(), AlertSinks("toy"), "toy")
+        t = L.Trainer(
+            max_steps=steps,
+            callbacks=[monitor, every],
+            accumulate_grad_batches=2,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
+        t.fit(ToyRegression(), loader(KeyedRegression(size=2048)), ckpt_path=ckpt)
+
+    fit(10)
+    judged.clear()
+    fit(12, tmp_path / "last.ckpt")
+    assert judged == [(9, 2), (10, 2), (11, 2), (12, 2)]
+
+
+def test_alert_records_are_standard_json_and_text_lands_at_the_run_wide_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from stages.tb_logger import CurriculumTensorBoardLogger
+
+    logger = CurriculumTensorBoardLogger(str(tmp_path), step_offset=1000)  # a second stage: 1000 steps before it
+    sinks = AlertSinks("sft", tmp_path / "alerts.jsonl")
+    sinks.emit(Alert("sft", 5, 0, "non_finite", float("nan"), float("inf"), "warn"), logger)
+    logger.experiment.flush()
+
+    def strict(constant):
+        raise AssertionError(f"not standard JSON: {constant}")
+
+    record = json.loads((tmp_path / "alerts.jsonl").read_text(), parse_constant=strict)
+    assert (record["value"], record["threshold"]) == ("nan", "inf") and float(record["threshold"]) == float("inf")
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("alerts/non_finite")] == [1005]
+    assert [e.step for e in events.Tensors("alerts/sft/text_summary")] == [1005]
 
 
 class _Hook(BaseHTTPRequestHandler):

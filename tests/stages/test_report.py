@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 from stages.run import main
 
@@ -39,6 +40,18 @@ def test_report_is_written_from_the_runs_files(micro_run, capsys):
     (micro_run / "report.md").unlink()
     assert main(["report", "--run_dir", str(micro_run)]) == 0
     assert (micro_run / "report.md").read_text() == report
+
+
+def test_report_lists_a_non_finite_alert(micro_run, tmp_path):
+    from callbacks.alerts import Alert, AlertSinks
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "base", "export", "*.ckpt"))
+    AlertSinks("sft_long", run / "sft_long" / "alerts.jsonl").emit(
+        Alert("sft_long", 2, 0, "non_finite", float("nan"), float("inf"), "stop", ["k1"])
+    )
+    assert main(["report", "--run_dir", str(run)]) == 0
+    assert "| sft_long | 2 | non_finite | nan | inf | stop |" in (run / "report.md").read_text()
 
 
 def test_vqa_at_each_stage_end_and_from_the_eval_command(micro_run):
