@@ -72,8 +72,28 @@ def _gather(items: list) -> list:
     return [item for part in gathered for item in part]
 
 
-def answer_questions(vlm, samples: list, fmt: PromptFormat, processor, batch_size: int, max_new_tokens: int = 3):
-    """(key, question type, answer, generated answer) for every question the samples' metadata holds.
+def rank_share(items: list, rank: int, world_size: int) -> tuple[list, int]:
+    """(this rank's items, how many of them are real): every rank gets the same number, ceil(n / world_size),
+    the short ones padded with copies of the first item. Under ZeRO-3 each forward pass gathers parameters
+    from every rank, so every rank must make the same calls."""
+    mine = items[rank::world_size]
+    size = -(-len(items) // world_size)
+    return mine + items[:1] * (size - len(mine)), len(mine)
+
+
+def answer_questions(
+    vlm,
+    samples: list,
+    fmt: PromptFormat,
+    processor,
+    batch_size: int,
+    max_new_tokens: int = 3,
+    rank: int = 0,
+    world_size: int = 1,
+    **generate_kwargs,
+):
+    """(key, question type, answer, generated answer) for every question the samples' metadata holds, or for
+    this rank's share of them (each rank holds every sample; gather the shares).
 
     Each question replaces the captioning prompt after the image tokens; prompts of equal token length
     are batched together, so no padding is needed.
@@ -86,7 +106,9 @@ def answer_questions(vlm, samples: list, fmt: PromptFormat, processor, batch_siz
             prompt = fmt.asking(q["question"]).prefix()
             groups.setdefault(len(prompt), []).append((key, q, image, prompt))
     results = []
-    for rows in groups.values():
+    for length in sorted(groups):  # the same groups, in the same order, on every rank
+        rows, real = rank_share(groups[length], rank, world_size)
+        answered = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             pixels = processor([image for _, _, image, _ in chunk], return_tensors="pt")["pixel_values"].to(device)
@@ -99,11 +121,13 @@ def answer_questions(vlm, samples: list, fmt: PromptFormat, processor, batch_siz
                 max_new_tokens=max_new_tokens,
                 eos_token_id=fmt.stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
+                **generate_kwargs,
             )
             answers = tokenizer.batch_decode(tokens, skip_special_tokens=True)
-            results += [
+            answered += [
                 (key, q["type"], q["answer"], a.strip()) for (key, q, _, _), a in zip(chunk, answers, strict=True)
             ]
+        results += answered[:real]
     return results
 
 
@@ -195,12 +219,20 @@ def markdown_table(rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _zero3(trainer: L.Trainer) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = trainer.strategy
+    return isinstance(strategy, DeepSpeedStrategy) and strategy.config.get("zero_optimization", {}).get("stage") == 3
+
+
 class CaptionEvaluation(L.Callback):
     """Captions `samples`, scores them, writes `metrics.json` and logs to TensorBoard.
 
     Runs every `every_n_steps` optimizer steps (None: only at the end) and when training ends. Each
-    rank captions its share of the samples (under DeepSpeed ZeRO-3 every rank must take part in a
-    forward pass); rank 0 scores the gathered results.
+    rank captions an equal share of the samples (`rank_share`; under DeepSpeed ZeRO-3 every forward pass
+    needs every rank, so generation also runs in step across ranks, `synced_gpus`); rank 0 scores the
+    gathered results.
     """
 
     def __init__(
@@ -231,6 +263,8 @@ class CaptionEvaluation(L.Callback):
         self.out_path, self.table_rows, self.batch_size = Path(out_path), table_rows, batch_size
         self.every_n_steps, self.grid_images, self.buckets = every_n_steps, grid_images, tuple(buckets)
         self.vqa, self.synonyms = vqa, synonyms
+        if vqa and not any(meta.get("questions") for _, _, meta in samples):  # before training, on every rank
+            raise ValueError("eval.vqa: the evaluated shards hold no questions (rebuild them with the data stage)")
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
         self.extra = extra or {}
         self.metrics: dict | None = None
@@ -245,14 +279,18 @@ class CaptionEvaluation(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict.get("history", []))
 
-    def caption(self, vlm, rank: int = 0, world_size: int = 1, owner=None) -> list[tuple[str, dict, str]]:
+    def caption(
+        self, vlm, rank: int = 0, world_size: int = 1, owner=None, synced: bool = False
+    ) -> list[tuple[str, dict, str]]:
         """(key, metadata, caption) for every sample, sorted by key, gathered from all ranks; `owner` (the
-        LightningModule, if any) is the module whose train mode is switched off meanwhile (see `eval_mode`)."""
-        mine = self.samples[rank::world_size]
+        LightningModule, if any) is the module whose train mode is switched off meanwhile (see `eval_mode`);
+        `synced`: ranks generate in step (ZeRO-3)."""
+        mine, real = rank_share(self.samples, rank, world_size)
+        kwargs = {**self.generate_kwargs, **({"synced_gpus": True} if synced else {})}
         with eval_mode(owner if owner is not None else vlm):
-            captions = generate_captions(vlm, mine, self.fmt, self.processor, self.batch_size, **self.generate_kwargs)
-        results = _gather([(key, meta, text) for (key, _, meta), text in zip(mine, captions, strict=True)])
-        return sorted(results, key=lambda r: r[0])
+            captions = generate_captions(vlm, mine, self.fmt, self.processor, self.batch_size, **kwargs)
+        results = [(key, meta, text) for (key, _, meta), text in zip(mine, captions, strict=True)][:real]
+        return sorted(_gather(results), key=lambda r: r[0])
 
     def evaluate(self, vlm, rank: int = 0, world_size: int = 1) -> tuple[dict, list[tuple[str, str, str]]]:
         results = self.caption(vlm, rank, world_size)
@@ -260,8 +298,9 @@ class CaptionEvaluation(L.Callback):
         return score(results, self.buckets, self.synonyms), rows
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
-        results = self.caption(pl_module.vlm, trainer.global_rank, trainer.world_size, owner=pl_module)
-        answers = self._answers(trainer, pl_module) if final and self.vqa else None  # every rank: ZeRO-3
+        synced = _zero3(trainer) and trainer.world_size > 1
+        results = self.caption(pl_module.vlm, trainer.global_rank, trainer.world_size, pl_module, synced)
+        answers = self._answers(trainer, pl_module, synced) if final and self.vqa else None  # every rank: ZeRO-3
         if not trainer.is_global_zero:
             return
         metrics = score(results, self.buckets, self.synonyms)
@@ -279,8 +318,6 @@ class CaptionEvaluation(L.Callback):
                 grid = caption_grid([by_key[key] for key, _, _ in shown], [text for _, _, text in shown])
                 logger.experiment.add_image(f"eval/{self.stage}/grid", grid, tb_step, dataformats="HWC")
         if answers is not None:
-            if not answers:
-                raise ValueError("eval.vqa: the evaluated shards hold no questions (rebuild them with the data stage)")
             metrics.update(vqa_scores(answers))
         if final:
             self.metrics = metrics
@@ -293,17 +330,26 @@ class CaptionEvaluation(L.Callback):
             shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if not isinstance(v, dict))
             log.info("%s evaluation: %s", self.stage, shown)
 
-    def _answers(self, trainer, pl_module) -> list:
+    def _answers(self, trainer, pl_module, synced: bool) -> list:
         """This rank's share of the questions answered, gathered from every rank."""
-        mine = self.samples[trainer.global_rank :: trainer.world_size]
+        rank, world, kwargs = trainer.global_rank, trainer.world_size, {"synced_gpus": True} if synced else {}
         with eval_mode(pl_module):
-            answers = answer_questions(pl_module.vlm, mine, self.fmt, self.processor, self.batch_size)
+            answers = answer_questions(
+                pl_module.vlm, self.samples, self.fmt, self.processor, self.batch_size, 3, rank, world, **kwargs
+            )
         return sorted(_gather(answers))
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step  # resumed at an evaluated step: not evaluated again
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step and step % self.every_n_steps == 0 and step < (trainer.max_steps or -1):
+        # The last step's evaluation is on_train_end's; an epoch-based stage (max_steps -1) ends at the estimate.
+        last = trainer.max_steps if trainer.max_steps >= 0 else trainer.estimated_stepping_batches
+        before_the_end = step < last
+        if self.every_n_steps and step and step % self.every_n_steps == 0 and before_the_end:
             if self._last_step != step:  # with gradient accumulation, once per optimizer step
                 self._last_step = step
                 self._run(trainer, pl_module, final=False)

@@ -29,6 +29,7 @@ class Throughput(L.Callback):
         self.tokens = self.samples = 0
         self.train_s = 0.0
         self._started: float | None = None
+        self._logged_step: int | None = None
         self.device = torch.device("cpu")
 
     @override
@@ -54,7 +55,10 @@ class Throughput(L.Callback):
         self.tokens += int(batch["attention_mask"].sum())
         self.samples += len(batch["keys"])
         step = trainer.global_step
+        if step == self._logged_step:  # with accumulation, the micro-batches after a step share its number
+            return
         if trainer.logger is not None and step and step % self.log_every == 0 and self.train_s:
+            self._logged_step = step
             trainer.logger.log_metrics(
                 {"perf/tokens_per_s": self.tokens / self.train_s, "perf/samples_per_s": self.samples / self.train_s},
                 step=step,

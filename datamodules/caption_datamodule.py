@@ -53,8 +53,10 @@ class ShardStream(IterableDataset):
         skip_batches: int = 0,
         batch_size: int = 1,
         shuffle_buffer: int = 2000,
+        repeat: bool | None = None,
     ) -> None:
         self.urls, self.seed, self.epoch, self.train, self.keep = urls, seed, epoch, train, keep
+        self.repeat = train if repeat is None else repeat  # endless: pass after pass
         self.skip_batches, self.batch_size, self.shuffle_buffer = skip_batches, batch_size, shuffle_buffer
 
     def _one_pass(self, epoch: int) -> Iterator[dict]:
@@ -81,10 +83,10 @@ class ShardStream(IterableDataset):
             for sample in self._one_pass(epoch):
                 count += 1
                 yield sample
-            if not self.train:
+            if not self.repeat:
                 return
             if count == 0:  # an endless stream of empty passes would spin forever
-                raise RuntimeError(f"no training samples reached this reader from {len(self.urls)} shard(s)")
+                raise RuntimeError(f"no samples reached this reader from {len(self.urls)} shard(s)")
             epoch += 1
 
     def __iter__(self) -> Iterator[dict]:
@@ -143,26 +145,37 @@ class CaptionDataModule(L.LightningDataModule):
     def _fits(self, sample: dict) -> bool:
         return select_caption(json.loads(sample["json"])["captions"], self.max_words) is not None
 
-    def _loader(self, split: str, train: bool) -> wds.WebLoader:
+    def _loader(self, split: str, train: bool) -> wds.WebLoader | list:
         if self.format is None:
             raise RuntimeError("CaptionDataModule.connect(...) must be called before its dataloaders are used")
         urls = [str(self.shard_dir / shard["url"]) for shard in self.index["splits"][split]]
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        skip = self._batches_done_this_epoch() if train else 0
-        stream = wds.DataPipeline(
-            ShardStream(urls, self.seed, epoch, train, self._fits, skip, self.batch_size),
-            wds.batched(self.batch_size, collation_fn=self._collate, partial=not train),
-        )
-        loader = wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        kept, _ = budget_counts(self.index, split, self.max_words)
         if train:
-            kept, _ = budget_counts(self.index, split, self.max_words)
-            world = self.trainer.world_size if self.trainer is not None else 1
             batches = kept // (self.batch_size * world)
+            # Whole optimizer steps only. Lightning steps on an epoch's short last window, DeepSpeed's engine
+            # does not (it counts micro-batches across epochs): the two paths would update differently.
+            accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+            batches -= batches % accumulate
             if batches == 0:
                 raise ShardError(
-                    f"{self.shard_dir}: only {kept} training images fit max_words={self.max_words}, "
-                    f"fewer than one batch of {self.batch_size} per device"
+                    f"{self.shard_dir}: only {kept} training images fit max_words={self.max_words}, fewer than one "
+                    f"optimizer step ({accumulate} batch(es) of {self.batch_size}) per device"
                 )
+        elif world > 1:  # every rank validates on as many batches: under ZeRO-3 each forward pass needs them all
+            if kept == 0:
+                return []
+            batches = max(kept // (self.batch_size * world), 1)
+        skip = self._batches_done_this_epoch() if train else 0
+        # Ranks with fewer samples than others read theirs again rather than stop early.
+        repeat = train or world > 1
+        stream = wds.DataPipeline(
+            ShardStream(urls, self.seed, epoch, train, self._fits, skip, self.batch_size, repeat=repeat),
+            wds.batched(self.batch_size, collation_fn=self._collate, partial=not repeat),
+        )
+        loader = wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers)
+        if repeat:
             # with_epoch makes every rank stop after the same number of batches (unequal counts hang DDP);
             # with_length gives Lightning the epoch length for its schedulers and progress bar.
             with warnings.catch_warnings():  # "with_length only sets __len__": that is all it is for here

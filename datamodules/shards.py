@@ -44,19 +44,19 @@ class ShardError(ValueError):
 
 
 def check_shards_serve(
-    index: dict, shard_dir: Path, budgets: dict[str, tuple[int, int]], batch_size: int, eval_split: str
+    index: dict, shard_dir: Path, budgets: dict[str, tuple[int, int, int]], batch_size: int, eval_split: str
 ) -> None:
-    """Fails before any training when a stage's word budget leaves less than one batch per rank of training
-    images (`budgets`: stage -> (max_words, ranks)), or when the evaluated split is empty, naming the stage
-    or split and the captions' lengths."""
+    """Fails before any training when a stage's word budget leaves less than one optimizer step of training
+    images per rank (`budgets`: stage -> (max_words, ranks, accumulated batches per step)), or when the
+    evaluated split is empty, naming the stage or split and the captions' lengths."""
     if not sum(shard["count"] for shard in index["splits"].get(eval_split, [])):
         raise ShardError(
             f"{shard_dir}: no {eval_split!r} samples to evaluate on (eval.split); give the recipe a larger "
             "val_share / test_share, or the input records their own split"
         )
-    for stage, (max_words, ranks) in budgets.items():
+    for stage, (max_words, ranks, accumulate) in budgets.items():
         kept, _ = budget_counts(index, "train", max_words)
-        if kept < batch_size * ranks:
+        if kept < batch_size * ranks * accumulate:
             shortest = sorted(
                 min((w for w in words.values() if w > 0), default=0)
                 for shard in index["splits"]["train"]
@@ -65,9 +65,9 @@ def check_shards_serve(
             middle = shortest[len(shortest) // 2] if shortest else 0
             raise ShardError(
                 f"stage {stage}: {kept} training images of {shard_dir} have a caption of at most max_words="
-                f"{max_words} words, fewer than one batch of {batch_size} for each of {ranks} rank(s) (their "
-                f"shortest captions: median {middle} words); raise stages.{stage}.max_words, caption shorter "
-                "variants, or lower data.batch_size"
+                f"{max_words} words, fewer than one optimizer step ({accumulate} batch(es) of {batch_size}) for "
+                f"each of {ranks} rank(s) (their shortest captions: median {middle} words); raise "
+                f"stages.{stage}.max_words, caption shorter variants, or lower data.batch_size"
             )
 
 

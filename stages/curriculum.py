@@ -160,7 +160,10 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     # and so does a tokenizer without an image token, or without the chat template asked for
     check_prompt(load_tokenizer(lm, cfg.model.image_token), cfg.model)
     shard_dir = prepare_data(cfg, run_dir)
-    budgets = {name: (spec.max_words, ranks(cfg.trainer.merged(spec.trainer))) for name, spec in cfg.stages.items()}
+    budgets = {}
+    for name, spec in cfg.stages.items():
+        trainer = cfg.trainer.merged(spec.trainer)
+        budgets[name] = (spec.max_words, ranks(trainer), trainer.accumulate_grad_batches or 1)
     check_shards_serve(read_index(shard_dir), shard_dir, budgets, cfg.data.batch_size, cfg.eval.split)
     digests = {
         "shards": index_digest(shard_dir),

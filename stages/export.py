@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
@@ -99,10 +100,15 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
     from stages.stage import count_image_tokens
 
     vlm, tokenizer, processor, model_config = load_stage_model(source)
-    vlm.eval()
+    # Merged in float32 whatever the base models' dtype (the weights as training saw them, then upcast): a
+    # LoRA update is mostly below bf16's resolution of the weights it is added to, so a bf16 merge would
+    # lose much of what training learned.
+    vlm.float().eval()
     num_image_tokens = count_image_tokens(vlm, processor)
     if has_lora(vlm):
         vlm.lm = vlm.lm.merge_and_unload()
+    for part in (vlm.vision, vlm.lm):  # from_config builds in the config's dtype: float32 now
+        part.config.dtype = torch.float32
     config = VLMCurriculumConfig(
         vision_config=vlm.vision.config,
         text_config=vlm.lm.config,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
+
 import lightning as L
+import pytest
 
 from callbacks.alerts import AlertSinks
 from callbacks.epoch_boundary import BoundaryCheck, BoundaryConfig, boundary_jump, spread
@@ -81,3 +84,15 @@ def test_stage_boundary_compares_with_the_previous_stage_tail():
     check = BoundaryCheck(BoundaryConfig(), AlertSinks("next"), "next", previous_tail=[0.2] * 20)
     trainer([check], max_steps=8).fit(ToyRegression(lr=0.05), loader(KeyedRegression()))
     assert [a.kind for a in check.alerts] == ["stage_boundary"]  # the toy starts far above 0.2
+
+
+def test_one_loss_per_optimizer_step_when_accumulation_leaves_a_short_window():
+    # 10 batches an epoch, accumulation 3: Lightning steps after batches 3, 6, 9 and (short) 10.
+    check = BoundaryCheck(BoundaryConfig(k=2), AlertSinks("toy"), "toy")
+    module = ToyRegression(lr=0.05)
+    t = trainer([check], max_steps=-1, max_epochs=2, accumulate_grad_batches=3)
+    t.fit(module, loader(KeyedRegression(size=320), batch_size=32, shuffle=False))
+    assert t.global_step == 8 and len(check.all_losses) == 8 and [len(e.losses) for e in check.epochs] == [4, 4]
+    micro = module.step_losses
+    assert check.epochs[0].losses[3] == pytest.approx(micro[9]), "the short window is a step of its own"
+    assert check.epochs[1].losses[0] == pytest.approx(statistics.fmean(micro[10:13])), "no loss carried over"

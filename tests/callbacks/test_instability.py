@@ -239,3 +239,26 @@ def test_webhook_receives_a_slack_compatible_post_and_failures_are_not_fatal():
     dead = AlertSinks("sft_long", webhook_url=f"http://127.0.0.1:{server.server_port}/gone")
     dead.emit(alert)  # the server is down: logged, counted, not raised
     assert dead.webhook_failures == 1 and dead.counts["loss_spike"] == 1
+
+
+@pytest.mark.slow
+def test_each_rank_s_finding_is_reported_with_its_own_kind_value_and_keys(tmp_path):
+    # Two DDP ranks; only rank 1's batch spikes. Every rank acts, and rank 0 reports rank 1's alert as it is.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"PYTHONPATH": str(repo)}
+    script = Path(__file__).with_name("ddp_alerts.py")
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    alerts = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert [(a["kind"], a["step"], a["rank"]) for a in alerts] == [("loss_spike", 40, 1)]
+    assert alerts[0]["value"] > alerts[0]["threshold"]
+    keys = {rank: json.loads((tmp_path / f"keys{rank}.json").read_text()) for rank in (0, 1)}
+    assert alerts[0]["keys"] == keys[1] != keys[0]

@@ -32,3 +32,6 @@ def test_two_ranks_get_equal_batch_counts_from_different_shards(micro_world, mic
     # Within the first 8 batches (one shard's worth) the ranks read different shards: no key in common.
     first = [{k for _, keys in seen[:8] for k in keys} for seen in ranks]
     assert len(first[0]) == len(first[1]) == 64 and not first[0] & first[1]
+    # Validation too: every rank the same number of batches (under ZeRO-3 each forward pass needs every rank).
+    validated = [json.loads((tmp_path / f"val{r}.json").read_text()) for r in (0, 1)]
+    assert [len(v) for v in validated] == [2 * per_epoch, 2 * per_epoch]

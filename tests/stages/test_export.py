@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -106,3 +108,27 @@ def test_eval_and_export_name_what_is_missing(tmp_path, capsys):
     assert str(tmp_path) in capsys.readouterr().err
     assert main(["export", "--run_dir", str(tmp_path)]) == 2
     assert "summary.json" in capsys.readouterr().err
+
+
+def test_a_bf16_base_merges_in_float32(micro_run, tmp_path):
+    # The LoRA update added to bf16-stored weights, as training computed it: base (bf16) + scale * B @ A in
+    # float32. A bf16 merge rounds most of a small update away.
+    import yaml
+    from safetensors.torch import load_file
+
+    stage = tmp_path / "sft_long"
+    shutil.copytree(micro_run / "sft_long", stage, ignore=shutil.ignore_patterns("checkpoints"))
+    config = yaml.safe_load((stage / "config.yaml").read_text())
+    config["model"]["dtype"] = "bfloat16"
+    (stage / "config.yaml").write_text(yaml.safe_dump(config))
+    out = export_model(find_stage(stage), tmp_path / "exported")
+
+    merged = load_file(out / "model.safetensors")
+    adapter = load_file(stage / "export" / "adapter" / "adapter_model.safetensors")
+    lora = config["model"]["lora"]
+    name = "model.layers.0.self_attn.q_proj"
+    base = load_file(Path(config["inputs"]["lm_path"]) / "model.safetensors")[f"{name}.weight"]
+    a, b = (adapter[f"base_model.model.{name}.lora_{x}.weight"].float() for x in "AB")
+    expected = base.to(torch.bfloat16).float() + lora["alpha"] / lora["r"] * b @ a
+    assert merged[f"lm.{name}.weight"].dtype == torch.float32
+    torch.testing.assert_close(merged[f"lm.{name}.weight"], expected, rtol=1e-6, atol=1e-7)

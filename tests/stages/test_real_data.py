@@ -212,6 +212,9 @@ def test_the_budget_check_counts_every_rank():
     ]  # fmt: skip
     assert ranks(TrainerConfig(devices=2, num_nodes=3)) == 6
     index = {"splits": {"train": [{"count": 300, "caption_words": [{"c": 5}] * 300}], "test": [{"count": 1}]}}
-    check_shards_serve(index, Path("shards"), {"sft": (8, 1)}, 200, "test")
-    with pytest.raises(ShardError, match="fewer than one batch of 200 for each of 2 rank"):
-        check_shards_serve(index, Path("shards"), {"sft": (8, 2)}, 200, "test")
+    check_shards_serve(index, Path("shards"), {"sft": (8, 1, 1)}, 200, "test")
+    with pytest.raises(ShardError, match=r"fewer than one optimizer step \(1 batch\(es\) of 200\) for each of 2 rank"):
+        check_shards_serve(index, Path("shards"), {"sft": (8, 2, 1)}, 200, "test")
+    with pytest.raises(ShardError, match=r"\(2 batch\(es\) of 100\) for each of 2 rank"):  # accumulation
+        check_shards_serve(index, Path("shards"), {"sft": (8, 2, 2)}, 100, "test")
+    check_shards_serve(index, Path("shards"), {"sft": (8, 1, 3)}, 100, "test")

@@ -1,0 +1,47 @@
+"""Run by test_instability.py as a script: two CPU ranks (Lightning DDP over gloo); a loss spike on rank 1 only."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from callbacks.alerts import AlertSinks
+from callbacks.instability import InstabilityConfig, InstabilityMonitor
+from tests.callbacks.toy import KeyedRegression, ToyRegression, loader
+
+SPIKE_STEP = 40
+
+
+class SpikeOnRankOne(ToyRegression):
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step == SPIKE_STEP:
+            Path(self.out, f"keys{self.global_rank}.json").write_text(json.dumps(list(batch["keys"])))
+            if self.global_rank == 1:
+                loss = loss * 10
+        return loss
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    config = InstabilityConfig(check_grad_norm=False)
+    monitor = InstabilityMonitor(config, AlertSinks("toy", out / "alerts.jsonl"), "toy")
+    module = SpikeOnRankOne()
+    module.out = out
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=60,
+        callbacks=[monitor],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, loader(KeyedRegression(), seed=0))

@@ -1,0 +1,66 @@
+"""When the evaluation callback runs, and how ranks share the evaluated images."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks.evaluation import CaptionEvaluation, rank_share
+from tests.callbacks.toy import KeyedRegression, ToyRegression, loader
+
+
+class Schedule(CaptionEvaluation):
+    """The callback's scheduling, with each evaluation recorded instead of run."""
+
+    def __init__(self, tmp_path, every_n_steps: int = 4) -> None:
+        super().__init__("toy", [("k", None, {})], None, None, tmp_path / "metrics.json", every_n_steps=every_n_steps)
+        self.calls: list[tuple[int, bool]] = []
+
+    def _run(self, trainer, pl_module, final: bool) -> None:
+        self.calls.append((trainer.global_step, final))
+
+
+def _fit(callbacks: list, ckpt=None, **kwargs) -> None:
+    trainer = L.Trainer(
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        **kwargs,
+    )
+    trainer.fit(ToyRegression(), loader(KeyedRegression(size=1280), 32), ckpt_path=ckpt)
+
+
+def test_rank_share_gives_every_rank_as_many_images_and_loses_none():
+    items = list(range(5))
+    shares = [rank_share(items, rank, 2) for rank in (0, 1)]
+    assert shares == [([0, 2, 4], 3), ([1, 3, 0], 2)]  # rank 1 padded with a copy, which its count leaves out
+    assert sorted(x for share, real in shares for x in share[:real]) == items
+    assert rank_share([7], 1, 4) == ([7], 0)
+
+
+def test_periodic_evaluation_also_runs_in_an_epoch_based_stage(tmp_path):
+    by_epochs = Schedule(tmp_path)
+    _fit([by_epochs], max_steps=-1, max_epochs=1, limit_train_batches=12)
+    assert by_epochs.calls == [(4, False), (8, False), (12, True)]
+    by_steps = Schedule(tmp_path)
+    _fit([by_steps], max_steps=12)
+    assert by_steps.calls == [(4, False), (8, False), (12, True)], "the last step is the final evaluation's"
+
+
+def test_a_resumed_stage_does_not_repeat_the_evaluation_it_stopped_at(tmp_path):
+    def checkpoint():
+        return ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=4)
+
+    _fit([Schedule(tmp_path), checkpoint()], max_steps=10, accumulate_grad_batches=2)
+    resumed = Schedule(tmp_path)
+    _fit([resumed, checkpoint()], tmp_path / "ckpt" / "last.ckpt", max_steps=12, accumulate_grad_batches=2)
+    assert resumed.calls == [(12, True)], "step 8 was evaluated before the checkpoint"
+
+
+def test_vqa_on_shards_without_questions_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="eval.vqa: the evaluated shards hold no questions"):
+        CaptionEvaluation("toy", [("k", None, {"captions": {}})], None, None, tmp_path / "m.json", vqa=True)

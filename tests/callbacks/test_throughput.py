@@ -1,0 +1,53 @@
+"""Throughput logging: once per logged optimizer step, whatever the accumulation."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import Logger
+
+from callbacks.throughput import Throughput
+from tests.callbacks.toy import KeyedRegression, ToyRegression, loader
+
+
+class Recorded(Logger):
+    """A Lightning logger that keeps what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int, str]] = []
+
+    name, version = "recorded", 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.logged += [(step, key) for key in metrics]
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+class Masked(ToyRegression):
+    """The toy regression with an attention mask in its batches, as the VLM's have."""
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        batch["attention_mask"] = torch.ones(len(batch["keys"]), 3, dtype=torch.long)
+
+
+def test_throughput_is_logged_once_per_logged_step_under_accumulation():
+    logger, throughput = Recorded(), Throughput(log_every=5)
+    trainer = L.Trainer(
+        max_steps=10,
+        accumulate_grad_batches=4,
+        callbacks=[throughput],
+        logger=logger,
+        log_every_n_steps=1000,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(Masked(), loader(KeyedRegression(size=2048)))
+    perf = [entry for entry in logger.logged if entry[1].startswith("perf/")]
+    assert perf == [(5, "perf/tokens_per_s"), (5, "perf/samples_per_s"), (10, "perf/tokens_per_s"),
+                    (10, "perf/samples_per_s")]  # fmt: skip
+    assert throughput.samples == 40 * 32 and throughput.tokens == 40 * 32 * 3

@@ -1,0 +1,27 @@
+"""The training loader's epoch: whole optimizer steps only."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+from transformers import AutoImageProcessor, AutoTokenizer
+
+from datamodules.caption_datamodule import CaptionDataModule
+from datamodules.shards import ShardError
+
+
+def _datamodule(micro_world, micro_base, accumulate: int, batch_size: int = 8) -> CaptionDataModule:
+    datamodule = CaptionDataModule(micro_world, max_words=48, batch_size=batch_size)
+    tokenizer = AutoTokenizer.from_pretrained(micro_base[1])
+    datamodule.connect(tokenizer, AutoImageProcessor.from_pretrained(micro_base[0]), 9, "describe the image")
+    datamodule.trainer = L.Trainer(accumulate_grad_batches=accumulate, accelerator="cpu", logger=False)
+    return datamodule
+
+
+def test_an_epoch_holds_whole_optimizer_steps(micro_world, micro_base):
+    # 192 training images in batches of 8: 24 batches; with accumulation 5, 20 (4 steps), not a short 5th
+    # step that Lightning would take and DeepSpeed's engine would not.
+    assert len(_datamodule(micro_world, micro_base, 1).train_dataloader()) == 24
+    assert len(_datamodule(micro_world, micro_base, 5).train_dataloader()) == 20
+    with pytest.raises(ShardError, match=r"fewer than one optimizer step \(5 batch\(es\) of 64\)"):
+        _datamodule(micro_world, micro_base, 5, batch_size=64).train_dataloader()
