@@ -1,7 +1,10 @@
-"""What one stage hands to the next: the projector weights and the LoRA adapter.
+"""What one stage hands to the next: the projector weights, the LoRA adapter, and fully trained parts.
 
-A stage's `export/` folder holds `projector.safetensors` and, once LoRA is in play, `adapter/`
-(PEFT's `save_pretrained` format). The next stage's `init_from` names the folder to start from.
+A stage's `export/` folder holds `projector.safetensors`; once LoRA is in play, `adapter/` (PEFT's
+`save_pretrained` format); and once a stage has trained the vision tower or the language model in full
+(`trainable` "vision" / "lm"), `vision.safetensors` / `lm.safetensors` with their weights and buffers
+(BatchNorm statistics), carried by every later stage. The next stage's `init_from` names the folder to
+start from. Under DeepSpeed bf16/fp16 the trained weights are the optimizer's float32 master copies.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from modules.vlm import VisionLanguageModel
 
 PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_DIR = "adapter"
+FULL_FILES = {"vision": "vision.safetensors", "lm": "lm.safetensors"}
 
 
 def has_lora(vlm: VisionLanguageModel) -> bool:
@@ -48,26 +52,67 @@ def gathered(params: list[torch.nn.Parameter]):
         yield
 
 
+def _master(param: torch.nn.Parameter) -> torch.Tensor:
+    """The parameter as the optimizer keeps it: DeepSpeed's float32 master copy of a trained parameter in a
+    bf16/fp16 run (the parameter itself is rounded), else the parameter. A collective under DeepSpeed."""
+    if param.requires_grad and (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping")):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        master = safe_get_full_fp32_param(param)
+        if master is not None:
+            return master
+    return param
+
+
+def _cpu(named) -> dict[str, torch.Tensor]:
+    return {name: _master(tensor).detach().cpu().clone().contiguous() for name, tensor in named}
+
+
+def _full_state(vlm: VisionLanguageModel, group: str) -> dict[str, torch.Tensor]:
+    """A fully trained part's parameters and buffers, under the plain model's names (no PEFT wrapping)."""
+    module = vlm.vision if group == "vision" else vlm.lm
+    params = dict(module.named_parameters())
+    state = {}
+    for name, tensor in module.state_dict().items():
+        if "lora_" in name:
+            continue
+        plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+        state[plain] = (_master(params[name]) if name in params else tensor).detach().cpu().clone().contiguous()
+    return state
+
+
 def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) -> None:
-    """Writes the projector and the adapter. Under ZeRO-3 every rank calls it (`write` on rank 0 only):
-    their weights are gathered first, or the files would hold empty partitions."""
-    handed = [*vlm.projector.parameters(), *(p for n, p in vlm.lm.named_parameters() if "lora_" in n)]
-    with gathered(handed):
+    """Writes the projector, the adapter, and the parts in `vlm.full_groups`. Every rank calls it under
+    DeepSpeed (`write` on rank 0 only): ZeRO-3 weights are gathered first, or the files would hold empty
+    partitions, and master copies are assembled across ranks."""
+    lora = [(n, p) for n, p in vlm.lm.named_parameters() if "lora_" in n]
+    full = [p for g in sorted(vlm.full_groups) for p in (vlm.vision if g == "vision" else vlm.lm).parameters()]
+    with gathered([*vlm.projector.parameters(), *(p for _, p in lora), *full]):
+        projector = _cpu(vlm.projector.named_parameters())
+        adapter = _cpu(lora)
+        parts = {group: _full_state(vlm, group) for group in sorted(vlm.full_groups)}
         if not write:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().clone().contiguous() for k, v in vlm.projector.state_dict().items()}
-        save_file(state, str(out_dir / PROJECTOR_FILE))
+        save_file(projector, str(out_dir / PROJECTOR_FILE))
+        for group, state in parts.items():
+            save_file(state, str(out_dir / FULL_FILES[group]))
         if has_lora(vlm):
-            vlm.lm.save_pretrained(out_dir / ADAPTER_DIR)
+            vlm.lm.save_pretrained(out_dir / ADAPTER_DIR, state_dict=adapter)
 
 
 def load_handoff(vlm: VisionLanguageModel, from_dir: Path) -> None:
-    """Loads the projector and, if the folder has one, the LoRA adapter (trainable) into `vlm`."""
+    """Loads the projector, fully trained parts and, if the folder has one, the LoRA adapter (trainable)."""
     projector = from_dir / PROJECTOR_FILE
     if not projector.is_file():
         raise FileNotFoundError(f"init_from: {from_dir} has no {PROJECTOR_FILE}; did that stage finish?")
     vlm.projector.load_state_dict(load_file(str(projector)))
+    for group, name in FULL_FILES.items():  # before the adapter, which wraps the language model
+        if (from_dir / name).is_file():
+            if has_lora(vlm):
+                raise RuntimeError("load_handoff expects a language model without an adapter")
+            (vlm.vision if group == "vision" else vlm.lm).load_state_dict(load_file(str(from_dir / name)))
+            vlm.full_groups.add(group)
     if (from_dir / ADAPTER_DIR).is_dir():
         if has_lora(vlm):
             raise RuntimeError("load_handoff expects a language model without an adapter")

@@ -109,6 +109,7 @@ class VLMModule(L.LightningModule):
         for name, params in groups.items():
             for param in params:
                 param.requires_grad_(name in trainable)
+        vlm.full_groups |= {group for group in ("vision", "lm") if group in trainable}
 
     @override
     def on_fit_start(self) -> None:
@@ -161,7 +162,11 @@ class VLMModule(L.LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trained = {name for name, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
+        # A part trained in full keeps its buffers too (the tower's BatchNorm statistics).
+        whole = tuple(f"vlm.{group}." for group in ("vision", "lm") if group in self.trainable)
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trained or (whole and k.startswith(whole))
+        }
         # LoRA dropout draws from these: a resumed run must continue the same random stream.
         checkpoint["rng_states"] = rng_states()
 

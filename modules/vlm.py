@@ -37,3 +37,4 @@ class VisionLanguageModel(ImageTokenMixin, nn.Module):
         self.image_token_id = image_token_id
         self.grid = grid
         self.vision_layer = vision_layer
+        self.full_groups: set[str] = set()  # "vision" / "lm" once trained in full: handed to later stages

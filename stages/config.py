@@ -49,23 +49,40 @@ class TrainerConfig:
             **{f.name: getattr(override, f.name) for f in fields(override) if getattr(override, f.name) is not None},
         )
 
-    def kwargs(self) -> dict:
-        """Keyword arguments of `lightning.Trainer`; strategy "deepspeed" becomes the configured DeepSpeed strategy."""
-        kwargs = {k: v for k, v in asdict(self).items() if v is not None and k != "deepspeed_config"}
-        if self.strategy == "deepspeed":
-            if self.deepspeed_config is None:
-                raise ValueError("trainer.strategy deepspeed needs trainer.deepspeed_config (configs/deepspeed/*.json)")
-            from stages.strategies import deepspeed_strategy
-
-            kwargs["strategy"] = deepspeed_strategy(self.deepspeed_config, self.accelerator)
-        elif self.strategy is not None and self.strategy.startswith("deepspeed"):
+    def check(self, where: str = "trainer") -> None:
+        """Fails on values Lightning would reject only once a stage has started (or accept and misbehave on),
+        naming the field as `<where>.<field>`."""
+        if self.max_steps is not None and self.max_steps != -1 and self.max_steps < 1:
+            raise ValueError(f"{where}.max_steps must be at least 1 (or -1: the epochs decide), got {self.max_steps}")
+        if self.max_epochs is not None and self.max_epochs != -1 and self.max_epochs < 1:
+            raise ValueError(f"{where}.max_epochs must be at least 1 (or -1: the steps decide), got {self.max_epochs}")
+        for name in ("accumulate_grad_batches", "log_every_n_steps", "num_nodes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{where}.{name} must be at least 1, got {value}")
+        if self.devices is not None and str(self.devices).strip() in ("0", ""):
+            raise ValueError(f"{where}.devices must name at least one device, got {self.devices!r}")
+        if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
+            raise ValueError(f"{where}.gradient_clip_val must not be negative, got {self.gradient_clip_val}")
+        if self.strategy == "deepspeed" and self.deepspeed_config is None:
+            raise ValueError(f"{where}.strategy deepspeed needs {where}.deepspeed_config (configs/deepspeed/*.json)")
+        if self.strategy not in (None, "deepspeed") and self.strategy.startswith("deepspeed"):
             raise ValueError(
-                f"trainer.strategy {self.strategy}: use strategy deepspeed with trainer.deepspeed_config "
+                f"{where}.strategy {self.strategy}: use strategy deepspeed with {where}.deepspeed_config "
                 "(configs/deepspeed/zero2.json, ...): Lightning's named DeepSpeed strategies divide the loss twice "
                 "under gradient accumulation"
             )
-        elif self.deepspeed_config is not None:
-            raise ValueError("trainer.deepspeed_config is set but trainer.strategy is not deepspeed")
+        if self.strategy != "deepspeed" and self.deepspeed_config is not None:
+            raise ValueError(f"{where}.deepspeed_config is set but {where}.strategy is not deepspeed")
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of `lightning.Trainer`; strategy "deepspeed" becomes the configured DeepSpeed strategy."""
+        self.check()
+        kwargs = {k: v for k, v in asdict(self).items() if v is not None and k != "deepspeed_config"}
+        if self.strategy == "deepspeed":
+            from stages.strategies import deepspeed_strategy
+
+            kwargs["strategy"] = deepspeed_strategy(self.deepspeed_config, self.accelerator)
         return kwargs
 
 
@@ -90,6 +107,11 @@ class StageSpec:
             raise ValueError(f"trainable must be a non-empty list of {GROUPS}; unknown: {unknown}")
         if self.max_words < 1:
             raise ValueError(f"max_words must be positive, got {self.max_words}")
+        for group in self.trainable:  # 0 trains nothing, a negative rate ascends the loss: neither is meant
+            if not getattr(self.lr, group) > 0:
+                raise ValueError(f"lr.{group} must be positive for a trained group, got {getattr(self.lr, group)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must not be negative, got {self.warmup_steps}")
 
 
 def check_speed(speed: SpeedSpec, trainer: TrainerConfig) -> None:
@@ -115,6 +137,13 @@ class DataConfig:
     """Per-device batch size."""
     num_workers: int = 0
     """DataLoader worker processes per device."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError(
+                f"data.batch_size must be at least 1 and data.num_workers at least 0, got {self.batch_size}, "
+                f"{self.num_workers}"
+            )
 
 
 @dataclass
@@ -146,12 +175,26 @@ class EvalConfig:
         from callbacks.evaluation import load_synonyms
 
         load_synonyms(self.synonyms)  # a bad table fails before any work, naming the flag
+        for name in ("limit", "max_new_tokens", "num_beams", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"eval.{name} must be at least 1, got {getattr(self, name)}")
+        if self.every_n_steps is not None and self.every_n_steps < 1:
+            raise ValueError(f"eval.every_n_steps must be at least 1 or null, got {self.every_n_steps}")
+        if self.table_rows < 0 or self.grid_images < 0:
+            raise ValueError("eval.table_rows and eval.grid_images must not be negative")
+        edges = self.length_buckets
+        if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+            raise ValueError(f"eval.length_buckets must be increasing positive word counts, got {edges}")
 
 
 @dataclass
 class CheckpointConfig:
     every_n_train_steps: int = 100
     """Also checkpoint every this many optimizer steps (`last.ckpt`), so that an interrupted stage resumes."""
+
+    def __post_init__(self) -> None:
+        if self.every_n_train_steps < 1:
+            raise ValueError(f"checkpoint.every_n_train_steps must be at least 1, got {self.every_n_train_steps}")
 
 
 @dataclass
@@ -165,6 +208,13 @@ class StabilityConfig:
     faults: dict[int, str] = field(default_factory=dict)
     """Chaos testing: inject a fault at these optimizer steps of every stage, e.g. {80: spike}
     (nan, spike, bad_batch, inf_grad; see callbacks/fault_injection.py)."""
+
+    def __post_init__(self) -> None:
+        from callbacks.fault_injection import FAULTS
+
+        unknown = sorted(set(self.faults.values()) - set(FAULTS))
+        if unknown:
+            raise ValueError(f"stability.faults: unknown fault kinds {unknown}; expected {FAULTS}")
 
 
 @dataclass
@@ -188,6 +238,7 @@ class CurriculumConfig:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("stages: a curriculum needs at least one stage")
+        self.trainer.check("trainer")
         names = list(self.stages)
         for index, (name, spec) in enumerate(self.stages.items()):
             source = spec.init_from
@@ -198,4 +249,5 @@ class CurriculumConfig:
                     f"stages.{name}.init_from: {source!r} is not 'previous', 'base' "
                     f"or an earlier stage ({names[:index]})"
                 )
+            self.trainer.merged(spec.trainer).check(f"stages.{name}.trainer")
             check_speed(self.model.speed, self.trainer.merged(spec.trainer))

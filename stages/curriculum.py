@@ -78,11 +78,21 @@ def log_data_report(run_dir: Path, report: dict, markdown: str) -> None:
     logger.experiment.flush()
 
 
+def _files(folder: Path) -> list[tuple[str, int, int]]:
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+
+
 def _folder_digest(folder: Path) -> str:
-    """Cheap identity of a model folder: its config and the names and sizes of its files."""
-    files = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file())
+    """Cheap identity of a model folder: its config, and every file's name, size and modification time (a
+    retrained or replaced checkpoint of the same shapes has the same sizes)."""
     config = (folder / "config.json").read_text() if (folder / "config.json").is_file() else ""
-    return fingerprint({"files": files, "config": config})
+    return fingerprint({"files": _files(folder), "config": config})
+
+
+def shards_digest(shard_dir: Path) -> str:
+    """Identity of a shard folder: its index, and every file's name, size and modification time. The index
+    alone holds counts and caption lengths, which rebuilt shards (another world, other captions) can share."""
+    return fingerprint({"index": index_digest(shard_dir), "files": _files(shard_dir)})
 
 
 def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Path]:
@@ -166,7 +176,7 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
         budgets[name] = (spec.max_words, ranks(trainer), trainer.accumulate_grad_batches or 1)
     check_shards_serve(read_index(shard_dir), shard_dir, budgets, cfg.data.batch_size, cfg.eval.split)
     digests = {
-        "shards": index_digest(shard_dir),
+        "shards": shards_digest(shard_dir),
         "vision": _folder_digest(vision) if vision.is_dir() else "missing",
         "lm": _folder_digest(lm) if lm.is_dir() else "missing",
     }

@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         from stages.compare import markdown, run_compare
 
         options = args.compare
+        if options.seeds < 1:
+            parser.error(f"--seeds must be at least 1, got {options.seeds}")
         seeds = list(range(options.seeds))
         try:
             result = run_compare(Path(options.profile), seeds, Path(options.root), list(options.override))

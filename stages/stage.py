@@ -167,12 +167,10 @@ def run_stage(
     done_path = stage_dir / "done.json"
     if done_path.is_file():
         done = json.loads(done_path.read_text())
-        if done["fingerprint"] == print_:
+        if done["fingerprint"] == print_ and (stage_dir / "metrics.json").is_file():
             log.info("stage %s: finished before with the same config and inputs, skipped", name)
             metrics = json.loads((stage_dir / "metrics.json").read_text())
             return StageResult(name, print_, done["global_steps"], metrics, skipped=True)
-    prepare_stage_folder(stage_dir, print_, resolved, rank_zero_only.rank == 0)
-
     started = time.perf_counter()
     L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)
     vlm, tokenizer, processor = build_vlm(cfg.model, inputs.vision_path, inputs.lm_path)
@@ -232,6 +230,8 @@ def run_stage(
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     # The caption DataModule resumes mid-epoch itself (it skips the batches already trained on).
     warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+    # Only now, with the stage built: a stage that fails to build leaves the previous run's folder as it was.
+    prepare_stage_folder(stage_dir, print_, resolved, rank_zero_only.rank == 0)
     last = stage_dir / "checkpoints" / "last.ckpt"  # a file; under DeepSpeed a link to a folder (strategies.py)
     if last.exists():
         log.info("stage %s: resuming from %s", name, last)

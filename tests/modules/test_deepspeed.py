@@ -143,6 +143,15 @@ def test_bf16_under_deepspeed_trains_as_lightnings_bf16_mixed(tmp_path, micro_wo
         losses[zero] = torch.cat([_losses(tmp_path / zero, stage) for stage in ("align", "sft_short")])
     for zero in ("zero2", "zero3"):
         torch.testing.assert_close(losses[zero], losses["plain"], rtol=1e-3, atol=0)
+        # The handoff holds the optimizer's float32 masters, as Lightning's bf16-mixed (whose weights are
+        # float32) does, not DeepSpeed's bf16-rounded parameters.
+        for part in ("align/export/projector.safetensors", "sft_short/export/adapter/adapter_model.safetensors"):
+            plain, deep = load_file(str(tmp_path / "plain" / part)), load_file(str(tmp_path / zero / part))
+            assert {v.dtype for v in deep.values()} == {torch.float32}, (zero, part)
+            rounded = [torch.equal(v, v.to(torch.bfloat16).float()) for v in deep.values()]
+            assert not any(rounded), (zero, part, "bf16 values in a float32 file")
+            for key in plain:  # bf16 compute of both kinds (and Adam's normalised steps): close on average
+                assert (deep[key] - plain[key]).abs().mean() <= 0.05 * plain[key].abs().mean(), (zero, key)
 
 
 def test_compile_under_zero3_is_refused_with_the_flags(tmp_path, capsys, micro_world, micro_base):

@@ -100,3 +100,33 @@ def test_lora_on_a_missing_module_names_it(micro_base):
     vlm, _, _ = _vlm(micro_base)
     with pytest.raises(ValueError, match="not_a_proj"):
         attach_lora(vlm, LoraSpec(target_modules=["q_proj", "not_a_proj"]))
+
+
+def test_a_tower_and_lm_trained_in_full_carry_through_later_stages(micro_base, micro_world, tmp_path):
+    # The handoff held only the projector and the adapter: a stage that trained "vision" or "lm" was lost to
+    # the next stage and to the export (the tower's BatchNorm statistics too).
+    from modules.training_module import VLMModule
+
+    vlm, tokenizer, processor = _vlm(micro_base)
+    base_lm = _snapshot(vlm.lm)
+    full = VLMModule(vlm, ["projector", "vision", "lm"], OptimSpec(LearningRates(vision=1e-2, lm=1e-2)))
+    _fit(full, vlm, tokenizer, processor, micro_world)
+    kept = full.state_dict()
+    full.on_save_checkpoint(checkpoint := {"state_dict": kept})
+    assert any("running_mean" in k for k in checkpoint["state_dict"]), "a resume keeps the trained statistics"
+    save_handoff(vlm, tmp_path / "full")
+    vision, lm = _snapshot(vlm.vision), _snapshot(vlm.lm)
+    assert lm != base_lm
+
+    nxt, _, _ = _vlm(micro_base)
+    load_handoff(nxt, tmp_path / "full")
+    assert _snapshot(nxt.vision) == vision and _snapshot(nxt.lm) == lm
+    sft = LoRASFTModule(nxt, LoraSpec(r=4), OptimSpec(LearningRates()), ["projector", "lora"])
+    _fit(sft, nxt, tokenizer, processor, micro_world)
+    save_handoff(nxt, tmp_path / "sft")  # the parts trained two stages ago, handed on
+
+    last, _, _ = _vlm(micro_base)
+    load_handoff(last, tmp_path / "sft")
+    assert has_lora(last) and _snapshot(last.vision) == vision
+    base = _snapshot(last.lm.get_base_model())  # under the adapter: stage 1's weights, not the base folder's
+    assert {k.replace(".base_layer.", "."): v for k, v in base.items() if "lora_" not in k} == lm

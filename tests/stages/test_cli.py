@@ -90,6 +90,51 @@ def test_a_changed_stage_config_reruns_that_stage_and_the_ones_after(tmp_path, c
     out = capsys.readouterr().out
     skipped = [line.split()[0] for line in out.splitlines() if "skipped: done before" in line]
     assert skipped == ["align", "sft_short"]
+    # Another world rebuilds the shards and the tiny base models, whose index and file sizes may well stay
+    # the same: every stage reruns.
+    assert _run(run_dir, "--stages.sft_medium.max_words=18", "--world.texture=0.3") == 0
+    assert "skipped" not in capsys.readouterr().out
+
+
+def test_model_folder_and_shard_digests_see_a_rebuild_of_the_same_sizes(tmp_path):
+    import os
+
+    from stages.curriculum import _folder_digest, shards_digest
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "index.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"1234")
+    before = _folder_digest(tmp_path), shards_digest(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"5678")  # retrained: same shapes, same size
+    os.utime(tmp_path / "model.safetensors", ns=(1, 1))
+    after = _folder_digest(tmp_path), shards_digest(tmp_path)
+    assert before[0] != after[0] and before[1] != after[1]
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--stages.sft_long.trainer.max_steps=0", "stages.sft_long.trainer.max_steps must be at least 1"),
+        ("--trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be at least 1"),
+        ("--trainer.devices=0", "trainer.devices must name at least one device"),
+        ("--stages.sft_long.lr.lora=-1", "lr.lora must be positive"),
+        ("--stages.align.warmup_steps=-1", "warmup_steps must not be negative"),
+        ("--data.batch_size=0", "data.batch_size must be at least 1"),
+        ("--eval.limit=0", "eval.limit must be at least 1"),
+        ("--eval.every_n_steps=0", "eval.every_n_steps must be at least 1"),
+        ("--eval.length_buckets=[48, 20]", "eval.length_buckets must be increasing"),
+        ("--checkpoint.every_n_train_steps=0", "checkpoint.every_n_train_steps must be at least 1"),
+        ("--stability.faults={2: spik}", "unknown fault kinds ['spik']"),
+        ("--trainer.strategy=deepspeed", "trainer.strategy deepspeed needs trainer.deepspeed_config"),
+    ],
+)
+def test_a_bad_value_fails_before_any_work_naming_its_field(tmp_path, capsys, flag, message):
+    # Checked when the config is read: before, some failed only once a stage had started, after its folder
+    # (a finished stage's checkpoints and results) had been emptied.
+    with pytest.raises(SystemExit) as exit_info:
+        _run(tmp_path / "run", flag)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -59,3 +59,9 @@ def test_compare_runs_both_arms_on_the_same_inputs(tmp_path, capsys):
     assert summary["mean"] == pytest.approx(statistics.fmean(values))
     assert summary["std"] == pytest.approx(statistics.stdev(values))
     assert (tmp_path / "compare.png").stat().st_size > 1000 and (tmp_path / "compare.md").is_file()
+
+
+def test_compare_needs_a_seed(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--seeds", "0", "--root", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--seeds must be at least 1, got 0" in capsys.readouterr().err
