@@ -190,9 +190,8 @@ def test_a_resumed_deepspeed_step_is_judged_once_it_is_whole(monkeypatch, tmp_pa
 
 
 def test_alert_records_are_standard_json_and_text_lands_at_the_run_wide_step(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from stages.tb_logger import CurriculumTensorBoardLogger
+    from tests.tensorboard import RunEvents
 
     logger = CurriculumTensorBoardLogger(str(tmp_path), step_offset=1000)  # a second stage: 1000 steps before it
     sinks = AlertSinks("sft", tmp_path / "alerts.jsonl")
@@ -204,8 +203,7 @@ def test_alert_records_are_standard_json_and_text_lands_at_the_run_wide_step(tmp
 
     record = json.loads((tmp_path / "alerts.jsonl").read_text(), parse_constant=strict)
     assert (record["value"], record["threshold"]) == ("nan", "inf") and float(record["threshold"]) == float("inf")
-    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0, "scalars": 0})
-    events.Reload()
+    events = RunEvents(tmp_path / "tb")
     assert [e.step for e in events.Scalars("alerts/non_finite")] == [1005]
     assert [e.step for e in events.Tensors("alerts/sft/text_summary")] == [1005]
 

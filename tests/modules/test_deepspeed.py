@@ -58,10 +58,9 @@ def _deepspeed_args(tmp_path: Path, zero: str) -> list[str]:
 
 
 def _grad_norms(run_dir: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tests.tensorboard import RunEvents
 
-    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0}).Reload()
-    return [e.value for e in events.Scalars("train/grad_norm")]
+    return [e.value for e in RunEvents(run_dir / "tb").Scalars("train/grad_norm")]
 
 
 def _shared_args(tmp: Path, micro_world: Path, micro_base: tuple[Path, Path]) -> list[str]:

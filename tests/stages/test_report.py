@@ -9,7 +9,7 @@ from stages.run import main
 
 
 def test_periodic_evaluation_is_logged_and_kept_in_metrics_json(micro_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tests.tensorboard import RunEvents
 
     for name in ("align", "sft_short", "sft_medium", "sft_long"):
         metrics = json.loads((micro_run / name / "metrics.json").read_text())
@@ -17,7 +17,7 @@ def test_periodic_evaluation_is_logged_and_kept_in_metrics_json(micro_run):
         assert metrics["generation"] == {"max_new_tokens": 12, "num_beams": 1, "do_sample": False}
         assert metrics["history"][-1]["chair_i"] == metrics["chair_i"]
         assert sum(b["images"] for b in metrics["by_length"].values()) == metrics["images"] == 8
-    events = EventAccumulator(str(micro_run / "tb"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    events = RunEvents(micro_run / "tb")
     assert [e.step for e in events.Scalars("eval/chair_i")] == [2, 3, 5, 6, 8, 9, 11, 12]
     grid = events.Images("eval/sft_long/grid")[-1]
     assert grid.width == 4 * 160 and grid.height > 2 * 160  # 8 images in 2 rows, captions below each
