@@ -154,8 +154,11 @@ def run_compare(profile: Path, seeds: list[int], root: Path, overrides: list[str
             raise RuntimeError(f"compare: the curriculum run {curriculum} failed")
         # The baseline reads the very shards and base models the curriculum trained from.
         inputs = yaml.safe_load((curriculum / next(iter(cfg.stages)) / "config.yaml").read_text())["inputs"]
-        shared = [f"--data.shard_dir={inputs['shard_dir']}"]
-        shared += [f"--model.vision_path={inputs['vision_path']}", f"--model.lm_path={inputs['lm_path']}"]
+        from stages.stage import input_path
+
+        folders = {key: input_path(inputs[key], curriculum) for key in ("shard_dir", "vision_path", "lm_path")}
+        shared = [f"--data.shard_dir={folders['shard_dir']}"]
+        shared += [f"--model.vision_path={folders['vision_path']}", f"--model.lm_path={folders['lm_path']}"]
         baseline = root / f"baseline-{seed}"
         argv = ["curriculum", "--config", str(profile), "--config", str(baseline_config), f"--run_dir={baseline}"]
         # --stages.* overrides are already folded into baseline_stages.yaml.

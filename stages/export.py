@@ -64,7 +64,9 @@ class StageSource:
 
     @property
     def shard_dir(self) -> Path:
-        return Path(self.config["inputs"]["shard_dir"])
+        from stages.stage import input_path
+
+        return input_path(self.config["inputs"]["shard_dir"], self.stage_dir.parent)
 
 
 def find_stage(run_or_stage: str | Path, stage: str | None = None) -> StageSource:
@@ -89,8 +91,11 @@ def load_stage_model(source: StageSource):
     """(VisionLanguageModel with the stage's projector and adapter, tokenizer, processor, ModelConfig)."""
     model = dict(source.config["model"])
     model_config = ModelConfig(**{**model, "lora": LoraSpec(**model["lora"])})
-    inputs = source.config["inputs"]
-    vlm, tokenizer, processor = build_vlm(model_config, inputs["vision_path"], inputs["lm_path"])
+    from stages.stage import input_path
+
+    inputs, run_dir = source.config["inputs"], source.stage_dir.parent
+    vision, lm = (input_path(inputs[key], run_dir) for key in ("vision_path", "lm_path"))
+    vlm, tokenizer, processor = build_vlm(model_config, vision, lm)
     load_handoff(vlm, source.stage_dir / "export")
     return vlm, tokenizer, processor, model_config
 
@@ -135,7 +140,7 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
         "run_dir": str(source.stage_dir.parent),
         "stage": source.stage_dir.name,
         "global_step": source.global_step,
-        "shard_dir": str(source.shard_dir),
+        "shard_dir": str(source.shard_dir.resolve()),
     }
     (out_dir / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
     (out_dir / "README.md").write_text(

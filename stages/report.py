@@ -103,7 +103,9 @@ def write_report(run_dir: Path) -> Path:
     lines = [f"# Training report: {run_dir.name}", ""]
 
     configs = {name: yaml.safe_load((run_dir / name / "config.yaml").read_text()) for name in stages}
-    shard_dir = Path(configs[stages[0]]["inputs"]["shard_dir"])
+    from stages.stage import input_path
+
+    shard_dir = input_path(configs[stages[0]]["inputs"]["shard_dir"], run_dir)
     lines += ["## Data", "", f"Shards: `{shard_dir}`."]
     data = _read_json(shard_dir / "report.json")
     if data is None:

@@ -59,6 +59,24 @@ class RunInputs:
     digests: dict[str, str]
 
 
+def stored_path(path: Path, run_dir: Path) -> str:
+    """How a stage's config.yaml records an input folder: relative to the run folder when inside it (the tiny
+    base models, shards built by the run), so that a moved run keeps its fingerprints and finds its inputs;
+    else absolute, so that report, export and eval work from any working folder."""
+    path, run = Path(path).resolve(), Path(run_dir).resolve()
+    return str(path.relative_to(run)) if path.is_relative_to(run) else str(path)
+
+
+def input_path(stored: str, run_dir: Path) -> Path:
+    """The folder a stage's config.yaml records (see `stored_path`); older runs recorded paths relative to
+    the working folder of their training, which is tried when the run-relative one does not exist."""
+    path = Path(stored)
+    if path.is_absolute():
+        return path
+    inside = Path(run_dir) / path
+    return inside if inside.exists() or not path.exists() else path
+
+
 class StageStopped(RuntimeError):
     """A stability alert with action `stop` ended the stage (its checkpoint is saved)."""
 
@@ -125,9 +143,9 @@ def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, i
         # What changes the trained weights; thresholds and sinks only change what is reported.
         "stability": {"action": cfg.stability.instability.action, "faults": cfg.stability.faults},
         "inputs": {
-            "shard_dir": str(inputs.shard_dir),
-            "vision_path": str(inputs.vision_path),
-            "lm_path": str(inputs.lm_path),
+            "shard_dir": stored_path(inputs.shard_dir, inputs.run_dir),
+            "vision_path": stored_path(inputs.vision_path, inputs.run_dir),
+            "lm_path": stored_path(inputs.lm_path, inputs.run_dir),
             "digests": inputs.digests,
             "init_from": init_print,
         },

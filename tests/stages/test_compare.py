@@ -44,11 +44,14 @@ def test_compare_runs_both_arms_on_the_same_inputs(tmp_path, capsys):
     override = json.dumps(MICRO_ARGS)
     assert main(["compare", "--profile", tiny, "--seeds=2", f"--root={tmp_path}", f"--override={override}"]) == 0
     assert "| baseline | sft |" in capsys.readouterr().out
+    from stages.stage import input_path
+
     for seed in (0, 1):
-        curriculum = yaml.safe_load((tmp_path / f"curriculum-{seed}" / "sft_long" / "config.yaml").read_text())
-        baseline = yaml.safe_load((tmp_path / f"baseline-{seed}" / "sft" / "config.yaml").read_text())
-        assert baseline["inputs"]["shard_dir"] == curriculum["inputs"]["shard_dir"]
-        assert baseline["inputs"]["lm_path"] == curriculum["inputs"]["lm_path"]
+        runs = {arm: tmp_path / f"{arm}-{seed}" for arm in ("curriculum", "baseline")}
+        configs = {arm: yaml.safe_load(next(run.glob("*/config.yaml")).read_text()) for arm, run in runs.items()}
+        for key in ("shard_dir", "lm_path"):  # the curriculum's own folders, which the baseline reads
+            folders = {arm: input_path(configs[arm]["inputs"][key], runs[arm]) for arm in runs}
+            assert folders["baseline"] == folders["curriculum"].resolve()
         assert json.loads((tmp_path / f"baseline-{seed}" / "sft" / "done.json").read_text())["global_steps"] == 9
     result = json.loads((tmp_path / "compare.json").read_text())
     values = [

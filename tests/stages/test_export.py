@@ -116,10 +116,14 @@ def test_a_bf16_base_merges_in_float32(micro_run, tmp_path):
     import yaml
     from safetensors.torch import load_file
 
+    from stages.stage import input_path
+
     stage = tmp_path / "sft_long"
     shutil.copytree(micro_run / "sft_long", stage, ignore=shutil.ignore_patterns("checkpoints"))
     config = yaml.safe_load((stage / "config.yaml").read_text())
     config["model"]["dtype"] = "bfloat16"
+    for key in ("shard_dir", "vision_path", "lm_path"):  # recorded relative to the run, which stays behind
+        config["inputs"][key] = str(input_path(config["inputs"][key], micro_run))
     (stage / "config.yaml").write_text(yaml.safe_dump(config))
     out = export_model(find_stage(stage), tmp_path / "exported")
 

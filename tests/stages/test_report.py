@@ -68,3 +68,22 @@ def test_vqa_at_each_stage_end_and_from_the_eval_command(micro_run):
     assert vqa_scores(answers) == {
         "vqa_exact": 2 / 3, "vqa_questions": 3, "vqa_exact_count": 1.0, "vqa_exact_yes_no": 0.5,
     }  # fmt: skip
+
+
+def test_a_moved_run_is_still_finished_and_reports_and_exports_from_anywhere(micro_run, tmp_path, monkeypatch, capsys):
+    # Inputs inside the run (shards, tiny base models) are recorded relative to it: before, a moved run
+    # retrained every stage, and report / export looked for the shards relative to the working folder.
+    from stages.export import export_model, find_stage
+    from tests.conftest import MICRO_ARGS
+
+    moved = tmp_path / "elsewhere" / "run"
+    shutil.copytree(micro_run, moved, copy_function=shutil.copy2)  # as `mv` or `cp -p`: times kept
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    args = ["curriculum", f"--run_dir={moved}", *MICRO_ARGS, "--eval.every_n_steps=2", "--eval.vqa=true"]
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("skipped: done before") == 4
+    assert main(["report", "--run_dir", str(moved)]) == 0
+    report = (moved / "report.md").read_text()
+    assert "No data report beside the shards" not in report and str(moved / "data") in report
+    assert (export_model(find_stage(moved), tmp_path / "exported") / "model.safetensors").is_file()
