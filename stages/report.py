@@ -35,6 +35,24 @@ def _stages(run_dir: Path) -> list[str]:
     return list(json.loads(summary.read_text()))
 
 
+def stage_problems(run_dir: Path, configs: dict[str, dict]) -> dict[str, str]:
+    """Stages whose files do not describe a finished run of their current config: unfinished (no done.json),
+    changed since they finished, or trained from an upstream stage that has been rerun since."""
+    problems = {}
+    names = list(configs)
+    for index, (name, config) in enumerate(configs.items()):
+        done = _read_json(run_dir / name / "done.json")
+        source = config["spec"]["init_from"]
+        upstream = names[index - 1] if source == "previous" else source
+        if done is None:
+            problems[name] = "unfinished (no done.json): its metrics and checkpoints may be missing or partial"
+        elif done["fingerprint"] != config["fingerprint"]:
+            problems[name] = "its config changed after it finished; the results shown are of the older config"
+        elif upstream in configs and configs[upstream]["fingerprint"] != config["inputs"]["init_from"]:
+            problems[name] = f"trained from an earlier {upstream}, which has been rerun since"
+    return problems
+
+
 def _read_json(path: Path, default=None):
     return json.loads(path.read_text()) if path.is_file() else default
 
@@ -124,6 +142,13 @@ def write_report(run_dir: Path) -> Path:
             f"{json.dumps({g: spec['lr'][g] for g in spec['trainable']})} | {spec['init_from']} | "
             f"`{config['fingerprint']}` |"
         )
+    problems = stage_problems(run_dir, configs)
+    if problems:
+        lines += [
+            "",
+            "**Not every stage's results are current** (rerun the curriculum command to bring them up to date):",
+        ]
+        lines += [f"- {name}: {problem}" for name, problem in problems.items()]
     first = configs[stages[0]]
     shared = {key: first[key] for key in ("seed", "model", "data", "eval", "stability")}
     lines += ["", "Resolved settings shared by the stages (each stage's full config is its config.yaml):", ""]

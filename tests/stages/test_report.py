@@ -87,3 +87,32 @@ def test_a_moved_run_is_still_finished_and_reports_and_exports_from_anywhere(mic
     report = (moved / "report.md").read_text()
     assert "No data report beside the shards" not in report and str(moved / "data") in report
     assert (export_model(find_stage(moved), tmp_path / "exported") / "model.safetensors").is_file()
+
+
+def test_the_report_names_unfinished_and_stale_stages(micro_run, tmp_path):
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "base", "*.ckpt"))
+    assert "Not every stage's results are current" not in (micro_run / "report.md").read_text()
+    # A rerun with a changed sft_short, interrupted in sft_medium: sft_short done anew (a new fingerprint),
+    # sft_medium unfinished; then sft_medium's new config written too: sft_long is from the old sft_medium.
+    path = run / "sft_short" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["fingerprint"] = "rerun"
+    path.write_text(yaml.safe_dump(config))
+    (run / "sft_short" / "done.json").write_text(json.dumps({"fingerprint": "rerun", "global_steps": 3}))
+    (run / "sft_medium" / "done.json").unlink()
+    assert main(["report", "--run_dir", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "- sft_short:" not in report and "- align:" not in report
+    assert "- sft_medium: unfinished (no done.json)" in report
+    assert "- sft_long: trained from an earlier sft_medium" not in report  # sft_medium's config is unchanged
+    path = run / "sft_medium" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["fingerprint"] = "rerun"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["report", "--run_dir", str(run)]) == 0
+    assert (
+        "- sft_long: trained from an earlier sft_medium, which has been rerun since" in (run / "report.md").read_text()
+    )
