@@ -21,6 +21,7 @@ import torch.distributed as dist
 from typing_extensions import override
 
 from datamodules.captions import PromptFormat
+from datamodules.images import as_image
 from stages.metrics import DEFAULT_BUCKETS, caption_metrics, vqa_exact
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,8 @@ def generate_captions(
     captions: list[str] = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        pixels = processor([image for _, image, _ in chunk], return_tensors="pt")["pixel_values"].to(device)
+        pixels = processor([as_image(image) for _, image, _ in chunk], return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(device)
         input_ids = prefix.expand(len(chunk), -1)
         tokens = vlm.generate(
             input_ids,
@@ -111,7 +113,8 @@ def answer_questions(
         answered = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
-            pixels = processor([image for _, _, image, _ in chunk], return_tensors="pt")["pixel_values"].to(device)
+            images = [as_image(image) for _, _, image, _ in chunk]
+            pixels = processor(images, return_tensors="pt")["pixel_values"].to(device)
             input_ids = torch.tensor([prompt for *_, prompt in chunk], device=device)
             tokens = vlm.generate(
                 input_ids,
@@ -315,7 +318,7 @@ class CaptionEvaluation(L.Callback):
             if self.grid_images:
                 by_key = {key: image for key, image, _ in self.samples}
                 shown = results[: self.grid_images]
-                grid = caption_grid([by_key[key] for key, _, _ in shown], [text for _, _, text in shown])
+                grid = caption_grid([as_image(by_key[key]) for key, _, _ in shown], [text for _, _, text in shown])
                 logger.experiment.add_image(f"eval/{self.stage}/grid", grid, tb_step, dataformats="HWC")
         if answers is not None:
             metrics.update(vqa_scores(answers))

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from datamodules.captions import PromptFormat, collate_captions, select_caption
-from datamodules.images import SHARD_FORMATS, open_rgb
+from datamodules.images import SHARD_FORMATS, EncodedImage, open_rgb
 from datamodules.shards import ShardError, budget_counts, read_index
 
 log = logging.getLogger(__name__)
@@ -203,14 +203,17 @@ class CaptionDataModule(L.LightningDataModule):
             return []
         return self._loader("val", train=False)
 
-    def eval_samples(self, split: str = "test", limit: int | None = None) -> list[tuple[str, Image.Image, dict]]:
-        """Decoded (key, image, metadata) of a held-out split, in shard order, for evaluation."""
+    def eval_samples(self, split: str = "test", limit: int | None = None) -> list[tuple[str, EncodedImage, dict]]:
+        """(key, image, metadata) of a held-out split, in shard order, for evaluation; the images stay encoded
+        until a batch is captioned (`as_image`), and each is checked to decode now."""
         urls = [str(self.shard_dir / shard["url"]) for shard in self.index["splits"][split]]
         samples: list = []
         if not urls:
             return samples
         for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
-            samples.append(_decode(sample))
+            key, _, meta = _decode(sample)  # decoded once, so that a bad image fails here, not mid-training
+            data = next(sample[ext] for ext in SHARD_FORMATS if ext in sample)
+            samples.append((key, EncodedImage(data), meta))
             if limit is not None and len(samples) >= limit:
                 break
         return samples

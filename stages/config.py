@@ -4,6 +4,7 @@ YAML files and dotted command-line overrides (`--stages.sft_long.trainer.max_epo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
@@ -248,6 +249,16 @@ class CurriculumConfig:
                 raise ValueError(
                     f"stages.{name}.init_from: {source!r} is not 'previous', 'base' "
                     f"or an earlier stage ({names[:index]})"
+                )
+            upstream = names[index - 1] if source == "previous" else source
+            if upstream in self.stages and spec.max_words < self.stages[upstream].max_words:
+                logging.getLogger(__name__).warning(
+                    "stages.%s.max_words %d is below that of %s (%d), which it starts from: the curriculum's word "
+                    "budgets are meant to grow stage by stage",
+                    name,
+                    spec.max_words,
+                    upstream,
+                    self.stages[upstream].max_words,
                 )
             self.trainer.merged(spec.trainer).check(f"stages.{name}.trainer")
             check_speed(self.model.speed, self.trainer.merged(spec.trainer))

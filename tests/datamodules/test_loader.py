@@ -25,3 +25,16 @@ def test_an_epoch_holds_whole_optimizer_steps(micro_world, micro_base):
     assert len(_datamodule(micro_world, micro_base, 5).train_dataloader()) == 20
     with pytest.raises(ShardError, match=r"fewer than one optimizer step \(5 batch\(es\) of 64\)"):
         _datamodule(micro_world, micro_base, 5, batch_size=64).train_dataloader()
+
+
+def test_evaluated_images_stay_encoded_until_captioned(micro_world, micro_base):
+    import numpy as np
+
+    from datamodules.images import EncodedImage, as_image
+
+    samples = _datamodule(micro_world, micro_base, 1).eval_samples("test", limit=3)
+    assert len(samples) == 3 and all(isinstance(image, EncodedImage) for _, image, _ in samples)
+    for _, image, _ in samples:
+        decoded = as_image(image)
+        assert decoded.mode == "RGB" and len(image.data) < np.asarray(decoded).nbytes
+        assert np.array_equal(np.asarray(decoded), np.asarray(image.decode()))

@@ -256,3 +256,14 @@ def test_action_stop_ends_the_run_with_a_checkpoint_and_a_nonzero_exit(tmp_path,
     assert "stopped by a stability alert" in capsys.readouterr().err
     assert (run_dir / "align" / "checkpoints" / "stopped.ckpt").is_file()
     assert not (run_dir / "align" / "done.json").exists()
+
+
+def test_a_shrinking_word_budget_is_warned_about(caplog):
+    from stages.config import CurriculumConfig, StageSpec
+
+    growing = {"a": StageSpec(["projector"], 8, init_from="base"), "b": StageSpec(["projector", "lora"], 20)}
+    CurriculumConfig(stages=growing)
+    assert "max_words" not in caplog.text
+    shrinking = {**growing, "c": StageSpec(["projector", "lora"], 12)}
+    CurriculumConfig(stages=shrinking)
+    assert "stages.c.max_words 12 is below that of b (20), which it starts from" in caplog.text

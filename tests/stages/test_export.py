@@ -69,7 +69,7 @@ def test_export_loads_with_transformers_in_a_fresh_process_and_matches_training(
     paths = []
     for key, image, _ in samples:
         paths.append(tmp_path / f"{key}.png")
-        image.save(paths[-1])
+        image.decode().save(paths[-1])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "hf_modules")}
     env.pop("PYTHONPATH", None)
     done = subprocess.run(
@@ -80,7 +80,7 @@ def test_export_loads_with_transformers_in_a_fresh_process_and_matches_training(
     exported = json.loads(done.stdout.strip().splitlines()[-1])
     assert exported["class"] == "VLMCurriculumForCaptioning"
 
-    tokens, logits, base_logits = _in_training_outputs(source, [image for _, image, _ in samples])
+    tokens, logits, base_logits = _in_training_outputs(source, [image.decode() for _, image, _ in samples])
     assert exported["tokens"] == tokens.tolist()
     assert torch.allclose(torch.tensor(exported["logits"]), logits, atol=1e-4)
     # The LoRA adapter matters here, so matching logits means it was merged, not dropped.
