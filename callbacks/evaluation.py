@@ -283,13 +283,13 @@ class CaptionEvaluation(L.Callback):
         self.history = list(state_dict.get("history", []))
 
     def caption(
-        self, vlm, rank: int = 0, world_size: int = 1, owner=None, synced: bool = False
+        self, vlm, rank: int = 0, world_size: int = 1, owner=None, **generate_kwargs
     ) -> list[tuple[str, dict, str]]:
         """(key, metadata, caption) for every sample, sorted by key, gathered from all ranks; `owner` (the
         LightningModule, if any) is the module whose train mode is switched off meanwhile (see `eval_mode`);
-        `synced`: ranks generate in step (ZeRO-3)."""
+        `generate_kwargs` add to the configured generation settings."""
         mine, real = rank_share(self.samples, rank, world_size)
-        kwargs = {**self.generate_kwargs, **({"synced_gpus": True} if synced else {})}
+        kwargs = {**self.generate_kwargs, **generate_kwargs}
         with eval_mode(owner if owner is not None else vlm):
             captions = generate_captions(vlm, mine, self.fmt, self.processor, self.batch_size, **kwargs)
         results = [(key, meta, text) for (key, _, meta), text in zip(mine, captions, strict=True)][:real]
@@ -301,9 +301,9 @@ class CaptionEvaluation(L.Callback):
         return score(results, self.buckets, self.synonyms), rows
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
-        synced = _zero3(trainer) and trainer.world_size > 1
-        results = self.caption(pl_module.vlm, trainer.global_rank, trainer.world_size, pl_module, synced)
-        answers = self._answers(trainer, pl_module, synced) if final and self.vqa else None  # every rank: ZeRO-3
+        synced = {"synced_gpus": True} if _zero3(trainer) and trainer.world_size > 1 else {}  # ranks in step
+        results = self.caption(pl_module.vlm, trainer.global_rank, trainer.world_size, pl_module, **synced)
+        answers = self._answers(trainer, pl_module, **synced) if final and self.vqa else None  # every rank: ZeRO-3
         if not trainer.is_global_zero:
             return
         metrics = score(results, self.buckets, self.synonyms)
@@ -333,13 +333,13 @@ class CaptionEvaluation(L.Callback):
             shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if not isinstance(v, dict))
             log.info("%s evaluation: %s", self.stage, shown)
 
-    def _answers(self, trainer, pl_module, synced: bool) -> list:
+    def _answers(self, trainer, pl_module, **generate_kwargs) -> list:
         """This rank's share of the questions answered, gathered from every rank."""
-        rank, world, kwargs = trainer.global_rank, trainer.world_size, {"synced_gpus": True} if synced else {}
         with eval_mode(pl_module):
             answers = answer_questions(
-                pl_module.vlm, self.samples, self.fmt, self.processor, self.batch_size, 3, rank, world, **kwargs
-            )
+                pl_module.vlm, self.samples, self.fmt, self.processor, self.batch_size,
+                rank=trainer.global_rank, world_size=trainer.world_size, **generate_kwargs,
+            )  # fmt: skip
         return sorted(_gather(answers))
 
     @override
@@ -349,13 +349,14 @@ class CaptionEvaluation(L.Callback):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        # With gradient accumulation, the micro-batches after a step share its number: once per step.
+        if not (self.every_n_steps and step and step % self.every_n_steps == 0) or step == self._last_step:
+            return
         # The last step's evaluation is on_train_end's; an epoch-based stage (max_steps -1) ends at the estimate.
         last = trainer.max_steps if trainer.max_steps >= 0 else trainer.estimated_stepping_batches
-        before_the_end = step < last
-        if self.every_n_steps and step and step % self.every_n_steps == 0 and before_the_end:
-            if self._last_step != step:  # with gradient accumulation, once per optimizer step
-                self._last_step = step
-                self._run(trainer, pl_module, final=False)
+        if step < last:
+            self._last_step = step
+            self._run(trainer, pl_module, final=False)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

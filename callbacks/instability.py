@@ -248,8 +248,9 @@ class InstabilityMonitor(L.Callback):
     def _report(
         self, trainer, kind: str, value: float, threshold: float, keys: list[str], action: str, rank: int = 0
     ) -> None:
-        alert = Alert(self.stage, trainer.global_step, trainer.current_epoch, kind, value, threshold, action, keys)
-        alert.rank = rank
+        alert = Alert(
+            self.stage, trainer.global_step, trainer.current_epoch, kind, value, threshold, action, keys, rank=rank
+        )
         self.alerts.append(alert)
         if trainer.is_global_zero:
             self.sinks.emit(alert, trainer.logger)

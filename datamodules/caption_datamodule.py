@@ -23,11 +23,15 @@ from datamodules.shards import ShardError, budget_counts, read_index
 log = logging.getLogger(__name__)
 
 
-def _decode(sample: dict) -> tuple[str, Image.Image, dict]:
+def _image_bytes(sample: dict) -> bytes:
     data = next((sample[ext] for ext in SHARD_FORMATS if ext in sample), None)
     if data is None:
         raise ValueError(f"shard sample {sample['__key__']} has no image ({', '.join(SHARD_FORMATS)})")
-    return sample["__key__"], open_rgb(data), json.loads(sample["json"])
+    return data
+
+
+def _decode(sample: dict) -> tuple[str, Image.Image, dict]:
+    return sample["__key__"], open_rgb(_image_bytes(sample)), json.loads(sample["json"])
 
 
 def _every(step: int, offset: int) -> Callable[[dict], bool]:
@@ -211,9 +215,9 @@ class CaptionDataModule(L.LightningDataModule):
         if not urls:
             return samples
         for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
-            key, _, meta = _decode(sample)  # decoded once, so that a bad image fails here, not mid-training
-            data = next(sample[ext] for ext in SHARD_FORMATS if ext in sample)
-            samples.append((key, EncodedImage(data), meta))
+            data = _image_bytes(sample)
+            open_rgb(data)  # decoded once, so that a bad image fails here, not mid-training
+            samples.append((sample["__key__"], EncodedImage(data), json.loads(sample["json"])))
             if limit is not None and len(samples) >= limit:
                 break
         return samples

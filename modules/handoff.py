@@ -68,9 +68,13 @@ def _cpu(named) -> dict[str, torch.Tensor]:
     return {name: _master(tensor).detach().cpu().clone().contiguous() for name, tensor in named}
 
 
+def _part(vlm: VisionLanguageModel, group: str) -> torch.nn.Module:
+    return vlm.vision if group == "vision" else vlm.lm
+
+
 def _full_state(vlm: VisionLanguageModel, group: str) -> dict[str, torch.Tensor]:
     """A fully trained part's parameters and buffers, under the plain model's names (no PEFT wrapping)."""
-    module = vlm.vision if group == "vision" else vlm.lm
+    module = _part(vlm, group)
     params = dict(module.named_parameters())
     state = {}
     for name, tensor in module.state_dict().items():
@@ -86,7 +90,7 @@ def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) ->
     DeepSpeed (`write` on rank 0 only): ZeRO-3 weights are gathered first, or the files would hold empty
     partitions, and master copies are assembled across ranks."""
     lora = [(n, p) for n, p in vlm.lm.named_parameters() if "lora_" in n]
-    full = [p for g in sorted(vlm.full_groups) for p in (vlm.vision if g == "vision" else vlm.lm).parameters()]
+    full = [p for group in sorted(vlm.full_groups) for p in _part(vlm, group).parameters()]
     with gathered([*vlm.projector.parameters(), *(p for _, p in lora), *full]):
         projector = _cpu(vlm.projector.named_parameters())
         adapter = _cpu(lora)
@@ -111,7 +115,7 @@ def load_handoff(vlm: VisionLanguageModel, from_dir: Path) -> None:
         if (from_dir / name).is_file():
             if has_lora(vlm):
                 raise RuntimeError("load_handoff expects a language model without an adapter")
-            (vlm.vision if group == "vision" else vlm.lm).load_state_dict(load_file(str(from_dir / name)))
+            _part(vlm, group).load_state_dict(load_file(str(from_dir / name)))
             vlm.full_groups.add(group)
     if (from_dir / ADAPTER_DIR).is_dir():
         if has_lora(vlm):

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from stages.config import CurriculumConfig
+from stages.paths import input_path
 from stages.report import pyplot, save_figure
 
 METRICS = [
@@ -154,8 +155,6 @@ def run_compare(profile: Path, seeds: list[int], root: Path, overrides: list[str
             raise RuntimeError(f"compare: the curriculum run {curriculum} failed")
         # The baseline reads the very shards and base models the curriculum trained from.
         inputs = yaml.safe_load((curriculum / next(iter(cfg.stages)) / "config.yaml").read_text())["inputs"]
-        from stages.stage import input_path
-
         folders = {key: input_path(inputs[key], curriculum) for key in ("shard_dir", "vision_path", "lm_path")}
         shared = [f"--data.shard_dir={folders['shard_dir']}"]
         shared += [f"--model.vision_path={folders['vision_path']}", f"--model.lm_path={folders['lm_path']}"]

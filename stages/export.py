@@ -26,6 +26,7 @@ from modules.handoff import has_lora, load_handoff
 from modules.loading import LoraSpec, ModelConfig, build_vlm
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
 from stages.metrics import DEFAULT_BUCKETS
+from stages.paths import input_path
 
 EXPORT_RECORD = "vlm_export.json"
 README = """# {name}
@@ -64,8 +65,6 @@ class StageSource:
 
     @property
     def shard_dir(self) -> Path:
-        from stages.stage import input_path
-
         return input_path(self.config["inputs"]["shard_dir"], self.stage_dir.parent)
 
 
@@ -91,8 +90,6 @@ def load_stage_model(source: StageSource):
     """(VisionLanguageModel with the stage's projector and adapter, tokenizer, processor, ModelConfig)."""
     model = dict(source.config["model"])
     model_config = ModelConfig(**{**model, "lora": LoraSpec(**model["lora"])})
-    from stages.stage import input_path
-
     inputs, run_dir = source.config["inputs"], source.stage_dir.parent
     vision, lm = (input_path(inputs[key], run_dir) for key in ("vision_path", "lm_path"))
     vlm, tokenizer, processor = build_vlm(model_config, vision, lm)

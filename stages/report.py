@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from stages.data import report_markdown
+from stages.paths import input_path
 
 TABLE = [
     ("chair_i", "CHAIR-i"),
@@ -121,8 +122,6 @@ def write_report(run_dir: Path) -> Path:
     lines = [f"# Training report: {run_dir.name}", ""]
 
     configs = {name: yaml.safe_load((run_dir / name / "config.yaml").read_text()) for name in stages}
-    from stages.stage import input_path
-
     shard_dir = input_path(configs[stages[0]]["inputs"]["shard_dir"], run_dir)
     lines += ["## Data", "", f"Shards: `{shard_dir}`."]
     data = _read_json(shard_dir / "report.json")

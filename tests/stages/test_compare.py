@@ -44,7 +44,7 @@ def test_compare_runs_both_arms_on_the_same_inputs(tmp_path, capsys):
     override = json.dumps(MICRO_ARGS)
     assert main(["compare", "--profile", tiny, "--seeds=2", f"--root={tmp_path}", f"--override={override}"]) == 0
     assert "| baseline | sft |" in capsys.readouterr().out
-    from stages.stage import input_path
+    from stages.paths import input_path
 
     for seed in (0, 1):
         runs = {arm: tmp_path / f"{arm}-{seed}" for arm in ("curriculum", "baseline")}

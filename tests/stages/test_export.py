@@ -116,7 +116,7 @@ def test_a_bf16_base_merges_in_float32(micro_run, tmp_path):
     import yaml
     from safetensors.torch import load_file
 
-    from stages.stage import input_path
+    from stages.paths import input_path
 
     stage = tmp_path / "sft_long"
     shutil.copytree(micro_run / "sft_long", stage, ignore=shutil.ignore_patterns("checkpoints"))
