@@ -16,8 +16,8 @@ from modules.base_models import pretrain_lm, pretrain_vision
 from modules.loading import check_prompt, is_model_folder, load_tokenizer, write_config_folders
 from stages.config import CurriculumConfig, TrainerConfig
 from stages.data import load_recipe, run_data_stage
-from stages.report import write_report
-from stages.stage import RunInputs, StageResult, fingerprint, run_stage
+from stages.report import STAGES_FILE, write_report
+from stages.stage import RunInputs, StageResult, StageStopped, fingerprint, run_stage
 from stages.tb_logger import CurriculumTensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,8 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     inputs = RunInputs(run_dir, shard_dir, vision, lm, digests)
     results: list[StageResult] = []
     names = list(cfg.stages)
+    if rank_zero_only.rank == 0:  # the stage order, for a report of a run that has not finished
+        (run_dir / STAGES_FILE).write_text(json.dumps({"stages": names}, indent=2))
     step_offset = 0
     for index, name in enumerate(names):
         source = cfg.stages[name].init_from
@@ -194,7 +196,14 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
             # Longer captions raise the loss by construction; the check is for a broken handoff.
             log.info("stage %s: caption budget changed, the stage-boundary loss check is off", name)
             tail = []
-        result = run_stage(cfg, name, inputs, init_dir, None if init is None else init.fingerprint, step_offset, tail)
+        try:
+            result = run_stage(
+                cfg, name, inputs, init_dir, None if init is None else init.fingerprint, step_offset, tail
+            )
+        except StageStopped:
+            if rank_zero_only.rank == 0:  # the alerts that stopped it, and the stages before, in report.md
+                log.info("report of the stopped run: %s", write_report(run_dir))
+            raise
         free_stage_memory()
         results.append(result)
         step_offset += result.global_steps

@@ -29,11 +29,19 @@ TABLE = [
 ]
 
 
+# The curriculum's stage order, written when a run starts: a stopped or interrupted run has a report too.
+STAGES_FILE = "stages.json"
+
+
 def _stages(run_dir: Path) -> list[str]:
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
-        raise FileNotFoundError(f"--run_dir: {run_dir} has no summary.json; has its curriculum finished?")
-    return list(json.loads(summary.read_text()))
+    """The run's stages that have started (have a config.yaml), in curriculum order."""
+    listed = _read_json(run_dir / STAGES_FILE)
+    if listed is None:
+        raise FileNotFoundError(f"--run_dir: {run_dir} has no {STAGES_FILE}; is it a curriculum run folder?")
+    started = [name for name in listed["stages"] if (run_dir / name / "config.yaml").is_file()]
+    if not started:
+        raise FileNotFoundError(f"--run_dir: no stage of {run_dir} has started yet (no <stage>/config.yaml)")
+    return started
 
 
 def stage_problems(run_dir: Path, configs: dict[str, dict]) -> dict[str, str]:
@@ -45,7 +53,9 @@ def stage_problems(run_dir: Path, configs: dict[str, dict]) -> dict[str, str]:
         done = _read_json(run_dir / name / "done.json")
         source = config["spec"]["init_from"]
         upstream = names[index - 1] if source == "previous" else source
-        if done is None:
+        if done is None and (run_dir / name / "checkpoints" / "stopped.ckpt").exists():
+            problems[name] = "stopped by a stability alert (see Alerts); its checkpoints/stopped.ckpt is kept"
+        elif done is None:
             problems[name] = "unfinished (no done.json): its metrics and checkpoints may be missing or partial"
         elif done["fingerprint"] != config["fingerprint"]:
             problems[name] = "its config changed after it finished; the results shown are of the older config"

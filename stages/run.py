@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         except StageStopped as error:
-            print(f"stopped: {error}", file=sys.stderr)
+            print(f"stopped: {error}; the run so far: {run_dir / 'report.md'}", file=sys.stderr)
             return 3
         for result in results:
             m = result.metrics

@@ -256,6 +256,12 @@ def test_action_stop_ends_the_run_with_a_checkpoint_and_a_nonzero_exit(tmp_path,
     assert "stopped by a stability alert" in capsys.readouterr().err
     assert (run_dir / "align" / "checkpoints" / "stopped.ckpt").is_file()
     assert not (run_dir / "align" / "done.json").exists()
+    # The stopped run has its report: the alert that stopped it, and the stage named as stopped.
+    report = (run_dir / "report.md").read_text()
+    assert "| align | 1 | non_finite |" in report and "| stop |" in report
+    assert "- align: stopped by a stability alert" in report
+    assert "sft_short" not in report, "a stage that never started is not reported"
+    assert main(["report", f"--run_dir={run_dir}"]) == 0
 
 
 def test_a_shrinking_word_budget_is_warned_about(caplog):

@@ -116,3 +116,11 @@ def test_the_report_names_unfinished_and_stale_stages(micro_run, tmp_path):
     assert (
         "- sft_long: trained from an earlier sft_medium, which has been rerun since" in (run / "report.md").read_text()
     )
+
+
+def test_report_names_a_folder_that_is_no_run_or_has_no_started_stage(tmp_path, capsys):
+    assert main(["report", "--run_dir", str(tmp_path)]) == 2
+    assert f"{tmp_path} has no stages.json" in capsys.readouterr().err
+    (tmp_path / "stages.json").write_text(json.dumps({"stages": ["align"]}))
+    assert main(["report", "--run_dir", str(tmp_path)]) == 2
+    assert "no stage of" in capsys.readouterr().err
