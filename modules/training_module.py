@@ -119,6 +119,10 @@ class VLMModule(L.LightningModule):
 
     @override
     def train(self, mode: bool = True) -> VLMModule:
+        """A frozen vision tower runs in eval mode (its BatchNorm statistics stay as pretrained). A frozen
+        language model stays in train mode: gradients still flow through it to the projector, and Hugging
+        Face checkpoints activations only in train mode; its attention dropout is its config's (0 by default
+        in Llama, Qwen2 and Gemma)."""
         super().train(mode)
         if "vision" not in self.trainable:
             self.vlm.vision.eval()
