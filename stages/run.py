@@ -94,8 +94,27 @@ def eval_parser() -> ArgumentParser:
     return parser
 
 
+class CommandParser(ArgumentParser):
+    """jsonargparse's parser, with a hint where its message does not name the culprit: a misspelt stage name
+    in a dotted flag makes a new stage, which then lacks `trainable` and `max_words`."""
+
+    argv: list[str] = []
+
+    def error(self, message: str, ex: Exception | None = None):
+        if 'Parser key "stages"' in message and "required: trainable, max_words" in message:
+            flags = [arg.split("=")[0] for arg in self.argv if arg.startswith("--stages.") and arg.count(".") > 1]
+            names = sorted({flag.split(".")[1] for flag in flags})
+            culprit = f" (here one of {', '.join(f'--stages.{name}.*' for name in names)})" if names else ""
+            message += (
+                f"\n  A stage that only a dotted flag names{culprit} is a new stage, which needs trainable and "
+                "max_words: "
+                "is a stage name misspelt? `--print_config` shows the stages of the config files."
+            )
+        super().error(message, ex)
+
+
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m stages.run", description="vlm-curriculum: curriculum training for VLMs.")
+    parser = CommandParser(prog="python -m stages.run", description="vlm-curriculum: curriculum training for VLMs.")
     commands = parser.add_subcommands(dest="command")
     commands.add_subcommand("curriculum", curriculum_parser(), help="run the whole curriculum (the default: tiny.yaml)")
     commands.add_subcommand("data", data_parser(), help="build shards with a Data-Juicer recipe")
@@ -200,6 +219,7 @@ def default_run_dir(config_files: list) -> Path:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = build_parser()
+    parser.argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "curriculum":
         from datamodules.shards import ShardError

@@ -197,6 +197,14 @@ def test_unknown_override_names_the_key(tmp_path, capsys):
     assert "no_such_key" in capsys.readouterr().err
 
 
+def test_a_misspelt_stage_name_in_a_flag_is_named(tmp_path, capsys):
+    # jsonargparse's own message only says that a StageSpec lacks trainable and max_words.
+    with pytest.raises(SystemExit):
+        _run(tmp_path / "run", "--stages.sft_lng.trainer.max_steps=3")
+    err = capsys.readouterr().err
+    assert "--stages.sft_lng.*" in err and "is a stage name misspelt?" in err
+
+
 def test_missing_model_folder_names_the_flag(tmp_path, capsys):
     code = _run(tmp_path / "run", f"--model.vision_path={tmp_path / 'nowhere'}", f"--model.lm_path={tmp_path}")
     assert code == 2
