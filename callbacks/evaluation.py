@@ -271,8 +271,10 @@ class CaptionEvaluation(L.Callback):
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
         self.extra = extra or {}
         self.metrics: dict | None = None
+        self.final_done = False  # on every rank (only rank 0 scores and holds `metrics`)
         self.history: list[dict] = []
         self._last_step: int | None = None
+        self._final_step: float = float("inf")
 
     @override
     def state_dict(self) -> dict:
@@ -345,19 +347,26 @@ class CaptionEvaluation(L.Callback):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step  # resumed at an evaluated step: not evaluated again
+        self._final_step = trainer.estimated_stepping_batches  # max_steps, or what the epochs hold
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        # With gradient accumulation, the micro-batches after a step share its number: once per step.
-        if not (self.every_n_steps and step and step % self.every_n_steps == 0) or step == self._last_step:
+        if step == self._last_step:  # with gradient accumulation, the micro-batches after a step share its number
             return
-        # The last step's evaluation is on_train_end's; an epoch-based stage (max_steps -1) ends at the estimate.
-        last = trainer.max_steps if trainer.max_steps >= 0 else trainer.estimated_stepping_batches
-        if step < last:
+        # The stage's last step (max_steps, or the epochs' estimate) is evaluated here, before the checkpoint of
+        # that step is written (ModelCheckpoint runs after every other callback): a run killed during this
+        # evaluation resumes from an earlier checkpoint and evaluates again. Were the checkpoint written first,
+        # Lightning would resume at the last step and train no further, and no hook would evaluate the stage.
+        if step >= self._final_step:
+            self._last_step, self.final_done = step, True
+            self._run(trainer, pl_module, final=True)
+        elif self.every_n_steps and step and step % self.every_n_steps == 0:
             self._last_step = step
             self._run(trainer, pl_module, final=False)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._run(trainer, pl_module, final=True)
+        if not self.final_done:  # training ended before its last step: a stop alert, max_time
+            self.final_done = True
+            self._run(trainer, pl_module, final=True)

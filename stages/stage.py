@@ -243,6 +243,16 @@ def run_stage(
             f" and {stage_dir / 'checkpoints' / 'stopped.ckpt'}"
         )
 
+    if trainer.is_global_zero and not evaluation.final_done:
+        # Lightning resumed at the last step and trained no further: a run killed after that step's checkpoint.
+        # The final evaluation ran before that checkpoint was written (CaptionEvaluation), and wrote metrics.json.
+        metrics_path = stage_dir / "metrics.json"
+        if not metrics_path.is_file():
+            raise FileNotFoundError(
+                f"stage {name}: {last} is at the stage's last step, but {metrics_path} (written before that "
+                "checkpoint) is missing; delete the checkpoint to train the last steps again"
+            )
+        evaluation.metrics = json.loads(metrics_path.read_text())
     save_handoff(module.vlm, stage_dir / "export", write=trainer.is_global_zero)  # every rank: ZeRO-3 gathers
     if trainer.is_global_zero:
         boundary.write_losses(stage_dir / "losses.json")

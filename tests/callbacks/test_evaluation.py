@@ -51,6 +51,16 @@ def test_periodic_evaluation_also_runs_in_an_epoch_based_stage(tmp_path):
     assert by_steps.calls == [(4, False), (8, False), (12, True)], "the last step is the final evaluation's"
 
 
+def test_a_stage_stopped_early_is_evaluated_where_it_stopped(tmp_path):
+    class StopAt6(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            trainer.should_stop |= trainer.global_step == 6
+
+    schedule = Schedule(tmp_path)
+    _fit([schedule, StopAt6()], max_steps=12)
+    assert schedule.calls == [(4, False), (6, True)]
+
+
 def test_a_resumed_stage_does_not_repeat_the_evaluation_it_stopped_at(tmp_path):
     def checkpoint():
         return ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=4)

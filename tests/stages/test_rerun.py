@@ -1,0 +1,74 @@
+"""Rerunning a curriculum: what is skipped, what resumes, what starts afresh, after kills at awkward moments."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stages.run import main
+from tests.conftest import MICRO_ARGS
+
+# align ends on a checkpoint step (every 2 steps): the case where a kill after that checkpoint left a stage
+# that Lightning would not train again.
+ALIGN_4 = ["--stages.align.trainer.max_steps=4"]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL or an out-of-memory kill: nothing after it runs (Lightning re-raises it)."""
+
+
+def _run(run_dir: Path, *extra: str) -> int:
+    return main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS, *extra])
+
+
+def _kill_final_evaluation_of(stage: str, monkeypatch) -> None:
+    from callbacks.evaluation import CaptionEvaluation
+
+    original = CaptionEvaluation._run
+
+    def run(self, trainer, pl_module, final):
+        if final and self.stage == stage:
+            raise Killed(f"killed during the final evaluation of {stage}")
+        return original(self, trainer, pl_module, final)
+
+    monkeypatch.setattr(CaptionEvaluation, "_run", run)
+
+
+def test_a_stage_killed_in_its_final_evaluation_resumes_and_evaluates(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _kill_final_evaluation_of("align", patch)
+        with pytest.raises(Killed):
+            _run(run_dir, *ALIGN_4)
+    # The final evaluation runs before the last step's checkpoint is written: the rerun trains steps 3-4 again.
+    assert not (run_dir / "align" / "metrics.json").exists()
+    assert _run(run_dir, *ALIGN_4) == 0
+    assert json.loads((run_dir / "align" / "done.json").read_text())["global_steps"] == 4
+    assert json.loads((run_dir / "align" / "metrics.json").read_text())["global_step"] == 4
+    assert "align" in json.loads((run_dir / "summary.json").read_text())
+
+
+def test_a_stage_killed_after_its_last_checkpoint_finishes_on_rerun(tmp_path, monkeypatch):
+    """Killed while the handoff was written: last.ckpt is at the last step, so Lightning trains no further and
+    calls no training hook. The rerun crashed on its missing metrics, every time."""
+    import stages.stage
+
+    run_dir = tmp_path / "run"
+    original = stages.stage.save_handoff
+
+    def save_handoff(vlm, path, write=True):
+        if path.parent.name == "align":
+            raise Killed("killed while writing the handoff")
+        return original(vlm, path, write=write)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stages.stage, "save_handoff", save_handoff)
+        with pytest.raises(Killed):
+            _run(run_dir, *ALIGN_4)
+    metrics = json.loads((run_dir / "align" / "metrics.json").read_text())
+    assert _run(run_dir, *ALIGN_4) == 0
+    assert json.loads((run_dir / "align" / "done.json").read_text())["global_steps"] == 4
+    assert json.loads((run_dir / "summary.json").read_text())["align"]["chair_i"] == metrics["chair_i"]
+    assert (run_dir / "align" / "export" / "projector.safetensors").is_file()
