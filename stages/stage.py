@@ -49,6 +49,19 @@ def fingerprint(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Recorded in a stage's config.yaml as given, but not part of its fingerprint: its `inputs` identify the folders
+# these name (a normalised path and a digest), so the same folder spelled otherwise (relative or absolute, with
+# a trailing slash) is the same input, and a recipe's effect is in the digest of the shards it built.
+AS_GIVEN = (("data", "shard_dir"), ("data", "recipe"), ("model", "vision_path"), ("model", "lm_path"))
+
+
+def stage_fingerprint(resolved: dict) -> str:
+    hashed = {key: dict(value) if isinstance(value, dict) else value for key, value in resolved.items()}
+    for section, key in AS_GIVEN:
+        hashed[section].pop(key)
+    return fingerprint(hashed)
+
+
 @dataclass
 class RunInputs:
     """What every stage of a run reads: the shards and the base model folders, with their fingerprints."""
@@ -164,7 +177,7 @@ def run_stage(
     spec = cfg.stages[name]
     stage_dir = inputs.run_dir / name
     resolved = resolved_stage_config(cfg, name, inputs, init_print)
-    print_ = fingerprint(resolved)
+    print_ = stage_fingerprint(resolved)
     done_path = stage_dir / "done.json"
     if done_path.is_file():
         done = json.loads(done_path.read_text())

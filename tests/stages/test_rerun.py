@@ -72,3 +72,21 @@ def test_a_stage_killed_after_its_last_checkpoint_finishes_on_rerun(tmp_path, mo
     assert json.loads((run_dir / "align" / "done.json").read_text())["global_steps"] == 4
     assert json.loads((run_dir / "summary.json").read_text())["align"]["chair_i"] == metrics["chair_i"]
     assert (run_dir / "align" / "export" / "projector.safetensors").is_file()
+
+
+def test_the_same_folders_spelled_otherwise_are_the_same_inputs(tmp_path, micro_world, micro_base, monkeypatch, capsys):
+    """The raw flag values were part of every stage's fingerprint: a relative path, or a trailing slash, where
+    the first run had an absolute one, retrained the whole curriculum (and emptied the finished stages)."""
+    import os
+
+    vision, lm = micro_base
+    run_dir = tmp_path / "run"
+    assert (
+        _run(run_dir, f"--data.shard_dir={micro_world}", f"--model.vision_path={vision}", f"--model.lm_path={lm}") == 0
+    )
+    monkeypatch.chdir(tmp_path)
+    relative = [os.path.relpath(path, tmp_path) + "/" for path in (micro_world, vision, lm)]
+    capsys.readouterr()
+    flags = [f"--data.shard_dir={relative[0]}", f"--model.vision_path={relative[1]}", f"--model.lm_path={relative[2]}"]
+    assert _run(Path("run"), *flags, "--data.recipe=./configs/data/synthetic.yaml") == 0
+    assert capsys.readouterr().out.count("skipped: done before") == 4
