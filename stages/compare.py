@@ -139,6 +139,21 @@ def plot(result: dict, out: Path) -> None:
     save_figure(fig, out)
 
 
+def baseline_argv(
+    profile: Path, baseline_config: Path, run_dir: Path, seed: int, overrides: list[str], folders: dict[str, Path]
+) -> list[str]:
+    """The baseline arm's command line: the profile and the overrides, then its stages, on the curriculum's
+    shards and base models (`folders`)."""
+    # --stages.* overrides are already folded into baseline_stages.yaml, which comes after the other overrides:
+    # a --config among them that sets stages would otherwise turn the baseline into the curriculum.
+    rest = [flag for flag in overrides if not flag.startswith("--stages.")]
+    return [
+        "curriculum", "--config", str(profile), *rest, "--config", str(baseline_config), f"--run_dir={run_dir}",
+        f"--seed={seed}", f"--data.shard_dir={folders['shard_dir']}", f"--model.vision_path={folders['vision_path']}",
+        f"--model.lm_path={folders['lm_path']}",
+    ]  # fmt: skip
+
+
 def run_compare(profile: Path, seeds: list[int], root: Path, overrides: list[str]) -> dict:
     """Runs both arms for every seed (finished stages are skipped on a rerun) and writes the comparison."""
     from stages.run import curriculum_config, curriculum_parser, main
@@ -156,13 +171,8 @@ def run_compare(profile: Path, seeds: list[int], root: Path, overrides: list[str
         # The baseline reads the very shards and base models the curriculum trained from.
         inputs = yaml.safe_load((curriculum / next(iter(cfg.stages)) / "config.yaml").read_text())["inputs"]
         folders = {key: input_path(inputs[key], curriculum) for key in ("shard_dir", "vision_path", "lm_path")}
-        shared = [f"--data.shard_dir={folders['shard_dir']}"]
-        shared += [f"--model.vision_path={folders['vision_path']}", f"--model.lm_path={folders['lm_path']}"]
         baseline = root / f"baseline-{seed}"
-        argv = ["curriculum", "--config", str(profile), "--config", str(baseline_config), f"--run_dir={baseline}"]
-        # --stages.* overrides are already folded into baseline_stages.yaml.
-        rest = [flag for flag in overrides if not flag.startswith("--stages.")]
-        if main([*argv, f"--seed={seed}", *rest, *shared]):
+        if main(baseline_argv(profile, baseline_config, baseline, seed, overrides, folders)):
             raise RuntimeError(f"compare: the baseline run {baseline} failed")
         runs["curriculum"].append(curriculum)
         runs["baseline"].append(baseline)

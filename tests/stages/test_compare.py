@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from modules.training_module import LearningRates
-from stages.compare import baseline_stages
+from stages.compare import baseline_argv, baseline_stages
 from stages.config import CurriculumConfig, StageSpec, TrainerConfig
 from stages.run import main
 from tests.conftest import MICRO_ARGS
@@ -68,3 +68,33 @@ def test_compare_needs_a_seed(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", "--seeds", "0", "--root", str(tmp_path)])
     assert exit_info.value.code == 2 and "--seeds must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_config_among_the_overrides_does_not_replace_the_baselines_stages(tmp_path):
+    """A --config override that set stages came after baseline_stages.yaml: the baseline ran the curriculum."""
+    from stages.run import build_parser
+
+    tiny = "configs/curriculum/tiny.yaml"
+    mine = tmp_path / "my_stages.yaml"
+    mine.write_text(
+        "stages:\n"
+        "  align: {trainable: [projector], max_words: 8, init_from: base, trainer: {max_steps: 4}}\n"
+        "  sft_a: {trainable: [projector, lora], max_words: 8, trainer: {max_steps: 3}}\n"
+        "  sft_b: {trainable: [projector, lora], max_words: 48, trainer: {max_steps: 5}}\n"
+    )
+    parser = build_parser()
+    overrides = [f"--config={mine}", "--eval.limit=8"]
+    cfg = curriculum_config_of(parser, ["curriculum", "--config", tiny, *overrides])
+    baseline_config = tmp_path / "baseline_stages.yaml"
+    baseline_config.write_text(yaml.safe_dump({"stages": baseline_stages(cfg)}))
+    folders = {key: tmp_path / key for key in ("shard_dir", "vision_path", "lm_path")}
+    argv = baseline_argv(tiny, baseline_config, tmp_path / "baseline-0", 0, overrides, folders)
+    baseline = curriculum_config_of(build_parser(), argv)
+    assert list(baseline.stages) == ["align", "sft"] and baseline.stages["sft"].trainer.max_steps == 8
+    assert baseline.eval.limit == 8 and baseline.data.shard_dir == str(tmp_path / "shard_dir")
+
+
+def curriculum_config_of(parser, argv):
+    from stages.run import curriculum_config
+
+    return curriculum_config(parser.instantiate_classes(parser.parse_args(argv)).curriculum)
