@@ -7,6 +7,8 @@ Qwen, ...) go through these same functions; nothing is fetched from a hub (`loca
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,13 +219,29 @@ def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> t
     for flag, arch in (("--model.vision_arch", config.vision_arch), ("--model.lm_arch", config.lm_arch)):
         if not arch or "model_type" not in arch:
             raise ValueError(f"{flag}: random_init without a model folder needs a config dict with a model_type")
-    vision, lm = out / "vision", out / "lm"
-    AutoConfig.for_model(**config.vision_arch).save_pretrained(vision)
-    side = config.image_size
-    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(vision)
-    AutoConfig.for_model(**config.lm_arch).save_pretrained(lm)
-    train_world_tokenizer([*corpus, config.prompt], lm)
-    return vision, lm
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as scratch:
+        vision, lm = Path(scratch) / "vision", Path(scratch) / "lm"
+        AutoConfig.for_model(**config.vision_arch).save_pretrained(vision)
+        side = config.image_size
+        processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        processor.save_pretrained(vision)
+        AutoConfig.for_model(**config.lm_arch).save_pretrained(lm)
+        train_world_tokenizer([*corpus, config.prompt], lm)
+        return _replace_if_changed(vision, out / "vision"), _replace_if_changed(lm, out / "lm")
+
+
+def _files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+
+
+def _replace_if_changed(new: Path, dest: Path) -> Path:
+    """`dest`, replaced by `new` only if their files differ: rewriting the same files would change their
+    modification times, and with them the folder's digest, so that every stage of a rerun would start afresh."""
+    if _files_of(new) != _files_of(dest):
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.move(new, dest)
+    return dest
 
 
 def build_vlm(

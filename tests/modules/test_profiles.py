@@ -37,6 +37,24 @@ def test_profile_architectures_have_the_published_sizes(profile, tmp_path):
     assert processor.crop_size["height"] == config.image_size
 
 
+def test_random_init_folders_are_rewritten_only_when_they_change(tmp_path):
+    """They were written anew on every run: new file times, a new folder digest, so a rerun of a random-init
+    profile started every stage afresh (and deleted the checkpoint an interrupted stage would resume from)."""
+    from dataclasses import replace
+
+    from stages.curriculum import _folder_digest
+
+    config = _model_config("small_siglip_qwen")
+    folders = write_config_folders(config, tmp_path, ["a red circle"])
+    digests = [_folder_digest(folder) for folder in folders]
+    assert write_config_folders(config, tmp_path, ["a red circle"]) == folders
+    assert [_folder_digest(folder) for folder in folders] == digests
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm", "vision"], "no scratch folder is left behind"
+    wider = replace(config, lm_arch={**config.lm_arch, "hidden_size": 64, "num_attention_heads": 2})
+    write_config_folders(wider, tmp_path, ["a red circle"])
+    assert _folder_digest(folders[0]) == digests[0] and _folder_digest(folders[1]) != digests[1]
+
+
 def test_profile_without_its_folders_names_them(tmp_path, capsys):
     assert main(["curriculum", "--config", "configs/curriculum/mgm_2b.yaml", f"--run_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
