@@ -123,6 +123,8 @@ def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, i
     spec = cfg.stages[name]
     trainer = cfg.trainer.merged(spec.trainer)
     stage = {**asdict(spec), "trainer": asdict(trainer)}
+    instability = cfg.stability.instability
+    acting = instability.enabled and instability.action != "warn"
     if trainer.deepspeed_config:  # the file's content decides the run, not only its name
         from stages.strategies import resolve_config_path
 
@@ -136,8 +138,9 @@ def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, i
         "model": asdict(cfg.model),
         "data": asdict(cfg.data),
         "eval": asdict(cfg.eval),
-        # What changes the trained weights; thresholds and sinks only change what is reported.
-        "stability": {"action": cfg.stability.instability.action, "faults": cfg.stability.faults},
+        # What changes the trained weights: an action other than `warn` skips, rewinds or stops where the
+        # thresholds say; with `warn`, thresholds and sinks only change what is reported.
+        "stability": {"instability": asdict(instability) if acting else None, "faults": cfg.stability.faults},
         "inputs": {
             "shard_dir": stored_path(inputs.shard_dir, inputs.run_dir),
             "vision_path": stored_path(inputs.vision_path, inputs.run_dir),

@@ -90,3 +90,24 @@ def test_the_same_folders_spelled_otherwise_are_the_same_inputs(tmp_path, micro_
     flags = [f"--data.shard_dir={relative[0]}", f"--model.vision_path={relative[1]}", f"--model.lm_path={relative[2]}"]
     assert _run(Path("run"), *flags, "--data.recipe=./configs/data/synthetic.yaml") == 0
     assert capsys.readouterr().out.count("skipped: done before") == 4
+
+
+def test_stability_settings_are_in_the_fingerprint_where_they_change_the_weights(tmp_path):
+    """Only the action and the faults were: with `skip`, turning the monitor off (or changing its thresholds)
+    changes which updates are applied, yet the finished stages were skipped on rerun."""
+    from callbacks.instability import InstabilityConfig
+    from stages.config import CurriculumConfig, StabilityConfig, StageSpec
+    from stages.stage import RunInputs, resolved_stage_config, stage_fingerprint
+
+    inputs = RunInputs(tmp_path, tmp_path / "data", tmp_path / "vision", tmp_path / "lm", {})
+    stages = {"align": StageSpec(["projector"], 8, init_from="base")}
+
+    def print_(**instability) -> str:
+        cfg = CurriculumConfig(stages=stages, stability=StabilityConfig(InstabilityConfig(**instability)))
+        return stage_fingerprint(resolved_stage_config(cfg, "align", inputs, None))
+
+    warn = print_(action="warn")
+    assert print_(action="warn", z=3.0) == print_(action="warn", enabled=False) == warn  # reporting only
+    skip = print_(action="skip")
+    assert len({warn, skip, print_(action="skip", z=3.0), print_(action="skip", enabled=False)}) == 3
+    assert print_(action="skip", enabled=False) == warn  # no monitor: nothing is skipped
