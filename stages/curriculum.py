@@ -62,6 +62,7 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
     if stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == wanted:
         return shard_dir
     log.info("building the shards with the data recipe %s in %s", recipe_path, shard_dir)
+    stamp.unlink(missing_ok=True)  # a build killed midway must not leave the old stamp vouching for its files
     report = run_data_stage(recipe, shard_dir, cfg.world, cfg.seed)
     log_data_report(run_dir, report, (shard_dir / "report.md").read_text())
     stamp.write_text(json.dumps({"fingerprint": wanted, "recipe": str(recipe_path)}))
@@ -123,6 +124,7 @@ def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Pat
     stamp = base / "build.json"
     if not (stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == wanted):
         base.mkdir(parents=True, exist_ok=True)
+        stamp.unlink(missing_ok=True)  # a build killed midway must not leave the old stamp vouching for its files
         log.info("pretraining the tiny vision tower and language model under %s", base)
         accuracy = pretrain_vision(cfg.base, cfg.world, cfg.seed, base / "vision")
         loss = pretrain_lm(cfg.base, cfg.world, cfg.seed, base / "lm")

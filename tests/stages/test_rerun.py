@@ -111,3 +111,51 @@ def test_stability_settings_are_in_the_fingerprint_where_they_change_the_weights
     skip = print_(action="skip")
     assert len({warn, skip, print_(action="skip", z=3.0), print_(action="skip", enabled=False)}) == 3
     assert print_(action="skip", enabled=False) == warn  # no monitor: nothing is skipped
+
+
+def _micro_config(seed: int):
+    from stages.config import CurriculumConfig, StageSpec
+    from tests.conftest import MICRO_BASE, MICRO_WORLD
+
+    stages = {"align": StageSpec(["projector"], 8, init_from="base")}
+    return CurriculumConfig(stages=stages, seed=seed, base=MICRO_BASE, world=MICRO_WORLD)
+
+
+def _count_calls(monkeypatch, module, name: str) -> list:
+    calls, original = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: calls.append(name) or original(*args))
+    return calls
+
+
+def test_a_base_model_build_killed_midway_is_built_again(tmp_path, monkeypatch):
+    """A rebuild for seed 1, killed after the tower was saved, left seed 0's stamp: the seed-0 rerun then
+    trained on seed 1's tower with seed 0's language model."""
+    import stages.curriculum as curriculum
+
+    curriculum.prepare_base_models(_micro_config(0), tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(curriculum, "pretrain_lm", lambda *args: (_ for _ in ()).throw(Killed()))
+        with pytest.raises(Killed):
+            curriculum.prepare_base_models(_micro_config(1), tmp_path)
+    calls = _count_calls(monkeypatch, curriculum, "pretrain_vision")
+    curriculum.prepare_base_models(_micro_config(0), tmp_path)
+    assert calls == ["pretrain_vision"]
+
+
+def test_a_shard_build_killed_midway_is_built_again(tmp_path, monkeypatch):
+    import stages.curriculum as curriculum
+
+    curriculum.prepare_data(_micro_config(0), tmp_path)
+    original = curriculum.run_data_stage
+
+    def killed_after_writing(*args):
+        original(*args)
+        raise Killed()  # the shards written, the stamp not yet
+
+    with monkeypatch.context() as patch:
+        patch.setattr(curriculum, "run_data_stage", killed_after_writing)
+        with pytest.raises(Killed):
+            curriculum.prepare_data(_micro_config(1), tmp_path)
+    calls = _count_calls(monkeypatch, curriculum, "run_data_stage")
+    curriculum.prepare_data(_micro_config(0), tmp_path)
+    assert calls == ["run_data_stage"]
