@@ -139,6 +139,18 @@ def _losses(stage_dir: Path) -> list[float]:
     return json.loads(path.read_text())["losses"] if path.is_file() else []
 
 
+def boundary_tail(cfg: CurriculumConfig, name: str, source: str | None, run_dir: Path) -> list[float]:
+    """The losses the stage-boundary check compares stage `name`'s first losses with: those of the stage it
+    starts from (`source`; none when it starts from the base models), if both train on the same word budget."""
+    if source is None:
+        return []
+    if cfg.stages[source].max_words != cfg.stages[name].max_words:
+        # Longer captions raise the loss by construction; the check is for a broken handoff.
+        log.info("stage %s: caption budget changed from %s, the stage-boundary loss check is off", name, source)
+        return []
+    return _losses(run_dir / source)
+
+
 def ranks(trainer: TrainerConfig) -> int:
     """The processes a stage trains on, as Lightning reads `devices` and `num_nodes` ("auto" and -1: every
     visible GPU, or one process on the CPU; "2": two devices; "0,3": those two)."""
@@ -193,11 +205,7 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
         source = names[index - 1] if source == "previous" else source
         init = None if source == "base" else next(r for r in results if r.name == source)
         init_dir = None if init is None else run_dir / init.name / "export"
-        tail = _losses(run_dir / results[-1].name) if results else []
-        if results and cfg.stages[results[-1].name].max_words != cfg.stages[name].max_words:
-            # Longer captions raise the loss by construction; the check is for a broken handoff.
-            log.info("stage %s: caption budget changed, the stage-boundary loss check is off", name)
-            tail = []
+        tail = boundary_tail(cfg, name, None if init is None else init.name, run_dir)
         try:
             result = run_stage(
                 cfg, name, inputs, init_dir, None if init is None else init.fingerprint, step_offset, tail

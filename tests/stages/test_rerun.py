@@ -159,3 +159,31 @@ def test_a_shard_build_killed_midway_is_built_again(tmp_path, monkeypatch):
     calls = _count_calls(monkeypatch, curriculum, "run_data_stage")
     curriculum.prepare_data(_micro_config(0), tmp_path)
     assert calls == ["run_data_stage"]
+
+
+def test_the_stage_boundary_check_compares_with_the_stage_started_from(tmp_path, monkeypatch):
+    """It took the losses of the stage before in the list: a stage starting from the base models, or from an
+    earlier stage, was compared with a stage whose weights it never saw."""
+    import stages.curriculum as curriculum
+    from stages.config import StageSpec
+    from stages.stage import StageResult
+
+    stages = {
+        "align": StageSpec(["projector"], 8, init_from="base"),
+        "sft_a": StageSpec(["lora"], 8, init_from="base"),
+        "sft_b": StageSpec(["lora"], 8, init_from="align"),
+        "sft_c": StageSpec(["lora"], 20),
+    }
+    tails = {}
+
+    def run_stage(cfg, name, inputs, init_dir, init_print, step_offset, previous_tail):
+        tails[name] = previous_tail  # instead of training: record the tail, and leave losses of its own
+        (inputs.run_dir / name).mkdir()
+        (inputs.run_dir / name / "losses.json").write_text(json.dumps({"losses": [float(len(tails))]}))
+        return StageResult(name, name, 1, {}, skipped=False)
+
+    monkeypatch.setattr(curriculum, "run_stage", run_stage)
+    monkeypatch.setattr(curriculum, "write_report", lambda run_dir: run_dir / "report.md")
+    cfg = _micro_config(0)
+    curriculum.run_curriculum(type(cfg)(**{**vars(cfg), "stages": stages}), tmp_path)
+    assert tails == {"align": [], "sft_a": [], "sft_b": [1.0], "sft_c": []}  # sft_c: a longer budget, no check
