@@ -14,6 +14,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
 log = logging.getLogger(__name__)
 
 KINDS = ("loss_spike", "grad_spike", "non_finite", "divergence", "epoch_boundary", "stage_boundary")
@@ -57,13 +61,32 @@ class Alert:
         return record
 
 
-class AlertSinks:
-    """Delivers alerts of one stage. Only rank 0 should call `emit` (the callbacks see to that)."""
+class AlertSinks(Callback):
+    """Delivers alerts of one stage. Only rank 0 should call `emit` (the callbacks see to that).
+
+    Also a callback, so that `alerts.jsonl` follows the checkpoints: a checkpoint records how many alerts the
+    file held, and a stage resumed from it drops the later ones, which the replayed steps raise again.
+    """
 
     def __init__(self, stage: str, jsonl_path: Path | None = None, webhook_url: str | None = None) -> None:
         self.stage, self.jsonl_path, self.webhook_url = stage, jsonl_path, webhook_url
         self.counts: Counter[str] = Counter()
         self.webhook_failures = 0
+
+    def _lines(self) -> list[str]:
+        path = self.jsonl_path
+        return path.read_text().splitlines(keepends=True) if path is not None and path.is_file() else []
+
+    @override
+    def state_dict(self) -> dict:
+        return {"alerts": len(self._lines())}
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        kept = self._lines()[: state_dict["alerts"]]
+        self.counts = Counter(json.loads(line)["kind"] for line in kept)
+        if rank_zero_only.rank == 0 and self.jsonl_path is not None and self.jsonl_path.is_file():
+            self.jsonl_path.write_text("".join(kept))
 
     def emit(self, alert: Alert, logger=None) -> None:
         self.counts[alert.kind] += 1

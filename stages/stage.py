@@ -158,13 +158,13 @@ def _stage_seed(seed: int, name: str) -> int:
 
 def stability_callbacks(
     cfg: CurriculumConfig, name: str, stage_dir: Path, previous_tail: list[float]
-) -> tuple[InstabilityMonitor | None, BoundaryCheck]:
+) -> tuple[AlertSinks, InstabilityMonitor | None, BoundaryCheck]:
     stability = cfg.stability
     sinks = AlertSinks(name, stage_dir / "alerts.jsonl", stability.webhook_url)
     monitor = InstabilityMonitor(stability.instability, sinks, name) if stability.instability.enabled else None
     # The boundary check also records the per-step losses, so it runs even when its alerts are off.
     boundary_config = stability.boundary if stability.boundary.enabled else replace(stability.boundary, z=float("inf"))
-    return monitor, BoundaryCheck(boundary_config, sinks, name, previous_tail)
+    return sinks, monitor, BoundaryCheck(boundary_config, sinks, name, previous_tail)
 
 
 def run_stage(
@@ -231,14 +231,14 @@ def run_stage(
         save_top_k=0,
         every_n_train_steps=cfg.checkpoint.every_n_train_steps,
     )
-    monitor, boundary = stability_callbacks(cfg, name, stage_dir, previous_tail or [])
+    sinks, monitor, boundary = stability_callbacks(cfg, name, stage_dir, previous_tail or [])
     faults = FaultInjection(cfg.stability.faults, cfg.seed) if cfg.stability.faults else None
     trainer_config = cfg.trainer.merged(spec.trainer)
     throughput = Throughput(log_every=trainer_config.log_every_n_steps or 50)
     trainer = L.Trainer(
         **trainer_config.kwargs(),
         logger=CurriculumTensorBoardLogger(str(inputs.run_dir), step_offset),
-        callbacks=[c for c in (faults, monitor, boundary, throughput, evaluation, checkpoint) if c is not None]
+        callbacks=[c for c in (faults, monitor, boundary, sinks, throughput, evaluation, checkpoint) if c is not None]
         + [LearningRateMonitor(logging_interval="step")],
         default_root_dir=stage_dir,
         reload_dataloaders_every_n_epochs=1,  # a new, seeded shuffle order every epoch
@@ -250,8 +250,10 @@ def run_stage(
     # Only now, with the stage built: a stage that fails to build leaves the previous run's folder as it was.
     prepare_stage_folder(stage_dir, print_, resolved, rank_zero_only.rank == 0)
     last = stage_dir / "checkpoints" / "last.ckpt"  # a file; under DeepSpeed a link to a folder (strategies.py)
-    if last.exists():
+    if last.exists():  # the alerts after the checkpoint are dropped (AlertSinks), the replayed steps raise them
         log.info("stage %s: resuming from %s", name, last)
+    elif rank_zero_only.rank == 0:  # a run killed before its first checkpoint: every step is trained again
+        (stage_dir / "alerts.jsonl").unlink(missing_ok=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
     if monitor is not None and monitor.stopped:
         raise StageStopped(

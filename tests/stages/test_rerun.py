@@ -187,3 +187,29 @@ def test_the_stage_boundary_check_compares_with_the_stage_started_from(tmp_path,
     cfg = _micro_config(0)
     curriculum.run_curriculum(type(cfg)(**{**vars(cfg), "stages": stages}), tmp_path)
     assert tails == {"align": [], "sft_a": [], "sft_b": [1.0], "sft_c": []}  # sft_c: a longer budget, no check
+
+
+def test_a_resumed_stage_does_not_repeat_its_alerts(tmp_path, monkeypatch):
+    """The steps after the checkpoint are trained again, and raised their alerts again: alerts.jsonl and the
+    report listed the step-2 NaN twice."""
+    from callbacks.evaluation import CaptionEvaluation
+
+    run_dir = tmp_path / "run"
+    flags = [*ALIGN_4, "--stability.faults={2: nan}", "--stability.instability.action=skip"]
+    original = CaptionEvaluation.on_train_batch_end
+
+    def killed_at_step_3(self, trainer, *args):
+        if self.stage == "align" and trainer.global_step == 3:
+            raise Killed("killed after step 3 (the checkpoint is at step 2, the alert at step 2)")
+        return original(self, trainer, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CaptionEvaluation, "on_train_batch_end", killed_at_step_3)
+        with pytest.raises(Killed):
+            _run(run_dir, *flags)
+    assert len((run_dir / "align" / "alerts.jsonl").read_text().splitlines()) == 1
+    assert _run(run_dir, *flags) == 0
+    for name in ("align", "sft_short"):
+        alerts = [json.loads(line) for line in (run_dir / name / "alerts.jsonl").read_text().splitlines()]
+        assert [(a["kind"], a["step"]) for a in alerts] == [("non_finite", 2)], name
+    assert (run_dir / "report.md").read_text().count("| align | 2 | non_finite |") == 1
