@@ -23,6 +23,7 @@ from typing_extensions import override
 from datamodules.captions import PromptFormat
 from datamodules.images import as_image
 from stages.metrics import DEFAULT_BUCKETS, caption_metrics, vqa_exact
+from stages.paths import write_text_atomic
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()  # evaluated sets (by their first unannotated key) already warned about
@@ -329,7 +330,7 @@ class CaptionEvaluation(L.Callback):
             generation = {**self.generate_kwargs, "do_sample": False}  # generate_captions decodes greedily or by beam
             record = {"stage": self.stage, "global_step": step, "generation": generation}
             record.update(metrics, **self.extra, history=self.history)
-            self.out_path.write_text(json.dumps(record, indent=2))
+            write_text_atomic(self.out_path, json.dumps(record, indent=2))
             samples_path = self.out_path.with_name("captions.jsonl")
             samples_path.write_text("".join(json.dumps({"key": k, "caption": t}) + "\n" for k, _, t in results))
             shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if not isinstance(v, dict))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 
@@ -21,3 +23,17 @@ def input_path(stored: str, run_dir: Path) -> Path:
         return path
     inside = Path(run_dir) / path
     return inside if inside.exists() or not path.exists() else path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Writes `path` whole or not at all (a temporary file beside it, then renamed over it): the files a rerun
+    decides by (config.yaml, metrics.json, done.json) are never left half-written by a kill."""
+    path = Path(path)
+    handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(text)
+        os.replace(scratch, path)
+    except BaseException:
+        Path(scratch).unlink(missing_ok=True)
+        raise

@@ -39,7 +39,7 @@ from modules.loading import build_vlm, probe_image_tokens
 from modules.training_module import AlignModule, LoRASFTModule, OptimSpec, VLMModule
 from modules.vlm import VisionLanguageModel
 from stages.config import CurriculumConfig, StageSpec
-from stages.paths import stored_path
+from stages.paths import stored_path, write_text_atomic
 from stages.tb_logger import CurriculumTensorBoardLogger
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def prepare_stage_folder(stage_dir: Path, print_: str, resolved: dict, rank_zero
         shutil.rmtree(stage_dir)
         stage_dir.mkdir(parents=True)
     (stage_dir / "done.json").unlink(missing_ok=True)
-    config_path.write_text(yaml.safe_dump({"fingerprint": print_, **resolved}, sort_keys=False))
+    write_text_atomic(config_path, yaml.safe_dump({"fingerprint": print_, **resolved}, sort_keys=False))
 
 
 def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig) -> VLMModule:
@@ -280,7 +280,7 @@ def run_stage(
             "wall_s": round(time.perf_counter() - started, 1),
             "resources": throughput.summary(),
         }
-        done_path.write_text(json.dumps(done, indent=2))
+        write_text_atomic(done_path, json.dumps(done, indent=2))
     # The other ranks go on to the next stage, which reads this stage's export: wait until rank 0 wrote it.
     trainer.strategy.barrier("stage_written")
     return StageResult(name, print_, trainer.global_step, evaluation.metrics, skipped=False)

@@ -213,3 +213,16 @@ def test_a_resumed_stage_does_not_repeat_its_alerts(tmp_path, monkeypatch):
         alerts = [json.loads(line) for line in (run_dir / name / "alerts.jsonl").read_text().splitlines()]
         assert [(a["kind"], a["step"]) for a in alerts] == [("non_finite", 2)], name
     assert (run_dir / "report.md").read_text().count("| align | 2 | non_finite |") == 1
+
+
+def test_a_file_written_atomically_is_never_left_half_written(tmp_path, monkeypatch):
+    import os
+
+    from stages.paths import write_text_atomic
+
+    path = tmp_path / "done.json"
+    write_text_atomic(path, '{"fingerprint": "old"}')
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        write_text_atomic(path, '{"fingerprint": "new", "global_steps": 400}')
+    assert path.read_text() == '{"fingerprint": "old"}' and [p.name for p in tmp_path.iterdir()] == ["done.json"]
