@@ -113,6 +113,9 @@ def _record_row(record: dict, key: str, caption: str, images, base: Path, skips:
     meta = _annotations(record, key, skips)
     if meta is None:
         return None
+    if not (images is None or isinstance(images, str) or _strings(images)):
+        skips.skip("bad_record", key)  # an image field that is neither a path nor a list of paths
+        return None
     images = [images] if isinstance(images, str) else list(images or [])
     if len(images) > 1:  # the shards and the model take one image a sample
         skips.skip("several_images", key)
@@ -129,6 +132,10 @@ def _record_row(record: dict, key: str, caption: str, images, base: Path, skips:
     return _row(key, caption, path, meta, split, split_key=_relative(path, base))
 
 
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
 def _relative(path: Path, base: Path) -> str:
     resolved = path.resolve()
     try:
@@ -142,7 +149,7 @@ def unique_keys(rows: list[dict], skips: SkipLog) -> list[dict]:
     there, so dots become "_" (the original id stays in the sample's metadata as `id`). A key seen
     before is skipped and counted (`duplicate_key`): two samples of one key break a shard."""
     ids = {row["__key__"] for row in rows}
-    seen, kept = set(), []
+    seen, used, kept = set(), set(), []
     for row in rows:
         original = row["__key__"]
         if original in seen:
@@ -151,8 +158,9 @@ def unique_keys(rows: list[dict], skips: SkipLog) -> list[dict]:
         seen.add(original)
         key = original.replace(".", "_")
         if key != original:
-            if key in ids:  # "a.b" beside an "a_b" of its own: keep both, apart
+            if key in ids or key in used:  # "a.b" beside an "a_b" of its own, or "a.b_c" beside "a_b.c": apart
                 key += "_" + hashlib.sha1(original.encode()).hexdigest()[:6]
+            used.add(key)
             row["meta_json"] = json.dumps({**json.loads(row["meta_json"]), "id": original})
             row["__key__"] = key
         kept.append(row)
@@ -164,12 +172,24 @@ def read_llava_json(path: Path, skips: SkipLog, image_root: Path | None = None) 
         records = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not a JSON list of LLaVA records ({error})") from error
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: not a JSON list of LLaVA records (a {type(records).__name__})")
     base = image_root or path.parent
     for number, record in enumerate(records):
+        if not isinstance(record, dict):
+            skips.skip("bad_record", f"{path.stem}-{number}")
+            continue
         key = str(record.get("id", f"{path.stem}-{number}"))
-        answers = [turn["value"] for turn in record.get("conversations", []) if turn.get("from") == "gpt"]
+        turns = record.get("conversations", [])
+        if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
+            skips.skip("bad_record", key)
+            continue
+        answers = [turn.get("value") for turn in turns if turn.get("from") == "gpt"]
         if not answers:
             skips.skip("no_caption", key)
+            continue
+        if not isinstance(answers[0], str):
+            skips.skip("bad_record", key)
             continue
         row = _record_row(record, key, answers[0].replace("<image>", "").strip(), record.get("image"), base, skips)
         if row is not None:
@@ -188,7 +208,13 @@ def read_dj_jsonl(path: Path, skips: SkipLog, image_root: Path | None = None) ->
             except json.JSONDecodeError:
                 skips.skip("unreadable_line", key)
                 continue
+            if not isinstance(record, dict):
+                skips.skip("bad_record", key)
+                continue
             key = str(record.get("__key__") or record.get("id") or key)
+            if not isinstance(record.get("text", ""), str):
+                skips.skip("bad_record", key)
+                continue
             row = _record_row(record, key, strip_dj_tokens(record.get("text", "")), record.get("images"), base, skips)
             if row is not None:
                 yield row

@@ -10,10 +10,14 @@ depend on corpus size, and on TTR only over equally many tokens.
 from __future__ import annotations
 
 import math
+import string
 
 
 def tokens(text: str) -> list[str]:
-    return text.lower().split()
+    """Lower-cased words, without the punctuation around them: "Dog," and "dog" are one word type (raw
+    captions are punctuated, generated ones mostly not; counted apart, raw text would look more diverse)."""
+    words = (word.strip(string.punctuation) for word in text.lower().split())
+    return [word for word in words if word]
 
 
 def _mtld_pass(words: list[str], threshold: float) -> float:

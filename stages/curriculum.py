@@ -37,12 +37,23 @@ SHARD_FORMAT = 2
 
 def _data_inputs(recipe, cfg: CurriculumConfig) -> dict:
     """What the shards are made from besides the recipe: the synthetic world and seed, or the input file
-    (its path, size and modification time: an edited file rebuilds the shards; a changed world does not)."""
+    (its path, size and modification time: an edited file rebuilds the shards; a changed world does not),
+    and the model folders the recipe's ops load (a retrained captioner rebuilds them)."""
+    models = {
+        f"{name}.{arg}": _folder_digest(Path(value))
+        for item in recipe.process
+        for name, args in item.items()
+        for arg, value in (args or {}).items()
+        if isinstance(value, str) and value and Path(value).is_dir()
+    }
     if recipe.input.format == "synthetic":
-        return {"world": cfg.world, "seed": cfg.seed}
+        return {"world": cfg.world, "seed": cfg.seed, "models": models}
     path = Path(recipe.input.path)
     stat = path.stat() if path.is_file() else None
-    return {"input": str(path.resolve()), "size": stat and stat.st_size, "mtime_ns": stat and stat.st_mtime_ns}
+    return {
+        "input": str(path.resolve()), "size": stat and stat.st_size, "mtime_ns": stat and stat.st_mtime_ns,
+        "models": models,
+    }  # fmt: skip
 
 
 def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:

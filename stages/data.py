@@ -113,16 +113,49 @@ def quiet_data_juicer() -> None:
     logger.add(sys.stderr, level="WARNING")
 
 
-def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path) -> tuple[list[dict], list[dict]]:
+# The project's caption ops: they write `caption_variants`, which the shards take their captions from, and
+# set `text` to the longest variant without Data-Juicer's `<__dj__image>` token (so that text filters judge
+# the caption alone).
+CAPTION_OPS = ("oracle_caption_mapper", "blip2_caption_mapper")
+# Data-Juicer ops that find a sample's image through that token in its text: after a caption op they see none.
+IMAGE_TOKEN_OPS = (
+    "image_text_matching_filter", "image_text_similarity_filter", "phrase_grounding_recall_filter",
+    "image_captioning_mapper", "image_diffusion_mapper", "detect_character_locations_mapper",
+)  # fmt: skip
+
+
+def check_process(process: list[dict]) -> None:
+    """Fails before any op runs on what the recipe's `process` would get silently wrong: unknown ops and
+    misspelt op arguments (Data-Juicer's preflight check), and ops that cannot follow a caption op."""
+    from data_juicer.core.preflight import PipelineConfigError, pre_instantiation_check
+
+    import datamodules.recaption_ops  # noqa: F401  (registers the project's ops)
+
+    try:
+        pre_instantiation_check(process)
+    except PipelineConfigError as error:
+        raise ValueError(f"recipe process: {error}") from error
+    names = [name for item in process for name in item]
+    first = next((name for name in names if name in CAPTION_OPS), None)
+    if first is not None:
+        after = [name for name in names[names.index(first) + 1 :] if name in IMAGE_TOKEN_OPS]
+        if after:
+            raise ValueError(
+                f"recipe process: {', '.join(after)} after {first} would judge no image (they find images through "
+                f"Data-Juicer's <__dj__image> token, which {first} leaves out of the new caption); run them before it"
+            )
+
+
+def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(surviving rows, per-op accounting) after running the recipe's ops one at a time."""
     import datasets
     from data_juicer.core.data import NestedDataset
     from data_juicer.ops import load_ops
     from data_juicer.ops.base_op import Filter
     from data_juicer.utils.constant import Fields
+    from transformers import set_seed
 
-    import datamodules.recaption_ops  # noqa: F401  (registers the project's ops)
-
+    check_process(process)
     quiet_data_juicer()
     datasets.disable_progress_bars()
     # Ops run in this process unless the recipe sets num_proc: a forked worker that runs torch after
@@ -139,6 +172,7 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path) -> tuple[li
     accounting = []
     stats_dir.mkdir(parents=True, exist_ok=True)
     for op in load_ops(process):
+        set_seed(seed)  # an op that samples (the stock captioner does) writes the same shards on every run
         before, started = len(dataset), time.perf_counter()
         if isinstance(op, Filter):
             dataset = op.run(dataset, reduce=False)
@@ -162,6 +196,41 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path) -> tuple[li
         )
         log.info("data op %s: %d in, %d out", op._name, before, len(dataset))
     return dataset.to_list(), accounting
+
+
+def check_captions(rows: list[dict]) -> None:
+    """Fails when an op after a caption op changed `text`: the shards take their captions from
+    `caption_variants`, which it did not change, while the filters and the report saw the changed text."""
+    for row in rows:
+        if row.get("caption_variants"):
+            variants = json.loads(row["caption_variants"]).values()
+            if strip_dj_tokens(row["text"]) not in {strip_dj_tokens(text) for text in variants}:
+                raise ValueError(
+                    f"recipe process: an op after the caption op changed the text of sample {row['__key__']} "
+                    f"({row['text'][:60]!r}), and the shards would keep the unchanged caption variants; run text "
+                    "mappers before the caption op"
+                )
+
+
+def distinct_keys(rows: list[dict]) -> int:
+    """Gives every sample a key of its own; returns how many were renamed. An op may turn one sample into
+    several that share its key (Data-Juicer's image_captioning_mapper keeps the original beside its
+    `caption_num` new ones), and a shard cannot hold a key twice: the later ones become key_1, key_2, ..."""
+    taken = {row["__key__"] for row in rows}
+    seen, renamed = set(), 0
+    for row in rows:
+        key = row["__key__"]
+        if key in seen:
+            number = 1
+            while f"{key}_{number}" in taken:
+                number += 1
+            row["__key__"] = f"{key}_{number}"
+            taken.add(row["__key__"])
+            renamed += 1
+        seen.add(row["__key__"])
+    if renamed:
+        log.info("data: %d samples made by ops from another sample got a key of their own (key_1, ...)", renamed)
+    return renamed
 
 
 def caption_variants(row: dict) -> dict[str, str]:
@@ -204,7 +273,9 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
         )
     for row in rows:
         row["raw_caption"] = strip_dj_tokens(row["text"])
-    kept, accounting = _run_ops(rows, recipe.process, out_dir / "stats")
+    kept, accounting = _run_ops(rows, recipe.process, out_dir / "stats", seed)
+    check_captions(kept)
+    renamed = distinct_keys(kept)
 
     # A caption op can leave a sample with nothing to train on (an empty generation): counted, not written.
     empty, written = SkipLog(), []
@@ -227,13 +298,13 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
     (out_dir / INDEX_NAME).write_text(json.dumps(index))
 
     shutil.rmtree(out_dir / "work", ignore_errors=True)  # the images now live in the shards
-    report = build_report(recipe, rows, kept, accounting, skips, total, empty)
+    report = build_report(recipe, rows, kept, accounting, skips, total, empty, renamed)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(report_markdown(report))
     return report
 
 
-def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int, empty: SkipLog) -> dict:
+def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int, empty: SkipLog, renamed: int = 0) -> dict:
     raw = [r["raw_caption"] for r in rows]
     new = [r["text"] if r.get("caption_variants") else caption_variants(r)["caption"] for r in kept]
     equal = min(sum(len(t.split()) for t in raw), sum(len(t.split()) for t in new))
@@ -243,7 +314,13 @@ def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int, emp
     ]
     return {
         "recipe": asdict(recipe),
-        "samples": {"input": total, "skipped_at_input": skips.total, "processed": len(rows), "kept": len(kept)},
+        "samples": {
+            "input": total,
+            "skipped_at_input": skips.total,
+            "processed": len(rows),
+            "kept": len(kept),
+            "renamed_keys": renamed,
+        },  # fmt: skip
         "input_skips": {"counts": dict(skips.counts), "first_keys": skips.examples},
         "output_skips": {"counts": dict(empty.counts), "first_keys": empty.examples},
         "ops": accounting,
@@ -257,7 +334,12 @@ def report_markdown(report: dict) -> str:
     lines = [
         "# Data report",
         "",
-        f"{s['input']} input samples, {s['skipped_at_input']} unusable at input, {s['kept']} kept.",
+        f"{s['input']} input samples, {s['skipped_at_input']} unusable at input, {s['kept']} kept"
+        + (
+            f" ({s['renamed_keys']} made by an op from another sample, with a key of their own)."
+            if s.get("renamed_keys")
+            else "."
+        ),
         "",
         "| op | in | out | dropped | args |",
         "|---|---|---|---|---|",

@@ -66,7 +66,7 @@ def _turns(answer: str) -> list[dict]:
 def test_llava_input_through_blip2_and_filters_with_every_skip_counted(blip2, llava, tmp_path):
     out = tmp_path / "shards"
     report = run_data_stage(_recipe(blip2, "llava", llava, max_skip_share=0.5), out)
-    assert report["samples"] == {"input": 6, "skipped_at_input": 2, "processed": 4, "kept": 3}
+    assert report["samples"] == {"input": 6, "skipped_at_input": 2, "processed": 4, "kept": 3, "renamed_keys": 0}
     assert report["input_skips"]["counts"] == {"missing_image": 1, "corrupt_image": 1}
     assert report["input_skips"]["first_keys"] == {"missing_image": ["missing"], "corrupt_image": ["corrupt"]}
     assert [(o["op"], o["in"], o["out"]) for o in report["ops"]] == [
@@ -182,3 +182,58 @@ def test_text_statistics_against_hand_computed_values():
     stats = corpus_stats(["a red circle", "a red circle and a blue star"], ttr_tokens=3)
     assert stats["mean_words"] == pytest.approx(5.0) and stats["vocabulary"] == 6  # (3 + 7) / 2
     assert stats["ttr_equal_tokens"] == pytest.approx(1.0) and stats["ttr_tokens"] == 3
+
+
+def test_the_stock_captioner_with_its_defaults_writes_readable_identical_shards(llava, tmp_path):
+    """Data-Juicer's default keeps the original sample beside the new one: both had the same key, which a
+    shard cannot hold twice (reading it failed); and it samples, so two runs wrote different shards."""
+    from tests.stages.blip2_fixture import build_tiny_blip2
+
+    model = build_tiny_blip2(tmp_path / "opt_layout_blip2", opt_image_token=True)
+    recipe = RecipeConfig(
+        input=InputSpec(format="llava", path=str(llava)),
+        process=[{"image_captioning_mapper": {"hf_img2seq": str(model)}}],
+        max_skip_share=0.5,
+    )
+    report = run_data_stage(recipe, tmp_path / "a")
+    assert report["samples"]["kept"] == 8 and report["samples"]["renamed_keys"] == 4
+    records = _shard_records(tmp_path / "a")
+    assert sorted(r["key"] for r in records) == ["s0", "s0_1", "s1", "s1_1", "s2", "s2_1", "s3", "s3_1"]
+    run_data_stage(recipe, tmp_path / "b")
+    tars = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
+    assert all((tmp_path / "a" / t).read_bytes() == (tmp_path / "b" / t).read_bytes() for t in tars)
+
+
+@pytest.mark.parametrize(
+    ("process", "message"),
+    [
+        ([{"blip2_caption_mapper": {"max_word": 3}}], "Unknown parameter 'max_word'"),
+        ([{"words_num_filter": {"min_nun": 11}}], "Unknown parameter 'min_nun'"),
+        ([{"word_num_filter": {}}], "Unknown operator 'word_num_filter'"),
+        (
+            [{"oracle_caption_mapper": {}}, {"image_text_similarity_filter": {}}],
+            "image_text_similarity_filter after oracle_caption_mapper would judge no image",
+        ),
+    ],
+)
+def test_a_recipe_process_that_would_be_silently_wrong_fails_before_any_op(process, message, tmp_path):
+    """Misspelt op arguments were passed on and ignored (a word cap of 3 capped nothing)."""
+    recipe = RecipeConfig(process=process)
+    with pytest.raises(ValueError, match="recipe process") as error:
+        run_data_stage(recipe, tmp_path / "out", WorldConfig(train_size=8, val_size=2, test_size=2))
+    assert message in str(error.value)
+    assert not list((tmp_path / "out").glob("*.tar"))
+
+
+def test_a_text_mapper_after_the_caption_op_fails_instead_of_being_ignored(tmp_path):
+    """The shards take caption_variants, which a later text mapper does not change: the report described
+    captions that were not in the shards."""
+    process = [{"oracle_caption_mapper": {}}, {"remove_specific_chars_mapper": {"chars_to_remove": "o"}}]
+    with pytest.raises(ValueError, match="an op after the caption op changed the text of sample"):
+        run_data_stage(
+            RecipeConfig(process=process), tmp_path / "out", WorldConfig(train_size=8, val_size=2, test_size=2)
+        )
+
+
+def test_punctuation_does_not_make_new_word_types():
+    assert corpus_stats(["A dog, on grass.", "a dog on grass"])["vocabulary"] == 4

@@ -218,3 +218,50 @@ def test_the_budget_check_counts_every_rank():
     with pytest.raises(ShardError, match=r"\(2 batch\(es\) of 100\) for each of 2 rank"):  # accumulation
         check_shards_serve(index, Path("shards"), {"sft": (8, 2, 2)}, 100, "test")
     check_shards_serve(index, Path("shards"), {"sft": (8, 1, 3)}, 100, "test")
+
+
+def test_malformed_records_are_skipped_and_counted_not_a_traceback(tmp_path):
+    Image.new("RGB", (48, 48), (90, 90, 90)).save(tmp_path / "0.png")
+    good = [{"from": "gpt", "value": "a red circle on the left side"}]
+    records = [
+        {"id": "ok", "image": "0.png", "conversations": good},
+        "a string, not a record",
+        {"id": "null_turns", "image": "0.png", "conversations": None},
+        {"id": "list_answer", "image": "0.png", "conversations": [{"from": "gpt", "value": ["a", "b"]}]},
+        {"id": "number_image", "image": 5, "conversations": good},
+        {"id": "a.b_c", "image": "0.png", "conversations": good},
+        {"id": "a_b.c", "image": "0.png", "conversations": good},  # both become a_b_c once their dots go
+    ]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    recipe = RecipeConfig(input=InputSpec(format="llava", path=str(tmp_path / "in.json")), max_skip_share=0.9)
+    report = run_data_stage(recipe, tmp_path / "out")
+    assert report["input_skips"]["counts"] == {"bad_record": 4}
+    assert report["input_skips"]["first_keys"]["bad_record"] == ["in-1", "null_turns", "list_answer", "number_image"]
+    keys = {
+        key
+        for split in ("train", "val", "test")
+        for key, _, _ in CaptionDataModule(tmp_path / "out", 60).eval_samples(split)
+    }
+    assert len(keys) == 3 and "ok" in keys and "a_b_c" in keys
+
+    lines = ['{"text": null, "images": ["0.png"]}', "[1, 2]", "null", '{"text": "a cat", "images": 5}']
+    lines.append('{"text": "<__dj__image> a red circle here", "images": ["0.png"]}')
+    (tmp_path / "in.jsonl").write_text("\n".join(lines))
+    recipe = RecipeConfig(input=InputSpec(format="dj_jsonl", path=str(tmp_path / "in.jsonl")), max_skip_share=0.9)
+    report = run_data_stage(recipe, tmp_path / "out_jsonl")
+    assert report["input_skips"]["counts"] == {"bad_record": 4} and report["samples"]["kept"] == 1
+
+
+def test_shards_rebuild_when_a_model_folder_of_the_recipe_changes(tmp_path):
+    from stages.config import CurriculumConfig, StageSpec
+    from stages.curriculum import _data_inputs
+    from stages.data import InputSpec as Input
+
+    folder = tmp_path / "blip2"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    recipe = RecipeConfig(input=Input(), process=[{"blip2_caption_mapper": {"model_path": str(folder)}}])
+    cfg = CurriculumConfig(stages={"align": StageSpec(["projector"], 8, init_from="base")})
+    before = _data_inputs(recipe, cfg)
+    (folder / "model.safetensors").write_bytes(b"retrained")
+    assert _data_inputs(recipe, cfg) != before
