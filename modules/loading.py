@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
 from modules.modeling_vlm_curriculum import prompt_layout
 from modules.speed import SpeedSpec
@@ -149,6 +156,9 @@ def load_language_model(
     folder = model_folder(path, "--model.lm_path")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     lm = _weights(AutoModelForCausalLM, folder, config, random_init, dtype, init_device)
+    # The folder's generation_config.json (an instruct LM's repetition penalty, sampling defaults) is not
+    # applied: evaluation and the exported model, which has no such file, decode with the same plain settings.
+    lm.generation_config = GenerationConfig.from_model_config(lm.config)
     return lm, load_tokenizer(folder, image_token)
 
 

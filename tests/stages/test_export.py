@@ -136,3 +136,19 @@ def test_a_bf16_base_merges_in_float32(micro_run, tmp_path):
     expected = base.to(torch.bfloat16).float() + lora["alpha"] / lora["r"] * b @ a
     assert merged[f"lm.{name}.weight"].dtype == torch.float32
     torch.testing.assert_close(merged[f"lm.{name}.weight"], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_an_lm_folders_generation_config_does_not_change_how_captions_are_decoded(micro_run, tmp_path):
+    """An instruct LM's generation_config.json (Qwen2.5-Instruct's repetition penalty) applied to the stage's
+    evaluation but not to the export, which has no such file: the two captioned the same images differently."""
+    run = tmp_path / "run"
+    shutil.copytree(
+        micro_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "*.ckpt"), copy_function=shutil.copy2
+    )
+    settings_path = run / "base" / "lm" / "generation_config.json"
+    settings = json.loads(settings_path.read_text())
+    settings.update(repetition_penalty=2.0, no_repeat_ngram_size=1)
+    settings_path.write_text(json.dumps(settings))
+    plain = evaluate_model(micro_run / "sft_long", limit=8, max_new_tokens=12)["captions"]
+    assert any(len(set(c.split())) < len(c.split()) for c in plain.values()), "some caption repeats a word"
+    assert evaluate_model(run / "sft_long", limit=8, max_new_tokens=12)["captions"] == plain
