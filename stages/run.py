@@ -2,7 +2,7 @@
 
 Lightning CLI conventions (jsonargparse underneath): `--config` files stack in the order given, on
 top of configs/curriculum/tiny.yaml; dotted flags override any key; `--print_config` prints the
-fully merged configuration and exits. Unknown keys fail with the key named.
+fully merged configuration, once its values pass their checks, and exits. Unknown keys fail with the key named.
 """
 
 from __future__ import annotations
@@ -210,6 +210,16 @@ def curriculum_config(values) -> CurriculumConfig:
     return CurriculumConfig(**{k: v for k, v in vars(values).items() if not k.startswith("__") and k != "config"})
 
 
+def checked_curriculum(parser: ArgumentParser, args) -> tuple[CurriculumConfig, list[str]]:
+    """(the checked CurriculumConfig, the --config files given) of parsed `curriculum` arguments; a value
+    that fails its check ends the command with the field named."""
+    config_files = [str(p) for p in (args.curriculum.pop("config", None) or [])]
+    try:
+        return curriculum_config(parser.instantiate_classes(args).curriculum), config_files
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
+
+
 def default_run_dir(config_files: list) -> Path:
     """runs/<stem of the last --config file>, or runs/tiny for the default config."""
     name = Path(str(config_files[-1])).stem if config_files else DEFAULT_CURRICULUM.stem
@@ -220,19 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = build_parser()
     parser.argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    printing = [arg for arg in parser.argv if arg == "--print_config" or arg.startswith("--print_config=")]
+    if printing and parser.argv[:1] == ["curriculum"]:
+        # jsonargparse prints before any value is checked: check first, then let it print and exit.
+        checked_curriculum(parser, parser.parse_args([arg for arg in parser.argv if arg not in printing]))
+    args = parser.parse_args(parser.argv)
     if args.command == "curriculum":
         from datamodules.shards import ShardError
         from modules.loading import ModelFolderError
         from stages.curriculum import run_curriculum
         from stages.stage import StageStopped
 
-        sub = args.curriculum
-        config_files = [str(p) for p in (sub.pop("config", None) or [])]
-        try:
-            cfg = curriculum_config(parser.instantiate_classes(args).curriculum)
-        except (ValueError, TypeError) as error:
-            parser.error(str(error))
+        cfg, config_files = checked_curriculum(parser, args)
         run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(config_files)
         try:
             results = run_curriculum(cfg, run_dir)

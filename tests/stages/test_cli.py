@@ -197,6 +197,16 @@ def test_unknown_override_names_the_key(tmp_path, capsys):
     assert "no_such_key" in capsys.readouterr().err
 
 
+def test_print_config_checks_the_values_before_it_prints(capsys):
+    # jsonargparse prints before any check: a config that would fail at once was printed as if it were fine.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["curriculum", "--eval.limit=0", "--print_config"])
+    assert exit_info.value.code == 2 and "eval.limit must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["curriculum", "--eval.limit=5", "--print_config"])
+    assert exit_info.value.code == 0 and "  limit: 5" in capsys.readouterr().out
+
+
 def test_a_misspelt_stage_name_in_a_flag_is_named(tmp_path, capsys):
     # jsonargparse's own message only says that a StageSpec lacks trainable and max_words.
     with pytest.raises(SystemExit):
