@@ -20,7 +20,7 @@ import json
 import time
 
 import torch
-from data_juicer.ops.base_op import OPERATORS, Mapper
+from data_juicer.ops.base_op import OPERATORS, UNFORKABLE, Mapper
 
 from datamodules.images import open_rgb
 from datamodules.world import CAPTION_KINDS, caption, scene_from_metadata
@@ -57,7 +57,10 @@ class OracleCaptionMapper(Mapper):
         return samples
 
 
+# Unforkable: a worker forked after this process ran torch can hang in its OpenMP pool, so workers
+# (num_proc > 1) are started fresh (forkserver or spawn), as Data-Juicer does for its own model ops.
 @OPERATORS.register_module("blip2_caption_mapper")
+@UNFORKABLE.register_module("blip2_caption_mapper")
 class Blip2CaptionMapper(Mapper):
     """Caption variants from a BLIP-2 checkpoint in a local folder."""
 

@@ -151,15 +151,17 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int =
     import datasets
     from data_juicer.core.data import NestedDataset
     from data_juicer.ops import load_ops
-    from data_juicer.ops.base_op import Filter
+    from data_juicer.ops.base_op import UNFORKABLE, Filter
     from data_juicer.utils.constant import Fields
+    from data_juicer.utils.process_utils import setup_mp
     from transformers import set_seed
 
     check_process(process)
     quiet_data_juicer()
     datasets.disable_progress_bars()
     # Ops run in this process unless the recipe sets num_proc: a forked worker that runs torch after
-    # this process started its OpenMP threads can hang (seen in CI with the BLIP-2 op). Data-Juicer
+    # this process started its OpenMP threads can hang (seen in CI with the BLIP-2 op; model ops' workers
+    # therefore start fresh, below). Data-Juicer
     # picks a worker count itself unless auto_op_parallelism is off, and `datasets` forks a pool for
     # any num_proc >= 1, so the in-process default is num_proc None with auto parallelism off.
     in_process = {"auto_op_parallelism": False, "num_proc": None}
@@ -173,6 +175,8 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int =
     stats_dir.mkdir(parents=True, exist_ok=True)
     for op in load_ops(process):
         set_seed(seed)  # an op that samples (the stock captioner does) writes the same shards on every run
+        # Workers of model ops start fresh, not forked from this process (as Data-Juicer's own executor does).
+        setup_mp(["forkserver", "spawn"] if op.use_cuda() or op._name in UNFORKABLE.modules else None)
         before, started = len(dataset), time.perf_counter()
         if isinstance(op, Filter):
             dataset = op.run(dataset, reduce=False)
@@ -183,6 +187,7 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int =
         else:
             dataset = op.run(dataset)
         args = {k: v for k, v in op._op_cfg[op._name].items() if k not in ("skip_op_error", *in_process)}
+        timed = hasattr(op, "seconds") and op.runtime_np() is None
         accounting.append(
             {
                 "op": op._name,
@@ -191,7 +196,9 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int =
                 "out": len(dataset),
                 "dropped": before - len(dataset),
                 "seconds": round(time.perf_counter() - started, 3),
-                **({"phases": {k: round(v, 3) for k, v in op.seconds.items()}} if hasattr(op, "seconds") else {}),
+                # An op's own phase timings are kept in this process; worker processes (num_proc) keep theirs.
+                **({"phases": {k: round(v, 3) for k, v in op.seconds.items()}} if timed else {}),
+                **({"workers": op.runtime_np()} if op.runtime_np() else {}),
             }
         )
         log.info("data op %s: %d in, %d out", op._name, before, len(dataset))

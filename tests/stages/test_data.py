@@ -237,3 +237,41 @@ def test_a_text_mapper_after_the_caption_op_fails_instead_of_being_ignored(tmp_p
 
 def test_punctuation_does_not_make_new_word_types():
     assert corpus_stats(["A dog, on grass.", "a dog on grass"])["vocabulary"] == 4
+
+
+NUM_PROC_SCRIPT = """
+import json, sys
+from pathlib import Path
+from stages.data import InputSpec, RecipeConfig, run_data_stage
+
+def recipe(llava, model, num_proc):
+    args = {"model_path": model, "prompts": {"short": ""}, "max_new_tokens": 6, "batch_size": 2}
+    args.update({"num_proc": num_proc} if num_proc else {})
+    return RecipeConfig(input=InputSpec(format="llava", path=llava), process=[{"blip2_caption_mapper": args}],
+                        max_skip_share=0.5)
+
+if __name__ == "__main__":  # workers started fresh import this file again
+    llava, model, out = sys.argv[1:]
+    reports = [run_data_stage(recipe(llava, model, n), Path(out) / f"np{n}") for n in (None, 2)]
+    print(json.dumps([report["ops"][0] for report in reports]))
+"""
+
+
+def test_workers_of_the_blip2_op_start_fresh_and_write_the_same_shards(blip2, llava, tmp_path):
+    """num_proc 2 after the op had run in-process forked workers from a process whose torch threads were
+    running: it hung (seen killed at 600 s). Its workers now start fresh, as Data-Juicer's own model ops'."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "num_proc.py"
+    script.write_text(NUM_PROC_SCRIPT)
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    args = [sys.executable, str(script), str(llava), str(blip2), str(tmp_path)]
+    done = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    in_process, workers = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "phases" in in_process and "phases" not in workers and workers["workers"] == 2
+    tars = sorted(p.name for p in (tmp_path / "npNone").glob("*.tar"))
+    assert tars and all((tmp_path / "npNone" / t).read_bytes() == (tmp_path / "np2" / t).read_bytes() for t in tars)
