@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import pairwise
 from pathlib import Path
 
@@ -201,9 +201,12 @@ class BoundaryCheck(L.Callback):
 
     @override
     def state_dict(self) -> dict:
-        return {"all_losses": self.all_losses, "checked": sorted(self._checked)}
+        # The epochs' traces too: a stage resumed before an epoch's k-th loss checks that epoch as if never stopped.
+        epochs = [asdict(trace) for trace in self.epochs]
+        return {"all_losses": self.all_losses, "checked": sorted(self._checked), "epochs": epochs}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
         self.all_losses = list(state_dict["all_losses"])
         self._checked = set(state_dict["checked"])
+        self.epochs = [_EpochTrace(**trace) for trace in state_dict.get("epochs", [])]

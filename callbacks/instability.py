@@ -297,7 +297,6 @@ class InstabilityMonitor(L.Callback):
             "grad_history": list(self.grad_history),
             "lowest_median": self.lowest_median,
             "diverged": self.diverged,
-            "counts": dict(self.sinks.counts),
             "config": asdict(self.config),
         }
 
@@ -307,4 +306,3 @@ class InstabilityMonitor(L.Callback):
         self.grad_history.extend(state_dict["grad_history"])
         self.lowest_median = state_dict["lowest_median"]
         self.diverged = state_dict.get("diverged", False)  # reported once, not again after a resume
-        self.sinks.counts.update(state_dict["counts"])

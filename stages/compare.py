@@ -147,10 +147,11 @@ def baseline_argv(
     # --stages.* overrides are already folded into baseline_stages.yaml, which comes after the other overrides:
     # a --config among them that sets stages would otherwise turn the baseline into the curriculum.
     rest = [flag for flag in overrides if not flag.startswith("--stages.")]
+    # The same order as the curriculum arm's (profile, run folder, seed, overrides), then the baseline's stages.
     return [
-        "curriculum", "--config", str(profile), *rest, "--config", str(baseline_config), f"--run_dir={run_dir}",
-        f"--seed={seed}", f"--data.shard_dir={folders['shard_dir']}", f"--model.vision_path={folders['vision_path']}",
-        f"--model.lm_path={folders['lm_path']}",
+        "curriculum", "--config", str(profile), f"--run_dir={run_dir}", f"--seed={seed}", *rest,
+        "--config", str(baseline_config), f"--data.shard_dir={folders['shard_dir']}",
+        f"--model.vision_path={folders['vision_path']}", f"--model.lm_path={folders['lm_path']}",
     ]  # fmt: skip
 
 

@@ -39,13 +39,13 @@ def _data_inputs(recipe, cfg: CurriculumConfig) -> dict:
     """What the shards are made from besides the recipe: the synthetic world and seed, or the input file
     (its path, size and modification time: an edited file rebuilds the shards; a changed world does not),
     and the model folders the recipe's ops load (a retrained captioner rebuilds them)."""
-    models = {
-        f"{name}.{arg}": _folder_digest(Path(value))
-        for item in recipe.process
-        for name, args in item.items()
-        for arg, value in (args or {}).items()
-        if isinstance(value, str) and value and Path(value).is_dir()
-    }
+    models = {}
+    for item in recipe.process:
+        for op, args in item.items():
+            for arg, value in (args or {}).items():
+                # A model folder holds a config.json; other folders (an op's save_dir) are outputs, not inputs.
+                if isinstance(value, str) and value and (Path(value) / "config.json").is_file():
+                    models[f"{op}.{arg}"] = _folder_digest(Path(value))
     if recipe.input.format == "synthetic":
         return {"world": cfg.world, "seed": cfg.seed, "models": models}
     path = Path(recipe.input.path)
@@ -191,6 +191,8 @@ def free_stage_memory() -> None:
 
 def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:  # the stage order, for a report of a run that has not finished
+        (run_dir / STAGES_FILE).write_text(json.dumps({"stages": list(cfg.stages)}, indent=2))
     vision, lm = prepare_base_models(cfg, run_dir)  # first: a missing model folder fails before any work
     # and so does a tokenizer without an image token, or without the chat template asked for
     check_prompt(load_tokenizer(lm, cfg.model.image_token), cfg.model)
@@ -208,8 +210,6 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     inputs = RunInputs(run_dir, shard_dir, vision, lm, digests)
     results: list[StageResult] = []
     names = list(cfg.stages)
-    if rank_zero_only.rank == 0:  # the stage order, for a report of a run that has not finished
-        (run_dir / STAGES_FILE).write_text(json.dumps({"stages": names}, indent=2))
     step_offset = 0
     for index, name in enumerate(names):
         source = cfg.stages[name].init_from

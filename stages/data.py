@@ -30,7 +30,7 @@ from datamodules.data_inputs import (
 )
 from datamodules.images import shard_image
 from datamodules.shards import INDEX_NAME, SPLITS, write_shards
-from datamodules.text_stats import corpus_stats
+from datamodules.text_stats import corpus_stats, tokens
 from datamodules.world import WorldConfig
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,8 @@ def check_process(process: list[dict]) -> None:
         pre_instantiation_check(process)
     except PipelineConfigError as error:
         raise ValueError(f"recipe process: {error}") from error
+    except Exception as error:  # the check itself failed on a value the op accepts (max_num: .inf)
+        log.warning("recipe process: Data-Juicer's preflight check could not run (%r); op arguments unchecked", error)
     names = [name for item in process for name in item]
     first = next((name for name in names if name in CAPTION_OPS), None)
     if first is not None:
@@ -149,6 +151,7 @@ def check_process(process: list[dict]) -> None:
 def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(surviving rows, per-op accounting) after running the recipe's ops one at a time."""
     import datasets
+    import multiprocess
     from data_juicer.core.data import NestedDataset
     from data_juicer.ops import load_ops
     from data_juicer.ops.base_op import UNFORKABLE, Filter
@@ -159,11 +162,10 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int =
     check_process(process)
     quiet_data_juicer()
     datasets.disable_progress_bars()
-    # Ops run in this process unless the recipe sets num_proc: a forked worker that runs torch after
-    # this process started its OpenMP threads can hang (seen in CI with the BLIP-2 op; model ops' workers
-    # therefore start fresh, below). Data-Juicer
-    # picks a worker count itself unless auto_op_parallelism is off, and `datasets` forks a pool for
-    # any num_proc >= 1, so the in-process default is num_proc None with auto parallelism off.
+    # Ops run in this process unless the recipe sets num_proc: a forked worker that runs torch after this
+    # process started its OpenMP threads can hang (seen in CI with the BLIP-2 op), so model ops' workers start
+    # fresh (below). Data-Juicer picks a worker count itself unless auto_op_parallelism is off, and `datasets`
+    # forks a pool for any num_proc >= 1, so the in-process default is num_proc None with auto parallelism off.
     in_process = {"auto_op_parallelism": False, "num_proc": None}
     process = [
         {name: {**in_process, **(args or {}), "skip_op_error": False}}
@@ -173,10 +175,11 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int =
     dataset = NestedDataset.from_list(rows)
     accounting = []
     stats_dir.mkdir(parents=True, exist_ok=True)
+    start_method = multiprocess.get_start_method(allow_none=True)  # put back after the ops
     for op in load_ops(process):
         set_seed(seed)  # an op that samples (the stock captioner does) writes the same shards on every run
-        # Workers of model ops start fresh, not forked from this process (as Data-Juicer's own executor does).
-        setup_mp(["forkserver", "spawn"] if op.use_cuda() or op._name in UNFORKABLE.modules else None)
+        if op.runtime_np():  # workers of model ops start fresh, not forked (as Data-Juicer's own executor does)
+            setup_mp(["forkserver", "spawn"] if op.use_cuda() or op._name in UNFORKABLE.modules else None)
         before, started = len(dataset), time.perf_counter()
         if isinstance(op, Filter):
             dataset = op.run(dataset, reduce=False)
@@ -202,6 +205,7 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int =
             }
         )
         log.info("data op %s: %d in, %d out", op._name, before, len(dataset))
+    multiprocess.set_start_method(start_method, force=True)
     return dataset.to_list(), accounting
 
 
@@ -314,7 +318,7 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
 def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int, empty: SkipLog, renamed: int = 0) -> dict:
     raw = [r["raw_caption"] for r in rows]
     new = [r["text"] if r.get("caption_variants") else caption_variants(r)["caption"] for r in kept]
-    equal = min(sum(len(t.split()) for t in raw), sum(len(t.split()) for t in new))
+    equal = min(sum(len(tokens(t)) for t in raw), sum(len(tokens(t)) for t in new))
     examples = [
         {"key": r["__key__"], "raw": r["raw_caption"], "captions": caption_variants(r)}
         for r in kept[: recipe.report_examples]

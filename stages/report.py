@@ -36,6 +36,8 @@ STAGES_FILE = "stages.json"
 def _stages(run_dir: Path) -> list[str]:
     """The run's stages that have started (have a config.yaml), in curriculum order."""
     listed = _read_json(run_dir / STAGES_FILE)
+    if listed is None and (run_dir / "summary.json").is_file():  # a run finished before stages.json was written
+        listed = {"stages": list(_read_json(run_dir / "summary.json"))}
     if listed is None:
         raise FileNotFoundError(f"--run_dir: {run_dir} has no {STAGES_FILE}; is it a curriculum run folder?")
     started = [name for name in listed["stages"] if (run_dir / name / "config.yaml").is_file()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import lightning as L
@@ -96,3 +97,35 @@ def test_one_loss_per_optimizer_step_when_accumulation_leaves_a_short_window():
     micro = module.step_losses
     assert check.epochs[0].losses[3] == pytest.approx(micro[9]), "the short window is a step of its own"
     assert check.epochs[1].losses[0] == pytest.approx(statistics.fmean(micro[10:13])), "no loss carried over"
+
+
+def test_a_stage_resumed_before_its_kth_loss_still_checks_the_boundary(tmp_path):
+    """The epochs' loss traces were not checkpointed: resumed after step 4 of k=5, the check counted its
+    first 5 losses again, never reached them, and the alert an uninterrupted run raised was lost."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.callbacks.test_evaluation import _fit as fit
+
+    class Killed(BaseException):
+        pass
+
+    class KillAt6(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 6:
+                raise Killed()
+
+    def callbacks(folder, *extra):
+        sinks = AlertSinks("toy", folder / "alerts.jsonl")  # a stage far below the one before: a boundary jump
+        check = BoundaryCheck(BoundaryConfig(k=5), sinks, "toy", previous_tail=[1e-6 * i for i in range(6)])
+        last = ModelCheckpoint(dirpath=folder / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=4)
+        return [check, sinks, *extra, last]
+
+    def alerts(folder) -> list[tuple[str, int]]:
+        return [(a["kind"], a["step"]) for a in map(json.loads, (folder / "alerts.jsonl").read_text().splitlines())]
+
+    fit(callbacks(tmp_path / "whole"), max_steps=8)
+    assert alerts(tmp_path / "whole") == [("stage_boundary", 5)]
+    with pytest.raises(Killed):
+        fit(callbacks(tmp_path / "resumed", KillAt6()), max_steps=8)
+    fit(callbacks(tmp_path / "resumed"), tmp_path / "resumed" / "ckpt" / "last.ckpt", max_steps=8)
+    assert alerts(tmp_path / "resumed") == [("stage_boundary", 5)]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from datamodules.data_inputs import SkipLog
 from datamodules.shards import read_index
 from datamodules.text_stats import corpus_stats, mattr, mtld, percentile
 from datamodules.world import WorldConfig, vocabulary_corpus
@@ -237,6 +238,19 @@ def test_a_text_mapper_after_the_caption_op_fails_instead_of_being_ignored(tmp_p
 
 def test_punctuation_does_not_make_new_word_types():
     assert corpus_stats(["A dog, on grass.", "a dog on grass"])["vocabulary"] == 4
+    # and the type-token ratio compares raw and new captions over as many words, punctuation left out
+    from stages.data import build_report
+
+    raw = {"__key__": "k", "raw_caption": "a dog - a cat -- on grass", "text": "a dog and a cat on grass"}
+    kept = [{**raw, "caption_variants": json.dumps({"long": raw["text"]})}]
+    report = build_report(RecipeConfig(), [raw], kept, [], SkipLog(), 1, SkipLog())
+    assert report["text"]["raw"]["ttr_tokens"] == report["text"]["recaptioned"]["ttr_tokens"] == 6
+
+
+def test_a_value_the_preflight_check_cannot_read_does_not_stop_the_recipe():
+    from stages.data import check_process
+
+    check_process([{"words_num_filter": {"min_num": 6, "max_num": float("inf")}}])  # the op itself takes it
 
 
 NUM_PROC_SCRIPT = """

@@ -257,11 +257,15 @@ def test_shards_rebuild_when_a_model_folder_of_the_recipe_changes(tmp_path):
     from stages.curriculum import _data_inputs
     from stages.data import InputSpec as Input
 
-    folder = tmp_path / "blip2"
+    folder, blurred = tmp_path / "blip2", tmp_path / "blurred"
     folder.mkdir()
+    blurred.mkdir()
     (folder / "config.json").write_text("{}")
-    recipe = RecipeConfig(input=Input(), process=[{"blip2_caption_mapper": {"model_path": str(folder)}}])
+    ops = [{"image_blur_mapper": {"save_dir": str(blurred)}}, {"blip2_caption_mapper": {"model_path": str(folder)}}]
+    recipe = RecipeConfig(input=Input(), process=ops)
     cfg = CurriculumConfig(stages={"align": StageSpec(["projector"], 8, init_from="base")})
     before = _data_inputs(recipe, cfg)
+    (blurred / "0.png").write_bytes(b"an op's output")  # an output folder, written by every build: not an input
+    assert _data_inputs(recipe, cfg) == before
     (folder / "model.safetensors").write_bytes(b"retrained")
     assert _data_inputs(recipe, cfg) != before

@@ -124,3 +124,10 @@ def test_report_names_a_folder_that_is_no_run_or_has_no_started_stage(tmp_path, 
     (tmp_path / "stages.json").write_text(json.dumps({"stages": ["align"]}))
     assert main(["report", "--run_dir", str(tmp_path)]) == 2
     assert "no stage of" in capsys.readouterr().err
+
+
+def test_a_run_finished_before_stages_json_existed_still_reports(micro_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "base", "*.ckpt", "stages.json"))
+    assert main(["report", "--run_dir", str(run)]) == 0
+    assert "| sft_long |" in (run / "report.md").read_text()

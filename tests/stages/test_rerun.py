@@ -68,7 +68,9 @@ def test_a_stage_killed_after_its_last_checkpoint_finishes_on_rerun(tmp_path, mo
         with pytest.raises(Killed):
             _run(run_dir, *ALIGN_4)
     metrics = json.loads((run_dir / "align" / "metrics.json").read_text())
+    written = (run_dir / "align" / "metrics.json").stat().st_mtime_ns
     assert _run(run_dir, *ALIGN_4) == 0
+    assert (run_dir / "align" / "metrics.json").stat().st_mtime_ns == written, "read, not evaluated again"
     assert json.loads((run_dir / "align" / "done.json").read_text())["global_steps"] == 4
     assert json.loads((run_dir / "summary.json").read_text())["align"]["chair_i"] == metrics["chair_i"]
     assert (run_dir / "align" / "export" / "projector.safetensors").is_file()
