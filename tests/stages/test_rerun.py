@@ -129,38 +129,31 @@ def _count_calls(monkeypatch, module, name: str) -> list:
     return calls
 
 
-def test_a_base_model_build_killed_midway_is_built_again(tmp_path, monkeypatch):
-    """A rebuild for seed 1, killed after the tower was saved, left seed 0's stamp: the seed-0 rerun then
-    trained on seed 1's tower with seed 0's language model."""
+@pytest.mark.parametrize(
+    ("build", "killed", "counted"),
+    [("prepare_base_models", "pretrain_lm", "pretrain_vision"), ("prepare_data", "run_data_stage", "run_data_stage")],
+)
+def test_a_build_killed_midway_is_built_again(tmp_path, monkeypatch, build, killed, counted):
+    """A rebuild for seed 1, killed midway (the base models: after the tower was saved; the shards: once
+    written, before the stamp), left seed 0's stamp: the seed-0 rerun then trained on a mix of the two
+    (seed 1's tower with seed 0's language model)."""
     import stages.curriculum as curriculum
 
-    curriculum.prepare_base_models(_micro_config(0), tmp_path)
-    with monkeypatch.context() as patch:
-        patch.setattr(curriculum, "pretrain_lm", lambda *args: (_ for _ in ()).throw(Killed()))
-        with pytest.raises(Killed):
-            curriculum.prepare_base_models(_micro_config(1), tmp_path)
-    calls = _count_calls(monkeypatch, curriculum, "pretrain_vision")
-    curriculum.prepare_base_models(_micro_config(0), tmp_path)
-    assert calls == ["pretrain_vision"]
+    getattr(curriculum, build)(_micro_config(0), tmp_path)
+    original = getattr(curriculum, killed)
 
-
-def test_a_shard_build_killed_midway_is_built_again(tmp_path, monkeypatch):
-    import stages.curriculum as curriculum
-
-    curriculum.prepare_data(_micro_config(0), tmp_path)
-    original = curriculum.run_data_stage
-
-    def killed_after_writing(*args):
-        original(*args)
-        raise Killed()  # the shards written, the stamp not yet
+    def kill(*args):
+        if killed == "run_data_stage":
+            original(*args)
+        raise Killed()
 
     with monkeypatch.context() as patch:
-        patch.setattr(curriculum, "run_data_stage", killed_after_writing)
+        patch.setattr(curriculum, killed, kill)
         with pytest.raises(Killed):
-            curriculum.prepare_data(_micro_config(1), tmp_path)
-    calls = _count_calls(monkeypatch, curriculum, "run_data_stage")
-    curriculum.prepare_data(_micro_config(0), tmp_path)
-    assert calls == ["run_data_stage"]
+            getattr(curriculum, build)(_micro_config(1), tmp_path)
+    calls = _count_calls(monkeypatch, curriculum, counted)
+    getattr(curriculum, build)(_micro_config(0), tmp_path)
+    assert calls == [counted]
 
 
 def test_the_stage_boundary_check_compares_with_the_stage_started_from(tmp_path, monkeypatch):
