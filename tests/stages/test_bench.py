@@ -122,3 +122,20 @@ def test_sft_targets_judge_speed_within_the_plain_memory_and_the_budget():
     speed, memory = sft_targets(report)
     assert "not met (best ckpt: 0.9x" in speed and "met (lowest ckpt: 23.0 GiB" in memory
     assert sft_targets({"batch": 2, "sft": {"variants": {"plain": {"tokens_per_s": 1, "peak_rss_gib": 1}}}}) == []
+
+
+def test_the_memory_target_is_judged_when_plain_runs_out_of_memory():
+    """No verdict at all was printed when the plain loop failed, the memory target's included."""
+    from stages.bench_train import sft_targets
+
+    variants = {"plain": {"error": "out of GPU memory"}, "ckpt": {"tokens_per_s": 90, "peak_gpu_gib": 23.0}}
+    speed, memory = sft_targets({"batch": 8, "sft": {"variants": variants}})
+    assert speed.endswith("not judged (plain: out of GPU memory)")
+    assert memory.startswith("target batch 8 within 24.0 GiB: met (lowest ckpt: 23.0 GiB")
+
+
+def test_bench_train_needs_a_warmup_step(tmp_path, capsys):
+    # With --warmup 0 every Lightning variant failed: its timer starts at the end of the last warm-up step.
+    argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
+    assert main([*argv, "--steps=2", "--warmup=0"]) == 2
+    assert "--warmup (0) must be at least 1" in capsys.readouterr().err
