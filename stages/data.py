@@ -178,7 +178,8 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int =
     start_method = multiprocess.get_start_method(allow_none=True)  # put back after the ops
     for op in load_ops(process):
         set_seed(seed)  # an op that samples (the stock captioner does) writes the same shards on every run
-        if op.runtime_np():  # workers of model ops start fresh, not forked (as Data-Juicer's own executor does)
+        workers = op.runtime_np()  # None: in this process
+        if workers:  # workers of model ops start fresh, not forked (as Data-Juicer's own executor does)
             setup_mp(["forkserver", "spawn"] if op.use_cuda() or op._name in UNFORKABLE.modules else None)
         before, started = len(dataset), time.perf_counter()
         if isinstance(op, Filter):
@@ -186,11 +187,11 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int =
             with (stats_dir / f"{op._name}.jsonl").open("w") as sink:
                 for key, stats in zip(dataset["__key__"], dataset[Fields.stats], strict=True):
                     sink.write(json.dumps({"key": key, **stats}) + "\n")
-            dataset = dataset.filter(op.process, num_proc=op.runtime_np(), batch_size=op.batch_size)
+            dataset = dataset.filter(op.process, num_proc=workers, batch_size=op.batch_size)
         else:
             dataset = op.run(dataset)
         args = {k: v for k, v in op._op_cfg[op._name].items() if k not in ("skip_op_error", *in_process)}
-        timed = hasattr(op, "seconds") and op.runtime_np() is None
+        timed = hasattr(op, "seconds") and not workers
         accounting.append(
             {
                 "op": op._name,
@@ -201,7 +202,7 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int =
                 "seconds": round(time.perf_counter() - started, 3),
                 # An op's own phase timings are kept in this process; worker processes (num_proc) keep theirs.
                 **({"phases": {k: round(v, 3) for k, v in op.seconds.items()}} if timed else {}),
-                **({"workers": op.runtime_np()} if op.runtime_np() else {}),
+                **({"workers": workers} if workers else {}),
             }
         )
         log.info("data op %s: %d in, %d out", op._name, before, len(dataset))

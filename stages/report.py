@@ -35,12 +35,11 @@ STAGES_FILE = "stages.json"
 
 def _stages(run_dir: Path) -> list[str]:
     """The run's stages that have started (have a config.yaml), in curriculum order."""
-    listed = _read_json(run_dir / STAGES_FILE)
-    if listed is None and (run_dir / "summary.json").is_file():  # a run finished before stages.json was written
-        listed = {"stages": list(_read_json(run_dir / "summary.json"))}
-    if listed is None:
+    # A run finished before stages.json was written lists its stages in summary.json.
+    listed = _read_json(run_dir / STAGES_FILE, {}).get("stages") or list(_read_json(run_dir / "summary.json", {}))
+    if not listed:
         raise FileNotFoundError(f"--run_dir: {run_dir} has no {STAGES_FILE}; is it a curriculum run folder?")
-    started = [name for name in listed["stages"] if (run_dir / name / "config.yaml").is_file()]
+    started = [name for name in listed if (run_dir / name / "config.yaml").is_file()]
     if not started:
         raise FileNotFoundError(f"--run_dir: no stage of {run_dir} has started yet (no <stage>/config.yaml)")
     return started

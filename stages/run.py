@@ -98,17 +98,17 @@ class CommandParser(ArgumentParser):
     """jsonargparse's parser, with a hint where its message does not name the culprit: a misspelt stage name
     in a dotted flag makes a new stage, which then lacks `trainable` and `max_words`."""
 
-    argv: list[str] = []
+    argv: tuple[str, ...] = ()  # the command line, set by main()
 
     def error(self, message: str, ex: Exception | None = None):
         if 'Parser key "stages"' in message and "required: trainable, max_words" in message:
-            flags = [arg.split("=")[0] for arg in self.argv if arg.startswith("--stages.") and arg.count(".") > 1]
-            names = sorted({flag.split(".")[1] for flag in flags})
+            names = sorted(
+                {arg.split(".")[1] for arg in self.argv if arg.startswith("--stages.") and arg.count(".") > 1}
+            )
             culprit = f" (here one of {', '.join(f'--stages.{name}.*' for name in names)})" if names else ""
             message += (
                 f"\n  A stage that only a dotted flag names{culprit} is a new stage, which needs trainable and "
-                "max_words: "
-                "is a stage name misspelt? `--print_config` shows the stages of the config files."
+                "max_words: is a stage name misspelt? `--print_config` shows the stages of the config files."
             )
         super().error(message, ex)
 
@@ -229,12 +229,12 @@ def default_run_dir(config_files: list) -> Path:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = build_parser()
-    parser.argv = list(sys.argv[1:] if argv is None else argv)
+    parser.argv = tuple(sys.argv[1:] if argv is None else argv)
     printing = [arg for arg in parser.argv if arg == "--print_config" or arg.startswith("--print_config=")]
-    if printing and parser.argv[:1] == ["curriculum"]:
+    if printing and parser.argv[:1] == ("curriculum",):
         # jsonargparse prints before any value is checked: check first, then let it print and exit.
         checked_curriculum(parser, parser.parse_args([arg for arg in parser.argv if arg not in printing]))
-    args = parser.parse_args(parser.argv)
+    args = parser.parse_args(list(parser.argv))
     if args.command == "curriculum":
         from datamodules.shards import ShardError
         from modules.loading import ModelFolderError
