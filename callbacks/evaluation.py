@@ -310,6 +310,8 @@ class CaptionEvaluation(L.Callback):
         if not trainer.is_global_zero:
             return
         metrics = score(results, self.buckets, self.synonyms)
+        if answers is not None:  # before logging: the final VQA scores belong in TensorBoard too
+            metrics.update(vqa_scores(answers))
         step = trainer.global_step
         self.history.append({"global_step": step, **{k: v for k, v in metrics.items() if k != "by_length"}})
         logger = trainer.logger
@@ -323,8 +325,6 @@ class CaptionEvaluation(L.Callback):
                 shown = results[: self.grid_images]
                 grid = caption_grid([as_image(by_key[key]) for key, _, _ in shown], [text for _, _, text in shown])
                 logger.experiment.add_image(f"eval/{self.stage}/grid", grid, tb_step, dataformats="HWC")
-        if answers is not None:
-            metrics.update(vqa_scores(answers))
         if final:
             self.metrics = metrics
             generation = {**self.generate_kwargs, "do_sample": False}  # generate_captions decodes greedily or by beam

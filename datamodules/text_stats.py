@@ -71,7 +71,7 @@ def corpus_stats(texts: list[str], ttr_tokens: int | None = None) -> dict[str, f
         return {"texts": 0}
     lengths = [len(tokens(t)) for t in texts]
     stream = [w for t in texts for w in tokens(t)]
-    head = stream[: ttr_tokens or len(stream)]
+    head = stream if ttr_tokens is None else stream[:ttr_tokens]  # 0 is a count (raw text had no tokens)
     return {
         "texts": len(texts),
         "mean_words": sum(lengths) / len(lengths),

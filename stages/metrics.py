@@ -24,11 +24,13 @@ text metrics and caption lengths are computed. `vqa_accuracy` is the official VQ
 accuracy (answer normalisation, min(#matches / 3, 1) averaged over the 10 leave-one-out subsets of the
 human answers); `vqa_exact` is exact match after the same normalisation.
 
-Text metrics: BLEU-1..4 (torchmetrics, corpus level: it returns 0 whenever one n-gram order has no
-match, so the lower orders are reported too), ROUGE-L (the COCO caption definition: LCS-based
-F-measure with beta 1.2, best reference), CIDEr-D (the COCO caption definition: tf-idf n-gram
-vectors for n = 1..4 with document frequencies over the evaluated references, clipped, Gaussian
-length penalty with sigma 6, times 10; checked against pycocoevalcap 1.2 in the tests).
+Text metrics, on lower-cased words with punctuation dropped (`caption_words`): BLEU-1..4 (torchmetrics,
+corpus level: it returns 0 whenever one n-gram order has no match, so the lower orders are reported
+too; references shortest first, so that a length tie goes to the shorter as BLEU defines), ROUGE-L
+(the COCO caption definition: LCS-based F-measure with beta 1.2, best reference), CIDEr-D (the COCO
+caption definition: tf-idf n-gram vectors for n = 1..4 with document frequencies over the evaluated
+references, clipped, Gaussian length penalty with sigma 6, times 10; checked against pycocoevalcap 1.2
+in the tests).
 """
 
 from __future__ import annotations
@@ -55,12 +57,25 @@ class Mention:
     size: str | None
 
 
+def caption_words(caption: str) -> list[str]:
+    """The caption's words, lower-cased, punctuation dropped: "A red circle." -> a, red, circle."""
+    return re.findall(r"[a-z0-9]+", caption.lower())
+
+
+def _world_shape(word: str) -> str | None:
+    """The shape `word` names, singular or plural ("circles", "crosses"), or None."""
+    for shape in (word, word[:-1] if word.endswith("s") else None, word[:-2] if word.endswith("es") else None):
+        if shape in SHAPES:
+            return shape
+    return None
+
+
 def mentions(caption: str) -> list[Mention]:
-    words = caption.split()
+    words = caption_words(caption)
     found = []
     for i, word in enumerate(words):
-        shape = word[:-1] if word.endswith("s") and word[:-1] in SHAPES else word
-        if shape not in SHAPES:
+        shape = _world_shape(word)
+        if shape is None:
             continue
         before = words[max(0, i - 2) : i]
         colour = next((w for w in reversed(before) if w in ALL_COLOURS), None)
@@ -195,34 +210,55 @@ def pope(keys: list[str], predictions: list[str], objects: list[list[dict]], per
     return results
 
 
-def _singular(word: str, noun: str) -> bool:
-    """`word` is `noun` or its plural (-s, -es): "rackets" for racket, "buses" for bus."""
-    return word in (noun, noun + "s", noun + "es")
+_IRREGULAR_PLURALS = {
+    "person": "people", "man": "men", "woman": "women", "child": "children", "mouse": "mice", "foot": "feet",
+    "tooth": "teeth", "goose": "geese", "ox": "oxen", "sheep": "sheep", "deer": "deer", "fish": "fish",
+}  # fmt: skip
+
+
+def noun_forms(noun: str) -> set[str]:
+    """`noun` and its plurals by the English rules: -s; -es after s, x, z, ch, sh, o ("buses", but not
+    "skies" for ski); a consonant's -y to -ies ("puppies"); -f / -fe to -ves ("knives"); and irregulars."""
+    forms = {noun, noun + "s"}
+    if noun.endswith(("s", "x", "z", "ch", "sh", "o")):
+        forms.add(noun + "es")
+    if noun.endswith("y") and len(noun) > 1 and noun[-2] not in "aeiou":
+        forms.add(noun[:-1] + "ies")
+    if noun.endswith("fe"):
+        forms.add(noun[:-2] + "ves")
+    elif noun.endswith("f"):
+        forms.add(noun[:-1] + "ves")
+    if noun in _IRREGULAR_PLURALS:
+        forms.add(_IRREGULAR_PLURALS[noun])
+    return forms
 
 
 def chair_synonyms(predictions: list[str], objects: list[list[str]], synonyms: dict[str, list[str]]) -> dict:
     """CHAIR-i / CHAIR-s and recall for real data: `synonyms` maps each object class to the words that name
-    it (multi-word phrases allowed, longest match first, the last word also in its plural); `objects` are
-    each image's annotated classes. A named class that the image lacks is hallucinated; recall is the
-    share of the annotated classes that the caption names."""
-    phrases = [(w.lower().split(), cls) for cls, words in synonyms.items() for w in [cls, *words]]
+    it (multi-word phrases allowed, longest match first, the last word also in its plurals: `noun_forms`);
+    `objects` are each image's annotated classes; classes compare lower-cased. As in Rohrbach et al.'s
+    CHAIR, every mention counts: CHAIR-i is hallucinated mentions over all mentions, CHAIR-s the share of
+    captions with one; recall is the share of an image's annotated classes that its caption names."""
+    phrases = [(w.lower().split(), cls.lower()) for cls, words in synonyms.items() for w in [cls, *words] if w.strip()]
+    phrases = [(phrase[:-1], noun_forms(phrase[-1]), cls) for phrase, cls in phrases]
     phrases.sort(key=lambda p: -len(p[0]))
     total = bad = with_bad = gt_total = gt_found = 0
     for caption, truth in zip(predictions, objects, strict=True):
-        words = re.findall(r"[a-z]+", caption.lower())
-        said, i = set(), 0
+        words = caption_words(caption)
+        said, i = [], 0
         while i < len(words):
-            for phrase, cls in phrases:
-                window = words[i : i + len(phrase)]
-                if len(window) == len(phrase) and window[:-1] == phrase[:-1] and _singular(window[-1], phrase[-1]):
-                    said.add(cls)
-                    i += len(phrase)
+            for head, last, cls in phrases:
+                window = words[i : i + len(head) + 1]
+                if len(window) == len(head) + 1 and window[:-1] == head and window[-1] in last:
+                    said.append(cls)
+                    i += len(window)
                     break
             else:
                 i += 1
-        wrong = said - set(truth)
+        annotated = {cls.lower() for cls in truth}
+        wrong = [cls for cls in said if cls not in annotated]
         total, bad, with_bad = total + len(said), bad + len(wrong), with_bad + bool(wrong)
-        gt_total, gt_found = gt_total + len(set(truth)), gt_found + len(set(truth) & said)
+        gt_total, gt_found = gt_total + len(annotated), gt_found + len(annotated & set(said))
     return {
         "chair_i": bad / total if total else 0.0,
         "chair_s": with_bad / len(predictions) if predictions else 0.0,
@@ -239,14 +275,15 @@ _CONTRACTIONS = {
     "wont": "won't", "wouldnt": "wouldn't", "youre": "you're", "youve": "you've", "yall": "y'all",
 }  # fmt: skip
 _NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBERS["none"] = "0"
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = ';/[]"{}()=+\\_-><@`,?!'
 
 
 def normalize_answer(answer: str) -> str:
-    text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
-    for p in _PUNCT:
-        if (p + " " in text or " " + p in text) or re.search(r"(\d)(\,)(\d)", text):
+    original = text = answer.replace("\n", " ").replace("\t", " ").strip().lower()
+    for p in _PUNCT:  # whether a mark is dropped or spaced is read off the answer as given, not as edited
+        if (p + " " in original or " " + p in original) or re.search(r"(\d)(\,)(\d)", original):
             text = text.replace(p, "")
         else:
             text = text.replace(p, " ")
@@ -329,7 +366,12 @@ def cider_d(predictions: list[str], references: list[list[str]], sigma: float = 
 
 
 def text_metrics(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-    """BLEU-1..4 (corpus, smoothed), ROUGE-L and CIDEr-D (means over captions)."""
+    """BLEU-1..4 (corpus, smoothed), ROUGE-L and CIDEr-D (means over captions), on lower-cased words with
+    punctuation dropped (as COCO's evaluation tokenises first: "A dog." matches "a dog")."""
+    predictions = [" ".join(caption_words(p)) for p in predictions]
+    # Shortest first: BLEU's brevity penalty takes the reference closest in length, and torchmetrics breaks
+    # a tie by list order where BLEU's definition (nltk, sacrebleu) takes the shorter one.
+    references = [sorted((" ".join(caption_words(r)) for r in rs), key=lambda r: len(r.split())) for rs in references]
     scores = {f"bleu{n}": float(bleu_score(predictions, references, n_gram=n, smooth=True)) for n in range(1, 5)}
     scores["rouge_l"] = sum(rouge_l(p, r) for p, r in zip(predictions, references, strict=True)) / len(predictions)
     scores["cider_d"] = sum(cider_d(predictions, references)) / len(predictions)
@@ -368,6 +410,12 @@ def caption_metrics(
     if not predictions or not (len(predictions) == len(objects) == len(references)):
         raise ValueError("caption_metrics needs equally many (>0) predictions, object lists and references")
     keys = keys or [str(i) for i in range(len(predictions))]
+    unreferenced = [key for key, refs in zip(keys, references, strict=True) if not any(map(caption_words, refs))]
+    if unreferenced:
+        raise ValueError(
+            f"{len(unreferenced)} evaluated samples have no reference caption (no `captions` text), e.g. "
+            f"{unreferenced[:3]}: BLEU, ROUGE-L and CIDEr need one; rebuild their shards with the data stage"
+        )
     kind = object_kind(objects)
     if kind == "world":
         scorer = hallucination

@@ -236,6 +236,11 @@ def test_a_text_mapper_after_the_caption_op_fails_instead_of_being_ignored(tmp_p
         )
 
 
+def test_equal_size_ttr_over_zero_tokens_is_over_zero_tokens():
+    """Raw alt-texts with no words give both sides an equal size of 0: the new captions' TTR was over all."""
+    assert (corpus_stats(["a dog"], ttr_tokens=0)["ttr_tokens"], corpus_stats(["a dog"])["ttr_tokens"]) == (0, 2)
+
+
 def test_punctuation_does_not_make_new_word_types():
     assert corpus_stats(["A dog, on grass.", "a dog on grass"])["vocabulary"] == 4
     # and the type-token ratio compares raw and new captions over as many words, punctuation left out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from stages.run import main
 
 
@@ -61,6 +63,11 @@ def test_vqa_at_each_stage_end_and_from_the_eval_command(micro_run):
     metrics = json.loads((micro_run / "sft_long" / "metrics.json").read_text())
     assert metrics["vqa_questions"] == 4 * 8  # the world asks 4 questions per image
     assert {"vqa_exact", "vqa_exact_yes_no", "vqa_exact_count"} <= metrics.keys()
+    from tests.tensorboard import RunEvents
+
+    # The stage-end scores reach TensorBoard too (they were added only after the logging).
+    logged = RunEvents(micro_run / "tb").Scalars("eval/vqa_exact")
+    assert [e.step for e in logged] == [3, 6, 9, 12] and logged[-1].value == pytest.approx(metrics["vqa_exact"])
     result = evaluate_model(micro_run / "sft_long", limit=8, max_new_tokens=12, vqa=True)
     assert result["metrics"]["vqa_exact"] == metrics["vqa_exact"]
     # (key, type, answer, generated): 2 of 3 right overall, yes/no 1 of 2
