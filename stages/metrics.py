@@ -155,8 +155,10 @@ def _pair(obj: dict) -> tuple[str, str]:
 def pope_probes(
     key: str, objects: list[dict], setting: str, popularity: list[tuple[str, str]], per_image: int = 3
 ) -> list[tuple[tuple[str, str], bool]]:
-    """((colour, shape), present?) probes for one image: up to `per_image` present objects and as many absent."""
-    present = sorted({_pair(o) for o in objects})[:per_image]
+    """((colour, shape), present?) probes for one image: up to `per_image` present objects, drawn at random
+    as POPE draws them (the first by name favoured some colours), and as many absent ones."""
+    present = sorted({_pair(o) for o in objects})
+    present = random.Random(f"pope/{key}").sample(present, min(per_image, len(present)))
     everything = set(popularity) | {(c, s) for c in COLOURS for s in SHAPES} | set(present)
     truth = {_pair(o) for o in objects}
     absent = sorted(everything - truth)
