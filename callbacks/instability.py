@@ -49,6 +49,7 @@ from typing_extensions import override
 from callbacks.alerts import Alert, AlertSinks
 
 ACTIONS = ("warn", "skip", "rewind", "stop")
+RESETTING = ("skip", "rewind")  # actions that undo an update: not under DeepSpeed, which has applied it
 
 
 @dataclass
@@ -191,7 +192,7 @@ class InstabilityMonitor(L.Callback):
 
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
-        if deepspeed_engine(trainer) is not None and self.config.action in ("skip", "rewind"):
+        if deepspeed_engine(trainer) is not None and self.config.action in RESETTING:
             raise ValueError(
                 f"stability.instability.action {self.config.action!r} is not available under DeepSpeed: the engine "
                 "applies the update before its gradient norm is known. Use warn or stop."

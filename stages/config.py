@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
 from callbacks.epoch_boundary import BoundaryConfig
-from callbacks.instability import InstabilityConfig
+from callbacks.instability import RESETTING, InstabilityConfig
 from datamodules.world import WorldConfig
 from modules.base_models import TinyBaseConfig
 from modules.loading import ModelConfig
@@ -75,6 +75,16 @@ class TrainerConfig:
             )
         if self.strategy != "deepspeed" and self.deepspeed_config is not None:
             raise ValueError(f"{where}.deepspeed_config is set but {where}.strategy is not deepspeed")
+        if self.deepspeed_config is not None:
+            from stages.strategies import resolve_config_path
+
+            try:
+                resolve_config_path(self.deepspeed_config)
+            except FileNotFoundError:
+                raise ValueError(
+                    f"{where}.deepspeed_config: {self.deepspeed_config} is no file (from the working folder or "
+                    "the repository: configs/deepspeed/zero2.json, zero3.json, zero2_offload.json)"
+                ) from None
 
     def kwargs(self) -> dict:
         """Keyword arguments of `lightning.Trainer`; strategy "deepspeed" becomes the configured DeepSpeed strategy."""
@@ -102,17 +112,20 @@ class StageSpec:
     warmup_steps: int = 20
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
-    def __post_init__(self) -> None:
+    def check(self, where: str) -> None:
+        """Fails on a value no stage can run with, naming the field as `<where>.<field>` (stages.<name>.*):
+        called by `CurriculumConfig`, which knows the stage's name."""
         unknown = sorted(set(self.trainable) - set(GROUPS))
         if unknown or not self.trainable:
-            raise ValueError(f"trainable must be a non-empty list of {GROUPS}; unknown: {unknown}")
+            raise ValueError(f"{where}.trainable must be a non-empty list of {GROUPS}; unknown: {unknown}")
         if self.max_words < 1:
-            raise ValueError(f"max_words must be positive, got {self.max_words}")
+            raise ValueError(f"{where}.max_words must be positive, got {self.max_words}")
         for group in self.trainable:  # 0 trains nothing, a negative rate ascends the loss: neither is meant
             if not getattr(self.lr, group) > 0:
-                raise ValueError(f"lr.{group} must be positive for a trained group, got {getattr(self.lr, group)}")
+                rate = getattr(self.lr, group)
+                raise ValueError(f"{where}.lr.{group} must be positive for a trained group, got {rate}")
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must not be negative, got {self.warmup_steps}")
+            raise ValueError(f"{where}.warmup_steps must not be negative, got {self.warmup_steps}")
 
 
 def check_speed(speed: SpeedSpec, trainer: TrainerConfig) -> None:
@@ -242,6 +255,7 @@ class CurriculumConfig:
         self.trainer.check("trainer")
         names = list(self.stages)
         for index, (name, spec) in enumerate(self.stages.items()):
+            spec.check(f"stages.{name}")
             source = spec.init_from
             if source == "previous" and index == 0:
                 raise ValueError(f"stages.{name}.init_from: 'previous' but {name} is the first stage; use 'base'")
@@ -260,5 +274,12 @@ class CurriculumConfig:
                     upstream,
                     self.stages[upstream].max_words,
                 )
-            self.trainer.merged(spec.trainer).check(f"stages.{name}.trainer")
-            check_speed(self.model.speed, self.trainer.merged(spec.trainer))
+            stage_trainer = self.trainer.merged(spec.trainer)
+            stage_trainer.check(f"stages.{name}.trainer")
+            check_speed(self.model.speed, stage_trainer)
+            action = self.stability.instability.action
+            if stage_trainer.strategy == "deepspeed" and self.stability.instability.enabled and action in RESETTING:
+                raise ValueError(
+                    f"stability.instability.action {action!r} is not available under DeepSpeed (stage {name}): "
+                    "the engine applies the update before its gradient norm is known; use warn or stop"
+                )

@@ -12,6 +12,8 @@ A stage writes `<run_dir>/<stage>/`:
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import logging
@@ -53,12 +55,20 @@ def fingerprint(obj: object) -> str:
 # these name (a normalised path and a digest), so the same folder spelled otherwise (relative or absolute, with
 # a trailing slash) is the same input, and a recipe's effect is in the digest of the shards it built.
 AS_GIVEN = (("data", "shard_dir"), ("data", "recipe"), ("model", "vision_path"), ("model", "lm_path"))
+# Also left out: what only changes what is shown (TensorBoard's tables, grids and logging interval, the
+# progress bar), never the weights or the metrics.json of a stage; changing them retrained every stage.
+DISPLAY_ONLY = (
+    ("eval", "table_rows"),
+    ("eval", "grid_images"),
+    ("spec", "trainer", "enable_progress_bar"),
+    ("spec", "trainer", "log_every_n_steps"),
+)
 
 
 def stage_fingerprint(resolved: dict) -> str:
-    hashed = {key: dict(value) if isinstance(value, dict) else value for key, value in resolved.items()}
-    for section, key in AS_GIVEN:
-        hashed[section].pop(key)
+    hashed = copy.deepcopy(resolved)
+    for *sections, key in AS_GIVEN + DISPLAY_ONLY:
+        functools.reduce(dict.__getitem__, sections, hashed).pop(key)
     return fingerprint(hashed)
 
 

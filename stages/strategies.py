@@ -127,7 +127,9 @@ def zero_stage(config_path: str) -> int:
 
 
 def deepspeed_strategy(config_path: str, accelerator: str | None) -> CurriculumDeepSpeedStrategy:
-    """The DeepSpeed strategy for a JSON config; on CPU the test-only variant."""
+    """The DeepSpeed strategy for a JSON config; on CPU (asked for, or "auto" on a machine without CUDA)
+    the gloo variant that CI runs."""
     config = read_config(config_path)
-    cls = CPUDeepSpeedStrategy if accelerator == "cpu" else CurriculumDeepSpeedStrategy
+    on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
+    cls = CPUDeepSpeedStrategy if on_cpu else CurriculumDeepSpeedStrategy
     return cls(config=config, exclude_frozen_parameters=True)

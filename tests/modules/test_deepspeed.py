@@ -185,14 +185,28 @@ def test_zero3_export_matches_the_plain_runs(runs, tmp_path):
     assert captions["zero3"] == captions["plain"]
 
 
-def test_skip_and_rewind_are_refused_under_deepspeed(runs, tmp_path, capsys, micro_world, micro_base):
+def test_skip_and_rewind_are_refused_under_deepspeed(tmp_path, capsys, micro_world, micro_base):
+    """Refused when the config is read (it was at the first stage's fit start, after the data and base models)."""
     argv = [
         "curriculum", f"--run_dir={tmp_path / 'run'}", "--config", _two_stage_config(tmp_path), *TWO_STAGES,
         f"--data.shard_dir={micro_world}", f"--model.vision_path={micro_base[0]}", f"--model.lm_path={micro_base[1]}",
-        "--stability.instability.action=skip", *_deepspeed_args(tmp_path, "zero2"),
+        "--stability.instability.action=rewind", *_deepspeed_args(tmp_path, "zero2"),
     ]  # fmt: skip
-    with pytest.raises(ValueError, match="not available under DeepSpeed"):
+    with pytest.raises(SystemExit) as exit_info:
         main(argv)
+    assert exit_info.value.code == 2 and "action 'rewind' is not available under DeepSpeed" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_deepspeed_runs_on_a_machine_without_cuda_when_the_accelerator_is_auto():
+    """`--trainer.strategy deepspeed` alone, as the README shows it, failed on CPU: Lightning's strategy
+    is CUDA-only, and the gloo variant was chosen only for `--trainer.accelerator cpu`."""
+    from stages.strategies import CPUDeepSpeedStrategy, deepspeed_strategy
+
+    for accelerator in (None, "auto"):
+        strategy = deepspeed_strategy("configs/deepspeed/zero2.json", accelerator)
+        assert isinstance(strategy, CPUDeepSpeedStrategy) != torch.cuda.is_available()
+    assert isinstance(deepspeed_strategy("configs/deepspeed/zero2.json", "cpu"), CPUDeepSpeedStrategy)
 
 
 def kill_mid_stage_and_rerun(command: list[str], env: dict, stage_dir: Path, timeout: int) -> None:

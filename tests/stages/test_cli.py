@@ -117,8 +117,9 @@ def test_model_folder_and_shard_digests_see_a_rebuild_of_the_same_sizes(tmp_path
         ("--stages.sft_long.trainer.max_steps=0", "stages.sft_long.trainer.max_steps must be at least 1"),
         ("--trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches must be at least 1"),
         ("--trainer.devices=0", "trainer.devices must name at least one device"),
-        ("--stages.sft_long.lr.lora=-1", "lr.lora must be positive"),
-        ("--stages.align.warmup_steps=-1", "warmup_steps must not be negative"),
+        ("--stages.sft_long.lr.lora=-1", "stages.sft_long.lr.lora must be positive"),
+        ("--stages.align.warmup_steps=-1", "stages.align.warmup_steps must not be negative"),
+        ("--stages.sft_short.max_words=0", "stages.sft_short.max_words must be positive"),
         ("--data.batch_size=0", "data.batch_size must be at least 1"),
         ("--eval.limit=0", "eval.limit must be at least 1"),
         ("--eval.every_n_steps=0", "eval.every_n_steps must be at least 1"),
@@ -126,13 +127,16 @@ def test_model_folder_and_shard_digests_see_a_rebuild_of_the_same_sizes(tmp_path
         ("--checkpoint.every_n_train_steps=0", "checkpoint.every_n_train_steps must be at least 1"),
         ("--stability.faults={2: spik}", "unknown fault kinds ['spik']"),
         ("--trainer.strategy=deepspeed", "trainer.strategy deepspeed needs trainer.deepspeed_config"),
+        ("--stages.align.trainer.strategy=deepspeed", "stages.align.trainer.strategy deepspeed needs"),
+        # A missing DeepSpeed file failed only when its stage started, after the data and base models.
+        (("--trainer.strategy=deepspeed", "--trainer.deepspeed_config=zero9.json"), "zero9.json is no file"),
     ],
 )
 def test_a_bad_value_fails_before_any_work_naming_its_field(tmp_path, capsys, flag, message):
     # Checked when the config is read: before, some failed only once a stage had started, after its folder
     # (a finished stage's checkpoints and results) had been emptied.
     with pytest.raises(SystemExit) as exit_info:
-        _run(tmp_path / "run", flag)
+        _run(tmp_path / "run", *((flag,) if isinstance(flag, str) else flag))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 

@@ -115,6 +115,25 @@ def test_stability_settings_are_in_the_fingerprint_where_they_change_the_weights
     assert print_(action="skip", enabled=False) == warn  # no monitor: nothing is skipped
 
 
+def test_settings_that_only_change_what_is_shown_are_not_in_the_fingerprint(tmp_path):
+    """Turning the progress bar off or showing more table rows retrained every stage of a finished run."""
+    from stages.config import CurriculumConfig, EvalConfig, StageSpec, TrainerConfig
+    from stages.stage import RunInputs, resolved_stage_config, stage_fingerprint
+
+    inputs = RunInputs(tmp_path, tmp_path / "data", tmp_path / "vision", tmp_path / "lm", {})
+
+    def print_(eval_config=None, **trainer) -> str:
+        stages = {"align": StageSpec(["projector"], 8, init_from="base", trainer=TrainerConfig(**trainer))}
+        cfg = CurriculumConfig(stages=stages, eval=eval_config or EvalConfig())
+        return stage_fingerprint(resolved_stage_config(cfg, "align", inputs, None))
+
+    shown = {print_(), print_(enable_progress_bar=False), print_(log_every_n_steps=1)}
+    shown.add(print_(EvalConfig(table_rows=32, grid_images=0)))
+    assert len(shown) == 1
+    # What changes the weights or the scores still does.
+    assert len({print_(), print_(max_steps=7), print_(EvalConfig(limit=16))}) == 3
+
+
 def _micro_config(seed: int):
     from stages.config import CurriculumConfig, StageSpec
     from tests.conftest import MICRO_BASE, MICRO_WORLD
