@@ -85,8 +85,14 @@ def save_figure(fig, out: Path) -> None:
     pyplot().close(fig)
 
 
-def plot_losses(run_dir: Path, stages: list[str], out: Path) -> None:
-    """Per-step training loss of every stage on one global step axis, stages in their own colours."""
+def plotted(ax) -> dict[str, tuple[list, list]]:
+    """{label: (x, y)} of the lines drawn on `ax`: what a figure shows, for tests and callers."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines}
+
+
+def plot_losses(run_dir: Path, stages: list[str], out: Path) -> dict[str, tuple[list, list]]:
+    """Per-step training loss of every stage on one global step axis, stages in their own colours; returns
+    the plotted {stage: (steps, losses)}."""
     fig, ax = pyplot().subplots(figsize=(8, 3.5))
     offset = 0
     for name in stages:
@@ -97,12 +103,14 @@ def plot_losses(run_dir: Path, stages: list[str], out: Path) -> None:
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
+    lines = plotted(ax)
     save_figure(fig, out)
+    return lines
 
 
-def plot_eval_history(run_dir: Path, stages: list[str], out: Path) -> None:
+def plot_eval_history(run_dir: Path, stages: list[str], out: Path) -> dict[str, dict[str, tuple[list, list]]]:
     """CHAIR-i and recall (BLEU-4 and CIDEr-D for data without object annotations) at every evaluation
-    (periodic and end of stage), on the global step axis."""
+    (periodic and end of stage), on the global step axis; returns the plotted {metric: {stage: (steps, values)}}."""
     fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.2))
     records = [_read_json(run_dir / name / "metrics.json") or {} for name in stages]
     annotated = all("chair_i" in h for r in records for h in r.get("history", []))
@@ -118,7 +126,9 @@ def plot_eval_history(run_dir: Path, stages: list[str], out: Path) -> None:
         ax.set_xlabel("optimizer step (whole curriculum)")
         ax.set_ylabel(key)
     axes[1].legend(fontsize=8)
+    lines = {key: plotted(ax) for ax, key in zip(axes, keys, strict=True)}
     save_figure(fig, out)
+    return lines
 
 
 def _fmt(value) -> str:

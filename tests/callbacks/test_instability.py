@@ -91,9 +91,11 @@ def test_noisy_but_stable_curve_raises_no_alert():
 
 def test_rewind_recovers_the_clean_final_loss():
     _, clean, _ = _run(steps=60)
-    monitor, rewound, _ = _run({30: "bad_batch"}, action="rewind", steps=60)
+    monitor, rewound, weights = _run({30: "bad_batch"}, action="rewind", steps=60)
     _, warned, _ = _run({30: "bad_batch"}, action="warn", steps=60)
     assert ("grad_spike", 30) in _kinds(monitor)
+    # Back to the last healthy snapshot (every 5 steps), not only the bad update dropped as `skip` does.
+    assert torch.equal(weights.after[30], weights.after[24]) and not torch.equal(weights.after[30], weights.after[29])
     final = sum(clean.step_losses[-10:]) / 10
     assert abs(sum(rewound.step_losses[-10:]) / 10 - final) <= 0.25 * final  # within 25% of the clean run
     assert sum(warned.step_losses[-10:]) / 10 > 10 * final  # ...whereas applying the bad update wrecks it
@@ -116,6 +118,25 @@ def test_statistics_survive_a_state_dict_round_trip():
     assert list(restored.loss_history) == list(monitor.loss_history)
     assert list(restored.grad_history) == list(monitor.grad_history)
     assert restored.diverged, "a divergence already reported is not reported again after a resume"
+
+
+def test_a_divergence_is_reported_once_across_a_resume(tmp_path):
+    """A climbing loss is one divergence alert, not one per step, and a resumed run that is still diverged
+    does not raise it again (the flag is in the checkpoint)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(max_steps: int, ckpt=None) -> list[tuple[str, int]]:
+        monitor = InstabilityMonitor(InstabilityConfig(), AlertSinks("toy"), "toy")
+        last = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=5)
+        t = L.Trainer(
+            callbacks=[monitor, last], max_steps=max_steps, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu",
+        )  # fmt: skip
+        t.fit(ToyRegression(drift=0.1), loader(KeyedRegression()), ckpt_path=ckpt)
+        return _kinds(monitor)
+
+    assert run(80) == [("divergence", 75)]
+    assert run(95, tmp_path / "last.ckpt") == []  # resumed at step 80, the loss still climbing
 
 
 def test_bad_action_names_the_flag():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.loggers import Logger
 
@@ -16,11 +17,13 @@ class Recorded(Logger):
     def __init__(self) -> None:
         super().__init__()
         self.logged: list[tuple[int, str]] = []
+        self.values: dict[tuple[int, str], float] = {}
 
     name, version = "recorded", 0
 
     def log_metrics(self, metrics, step=None) -> None:
         self.logged += [(step, key) for key in metrics]
+        self.values.update({(step, key): value for key, value in metrics.items()})
 
     def log_hyperparams(self, params, *args, **kwargs) -> None:
         pass
@@ -51,3 +54,6 @@ def test_throughput_is_logged_once_per_logged_step_under_accumulation():
     assert perf == [(5, "perf/tokens_per_s"), (5, "perf/samples_per_s"), (10, "perf/tokens_per_s"),
                     (10, "perf/samples_per_s")]  # fmt: skip
     assert throughput.samples == 40 * 32 and throughput.tokens == 40 * 32 * 3
+    for step in (5, 10):  # 3 mask positions a sample: tokens/s is 3 x samples/s
+        tokens, samples = logger.values[(step, "perf/tokens_per_s")], logger.values[(step, "perf/samples_per_s")]
+        assert tokens == pytest.approx(3 * samples) and samples > 0

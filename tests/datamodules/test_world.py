@@ -49,8 +49,15 @@ def test_world_shards_have_per_shard_counts_and_budget_counts(micro_world):
         assert (micro_world / shard["url"]).is_file()
     kept, skipped = budget_counts(index, "train", 2)
     assert kept == 0 and skipped == 192  # the shortest caption, "a red circle", has 3 words
-    kept, skipped = budget_counts(index, "train", 7)
-    assert kept + skipped == 192 and kept > 0
+    kept, skipped = budget_counts(index, "train", 5)
+    # The scenes' own captions, counted apart: those with a variant of at most 5 words (one-object scenes).
+    from tests.conftest import MICRO_WORLD
+
+    captions = [make_scene(MICRO_WORLD, 0, "train", i).captions() for i in range(192)]
+    fitting = sum(min(len(text.split()) for text in variants.values()) <= 5 for variants in captions)
+    assert (kept, skipped) == (fitting, 192 - fitting) and 0 < fitting < 192
+    one = {"splits": {"train": [{"caption_words": [{"short": 8, "long": 0}]}]}}  # 0: an empty variant
+    assert budget_counts(one, "train", 8) == (1, 0) and budget_counts(one, "train", 7) == (0, 1)
 
 
 def _world_digest(config: WorldConfig, count: int = 50) -> str:

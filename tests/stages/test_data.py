@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,8 +173,14 @@ def test_the_same_recipe_and_inputs_give_byte_identical_shards(tmp_path):
 def test_split_by_key_hash_is_stable():
     keys = [f"k{i}" for i in range(2000)]
     splits = [split_of(k, 0.1, 0.1) for k in keys]
-    assert splits == [split_of(k, 0.1, 0.1) for k in keys]
     assert 150 < splits.count("test") < 250 and 150 < splits.count("val") < 250
+    # The same in another process with another string-hash salt (Python's own hash() would differ), and
+    # pinned: a change of hash moves samples between splits, so old and new shards would share test images.
+    code = "from stages.data import split_of; print(''.join(split_of(f'k{i}', .1, .1)[0] for i in range(2000)))"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == "".join(split[0] for split in splits)
+    assert [split_of(k, 0.1, 0.1) for k in ("k15", "k20", "k0")] == ["test", "val", "train"]
 
 
 def test_text_statistics_against_hand_computed_values():
@@ -180,6 +189,9 @@ def test_text_statistics_against_hand_computed_values():
     assert mattr(["a", "a", "b", "c"], window=2) == pytest.approx(2.5 / 3)
     # MTLD: "a a a a" -> forward: TTR 1, 0.5 (<= 0.72: one factor, reset), 1, 0.5 (second factor): 4 / 2
     assert mtld(["a", "a", "a", "a"]) == pytest.approx(2.0)
+    # Both passes and the partial factor: forward a a | b c -> 1 factor + partial 0 -> 4 / 1;
+    # backward c b a a never falls to 0.72 (TTR 0.75): partial (1 - 0.75) / 0.28 -> 4 / 0.893 = 4.48.
+    assert mtld(["a", "a", "b", "c"]) == pytest.approx((4.0 + 4 / (0.25 / 0.28)) / 2)
     stats = corpus_stats(["a red circle", "a red circle and a blue star"], ttr_tokens=3)
     assert stats["mean_words"] == pytest.approx(5.0) and stats["vocabulary"] == 6  # (3 + 7) / 2
     assert stats["ttr_equal_tokens"] == pytest.approx(1.0) and stats["ttr_tokens"] == 3

@@ -1,3 +1,4 @@
+import math
 from collections import Counter
 
 import pytest
@@ -48,7 +49,11 @@ def test_hand_computed_chair_and_recall():
     assert m["chair_s"] == pytest.approx(1 / 2)
     assert m["recall"] == pytest.approx(3 / 4)
     assert m["mean_words"] == pytest.approx(7)
-    assert m["bleu1"] == pytest.approx(1.0, abs=0.3) and 0 < m["bleu4"] <= 1
+    # Corpus BLEU with add-one smoothing for n >= 2 (torchmetrics' smooth=True), no brevity penalty (14
+    # words against 14): n-grams matched 12/14, (6+4)+1 / 12+1, (5+3)+1 / 10+1, (4+2)+1 / 8+1.
+    precisions = [12 / 14, 11 / 13, 9 / 11, 7 / 9]
+    for n in range(1, 5):
+        assert m[f"bleu{n}"] == pytest.approx(math.prod(precisions[:n]) ** (1 / n), rel=1e-6), n
     assert {"bleu2", "bleu3", "rouge_l", "cider_d", "pope_adversarial_f1", "by_length"} <= m.keys()
 
 
@@ -89,6 +94,11 @@ def test_pope_negatives_per_setting():
     assert all(pair not in {("red", "circle"), ("blue", "star")} for pair in adversarial)
     randoms = pope_probes("k", objects, "random", popularity)
     assert randoms == pope_probes("k", objects, "random", popularity)  # seeded by the key
+    # ... and so drawn afresh for each image: absent objects, as many as the present ones.
+    probes = [pope_probes(f"k{i}", objects, "random", popularity) for i in range(50)]
+    draws = [[pair for pair, present in image if not present] for image in probes]
+    assert all(len(d) == 2 and not {("red", "circle"), ("blue", "star")} & set(d) for d in draws)
+    assert len({tuple(sorted(d)) for d in draws}) > 25
 
 
 def test_pope_draws_the_present_objects_at_random():
@@ -233,7 +243,7 @@ def test_cider_d_and_rouge_l_match_pycocoevalcap():
 
 
 def test_mismatched_lengths_fail():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="equally many"):
         caption_metrics(["a"], [], [])
 
 

@@ -36,12 +36,32 @@ def test_report_is_written_from_the_runs_files(micro_run, capsys):
     losses = json.loads((micro_run / "align" / "losses.json").read_text())["losses"]
     assert f"| align | {losses[0]:.4f} | {losses[-1]:.4f} |" in report
     done = json.loads((micro_run / "align" / "done.json").read_text())
-    assert done["resources"]["train_samples"] == 3 * 8 and done["resources"]["tokens_per_s"] > 0
+    resources = done["resources"]
+    assert resources["train_samples"] == 3 * 8 and resources["tokens_per_s"] > 0
+    # Both rates over the same time: their ratio is the tokens per sample (train_s itself is rounded).
+    ratio = resources["tokens_per_s"] / resources["samples_per_s"]
+    assert ratio == pytest.approx(resources["train_tokens"] / resources["train_samples"], rel=2e-3)
     assert f"| align | {done['wall_s']:.3f} |" in report
 
     (micro_run / "report.md").unlink()
     assert main(["report", "--run_dir", str(micro_run)]) == 0
     assert (micro_run / "report.md").read_text() == report
+
+
+def test_the_plots_show_every_stages_losses_and_evaluations_on_one_step_axis(micro_run, tmp_path):
+    from stages.report import plot_eval_history, plot_losses
+
+    stages = ["align", "sft_short", "sft_medium", "sft_long"]
+    lines, offset = plot_losses(micro_run, stages, tmp_path / "losses.png"), 0
+    for name in stages:
+        losses = json.loads((micro_run / name / "losses.json").read_text())["losses"]
+        assert lines[name] == (list(range(offset + 1, offset + len(losses) + 1)), losses)
+        offset += len(losses)
+    history = plot_eval_history(micro_run, stages, tmp_path / "eval.png")
+    assert set(history) == {"chair_i", "recall"}
+    sft_long = json.loads((micro_run / "sft_long" / "metrics.json").read_text())["history"]
+    assert history["recall"]["sft_long"] == ([9 + h["global_step"] for h in sft_long], [h["recall"] for h in sft_long])
+    assert (tmp_path / "losses.png").stat().st_size > 1000 and (tmp_path / "eval.png").stat().st_size > 1000
 
 
 def test_report_lists_a_non_finite_alert(micro_run, tmp_path):
@@ -75,6 +95,41 @@ def test_vqa_at_each_stage_end_and_from_the_eval_command(micro_run):
     assert vqa_scores(answers) == {
         "vqa_exact": 2 / 3, "vqa_questions": 3, "vqa_exact_count": 1.0, "vqa_exact_yes_no": 0.5,
     }  # fmt: skip
+
+
+def test_each_question_is_answered_from_its_own_prompt(micro_run):
+    """The stage's answers are the greedy decodes of each question in place of the captioning prompt: the
+    VQA test above checked keys and counts, which held with the question left out or the answer ignored."""
+    import torch
+
+    from callbacks.evaluation import answer_questions, as_image
+    from datamodules.caption_datamodule import CaptionDataModule
+    from datamodules.captions import PromptFormat
+    from stages.export import find_stage, load_stage_model
+    from stages.stage import count_image_tokens
+
+    stage = find_stage(micro_run / "sft_long")
+    vlm, tokenizer, processor, config = load_stage_model(stage)
+    vlm.eval()
+    fmt = PromptFormat(tokenizer, count_image_tokens(vlm, processor), config.prompt, config.chat_template)
+    samples = CaptionDataModule(stage.shard_dir, max_words=10**6).eval_samples("test", 2)
+    answers = answer_questions(vlm, samples, fmt, processor, batch_size=3, max_new_tokens=6)
+    expected = []
+    for key, image, meta in samples:
+        pixels = processor([as_image(image)], return_tensors="pt")["pixel_values"]
+        for q in meta["questions"]:
+            prompt = fmt.asking(q["question"]).prefix()
+            asked = tokenizer(q["question"], add_special_tokens=False)["input_ids"]
+            assert prompt[-len(asked) :] == asked  # the question follows the image tokens
+            ids = torch.tensor([prompt])
+            with torch.no_grad():
+                tokens = vlm.generate(
+                    ids, torch.ones_like(ids), pixels, do_sample=False, max_new_tokens=6,
+                    eos_token_id=fmt.stop_ids, pad_token_id=tokenizer.pad_token_id,
+                )  # fmt: skip
+            answer = tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+            expected.append((key, q["type"], q["answer"], answer))
+    assert sorted(answers) == sorted(expected) and len(answers) == 8
 
 
 def test_a_moved_run_is_still_finished_and_reports_and_exports_from_anywhere(micro_run, tmp_path, monkeypatch, capsys):
