@@ -38,3 +38,19 @@ def test_evaluated_images_stay_encoded_until_captioned(micro_world, micro_base):
         decoded = as_image(image)
         assert decoded.mode == "RGB" and len(image.data) < np.asarray(decoded).nbytes
         assert np.array_equal(np.asarray(decoded), np.asarray(image.decode()))
+
+
+def test_each_epoch_reads_the_shards_in_a_new_order_that_a_resume_repeats(micro_world):
+    """The shard and sample shuffles take the epoch into their seeds: a new order every epoch (the same
+    order again would train on identical batches), and the same order for the same (seed, epoch)."""
+    from datamodules.caption_datamodule import ShardStream
+
+    urls = [str(micro_world / shard["url"]) for shard in CaptionDataModule(micro_world, 48).index["splits"]["train"]]
+
+    def keys(epoch: int, seed: int = 0) -> list[str]:
+        stream = ShardStream(urls, seed, epoch, train=True, keep=lambda sample: True, repeat=False)
+        return [sample["__key__"] for sample in stream]
+
+    first, second = keys(0), keys(1)
+    assert len(first) == 192 and sorted(first) == sorted(second) and first != second
+    assert keys(1) == second and keys(1, seed=1) != second

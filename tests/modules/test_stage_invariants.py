@@ -130,3 +130,22 @@ def test_a_tower_and_lm_trained_in_full_carry_through_later_stages(micro_base, m
     assert has_lora(last) and _snapshot(last.vision) == vision
     base = _snapshot(last.lm.get_base_model())  # under the adapter: stage 1's weights, not the base folder's
     assert {k.replace(".base_layer.", "."): v for k, v in base.items() if "lora_" not in k} == lm
+
+
+def test_each_caption_is_conditioned_on_its_own_image(micro_base):
+    """Logits of a sample in a batch equal those of the sample alone: the image tokens land in their own
+    sequence (images swapped across a batch passed every fast test; only the slow golden curve saw it)."""
+    from datamodules.captions import PromptFormat
+
+    torch.manual_seed(0)
+    vlm, tokenizer, processor = _vlm(micro_base)
+    vlm.eval()
+    fmt = PromptFormat(tokenizer, count_image_tokens(vlm, processor), "describe the image")
+    side = processor.crop_size["height"]
+    pixels = torch.rand(2, 3, side, side, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([fmt.encode("a red circle")[0]] * 2)  # the same text: only the images differ
+    with torch.no_grad():
+        batch = vlm(ids, torch.ones_like(ids), pixels).logits
+        alone = [vlm(ids[:1], torch.ones_like(ids[:1]), pixels[i : i + 1]).logits[0] for i in range(2)]
+    assert not torch.allclose(alone[0], alone[1])  # the image matters
+    assert torch.allclose(batch[0], alone[0], atol=1e-5) and torch.allclose(batch[1], alone[1], atol=1e-5)

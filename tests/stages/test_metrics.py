@@ -76,6 +76,16 @@ def test_by_length_buckets_split_on_generated_words():
     assert list(buckets) == ["0-8", "9-20"]
     assert buckets["0-8"]["chair_i"] == 1.0 and buckets["9-20"]["chair_i"] == 0.0
     assert buckets["9-20"]["mean_words"] == 11
+    # Past the last edge: an open bucket, listed last whatever the captions' order.
+    long = " ".join(["a red circle"] * 8)  # 24 words
+    assert list(by_length([long, *captions], [[RED_CIRCLE]] * 3, (8, 20))) == ["0-8", "9-20", "21+"]
+
+
+def test_a_mention_without_colour_is_judged_by_its_shape():
+    # "a circle" names the red circle (no hallucination, recalled); "a square" names nothing there.
+    scores = hallucination(["a circle", "a square"], [[RED_CIRCLE], [RED_CIRCLE]])
+    assert (scores["chair_i"], scores["chair_s"], scores["recall"]) == (0.5, 0.5, 0.5)
+    assert hallucination(["two stars"], [[BLUE_STAR]])["recall"] == 1.0
 
 
 def test_binary_scores_hand_computed():
