@@ -129,3 +129,27 @@ def test_a_stage_resumed_before_its_kth_loss_still_checks_the_boundary(tmp_path)
         fit(callbacks(tmp_path / "resumed", KillAt6()), max_steps=8)
     fit(callbacks(tmp_path / "resumed"), tmp_path / "resumed" / "ckpt" / "last.ckpt", max_steps=8)
     assert alerts(tmp_path / "resumed") == [("stage_boundary", 5)]
+
+
+def test_an_optimizer_reset_and_a_short_last_batch_are_named():
+    """The two causes no run above provokes, on the epoch traces the check keeps and a real Adam's state."""
+    import torch
+
+    from callbacks.epoch_boundary import _EpochTrace
+
+    check = BoundaryCheck(BoundaryConfig(), AlertSinks("toy"), "toy")
+    before = _EpochTrace([1.0] * 10, [0.1] * 10, [64] * 9 + [16], ["k1"], 1, optimizer_steps=100)
+    after = _EpochTrace([2.0] * 5, [0.1] * 5, [64] * 5, ["k7"], 1)
+    weight = torch.nn.Parameter(torch.ones(2))
+    adam = torch.optim.Adam([weight])
+    for _ in range(3):  # an optimizer made afresh at the epoch: its step count starts again
+        weight.grad = torch.ones(2)
+        adam.step()
+    t = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    t.optimizers = [adam]
+    assert check._causes(t, before, after) == [
+        "optimizer_reset (optimizer step count 100 -> 3)",
+        "short_last_batch (16 samples)",
+    ]
+    t.optimizers = []  # an optimizer that keeps no step count (SGD): no verdict on a reset
+    assert check._causes(t, before, _EpochTrace([2.0], [0.1], [64], ["k7"], 1)) == ["short_last_batch (16 samples)"]

@@ -47,6 +47,23 @@ def test_spike_threshold_is_a_ratio_over_a_steady_history():
     assert judge(100.0, [1.0] * 5, InstabilityConfig(), "loss_spike")[0] is None  # still warming up
 
 
+def test_gradient_spikes_have_their_own_ratio():
+    """Gradient norms swing more than losses: a 3x gradient is no spike at grad_min_ratio 4, a 3x loss is one
+    at min_ratio 2 (both against a steady history, where the ratio decides)."""
+    config, steady = InstabilityConfig(), [1.0] * 30
+    assert judge(3.0, steady, config, "grad_spike")[0] is None and judge(5.0, steady, config, "grad_spike")[0]
+    assert judge(3.0, steady, config, "loss_spike")[0] == "loss_spike"
+    assert judge(3.0, steady, InstabilityConfig(grad_min_ratio=2.5), "grad_spike")[0] == "grad_spike"
+
+
+def test_a_spike_stays_out_of_the_statistics_it_is_judged_by():
+    """Were spikes added, a run of them would raise the median until the spikes looked normal."""
+    monitor, module, _ = _run({30: "spike", 31: "spike", 32: "spike"}, steps=40)
+    assert [step for kind, step in _kinds(monitor) if kind == "loss_spike"] == [30, 31, 32]
+    spiked = module.step_losses[30:33]
+    assert len(monitor.loss_history) == 40 - 3 and not set(spiked) & set(monitor.loss_history)
+
+
 def test_nan_loss_is_reported_at_its_step_and_skip_leaves_the_weights(tmp_path):
     monitor, _, weights = _run({30: "nan"}, action="skip", tmp_path=tmp_path)
     assert ("non_finite", 30) in _kinds(monitor)
