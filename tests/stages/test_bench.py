@@ -51,8 +51,13 @@ def test_train_bench_measures_each_variant_for_both_step_kinds(tmp_path, capsys)
         assert row["image_tokens"] == 16 and row["tokens_per_sample"] >= row["image_tokens"] + 16  # + the prompt
         expected = ["plain", "plain+ckpt", "none", "chunked_ce+ckpt2"] + (["no_dropout"] if kind == "sft" else [])
         assert list(row["variants"]) == expected  # LoRA dropout has no align variant
+        plain = row["variants"]["plain"]
         for result in row["variants"].values():
-            assert 0 < result["mfu"] and result["tokens_per_s"] > 0 and result["vs_plain"] > 0
+            assert 0 < result["mfu"] and result["tokens_per_s"] > 0
+            assert result["vs_plain"] == pytest.approx(result["tokens_per_s"] / plain["tokens_per_s"], abs=1e-3)
+            # The same FLOPs per sample for every variant: MFU orders them as tokens/s does (3 digits kept).
+            per_token = plain["mfu"] / plain["tokens_per_s"]
+            assert result["mfu"] / result["tokens_per_s"] == pytest.approx(per_token, rel=0.01)
         levers = row["variants"]["chunked_ce+ckpt2"]["levers"]
         assert levers["loss_chunk_tokens"] == 1024 and levers["checkpoint_every"] == 2 and levers["compile"] is None
         assert row["variants"]["none"]["levers"]["loss_chunk_tokens"] is None
