@@ -149,10 +149,10 @@ def test_a_divergence_is_reported_once_across_a_resume(tmp_path):
             callbacks=[monitor, last], max_steps=max_steps, logger=False, enable_progress_bar=False,
             enable_model_summary=False, accelerator="cpu",
         )  # fmt: skip
-        t.fit(ToyRegression(drift=0.1), loader(KeyedRegression()), ckpt_path=ckpt)
+        t.fit(ToyRegression(drift=0.15), loader(KeyedRegression()), ckpt_path=ckpt)
         return _kinds(monitor)
 
-    assert run(80) == [("divergence", 75)]
+    assert run(80) == [("divergence", 72)]
     assert run(95, tmp_path / "last.ckpt") == []  # resumed at step 80, the loss still climbing
 
 

@@ -51,7 +51,9 @@ class ToyRegression(L.LightningModule):
         divide_by_accumulation: bool = False,
     ) -> None:
         super().__init__()
-        self.net = torch.nn.Linear(4, 1)
+        with torch.random.fork_rng():  # its own start, whatever tests ran before in this process
+            torch.manual_seed(seed)
+            self.net = torch.nn.Linear(4, 1)
         self.faults = faults or {}
         self.lr, self.drift, self.noise, self.seed = lr, drift, noise, seed
         self.lr_restart_every, self.restart_lr = lr_restart_every, restart_lr
