@@ -49,7 +49,15 @@ from typing_extensions import override
 from callbacks.alerts import Alert, AlertSinks
 
 ACTIONS = ("warn", "skip", "rewind", "stop")
-RESETTING = ("skip", "rewind")  # actions that undo an update: not under DeepSpeed, which has applied it
+
+
+def check_action_under_deepspeed(action: str, where: str = "") -> None:
+    """Refuses the actions that undo an update (skip, rewind) under DeepSpeed, whose engine has applied it."""
+    if action in ("skip", "rewind"):
+        raise ValueError(
+            f"stability.instability.action {action!r} is not available under DeepSpeed{where}: the engine "
+            "applies the update before its gradient norm is known; use warn or stop"
+        )
 
 
 @dataclass
@@ -192,11 +200,8 @@ class InstabilityMonitor(L.Callback):
 
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
-        if deepspeed_engine(trainer) is not None and self.config.action in RESETTING:
-            raise ValueError(
-                f"stability.instability.action {self.config.action!r} is not available under DeepSpeed: the engine "
-                "applies the update before its gradient norm is known. Use warn or stop."
-            )
+        if deepspeed_engine(trainer) is not None:
+            check_action_under_deepspeed(self.config.action)
 
     @override
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:

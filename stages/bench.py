@@ -158,7 +158,7 @@ def bench_blip2(
     }
     stock = {"image_captioning_mapper": {"hf_img2seq": str(model_dir), "keep_original_sample": False}}
 
-    def timed_run(name: str, op: dict, count: int, out: Path) -> tuple[float, dict]:
+    def timed_run(op: dict, count: int, out: Path) -> tuple[float, dict]:
         listing = root / f"{out.name}.json"
         listing.write_text(json.dumps(records[:count]))
         recipe = RecipeConfig(input=InputSpec(format="llava", path=str(listing)), process=[op], max_skip_share=1.0)
@@ -169,9 +169,9 @@ def bench_blip2(
     for name, op, count in (("blip2_caption_mapper", ours, images), ("image_captioning_mapper", stock, stock_images)):
         if count < 1:
             continue
-        timed_run(name, op, min(count, 4), root / f"out-{name}-warmup")
-        half_wall = timed_run(name, op, count // 2, root / f"out-{name}-half")[0] if count >= 2 else None
-        wall, report = timed_run(name, op, count, root / f"out-{name}")
+        timed_run(op, min(count, 4), root / f"out-{name}-warmup")
+        half_wall = timed_run(op, count // 2, root / f"out-{name}-half")[0] if count >= 2 else None
+        wall, report = timed_run(op, count, root / f"out-{name}")
         op_report = report["ops"][0]
         results["runs"][name] = {
             "images": count,

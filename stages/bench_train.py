@@ -221,7 +221,7 @@ def _peak(device: torch.device, start: tuple[float, float]):
 
 def cuda_overhead_gib(device: torch.device) -> float:
     """Card memory in use beyond what PyTorch's allocator holds: the CUDA context and libraries' workspaces
-    (cuBLAS, NCCL), about 0.5 GiB, which a run on a 24 GiB card must fit beside its tensors."""
+    (cuBLAS, NCCL), which a run on a 24 GiB card must fit beside its tensors."""
     free, total = torch.cuda.mem_get_info(device)
     return (total - free - torch.cuda.memory_reserved(device)) / 2**30
 
@@ -455,31 +455,29 @@ def sft_targets(report: dict, speedup: float = 2.0, budget_gib: float = 24.0) ->
     peak memory against `speedup` x its tokens/s, and the lowest peak with the CUDA context against
     `budget_gib`. Peaks are the allocator's reserved memory: what the card must hold, not only live tensors."""
     rows = report.get("sft", {}).get("variants", {})
-    measured = {n: {**r, "gib": r["peak_reserved_gib"]} for n, r in rows.items() if "peak_reserved_gib" in r}
-    plain = measured.get("plain")
-    ours = {n: r for n, r in measured.items() if not n.startswith("plain")}
+    gib = {n: r["peak_reserved_gib"] for n, r in rows.items() if "peak_reserved_gib" in r}
+    ours = [n for n in gib if not n.startswith("plain")]
     if not ours:
         return []
-    within = {n: r for n, r in ours.items() if plain is not None and r["gib"] <= plain["gib"]}
-    lines = []
-    if plain is None:  # failed or out of memory: the memory target is still judged
-        why = rows.get("plain", {}).get("error", "not measured")
+    lines, plain = [], rows.get("plain", {})
+    if "plain" not in gib:  # failed or out of memory: the memory target is still judged
+        why = plain.get("error", "not measured")
         lines.append(f"target {speedup}x plain tokens/s at no more memory: not judged (plain: {why})")
-    elif within:
-        name, best = max(within.items(), key=lambda item: item[1]["tokens_per_s"])
-        verdict = "met" if best["tokens_per_s"] >= speedup * plain["tokens_per_s"] else "not met"
+    elif within := [n for n in ours if gib[n] <= gib["plain"]]:
+        best = max(within, key=lambda n: rows[n]["tokens_per_s"])
+        verdict = "met" if rows[best]["tokens_per_s"] >= speedup * plain["tokens_per_s"] else "not met"
         lines.append(
-            f"target {speedup}x plain tokens/s at no more memory: {verdict} (best {name}: {best['vs_plain']}x, "
-            f"{best['gib']} GiB vs plain {plain['gib']} GiB reserved)"
+            f"target {speedup}x plain tokens/s at no more memory: {verdict} (best {best}: {rows[best]['vs_plain']}x, "
+            f"{gib[best]} GiB vs plain {gib['plain']} GiB reserved)"
         )
     else:
         lines.append(f"target {speedup}x plain tokens/s at no more memory: not met (every variant needs more memory)")
-    name, lowest = min(ours.items(), key=lambda item: item[1]["gib"])
+    lowest = min(ours, key=gib.__getitem__)
     overhead = report.get("cuda_overhead_gib", 0.0)
-    card = round(lowest["gib"] + overhead, 3)
+    card = round(gib[lowest] + overhead, 3)
     verdict = "met" if card <= budget_gib else "not met"
     lines.append(
-        f"target batch {report['batch']} within {budget_gib} GiB: {verdict} (lowest {name}: {card} GiB = "
-        f"{lowest['gib']} reserved + {overhead} CUDA context, {lowest['tokens_per_s']} tokens/s)"
+        f"target batch {report['batch']} within {budget_gib} GiB: {verdict} (lowest {lowest}: {card} GiB = "
+        f"{gib[lowest]} reserved + {overhead} CUDA context, {rows[lowest]['tokens_per_s']} tokens/s)"
     )
     return lines

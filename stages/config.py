@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
 from callbacks.epoch_boundary import BoundaryConfig
-from callbacks.instability import RESETTING, InstabilityConfig
+from callbacks.instability import InstabilityConfig, check_action_under_deepspeed
 from datamodules.world import WorldConfig
 from modules.base_models import TinyBaseConfig
 from modules.loading import ModelConfig
@@ -277,9 +277,5 @@ class CurriculumConfig:
             stage_trainer = self.trainer.merged(spec.trainer)
             stage_trainer.check(f"stages.{name}.trainer")
             check_speed(self.model.speed, stage_trainer)
-            action = self.stability.instability.action
-            if stage_trainer.strategy == "deepspeed" and self.stability.instability.enabled and action in RESETTING:
-                raise ValueError(
-                    f"stability.instability.action {action!r} is not available under DeepSpeed (stage {name}): "
-                    "the engine applies the update before its gradient norm is known; use warn or stop"
-                )
+            if stage_trainer.strategy == "deepspeed" and self.stability.instability.enabled:
+                check_action_under_deepspeed(self.stability.instability.action, f" (stage {name})")
