@@ -62,11 +62,17 @@ class TinyBaseConfig:
     lr: float = 3e-3
     prompt: str = "describe the image"
     """The captioning prompt; its words must be in the tokenizer's vocabulary."""
+    dtype: str = "float32"
+    """Dtype the base models are pretrained and saved in: "float32" or "float64". float64 (with
+    `--trainer.precision=64-true`) makes a run's losses the same on every CPU to about 1e-10: the stability
+    test's golden run uses it, as float32 rounding differences between CPUs grow to 1e-3 in its curves."""
 
     def __post_init__(self) -> None:
         for name in ("vision_steps", "lm_steps", "batch_size", "lm_layers", "lm_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"base.{name} must be positive, got {getattr(self, name)}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"base.dtype must be float32 or float64, got {self.dtype!r}")
 
 
 def image_processor(image_size: int) -> CLIPImageProcessor:
@@ -110,6 +116,7 @@ def _cell_targets(scene, colours: list[str]) -> list[list[int]]:
 def pretrain_vision(config: TinyBaseConfig, world: WorldConfig, seed: int, out_dir: Path) -> float:
     """Builds and pretrains the tiny vision tower; saves it with its image processor. Returns accuracy."""
     torch.manual_seed(seed)
+    dtype = getattr(torch, config.dtype)
     tower = ResNetModel(
         ResNetConfig(
             embedding_size=config.vision_hidden_sizes[0],
@@ -118,9 +125,9 @@ def pretrain_vision(config: TinyBaseConfig, world: WorldConfig, seed: int, out_d
             layer_type="basic",
             downsample_in_first_stage=False,
         )
-    )
+    ).to(dtype)
     colours = palette(world)
-    heads = CellHeads(config.vision_hidden_sizes[-1], len(colours))
+    heads = CellHeads(config.vision_hidden_sizes[-1], len(colours)).to(dtype)
     processor = image_processor(world.image_size)
     optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=config.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.vision_steps)
@@ -130,7 +137,7 @@ def pretrain_vision(config: TinyBaseConfig, world: WorldConfig, seed: int, out_d
             make_scene(world, seed, "pretrain-vision", step * config.batch_size + i) for i in range(config.batch_size)
         ]
         images = [render(s, world.image_size, seed, world) for s in scenes]
-        pixels = processor(images, return_tensors="pt")["pixel_values"]
+        pixels = processor(images, return_tensors="pt")["pixel_values"].to(dtype)
         targets = torch.tensor([_cell_targets(s, colours) for s in scenes])
         loss, accuracy = heads.loss(grid_pool(tower(pixels).last_hidden_state, 3), targets)
         optimizer.zero_grad(set_to_none=True)
@@ -175,7 +182,7 @@ def pretrain_lm(config: TinyBaseConfig, world: WorldConfig, seed: int, out_dir: 
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=False,
         )
-    )
+    ).to(getattr(torch, config.dtype))
     optimizer = torch.optim.AdamW(lm.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.lm_steps)
     lm.train()

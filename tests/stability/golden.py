@@ -8,10 +8,13 @@ which runs the command below in a temporary folder and rewrites golden_micro.jso
 version it ran under. Review the diff of the losses before committing it.
 
 These curves are chaotic: a last-bit difference in one kernel grows to 1e-3 in the first align loss
-(after the base models' pretraining) and to 10% by the last stage. So the run pins what decides the
-CPU kernels' rounding (ENV below): torch's own kernels, MKL's BLAS and oneDNN all take their AVX2
-code paths, and two OpenMP threads. Unpinned, the same commit gave different curves on an AVX-512
-machine and an AVX2 one (AMD EPYC), and OMP_NUM_THREADS=1 moved the 9th align loss by 2.5e-3.
+(after the base models' pretraining) and to 10% by the last stage. So the run trains in float64, base
+models included: the same commit's curves under AVX-512 kernels, unpinned BLAS or one OpenMP thread
+instead of two differ from the pinned run's by at most 5e-6 (relative), where in float32 they differed
+by up to 7e-2 (measured on one Sapphire Rapids machine, 2026-11-24). It also pins what decides the CPU
+kernels' rounding (ENV below): torch's own kernels, MKL's BLAS and oneDNN take their AVX2 code paths,
+with two OpenMP threads. The pins alone were not enough: a float32 golden file written under them on
+one Intel machine was 2e-3 off on another in the first align loss.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ GOLDEN = Path(__file__).with_name("golden_micro.json")
 STAGES = ["align", "sft_short", "sft_medium", "sft_long"]
 STEPS = 20
 
-# fp32 on CPU, deterministic algorithms, fixed seed: the micro world and micro base models of the
+# float64 on CPU, deterministic algorithms, fixed seed: the micro world and micro base models of the
 # fast tier, STEPS optimizer steps per stage, a checkpoint every 2 steps (for the kill/resume test).
 ARGS = [
     "--seed=0",
     "--trainer.accelerator=cpu",
-    "--trainer.precision=32-true",
+    "--trainer.precision=64-true",
+    "--base.dtype=float64",
     "--trainer.deterministic=true",
     "--world.train_size=512",
     "--world.val_size=32",
