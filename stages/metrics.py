@@ -98,7 +98,8 @@ def _named(said: list[Mention], obj: dict) -> bool:
 
 
 def hallucination(predictions: list[str], objects: list[list[dict]]) -> dict[str, float]:
-    """CHAIR-i, CHAIR-s, attribute hallucination, recall and mean words of captions against their objects."""
+    """CHAIR-i, CHAIR-s, attribute hallucination, recall and mean words of captions against their objects;
+    `mentions` is CHAIR-i's denominator (captions that name no object score CHAIR-i 0.0 and recall 0.0)."""
     total = bad_total = with_bad = attr_total = attr_bad = gt_total = gt_found = 0
     for caption, truth in zip(predictions, objects, strict=True):
         said = mentions(caption)
@@ -111,8 +112,9 @@ def hallucination(predictions: list[str], objects: list[list[dict]]) -> dict[str
         gt_found += sum(_named(said, o) for o in truth)
     n = len(predictions)
     return {
-        "chair_i": bad_total / total if total else 0.0,
+        "chair_i": bad_total / total if total else 0.0,  # no mentions: 0.0, and `mentions` says so
         "chair_s": with_bad / n if n else 0.0,
+        "mentions": float(total),
         "attr_halluc": attr_bad / attr_total if attr_total else 0.0,
         "recall": gt_found / gt_total if gt_total else 0.0,
         "mean_words": sum(len(p.split()) for p in predictions) / n if n else 0.0,
@@ -262,8 +264,9 @@ def chair_synonyms(predictions: list[str], objects: list[list[str]], synonyms: d
         total, bad, with_bad = total + len(said), bad + len(wrong), with_bad + bool(wrong)
         gt_total, gt_found = gt_total + len(annotated), gt_found + len(annotated & set(said))
     return {
-        "chair_i": bad / total if total else 0.0,
+        "chair_i": bad / total if total else 0.0,  # no mentions: 0.0, and `mentions` says so
         "chair_s": with_bad / len(predictions) if predictions else 0.0,
+        "mentions": float(total),
         "recall": gt_found / gt_total if gt_total else 0.0,
     }
 

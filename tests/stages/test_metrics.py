@@ -35,6 +35,15 @@ def test_mentions_read_colour_size_and_plural():
     assert [(m.shape, m.colour) for m in found] == [("circle", "red"), ("square", "green"), ("cross", "blue")]
     scores = hallucination(["A red circle and a green square."], [[RED_CIRCLE]])
     assert (scores["chair_i"], scores["chair_s"], scores["recall"]) == (0.5, 1.0, 1.0)
+    assert scores["mentions"] == 2.0
+
+
+def test_captions_that_name_nothing_score_chair_zero_with_zero_mentions():
+    """CHAIR-i has no mentions to divide by: it reads 0.0, and `mentions` 0 shows that it means nothing."""
+    scores = hallucination(["there is nothing here", ""], [[RED_CIRCLE], [BLUE_STAR]])
+    assert (scores["chair_i"], scores["mentions"], scores["recall"]) == (0.0, 0.0, 0.0)
+    real = chair_synonyms(["nothing at all"], [["dog"]], {"dog": ["puppy"]})
+    assert (real["chair_i"], real["mentions"], real["recall"]) == (0.0, 0.0, 0.0)
 
 
 def test_hand_computed_chair_and_recall():
@@ -159,8 +168,10 @@ def test_chair_with_a_synonym_table():
     assert chair_synonyms(["a cat"], [["dog"]], {"dog": [], "Cat": []}) == {
         "chair_i": 1.0,
         "chair_s": 1.0,
+        "mentions": 1.0,
         "recall": 0.0,
     }
+    assert scores["mentions"] == 4.0  # puppy, table; man, dogs
     # Plurals of the last word only: "tennis" is not a plural of "tenni".
     table = {"tennis racket": [], "bus": []}
     plurals = chair_synonyms(["two tennis rackets", "three buses"], [["tennis racket"], ["bus"]], table)
