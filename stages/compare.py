@@ -7,12 +7,14 @@ last stage's learning rates) for the sum of the curriculum's SFT steps. Writes, 
 
     compare.json   every metric per arm, stage and seed, and their mean and spread
     compare.md     the table (mean +- standard deviation over seeds), also per caption-length bucket
+                   (there the seeds pooled: a bucket holds 2 images in one seed and 200 in another)
     compare.png    CHAIR-i and recall against mean caption length, per arm and stage
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +24,8 @@ import yaml
 from stages.config import CurriculumConfig
 from stages.paths import input_path
 from stages.report import pyplot, save_figure
+
+log = logging.getLogger(__name__)
 
 METRICS = [
     "chair_i",
@@ -72,6 +76,27 @@ def _mean_spread(values: list[float]) -> dict:
     }
 
 
+# Each bucket rate's denominator in metrics.json (stages/metrics.py `hallucination`).
+BUCKET_WEIGHTS = {"chair_i": "mentions", "chair_s": "images", "recall": "objects", "attr_halluc": "attr_mentions"}
+
+
+def _pooled(records: list[dict], metric: str) -> dict:
+    """A bucket's rate over seeds as one sample: the seeds' rates weighted by their denominators (summed
+    numerators over summed denominators), with the spread of the per-seed rates."""
+    values = [r[metric] for r in records]
+    key = BUCKET_WEIGHTS[metric]
+    weights = [r.get(key) for r in records]
+    if None in weights:  # metrics.json written before the denominators were recorded
+        log.warning("compare: a run's metrics.json lacks %s, %s's denominator: averaged unweighted", key, metric)
+        weights = [1.0] * len(values)
+    total = sum(weights)
+    return {
+        "pooled": sum(v * w for v, w in zip(values, weights, strict=True)) / total if total else 0.0,
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
 def collect(runs: dict[str, list[Path]]) -> dict:
     """{arm: {stage: {metric: {mean, std, values}}, by_length of the last stage}} from the runs' files."""
     result: dict = {}
@@ -83,16 +108,13 @@ def collect(runs: dict[str, list[Path]]) -> dict:
             per_stage[stage] = {m: _mean_spread([r[m] for r in records]) for m in METRICS}
         last = [json.loads((run / stages[-1] / "metrics.json").read_text())["by_length"] for run in run_dirs]
         buckets = sorted({b for record in last for b in record}, key=lambda b: int(b.split("-")[0].rstrip("+")))
-        by_length = {
-            bucket: {
-                "images": sum(int(r[bucket]["images"]) for r in last if bucket in r),
-                **{
-                    m: _mean_spread([r[bucket][m] for r in last if bucket in r])
-                    for m in ("chair_i", "chair_s", "recall", "attr_halluc")
-                },
+        by_length = {}
+        for bucket in buckets:
+            records = [r[bucket] for r in last if bucket in r]
+            by_length[bucket] = {
+                "images": sum(int(r["images"]) for r in records),
+                **{m: _pooled(records, m) for m in BUCKET_WEIGHTS},
             }
-            for bucket in buckets
-        }
         result[arm] = {"stages": per_stage, "last_stage_by_length": by_length}
     return result
 
@@ -105,12 +127,13 @@ def markdown(result: dict, seeds: list[int]) -> str:
         for stage, metrics in data["stages"].items():
             cells = [f"{metrics[m]['mean']:.3f} +- {metrics[m]['std']:.3f}" for m in METRICS]
             lines.append(f"| {arm} | {stage} | " + " | ".join(cells) + " |")
-    lines += ["", "Final stage, by generated caption length (matched lengths; images summed over seeds):", ""]
+    lines += ["", "Final stage, by generated caption length (matched lengths), the seeds pooled: each rate over all"]
+    lines += ["seeds' images in the bucket, +- the standard deviation of the per-seed rates.", ""]
     lines += ["| arm | bucket | images | chair_i | chair_s | recall | attr_halluc |", "|---" * 7 + "|"]
     for arm, data in result.items():
         for bucket, m in data["last_stage_by_length"].items():
             keys = ("chair_i", "chair_s", "recall", "attr_halluc")
-            cells = [f"{m[k]['mean']:.3f} +- {m[k]['std']:.3f}" for k in keys]
+            cells = [f"{m[k]['pooled']:.3f} +- {m[k]['std']:.3f}" for k in keys]
             lines.append(f"| {arm} | {bucket} | {m['images']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

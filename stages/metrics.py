@@ -98,8 +98,9 @@ def _named(said: list[Mention], obj: dict) -> bool:
 
 
 def hallucination(predictions: list[str], objects: list[list[dict]]) -> dict[str, float]:
-    """CHAIR-i, CHAIR-s, attribute hallucination, recall and mean words of captions against their objects;
-    `mentions` is CHAIR-i's denominator (captions that name no object score CHAIR-i 0.0 and recall 0.0)."""
+    """CHAIR-i, CHAIR-s, attribute hallucination, recall and mean words of captions against their objects,
+    with each rate's denominator: `mentions` (CHAIR-i; captions that name no object score CHAIR-i 0.0),
+    `images` (CHAIR-s), `attr_mentions` (attribute hallucination), `objects` (recall)."""
     total = bad_total = with_bad = attr_total = attr_bad = gt_total = gt_found = 0
     for caption, truth in zip(predictions, objects, strict=True):
         said = mentions(caption)
@@ -116,7 +117,9 @@ def hallucination(predictions: list[str], objects: list[list[dict]]) -> dict[str
         "chair_s": with_bad / n if n else 0.0,
         "mentions": float(total),
         "attr_halluc": attr_bad / attr_total if attr_total else 0.0,
+        "attr_mentions": float(attr_total),
         "recall": gt_found / gt_total if gt_total else 0.0,
+        "objects": float(gt_total),
         "mean_words": sum(len(p.split()) for p in predictions) / n if n else 0.0,
         "images": float(n),
     }
@@ -268,6 +271,7 @@ def chair_synonyms(predictions: list[str], objects: list[list[str]], synonyms: d
         "chair_s": with_bad / len(predictions) if predictions else 0.0,
         "mentions": float(total),
         "recall": gt_found / gt_total if gt_total else 0.0,
+        "objects": float(gt_total),
     }
 
 

@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from modules.training_module import LearningRates
-from stages.compare import baseline_argv, baseline_stages
+from stages.compare import METRICS, baseline_argv, baseline_stages, collect
 from stages.config import CurriculumConfig, StageSpec, TrainerConfig
+from stages.metrics import by_length, hallucination
 from stages.run import main
 from tests.conftest import MICRO_ARGS
 
@@ -36,6 +37,32 @@ def test_baseline_needs_max_steps():
     }
     with pytest.raises(ValueError, match="stages.align.trainer.max_steps"):
         baseline_stages(CurriculumConfig(stages=stages))
+
+
+def test_length_buckets_pool_the_seeds_as_if_scored_together(tmp_path):
+    """Seed 0 has 1 short caption (hallucinating), seed 1 has 3 (clean): the bucket's rates over seeds are
+    those of the 4 captions scored at once (CHAIR-s 1/4), not the mean of the seeds' rates (1/2)."""
+    red = {"shape": "circle", "colour": "red", "size": "large", "place": "top"}
+    star = {"shape": "star", "colour": "blue", "size": "small", "place": "center"}
+    seeds = [
+        (["a red circle and a green square"], [[red, star]]),
+        (["a red circle", "a blue star", "a red circle and a blue star"], [[red], [star], [red, star]]),
+    ]
+    runs = []
+    for seed, (captions, objects) in enumerate(seeds):
+        run = tmp_path / f"curriculum-{seed}"
+        (run / "sft").mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({"sft": {}}))
+        metrics = {m: 0.0 for m in METRICS} | {"by_length": by_length(captions, objects)}
+        (run / "sft" / "metrics.json").write_text(json.dumps(metrics))
+        runs.append(run)
+    bucket = collect({"curriculum": runs})["curriculum"]["last_stage_by_length"]["0-8"]
+    together = hallucination([c for cs, _ in seeds for c in cs], [o for _, os in seeds for o in os])
+    assert bucket["images"] == 4
+    for metric in ("chair_i", "chair_s", "recall", "attr_halluc"):
+        assert bucket[metric]["pooled"] == pytest.approx(together[metric]), metric
+    assert bucket["chair_s"]["pooled"] == pytest.approx(1 / 4) and bucket["chair_s"]["values"] == [1.0, 0.0]
+    assert bucket["chair_s"]["std"] == pytest.approx(statistics.stdev([1.0, 0.0]))
 
 
 @pytest.mark.slow

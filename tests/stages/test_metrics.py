@@ -170,6 +170,7 @@ def test_chair_with_a_synonym_table():
         "chair_s": 1.0,
         "mentions": 1.0,
         "recall": 0.0,
+        "objects": 1.0,
     }
     assert scores["mentions"] == 4.0  # puppy, table; man, dogs
     # Plurals of the last word only: "tennis" is not a plural of "tenni".
