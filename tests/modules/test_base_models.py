@@ -14,20 +14,23 @@ from tests.conftest import MICRO_BASE, MICRO_WORLD
 
 def test_float64_base_models_train_the_same_models_and_load_back_in_float64(tmp_path):
     short = dataclasses.replace(MICRO_BASE, vision_steps=2, lm_steps=2)
-    wide = dataclasses.replace(short, dtype="float64")
-    results = {}
-    for config in (short, wide):
+    weights = {}
+    for config in (short, dataclasses.replace(short, dtype="float64")):
         out = tmp_path / config.dtype
-        accuracy = pretrain_vision(config, MICRO_WORLD, 0, out / "vision")
-        loss = pretrain_lm(config, MICRO_WORLD, 0, out / "lm")
+        pretrain_vision(config, MICRO_WORLD, 0, out / "vision")
+        pretrain_lm(config, MICRO_WORLD, 0, out / "lm")
         tower, _, _ = load_vision_tower(out / "vision")
         lm, _ = load_language_model(out / "lm")
+        weights[config.dtype] = {**tower.state_dict(), **{f"lm.{k}": v for k, v in lm.state_dict().items()}}
         dtypes = {p.dtype for p in [*tower.parameters(), *lm.parameters()]}
         assert dtypes == {getattr(torch, config.dtype)}, config.dtype
-        results[config.dtype] = (accuracy, loss)
-    # The same seed, data and steps: only rounding differs.
-    assert results["float64"][0] == pytest.approx(results["float32"][0], abs=0.02)
-    assert results["float64"][1] == pytest.approx(results["float32"][1], rel=1e-4)
+    # The same seed, data and steps: only rounding differs (a third LM step fails this check).
+    for name, value in weights["float32"].items():
+        wide = weights["float64"][name]
+        if value.is_floating_point():
+            torch.testing.assert_close(wide.float(), value, rtol=1e-4, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(wide, value), name
 
 
 def test_a_base_dtype_other_than_float32_or_float64_is_refused():

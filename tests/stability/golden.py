@@ -14,7 +14,8 @@ instead of two differ from the pinned run's by at most 5e-6 (relative), where in
 by up to 7e-2 (measured on one Sapphire Rapids machine, 2026-11-24). It also pins what decides the CPU
 kernels' rounding (ENV below): torch's own kernels, MKL's BLAS and oneDNN take their AVX2 code paths,
 with two OpenMP threads. The pins alone were not enough: a float32 golden file written under them on
-one Intel machine was 2e-3 off on another in the first align loss.
+one Intel machine was 2e-3 off on another in the first align loss. What is left of 5e-6 comes from the
+cross-entropy: transformers computes the LM's loss in float32 (`logits.float()`), even from float64 logits.
 """
 
 from __future__ import annotations
