@@ -1,5 +1,6 @@
 """Stability regressions: the pinned micro curriculum reproduces its per-step losses, falls, and
-resumes after a kill with the same tail. Golden values and how to regenerate them: golden.py.
+resumes after a kill with the same tail; in float32 it falls and stays near the pinned curve. Golden
+values and how to regenerate them: golden.py.
 """
 
 from __future__ import annotations
@@ -57,6 +58,23 @@ def test_every_stage_curve_falls(clean_run):
     for name in STAGES:
         first, last = sum(clean_run[name][:3]) / 3, sum(clean_run[name][-3:]) / 3
         assert last < (1 - FALL) * first, f"{name}: {first:.4f} -> {last:.4f}"
+
+
+def test_the_float32_run_falls_and_follows_the_golden_curve(tmp_path, golden):
+    """The same run in float32, as users train on the CPU: its rounding differs from machine to machine (golden.py),
+    so per-step losses cannot be pinned; each stage's curve must fall and its mean loss stay near the golden
+    run's. Measured under the pinned kernels, AVX-512 and one thread: align within 9e-4 (relative), the SFT
+    stages within 1.9e-2. That only catches gross breakage: halving every learning rate moves the means by
+    0.3% to 4% and passes here; the float64 tests above catch it at the first steps."""
+    run_dir = tmp_path / "run"
+    float32 = ["--trainer.precision=32-true", "--base.dtype=float32"]
+    subprocess.run(command(run_dir) + float32, cwd=REPO, env=ENV, check=True, capture_output=True, timeout=600)
+    losses = read_losses(run_dir)
+    for index, name in enumerate(STAGES):
+        first, last = sum(losses[name][:3]) / 3, sum(losses[name][-3:]) / 3
+        assert last < (1 - FALL) * first, f"{name}: {first:.4f} -> {last:.4f}"
+        mean, pinned = (sum(values) / STEPS for values in (losses[name], golden["losses"][name]))
+        assert mean == pytest.approx(pinned, rel=1e-2 if index == 0 else 5e-2), name
 
 
 def test_killed_in_the_middle_of_a_stage_and_rerun_reproduces_the_golden_tail(tmp_path, golden):
