@@ -46,11 +46,13 @@ SPLIT_SIZES = ("train_size", "val_size", "test_size")
 
 @dataclass
 class SkipLog:
-    """Samples skipped before processing, by reason, with the first few keys of each reason."""
+    """Samples skipped before processing, by reason, with the first few keys of each reason; and every
+    image file the input named, usable or not (a curriculum re-checks them before it reuses the shards)."""
 
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     keep_examples: int = 5
+    image_files: set[str] = field(default_factory=set)
 
     def skip(self, reason: str, key: str) -> None:
         self.counts[reason] += 1
@@ -89,6 +91,7 @@ def _checked(key: str, image: str | None, base: Path, skips: SkipLog) -> Path | 
         skips.skip("no_image", key)
         return None
     path = Path(image) if Path(image).is_absolute() else base / image
+    skips.image_files.add(str(path.absolute()))
     problem = image_problem(path)
     if problem:
         skips.skip(problem, key)

@@ -3,6 +3,8 @@
     raw samples (synthetic | llava | dj_jsonl)  ->  Data-Juicer ops, one at a time (recaption, filters)
       ->  shards (train/val/test by a stable hash of the key) + index.json  ->  report.json / report.md
 
+`image_files.json` lists every image file the input named, so that a curriculum can tell when one changed.
+
 Ops run one at a time so that the report can say how many samples each one took in and let out.
 Filters first compute their stats for every sample (written to `stats/<op>.jsonl`), then filter.
 Data-Juicer's own `skip_op_error` is forced off: a failing op fails the stage with its name,
@@ -35,6 +37,7 @@ from datamodules.world import WorldConfig
 
 log = logging.getLogger(__name__)
 FORMATS = ("synthetic", "llava", "dj_jsonl")
+IMAGE_FILES_NAME = "image_files.json"
 
 
 @dataclass
@@ -308,6 +311,7 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
     for split in SPLITS:
         index["splits"][split] = write_shards(by_split[split], out_dir, split, recipe.shard_size)
     (out_dir / INDEX_NAME).write_text(json.dumps(index))
+    (out_dir / IMAGE_FILES_NAME).write_text(json.dumps(sorted(skips.image_files)))
 
     shutil.rmtree(out_dir / "work", ignore_errors=True)  # the images now live in the shards
     report = build_report(recipe, rows, kept, accounting, skips, total, empty, renamed)

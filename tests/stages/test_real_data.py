@@ -191,6 +191,47 @@ def test_shards_rebuild_when_the_input_changes_not_the_world(tmp_path):
     assert rebuilt != built and sum(s["count"] for v in read_index(shard_dir)["splits"].values() for s in v) == 3
 
 
+def test_shards_rebuild_when_an_image_file_changes(tmp_path, caplog):
+    """Replacing an image (same path, same input file) rebuilds the shards with the new bytes; a missing image
+    that appears rebuilds them too; an untouched input folder reuses them."""
+    import logging
+    import tarfile
+
+    from stages.curriculum import prepare_data
+    from stages.run import build_parser, curriculum_config
+
+    images = tmp_path / "images"
+    images.mkdir()
+    records = [{"id": f"r{i}", "image": f"images/{i}.png", "conversations": [{"from": "gpt", "value": "a circle"}]}
+               for i in range(41)]  # fmt: skip
+    for i in range(40):  # images/40.png is missing: skipped, 1 of 41 (within max_skip_share)
+        Image.new("RGB", (48, 48), (5 * i, 0, 0)).save(images / f"{i}.png")
+    data = tmp_path / "in.json"
+    data.write_text(json.dumps(records))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"input: {{format: llava, path: {data}}}\nprocess: []\nval_share: 0\ntest_share: 0\n")
+
+    def build() -> tuple[int, dict[str, bytes]]:
+        parser = build_parser()
+        args = parser.parse_args(["curriculum", f"--data.recipe={recipe}"])
+        args.curriculum.pop("config", None)
+        shard_dir = prepare_data(curriculum_config(parser.instantiate_classes(args).curriculum), tmp_path / "run")
+        with tarfile.open(shard_dir / "train-000000.tar") as tar:
+            pngs = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")}
+        return (shard_dir / "index.json").stat().st_mtime_ns, pngs
+
+    caplog.set_level(logging.INFO, logger="stages.curriculum")
+    built, pngs = build()
+    assert len(pngs) == 40
+    assert build()[0] == built, "nothing changed: the shards are reused"
+    Image.new("RGB", (48, 48), (0, 0, 255)).save(images / "7.png")
+    rebuilt, pngs = build()
+    assert rebuilt != built and pngs["r7.png"] == (images / "7.png").read_bytes()
+    assert "1 image file(s) changed" in caplog.text
+    Image.new("RGB", (48, 48)).save(images / "40.png")
+    assert len(build()[1]) == 41, "the missing image appeared"
+
+
 def test_a_stage_without_a_batch_of_fitting_captions_fails_before_training(tmp_path, micro_base, capsys):
     shards = _llava_shards(tmp_path, "plain", annotated=False)  # 2-word captions
     args = ["curriculum", f"--run_dir={tmp_path / 'run'}", *MICRO_ARGS, f"--data.shard_dir={shards}"]
