@@ -21,8 +21,9 @@ def vision_tokens(tower: nn.Module, pixel_values: torch.Tensor, grid: int | None
     `layer` -1 takes the tower's output (`last_hidden_state`); -2 the hidden state of the layer before,
     as LLaVA-1.5 and MGM do with CLIP (`hidden_states[layer]`). Convolutional towers give a
     (B, C, H, W) map: pooled to `grid` x `grid` cells if `grid` is set. ViT towers (CLIP, SigLIP) give
-    (B, 1 + N, D) with a class token (CLIP) or (B, N, D) (SigLIP): the class token is dropped, as LLaVA
-    does, and the patch grid pooled to `grid` if set.
+    (B, 1 + N, D) with a class token (CLIP), (B, 1 + R + N, D) with R register tokens too (DINOv2 with
+    registers) or (B, N, D) (SigLIP): the class and register tokens are dropped, as LLaVA drops the class
+    token, and the patch grid pooled to `grid` if set.
     """
     if layer == -1:
         features = tower(pixel_values=pixel_values).last_hidden_state
@@ -39,8 +40,15 @@ def vision_tokens(tower: nn.Module, pixel_values: torch.Tensor, grid: int | None
         )
     side = int((features.shape[1]) ** 0.5)
     if side * side != features.shape[1]:
-        features = features[:, 1:]
+        # The class token leads, then the register tokens of a ViT that has them (DINOv2 with registers).
+        leading = 1 + getattr(tower.config, "num_register_tokens", 0)
+        features = features[:, leading:]
         side = int(features.shape[1] ** 0.5)
+        if side * side != features.shape[1]:
+            raise ValueError(
+                f"vision tower {type(tower).__name__}: {features.shape[1] + leading} tokens are not a square patch "
+                f"grid after its {leading} leading token(s) (class, registers); give it square images"
+            )
     if grid:
         square = features.transpose(1, 2).reshape(features.shape[0], -1, side, side)
         features = F.adaptive_avg_pool2d(square, grid).flatten(2).transpose(1, 2)

@@ -81,6 +81,26 @@ def test_vision_layer_picks_the_towers_hidden_state():
             vision_tokens(tower, pixels, None, -4)
 
 
+def test_register_tokens_of_a_vit_tower_are_dropped_with_its_class_token():
+    # DINOv2 with registers: 1 class + 4 register + 16 patch tokens. Before, only the class token was
+    # dropped and the 4 registers were pooled as if they were patches (a reshape error with a grid).
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from modules.vlm import vision_tokens
+
+    torch.manual_seed(0)
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+    tower = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_hidden_layers=2, num_register_tokens=4, **shape))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        states = tower.eval()(pixel_values=pixels).last_hidden_state
+        assert states.shape[1] == 21
+        torch.testing.assert_close(vision_tokens(tower, pixels, None), states[:, 5:])
+        assert vision_tokens(tower, pixels, 2).shape == (2, 4, 32)
+        with pytest.raises(ValueError, match="not a square patch grid"):
+            vision_tokens(tower, torch.randn(1, 3, 32, 48), None)  # 4 x 6 patches
+
+
 def test_vision_layer_of_a_convolutional_tower_sizes_the_projector(micro_base):
     # The tiny ResNet's stage before its last is narrower (16 channels, not 32): the projector must fit it.
     from PIL import Image
