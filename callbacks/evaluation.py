@@ -22,10 +22,19 @@ from typing_extensions import override
 
 from datamodules.captions import PromptFormat
 from datamodules.images import as_image
-from stages.metrics import DEFAULT_BUCKETS, caption_metrics, vqa_exact
+from stages.metrics import DEFAULT_BUCKETS, DENOMINATORS, caption_metrics, vqa_exact
 from stages.paths import write_text_atomic
 
 log = logging.getLogger(__name__)
+
+
+def metrics_line(metrics: dict) -> str:
+    """The scalar metrics for the log: rates to 3 decimals, counts (the rates' denominators) whole."""
+    counts = set(DENOMINATORS.values())
+    scalars = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    return ", ".join(f"{k} {v:.0f}" if k in counts else f"{k} {v:.3f}" for k, v in scalars.items())
+
+
 _WARNED: set[str] = set()  # evaluated sets (by their first unannotated key) already warned about
 
 
@@ -333,8 +342,7 @@ class CaptionEvaluation(L.Callback):
             write_text_atomic(self.out_path, json.dumps(record, indent=2))
             samples_path = self.out_path.with_name("captions.jsonl")
             samples_path.write_text("".join(json.dumps({"key": k, "caption": t}) + "\n" for k, _, t in results))
-            shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if not isinstance(v, dict))
-            log.info("%s evaluation: %s", self.stage, shown)
+            log.info("%s evaluation: %s", self.stage, metrics_line(metrics))
 
     def _answers(self, trainer, pl_module, **generate_kwargs) -> list:
         """This rank's share of the questions answered, gathered from every rank."""

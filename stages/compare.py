@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from stages.config import CurriculumConfig
+from stages.metrics import DENOMINATORS
 from stages.paths import input_path
 from stages.report import pyplot, save_figure
 
@@ -76,15 +77,11 @@ def _mean_spread(values: list[float]) -> dict:
     }
 
 
-# Each bucket rate's denominator in metrics.json (stages/metrics.py `hallucination`).
-BUCKET_WEIGHTS = {"chair_i": "mentions", "chair_s": "images", "recall": "objects", "attr_halluc": "attr_mentions"}
-
-
 def _pooled(records: list[dict], metric: str) -> dict:
     """A bucket's rate over seeds as one sample: the seeds' rates weighted by their denominators (summed
     numerators over summed denominators), with the spread of the per-seed rates."""
     values = [r[metric] for r in records]
-    key = BUCKET_WEIGHTS[metric]
+    key = DENOMINATORS[metric]
     weights = [r.get(key) for r in records]
     if None in weights:  # metrics.json written before the denominators were recorded
         log.warning("compare: a run's metrics.json lacks %s, %s's denominator: averaged unweighted", key, metric)
@@ -113,7 +110,7 @@ def collect(runs: dict[str, list[Path]]) -> dict:
             records = [r[bucket] for r in last if bucket in r]
             by_length[bucket] = {
                 "images": sum(int(r["images"]) for r in records),
-                **{m: _pooled(records, m) for m in BUCKET_WEIGHTS},
+                **{m: _pooled(records, m) for m in DENOMINATORS},
             }
         result[arm] = {"stages": per_stage, "last_stage_by_length": by_length}
     return result

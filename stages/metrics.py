@@ -97,6 +97,10 @@ def _named(said: list[Mention], obj: dict) -> bool:
     return any(m.shape == obj["shape"] and m.colour in (None, obj["colour"]) for m in said)
 
 
+# Each hallucination rate's denominator, recorded beside it (floats, as every metric, for TensorBoard).
+DENOMINATORS = {"chair_i": "mentions", "chair_s": "images", "recall": "objects", "attr_halluc": "attr_mentions"}
+
+
 def hallucination(predictions: list[str], objects: list[list[dict]]) -> dict[str, float]:
     """CHAIR-i, CHAIR-s, attribute hallucination, recall and mean words of captions against their objects,
     with each rate's denominator: `mentions` (CHAIR-i; captions that name no object score CHAIR-i 0.0),

@@ -74,3 +74,10 @@ def test_a_resumed_stage_does_not_repeat_the_evaluation_it_stopped_at(tmp_path):
 def test_vqa_on_shards_without_questions_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="eval.vqa: the evaluated shards hold no questions"):
         CaptionEvaluation("toy", [("k", None, {"captions": {}})], None, None, tmp_path / "m.json", vqa=True)
+
+
+def test_the_evaluation_log_line_shows_counts_whole():
+    from callbacks.evaluation import metrics_line
+
+    metrics = {"chair_i": 0.01495, "mentions": 669.0, "recall": 1.0, "images": 256.0, "buckets": {"8": {}}}
+    assert metrics_line(metrics) == "chair_i 0.015, mentions 669, recall 1.000, images 256"
