@@ -4,11 +4,14 @@ A stage's `export/` folder holds `projector.safetensors`; once LoRA is in play, 
 `save_pretrained` format); and once a stage has trained the vision tower or the language model in full
 (`trainable` "vision" / "lm"), `vision.safetensors` / `lm.safetensors` with their weights and buffers
 (BatchNorm statistics), carried by every later stage. The next stage's `init_from` names the folder to
-start from. Under DeepSpeed bf16/fp16 the trained weights are the optimizer's float32 master copies.
+start from. Under DeepSpeed bf16/fp16 the trained weights are the optimizer's float32 master copies, and a
+part carried but frozen in a stage is handed on as the file it came from: DeepSpeed casts frozen weights
+to bf16 too, which would round them for every later stage.
 """
 
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,7 +78,7 @@ def _part(vlm: VisionLanguageModel, group: str) -> torch.nn.Module:
 def _full_state(vlm: VisionLanguageModel, group: str) -> dict[str, torch.Tensor]:
     """A fully trained part's parameters and buffers, under the plain model's names (no PEFT wrapping)."""
     module = _part(vlm, group)
-    params = dict(module.named_parameters())
+    params = dict(module.named_parameters(remove_duplicate=False))  # a tied lm_head too: else its rounded copy
     state = {}
     for name, tensor in module.state_dict().items():
         if "lora_" in name:
@@ -98,11 +101,20 @@ def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) ->
         if not write:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file(projector, str(out_dir / PROJECTOR_FILE))
+        _save(vlm, "projector", vlm.projector, projector, out_dir / PROJECTOR_FILE)
         for group, state in parts.items():
-            save_file(state, str(out_dir / FULL_FILES[group]))
+            _save(vlm, group, _part(vlm, group), state, out_dir / FULL_FILES[group])
         if has_lora(vlm):
             vlm.lm.save_pretrained(out_dir / ADAPTER_DIR, state_dict=adapter)
+
+
+def _save(vlm: VisionLanguageModel, part: str, module: torch.nn.Module, state: dict, path: Path) -> None:
+    """Writes `state`, or copies the file the part was loaded from when this stage did not train it."""
+    frozen = not any(p.requires_grad for name, p in module.named_parameters() if "lora_" not in name)
+    if frozen and part in vlm.handed_from:
+        shutil.copyfile(vlm.handed_from[part], path)
+    else:
+        save_file(state, str(path))
 
 
 def load_handoff(vlm: VisionLanguageModel, from_dir: Path) -> None:
@@ -111,12 +123,14 @@ def load_handoff(vlm: VisionLanguageModel, from_dir: Path) -> None:
     if not projector.is_file():
         raise FileNotFoundError(f"init_from: {from_dir} has no {PROJECTOR_FILE}; did that stage finish?")
     vlm.projector.load_state_dict(load_file(str(projector)))
+    vlm.handed_from["projector"] = projector
     for group, name in FULL_FILES.items():  # before the adapter, which wraps the language model
         if (from_dir / name).is_file():
             if has_lora(vlm):
                 raise RuntimeError("load_handoff expects a language model without an adapter")
             _part(vlm, group).load_state_dict(load_file(str(from_dir / name)))
             vlm.full_groups.add(group)
+            vlm.handed_from[group] = from_dir / name
     if (from_dir / ADAPTER_DIR).is_dir():
         if has_lora(vlm):
             raise RuntimeError("load_handoff expects a language model without an adapter")

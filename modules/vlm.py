@@ -6,6 +6,8 @@ merged weights; this class is the training-time container, whose `lm` may be a P
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from modules.modeling_vlm_curriculum import ImageTokenMixin, MLPProjector, vision_tokens
@@ -38,3 +40,4 @@ class VisionLanguageModel(ImageTokenMixin, nn.Module):
         self.grid = grid
         self.vision_layer = vision_layer
         self.full_groups: set[str] = set()  # "vision" / "lm" once trained in full: handed to later stages
+        self.handed_from: dict[str, Path] = {}  # "projector" / "vision" / "lm": the handoff file each came from

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from stages.run import main
 from tests.conftest import MICRO_ARGS
@@ -151,6 +151,41 @@ def test_bf16_under_deepspeed_trains_as_lightnings_bf16_mixed(tmp_path, micro_wo
             assert not any(rounded), (zero, part, "bf16 values in a float32 file")
             for key in plain:  # bf16 compute of both kinds (and Adam's normalised steps): close on average
                 assert (deep[key] - plain[key]).abs().mean() <= 0.05 * plain[key].abs().mean(), (zero, key)
+
+
+def test_bf16_handoff_keeps_float32_weights_of_tied_and_frozen_parts(tmp_path, micro_world, micro_base):
+    """align trains the projector and a tied-embedding LM in full; sft_short trains LoRA only. DeepSpeed's bf16
+    casts every parameter, frozen ones too: sft_short handed on the frozen projector and LM rounded to bf16,
+    and the tied lm_head (left out of named_parameters()) overwrote the embedding's float32 master with its
+    rounded copy. Now the tied weights are masters and a frozen carried part is the file it came from."""
+    import shutil
+
+    import yaml
+
+    lm = tmp_path / "tied_lm"
+    shutil.copytree(micro_base[1], lm)
+    config = json.loads((lm / "config.json").read_text())
+    (lm / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    untied = load_file(str(lm / "model.safetensors"))  # transformers ties only a checkpoint without lm_head
+    save_file({k: v for k, v in untied.items() if k != "lm_head.weight"}, str(lm / "model.safetensors"))
+    stages = {
+        "align": {"trainable": ["projector", "lm"], "max_words": 8, "init_from": "base", "trainer": {"max_steps": 3}},
+        "sft_short": {"trainable": ["lora"], "max_words": 8, "trainer": {"max_steps": 3}},
+    }
+    (tmp_path / "stages.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    argv = [
+        "curriculum", f"--run_dir={tmp_path / 'run'}", "--config", str(tmp_path / "stages.yaml"), *TWO_STAGES,
+        f"--data.shard_dir={micro_world}", f"--model.vision_path={micro_base[0]}", f"--model.lm_path={lm}",
+        *_deepspeed_args(tmp_path, "zero2"), "--trainer.precision=bf16-mixed",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    align, sft = tmp_path / "run" / "align" / "export", tmp_path / "run" / "sft_short" / "export"
+    weights = load_file(str(align / "lm.safetensors"))
+    embedding = weights["model.embed_tokens.weight"]
+    assert embedding.dtype == torch.float32 and not torch.equal(embedding, embedding.bfloat16().float())
+    assert torch.equal(weights["lm_head.weight"], embedding), "the tied lm_head holds the master too"
+    for name in ("projector.safetensors", "lm.safetensors"):  # frozen in sft_short: handed on as they came
+        assert (sft / name).read_bytes() == (align / name).read_bytes(), name
 
 
 def test_compile_under_zero3_is_refused_with_the_flags(tmp_path, capsys, micro_world, micro_base):
