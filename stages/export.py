@@ -68,31 +68,37 @@ class StageSource:
         return input_path(self.config["inputs"]["shard_dir"], self.stage_dir.parent)
 
 
-def find_stage(run_or_stage: str | Path, stage: str | None = None) -> StageSource:
-    """The stage folder named by a run folder (its last stage, or `stage`) or by a stage folder itself."""
-    path = Path(run_or_stage)
+def find_stage(run_or_stage: str | Path, stage: str | None = None, flag: str = "--run_dir") -> StageSource:
+    """The stage folder named by a run folder (its last stage, or `stage`) or by a stage folder itself;
+    `flag` is the command's option that named it, for the errors."""
+    path = Path(run_or_stage).resolve()  # "." inside a stage folder: its run is the parent folder
+    summary = path / "summary.json"
     if stage is None and (path / "done.json").is_file():
         stage_dir = path
     else:
-        summary = path / "summary.json"
-        if stage is None:
-            if not summary.is_file():
-                raise FileNotFoundError(f"--run_dir: {path} has no summary.json; has its curriculum finished?")
-            stage = list(json.loads(summary.read_text()))[-1]
-        stage_dir = path / stage
+        named = list(json.loads(summary.read_text())) if summary.is_file() else []
+        if stage is None and not named:
+            raise FileNotFoundError(f"{flag}: {path} has no summary.json; has its curriculum finished?")
+        stage_dir = path / (stage or named[-1])
+        if not stage_dir.is_dir():
+            listed = f" (its stages: {', '.join(named)})" if named else ""
+            raise FileNotFoundError(f"{'--stage' if stage else flag}: no folder {stage_dir}{listed}")
     if not (stage_dir / "done.json").is_file():
         raise FileNotFoundError(f"{stage_dir}: no done.json there; that stage has not finished")
     config = yaml.safe_load((stage_dir / "config.yaml").read_text())
     return StageSource(stage_dir, config, json.loads((stage_dir / "done.json").read_text())["global_steps"])
 
 
-def load_stage_model(source: StageSource):
-    """(VisionLanguageModel with the stage's projector and adapter, tokenizer, processor, ModelConfig)."""
+def load_stage_model(source: StageSource, float32: bool = False):
+    """(VisionLanguageModel with the stage's projector and adapter, tokenizer, processor, ModelConfig);
+    `float32`: upcast before the stage's weights are loaded, which a `model.dtype` model would round."""
     model = dict(source.config["model"])
     model_config = ModelConfig(**{**model, "lora": LoraSpec(**model["lora"])})
     inputs, run_dir = source.config["inputs"], source.stage_dir.parent
     vision, lm = (input_path(inputs[key], run_dir) for key in ("vision_path", "lm_path"))
     vlm, tokenizer, processor = build_vlm(model_config, vision, lm)
+    if float32:
+        vlm.float()
     load_handoff(vlm, source.stage_dir / "export")
     return vlm, tokenizer, processor, model_config
 
@@ -101,11 +107,11 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
     """Writes the stage's model, LoRA merged, as one Hugging Face folder; returns `out_dir`."""
     from stages.stage import count_image_tokens
 
-    vlm, tokenizer, processor, model_config = load_stage_model(source)
-    # Merged in float32 whatever the base models' dtype (the weights as training saw them, then upcast): a
-    # LoRA update is mostly below bf16's resolution of the weights it is added to, so a bf16 merge would
-    # lose much of what training learned.
-    vlm.float().eval()
+    # Merged in float32 whatever the base models' dtype (the base weights as training saw them, then upcast;
+    # the stage's float32 weights loaded as they are): a LoRA update is mostly below bf16's resolution of the
+    # weights it is added to, so a bf16 merge would lose much of what training learned.
+    vlm, tokenizer, processor, model_config = load_stage_model(source, float32=True)
+    vlm.eval()
     num_image_tokens = count_image_tokens(vlm, processor)
     if has_lora(vlm):
         vlm.lm = vlm.lm.merge_and_unload()
@@ -191,7 +197,7 @@ def evaluate_model(
     else:
         from stages.stage import count_image_tokens
 
-        stage = find_stage(path)
+        stage = find_stage(path, flag="--model")
         model, tokenizer, processor, model_config = load_stage_model(stage)
         model.eval()
         default_shards = stage.shard_dir

@@ -103,11 +103,25 @@ def test_eval_command_scores_an_exported_model_as_its_stage(micro_run, tmp_path,
     assert "chair_i" in capsys.readouterr().out
 
 
-def test_eval_and_export_name_what_is_missing(tmp_path, capsys):
+def test_eval_and_export_name_what_is_missing(micro_run, tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path)]) == 2
-    assert str(tmp_path) in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "--model:" in err, "eval has no --run_dir to name"
     assert main(["export", "--run_dir", str(tmp_path)]) == 2
-    assert "summary.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--run_dir:" in err and "summary.json" in err
+    # A misspelt stage was reported as a stage that had not finished.
+    assert main(["export", "--run_dir", str(micro_run), "--stage", "sft_shrot"]) == 2
+    err = capsys.readouterr().err
+    assert "--stage: no folder" in err and "sft_shrot" in err and "its stages: align, sft_short" in err
+
+
+def test_a_stage_folder_given_as_dot_finds_its_run(micro_run, monkeypatch, capsys):
+    # The default base models are recorded relative to the run: Path(".").parent is ".", so they were looked
+    # for inside the stage folder and eval failed naming --model.vision_path, which the user never gave.
+    monkeypatch.chdir(micro_run / "sft_long")
+    assert main(["eval", "--model", ".", "--limit=2", "--max_new_tokens=2", "--json"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["model"]["stage_dir"] == str((micro_run / "sft_long").resolve())
 
 
 def test_a_bf16_base_merges_in_float32(micro_run, tmp_path):
@@ -136,6 +150,31 @@ def test_a_bf16_base_merges_in_float32(micro_run, tmp_path):
     expected = base.to(torch.bfloat16).float() + lora["alpha"] / lora["r"] * b @ a
     assert merged[f"lm.{name}.weight"].dtype == torch.float32
     torch.testing.assert_close(merged[f"lm.{name}.weight"], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_bf16_stage_exports_its_float32_language_model_unrounded(micro_run, tmp_path):
+    # A stage that trained the LM in full hands on float32 weights (lm.safetensors). The export loaded them
+    # into the bf16 model before upcasting it, and so rounded them to bf16.
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from stages.paths import input_path
+
+    stage = tmp_path / "sft_long"
+    shutil.copytree(micro_run / "sft_long", stage, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.rmtree(stage / "export" / "adapter")  # the LM as trained in full, no adapter on it
+    config = yaml.safe_load((stage / "config.yaml").read_text())
+    config["model"]["dtype"] = "bfloat16"
+    for key in ("shard_dir", "vision_path", "lm_path"):
+        config["inputs"][key] = str(input_path(config["inputs"][key], micro_run))
+    (stage / "config.yaml").write_text(yaml.safe_dump(config))
+    torch.manual_seed(0)
+    base = load_file(Path(config["inputs"]["lm_path"]) / "model.safetensors")
+    trained = {key: value + 1e-3 * torch.randn_like(value) for key, value in base.items()}  # off bf16's grid
+    save_file(trained, str(stage / "export" / "lm.safetensors"))
+    merged = load_file(export_model(find_stage(stage), tmp_path / "exported") / "model.safetensors")
+    for key, value in trained.items():
+        assert torch.equal(merged[f"lm.{key}"], value), key
 
 
 def test_an_lm_folders_generation_config_does_not_change_how_captions_are_decoded(micro_run, tmp_path):
