@@ -20,6 +20,7 @@ one buys.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -75,17 +76,36 @@ def checkpointed_layers(lm: nn.Module) -> list[int]:
     return [i for i, layer in enumerate(decoder_layers(lm)) if getattr(layer, "gradient_checkpointing", False)]
 
 
+def _checkpointing_wrapped(layer: nn.Module):
+    """The class's forward inside transformers' checkpointing wrapper (transformers >= 5.2x wraps every
+    decoder layer class's forward in `forward_with_checkpointing`), bound to `layer`; None if unwrapped."""
+    forward = type(layer).forward
+    if forward.__code__.co_name != "forward_with_checkpointing":
+        return None
+    return forward.__wrapped__.__get__(layer)
+
+
 def set_compile(lm: nn.Module, backend: str | None) -> None:
-    """Route each decoder layer's training forward through `torch.compile(backend)`; None: back to eager."""
+    """Route each decoder layer's training forward through `torch.compile(backend)`; None: back to eager.
+
+    A checkpointed layer is checkpointed outside the compiled code: transformers checkpoints inside the class's
+    forward, and a checkpoint within a compiled region makes dynamo give up on the layer, which then ran
+    eagerly with no word but a graph-break count."""
     for layer in decoder_layers(lm):
         layer.__dict__.pop("forward", None)  # the class's forward again
         if backend is None:
             continue
-        eager = layer.forward
-        compiled = torch.compile(eager, backend=backend)
+        eager, inner = layer.forward, _checkpointing_wrapped(layer)
+        compiled = torch.compile(inner or eager, backend=backend)
 
-        def forward(*args, _layer=layer, _eager=eager, _compiled=compiled, **kwargs):
-            return (_compiled if _layer.training else _eager)(*args, **kwargs)
+        def forward(*args, _layer=layer, _eager=eager, _compiled=compiled, _ours=inner is not None, **kwargs):
+            if not _layer.training:
+                return _eager(*args, **kwargs)
+            if _ours and _layer.gradient_checkpointing and torch.is_grad_enabled():
+                if kwargs.get("use_cache") or kwargs.get("past_key_values") is not None:
+                    return _eager(*args, **kwargs)  # a cache in training: transformers' own handling
+                return _layer._gradient_checkpointing_func(partial(_compiled, **kwargs), *args)
+            return _compiled(*args, **kwargs)
 
         layer.forward = forward
 

@@ -113,6 +113,30 @@ def test_compiled_layers_train_through_one_graph_and_generate_eagerly(micro_base
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(module.vlm.lm))
 
 
+@pytest.mark.parametrize("every", [1, 2])
+def test_checkpointed_layers_run_compiled_too(micro_base, every):
+    # transformers checkpoints inside each layer class's forward: compiling that forward put the checkpoint
+    # in the compiled region, dynamo gave up on it (a graph break) and every checkpointed layer ran eagerly.
+    from torch._dynamo.utils import counters
+
+    graphs, runs = [], []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return lambda *args: (runs.append(1), graph_module.forward(*args))[1]
+
+    module, batch = _module(micro_base, SpeedSpec(), dropout=0.1)
+    reference = _loss_and_grads(module, batch)
+    torch._dynamo.reset()
+    counters.clear()
+    module, batch = _module(micro_base, SpeedSpec(checkpoint_every=every), dropout=0.1)
+    set_compile(module.vlm.lm, counting_backend)
+    _assert_same(reference, _loss_and_grads(module, batch))
+    layers, checkpointed = len(decoder_layers(module.vlm.lm)), len(checkpointed_layers(module.vlm.lm))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(runs) == layers + checkpointed, "each layer runs compiled, a checkpointed one again in backward"
+
+
 def test_compile_with_aot_autograd_matches_eager(micro_base):
     module, batch = _module(micro_base, SpeedSpec(), dropout=0.0)
     reference = _loss_and_grads(module, batch)
