@@ -46,6 +46,14 @@ class SpeedSpec:
             raise ValueError(f"model.speed.loss_chunk_tokens must be positive or null, got {self.loss_chunk_tokens}")
         if self.checkpoint_every < 0:
             raise ValueError(f"model.speed.checkpoint_every must be 0 (off) or positive, got {self.checkpoint_every}")
+        if isinstance(self.compile, str):  # checked here, not when the first stage compiles
+            import torch._dynamo
+
+            if self.compile not in torch._dynamo.list_backends(exclude_tags=()):
+                raise ValueError(
+                    f"model.speed.compile: no torch.compile backend {self.compile!r} "
+                    f"(common ones: {', '.join(torch._dynamo.list_backends())})"
+                )
 
 
 def base_lm(lm: nn.Module) -> nn.Module:

@@ -76,15 +76,17 @@ class TrainerConfig:
         if self.strategy != "deepspeed" and self.deepspeed_config is not None:
             raise ValueError(f"{where}.deepspeed_config is set but {where}.strategy is not deepspeed")
         if self.deepspeed_config is not None:
-            from stages.strategies import resolve_config_path
+            from stages.strategies import read_config
 
             try:
-                resolve_config_path(self.deepspeed_config)
+                read_config(self.deepspeed_config)
             except FileNotFoundError:
                 raise ValueError(
                     f"{where}.deepspeed_config: {self.deepspeed_config} is no file (from the working folder or "
                     "the repository: configs/deepspeed/zero2.json, zero3.json, zero2_offload.json)"
                 ) from None
+            except ValueError as error:
+                raise ValueError(f"{where}.deepspeed_config: {error}") from None
 
     def kwargs(self) -> dict:
         """Keyword arguments of `lightning.Trainer`; strategy "deepspeed" becomes the configured DeepSpeed strategy."""

@@ -117,8 +117,33 @@ def resolve_config_path(path: str) -> Path:
     return candidate
 
 
+# DeepSpeed keys that Lightning fills from the trainer's flags only when the JSON leaves them out: set there,
+# they silently win over the flags (clipping, precision) or clash with them at fit start (accumulation).
+TRAINER_OWNED = {
+    "gradient_accumulation_steps": "trainer.accumulate_grad_batches",
+    "gradient_clipping": "trainer.gradient_clip_val",
+    "fp16": "trainer.precision",
+    "bf16": "trainer.precision",
+    "amp": "trainer.precision",
+    "train_batch_size": "data.batch_size",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+}
+
+
 def read_config(path: str) -> dict:
-    return json.loads(resolve_config_path(path).read_text())
+    """The DeepSpeed JSON config at `path`; a ValueError naming the file when it is no JSON object or sets a
+    key that the trainer's flags own."""
+    file = resolve_config_path(path)
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object of DeepSpeed settings")
+    owned = [f"{key} (use --{TRAINER_OWNED[key]})" for key in config if key in TRAINER_OWNED]
+    if owned:
+        raise ValueError(f"{file} sets {', '.join(owned)}: Lightning fills these from the run's flags")
+    return config
 
 
 def zero_stage(config_path: str) -> int:

@@ -146,7 +146,12 @@ def test_compile_with_aot_autograd_matches_eager(micro_base):
 
 
 @pytest.mark.parametrize(
-    "kwargs, flag", [({"loss_chunk_tokens": 0}, "loss_chunk_tokens"), ({"checkpoint_every": -1}, "checkpoint_every")]
+    "kwargs, flag",
+    [
+        ({"loss_chunk_tokens": 0}, "loss_chunk_tokens"),
+        ({"checkpoint_every": -1}, "checkpoint_every"),
+        ({"compile": "inductr"}, "compile"),
+    ],
 )
 def test_bad_speed_values_name_their_flag(kwargs, flag):
     with pytest.raises(ValueError, match=f"model.speed.{flag}"):

@@ -130,6 +130,8 @@ def test_model_folder_and_shard_digests_see_a_rebuild_of_the_same_sizes(tmp_path
         ("--stages.align.trainer.strategy=deepspeed", "stages.align.trainer.strategy deepspeed needs"),
         # A missing DeepSpeed file failed only when its stage started, after the data and base models.
         (("--trainer.strategy=deepspeed", "--trainer.deepspeed_config=zero9.json"), "zero9.json is no file"),
+        # A misspelt backend failed when the first stage compiled, naming no flag.
+        ("--model.speed.compile=inductr", "model.speed.compile: no torch.compile backend 'inductr'"),
     ],
 )
 def test_a_bad_value_fails_before_any_work_naming_its_field(tmp_path, capsys, flag, message):
@@ -138,6 +140,28 @@ def test_a_bad_value_fails_before_any_work_naming_its_field(tmp_path, capsys, fl
     with pytest.raises(SystemExit) as exit_info:
         _run(tmp_path / "run", *((flag,) if isinstance(flag, str) else flag))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"zero_optimization": {"stage": 2},}', "is not valid JSON"),
+        ('[{"zero_optimization": {"stage": 2}}]', "holds a JSON list"),
+        # Lightning fills these from the flags only when the JSON leaves them out: set there, clipping and
+        # precision silently beat the flags, and accumulation failed at fit start naming neither.
+        ('{"gradient_clipping": 1.0}', "gradient_clipping (use --trainer.gradient_clip_val)"),
+        ('{"bf16": {"enabled": true}}', "bf16 (use --trainer.precision)"),
+        ('{"gradient_accumulation_steps": 4}', "gradient_accumulation_steps (use --trainer.accumulate_grad_batches)"),
+    ],
+)
+def test_a_deepspeed_config_is_read_before_any_work(tmp_path, capsys, content, message):
+    config = tmp_path / "ds.json"
+    config.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        _run(tmp_path / "run", "--trainer.strategy=deepspeed", f"--trainer.deepspeed_config={config}")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "trainer.deepspeed_config:" in err and message in err, err
     assert not (tmp_path / "run").exists()
 
 
