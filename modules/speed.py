@@ -88,7 +88,7 @@ def _checkpointing_wrapped(layer: nn.Module):
     """The class's forward inside transformers' checkpointing wrapper (transformers >= 5.2x wraps every
     decoder layer class's forward in `forward_with_checkpointing`), bound to `layer`; None if unwrapped."""
     forward = type(layer).forward
-    if forward.__code__.co_name != "forward_with_checkpointing":
+    if getattr(getattr(forward, "__code__", None), "co_name", None) != "forward_with_checkpointing":
         return None
     return forward.__wrapped__.__get__(layer)
 
