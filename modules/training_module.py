@@ -122,10 +122,15 @@ class VLMModule(L.LightningModule):
         """A frozen vision tower runs in eval mode (its BatchNorm statistics stay as pretrained). A frozen
         language model stays in train mode: gradients still flow through it to the projector, and Hugging
         Face checkpoints activations only in train mode; its attention dropout is its config's (0 by default
-        in Llama, Qwen2 and Gemma)."""
+        in Llama, Qwen2 and Gemma). A LoRA adapter carried in but frozen here drops nothing: its dropout
+        layers run in eval mode, as a frozen adapter's output is part of the fixed model."""
         super().train(mode)
         if "vision" not in self.trainable:
             self.vlm.vision.eval()
+        if "lora" not in self.trainable:
+            for name, module in self.vlm.lm.named_modules():
+                if "lora_dropout" in name.split("."):  # PEFT's dropouts, one per adapter
+                    module.eval()
         return self
 
     def _loss(self, batch: dict) -> torch.Tensor:

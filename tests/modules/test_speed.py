@@ -14,12 +14,12 @@ from stages.stage import count_image_tokens
 CAPTIONS = ["a red circle", "two small blue squares on the left", "a big green triangle at the top right"]
 
 
-def _module(micro_base, speed: SpeedSpec, dropout: float = 0.0) -> tuple[LoRASFTModule, dict]:
+def _module(
+    micro_base, speed: SpeedSpec, dropout: float = 0.0, trainable=("projector", "lora")
+) -> tuple[LoRASFTModule, dict]:
     torch.manual_seed(0)
     vlm, tokenizer, processor = build_vlm(ModelConfig(), *micro_base)
-    module = LoRASFTModule(
-        vlm, LoraSpec(r=4, dropout=dropout), OptimSpec(LearningRates()), ["projector", "lora"], speed
-    )
+    module = LoRASFTModule(vlm, LoraSpec(r=4, dropout=dropout), OptimSpec(LearningRates()), list(trainable), speed)
     # LoRA's B starts at zero; nonzero values make the adapter's gradients depend on the whole path.
     with torch.no_grad():
         for name, param in vlm.named_parameters():
@@ -86,6 +86,17 @@ def test_checkpointing_recomputes_the_chosen_layers_with_the_same_gradients(micr
     # LoRA dropout draws the same masks in the recompute: gradients equal the unchecked run's.
     _assert_same(reference, _loss_and_grads(module, batch))
     assert calls == [2 if i in expected else 1 for i in range(len(calls))]
+
+
+def test_a_frozen_adapter_drops_nothing(micro_base):
+    # A stage that carries a LoRA adapter but does not train it: the adapter is part of the fixed model, as a
+    # frozen tower is (eval mode). Its dropout still drew new masks every step.
+    losses = {}
+    for trainable in (("projector", "lora"), ("projector",)):
+        module, batch = _module(micro_base, SpeedSpec(), dropout=0.5, trainable=trainable)
+        losses[trainable] = [_loss_and_grads(module, batch, seed)[0] for seed in (0, 1)]
+    assert losses[("projector", "lora")][0] != losses[("projector", "lora")][1], "a trained adapter drops"
+    assert losses[("projector",)][0] == losses[("projector",)][1]
 
 
 def test_compiled_layers_train_through_one_graph_and_generate_eagerly(micro_base):
