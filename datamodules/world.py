@@ -97,11 +97,18 @@ def colour_rgb(name: str) -> tuple[int, int, int]:
 
 
 def held_out(config: WorldConfig, seed: int) -> set[tuple[str, str]]:
-    """The (colour, shape) pairs kept out of training and pretraining scenes."""
+    """The (colour, shape) pairs kept out of training and pretraining scenes; never every colour of a shape
+    (a training scene could then draw no colour for it). A draw that bans one is drawn again."""
     if not config.held_out_pairs:
         return set()
-    pairs = [(c, s) for c in palette(config) for s in SHAPES]
-    return set(random.Random(f"{seed}/held-out").sample(pairs, config.held_out_pairs))
+    colours = palette(config)
+    pairs = [(c, s) for c in colours for s in SHAPES]
+    for attempt in range(1000):
+        stream = f"{seed}/held-out" + (f"/{attempt}" if attempt else "")  # the first draw as it always was
+        banned = set(random.Random(stream).sample(pairs, config.held_out_pairs))
+        if all(any((c, s) not in banned for c in colours) for s in SHAPES):
+            return banned
+    raise ValueError(f"world.held_out_pairs {config.held_out_pairs}: no draw leaves every shape a colour")
 
 
 @dataclass(frozen=True)
