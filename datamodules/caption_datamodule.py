@@ -30,8 +30,24 @@ def _image_bytes(sample: dict) -> bytes:
     return data
 
 
+def _meta(sample: dict) -> dict:
+    """The sample's JSON metadata; a ShardError naming its shard and key when it is missing, does not parse,
+    or holds no `captions` mapping of variant names to strings."""
+    where = f"{sample.get('__url__', 'a shard')}: sample {sample.get('__key__')}"
+    if "json" not in sample:
+        raise ShardError(f"{where} has no json")
+    try:
+        meta = json.loads(sample["json"])
+    except json.JSONDecodeError as error:
+        raise ShardError(f"{where}: its json does not parse ({error})") from None
+    captions = meta.get("captions") if isinstance(meta, dict) else None
+    if not isinstance(captions, dict) or not all(isinstance(text, str) for text in captions.values()):
+        raise ShardError(f"{where}: its json holds no 'captions' mapping of variant names to strings")
+    return meta
+
+
 def _decode(sample: dict) -> tuple[str, Image.Image, dict]:
-    return sample["__key__"], open_rgb(_image_bytes(sample)), json.loads(sample["json"])
+    return sample["__key__"], open_rgb(_image_bytes(sample)), _meta(sample)
 
 
 def _every(step: int, offset: int) -> Callable[[dict], bool]:
@@ -63,28 +79,33 @@ class ShardStream(IterableDataset):
         self.repeat = train if repeat is None else repeat  # endless: pass after pass
         self.skip_batches, self.batch_size, self.shuffle_buffer = skip_batches, batch_size, shuffle_buffer
 
-    def _one_pass(self, epoch: int) -> Iterator[dict]:
+    def _one_pass(self, epoch: int, worker: int, workers: int) -> Iterator[dict]:
+        """One pass over this reader's samples. The shards are dealt out by the stream's epoch, the same in
+        every pass: a rank that runs out before the others reads its own shards again, not another rank's
+        (a new deal per pass gave two ranks the same shard within one epoch and left others unread)."""
         urls = list(self.urls)
         if self.train:
-            random.Random(f"{self.seed}/shards/{epoch}").shuffle(urls)
-        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+            random.Random(f"{self.seed}/shards/{self.epoch}").shuffle(urls)
+        rank, world, _, _ = wds.utils.pytorch_worker_info()
         readers = world * workers
         if len(urls) >= readers:  # every reader (rank x worker) gets whole shards of its own
-            stages = [wds.SimpleShardList(urls), wds.split_by_node, wds.split_by_worker, wds.tarfile_to_samples()]
+            stages = [wds.SimpleShardList(urls[rank::world][worker::workers]), wds.tarfile_to_samples()]
         else:  # fewer shards than readers: each reads all shards and keeps every `readers`-th sample
-            mine = rank * workers + worker
-            stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples()]
-            stages.append(wds.select(_every(readers, mine)))
+            stages = [
+                wds.SimpleShardList(urls),
+                wds.tarfile_to_samples(),
+                wds.select(_every(readers, rank * workers + worker)),
+            ]
         if self.train:
             rng = random.Random(f"{self.seed}/samples/{epoch}/{worker}")
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
         return iter(wds.DataPipeline(*stages))
 
-    def _samples(self) -> Iterator[dict]:
+    def _samples(self, worker: int, workers: int) -> Iterator[dict]:
         epoch = self.epoch
         while True:
             count = 0
-            for sample in self._one_pass(epoch):
+            for sample in self._one_pass(epoch, worker, workers):
                 count += 1
                 yield sample
             if not self.repeat:
@@ -94,13 +115,18 @@ class ShardStream(IterableDataset):
             epoch += 1
 
     def __iter__(self) -> Iterator[dict]:
-        """Kept samples, less the first `skip_batches` batches of this epoch (trained on before a resume)."""
-        worker = torch.utils.data.get_worker_info()
-        workers, index = (worker.num_workers, worker.id) if worker else (1, 0)
-        # Lightning takes batches from the workers in turn: worker `index` made batches index, index + workers, ...
-        mine = -(-(self.skip_batches - index) // workers) if self.skip_batches > index else 0
-        kept = (sample for sample in self._samples() if self.keep(sample))
-        return itertools.islice(kept, mine * self.batch_size, None)
+        """Kept samples, less the first `skip_batches` batches of this epoch (trained on before a resume).
+
+        The loader takes batches from its workers in turn, worker 0 first, also after a resume: worker w made
+        batches w, w + W, ... of the epoch. Resumed after `skip` batches, loader worker w takes over the
+        stream of the worker that made batch skip + w, less that worker's batches already trained on, so the
+        resumed run sees the uninterrupted run's batches in its order."""
+        info = torch.utils.data.get_worker_info()
+        workers, index = (info.num_workers, info.id) if info else (1, 0)
+        worker = (index + self.skip_batches) % workers
+        done = -(-(self.skip_batches - worker) // workers) if self.skip_batches > worker else 0
+        kept = (sample for sample in self._samples(worker, workers) if self.keep(sample))
+        return itertools.islice(kept, done * self.batch_size, None)
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -147,7 +173,7 @@ class CaptionDataModule(L.LightningDataModule):
         return collate_captions(keys, self.pixels(images), sequences, self.format.tokenizer.pad_token_id)
 
     def _fits(self, sample: dict) -> bool:
-        return select_caption(json.loads(sample["json"])["captions"], self.max_words) is not None
+        return select_caption(_meta(sample)["captions"], self.max_words) is not None
 
     def _loader(self, split: str, train: bool) -> wds.WebLoader | list:
         if self.format is None:
@@ -217,7 +243,7 @@ class CaptionDataModule(L.LightningDataModule):
         for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
             data = _image_bytes(sample)
             open_rgb(data)  # decoded once, so that a bad image fails here, not mid-training
-            samples.append((sample["__key__"], EncodedImage(data), json.loads(sample["json"])))
+            samples.append((sample["__key__"], EncodedImage(data), _meta(sample)))
             if limit is not None and len(samples) >= limit:
                 break
         return samples

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -9,6 +11,8 @@ import torch
 from modules.modeling_vlm_curriculum import prompt_layout, stop_ids
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
+_REMOVED: set[str] = set()  # special-token strings already warned about
 
 
 def select_caption(captions: dict[str, str], max_words: int) -> str | None:
@@ -43,6 +47,10 @@ class PromptFormat:
             self.tokenizer, self.num_image_tokens, self.prompt, self.chat_template
         )
         self.stop_ids = stop_ids(self.end_ids, self.tokenizer.eos_token_id)
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}).values()
+        special = {*self.tokenizer.all_special_tokens, image_token, *(t.content for t in added if t.special)}
+        longest_first = sorted((t for t in special if t), key=len, reverse=True)  # "<image>" before "<i"...
+        self._special = re.compile("|".join(map(re.escape, longest_first)))
 
     def asking(self, prompt: str) -> PromptFormat:
         """The same layout with another prompt (a question in place of the captioning instruction)."""
@@ -52,10 +60,22 @@ class PromptFormat:
         """What every caption follows: the image placeholders and the prompt."""
         return list(self._prefix)
 
+    def plain(self, caption: str) -> str:
+        """`caption` without the tokenizer's special-token strings ("<image>", "<eos>", "<|im_end|>", ...): as
+        text they became those tokens, an extra image placeholder (failing the batch) or an end mid-caption.
+        A removal is logged once per token string."""
+        found = set(self._special.findall(caption))
+        if not found:
+            return caption
+        for token in found - _REMOVED:
+            _REMOVED.add(token)
+            log.warning("a caption holds the tokenizer's special token %r as text: removed", token)
+        return " ".join(self._special.sub(" ", caption).split())
+
     def encode(self, caption: str) -> tuple[list[int], list[int]]:
         """(input_ids, labels) for one caption."""
         prefix = self.prefix()
-        target = self.tokenizer(caption, add_special_tokens=False)["input_ids"] + self.end_ids
+        target = self.tokenizer(self.plain(caption), add_special_tokens=False)["input_ids"] + self.end_ids
         return prefix + target, [IGNORE_INDEX] * len(prefix) + target
 
 

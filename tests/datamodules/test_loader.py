@@ -54,3 +54,75 @@ def test_each_epoch_reads_the_shards_in_a_new_order_that_a_resume_repeats(micro_
     first, second = keys(0), keys(1)
     assert len(first) == 192 and sorted(first) == sorted(second) and first != second
     assert keys(1) == second and keys(1, seed=1) != second
+
+
+def _train_urls(micro_world) -> list[str]:
+    return [str(micro_world / shard["url"]) for shard in CaptionDataModule(micro_world, 48).index["splits"]["train"]]
+
+
+@pytest.mark.parametrize("skip", [4, 5])
+def test_a_resume_with_two_workers_sees_the_uninterrupted_batches(micro_world, skip):
+    # The loader takes worker 0's batch first after a resume too: with an odd number of batches done, the
+    # resumed batches came in swapped pairs, one from past the epoch's end, one never trained on.
+    import webdataset as wds
+
+    from datamodules.caption_datamodule import ShardStream
+
+    def batches(skip_batches: int) -> list[tuple[str, ...]]:
+        stream = wds.DataPipeline(
+            ShardStream(_train_urls(micro_world), 0, 0, True, lambda _: True, skip_batches, 8, shuffle_buffer=16),
+            wds.batched(8, collation_fn=lambda samples: tuple(s["__key__"] for s in samples), partial=False),
+        )
+        return list(wds.WebLoader(stream, batch_size=None, num_workers=2).with_epoch(16 - skip_batches))
+
+    assert batches(skip) == batches(0)[skip:]
+
+
+def test_ranks_read_no_shared_sample_in_an_epoch_when_shards_split_unevenly(micro_world, monkeypatch):
+    # 3 shards of 64 over 2 ranks: rank 1 reads its one shard, runs out and reads on. It drew a new deal of
+    # the shards for that pass and read rank 0's samples, while others went unread that epoch.
+    import itertools
+
+    from datamodules.caption_datamodule import ShardStream
+
+    for epoch in range(3):
+        seen = []
+        for rank in (0, 1):
+            monkeypatch.setenv("RANK", str(rank))
+            monkeypatch.setenv("WORLD_SIZE", "2")
+            stream = ShardStream(_train_urls(micro_world), 0, epoch, True, lambda _: True, shuffle_buffer=16)
+            seen.append({sample["__key__"] for sample in itertools.islice(iter(stream), 96)})
+        assert not seen[0] & seen[1], epoch
+
+
+@pytest.mark.parametrize(
+    ("json_bytes", "message"),
+    [
+        (b'{"captions": {"short": "a red', "its json does not parse"),
+        (b'{"key": "k"}', "no 'captions' mapping"),
+        (b'{"captions": {"short": null}}', "no 'captions' mapping"),
+        (None, "has no json"),
+    ],
+)
+def test_broken_sample_metadata_names_its_shard_and_key(json_bytes, message):
+    # These failed as a bare JSONDecodeError, KeyError or AttributeError from inside the loader.
+    from datamodules.caption_datamodule import _meta
+
+    sample = {"__key__": "train-0000042", "__url__": "shards/train-000003.tar"}
+    if json_bytes is not None:
+        sample["json"] = json_bytes
+    with pytest.raises(ShardError, match=f"shards/train-000003.tar: sample train-0000042.*{message}"):
+        _meta(sample)
+
+
+def test_special_token_text_in_a_caption_is_removed_not_tokenized(micro_base):
+    # "<image>" in a caption's text became one more image placeholder (the batch then failed with a misleading
+    # "check num_image_tokens against model.grid") and "<eos>" an end of sequence mid-caption in the labels.
+    from datamodules.captions import PromptFormat
+    from modules.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(micro_base[1])
+    fmt = PromptFormat(tokenizer, 4, "describe the image")
+    ids, labels = fmt.encode("a red <image> circle <eos> and")
+    assert ids == fmt.encode("a red circle and")[0]
+    assert ids.count(fmt.image_token_id) == 4 and labels.count(tokenizer.eos_token_id) == 1
