@@ -44,11 +44,12 @@ class TrainerConfig:
     enable_progress_bar: bool | None = None
 
     def merged(self, override: TrainerConfig) -> TrainerConfig:
-        """This config with every field that `override` sets replaced."""
-        return replace(
-            self,
-            **{f.name: getattr(override, f.name) for f in fields(override) if getattr(override, f.name) is not None},
-        )
+        """This config with every field that `override` sets replaced; a strategy other than deepspeed drops
+        the DeepSpeed config it would otherwise inherit (a stage can leave a DeepSpeed run)."""
+        changes = {f.name: getattr(override, f.name) for f in fields(override) if getattr(override, f.name) is not None}
+        if changes.get("strategy", "deepspeed") != "deepspeed" and "deepspeed_config" not in changes:
+            changes["deepspeed_config"] = None
+        return replace(self, **changes)
 
     def check(self, where: str = "trainer") -> None:
         """Fails on values Lightning would reject only once a stage has started (or accept and misbehave on),

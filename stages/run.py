@@ -96,12 +96,12 @@ def eval_parser() -> ArgumentParser:
 
 class CommandParser(ArgumentParser):
     """jsonargparse's parser, with a hint where its message does not name the culprit: a misspelt stage name
-    in a dotted flag makes a new stage, which then lacks `trainable` and `max_words`."""
+    in a dotted flag makes a new stage, which then lacks `trainable` or `max_words`."""
 
     argv: tuple[str, ...] = ()  # the command line, set by main()
 
     def error(self, message: str, ex: Exception | None = None):
-        if 'Parser key "stages"' in message and "required: trainable, max_words" in message:
+        if 'Parser key "stages"' in message and "arguments are required" in message:
             names = sorted(
                 {arg.split(".")[1] for arg in self.argv if arg.startswith("--stages.") and arg.count(".") > 1}
             )
@@ -213,7 +213,8 @@ def curriculum_config(values) -> CurriculumConfig:
 def checked_curriculum(parser: ArgumentParser, args) -> tuple[CurriculumConfig, list[str]]:
     """(the checked CurriculumConfig, the --config files given) of parsed `curriculum` arguments; a value
     that fails its check ends the command with the field named."""
-    config_files = [str(p) for p in (args.curriculum.pop("config", None) or [])]
+    # An inline --config '{seed: 3}' is recorded as None: no file, so it names no run folder.
+    config_files = [str(p) for p in (args.curriculum.pop("config", None) or []) if p is not None]
     try:
         return curriculum_config(parser.instantiate_classes(args).curriculum), config_files
     except (ValueError, TypeError) as error:

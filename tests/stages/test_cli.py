@@ -235,12 +235,41 @@ def test_print_config_checks_the_values_before_it_prints(capsys):
     assert exit_info.value.code == 0 and "  limit: 5" in capsys.readouterr().out
 
 
-def test_a_misspelt_stage_name_in_a_flag_is_named(tmp_path, capsys):
-    # jsonargparse's own message only says that a StageSpec lacks trainable and max_words.
+@pytest.mark.parametrize(
+    "flag",
+    ["--stages.sft_lng.trainer.max_steps=3", "--stages.sft_lng.max_words=30", "--stages.sft_lng.trainable=[lora]"],
+)
+def test_a_misspelt_stage_name_in_a_flag_is_named(tmp_path, capsys, flag):
+    # jsonargparse's own message only says that a StageSpec lacks trainable and/or max_words; a flag that
+    # set one of them got no hint at all.
     with pytest.raises(SystemExit):
-        _run(tmp_path / "run", "--stages.sft_lng.trainer.max_steps=3")
+        _run(tmp_path / "run", flag)
     err = capsys.readouterr().err
     assert "--stages.sft_lng.*" in err and "is a stage name misspelt?" in err
+
+
+def test_an_inline_config_names_no_run_folder():
+    # jsonargparse records an inline --config as None: the run folder became runs/None.
+    from stages.run import build_parser, checked_curriculum, default_run_dir
+
+    parser = build_parser()
+    args = parser.parse_args(["curriculum", "--config", "configs/curriculum/tiny.yaml", "--config", "{seed: 3}"])
+    cfg, files = checked_curriculum(parser, args)
+    assert cfg.seed == 3 and files == ["configs/curriculum/tiny.yaml"]
+    assert default_run_dir(files) == Path("runs/tiny")
+
+
+def test_a_stage_can_leave_a_deepspeed_run(tmp_path):
+    # The run's deepspeed_config followed a stage that set another strategy, and the check then refused a
+    # stages.align.trainer.deepspeed_config the user never set.
+    from stages.run import build_parser, checked_curriculum
+
+    parser = build_parser()
+    argv = ["curriculum", "--trainer.strategy=deepspeed", "--trainer.deepspeed_config=configs/deepspeed/zero2.json"]
+    cfg, _ = checked_curriculum(parser, parser.parse_args([*argv, "--stages.align.trainer.strategy=auto"]))
+    align = cfg.trainer.merged(cfg.stages["align"].trainer)
+    assert align.strategy == "auto" and align.deepspeed_config is None
+    assert cfg.trainer.merged(cfg.stages["sft_long"].trainer).deepspeed_config == "configs/deepspeed/zero2.json"
 
 
 def test_missing_model_folder_names_the_flag(tmp_path, capsys):
