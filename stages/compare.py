@@ -166,7 +166,14 @@ def baseline_argv(
     shards and base models (`folders`)."""
     # --stages.* overrides are already folded into baseline_stages.yaml, which comes after the other overrides:
     # a --config among them that sets stages would otherwise turn the baseline into the curriculum.
-    rest = [flag for flag in overrides if not flag.startswith("--stages.")]
+    rest, dropping = [], False
+    for token in overrides:
+        if dropping:  # the value of a space-separated `--stages.x.y value`
+            dropping = False
+        elif token.startswith("--stages."):
+            dropping = "=" not in token
+        else:
+            rest.append(token)
     # The same order as the curriculum arm's (profile, run folder, seed, overrides), then the baseline's stages.
     return [
         "curriculum", "--config", str(profile), f"--run_dir={run_dir}", f"--seed={seed}", *rest,

@@ -121,6 +121,23 @@ def test_a_config_among_the_overrides_does_not_replace_the_baselines_stages(tmp_
     assert baseline.eval.limit == 8 and baseline.data.shard_dir == str(tmp_path / "shard_dir")
 
 
+def test_space_separated_stage_overrides_leave_no_stray_value_in_the_baseline(tmp_path):
+    # `--stages.sft_long.trainer.max_steps 5` (the README's form): the flag was dropped, its value kept, and
+    # the baseline failed on "unrecognized arguments: 5" after the curriculum arm had trained.
+    from stages.run import build_parser
+
+    tiny = "configs/curriculum/tiny.yaml"
+    overrides = ["--stages.sft_long.trainer.max_steps", "5", "--eval.limit", "8", "--stages.align.max_words=9"]
+    cfg = curriculum_config_of(build_parser(), ["curriculum", "--config", tiny, *overrides])
+    baseline_config = tmp_path / "baseline_stages.yaml"
+    baseline_config.write_text(yaml.safe_dump({"stages": baseline_stages(cfg)}))
+    folders = {key: tmp_path / key for key in ("shard_dir", "vision_path", "lm_path")}
+    argv = baseline_argv(tiny, baseline_config, tmp_path / "baseline-0", 0, overrides, folders)
+    assert "5" not in argv and argv[argv.index("--eval.limit") + 1] == "8"
+    baseline = curriculum_config_of(build_parser(), argv)
+    assert baseline.eval.limit == 8 and baseline.stages["align"].max_words == 9
+
+
 def curriculum_config_of(parser, argv):
     from stages.run import curriculum_config
 
