@@ -16,6 +16,12 @@ from modules.loading import ModelConfig
 from modules.speed import SpeedSpec
 from modules.training_module import GROUPS, LearningRates
 
+# Lightning's precision names (lightning.fabric.connector's _PRECISION_INPUT), its short aliases included.
+PRECISIONS = (
+    "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true",
+    "transformer-engine", "transformer-engine-float16", "32", "16", "64", "bf16",
+)  # fmt: skip
+
 
 @dataclass
 class TrainerConfig:
@@ -66,6 +72,7 @@ class TrainerConfig:
             raise ValueError(f"{where}.devices must name at least one device, got {self.devices!r}")
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
             raise ValueError(f"{where}.gradient_clip_val must not be negative, got {self.gradient_clip_val}")
+        self._check_names(where)
         if self.strategy == "deepspeed" and self.deepspeed_config is None:
             raise ValueError(f"{where}.strategy deepspeed needs {where}.deepspeed_config (configs/deepspeed/*.json)")
         if self.strategy not in (None, "deepspeed") and self.strategy.startswith("deepspeed"):
@@ -88,6 +95,21 @@ class TrainerConfig:
                 ) from None
             except ValueError as error:
                 raise ValueError(f"{where}.deepspeed_config: {error}") from None
+
+    def _check_names(self, where: str) -> None:
+        """Precision, accelerator and strategy names Lightning knows: a misspelt one failed only when its stage
+        built its Trainer, after the data, the base models and any earlier stage."""
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        if self.precision is not None and str(self.precision) not in PRECISIONS:
+            raise ValueError(f"{where}.precision {self.precision!r} is none of {', '.join(PRECISIONS)}")
+        accelerators = ["auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators())]
+        if self.accelerator is not None and self.accelerator not in accelerators:
+            raise ValueError(f"{where}.accelerator {self.accelerator!r} is none of {', '.join(accelerators)}")
+        strategies = ["auto", *StrategyRegistry.available_strategies()]
+        if self.strategy is not None and self.strategy not in strategies:
+            raise ValueError(f"{where}.strategy {self.strategy!r} is no Lightning strategy (auto, ddp, deepspeed, ...)")
 
     def kwargs(self) -> dict:
         """Keyword arguments of `lightning.Trainer`; strategy "deepspeed" becomes the configured DeepSpeed strategy."""

@@ -130,6 +130,10 @@ def test_model_folder_and_shard_digests_see_a_rebuild_of_the_same_sizes(tmp_path
         ("--stages.align.trainer.strategy=deepspeed", "stages.align.trainer.strategy deepspeed needs"),
         # A missing DeepSpeed file failed only when its stage started, after the data and base models.
         (("--trainer.strategy=deepspeed", "--trainer.deepspeed_config=zero9.json"), "zero9.json is no file"),
+        # Misspelt Lightning names failed inside lightning.Trainer(...) once their stage started, naming no key.
+        ("--stages.sft_long.trainer.precision=bf16-mixd", "stages.sft_long.trainer.precision 'bf16-mixd' is none of"),
+        ("--trainer.strategy=dpp", "trainer.strategy 'dpp' is no Lightning strategy"),
+        ("--trainer.accelerator=gpux", "trainer.accelerator 'gpux' is none of auto, gpu, cpu"),
         # A misspelt backend failed when the first stage compiled, naming no flag.
         ("--model.speed.compile=inductr", "model.speed.compile: no torch.compile backend 'inductr'"),
     ],
