@@ -158,7 +158,7 @@ def write_report(run_dir: Path) -> Path:
         spec = config["spec"]
         steps = _read_json(run_dir / name / "done.json", {}).get("global_steps")
         lines.append(
-            f"| {name} | {', '.join(spec['trainable'])} | {spec['max_words']} | {steps} | "
+            f"| {name} | {', '.join(spec['trainable'])} | {spec['max_words']} | {_fmt(steps)} | "
             f"{json.dumps({g: spec['lr'][g] for g in spec['trainable']})} | {spec['init_from']} | "
             f"`{config['fingerprint']}` |"
         )
@@ -171,6 +171,8 @@ def write_report(run_dir: Path) -> Path:
         lines += [f"- {name}: {problem}" for name, problem in problems.items()]
     first = configs[stages[0]]
     shared = {key: first[key] for key in ("seed", "model", "data", "eval", "stability")}
+    if shared["stability"]["instability"] is None:  # the fingerprint's placeholder for the `warn` action
+        shared["stability"] = {**shared["stability"], "instability": "action warn: alerts only, the weights unchanged"}
     lines += ["", "Resolved settings shared by the stages (each stage's full config is its config.yaml):", ""]
     lines += ["```yaml", yaml.safe_dump(shared, sort_keys=False).rstrip(), "```", ""]
 
@@ -203,8 +205,9 @@ def write_report(run_dir: Path) -> Path:
     plot_eval_history(run_dir, stages, run_dir / "eval_history.png")
     lines += ["## Evaluation", ""]
     metrics = {name: _read_json(run_dir / name / "metrics.json", {}) for name in stages}
-    generation = metrics[stages[-1]].get("generation", {})
-    images = int(metrics[stages[-1]].get("images", 0))
+    evaluated = [metrics[name] for name in stages if metrics[name]] or [{}]  # a run stopped early: its last one
+    generation = evaluated[-1].get("generation", {})
+    images = int(evaluated[-1].get("images", 0))
     lines += [f"Held-out images: {images}; generation: `{json.dumps(generation)}`.", ""]
     lines += ["| stage | " + " | ".join(label for _, label in TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
     for name in stages:

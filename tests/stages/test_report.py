@@ -180,6 +180,20 @@ def test_the_report_names_unfinished_and_stale_stages(micro_run, tmp_path):
     )
 
 
+def test_the_report_of_an_interrupted_run_shows_what_was_evaluated(micro_run, tmp_path):
+    # The last stage unfinished: the report read its (missing) metrics and said "Held-out images: 0;
+    # generation: {}", and its steps cell "None"; the warn-only monitor showed as "instability: null".
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "base", "*.ckpt"))
+    (run / "sft_long" / "done.json").unlink()
+    (run / "sft_long" / "metrics.json").unlink()
+    assert main(["report", "--run_dir", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "Held-out images: 8; generation: `{" in report and "generation: `{}`" not in report
+    assert "| sft_long | projector, lora | 48 | - |" in report and "| None |" not in report
+    assert "instability: null" not in report and "action warn" in report
+
+
 def test_report_names_a_folder_that_is_no_run_or_has_no_started_stage(tmp_path, capsys):
     assert main(["report", "--run_dir", str(tmp_path)]) == 2
     assert f"{tmp_path} has no stages.json" in capsys.readouterr().err
