@@ -72,6 +72,8 @@ def find_stage(run_or_stage: str | Path, stage: str | None = None, flag: str = "
     """The stage folder named by a run folder (its last stage, or `stage`) or by a stage folder itself;
     `flag` is the command's option that named it, for the errors."""
     path = Path(run_or_stage).resolve()  # "." inside a stage folder: its run is the parent folder
+    if not path.is_dir():
+        raise FileNotFoundError(f"{flag}: {path} is no folder")
     summary = path / "summary.json"
     if stage is None and (path / "done.json").is_file():
         stage_dir = path
