@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import (
+    MODEL_MAPPING,
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -135,7 +136,9 @@ def load_vision_tower(
     folder = model_folder(path, "--model.vision_path")
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if hasattr(config, "vision_config"):  # a full CLIP / SigLIP checkpoint: keep only its vision half
-        model_class = type(AutoModel.from_config(config.vision_config))
+        # The vision class loads the vision weights of the whole checkpoint; random weights come from the Auto
+        # class (the concrete classes have no from_config). The class is looked up, not built to be seen.
+        model_class = AutoModel if random_init else MODEL_MAPPING[type(config.vision_config)]
         tower = _weights(model_class, folder, config.vision_config, random_init, dtype, init_device)
         width = config.vision_config.hidden_size
     else:

@@ -204,3 +204,18 @@ def test_a_full_clip_or_siglip_checkpoint_gives_its_vision_half(family, micro_ba
     pixels = loaded([Image.new("RGB", (40, 40))], return_tensors="pt")["pixel_values"]
     with torch.no_grad():  # 16 patches; CLIP's class token dropped
         assert vlm.image_embeddings(pixels).shape == (1, 16, vlm.lm.config.hidden_size)
+    # Loading the weights draws no random numbers: the vision class was built, randomly initialised, just
+    # to learn its type, and the projector's initial weights then depended on the folder's layout.
+    from modules.loading import load_vision_tower
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load_vision_tower(tmp_path / family)
+    assert torch.equal(torch.rand(3), expected)
+    # random_init of a whole checkpoint (a profile with --model.random_init true and its real folder):
+    # the concrete vision classes have no from_config, and it failed with an AttributeError.
+    random_vlm, _, _ = build_vlm(ModelConfig(grid=None, random_init=True), tmp_path / family, micro_base[1])
+    assert type(random_vlm.vision) is type(vlm.vision)
+    weight = next(key for key, value in vlm.vision.state_dict().items() if value.dim() >= 2)
+    assert not torch.equal(random_vlm.vision.state_dict()[weight], vlm.vision.state_dict()[weight])
