@@ -6,6 +6,7 @@ Qwen, ...) go through these same functions; nothing is fetched from a hub (`loca
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
+    PreTrainedTokenizerFast,
 )
 
 from modules.modeling_vlm_curriculum import prompt_layout
@@ -169,6 +171,18 @@ def _some(names: list[str], most: int = 12) -> str:
     return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
+def _tokenizer(folder: Path):
+    """The folder's tokenizer. One saved as a plain `tokenizers` tokenizer (the world's word-level one, which
+    `random_init` writes beside any architecture's config) loads as such: AutoTokenizer would go by the
+    config's model type, and for qwen2 rebuilds it as a byte-level BPE without merges (every caption a few
+    "a" tokens)."""
+    settings = folder / "tokenizer_config.json"
+    saved_as = json.loads(settings.read_text()).get("tokenizer_class") if settings.is_file() else None
+    if saved_as in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
 def load_tokenizer(path: str | Path, image_token: str | None = None):
     """The LM folder's tokenizer with an image token declared and a pad token set.
 
@@ -181,7 +195,7 @@ def load_tokenizer(path: str | Path, image_token: str | None = None):
     padded positions are masked and carry no loss.
     """
     folder = model_folder(path, "--model.lm_path")
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = _tokenizer(folder)
     declared = getattr(tokenizer, "image_token", None)
     if declared is not None:
         if image_token is not None and image_token != declared and (folder, image_token) not in _WARNED:

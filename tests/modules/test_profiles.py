@@ -35,6 +35,9 @@ def test_profile_architectures_have_the_published_sizes(profile, tmp_path):
     expected = PROFILES[profile]
     assert millions == pytest.approx(expected, rel=0.02), millions
     assert processor.crop_size["height"] == config.image_size
+    # The world's word-level tokenizer, written beside the LM config, loads as written whatever the model
+    # type: for qwen2 AutoTokenizer rebuilt it as a byte-level BPE without merges ("a", "a").
+    assert tokenizer.tokenize("a red circle") == ["a", "red", "circle"]
 
 
 def test_random_init_folders_are_rewritten_only_when_they_change(tmp_path):
