@@ -94,6 +94,10 @@ class ModelConfig:
     speed: SpeedSpec = field(default_factory=SpeedSpec)
     """Training-speed levers (modules/speed.py): chunked label-only loss, checkpointing, torch.compile."""
 
+    def __post_init__(self) -> None:
+        if self.dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(f"model.dtype must be bfloat16, float16, float32 or null, got {self.dtype!r}")
+
 
 def is_model_folder(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()

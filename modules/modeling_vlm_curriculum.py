@@ -132,9 +132,12 @@ class ImageTokenMixin:
         embeddings = self.lm.get_input_embeddings()(input_ids)
         image = self.image_embeddings(pixel_values).to(embeddings.dtype)
         mask = input_ids == self.image_token_id
-        if mask.sum() != image.shape[0] * image.shape[1]:
+        per_row = mask.sum(dim=1)
+        if mask.shape[0] != image.shape[0] or bool((per_row != image.shape[1]).any()):
+            # Checked per row: a row with 2N placeholders beside one with none matched the batch's total, and
+            # the second image's features landed in the first row.
             raise ValueError(
-                f"the batch has {int(mask.sum())} <image> placeholders but the tower gives "
+                f"the batch's rows hold {per_row.tolist()} <image> placeholders but the tower gives "
                 f"{image.shape[0]} x {image.shape[1]} image tokens: check num_image_tokens against model.grid"
             )
         return embeddings.masked_scatter(mask.unsqueeze(-1), image)

@@ -219,3 +219,23 @@ def test_a_full_clip_or_siglip_checkpoint_gives_its_vision_half(family, micro_ba
     assert type(random_vlm.vision) is type(vlm.vision)
     weight = next(key for key, value in vlm.vision.state_dict().items() if value.dim() >= 2)
     assert not torch.equal(random_vlm.vision.state_dict()[weight], vlm.vision.state_dict()[weight])
+
+
+def test_every_row_must_hold_one_images_placeholders(micro_base):
+    # A row with two images' placeholders beside a row with none matched the batch's total, and the second
+    # image's features were placed in the first row without a word.
+    import pytest
+    import torch
+
+    from modules.loading import ModelConfig, build_vlm
+    from stages.stage import count_image_tokens
+
+    vlm, tokenizer, processor = build_vlm(ModelConfig(), *micro_base)
+    n = count_image_tokens(vlm, processor)
+    side = processor.crop_size["height"]
+    word = tokenizer.convert_tokens_to_ids("red")
+    rows = torch.tensor([[vlm.image_token_id] * (2 * n) + [word], [word] * (2 * n + 1)])
+    with pytest.raises(ValueError, match=r"rows hold \[18, 0\] <image> placeholders"):
+        vlm.embed(rows, torch.rand(2, 3, side, side))
+    good = torch.tensor([[vlm.image_token_id] * n + [word]] * 2)
+    assert vlm.embed(good, torch.rand(2, 3, side, side)).shape[:2] == (2, n + 1)

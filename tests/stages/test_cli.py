@@ -134,6 +134,7 @@ def test_model_folder_and_shard_digests_see_a_rebuild_of_the_same_sizes(tmp_path
         ("--stages.sft_long.trainer.precision=bf16-mixd", "stages.sft_long.trainer.precision 'bf16-mixd' is none of"),
         ("--trainer.strategy=dpp", "trainer.strategy 'dpp' is no Lightning strategy"),
         ("--trainer.accelerator=gpux", "trainer.accelerator 'gpux' is none of auto, gpu, cpu"),
+        ("--model.dtype=bf16", "model.dtype must be bfloat16, float16, float32 or null, got 'bf16'"),
         # A misspelt backend failed when the first stage compiled, naming no flag.
         ("--model.speed.compile=inductr", "model.speed.compile: no torch.compile backend 'inductr'"),
     ],
