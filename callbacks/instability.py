@@ -20,7 +20,8 @@ Actions: `warn`; `skip` (the step's gradients are dropped, so the optimizer leav
 parameter and its state untouched); `rewind` (restore the trained parameters and optimizer state of
 the last healthy snapshot, then go on with the next batches: the offending batch and those since
 the snapshot are not replayed, as PaLM did); `stop` (no update; save `checkpoints/stopped.ckpt` and
-end the stage; the CLI exits non-zero). Decisions are reduced across ranks: if any rank sees a
+end the stage; the CLI exits non-zero; `last.ckpt` is not moved to the stopped step, so a rerun replays
+from the checkpoint before and stops again). Decisions are reduced across ranks: if any rank sees a
 problem, every rank acts, and rank 0 reports each rank's findings with that rank's batch keys.
 
 Under DeepSpeed, gradients live in the engine's partitioned buffers (`p.grad` is None), so the
@@ -275,6 +276,11 @@ class InstabilityMonitor(L.Callback):
         if action == "stop":
             self.stopped = self._stop_checkpoint_due = True
             trainer.should_stop = True
+            # No last.ckpt at the stopped step (a periodic save now, or Lightning's save at the end of a fit that
+            # saved none): a rerun would resume there and train on past the alert. It resumes from the last
+            # periodic checkpoint before, or from the start, replays the steps and stops again.
+            for callback in trainer.checkpoint_callbacks:
+                callback.save_last = False
 
     def _maybe_snapshot(self, pl_module, optimizer) -> None:
         if self.config.action != "rewind":

@@ -127,6 +127,30 @@ def test_stop_ends_training_at_the_alert(tmp_path):
     assert (tmp_path / "checkpoints" / "stopped.ckpt").is_file()
 
 
+@pytest.mark.parametrize("every", [20, 50])
+def test_a_rerun_of_a_stopped_stage_stops_again(tmp_path, every):
+    # Stopped at step 31 with no periodic checkpoint before it (every 50), Lightning saved last.ckpt at the end
+    # of the fit, at the stopped step: the rerun resumed there and trained on past the alert to step 60. With a
+    # checkpoint at step 20 it replayed and stopped again: the outcome hung on the checkpoint interval.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(resume: bool) -> tuple[InstabilityMonitor, L.Trainer]:
+        monitor = InstabilityMonitor(InstabilityConfig(action="stop"), AlertSinks("toy"), "toy")
+        saver = ModelCheckpoint(tmp_path / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=every)
+        t = L.Trainer(
+            max_steps=60, callbacks=[monitor, saver], logger=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
+        )  # fmt: skip
+        last = tmp_path / "checkpoints" / "last.ckpt"
+        resume_from = last if resume and last.exists() else None
+        t.fit(ToyRegression({30: "nan"}), loader(KeyedRegression()), ckpt_path=resume_from)
+        return monitor, t
+
+    first, _ = fit(resume=False)
+    again, rerun = fit(resume=True)
+    assert first.stopped and again.stopped and rerun.global_step <= 31
+
+
 def test_statistics_survive_a_state_dict_round_trip():
     monitor, _, _ = _run(steps=40)
     monitor.diverged = True
