@@ -22,6 +22,7 @@ whereas a jump on the same data means the handoff lost something (the adapter, t
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass
 from itertools import pairwise
@@ -90,7 +91,7 @@ class BoundaryCheck(L.Callback):
         self, config: BoundaryConfig, sinks: AlertSinks, stage: str = "", previous_tail: list[float] | None = None
     ) -> None:
         self.config, self.sinks, self.stage = config, sinks, stage
-        self.previous_tail = list(previous_tail or [])
+        self.previous_tail = [v for v in previous_tail or [] if v is not None and math.isfinite(v)]
         self.epochs: list[_EpochTrace] = []
         self.alerts: list[Alert] = []
         self.all_losses: list[float] = []
@@ -130,9 +131,11 @@ class BoundaryCheck(L.Callback):
         self._step = trainer.global_step
         trace = self._trace(trainer)
         value, self._micro = statistics.fmean(self._micro), []
-        trace.losses.append(value)
         self.all_losses.append(value)
         trace.optimizer_steps = _optimizer_step_count(trainer)
+        if not math.isfinite(value):  # a NaN/inf step (the monitor's to report) would poison every mean
+            return
+        trace.losses.append(value)
         if len(trace.losses) == self.config.k:
             self._check(trainer)
 
@@ -196,8 +199,10 @@ class BoundaryCheck(L.Callback):
             self.sinks.emit(record, trainer.logger)
 
     def write_losses(self, path: Path) -> None:
-        """Per-optimizer-step losses of the stage, for the next stage's boundary check and for tests."""
-        path.write_text(json.dumps({"stage": self.stage, "losses": self.all_losses}))
+        """Per-optimizer-step losses of the stage, for the next stage's boundary check and for tests; a
+        non-finite loss is written as null (standard JSON has no NaN)."""
+        losses = [value if math.isfinite(value) else None for value in self.all_losses]
+        path.write_text(json.dumps({"stage": self.stage, "losses": losses}, allow_nan=False))
 
     @override
     def state_dict(self) -> dict:

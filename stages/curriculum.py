@@ -178,7 +178,8 @@ def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Pat
 
 def _losses(stage_dir: Path) -> list[float]:
     path = stage_dir / "losses.json"
-    return json.loads(path.read_text())["losses"] if path.is_file() else []
+    losses = json.loads(path.read_text())["losses"] if path.is_file() else []
+    return [value for value in losses if value is not None]  # null: a non-finite step
 
 
 def boundary_tail(cfg: CurriculumConfig, name: str, source: str | None, run_dir: Path) -> list[float]:

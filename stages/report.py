@@ -8,6 +8,7 @@ tokens/s, peak memory) and checkpoints/. `python -m stages.run report --run_dir 
 from __future__ import annotations
 
 import json
+from math import nan
 from pathlib import Path
 
 import yaml
@@ -96,7 +97,7 @@ def plot_losses(run_dir: Path, stages: list[str], out: Path) -> dict[str, tuple[
     fig, ax = pyplot().subplots(figsize=(8, 3.5))
     offset = 0
     for name in stages:
-        losses = (_read_json(run_dir / name / "losses.json") or {}).get("losses", [])
+        losses = [nan if v is None else v for v in (_read_json(run_dir / name / "losses.json") or {}).get("losses", [])]
         ax.plot(range(offset + 1, offset + len(losses) + 1), losses, label=name, linewidth=1)
         offset += len(losses)
     ax.set_xlabel("optimizer step (whole curriculum)")
@@ -180,7 +181,7 @@ def write_report(run_dir: Path) -> Path:
     lines += ["## Training loss", "", "![loss curves](loss_curves.png)", ""]
     lines += ["| stage | first loss | last loss | min |", "|---|---|---|---|"]
     for name in stages:
-        losses = (_read_json(run_dir / name / "losses.json") or {}).get("losses", [])
+        losses = [v for v in (_read_json(run_dir / name / "losses.json") or {}).get("losses", []) if v is not None]
         if losses:
             lines.append(f"| {name} | {losses[0]:.4f} | {losses[-1]:.4f} | {min(losses):.4f} |")
 

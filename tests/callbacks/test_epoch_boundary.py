@@ -153,3 +153,19 @@ def test_an_optimizer_reset_and_a_short_last_batch_are_named():
     ]
     t.optimizers = []  # an optimizer that keeps no step count (SGD): no verdict on a reset
     assert check._causes(t, before, _EpochTrace([2.0], [0.1], [64], ["k7"], 1)) == ["short_last_batch (16 samples)"]
+
+
+def test_a_nan_step_neither_hides_a_boundary_jump_nor_breaks_losses_json(tmp_path):
+    # The monitor skips the NaN step near epoch 1's end; the boundary check took its NaN into the mean of
+    # epoch 1's last k losses, and the real jump into epoch 2 went unreported. losses.json held a bare NaN.
+    from callbacks.instability import InstabilityConfig, InstabilityMonitor
+
+    check = BoundaryCheck(BoundaryConfig(), AlertSinks("toy"), "toy")
+    monitor = InstabilityMonitor(InstabilityConfig(action="skip"), AlertSinks("toy"), "toy")
+    data = loader(KeyedRegression(size=2048, conflict=True), batch_size=64, shuffle=False)
+    module = ToyRegression({2 * STEPS_PER_EPOCH - 2: "nan"}, lr=0.2)
+    trainer([monitor, check], max_steps=-1, max_epochs=4).fit(module, data)
+    assert [a.epoch for a in check.alerts] == [1, 2, 3]
+    check.write_losses(tmp_path / "losses.json")
+    losses = json.loads((tmp_path / "losses.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert losses["losses"].count(None) == 1 and len(losses["losses"]) == 4 * STEPS_PER_EPOCH
