@@ -157,6 +157,7 @@ class InstabilityMonitor(L.Callback):
         self._micro_losses: list[torch.Tensor] = []
         self._keys: list[str] = []
         self._snapshot: dict | None = None
+        self._buffers: dict[str, torch.Tensor] = {}  # `skip`: the buffers before the step being judged
         self._healthy_since_snapshot = 0
         self._judged_step = 0
         self._overflows = 0  # fp16 steps in a row whose gradients overflowed
@@ -165,6 +166,10 @@ class InstabilityMonitor(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if isinstance(batch, dict) and "keys" in batch:
             self._keys += list(batch["keys"])
+        if self.config.action == "skip" and not self._micro_losses:  # an optimizer step's first micro-batch
+            # Buffers as they were before this step's forward passes: a skipped step's batch must not leave
+            # its trace in BatchNorm statistics either (a NaN batch makes them NaN).
+            self._buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
 
     @override
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
@@ -270,6 +275,8 @@ class InstabilityMonitor(L.Callback):
         for group in [] if optimizer is None else optimizer.param_groups:
             for param in group["params"]:
                 param.grad = None
+        if action == "skip" and self._buffers:
+            pl_module.load_state_dict(self._buffers, strict=False)
         if action == "rewind" and self._snapshot is not None:
             pl_module.load_state_dict(self._snapshot["model"], strict=False)
             optimizer.load_state_dict(self._snapshot["optimizer"])
@@ -288,6 +295,7 @@ class InstabilityMonitor(L.Callback):
         self._healthy_since_snapshot += 1
         if self._snapshot is None or self._healthy_since_snapshot >= self.config.snapshot_every:
             trained = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
+            trained |= {n: b.detach().cpu().clone() for n, b in pl_module.named_buffers()}  # BatchNorm statistics
             self._snapshot = {"model": trained, "optimizer": copy.deepcopy(optimizer.state_dict())}
             self._healthy_since_snapshot = 0
 

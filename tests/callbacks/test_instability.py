@@ -322,3 +322,35 @@ def test_each_rank_s_finding_is_reported_with_its_own_kind_value_and_keys(tmp_pa
     assert alerts[0]["value"] > alerts[0]["threshold"]
     keys = {rank: json.loads((tmp_path / f"keys{rank}.json").read_text()) for rank in (0, 1)}
     assert alerts[0]["keys"] == keys[1] != keys[0]
+
+
+class _BatchNormToy(L.LightningModule):
+    """A trained layer with BatchNorm (as a ResNet tower with trainable: [vision]); NaN inputs at step 30."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):
+        x = batch["x"].clone()
+        if self.global_step == 30:
+            x.fill_(float("nan"))
+        return torch.nn.functional.mse_loss(self.net(x).squeeze(-1), batch["y"])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("action", ["skip", "rewind"])
+def test_skip_and_rewind_undo_a_bad_batchs_batchnorm_statistics(action):
+    # The forward pass had already folded the NaN batch into the running statistics: the parameters were
+    # restored, and the model still gave NaN in eval mode.
+    monitor = InstabilityMonitor(InstabilityConfig(action=action), AlertSinks("toy"), "toy")
+    module = _BatchNormToy()
+    trainer([monitor], max_steps=60).fit(module, loader(KeyedRegression()))
+    assert ("non_finite", 30) in _kinds(monitor)
+    norm = module.net[1]
+    assert torch.isfinite(norm.running_mean).all() and torch.isfinite(norm.running_var).all()
+    with torch.no_grad():
+        assert torch.isfinite(module.eval().net(KeyedRegression().x[:8])).all()
