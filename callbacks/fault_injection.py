@@ -46,5 +46,9 @@ class FaultInjection(L.Callback):
     @override
     def on_after_backward(self, trainer, pl_module) -> None:
         if self.faults.get(trainer.global_step) == "inf_grad":
-            param = next(p for p in pl_module.parameters() if p.grad is not None)
+            # Not next(...): a StopIteration raised in a hook ended Lightning's batch loop as if the data had run
+            # out, and the run looped on the same step (under DeepSpeed, where p.grad is None; refused in config).
+            param = next((p for p in pl_module.parameters() if p.grad is not None), None)
+            if param is None:
+                raise RuntimeError("stability.faults inf_grad: no parameter holds a gradient to corrupt")
             param.grad.view(-1)[0] = math.inf

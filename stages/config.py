@@ -304,3 +304,8 @@ class CurriculumConfig:
             check_speed(self.model.speed, stage_trainer)
             if stage_trainer.strategy == "deepspeed" and self.stability.instability.enabled:
                 check_action_under_deepspeed(self.stability.instability.action, f" (stage {name})")
+            if stage_trainer.strategy == "deepspeed" and "inf_grad" in self.stability.faults.values():
+                raise ValueError(
+                    f"stability.faults: inf_grad under DeepSpeed (stage {name}): its gradients live in the engine's "
+                    "partitioned buffers, not in p.grad, where the fault writes; use nan, spike or bad_batch"
+                )

@@ -135,6 +135,16 @@ def test_model_folder_and_shard_digests_see_a_rebuild_of_the_same_sizes(tmp_path
         ("--trainer.strategy=dpp", "trainer.strategy 'dpp' is no Lightning strategy"),
         ("--trainer.accelerator=gpux", "trainer.accelerator 'gpux' is none of auto, gpu, cpu"),
         ("--model.dtype=bf16", "model.dtype must be bfloat16, float16, float32 or null, got 'bf16'"),
+        # Under DeepSpeed p.grad is None: the fault's next(...) raised StopIteration, which Lightning's loop took
+        # for the end of the data, and the run repeated the same step until killed.
+        (
+            (
+                "--trainer.strategy=deepspeed",
+                "--trainer.deepspeed_config=configs/deepspeed/zero2.json",
+                "--stability.faults={2: inf_grad}",
+            ),
+            "stability.faults: inf_grad under DeepSpeed (stage align)",
+        ),
         # A misspelt backend failed when the first stage compiled, naming no flag.
         ("--model.speed.compile=inductr", "model.speed.compile: no torch.compile backend 'inductr'"),
     ],
