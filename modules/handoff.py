@@ -71,8 +71,8 @@ def _cpu(named) -> dict[str, torch.Tensor]:
     return {name: _master(tensor).detach().cpu().clone().contiguous() for name, tensor in named}
 
 
-def _part(vlm: VisionLanguageModel, group: str) -> torch.nn.Module:
-    return vlm.vision if group == "vision" else vlm.lm
+def _part(vlm: VisionLanguageModel, part: str) -> torch.nn.Module:
+    return {"projector": vlm.projector, "vision": vlm.vision, "lm": vlm.lm}[part]
 
 
 def _full_state(vlm: VisionLanguageModel, group: str) -> dict[str, torch.Tensor]:
@@ -88,33 +88,37 @@ def _full_state(vlm: VisionLanguageModel, group: str) -> dict[str, torch.Tensor]
     return state
 
 
+def _carried(vlm: VisionLanguageModel, part: str) -> Path | None:
+    """The file `part` was loaded from, when this stage did not train it: handed on as it came."""
+    frozen = not any(p.requires_grad for name, p in _part(vlm, part).named_parameters() if "lora_" not in name)
+    return vlm.handed_from.get(part) if frozen else None
+
+
 def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) -> None:
     """Writes the projector, the adapter, and the parts in `vlm.full_groups`. Every rank calls it under
     DeepSpeed (`write` on rank 0 only): ZeRO-3 weights are gathered first, or the files would hold empty
-    partitions, and master copies are assembled across ranks."""
+    partitions, and master copies are assembled across ranks. A part carried but frozen here is copied from
+    its file, neither gathered nor assembled."""
+    files = {"projector": PROJECTOR_FILE, **{group: FULL_FILES[group] for group in sorted(vlm.full_groups)}}
+    carried = {part: _carried(vlm, part) for part in files}
+    trained = [part for part in files if carried[part] is None]
     lora = [(n, p) for n, p in vlm.lm.named_parameters() if "lora_" in n]
-    full = [p for group in sorted(vlm.full_groups) for p in _part(vlm, group).parameters()]
-    with gathered([*vlm.projector.parameters(), *(p for _, p in lora), *full]):
-        projector = _cpu(vlm.projector.named_parameters())
+    with gathered([*(p for _, p in lora), *(p for part in trained for p in _part(vlm, part).parameters())]):
+        states = {
+            part: _cpu(vlm.projector.named_parameters()) if part == "projector" else _full_state(vlm, part)
+            for part in trained
+        }
         adapter = _cpu(lora)
-        parts = {group: _full_state(vlm, group) for group in sorted(vlm.full_groups)}
         if not write:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        _save(vlm, "projector", vlm.projector, projector, out_dir / PROJECTOR_FILE)
-        for group, state in parts.items():
-            _save(vlm, group, _part(vlm, group), state, out_dir / FULL_FILES[group])
+        for part, source in carried.items():
+            if source is not None:
+                shutil.copyfile(source, out_dir / files[part])
+        for part, state in states.items():
+            save_file(state, str(out_dir / files[part]))
         if has_lora(vlm):
             vlm.lm.save_pretrained(out_dir / ADAPTER_DIR, state_dict=adapter)
-
-
-def _save(vlm: VisionLanguageModel, part: str, module: torch.nn.Module, state: dict, path: Path) -> None:
-    """Writes `state`, or copies the file the part was loaded from when this stage did not train it."""
-    frozen = not any(p.requires_grad for name, p in module.named_parameters() if "lora_" not in name)
-    if frozen and part in vlm.handed_from:
-        shutil.copyfile(vlm.handed_from[part], path)
-    else:
-        save_file(state, str(path))
 
 
 def load_handoff(vlm: VisionLanguageModel, from_dir: Path) -> None:
