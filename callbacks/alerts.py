@@ -2,6 +2,8 @@
 
 An alert is a record of something a stability check saw (a loss spike, a NaN gradient, a jump at
 an epoch boundary). Delivering it never stops training: a webhook that fails is logged and skipped.
+Webhook posts go out from a background thread, in order, so a slow or dead endpoint does not hold
+up the training step; the end of a stage waits a few seconds for those still queued.
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
+import threading
+import time
 import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -20,7 +25,15 @@ from typing_extensions import override
 
 log = logging.getLogger(__name__)
 
-KINDS = ("loss_spike", "grad_spike", "non_finite", "divergence", "epoch_boundary", "stage_boundary")
+KINDS = (
+    "loss_spike",
+    "grad_spike",
+    "non_finite",
+    "divergence",
+    "level_shift",
+    "epoch_boundary",
+    "stage_boundary",
+)
 
 
 @dataclass
@@ -68,10 +81,23 @@ class AlertSinks(Callback):
     file held, and a stage resumed from it drops the later ones, which the replayed steps raise again.
     """
 
-    def __init__(self, stage: str, jsonl_path: Path | None = None, webhook_url: str | None = None) -> None:
+    def __init__(
+        self,
+        stage: str,
+        jsonl_path: Path | None = None,
+        webhook_url: str | None = None,
+        webhook_queue: int = 100,
+        close_timeout: float = 10.0,
+    ) -> None:
         self.stage, self.jsonl_path, self.webhook_url = stage, jsonl_path, webhook_url
         self.counts: Counter[str] = Counter()
+        self.close_timeout = close_timeout
+        """Seconds the end of a stage waits for queued webhook posts."""
         self.webhook_failures = 0
+        """Posts that failed, were dropped from a full queue, or were still queued when the stage closed."""
+        self._posts: queue.Queue[bytes | None] = queue.Queue(maxsize=webhook_queue)
+        self._poster: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def _lines(self) -> list[str]:
         path = self.jsonl_path
@@ -101,16 +127,69 @@ class AlertSinks(Callback):
             text_step = getattr(logger, "global_step", lambda step: step)(alert.step)
             logger.experiment.add_text(f"alerts/{self.stage}", alert.line(), global_step=text_step)
         if self.webhook_url:
-            self._post(alert)
+            self._enqueue(alert)
 
-    def _post(self, alert: Alert) -> None:
-        """A Slack-compatible body: `text` for chat, `alert` for machines."""
+    def _enqueue(self, alert: Alert) -> None:
+        """A Slack-compatible body (`text` for chat, `alert` for machines), queued for the poster thread."""
         body = json.dumps({"text": f"vlm-curriculum: {alert.line()}", "alert": alert.record()}, allow_nan=False)
-        body = body.encode()
-        request = urllib.request.Request(self.webhook_url, body, {"Content-Type": "application/json"}, method="POST")
+        if self._poster is None:
+            self._poster = threading.Thread(target=self._deliver, name="alert-webhook", daemon=True)
+            self._poster.start()
         try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                response.read()
-        except Exception as error:  # delivery must never end a training run
+            self._posts.put_nowait(body.encode())
+        except queue.Full:  # an alert every step against a dead endpoint: the file keeps them all
+            self._failed(f"its queue is full ({self._posts.maxsize} posts)")
+
+    def _failed(self, why: str) -> None:
+        with self._lock:
             self.webhook_failures += 1
-            log.error("alert webhook %s failed (%s); the alert is in the log and alerts.jsonl", self.webhook_url, error)
+        log.error("alert webhook %s: a post failed (%s); the alert is in alerts.jsonl", self.webhook_url, why)
+
+    def _deliver(self) -> None:
+        while (body := self._posts.get()) is not None:
+            headers = {"Content-Type": "application/json"}
+            request = urllib.request.Request(self.webhook_url, body, headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    response.read()
+            except Exception as error:  # delivery must never end a training run
+                self._failed(str(error))
+            finally:
+                self._posts.task_done()
+        self._posts.task_done()
+
+    def close(self) -> None:
+        """Waits up to `close_timeout` seconds for the queued posts, counts those still queued as failed, and
+        ends the poster thread (after the post in flight, if any)."""
+        if self._poster is None:
+            return
+        deadline = time.monotonic() + self.close_timeout
+        while self._posts.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        unsent = 0
+        while True:
+            try:
+                self._posts.get_nowait()
+            except queue.Empty:
+                break
+            self._posts.task_done()
+            unsent += 1
+        if unsent:
+            with self._lock:
+                self.webhook_failures += unsent
+            log.error(
+                "alert webhook %s: %d posts still queued after %g s were not sent; the alerts are in alerts.jsonl",
+                self.webhook_url,
+                unsent,
+                self.close_timeout,
+            )
+        self._posts.put(None)
+        self._poster = None
+
+    @override
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.close()
+
+    @override
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.close()

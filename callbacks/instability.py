@@ -24,6 +24,12 @@ end the stage; the CLI exits non-zero; `last.ckpt` is not moved to the stopped s
 from the checkpoint before and stops again). Decisions are reduced across ranks: if any rank sees a
 problem, every rank acts, and rank 0 reports each rank's findings with that rank's batch keys.
 
+`skip` and `rewind` are for bad batches, not for a loss that moved: spikes stay out of the statistics, so a
+lasting rise (a warm restart, harder data) would be skipped step after step for ever. After
+`max_in_a_row` acted-on steps in a row, the last of them is trained instead, an alert of kind
+`level_shift` says so, and the statistics start again (`warmup` steps before spikes are judged). When
+those steps were non-finite, no new level exists to accept: the stage stops (as with `stop`).
+
 Under DeepSpeed, gradients live in the engine's partitioned buffers (`p.grad` is None), so the
 step is judged right after the engine's `step()`, with the engine's global norm (computed before
 clipping). The update is then already applied: only `warn` and `stop` are available there.
@@ -84,6 +90,9 @@ class InstabilityConfig:
     """Rolling median above this multiple of its lowest value so far is a divergence (0 turns it off)."""
     snapshot_every: int = 25
     """With action rewind: healthy steps between in-memory snapshots of the trained state."""
+    max_in_a_row: int = 10
+    """With skip or rewind: acted-on steps in a row after which a spike is taken as the loss's new level (the
+    step is trained, the statistics restart) and a non-finite step stops the stage. 0: never."""
     overflow_patience: int = 8
     """fp16 with a loss scaler (16-mixed): steps in a row whose gradients overflow before that is an alert.
     The scaler skips such a step and lowers its scale, routinely at the start of a run; overflow after
@@ -96,6 +105,8 @@ class InstabilityConfig:
             raise ValueError("stability.instability.window and .warmup must be at least 5 steps")
         if self.warmup > self.window:  # the history never holds more than `window` steps: no spike would be judged
             raise ValueError(f"stability.instability.warmup ({self.warmup}) must not exceed .window ({self.window})")
+        if self.max_in_a_row < 0:
+            raise ValueError(f"stability.instability.max_in_a_row must not be negative, got {self.max_in_a_row}")
         if self.overflow_patience < 1:
             raise ValueError(f"stability.instability.overflow_patience must be positive, got {self.overflow_patience}")
         if self.z <= 0 or self.min_ratio < 1 or self.grad_min_ratio < 1:
@@ -161,6 +172,7 @@ class InstabilityMonitor(L.Callback):
         self._healthy_since_snapshot = 0
         self._judged_step = 0
         self._overflows = 0  # fp16 steps in a row whose gradients overflowed
+        self._in_a_row = 0  # steps in a row that skip or rewind acted on
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -222,19 +234,51 @@ class InstabilityMonitor(L.Callback):
         keys, self._micro_losses, self._keys = self._keys, [], []
         findings = self._findings(loss, self._unless_overflow(trainer, loss, grad))
         every_rank = self._gather(trainer, findings, keys)
-        if not every_rank:
-            self.loss_history.append(loss)
-            if grad is not None and math.isfinite(grad):
-                self.grad_history.append(grad)
-            diverging = self._divergence(loss)
-            if diverging is not None:  # a trend, not a batch: reported, never acted on
-                self._report(trainer, "divergence", diverging[0], diverging[1], keys, "warn")
-            self._maybe_snapshot(pl_module, optimizer)
-            return
+        action = self._action(every_rank)
         for rank, rank_findings, rank_keys in every_rank:
             for kind, value, threshold in rank_findings:
-                self._report(trainer, kind, value, threshold, rank_keys, self.config.action, rank)
-        self._act(trainer, pl_module, optimizer)
+                self._report(trainer, kind, value, threshold, rank_keys, action, rank)
+        if every_rank:
+            if action != "warn":
+                self._act(trainer, pl_module, optimizer, action)
+                return
+            if self.config.action == "warn":
+                return  # spikes stay out of the statistics
+            self._restart_statistics(trainer, *every_rank[0][1][0], keys)  # a new level: trained
+        self.loss_history.append(loss)
+        if grad is not None and math.isfinite(grad):
+            self.grad_history.append(grad)
+        diverging = self._divergence(loss)
+        if diverging is not None:  # a trend, not a batch: reported, never acted on
+            self._report(trainer, "divergence", diverging[0], diverging[1], keys, "warn")
+        self._maybe_snapshot(pl_module, optimizer)
+
+    def _action(self, every_rank: list) -> str:
+        """What to do with this step: the configured action on a finding, else `warn` (train it). Past
+        `max_in_a_row` acted-on steps in a row, a spike is trained (`warn`) and a non-finite step stops."""
+        if not every_rank:
+            self._in_a_row = 0
+            return "warn"
+        action = self.config.action
+        if action not in ("skip", "rewind"):
+            return action
+        self._in_a_row += 1
+        if not self.config.max_in_a_row or self._in_a_row < self.config.max_in_a_row:
+            return action
+        self._in_a_row = 0
+        non_finite = any(kind == "non_finite" for _, found, _ in every_rank for kind, _, _ in found)
+        return "stop" if non_finite else "warn"
+
+    def _restart_statistics(self, trainer, kind: str, value: float, threshold: float, keys: list[str]) -> None:
+        """Spikes for `max_in_a_row` steps in a row: their level is accepted as the new one."""
+        n = self.config.max_in_a_row
+        self.loss_history.clear()
+        self.grad_history.clear()
+        detail = (
+            f"{n} steps in a row above a spike threshold (this one a {kind}): it is trained as the new level, the "
+            f"statistics start again ({self.config.warmup} steps before spikes are judged)"
+        )
+        self._report(trainer, "level_shift", value, threshold, keys, "warn", detail=detail)
 
     def _unless_overflow(self, trainer, loss: float, grad: float | None) -> float | None:
         """The gradient norm to judge: None for an fp16 overflow that the loss scaler handles (a finite loss,
@@ -258,19 +302,23 @@ class InstabilityMonitor(L.Callback):
         return [(rank, found, batch) for rank, (found, batch) in enumerate(gathered) if found]
 
     def _report(
-        self, trainer, kind: str, value: float, threshold: float, keys: list[str], action: str, rank: int = 0
+        self,
+        trainer,
+        kind: str,
+        value: float,
+        threshold: float,
+        keys: list[str],
+        action: str,
+        rank: int = 0,
+        detail: str = "",
     ) -> None:
-        alert = Alert(
-            self.stage, trainer.global_step, trainer.current_epoch, kind, value, threshold, action, keys, rank=rank
-        )
+        step, epoch = trainer.global_step, trainer.current_epoch
+        alert = Alert(self.stage, step, epoch, kind, value, threshold, action, keys, rank=rank, detail=detail)
         self.alerts.append(alert)
         if trainer.is_global_zero:
             self.sinks.emit(alert, trainer.logger)
 
-    def _act(self, trainer, pl_module, optimizer) -> None:
-        action = self.config.action
-        if action == "warn":
-            return
+    def _act(self, trainer, pl_module, optimizer, action: str) -> None:
         # No gradient: torch optimizers skip the parameter entirely (under DeepSpeed, optimizer is None).
         for group in [] if optimizer is None else optimizer.param_groups:
             for param in group["params"]:
@@ -317,6 +365,7 @@ class InstabilityMonitor(L.Callback):
             "grad_history": list(self.grad_history),
             "lowest_median": self.lowest_median,
             "diverged": self.diverged,
+            "in_a_row": self._in_a_row,
             "config": asdict(self.config),
         }
 
@@ -326,3 +375,4 @@ class InstabilityMonitor(L.Callback):
         self.grad_history.extend(state_dict["grad_history"])
         self.lowest_median = state_dict["lowest_median"]
         self.diverged = state_dict.get("diverged", False)  # reported once, not again after a resume
+        self._in_a_row = state_dict.get("in_a_row", 0)

@@ -6,6 +6,7 @@ Latency: every injected fault must be reported at the optimizer step it happens 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -116,6 +117,48 @@ def test_rewind_recovers_the_clean_final_loss():
     final = sum(clean.step_losses[-10:]) / 10
     assert abs(sum(rewound.step_losses[-10:]) / 10 - final) <= 0.25 * final  # within 25% of the clean run
     assert sum(warned.step_losses[-10:]) / 10 > 10 * final  # ...whereas applying the bad update wrecks it
+
+
+@pytest.mark.parametrize("action", ["skip", "rewind"])
+def test_a_lasting_rise_is_taken_as_the_new_level_after_max_in_a_row_steps(action):
+    # From step 30 on every loss is 10x (a warm restart, harder data). Before max_in_a_row, skip and rewind
+    # acted on every one of those 30 steps, and the weights never moved again.
+    config = InstabilityConfig(action=action, snapshot_every=5, max_in_a_row=5)
+    monitor = InstabilityMonitor(config, AlertSinks("toy"), "toy")
+    weights = WeightTrace()
+    faults = {step: "spike" for step in range(30, 60)}
+    trainer([monitor, weights], max_steps=60).fit(ToyRegression(faults), loader(KeyedRegression()))
+    kinds = _kinds(monitor)
+    assert [step for kind, step in kinds if kind == "loss_spike"] == [30, 31, 32, 33, 34]
+    assert ("level_shift", 34) in kinds and kinds.count(("level_shift", 34)) == 1
+    shift = next(a for a in monitor.alerts if a.kind == "level_shift")
+    assert shift.action == "warn" and "5 steps in a row" in shift.detail
+    assert [(a.kind, a.action) for a in monitor.alerts if a.step == 34][0] == ("loss_spike", "warn")
+    assert torch.equal(weights.after[33], weights.after[32])  # acted on
+    assert not torch.equal(weights.after[34], weights.after[33])  # trained: the new level
+    assert all(not torch.equal(a, b) for a, b in zip(weights.after[35:], weights.after[34:], strict=False))
+    assert len(monitor.loss_history) == 60 - 34  # the statistics start again at the new level
+
+
+def test_non_finite_steps_in_a_row_stop_a_skipping_stage(tmp_path):
+    # Skipping cannot get past a NaN that comes back every step: after max_in_a_row of them the stage stops.
+    config = InstabilityConfig(action="skip", max_in_a_row=4)
+    monitor = InstabilityMonitor(config, AlertSinks("toy"), "toy")
+    t = trainer([monitor], max_steps=60, default_root_dir=tmp_path)
+    t.fit(ToyRegression({step: "nan" for step in range(30, 60)}), loader(KeyedRegression()))
+    assert monitor.stopped and t.global_step <= 34
+    assert [(a.step, a.action) for a in monitor.alerts] == [(30, "skip"), (31, "skip"), (32, "skip"), (33, "stop")]
+    assert (tmp_path / "checkpoints" / "stopped.ckpt").is_file()
+
+
+def test_max_in_a_row_is_checked_and_kept_across_a_resume():
+    with pytest.raises(ValueError, match="max_in_a_row"):
+        InstabilityConfig(max_in_a_row=-1)
+    monitor = InstabilityMonitor(InstabilityConfig(action="skip"), AlertSinks("toy"), "toy")
+    monitor._in_a_row = 3
+    resumed = InstabilityMonitor(InstabilityConfig(action="skip"), AlertSinks("toy"), "toy")
+    resumed.load_state_dict(monitor.state_dict())
+    assert resumed._in_a_row == 3
 
 
 def test_stop_ends_training_at_the_alert(tmp_path):
@@ -271,11 +314,17 @@ def test_alert_records_are_standard_json_and_text_lands_at_the_run_wide_step(tmp
 
 
 class _Hook(BaseHTTPRequestHandler):
+    """Records each post, then holds its response until `release` is set (a slow endpoint)."""
+
     received: list[dict] = []
+    arrived = threading.Event()
+    release = threading.Event()
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = self.rfile.read(int(self.headers["Content-Length"]))
         _Hook.received.append(json.loads(body))
+        _Hook.arrived.set()
+        _Hook.release.wait(timeout=30)
         self.send_response(200)
         self.end_headers()
 
@@ -283,22 +332,66 @@ class _Hook(BaseHTTPRequestHandler):
         pass
 
 
-def test_webhook_receives_a_slack_compatible_post_and_failures_are_not_fatal():
+@pytest.fixture
+def hook():
+    """A local webhook endpoint that answers once the test sets `_Hook.release`; its URL."""
+    _Hook.received.clear()
+    _Hook.arrived.clear()
+    _Hook.release.clear()
     server = HTTPServer(("127.0.0.1", 0), _Hook)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    try:
-        alert = Alert("sft_long", 7, 0, "loss_spike", 12.0, 3.0, "warn", ["k1"])
-        AlertSinks("sft_long", webhook_url=f"http://127.0.0.1:{server.server_port}/hook").emit(alert)
-    finally:
-        server.shutdown()
-        server.server_close()  # the port now refuses connections
+    yield f"http://127.0.0.1:{server.server_port}/hook"
+    _Hook.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_webhook_receives_a_slack_compatible_post_without_holding_up_the_step(hook):
+    sinks = AlertSinks("sft_long", webhook_url=hook)
+    sinks.emit(Alert("sft_long", 7, 0, "loss_spike", 12.0, 3.0, "warn", ["k1"]))
+    # emit returned while the endpoint still holds its answer (a synchronous post would have waited for its
+    # 5 s timeout here, and failed).
+    assert _Hook.arrived.wait(timeout=10) and not _Hook.release.is_set() and sinks.webhook_failures == 0
+    _Hook.release.set()
+    sinks.close()
     assert _Hook.received[-1]["text"].startswith("vlm-curriculum: [loss_spike] stage sft_long step 7")
     assert _Hook.received[-1]["alert"]["threshold"] == 3.0
+    assert sinks.webhook_failures == 0 and sinks._poster is None
 
-    dead = AlertSinks("sft_long", webhook_url=f"http://127.0.0.1:{server.server_port}/gone")
-    dead.emit(alert)  # the server is down: logged, counted, not raised
+
+def test_a_dead_webhook_is_counted_not_raised():
+    with socket.socket() as probe:  # a port that refuses connections once closed
+        probe.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{probe.getsockname()[1]}/gone"
+    dead = AlertSinks("sft_long", webhook_url=dead_url)
+    dead.emit(Alert("sft_long", 7, 0, "loss_spike", 12.0, 3.0, "warn"))
+    dead.close()
     assert dead.webhook_failures == 1 and dead.counts["loss_spike"] == 1
+
+
+def test_posts_beyond_the_queue_or_the_close_timeout_are_counted_as_failed(hook, caplog):
+    sinks = AlertSinks("sft_long", webhook_url=hook, webhook_queue=2, close_timeout=0.2)
+    alerts = [Alert("sft_long", step, 0, "loss_spike", 12.0, 3.0, "warn") for step in range(5)]
+    sinks.emit(alerts[0])
+    assert _Hook.arrived.wait(timeout=10)  # step 0 is in flight, held by the endpoint
+    for alert in alerts[1:]:
+        sinks.emit(alert)  # steps 1 and 2 wait in the queue, 3 and 4 find it full
+    assert sinks.webhook_failures == 2
+    sinks.close()  # the endpoint still holds step 0: steps 1 and 2 are not sent
+    assert sinks.webhook_failures == 4 and "2 posts still queued" in caplog.text
+    _Hook.release.set()
+    assert [a["alert"]["step"] for a in _Hook.received] == [0]
+    assert sinks.counts["loss_spike"] == 5  # every alert was still counted (and written, with a jsonl path)
+
+
+def test_the_end_of_a_fit_delivers_the_queued_posts(hook):
+    _Hook.release.set()  # a prompt endpoint
+    sinks = AlertSinks("toy", webhook_url=hook)
+    monitor = InstabilityMonitor(InstabilityConfig(action="skip"), sinks, "toy")
+    trainer([monitor, sinks], max_steps=40).fit(ToyRegression({30: "nan"}), loader(KeyedRegression()))
+    assert sinks._poster is None  # closed by the trainer's teardown
+    assert [(a["alert"]["kind"], a["alert"]["step"]) for a in _Hook.received] == [("non_finite", 30)]
 
 
 @pytest.mark.slow
