@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ class SkipLog:
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     keep_examples: int = 5
-    image_files: set[str] = field(default_factory=set)
+    image_files: dict[str, list[int] | None] = field(default_factory=dict)
+    """Every image file the input named: its [size, modification time] when it was read (None: missing)."""
 
     def skip(self, reason: str, key: str) -> None:
         self.counts[reason] += 1
@@ -91,7 +93,11 @@ def _checked(key: str, image: str | None, base: Path, skips: SkipLog) -> Path | 
         skips.skip("no_image", key)
         return None
     path = Path(image) if Path(image).is_absolute() else base / image
-    skips.image_files.add(str(path.absolute()))
+    try:  # before it is read: an image replaced while the data stage runs is then seen as changed next time
+        stat = path.stat()
+        skips.image_files[str(path.absolute())] = [stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        skips.image_files[str(path.absolute())] = None
     problem = image_problem(path)
     if problem:
         skips.skip(problem, key)
@@ -132,19 +138,22 @@ def _record_row(record: dict, key: str, caption: str, images, base: Path, skips:
         return None
     # Without a split of its own, the sample's split comes from its image (the path relative to the input,
     # "./a.png" and "a.png" alike): records that share an image (one per caption, COCO-style) share a split.
-    return _row(key, caption, path, meta, split, split_key=_relative(path, base))
+    return _row(key, caption, path, meta, split, split_key=_relative(images[0], base))
 
 
 def _strings(value) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
-def _relative(path: Path, base: Path) -> str:
-    resolved = path.resolve()
-    try:
-        return resolved.relative_to(base.resolve()).as_posix()
-    except ValueError:  # an image outside the input's folder
-        return resolved.as_posix()
+def _relative(image: str, base: Path) -> str:
+    """The image's path as the record writes it, relative to the input's folder (or `image_root`) and normalised
+    ("./a.png" is "a.png") without following symbolic links: the same data set gives the same split keys
+    wherever it lies, a linked image folder included. An absolute path outside that folder stays absolute."""
+    path = posixpath.normpath(Path(image).as_posix())
+    if not posixpath.isabs(path):
+        return path
+    folder = posixpath.normpath(base.absolute().as_posix())
+    return posixpath.relpath(path, folder) if path.startswith(folder + "/") else path
 
 
 def unique_keys(rows: list[dict], skips: SkipLog) -> list[dict]:
@@ -170,6 +179,12 @@ def unique_keys(rows: list[dict], skips: SkipLog) -> list[dict]:
     return kept
 
 
+def record_key(value, fallback: str) -> str:
+    """A record's own id as its sample key; `fallback` (input stem and record number) when it has none: a null,
+    an empty or blank id made a key "None" or "" (a nameless tar member that WebDataset drops)."""
+    return fallback if value is None or not str(value).strip() else str(value)
+
+
 def read_llava_json(path: Path, skips: SkipLog, image_root: Path | None = None) -> Iterator[dict]:
     try:
         records = json.loads(path.read_text())
@@ -182,7 +197,7 @@ def read_llava_json(path: Path, skips: SkipLog, image_root: Path | None = None) 
         if not isinstance(record, dict):
             skips.skip("bad_record", f"{path.stem}-{number}")
             continue
-        key = str(record.get("id", f"{path.stem}-{number}"))
+        key = record_key(record.get("id"), f"{path.stem}-{number}")
         turns = record.get("conversations", [])
         if not isinstance(turns, list) or not all(isinstance(turn, dict) for turn in turns):
             skips.skip("bad_record", key)
@@ -214,7 +229,7 @@ def read_dj_jsonl(path: Path, skips: SkipLog, image_root: Path | None = None) ->
             if not isinstance(record, dict):
                 skips.skip("bad_record", key)
                 continue
-            key = str(record.get("__key__") or record.get("id") or key)
+            key = record_key(record.get("__key__"), record_key(record.get("id"), key))
             if not isinstance(record.get("text", ""), str):
                 skips.skip("bad_record", key)
                 continue

@@ -24,9 +24,13 @@ def open_rgb(source: str | Path | bytes) -> Image.Image:
     image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float grayscale: scale to 8 bits
+        sixteen_bit = image.mode.startswith("I;16")
         image = image.convert("F")  # convert("L") would clip 16-bit values to white
-        top = image.getextrema()[1]
-        scale = 255.0 if top <= 1.0 else 1 / 256 if top > 255 else 1.0  # 0..1, 0..65535 or 0..255
+        if sixteen_bit:  # 0..65535 whatever this image's own range: a dark image stays dark
+            scale = 1 / 256
+        else:  # "I" (32-bit) or "F" declare no range: 0..1, 0..255 or 0..65535, guessed from the brightest value
+            top = image.getextrema()[1]
+            scale = 255.0 if top <= 1.0 else 1 / 256 if top > 255 else 1.0
         image = image.point(lambda value: value * scale).convert("L")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")  # transparent parts on white, as a viewer shows them, not black

@@ -10,14 +10,24 @@ depend on corpus size, and on TTR only over equally many tokens.
 from __future__ import annotations
 
 import math
-import string
+import unicodedata
 
 
 def tokens(text: str) -> list[str]:
     """Lower-cased words, without the punctuation around them: "Dog," and "dog" are one word type (raw
     captions are punctuated, generated ones mostly not; counted apart, raw text would look more diverse)."""
-    words = (word.strip(string.punctuation) for word in text.lower().split())
+    words = (_strip_punctuation(word) for word in text.lower().split())
     return [word for word in words if word]
+
+
+def _strip_punctuation(word: str) -> str:
+    """`word` without the punctuation around it, Unicode's too (curly quotes, an ellipsis, dashes)."""
+    start, end = 0, len(word)
+    while start < end and unicodedata.category(word[start]).startswith(("P", "S")):
+        start += 1
+    while end > start and unicodedata.category(word[end - 1]).startswith(("P", "S")):
+        end -= 1
+    return word[start:end]
 
 
 def _mtld_pass(words: list[str], threshold: float) -> float:

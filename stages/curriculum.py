@@ -83,7 +83,7 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
     stamp.unlink(missing_ok=True)  # a build killed midway must not leave the old stamp vouching for its files
     report = run_data_stage(recipe, shard_dir, cfg.world, cfg.seed)
     log_data_report(run_dir, report, (shard_dir / "report.md").read_text())
-    images = _image_stats(json.loads((shard_dir / IMAGE_FILES_NAME).read_text()))
+    images = json.loads((shard_dir / IMAGE_FILES_NAME).read_text())  # as each was when read, not as it is now
     stamp.write_text(json.dumps({"fingerprint": wanted, "recipe": str(recipe_path), "images": images}))
     return shard_dir
 

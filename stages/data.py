@@ -3,7 +3,8 @@
     raw samples (synthetic | llava | dj_jsonl)  ->  Data-Juicer ops, one at a time (recaption, filters)
       ->  shards (train/val/test by a stable hash of the key) + index.json  ->  report.json / report.md
 
-`image_files.json` lists every image file the input named, so that a curriculum can tell when one changed.
+`image_files.json` lists every image file the input named, with its size and modification time when the stage
+read it, so that a curriculum can tell when one changed.
 
 Ops run one at a time so that the report can say how many samples each one took in and let out.
 Filters first compute their stats for every sample (written to `stats/<op>.jsonl`), then filter.
@@ -92,6 +93,25 @@ def split_of(key: str, val_share: float, test_share: float) -> str:
     """A stable split from the key alone: the same key lands in the same split on every run."""
     position = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 16**8
     return "test" if position < test_share else "val" if position < test_share + val_share else "train"
+
+
+def named_splits(rows: list[dict], skips: SkipLog) -> tuple[list[dict], dict[str, str]]:
+    """The split each image's records name ({split key: split}), from every record before any op runs: a
+    record whose caption a filter drops still puts its image's other records in its split (else an image
+    named `test` could train through a record that names none). The records of an image named in two
+    splits are skipped and counted (`split_conflict`): whichever won, one split would hold the other's image."""
+    named: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        if row.get("split"):
+            named[row["split_key"]].add(row["split"])
+    conflicts = {key for key, splits in named.items() if len(splits) > 1}
+    kept = []
+    for row in rows:
+        if row["split_key"] in conflicts:
+            skips.skip("split_conflict", row["__key__"])
+        else:
+            kept.append(row)
+    return kept, {key: next(iter(splits)) for key, splits in named.items() if key not in conflicts}
 
 
 def _raw_rows(recipe: RecipeConfig, world: WorldConfig, seed: int, work_dir: Path, skips: SkipLog) -> list[dict]:
@@ -278,6 +298,7 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     skips = SkipLog()
     rows = _raw_rows(recipe, world or WorldConfig(), seed, out_dir / "work", skips)
+    rows, named = named_splits(rows, skips)
     total = len(rows) + skips.total
     if total == 0:
         raise ValueError(f"input {recipe.input.path or recipe.input.format}: no samples")
@@ -300,8 +321,8 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
         else:
             empty.skip("empty_caption", row["__key__"])
     kept = written
-    # A split a record names holds for every record of its image; the others follow a hash of the image.
-    named = {row["split_key"]: row["split"] for row in kept if row.get("split") and row.get("split_key")}
+    # A split a record names holds for every record of its image, filtered out or not (`named_splits`); the
+    # others follow a hash of the image.
     by_split: dict[str, list[dict]] = defaultdict(list)
     for row in kept:
         key = row.get("split_key") or row["__key__"]
@@ -311,7 +332,7 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
     for split in SPLITS:
         index["splits"][split] = write_shards(by_split[split], out_dir, split, recipe.shard_size)
     (out_dir / INDEX_NAME).write_text(json.dumps(index))
-    (out_dir / IMAGE_FILES_NAME).write_text(json.dumps(sorted(skips.image_files)))
+    (out_dir / IMAGE_FILES_NAME).write_text(json.dumps(dict(sorted(skips.image_files.items()))))
 
     shutil.rmtree(out_dir / "work", ignore_errors=True)  # the images now live in the shards
     report = build_report(recipe, rows, kept, accounting, skips, total, empty, renamed)

@@ -7,6 +7,7 @@ the records name the classes in their images, CHAIR and recall by a synonym tabl
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,114 @@ def test_shards_rebuild_when_a_model_folder_of_the_recipe_changes(tmp_path):
     assert _data_inputs(recipe, cfg) == before
     (folder / "model.safetensors").write_bytes(b"retrained")
     assert _data_inputs(recipe, cfg) != before
+
+
+def _split_records(out: Path) -> dict[str, str]:
+    module = CaptionDataModule(out, max_words=60)
+    return {key: split for split in ("train", "val", "test") for key, _, _ in module.eval_samples(split)}
+
+
+def test_a_named_split_holds_for_its_image_even_when_that_record_is_filtered_out(tmp_path):
+    # Each image has a short record naming "test" (dropped by words_num_filter) and a long one naming no split.
+    # The named splits were gathered after the filters: every image went by hash, 20 of 20 into train.
+    short, long = [{"from": "gpt", "value": "a dot"}], [{"from": "gpt", "value": "a red circle on the left side"}]
+    records = []
+    for i in range(20):
+        Image.new("RGB", (48, 48), (10 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        records.append({"id": f"short{i}", "image": f"{i}.png", "split": "test", "conversations": short})
+        records.append({"id": f"long{i}", "image": f"{i}.png", "conversations": long})
+    # One more image, named test by one record and train by another: skipped, both records counted.
+    Image.new("RGB", (48, 48)).save(tmp_path / "both.png")
+    for split in ("test", "train"):
+        records.append({"id": f"both_{split}", "image": "both.png", "split": split, "conversations": long})
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    recipe = RecipeConfig(
+        input=InputSpec(format="llava", path=str(tmp_path / "in.json")),
+        process=[{"words_num_filter": {"min_num": 4, "max_num": 60}}],
+        val_share=0.0,
+        test_share=0.0,  # by hash, everything would be train
+    )
+    report = run_data_stage(recipe, tmp_path / "out")
+    assert report["input_skips"]["counts"] == {"split_conflict": 2}
+    assert sorted(report["input_skips"]["first_keys"]["split_conflict"]) == ["both_test", "both_train"]
+    assert _split_records(tmp_path / "out") == {f"long{i}": "test" for i in range(20)}
+
+
+def test_split_keys_do_not_depend_on_where_the_data_set_lies(tmp_path):
+    # The image path was resolved (links followed) before it was made relative: a linked image folder, or a
+    # JSON naming "../images/...", gave keys with the absolute path, and 16 of 30 samples changed split.
+    splits = []
+    for copy in ("a", "b"):
+        images = tmp_path / copy / "disk" / "images"
+        images.mkdir(parents=True)
+        for i in range(30):
+            Image.new("RGB", (48, 48), (8 * i, 0, 0)).save(images / f"{i}.png")
+        data = tmp_path / copy / "data"
+        data.mkdir()
+        (data / "images").symlink_to(images)
+        records = [{"id": f"r{i}", "image": f"images/{i}.png" if i % 2 else f"../disk/images/{i}.png",
+                    "conversations": [{"from": "gpt", "value": "a red circle"}]} for i in range(30)]  # fmt: skip
+        (data / "in.json").write_text(json.dumps(records))
+        recipe = RecipeConfig(
+            input=InputSpec(format="llava", path=str(data / "in.json")), val_share=0.3, test_share=0.3
+        )
+        run_data_stage(recipe, tmp_path / copy / "out")
+        splits.append(_split_records(tmp_path / copy / "out"))
+    assert splits[0] == splits[1] and len(splits[0]) == 30
+    assert len(set(splits[0].values())) == 3
+
+
+def test_an_image_replaced_while_the_data_stage_reads_is_seen_as_changed(tmp_path, monkeypatch):
+    # The stamp took each image's size and time after the stage returned: an image replaced after it was read
+    # was stamped with its new time, and the next run reused shards holding the old bytes.
+    import stages.data
+    from stages.curriculum import _changed_images
+
+    image = tmp_path / "0.png"
+    Image.new("RGB", (48, 48), (200, 0, 0)).save(image)
+    (tmp_path / "in.json").write_text(
+        json.dumps([{"id": "r0", "image": "0.png", "conversations": [{"from": "gpt", "value": "a red circle"}]}])
+    )
+    original = stages.data.named_splits
+
+    def replace_after_reading(rows, skips):  # runs once every image was read
+        Image.new("RGB", (64, 64), (0, 0, 200)).save(image)
+        os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+        return original(rows, skips)
+
+    monkeypatch.setattr(stages.data, "named_splits", replace_after_reading)
+    recipe = RecipeConfig(input=InputSpec(format="llava", path=str(tmp_path / "in.json")), val_share=0, test_share=0)
+    run_data_stage(recipe, tmp_path / "out")
+    stamped = json.loads((tmp_path / "out" / "image_files.json").read_text())
+    assert _changed_images({"images": stamped}) == [str(image)]
+
+
+def test_a_16_bit_image_keeps_its_brightness_whatever_its_brightest_pixel(tmp_path):
+    # The scale was guessed from the image's own maximum: 255/65535 (0.4% grey) came out white, 256/65535 black.
+    for value in (255, 256, 65535):
+        path = tmp_path / f"{value}.png"
+        Image.new("I;16", (4, 4), value).save(path)
+        assert abs(open_rgb(path).getpixel((0, 0))[0] - value / 256) <= 1, value
+
+
+def test_a_null_or_empty_id_falls_back_to_the_record_number(tmp_path):
+    # "id": "" made a nameless tar member that WebDataset drops (counted in index.json, never read);
+    # "id": null made the key "None", and a second one was skipped as a duplicate.
+    for i in range(4):
+        Image.new("RGB", (48, 48), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    turns = [{"from": "gpt", "value": "a red circle"}]
+    records = [
+        {"id": ident, "image": f"{i}.png", "conversations": turns} for i, ident in enumerate(["", None, None, " "])
+    ]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    recipe = RecipeConfig(input=InputSpec(format="llava", path=str(tmp_path / "in.json")), val_share=0, test_share=0)
+    report = run_data_stage(recipe, tmp_path / "out")
+    assert report["input_skips"]["counts"] == {}
+    assert sorted(_split_records(tmp_path / "out")) == ["in-0", "in-1", "in-2", "in-3"]
+    assert sum(shard["count"] for shard in read_index(tmp_path / "out")["splits"]["train"]) == 4
+
+
+def test_unicode_punctuation_around_words_is_stripped_in_the_report():
+    from datamodules.text_stats import tokens
+
+    assert tokens("“Dog” runs… — fast. «chat» ¡hola!") == ["dog", "runs", "fast", "chat", "hola"]
