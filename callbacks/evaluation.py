@@ -305,7 +305,8 @@ class CaptionEvaluation(L.Callback):
         with eval_mode(owner if owner is not None else vlm):
             captions = generate_captions(vlm, mine, self.fmt, self.processor, self.batch_size, **kwargs)
         results = [(key, meta, text) for (key, _, meta), text in zip(mine, captions, strict=True)][:real]
-        return sorted(_gather(results), key=lambda r: r[0])
+        # One process's own call (a stage scored again on rank 0 alone) gathers nothing, even in a process group.
+        return sorted(_gather(results) if world_size > 1 else results, key=lambda r: r[0])
 
     def evaluate(self, vlm, rank: int = 0, world_size: int = 1) -> tuple[dict, list[tuple[str, str, str]]]:
         results = self.caption(vlm, rank, world_size)
@@ -335,14 +336,33 @@ class CaptionEvaluation(L.Callback):
                 grid = caption_grid([as_image(by_key[key]) for key, _, _ in shown], [text for _, _, text in shown])
                 logger.experiment.add_image(f"eval/{self.stage}/grid", grid, tb_step, dataformats="HWC")
         if final:
-            self.metrics = metrics
-            generation = {**self.generate_kwargs, "do_sample": False}  # generate_captions decodes greedily or by beam
-            record = {"stage": self.stage, "global_step": step, "generation": generation}
-            record.update(metrics, **self.extra, history=self.history)
-            write_text_atomic(self.out_path, json.dumps(record, indent=2))
-            samples_path = self.out_path.with_name("captions.jsonl")
-            samples_path.write_text("".join(json.dumps({"key": k, "caption": t}) + "\n" for k, _, t in results))
-            log.info("%s evaluation: %s", self.stage, metrics_line(metrics))
+            self._write_final(step, metrics, results)
+
+    def _write_final(self, step: int, metrics: dict, results: list[tuple[str, dict, str]]) -> None:
+        """metrics.json (with the history of the evaluations during training) and captions.jsonl."""
+        self.metrics = metrics
+        generation = {**self.generate_kwargs, "do_sample": False}  # generate_captions decodes greedily or by beam
+        record = {"stage": self.stage, "global_step": step, "generation": generation}
+        record.update(metrics, **self.extra, history=self.history)
+        write_text_atomic(self.out_path, json.dumps(record, indent=2))
+        samples_path = self.out_path.with_name("captions.jsonl")
+        samples_path.write_text("".join(json.dumps({"key": k, "caption": t}) + "\n" for k, _, t in results))
+        log.info("%s evaluation: %s", self.stage, metrics_line(metrics))
+
+    def rescore(self, vlm, step: int) -> dict:
+        """The final evaluation of a stage's trained model outside its training (its evaluation settings
+        changed after it finished): scores, VQA if asked, metrics.json and captions.jsonl; the metrics.
+
+        One process; `history` is what the caller sets (the evaluations during training, made with other
+        settings, are not repeated)."""
+        results = self.caption(vlm)
+        metrics = score(results, self.buckets, self.synonyms)
+        if self.vqa:
+            with eval_mode(vlm):
+                answers = answer_questions(vlm, self.samples, self.fmt, self.processor, self.batch_size)
+            metrics.update(vqa_scores(sorted(answers)))
+        self._write_final(step, metrics, results)
+        return metrics
 
     def _answers(self, trainer, pl_module, **generate_kwargs) -> list:
         """This rank's share of the questions answered, gathered from every rank."""

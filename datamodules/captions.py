@@ -24,6 +24,15 @@ def select_caption(captions: dict[str, str], max_words: int) -> str | None:
     return max(fitting, key=lambda text: len(text.split())) if fitting else None
 
 
+def _glues(tokenizer) -> bool:
+    """Whether two texts tokenized apart decode as one word ("x" + "y" -> "xy")."""
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    return tokenizer.decode(ids("x") + ids("y"), skip_special_tokens=True).strip() == "xy"
+
+
 @dataclass
 class PromptFormat:
     """How a caption sample becomes a token sequence:
@@ -47,6 +56,10 @@ class PromptFormat:
             self.tokenizer, self.num_image_tokens, self.prompt, self.chat_template
         )
         self.stop_ids = stop_ids(self.end_ids, self.tokenizer.eos_token_id)
+        # Prompt and caption are tokenized apart. Llama's SentencePiece marks a word's start itself ("▁a"), but
+        # byte-level BPE (Qwen) and Gemma's do not: "describe the image" + "a red circle" read "...imagea red
+        # circle". In the plain layout, a caption after a prompt then starts with a space.
+        self._lead = " " if not self.chat_template and self.prompt and _glues(self.tokenizer) else ""
         added = getattr(self.tokenizer, "added_tokens_decoder", {}).values()
         special = {*self.tokenizer.all_special_tokens, image_token, *(t.content for t in added if t.special)}
         longest_first = sorted((t for t in special if t), key=len, reverse=True)  # "<image>" before "<i"...
@@ -75,7 +88,8 @@ class PromptFormat:
     def encode(self, caption: str) -> tuple[list[int], list[int]]:
         """(input_ids, labels) for one caption."""
         prefix = self.prefix()
-        target = self.tokenizer(self.plain(caption), add_special_tokens=False)["input_ids"] + self.end_ids
+        text = self._lead + self.plain(caption)
+        target = self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.end_ids
         return prefix + target, [IGNORE_INDEX] * len(prefix) + target
 
 

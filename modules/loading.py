@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from modules.modeling_vlm_curriculum import prompt_layout
+from modules.modeling_vlm_curriculum import SquareImages, prompt_layout
 from modules.speed import SpeedSpec
 from modules.vlm import VisionLanguageModel, vision_tokens
 
@@ -89,6 +89,9 @@ class ModelConfig:
     """The language model's transformers config (with `model_type`), as `vision_arch`."""
     image_size: int = 336
     """Input side of the image processor written for a random-init tower."""
+    pad_to_square: bool = False
+    """Pad each image to a square with the processor's mean colour before it (LLaVA-1.5's `pad` aspect ratio):
+    CLIP's processor crops the centre, so a wide image's sides, which its caption may describe, go unseen."""
     dtype: str | None = None
     """Storage dtype of the base models ("bfloat16", "float16"); unset: as saved (random init: float32)."""
     speed: SpeedSpec = field(default_factory=SpeedSpec)
@@ -243,7 +246,7 @@ def check_prompt(tokenizer, config: ModelConfig) -> None:
 def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> tuple[Path, Path]:
     """Folders holding only configs (the tower's with an image processor, the LM's with the synthetic
     world's tokenizer) from `vision_arch` / `lm_arch`: what `random_init` builds models from."""
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
 
     from modules.tokenizer import train_world_tokenizer
 
@@ -255,7 +258,10 @@ def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> t
         vision, lm = Path(scratch) / "vision", Path(scratch) / "lm"
         AutoConfig.for_model(**config.vision_arch).save_pretrained(vision)
         side = config.image_size
-        processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        if config.vision_arch["model_type"].startswith("siglip"):  # SigLIP's: the whole frame resized, mean 0.5
+            processor = SiglipImageProcessor(size={"height": side, "width": side})
+        else:  # CLIP's: the short side resized, the centre cropped, CLIP's mean
+            processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
         processor.save_pretrained(vision)
         AutoConfig.for_model(**config.lm_arch).save_pretrained(lm)
         train_world_tokenizer([*corpus, config.prompt], lm)
@@ -292,7 +298,7 @@ def build_vlm(
     if config.vision_layer != -1:  # an earlier stage of a convolutional tower is narrower than its output
         width = probe_image_tokens(tower, processor, None, config.vision_layer)[1]
     vlm = VisionLanguageModel(tower, lm, width, image_token_id, config.grid, config.vision_layer)
-    return vlm, tokenizer, processor
+    return vlm, tokenizer, SquareImages(processor) if config.pad_to_square else processor
 
 
 def probe_image_tokens(tower: nn.Module, processor, grid: int | None, layer: int = -1) -> tuple[int, int]:

@@ -93,6 +93,38 @@ def prompt_layout(tokenizer, num_image_tokens: int, prompt: str, chat_template: 
     return prefix[:at] + [image_id] * num_image_tokens + prefix[at + 1 :], end
 
 
+def pad_to_square(image, fill: tuple[int, ...]):
+    """A PIL image padded to a square with `fill`, centred (LLaVA-1.5's `expand2square`): a CLIP processor
+    resizes the short side and crops the centre, so a wide image loses its sides, and whatever a caption says
+    of them becomes a hallucination to learn."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), fill if image.mode == "RGB" else fill[0])
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+class SquareImages:
+    """An image processor that pads each image to a square with its mean colour first; every other attribute
+    (sizes, `save_pretrained`) is the wrapped processor's."""
+
+    def __init__(self, processor) -> None:
+        self.processor = processor
+        mean = getattr(processor, "image_mean", None) or (0.5, 0.5, 0.5)
+        self.fill = tuple(round(255 * value) for value in mean)
+
+    def __call__(self, images, *args, **kwargs):
+        images = [images] if not isinstance(images, list | tuple) else images
+        return self.processor([pad_to_square(image, self.fill) for image in images], *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["processor"], name)
+
+
 def stop_ids(end: list[int], eos_token_id: int) -> list[int]:
     """The token ids that end generation: the first of `end` (a turn's end), and eos."""
     return list(dict.fromkeys([end[0], eos_token_id]))
@@ -186,6 +218,7 @@ class VLMCurriculumConfig(PretrainedConfig):
         prompt: str = "",
         vision_layer: int = -1,
         chat_template: bool = False,
+        pad_to_square: bool = False,
         **kwargs,
     ) -> None:
         self.vision_config = _sub_config(vision_config) if vision_config is not None else None
@@ -193,6 +226,7 @@ class VLMCurriculumConfig(PretrainedConfig):
         self.vision_width, self.image_token_id, self.grid = vision_width, image_token_id, grid
         self.vision_layer = vision_layer
         self.num_image_tokens, self.prompt, self.chat_template = num_image_tokens, prompt, chat_template
+        self.pad_to_square = pad_to_square
         super().__init__(**kwargs)
 
     def to_dict(self) -> dict:
@@ -225,6 +259,10 @@ class VLMCurriculumForCaptioning(ImageTokenMixin, PreTrainedModel):
         """The image placeholders and the captioning prompt, laid out as in training: what every caption is
         generated after."""
         return self._layout(tokenizer)[0]
+
+    def image_processor(self, processor):
+        """`processor` as training used it: padding each image to a square first if the model trained so."""
+        return SquareImages(processor) if getattr(self.config, "pad_to_square", False) else processor
 
     def stop_ids(self, tokenizer) -> list[int]:
         """The token ids that end a caption (generate's `eos_token_id`)."""

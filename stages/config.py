@@ -135,6 +135,8 @@ class StageSpec:
     """Where the projector and adapter come from: "previous" (the stage before), "base" (fresh), or a stage name."""
     lr: LearningRates = field(default_factory=LearningRates)
     warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at this fraction of each peak rate (0: decays to zero, as LLaVA-1.5's does)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def check(self, where: str) -> None:
@@ -151,6 +153,8 @@ class StageSpec:
                 raise ValueError(f"{where}.lr.{group} must be positive for a trained group, got {rate}")
         if self.warmup_steps < 0:
             raise ValueError(f"{where}.warmup_steps must not be negative, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"{where}.min_lr_ratio must be within 0 and 1, got {self.min_lr_ratio}")
 
 
 def check_speed(speed: SpeedSpec, trainer: TrainerConfig) -> None:

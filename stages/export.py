@@ -42,7 +42,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 folder = "{folder}"
 model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
 tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+processor = model.image_processor(AutoImageProcessor.from_pretrained(folder, trust_remote_code=True))
 
 pixels = processor([Image.open("image.png").convert("RGB")], return_tensors="pt")["pixel_values"]
 prompt = torch.tensor([model.prompt_ids(tokenizer)])
@@ -129,6 +129,7 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
         num_image_tokens=num_image_tokens,
         prompt=model_config.prompt,
         chat_template=model_config.chat_template,
+        pad_to_square=model_config.pad_to_square,
         auto_map={
             "AutoConfig": "modeling_vlm_curriculum.VLMCurriculumConfig",
             "AutoModel": "modeling_vlm_curriculum.VLMCurriculumForCaptioning",
@@ -169,7 +170,23 @@ def load_exported(folder: Path):
     model = AutoModel.from_pretrained(folder, trust_remote_code=True, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
-    return model, tokenizer, processor
+    return model, tokenizer, model.image_processor(processor)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def eval_device(name: str) -> torch.device:
+    """The device `eval --device` names ("auto": the first GPU if there is one, else the CPU)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here (use cpu or auto)")
+    return device
 
 
 def evaluate_model(
@@ -183,12 +200,18 @@ def evaluate_model(
     buckets: tuple[int, ...] = DEFAULT_BUCKETS,
     vqa: bool = False,
     synonyms: str | Path | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
 ) -> dict:
-    """Captions the held-out `split` of the shards with an exported folder or a finished stage; the scores."""
+    """Captions the held-out `split` of the shards with an exported folder or a finished stage, on `device`
+    ("auto": the GPU if there is one) and, if given, cast to `dtype`; the scores."""
     from callbacks.evaluation import answer_questions, generate_captions, load_synonyms, score, vqa_scores
     from datamodules.caption_datamodule import CaptionDataModule
     from datamodules.captions import PromptFormat
 
+    target = eval_device(device)  # bad flags fail before the model loads
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     path = Path(model_path)
     if (path / EXPORT_RECORD).is_file():
         model, tokenizer, processor = load_exported(path)
@@ -206,6 +229,7 @@ def evaluate_model(
         source = {"stage_dir": str(stage.stage_dir), "global_step": stage.global_step}
         num_image_tokens, prompt = count_image_tokens(model, processor), model_config.prompt
         chat_template = model_config.chat_template
+    model.to(device=target, dtype=None if dtype is None else DTYPES[dtype])
     shards = Path(shard_dir) if shard_dir else default_shards
     samples = CaptionDataModule(shards, max_words=10**6).eval_samples(split, limit)
     if not samples:
@@ -225,6 +249,7 @@ def evaluate_model(
         "model": source,
         "data": {"shard_dir": str(shards), "split": split, "images": len(samples)},
         "generation": {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False},
+        "device": {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)},
         "metrics": metrics,
         "captions": {key: text for key, _, text in results},
     }

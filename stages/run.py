@@ -90,6 +90,8 @@ def eval_parser() -> ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--vqa", action="store_true", help="also ask the images' questions: exact-match VQA accuracy")
     parser.add_argument("--synonyms", type=str, default=None, help="CHAIR synonym table (JSON) for real data")
+    parser.add_argument("--device", type=str, default="auto", help="auto (the GPU if there is one), cpu, cuda, cuda:1")
+    parser.add_argument("--dtype", type=str, default=None, help="cast the model: float32, bfloat16, float16")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (with every caption)")
     return parser
 
@@ -192,6 +194,8 @@ def run_model_command(command: str, options) -> int:
             options.batch_size,
             vqa=options.vqa,
             synonyms=options.synonyms,
+            device=options.device,
+            dtype=options.dtype,
         )
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
+import torch
 import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
@@ -40,7 +41,7 @@ from modules.handoff import load_handoff, save_handoff
 from modules.loading import build_vlm, probe_image_tokens
 from modules.training_module import AlignModule, LoRASFTModule, OptimSpec, VLMModule
 from modules.vlm import VisionLanguageModel
-from stages.config import CurriculumConfig, StageSpec
+from stages.config import CurriculumConfig, StageSpec, TrainerConfig
 from stages.paths import stored_path, write_text_atomic
 from stages.tb_logger import CurriculumTensorBoardLogger
 
@@ -55,21 +56,28 @@ def fingerprint(obj: object) -> str:
 # these name (a normalised path and a digest), so the same folder spelled otherwise (relative or absolute, with
 # a trailing slash) is the same input, and a recipe's effect is in the digest of the shards it built.
 AS_GIVEN = (("data", "shard_dir"), ("data", "recipe"), ("model", "vision_path"), ("model", "lm_path"))
-# Also left out: what only changes what is shown (TensorBoard's tables, grids and logging interval, the
-# progress bar), never the weights or the metrics.json of a stage; changing them retrained every stage.
-DISPLAY_ONLY = (
-    ("eval", "table_rows"),
-    ("eval", "grid_images"),
-    ("spec", "trainer", "enable_progress_bar"),
-    ("spec", "trainer", "log_every_n_steps"),
-)
+# Also left out: what only changes what is shown (TensorBoard's logging interval, the progress bar), never the
+# weights or the metrics.json of a stage; changing them retrained every stage.
+DISPLAY_ONLY = (("spec", "trainer", "enable_progress_bar"), ("spec", "trainer", "log_every_n_steps"))
+# The evaluation settings decide a stage's scores, not its weights (checked: a micro curriculum's projectors and
+# adapters are bitwise the same with an evaluation every step and with none), so they have a fingerprint of their
+# own: a finished stage whose evaluation settings changed is scored again (`rescore_stage`), not trained again.
+# Of them, these change only TensorBoard (tables, grids) or the evaluations during training, which are not redone.
+EVAL_NOT_SCORED = ("table_rows", "grid_images", "every_n_steps")
 
 
 def stage_fingerprint(resolved: dict) -> str:
+    """The hash of what decides a stage's trained weights."""
     hashed = copy.deepcopy(resolved)
     for *sections, key in AS_GIVEN + DISPLAY_ONLY:
         functools.reduce(dict.__getitem__, sections, hashed).pop(key)
+    hashed.pop("eval")
     return fingerprint(hashed)
+
+
+def eval_fingerprint(resolved: dict) -> str:
+    """The hash of the settings that decide a stage's final scores (metrics.json) from its trained weights."""
+    return fingerprint({k: v for k, v in resolved["eval"].items() if k not in EVAL_NOT_SCORED})
 
 
 @dataclass
@@ -101,6 +109,10 @@ def count_image_tokens(vlm: VisionLanguageModel, processor) -> int:
     return probe_image_tokens(vlm.vision, processor, vlm.grid, vlm.vision_layer)[0]
 
 
+def write_stage_config(stage_dir: Path, print_: str, resolved: dict) -> None:
+    write_text_atomic(stage_dir / "config.yaml", yaml.safe_dump({"fingerprint": print_, **resolved}, sort_keys=False))
+
+
 def prepare_stage_folder(stage_dir: Path, print_: str, resolved: dict, rank_zero: bool) -> None:
     """Empties a stage folder whose config or inputs changed, and writes the stage's config.yaml.
 
@@ -116,11 +128,11 @@ def prepare_stage_folder(stage_dir: Path, print_: str, resolved: dict, rank_zero
         shutil.rmtree(stage_dir)
         stage_dir.mkdir(parents=True)
     (stage_dir / "done.json").unlink(missing_ok=True)
-    write_text_atomic(config_path, yaml.safe_dump({"fingerprint": print_, **resolved}, sort_keys=False))
+    write_stage_config(stage_dir, print_, resolved)
 
 
 def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig) -> VLMModule:
-    optim = OptimSpec(lr=spec.lr, warmup_steps=spec.warmup_steps)
+    optim = OptimSpec(lr=spec.lr, warmup_steps=spec.warmup_steps, min_lr_ratio=spec.min_lr_ratio)
     if "lora" in spec.trainable:
         return LoRASFTModule(vlm, cfg.model.lora, optim, spec.trainable, cfg.model.speed)
     if spec.trainable == ["projector"]:
@@ -177,33 +189,11 @@ def stability_callbacks(
     return sinks, monitor, BoundaryCheck(boundary_config, sinks, name, previous_tail)
 
 
-def run_stage(
-    cfg: CurriculumConfig,
-    name: str,
-    inputs: RunInputs,
-    init_dir: Path | None,
-    init_print: str | None,
-    step_offset: int,
-    previous_tail: list[float] | None = None,
-) -> StageResult:
-    """Runs stage `name` unless it already finished with the same fingerprint; resumes from last.ckpt."""
+def stage_data_and_evaluation(
+    cfg: CurriculumConfig, name: str, inputs: RunInputs, vlm: VisionLanguageModel, tokenizer, processor
+) -> tuple[CaptionDataModule, CaptionEvaluation]:
+    """The stage's training data (its word budget) and its evaluation on the held-out split."""
     spec = cfg.stages[name]
-    stage_dir = inputs.run_dir / name
-    resolved = resolved_stage_config(cfg, name, inputs, init_print)
-    print_ = stage_fingerprint(resolved)
-    done_path = stage_dir / "done.json"
-    if done_path.is_file():
-        done = json.loads(done_path.read_text())
-        if done["fingerprint"] == print_ and (stage_dir / "metrics.json").is_file():
-            log.info("stage %s: finished before with the same config and inputs, skipped", name)
-            metrics = json.loads((stage_dir / "metrics.json").read_text())
-            return StageResult(name, print_, done["global_steps"], metrics, skipped=True)
-    started = time.perf_counter()
-    L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)
-    vlm, tokenizer, processor = build_vlm(cfg.model, inputs.vision_path, inputs.lm_path)
-    if init_dir is not None:
-        load_handoff(vlm, init_dir)
-    module = make_module(spec, vlm, cfg)
     datamodule = CaptionDataModule(
         inputs.shard_dir, spec.max_words, cfg.data.batch_size, cfg.data.num_workers, cfg.seed
     )
@@ -217,13 +207,12 @@ def run_stage(
         spec.max_words,
         budget["skipped"],
     )
-
     evaluation = CaptionEvaluation(
         name,
         datamodule.eval_samples(cfg.eval.split, cfg.eval.limit),
         datamodule.format,
         processor,
-        stage_dir / "metrics.json",
+        inputs.run_dir / name / "metrics.json",
         max_new_tokens=cfg.eval.max_new_tokens,
         num_beams=cfg.eval.num_beams,
         batch_size=cfg.eval.batch_size,
@@ -235,6 +224,76 @@ def run_stage(
         extra={"budget": budget},
         synonyms=load_synonyms(cfg.eval.synonyms),
     )
+    return datamodule, evaluation
+
+
+def trained_dtype(trainer: TrainerConfig) -> torch.dtype | None:
+    """The dtype Lightning casts the whole model to while it trains (a "-true" precision, or DeepSpeed's bf16 or
+    fp16), which the evaluations during training saw; None for 32-true and the mixed precisions, which leave the
+    model as built."""
+    precision = str(trainer.precision or "32-true")
+    deepspeed = trainer.strategy == "deepspeed"
+    if precision in ("bf16-true", "bf16") or (deepspeed and precision.startswith("bf16")):
+        return torch.bfloat16
+    if precision in ("16-true", "16") or (deepspeed and precision.startswith("16")):
+        return torch.float16
+    return torch.float64 if precision in ("64-true", "64") else None
+
+
+def rescore_stage(cfg: CurriculumConfig, name: str, inputs: RunInputs, resolved: dict, done: dict) -> StageResult:
+    """A stage that trained before with the same config and inputs, but whose evaluation settings changed (or whose
+    metrics.json is gone): its trained model (the export) is scored again with the new settings, on rank 0, on
+    the GPU when the stage trained on one. The evaluations during training are not redone: metrics.json's
+    history is emptied (they were made with the old settings; TensorBoard keeps them)."""
+    from stages.export import StageSource, load_stage_model
+
+    stage_dir, steps, print_ = inputs.run_dir / name, done["global_steps"], done["fingerprint"]
+    if rank_zero_only.rank != 0:  # rank 0 scores; the next stage's first collective waits for it
+        return StageResult(name, print_, steps, {}, skipped=True)
+    log.info("stage %s: trained before with the same config and inputs; evaluation settings changed, scoring it", name)
+    vlm, tokenizer, processor, _ = load_stage_model(StageSource(stage_dir, resolved, steps))
+    trainer = cfg.trainer.merged(cfg.stages[name].trainer)
+    on_gpu = torch.cuda.is_available() and trainer.accelerator not in ("cpu",)
+    vlm.to(device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else None, dtype=trained_dtype(trainer))
+    _, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor)
+    metrics = evaluation.rescore(vlm, steps)
+    write_stage_config(stage_dir, print_, resolved)
+    write_text_atomic(
+        stage_dir / "done.json", json.dumps({**done, "eval_fingerprint": eval_fingerprint(resolved)}, indent=2)
+    )
+    return StageResult(name, print_, steps, metrics, skipped=True)
+
+
+def run_stage(
+    cfg: CurriculumConfig,
+    name: str,
+    inputs: RunInputs,
+    init_dir: Path | None,
+    init_print: str | None,
+    step_offset: int,
+    previous_tail: list[float] | None = None,
+) -> StageResult:
+    """Runs stage `name` unless it already finished with the same fingerprint; resumes from last.ckpt."""
+    spec = cfg.stages[name]
+    stage_dir = inputs.run_dir / name
+    resolved = resolved_stage_config(cfg, name, inputs, init_print)
+    print_, eval_print = stage_fingerprint(resolved), eval_fingerprint(resolved)
+    done_path = stage_dir / "done.json"
+    if done_path.is_file():
+        done = json.loads(done_path.read_text())
+        if done["fingerprint"] == print_:
+            if done.get("eval_fingerprint") == eval_print and (stage_dir / "metrics.json").is_file():
+                log.info("stage %s: finished before with the same config and inputs, skipped", name)
+                metrics = json.loads((stage_dir / "metrics.json").read_text())
+                return StageResult(name, print_, done["global_steps"], metrics, skipped=True)
+            return rescore_stage(cfg, name, inputs, resolved, done)
+    started = time.perf_counter()
+    L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)
+    vlm, tokenizer, processor = build_vlm(cfg.model, inputs.vision_path, inputs.lm_path)
+    if init_dir is not None:
+        load_handoff(vlm, init_dir)
+    module = make_module(spec, vlm, cfg)
+    datamodule, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor)
     checkpoint = ModelCheckpoint(
         dirpath=stage_dir / "checkpoints",
         save_last=True,
@@ -286,6 +345,7 @@ def run_stage(
         boundary.write_losses(stage_dir / "losses.json")
         done = {
             "fingerprint": print_,
+            "eval_fingerprint": eval_print,
             "global_steps": trainer.global_step,
             "wall_s": round(time.perf_counter() - started, 1),
             "resources": throughput.summary(),

@@ -51,3 +51,27 @@ def test_stage_trainer_settings_override_the_run_trainer():
     cfg = _parse("--trainer.max_epochs=3", "--stages.sft_long.trainer.max_epochs=5")
     assert cfg.trainer.merged(cfg.stages["sft_long"].trainer).max_epochs == 5
     assert cfg.trainer.merged(cfg.stages["sft_short"].trainer).max_epochs == 3
+
+
+@pytest.mark.parametrize("profile", ["llava15_7b", "mgm_2b", "small_siglip_qwen"])
+def test_real_profiles_train_at_llava_rates_not_the_tiny_worlds(profile):
+    # mgm_2b and small_siglip_qwen set no stages, so they inherited tiny.yaml's: LoRA at 3e-3 (15x LLaVA's
+    # 2e-4), tuned for tiny models trained from scratch, and an evaluation every 100 steps.
+    cfg = _parse("--config", str(CONFIG_DIR / "curriculum" / f"{profile}.yaml"))
+    sft = [spec for spec in cfg.stages.values() if "lora" in spec.trainable]
+    assert sft and all(spec.lr.lora == 2e-4 and spec.lr.projector == 2e-5 for spec in sft)
+    assert cfg.stages["align"].lr.projector == 1e-3
+    assert all(spec.min_lr_ratio == 0 for spec in cfg.stages.values()), "LLaVA-1.5's cosine decays to zero"
+    assert cfg.eval.every_n_steps is None
+
+
+def test_the_schedule_floor_is_a_stage_setting_and_reaches_the_optimizer(micro_base):
+    from modules.loading import build_vlm
+    from stages.stage import make_module
+
+    cfg = _parse("--stages.align.min_lr_ratio=0")
+    vlm, _, _ = build_vlm(cfg.model, *micro_base)
+    assert make_module(cfg.stages["align"], vlm, cfg).optim.min_lr_ratio == 0
+    assert cfg.stages["sft_long"].min_lr_ratio == 0.1
+    with pytest.raises(ValueError, match=r"stages\.align\.min_lr_ratio must be within 0 and 1, got 1\.5"):
+        _parse("--stages.align.min_lr_ratio=1.5")

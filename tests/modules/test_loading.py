@@ -239,3 +239,67 @@ def test_every_row_must_hold_one_images_placeholders(micro_base):
         vlm.embed(rows, torch.rand(2, 3, side, side))
     good = torch.tensor([[vlm.image_token_id] * n + [word]] * 2)
     assert vlm.embed(good, torch.rand(2, 3, side, side)).shape[:2] == (2, n + 1)
+
+
+def _byte_level_tokenizer():
+    """A Qwen2.5-style byte-level BPE (no merges: one token a byte): words carry no start marker of their own."""
+    from transformers import AddedToken, Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                               unk_token=None, bos_token=None)  # fmt: skip
+    tokenizer.add_tokens([AddedToken(t, special=True) for t in ("<|endoftext|>", "<|im_end|>", "<|image_pad|>")])
+    tokenizer.image_token = "<|image_pad|>"
+    return tokenizer
+
+
+def test_the_plain_layout_keeps_prompt_and_caption_apart_for_byte_level_tokenizers(micro_base):
+    # Prompt and caption are tokenized apart: for Qwen's (and Gemma's) tokenizers, which mark no word start,
+    # the model trained on "describe the imagea red circle".
+    from datamodules.captions import PromptFormat
+    from modules.loading import load_tokenizer
+
+    tokenizer = _byte_level_tokenizer()
+    ids, labels = PromptFormat(tokenizer, 2, "describe the image").encode("a red circle")
+    assert tokenizer.decode(ids) == "<|image_pad|><|image_pad|>describe the image a red circle<|im_end|>"
+    assert tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label != -100]).strip() == (
+        "a red circle<|im_end|>"
+    )
+    assert PromptFormat(tokenizer, 2, "").encode("a red")[0][2:4] == tokenizer("a ")["input_ids"][:2], "no prompt"
+    # The world's word-level tokenizer is unchanged (its golden curves with it).
+    world = load_tokenizer(micro_base[1])
+    fmt = PromptFormat(world, 9, "describe the image")
+    assert fmt._lead == "" and fmt.encode("a red circle")[0][-4:-1] == world("a red circle")["input_ids"][-3:]
+
+
+def test_pad_to_square_keeps_a_wide_images_sides_that_a_centre_crop_cuts(micro_base, tmp_path):
+    # CLIP's processor resizes the short side and crops the centre: a 4:1 image with a red left end and a blue
+    # right end lost both, which its caption may describe. LLaVA-1.5 pads to a square with the mean colour.
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from modules.modeling_vlm_curriculum import SquareImages
+
+    wide = Image.new("RGB", (128, 32), (128, 128, 128))
+    wide.paste((255, 0, 0), (0, 0, 16, 32))
+    wide.paste((0, 0, 255), (112, 0, 128, 32))
+    clip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+    def reds_and_blues(processor) -> tuple[int, int]:
+        pixels = processor([wide], return_tensors="pt")["pixel_values"][0]
+        red, blue = (pixels[0] > 1.5) & (pixels[2] < 0), (pixels[2] > 1.5) & (pixels[0] < 0)
+        return int(red.sum()), int(blue.sum())
+
+    assert reds_and_blues(clip) == (0, 0)
+    padded = SquareImages(clip)
+    assert min(reds_and_blues(padded)) > 0
+    assert padded.crop_size == clip.crop_size and padded.fill == (123, 117, 104)  # CLIP's mean colour
+    square = Image.new("RGB", (32, 32), (9, 9, 9))
+    pixels = [processor([square], return_tensors="pt")["pixel_values"] for processor in (padded, clip)]
+    assert (pixels[0] == pixels[1]).all(), "a square image is left as it is"
+    # The model flag wraps the processor wherever the model is built.
+    from modules.loading import ModelConfig, build_vlm
+
+    assert isinstance(build_vlm(ModelConfig(pad_to_square=True), *micro_base)[2], SquareImages)
+    assert not isinstance(build_vlm(ModelConfig(), *micro_base)[2], SquareImages)

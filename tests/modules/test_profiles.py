@@ -34,7 +34,12 @@ def test_profile_architectures_have_the_published_sizes(profile, tmp_path):
     millions = [sum(p.numel() for p in part.parameters()) / 1e6 for part in (vlm.vision, vlm.lm)]
     expected = PROFILES[profile]
     assert millions == pytest.approx(expected, rel=0.02), millions
-    assert processor.crop_size["height"] == config.image_size
+    size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+    assert size["height"] == config.image_size
+    # The random tower's processor is its family's (SigLIP's resizes the whole frame; CLIP's crops the centre).
+    family = config.vision_arch["model_type"].split("_")[0]
+    inner = getattr(processor, "processor", processor)  # under pad_to_square's SquareImages
+    assert type(inner).__name__.lower().startswith(family), type(inner).__name__
     # The world's word-level tokenizer, written beside the LM config, loads as written whatever the model
     # type: for qwen2 AutoTokenizer rebuilt it as a byte-level BPE without merges ("a", "a").
     assert tokenizer.tokenize("a red circle") == ["a", "red", "circle"]

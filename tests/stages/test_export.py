@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from stages.export import EXPORT_RECORD, evaluate_model, export_model, find_stage, load_stage_model
@@ -116,6 +117,45 @@ def test_eval_and_export_name_what_is_missing(micro_run, tmp_path, capsys):
     assert main(["export", "--run_dir", str(micro_run), "--stage", "sft_shrot"]) == 2
     err = capsys.readouterr().err
     assert "--stage: no folder" in err and "sft_shrot" in err and "its stages: align, sft_short" in err
+
+
+def test_eval_runs_on_the_device_and_dtype_asked_for(micro_run, capsys):
+    # eval always ran on the CPU, in the dtype the model loaded in: a real 7B model on a GPU machine was
+    # captioned on the CPU.
+    args = ["eval", "--model", str(micro_run / "sft_long"), "--limit=2", "--max_new_tokens=2", "--json"]
+    assert main([*args, "--dtype", "bfloat16"]) == 0
+    used = json.loads(capsys.readouterr().out)["device"]
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"  # --device auto
+    assert used == {"device": expected, "dtype": "torch.bfloat16"}
+    assert main([*args, "--dtype", "bf16"]) == 2
+    assert "--dtype 'bf16': use one of float32, bfloat16, float16" in capsys.readouterr().err
+    assert main([*args, "--device", "gpu0"]) == 2
+    assert "--device 'gpu0'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*args, "--device", "cuda"]) == 2
+        assert "--device cuda: no CUDA device here" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_eval_on_the_gpu_scores_as_on_the_cpu(micro_run):
+    on_cpu = evaluate_model(micro_run / "sft_long", limit=8, max_new_tokens=12, device="cpu")
+    on_gpu = evaluate_model(micro_run / "sft_long", limit=8, max_new_tokens=12, device="cuda")
+    assert on_gpu["device"]["device"] == "cuda:0" and on_gpu["data"] == on_cpu["data"]
+    same = sum(a == b for a, b in zip(on_cpu["captions"].values(), on_gpu["captions"].values(), strict=True))
+    assert same >= 6, "float32 kernels differ between devices, but rarely flip a greedy token of a tiny model"
+
+
+def test_an_export_pads_to_square_as_its_training_did(micro_run, tmp_path):
+    from dataclasses import replace
+
+    from stages.export import load_exported
+
+    source = find_stage(micro_run, "sft_long")
+    model = {**source.config["model"], "pad_to_square": True}
+    out = export_model(replace(source, config={**source.config, "model": model}), tmp_path / "padded")
+    assert json.loads((out / "config.json").read_text())["pad_to_square"] is True
+    assert type(load_exported(out)[2]).__name__ == "SquareImages"
+    assert type(load_exported(export_model(source, tmp_path / "plain"))[2]).__name__ != "SquareImages"
 
 
 def test_a_stage_folder_given_as_dot_finds_its_run(micro_run, monkeypatch, capsys):

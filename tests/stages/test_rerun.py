@@ -118,20 +118,23 @@ def test_stability_settings_are_in_the_fingerprint_where_they_change_the_weights
 def test_settings_that_only_change_what_is_shown_are_not_in_the_fingerprint(tmp_path):
     """Turning the progress bar off or showing more table rows retrained every stage of a finished run."""
     from stages.config import CurriculumConfig, EvalConfig, StageSpec, TrainerConfig
-    from stages.stage import RunInputs, resolved_stage_config, stage_fingerprint
+    from stages.stage import RunInputs, eval_fingerprint, resolved_stage_config, stage_fingerprint
 
     inputs = RunInputs(tmp_path, tmp_path / "data", tmp_path / "vision", tmp_path / "lm", {})
 
-    def print_(eval_config=None, **trainer) -> str:
+    def prints(eval_config=None, **trainer) -> tuple[str, str]:
         stages = {"align": StageSpec(["projector"], 8, init_from="base", trainer=TrainerConfig(**trainer))}
         cfg = CurriculumConfig(stages=stages, eval=eval_config or EvalConfig())
-        return stage_fingerprint(resolved_stage_config(cfg, "align", inputs, None))
+        resolved = resolved_stage_config(cfg, "align", inputs, None)
+        return stage_fingerprint(resolved), eval_fingerprint(resolved)
 
-    shown = {print_(), print_(enable_progress_bar=False), print_(log_every_n_steps=1)}
-    shown.add(print_(EvalConfig(table_rows=32, grid_images=0)))
+    shown = {prints(), prints(enable_progress_bar=False), prints(log_every_n_steps=1)}
+    shown.add(prints(EvalConfig(table_rows=32, grid_images=0, every_n_steps=5)))
     assert len(shown) == 1
-    # What changes the weights or the scores still does.
-    assert len({print_(), print_(max_steps=7), print_(EvalConfig(limit=16))}) == 3
+    # What changes the weights changes the stage's fingerprint; what changes the scores, only the evaluation's.
+    trained, scored = prints(max_steps=7), prints(EvalConfig(limit=16))
+    assert trained[0] != prints()[0] and trained[1] == prints()[1]
+    assert scored[0] == prints()[0] and scored[1] != prints()[1]
 
 
 def _micro_config(seed: int):
@@ -240,3 +243,37 @@ def test_a_file_written_atomically_is_never_left_half_written(tmp_path, monkeypa
     with pytest.raises(Killed):
         write_text_atomic(path, '{"fingerprint": "new", "global_steps": 400}')
     assert path.read_text() == '{"fingerprint": "old"}' and [p.name for p in tmp_path.iterdir()] == ["done.json"]
+
+
+def test_changed_evaluation_settings_score_finished_stages_again_without_training_them(tmp_path, caplog):
+    """The evaluation settings were part of every stage's fingerprint: asking for more images or VQA on a
+    finished run trained every stage again. Now each stage's trained model is scored again, and its scores
+    are those a fresh run with the new settings gets."""
+    stages = ("align", "sft_short", "sft_medium", "sft_long")
+    run = tmp_path / "run"
+    assert _run(run, "--eval.every_n_steps=1") == 0
+    trained = {name: (run / name / "checkpoints" / "last.ckpt").stat().st_mtime_ns for name in stages}
+    done_before = {name: json.loads((run / name / "done.json").read_text()) for name in stages}
+    new_eval = ["--eval.limit=6", "--eval.vqa=true"]
+    caplog.clear()
+    caplog.set_level("INFO", logger="stages.stage")
+    assert _run(run, *new_eval) == 0
+    assert caplog.text.count("evaluation settings changed, scoring it") == 4
+    fresh = tmp_path / "fresh"
+    assert _run(fresh, *new_eval) == 0
+    for name in stages:
+        assert (run / name / "checkpoints" / "last.ckpt").stat().st_mtime_ns == trained[name], f"{name} trained again"
+        done = json.loads((run / name / "done.json").read_text())
+        assert done["wall_s"] == done_before[name]["wall_s"] and done["fingerprint"] == done_before[name]["fingerprint"]
+        rescored = json.loads((run / name / "metrics.json").read_text())
+        expected = json.loads((fresh / name / "metrics.json").read_text())
+        assert rescored["images"] == 6 and "vqa_exact" in rescored and rescored["history"] == []
+        assert {k: v for k, v in rescored.items() if k != "history"} == {
+            k: v for k, v in expected.items() if k != "history"
+        }
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["sft_long"]["images"] == 6
+    # Settings that change only TensorBoard or the evaluations during training neither train nor score again.
+    scored = {name: (run / name / "metrics.json").stat().st_mtime_ns for name in stages}
+    assert _run(run, *new_eval, "--eval.every_n_steps=2", "--eval.table_rows=2", "--eval.grid_images=0") == 0
+    assert {name: (run / name / "metrics.json").stat().st_mtime_ns for name in stages} == scored
