@@ -200,6 +200,17 @@ def load_synonyms(path: str | Path | None, flag: str = "eval.synonyms") -> dict[
     return table
 
 
+RECORD_KEYS = ("stage", "global_step", "generation", "history")
+"""What metrics.json holds beside the scores (and the stage's `budget`, which the run's summary leaves out too)."""
+
+
+def scores(record: dict) -> dict:
+    """The scores of a metrics.json record, as the final evaluation computed them: a stage skipped or resumed
+    on a rerun gave the run's summary.json its whole record (history included) where a trained stage gave
+    its scores."""
+    return {k: v for k, v in record.items() if k not in RECORD_KEYS}
+
+
 def scalars(metrics: dict, prefix: str = "eval") -> dict[str, float]:
     """The flat scalars of `metrics`, with the per-length buckets as `<prefix>_length/<bucket>/<name>`."""
     flat = {f"{prefix}/{k}": float(v) for k, v in metrics.items() if not isinstance(v, dict)}

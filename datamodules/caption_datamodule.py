@@ -144,6 +144,7 @@ class CaptionDataModule(L.LightningDataModule):
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
         self.shard_dir, self.max_words = Path(shard_dir), max_words
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+        self._resumed_epoch: int | None = None  # the epoch a resumed fit started in (`_batches_done_this_epoch`)
         self.index = read_index(self.shard_dir)
         self.format: PromptFormat | None = None
         self.processor = None
@@ -219,8 +220,17 @@ class CaptionDataModule(L.LightningDataModule):
         A checkpoint written in `on_train_batch_end` has that batch processed but not yet completed;
         Lightning counts it as completed on restart (`_TrainingEpochLoop.reset`), so `processed` is
         the number to skip. Skipping them makes a resumed run see exactly the batches it would have.
+        Only in the epoch the checkpoint was written in: from a checkpoint on an epoch's last batch,
+        Lightning asks for the next epoch's loader while still `restarting`, with the finished epoch's
+        count, and that epoch must start from its first batch.
         """
         if self.trainer is None or not self.trainer.fit_loop.restarting:
+            self._resumed_epoch = None
+            return 0
+        epoch = self.trainer.current_epoch
+        if self._resumed_epoch is None:
+            self._resumed_epoch = epoch
+        if epoch != self._resumed_epoch:
             return 0
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 

@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from modules.loading import LoraSpec
+from modules.loading import LoraSpec, ModelFolderError
 from modules.vlm import VisionLanguageModel
 
 PROJECTOR_FILE = "projector.safetensors"
@@ -121,18 +121,28 @@ def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) ->
             vlm.lm.save_pretrained(out_dir / ADAPTER_DIR, state_dict=adapter)
 
 
+def _read(path: Path) -> dict:
+    """A handoff file's tensors; a damaged file fails naming itself (safetensors' own error names no file)."""
+    try:
+        return load_file(str(path))
+    except Exception as error:
+        raise ModelFolderError(
+            f"{path} cannot be read ({error}); delete its stage folder ({path.parent.parent}) to train that stage again"
+        ) from error
+
+
 def load_handoff(vlm: VisionLanguageModel, from_dir: Path) -> None:
     """Loads the projector, fully trained parts and, if the folder has one, the LoRA adapter (trainable)."""
     projector = from_dir / PROJECTOR_FILE
     if not projector.is_file():
         raise FileNotFoundError(f"init_from: {from_dir} has no {PROJECTOR_FILE}; did that stage finish?")
-    vlm.projector.load_state_dict(load_file(str(projector)))
+    vlm.projector.load_state_dict(_read(projector))
     vlm.handed_from["projector"] = projector
     for group, name in FULL_FILES.items():  # before the adapter, which wraps the language model
         if (from_dir / name).is_file():
             if has_lora(vlm):
                 raise RuntimeError("load_handoff expects a language model without an adapter")
-            _part(vlm, group).load_state_dict(load_file(str(from_dir / name)))
+            _part(vlm, group).load_state_dict(_read(from_dir / name))
             vlm.full_groups.add(group)
             vlm.handed_from[group] = from_dir / name
     if (from_dir / ADAPTER_DIR).is_dir():

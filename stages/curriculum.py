@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +21,7 @@ from modules.base_models import pretrain_lm, pretrain_vision
 from modules.loading import check_prompt, is_model_folder, load_tokenizer, write_config_folders
 from stages.config import CurriculumConfig, TrainerConfig
 from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
+from stages.paths import write_text_atomic
 from stages.report import STAGES_FILE, write_report
 from stages.stage import RunInputs, StageResult, StageStopped, fingerprint, run_stage
 from stages.tb_logger import CurriculumTensorBoardLogger
@@ -84,7 +90,7 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
     report = run_data_stage(recipe, shard_dir, cfg.world, cfg.seed)
     log_data_report(run_dir, report, (shard_dir / "report.md").read_text())
     images = json.loads((shard_dir / IMAGE_FILES_NAME).read_text())  # as each was when read, not as it is now
-    stamp.write_text(json.dumps({"fingerprint": wanted, "recipe": str(recipe_path), "images": images}))
+    write_text_atomic(stamp, json.dumps({"fingerprint": wanted, "recipe": str(recipe_path), "images": images}))
     return shard_dir
 
 
@@ -170,7 +176,7 @@ def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Pat
         log.info("pretraining the tiny vision tower and language model under %s", base)
         accuracy = pretrain_vision(cfg.base, cfg.world, cfg.seed, base / "vision")
         loss = pretrain_lm(cfg.base, cfg.world, cfg.seed, base / "lm")
-        stamp.write_text(json.dumps({"fingerprint": wanted, "vision_cell_accuracy": accuracy, "lm_loss": loss}))
+        write_text_atomic(stamp, json.dumps({"fingerprint": wanted, "vision_cell_accuracy": accuracy, "lm_loss": loss}))
     vision = Path(cfg.model.vision_path) if cfg.model.vision_path else base / "vision"
     lm = Path(cfg.model.lm_path) if cfg.model.lm_path else base / "lm"
     return vision, lm
@@ -221,8 +227,46 @@ def free_stage_memory() -> None:
         torch.cuda.empty_cache()
 
 
+class RunFolderBusy(RuntimeError):
+    """Another process is running a curriculum in the same run folder."""
+
+
+@contextmanager
+def run_folder_lock(run_dir: Path) -> Iterator[None]:
+    """Holds `<run_dir>/.lock` while a curriculum runs in the folder (rank 0; the other ranks of a multi-device
+    run belong to it). Two runs at once in one folder resumed from each other's half-written checkpoints, or
+    one deleted a stage folder the other was training in. The operating system drops the lock when the
+    process ends, however it ends: a killed run leaves no stale lock behind."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    with (run_dir / ".lock").open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunFolderBusy(
+                f"--run_dir {run_dir} is in use by a run still going ({holder}); wait for it to end or choose "
+                "another --run_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(run_dir):
+        return _run_curriculum(cfg, run_dir)
+
+
+def _run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     if rank_zero_only.rank == 0:  # the stage order, for a report of a run that has not finished
         (run_dir / STAGES_FILE).write_text(json.dumps({"stages": list(cfg.stages)}, indent=2))
     vision, lm = prepare_base_models(cfg, run_dir)  # first: a missing model folder fails before any work
@@ -263,6 +307,6 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     if rank_zero_only.rank != 0:  # the other ranks of a multi-device run trained; rank 0 scores and reports
         return []
     summary = {r.name: {k: v for k, v in r.metrics.items() if k != "budget"} for r in results}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     log.info("report: %s", write_report(run_dir))
     return results

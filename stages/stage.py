@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.alerts import AlertSinks
 from callbacks.epoch_boundary import BoundaryCheck
-from callbacks.evaluation import CaptionEvaluation, load_synonyms
+from callbacks.evaluation import CaptionEvaluation, load_synonyms, scores
 from callbacks.fault_injection import FaultInjection
 from callbacks.instability import InstabilityMonitor
 from callbacks.throughput import Throughput
@@ -284,7 +284,7 @@ def run_stage(
         if done["fingerprint"] == print_:
             if done.get("eval_fingerprint") == eval_print and (stage_dir / "metrics.json").is_file():
                 log.info("stage %s: finished before with the same config and inputs, skipped", name)
-                metrics = json.loads((stage_dir / "metrics.json").read_text())
+                metrics = scores(json.loads((stage_dir / "metrics.json").read_text()))
                 return StageResult(name, print_, done["global_steps"], metrics, skipped=True)
             return rescore_stage(cfg, name, inputs, resolved, done)
     started = time.perf_counter()
@@ -299,6 +299,9 @@ def run_stage(
         save_last=True,
         save_top_k=0,
         every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+        # One last.ckpt, overwritten: in a moved run folder Lightning forgets the file it wrote (its path changed)
+        # and would save beside it as last-v1.ckpt, which no rerun reads.
+        enable_version_counter=False,
     )
     sinks, monitor, boundary = stability_callbacks(cfg, name, stage_dir, previous_tail or [])
     faults = FaultInjection(cfg.stability.faults, cfg.seed) if cfg.stability.faults else None
@@ -339,7 +342,7 @@ def run_stage(
                 f"stage {name}: {last} is at the stage's last step, but {metrics_path} (written before that "
                 "checkpoint) is missing; delete the checkpoint to train the last steps again"
             )
-        evaluation.metrics = json.loads(metrics_path.read_text())
+        evaluation.metrics = scores(json.loads(metrics_path.read_text()))
     save_handoff(module.vlm, stage_dir / "export", write=trainer.is_global_zero)  # every rank: ZeRO-3 gathers
     if trainer.is_global_zero:
         boundary.write_losses(stage_dir / "losses.json")

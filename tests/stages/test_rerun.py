@@ -277,3 +277,106 @@ def test_changed_evaluation_settings_score_finished_stages_again_without_trainin
     scored = {name: (run / name / "metrics.json").stat().st_mtime_ns for name in stages}
     assert _run(run, *new_eval, "--eval.every_n_steps=2", "--eval.table_rows=2", "--eval.grid_images=0") == 0
     assert {name: (run / name / "metrics.json").stat().st_mtime_ns for name in stages} == scored
+
+
+def test_a_stage_resumed_from_a_checkpoint_at_an_epochs_end_trains_the_next_epoch_whole(tmp_path, monkeypatch):
+    """Resumed from a checkpoint written on an epoch's last batch, the loader skipped as many batches again at
+    the start of the next epoch (Lightning still reports the finished epoch's progress): the rest of the stage
+    trained on other batches than an uninterrupted run, its losses off by up to 2e-2."""
+    from callbacks.evaluation import CaptionEvaluation
+    from datamodules.shards import budget_counts, read_index
+
+    reference = tmp_path / "reference"
+    assert _run(reference, "--stages.align.trainer.max_steps=4") == 0
+    epoch = budget_counts(read_index(reference / "data"), "train", 8)[0] // 8  # align's batches per epoch
+    steps = [f"--stages.align.trainer.max_steps={epoch + 4}", f"--checkpoint.every_n_train_steps={epoch}"]
+    assert _run(reference, *steps) == 0
+    original = CaptionEvaluation.on_train_batch_end
+
+    def killed_after_the_epoch(self, trainer, *args):
+        if self.stage == "align" and trainer.global_step == epoch + 2:
+            raise Killed("killed two steps into the second epoch")
+        return original(self, trainer, *args)
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(CaptionEvaluation, "on_train_batch_end", killed_after_the_epoch)
+        with pytest.raises(Killed):
+            _run(run, *steps)
+    assert _run(run, *steps) == 0
+    resumed, uninterrupted = (json.loads((r / "align" / "losses.json").read_text())["losses"] for r in (run, reference))
+    assert len(resumed) == len(uninterrupted) == epoch + 4
+    assert resumed == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
+
+
+def test_a_moved_run_killed_again_resumes_from_its_newest_checkpoint(tmp_path, monkeypatch):
+    """In a moved run folder Lightning forgot the last.ckpt it wrote (its path changed) and saved beside it as
+    last-v1.ckpt; killed again, the rerun read last.ckpt and lost every step since the move."""
+    import shutil
+
+    import torch
+
+    from callbacks.evaluation import CaptionEvaluation
+
+    original = CaptionEvaluation.on_train_batch_end
+
+    def kill_at(step: int):
+        def killed(self, trainer, *args):
+            if self.stage == "align" and trainer.global_step == step:
+                raise Killed(f"killed at step {step}")
+            return original(self, trainer, *args)
+
+        return killed
+
+    steps = "--stages.align.trainer.max_steps=8"
+    for run, step in ((tmp_path / "run", 3), (tmp_path / "moved", 7)):
+        with monkeypatch.context() as patch:
+            patch.setattr(CaptionEvaluation, "on_train_batch_end", kill_at(step))
+            with pytest.raises(Killed):
+                _run(run, steps)
+        if run.name == "run":
+            shutil.move(run, tmp_path / "moved")
+    checkpoints = tmp_path / "moved" / "align" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 6  # every 2 steps
+
+
+def test_a_rerun_that_skips_every_stage_writes_the_same_summary(tmp_path):
+    # A skipped stage gave summary.json its whole metrics.json record (stage, step, generation, history).
+    run = tmp_path / "run"
+    assert _run(run) == 0
+    summary = (run / "summary.json").read_text()
+    assert _run(run) == 0
+    assert (run / "summary.json").read_text() == summary
+    assert "history" not in json.loads(summary)["align"]
+
+
+def test_a_second_run_in_a_busy_run_folder_is_refused(tmp_path, capsys):
+    # Two runs at once in one folder resumed from each other's half-written checkpoints, or one deleted the
+    # stage folder the other trained in; both exited 0.
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with (run / ".lock").open("a+") as held:  # as a run still going holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere\n")
+        held.flush()
+        assert _run(run) == 2
+        fcntl.flock(held, fcntl.LOCK_UN)
+    err = capsys.readouterr().err
+    assert f"--run_dir {run} is in use by a run still going (pid 4242 on elsewhere)" in err
+    assert not (run / "data").exists(), "refused before any work"
+    assert _run(run, *ALIGN_4) == 0, "the lock is gone with the run that held it"
+
+
+def test_a_damaged_handoff_file_is_named(tmp_path, capsys):
+    # safetensors' "incomplete metadata" named no file, and a rerun kept failing on it.
+    run = tmp_path / "run"
+    assert _run(run, *ALIGN_4) == 0
+    projector = run / "align" / "export" / "projector.safetensors"
+    projector.write_bytes(projector.read_bytes()[:20])
+    (run / "sft_short" / "done.json").unlink()
+    assert _run(run, *ALIGN_4) == 2
+    err = capsys.readouterr().err
+    assert f"{projector} cannot be read" in err and f"delete its stage folder ({run / 'align'})" in err
