@@ -158,6 +158,11 @@ def test_vqa_official_accuracy_and_normalisation():
     assert vqa_accuracy("none", ["0"] * 10) == 1.0  # the official number map has "none" too
     # Whether a mark is spaced or dropped is read off the answer as given, as the official code does.
     assert normalize_answer("x;-y-z") == "x y z"
+    # The official contractions table whole (a subset of it left "couldnt've" and "oclock" unmatched), quirks
+    # included: its keys "Im" and "Ive" never match lower-cased words, and "somebody'd" maps to "somebodyd".
+    assert normalize_answer("couldnt've, oclock") == "couldn't've o'clock"
+    assert normalize_answer("Im sure ive seen it") == "im sure ive seen it"
+    assert normalize_answer("somebody'd") == "somebodyd"
 
 
 def test_chair_with_a_synonym_table():
