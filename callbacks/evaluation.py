@@ -200,7 +200,7 @@ def load_synonyms(path: str | Path | None, flag: str = "eval.synonyms") -> dict[
     return table
 
 
-RECORD_KEYS = ("stage", "global_step", "generation", "history")
+RECORD_KEYS = ("stage", "global_step", "generation", "history", "eval_fingerprint")
 """What metrics.json holds beside the scores (and the stage's `budget`, which the run's summary leaves out too)."""
 
 

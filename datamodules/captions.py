@@ -24,13 +24,23 @@ def select_caption(captions: dict[str, str], max_words: int) -> str | None:
     return max(fitting, key=lambda text: len(text.split())) if fitting else None
 
 
-def _glues(tokenizer) -> bool:
-    """Whether two texts tokenized apart decode as one word ("x" + "y" -> "xy")."""
+def caption_lead(tokenizer) -> str:
+    """What a caption tokenized apart from the prompt starts with so that the two decode as separate words: ""
+    when the tokenizer marks a word's start itself, " " when two texts tokenized apart decode as one word
+    ("x" + "y" -> "xy"). Fails when even the space does not keep them apart (a normalizer that strips it)."""
 
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    def decoded(first: str, second: str) -> str:
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (first, second)]
+        return tokenizer.decode(ids[0] + ids[1], skip_special_tokens=True).strip()
 
-    return tokenizer.decode(ids("x") + ids("y"), skip_special_tokens=True).strip() == "xy"
+    if decoded("x", "y") != "xy":
+        return ""
+    if decoded("x", " y") == "x y":
+        return " "
+    raise ValueError(
+        f"--model.prompt: {tokenizer.name_or_path}'s tokenizer joins the prompt's last word and the caption's first "
+        "even with a space between them; use --model.chat_template true, or an empty prompt"
+    )
 
 
 @dataclass
@@ -59,7 +69,7 @@ class PromptFormat:
         # Prompt and caption are tokenized apart. Llama's SentencePiece marks a word's start itself ("▁a"), but
         # byte-level BPE (Qwen) and Gemma's do not: "describe the image" + "a red circle" read "...imagea red
         # circle". In the plain layout, a caption after a prompt then starts with a space.
-        self._lead = " " if not self.chat_template and self.prompt and _glues(self.tokenizer) else ""
+        self._lead = caption_lead(self.tokenizer) if not self.chat_template and self.prompt else ""
         added = getattr(self.tokenizer, "added_tokens_decoder", {}).values()
         special = {*self.tokenizer.all_special_tokens, image_token, *(t.content for t in added if t.special)}
         longest_first = sorted((t for t in special if t), key=len, reverse=True)  # "<image>" before "<i"...

@@ -236,9 +236,14 @@ def load_tokenizer(path: str | Path, image_token: str | None = None):
 
 def check_prompt(tokenizer, config: ModelConfig) -> None:
     """Fails before any work, naming the flag, when the tokenizer cannot lay out the prompt as configured
-    (`--model.chat_template` with a tokenizer that has no chat template, or an unusable one)."""
+    (`--model.chat_template` with a tokenizer that has no chat template, or an unusable one; a plain layout
+    whose prompt and caption the tokenizer cannot keep apart)."""
+    from datamodules.captions import caption_lead
+
     try:
         prompt_layout(tokenizer, 1, config.prompt, config.chat_template)
+        if config.prompt and not config.chat_template:
+            caption_lead(tokenizer)  # the plain layout: can prompt and caption be told apart?
     except ValueError as error:
         raise ModelFolderError(str(error)) from error
 

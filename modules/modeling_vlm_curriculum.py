@@ -99,11 +99,14 @@ def pad_to_square(image, fill: tuple[int, ...]):
     of them becomes a hallucination to learn."""
     from PIL import Image
 
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"pad_to_square takes PIL images, got {type(image).__name__}")
     width, height = image.size
     if width == height:
         return image
     side = max(width, height)
-    square = Image.new(image.mode, (side, side), fill if image.mode == "RGB" else fill[0])
+    image = image.convert("RGB")  # the fill is an RGB colour (the processors take RGB in any case)
+    square = Image.new("RGB", (side, side), fill)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
 
@@ -122,6 +125,8 @@ class SquareImages:
         return self.processor([pad_to_square(image, self.fill) for image in images], *args, **kwargs)
 
     def __getattr__(self, name: str):
+        if "processor" not in self.__dict__:  # while unpickling or copying, before __dict__ is filled
+            raise AttributeError(name)
         return getattr(self.__dict__["processor"], name)
 
 

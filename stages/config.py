@@ -110,6 +110,12 @@ class TrainerConfig:
         strategies = ["auto", *StrategyRegistry.available_strategies()]
         if self.strategy is not None and self.strategy not in strategies:
             raise ValueError(f"{where}.strategy {self.strategy!r} is no Lightning strategy (auto, ddp, deepspeed, ...)")
+        if self.strategy is not None and any(kind in self.strategy for kind in ("spawn", "fork", "notebook")):
+            # Lightning's multiprocessing launcher trains in child processes and hands back only the weights: the
+            # stage's callbacks (scores, alerts, steps) stay in the children, and every stage reported step 0.
+            raise ValueError(
+                f"{where}.strategy {self.strategy}: stages need their ranks launched as scripts; use ddp (or deepspeed)"
+            )
 
     def kwargs(self) -> dict:
         """Keyword arguments of `lightning.Trainer`; strategy "deepspeed" becomes the configured DeepSpeed strategy."""

@@ -159,7 +159,7 @@ def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, i
         "seed": cfg.seed,
         "model": asdict(cfg.model),
         "data": asdict(cfg.data),
-        "eval": asdict(cfg.eval),
+        "eval": {**asdict(cfg.eval), **_synonyms_digest(cfg.eval.synonyms)},
         # What changes the trained weights: an action other than `warn` skips, rewinds or stops where the
         # thresholds say; with `warn`, thresholds and sinks only change what is reported.
         "stability": {"instability": asdict(instability) if acting else None, "faults": cfg.stability.faults},
@@ -171,6 +171,11 @@ def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, i
             "init_from": init_print,
         },
     }
+
+
+def _synonyms_digest(path: str | None) -> dict:
+    """The synonym table's content, for the evaluation's fingerprint: a table edited in place rescores."""
+    return {"synonyms_digest": fingerprint(Path(path).read_text())} if path else {}
 
 
 def _stage_seed(seed: int, name: str) -> int:
@@ -190,9 +195,16 @@ def stability_callbacks(
 
 
 def stage_data_and_evaluation(
-    cfg: CurriculumConfig, name: str, inputs: RunInputs, vlm: VisionLanguageModel, tokenizer, processor
+    cfg: CurriculumConfig,
+    name: str,
+    inputs: RunInputs,
+    vlm: VisionLanguageModel,
+    tokenizer,
+    processor,
+    eval_print: str,
 ) -> tuple[CaptionDataModule, CaptionEvaluation]:
-    """The stage's training data (its word budget) and its evaluation on the held-out split."""
+    """The stage's training data (its word budget) and its evaluation on the held-out split; `eval_print`, the
+    evaluation settings' fingerprint, is recorded with the scores in metrics.json."""
     spec = cfg.stages[name]
     datamodule = CaptionDataModule(
         inputs.shard_dir, spec.max_words, cfg.data.batch_size, cfg.data.num_workers, cfg.seed
@@ -221,7 +233,7 @@ def stage_data_and_evaluation(
         grid_images=cfg.eval.grid_images,
         buckets=tuple(cfg.eval.length_buckets),
         vqa=cfg.eval.vqa,
-        extra={"budget": budget},
+        extra={"budget": budget, "eval_fingerprint": eval_print},
         synonyms=load_synonyms(cfg.eval.synonyms),
     )
     return datamodule, evaluation
@@ -251,16 +263,19 @@ def rescore_stage(cfg: CurriculumConfig, name: str, inputs: RunInputs, resolved:
     if rank_zero_only.rank != 0:  # rank 0 scores; the next stage's first collective waits for it
         return StageResult(name, print_, steps, {}, skipped=True)
     log.info("stage %s: trained before with the same config and inputs; evaluation settings changed, scoring it", name)
+    if not (stage_dir / "export").is_dir():
+        raise FileNotFoundError(
+            f"stage {name} finished (done.json) but its export/ is missing; delete {stage_dir} to train it again"
+        )
     vlm, tokenizer, processor, _ = load_stage_model(StageSource(stage_dir, resolved, steps))
     trainer = cfg.trainer.merged(cfg.stages[name].trainer)
     on_gpu = torch.cuda.is_available() and trainer.accelerator not in ("cpu",)
     vlm.to(device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else None, dtype=trained_dtype(trainer))
-    _, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor)
+    eval_print = eval_fingerprint(resolved)
+    _, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_print)
     metrics = evaluation.rescore(vlm, steps)
     write_stage_config(stage_dir, print_, resolved)
-    write_text_atomic(
-        stage_dir / "done.json", json.dumps({**done, "eval_fingerprint": eval_fingerprint(resolved)}, indent=2)
-    )
+    write_text_atomic(stage_dir / "done.json", json.dumps({**done, "eval_fingerprint": eval_print}, indent=2))
     return StageResult(name, print_, steps, metrics, skipped=True)
 
 
@@ -293,7 +308,7 @@ def run_stage(
     if init_dir is not None:
         load_handoff(vlm, init_dir)
     module = make_module(spec, vlm, cfg)
-    datamodule, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor)
+    datamodule, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_print)
     checkpoint = ModelCheckpoint(
         dirpath=stage_dir / "checkpoints",
         save_last=True,
@@ -333,6 +348,7 @@ def run_stage(
             f" and {stage_dir / 'checkpoints' / 'stopped.ckpt'}"
         )
 
+    scored_with = eval_print  # the evaluation settings of the scores in metrics.json
     if trainer.is_global_zero and not evaluation.final_done:
         # Lightning resumed at the last step and trained no further: a run killed after that step's checkpoint.
         # The final evaluation ran before that checkpoint was written (CaptionEvaluation), and wrote metrics.json.
@@ -342,18 +358,23 @@ def run_stage(
                 f"stage {name}: {last} is at the stage's last step, but {metrics_path} (written before that "
                 "checkpoint) is missing; delete the checkpoint to train the last steps again"
             )
-        evaluation.metrics = scores(json.loads(metrics_path.read_text()))
+        record = json.loads(metrics_path.read_text())
+        evaluation.metrics, scored_with = scores(record), record.get("eval_fingerprint")
     save_handoff(module.vlm, stage_dir / "export", write=trainer.is_global_zero)  # every rank: ZeRO-3 gathers
     if trainer.is_global_zero:
         boundary.write_losses(stage_dir / "losses.json")
         done = {
             "fingerprint": print_,
-            "eval_fingerprint": eval_print,
+            "eval_fingerprint": scored_with,
             "global_steps": trainer.global_step,
             "wall_s": round(time.perf_counter() - started, 1),
             "resources": throughput.summary(),
         }
+        if cfg.stability.webhook_url:
+            done["webhook_failures"] = sinks.webhook_failures
         write_text_atomic(done_path, json.dumps(done, indent=2))
     # The other ranks go on to the next stage, which reads this stage's export: wait until rank 0 wrote it.
     trainer.strategy.barrier("stage_written")
+    if scored_with != eval_print:  # resumed at its last step, scored before with other settings (rank 0 only)
+        return rescore_stage(cfg, name, inputs, resolved, done)
     return StageResult(name, print_, trainer.global_step, evaluation.metrics, skipped=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
@@ -267,6 +268,12 @@ def test_the_plain_layout_keeps_prompt_and_caption_apart_for_byte_level_tokenize
         "a red circle<|im_end|>"
     )
     assert PromptFormat(tokenizer, 2, "").encode("a red")[0][2:4] == tokenizer("a ")["input_ids"][:2], "no prompt"
+    # A normalizer that strips the space: refused, not trained glued.
+    from tokenizers import normalizers
+
+    tokenizer.backend_tokenizer.normalizer = normalizers.Strip()
+    with pytest.raises(ValueError, match="--model.prompt: .* joins the prompt's last word and the caption's first"):
+        PromptFormat(tokenizer, 2, "describe the image")
     # The world's word-level tokenizer is unchanged (its golden curves with it).
     world = load_tokenizer(micro_base[1])
     fmt = PromptFormat(world, 9, "describe the image")
@@ -279,7 +286,7 @@ def test_pad_to_square_keeps_a_wide_images_sides_that_a_centre_crop_cuts(micro_b
     from PIL import Image
     from transformers import CLIPImageProcessor
 
-    from modules.modeling_vlm_curriculum import SquareImages
+    from modules.modeling_vlm_curriculum import SquareImages, pad_to_square
 
     wide = Image.new("RGB", (128, 32), (128, 128, 128))
     wide.paste((255, 0, 0), (0, 0, 16, 32))
@@ -298,6 +305,16 @@ def test_pad_to_square_keeps_a_wide_images_sides_that_a_centre_crop_cuts(micro_b
     square = Image.new("RGB", (32, 32), (9, 9, 9))
     pixels = [processor([square], return_tensors="pt")["pixel_values"] for processor in (padded, clip)]
     assert (pixels[0] == pixels[1]).all(), "a square image is left as it is"
+    # Other modes are padded with the same colour; it pickles and copies (spawned loader workers, deepcopy).
+    import copy
+    import pickle
+
+    rgba = Image.new("RGBA", (64, 32), (255, 0, 0, 255))
+    assert padded.fill == pad_to_square(rgba, padded.fill).getpixel((0, 0))
+    for clone in (pickle.loads(pickle.dumps(padded)), copy.deepcopy(padded)):
+        assert clone.fill == padded.fill and clone.crop_size == clip.crop_size
+    with pytest.raises(TypeError, match="pad_to_square takes PIL images, got ndarray"):
+        padded([np.zeros((8, 16, 3), dtype=np.uint8)])
     # The model flag wraps the processor wherever the model is built.
     from modules.loading import ModelConfig, build_vlm
 

@@ -133,6 +133,10 @@ def test_model_folder_and_shard_digests_see_a_rebuild_of_the_same_sizes(tmp_path
         # Misspelt Lightning names failed inside lightning.Trainer(...) once their stage started, naming no key.
         ("--stages.sft_long.trainer.precision=bf16-mixd", "stages.sft_long.trainer.precision 'bf16-mixd' is none of"),
         ("--trainer.strategy=dpp", "trainer.strategy 'dpp' is no Lightning strategy"),
+        # Lightning's spawn/fork launcher keeps the callbacks' results in its child processes: every stage "ended"
+        # at step 0, unscored (and the webhook's thread could not be pickled for spawn).
+        ("--trainer.strategy=ddp_spawn", "trainer.strategy ddp_spawn: stages need their ranks launched as scripts"),
+        ("--stages.align.trainer.strategy=ddp_fork", "stages.align.trainer.strategy ddp_fork: stages need"),
         ("--trainer.accelerator=gpux", "trainer.accelerator 'gpux' is none of auto, gpu, cpu"),
         ("--model.dtype=bf16", "model.dtype must be bfloat16, float16, float32 or null, got 'bf16'"),
         # Under DeepSpeed p.grad is None: the fault's next(...) raised StopIteration, which Lightning's loop took

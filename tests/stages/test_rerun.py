@@ -380,3 +380,28 @@ def test_a_damaged_handoff_file_is_named(tmp_path, capsys):
     assert _run(run, *ALIGN_4) == 2
     err = capsys.readouterr().err
     assert f"{projector} cannot be read" in err and f"delete its stage folder ({run / 'align'})" in err
+
+
+def test_a_stage_resumed_at_its_last_step_with_new_evaluation_settings_is_scored_with_them(tmp_path, monkeypatch):
+    """Killed after its last checkpoint, then rerun with other evaluation settings: the stage kept the scores of
+    the old settings, and done.json vouched for the new ones, so no later run scored it again."""
+    import stages.stage
+
+    run_dir = tmp_path / "run"
+    original = stages.stage.save_handoff
+
+    def save_handoff(vlm, path, write=True):
+        if path.parent.name == "align":
+            raise Killed("killed while writing the handoff")
+        return original(vlm, path, write=write)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stages.stage, "save_handoff", save_handoff)
+        with pytest.raises(Killed):
+            _run(run_dir, *ALIGN_4)
+    assert _run(run_dir, *ALIGN_4, "--eval.max_new_tokens=5") == 0
+    record = json.loads((run_dir / "align" / "metrics.json").read_text())
+    done = json.loads((run_dir / "align" / "done.json").read_text())
+    assert record["generation"]["max_new_tokens"] == 5 and record["eval_fingerprint"] == done["eval_fingerprint"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["align"]["mean_words"] == record["mean_words"] and "eval_fingerprint" not in summary["align"]
