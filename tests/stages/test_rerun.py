@@ -405,3 +405,16 @@ def test_a_stage_resumed_at_its_last_step_with_new_evaluation_settings_is_scored
     assert record["generation"]["max_new_tokens"] == 5 and record["eval_fingerprint"] == done["eval_fingerprint"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["align"]["mean_words"] == record["mean_words"] and "eval_fingerprint" not in summary["align"]
+
+
+def test_failed_webhook_posts_are_counted_in_done_json(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port that refuses connections once closed
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/hook"
+    run = tmp_path / "run"
+    faults = ["--stability.faults={2: nan}", "--stability.instability.action=skip", f"--stability.webhook_url={dead}"]
+    assert _run(run, *ALIGN_4, *faults) == 0
+    alerts = (run / "align" / "alerts.jsonl").read_text().splitlines()
+    assert alerts and json.loads((run / "align" / "done.json").read_text())["webhook_failures"] == len(alerts)
