@@ -173,6 +173,7 @@ class InstabilityMonitor(L.Callback):
         self._judged_step = 0
         self._overflows = 0  # fp16 steps in a row whose gradients overflowed
         self._in_a_row = 0  # steps in a row that skip or rewind acted on
+        self._step = 0  # the optimizer step being judged (alerts carry it)
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -229,8 +230,10 @@ class InstabilityMonitor(L.Callback):
 
     def _judge_step(self, trainer, pl_module, optimizer, grad: float | None) -> None:
         loss = torch.stack(self._micro_losses).mean().item()
-        if grad is not None and trainer.logger is not None and trainer.global_step % trainer.log_every_n_steps == 0:
-            trainer.logger.log_metrics({"train/grad_norm": grad}, step=trainer.global_step)
+        # The step being judged: under DeepSpeed it is judged after the engine's step, which counted it already.
+        self._step = trainer.global_step - (deepspeed_engine(trainer) is not None)
+        if grad is not None and trainer.logger is not None and self._step % trainer.log_every_n_steps == 0:
+            trainer.logger.log_metrics({"train/grad_norm": grad}, step=self._step)
         keys, self._micro_losses, self._keys = self._keys, [], []
         findings = self._findings(loss, self._unless_overflow(trainer, loss, grad))
         every_rank = self._gather(trainer, findings, keys)
@@ -312,7 +315,7 @@ class InstabilityMonitor(L.Callback):
         rank: int = 0,
         detail: str = "",
     ) -> None:
-        step, epoch = trainer.global_step, trainer.current_epoch
+        step, epoch = self._step, trainer.current_epoch
         alert = Alert(self.stage, step, epoch, kind, value, threshold, action, keys, rank=rank, detail=detail)
         self.alerts.append(alert)
         if trainer.is_global_zero:

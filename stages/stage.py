@@ -336,6 +336,10 @@ def run_stage(
     warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
     # Only now, with the stage built: a stage that fails to build leaves the previous run's folder as it was.
     prepare_stage_folder(stage_dir, print_, resolved, rank_zero_only.rank == 0)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # The ranks already started by an earlier stage wait until rank 0 has emptied a stale stage folder: one that
+        # looked before saw the old last.ckpt, resumed from it, and failed once rank 0 had deleted it.
+        torch.distributed.barrier()
     last = stage_dir / "checkpoints" / "last.ckpt"  # a file; under DeepSpeed a link to a folder (strategies.py)
     if last.exists():  # the alerts after the checkpoint are dropped (AlertSinks), the replayed steps raise them
         log.info("stage %s: resuming from %s", name, last)

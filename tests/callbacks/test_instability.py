@@ -294,6 +294,21 @@ def test_a_resumed_deepspeed_step_is_judged_once_it_is_whole(monkeypatch, tmp_pa
     assert judged == [(9, 2), (10, 2), (11, 2), (12, 2)]
 
 
+def test_an_alert_under_deepspeed_carries_the_step_it_judged(monkeypatch):
+    # Judged after the engine's step, the alert took the global step that step had already moved to: a NaN at
+    # step 30 was reported at 31 under DeepSpeed, at 30 under DDP.
+    import callbacks.instability as instability
+
+    class Engine:
+        def get_global_grad_norm(self):
+            return 1.0
+
+    monkeypatch.setattr(instability, "deepspeed_engine", lambda trainer: Engine())
+    monitor = InstabilityMonitor(InstabilityConfig(), AlertSinks("toy"), "toy")
+    trainer([monitor], max_steps=40).fit(ToyRegression({30: "nan"}), loader(KeyedRegression()))
+    assert _kinds(monitor)[0] == ("non_finite", 30)
+
+
 def test_alert_records_are_standard_json_and_text_lands_at_the_run_wide_step(tmp_path):
     from stages.tb_logger import CurriculumTensorBoardLogger
     from tests.tensorboard import RunEvents

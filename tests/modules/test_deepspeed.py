@@ -368,3 +368,10 @@ def test_two_ranks_under_zero3_train_the_same_model_as_two_ranks_under_ddp(tmp_p
         for key, value in ddp_projector.items():
             torch.testing.assert_close(zero3_projector[key], value, rtol=1e-4, atol=1e-5)
     assert json.loads((tmp_path / "zero3" / "summary.json").read_text()).keys() == {"align", "sft_short"}
+    # Rerun with a change that retrains both stages: rank 1, alive since align, found sft_short's old last.ckpt
+    # before rank 0 deleted the stale folder, resumed from it, and the run failed (3 times of 3).
+    changed = _two_rank_run(
+        tmp_path / "ddp", tmp_path, ["--trainer.strategy=ddp", *evaluation, "--stages.align.lr.projector=0.003"]
+    )
+    assert changed.returncode == 0, _errors(changed)
+    assert "resuming from" not in changed.stderr
