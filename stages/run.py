@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         from stages.bench import bench_stability, print_report
 
         options = args.bench.stability
+        if not 1 <= options.fault_seeds <= options.seeds:
+            # each fault run starts from the data and base models of the clean run of its seed
+            parser.error(f"--fault_seeds must be within 1 and --seeds ({options.seeds}), got {options.fault_seeds}")
         print_report(bench_stability(Path(options.root), options.seeds, options.fault_seeds))
     if args.command == "bench" and args.bench.bench == "train":
         from stages.bench_train import bench_train, failed_variants, print_train_report
