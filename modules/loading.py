@@ -248,6 +248,22 @@ def check_prompt(tokenizer, config: ModelConfig) -> None:
         raise ModelFolderError(str(error)) from error
 
 
+def check_lora_targets(lm_path: str | Path, spec: LoraSpec) -> None:
+    """Fails before any work when `model.lora.target_modules` names modules the LM lacks: found when the first
+    LoRA stage attached its adapter, after the data, the base models and the align stage. The LM is built on
+    the meta device from its config: names only, no memory."""
+    config = AutoConfig.from_pretrained(model_folder(lm_path, "--model.lm_path"), local_files_only=True)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config)
+    names = {name.rsplit(".", 1)[-1] for name, _ in lm.named_modules()}
+    missing = sorted(set(spec.target_modules) - names)
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, nn.Linear)})
+        raise ModelFolderError(
+            f"--model.lora.target_modules: {missing} are not modules of {lm_path} (its linear layers: {_some(linear)})"
+        )
+
+
 def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> tuple[Path, Path]:
     """Folders holding only configs (the tower's with an image processor, the LM's with the synthetic
     world's tokenizer) from `vision_arch` / `lm_arch`: what `random_init` builds models from."""

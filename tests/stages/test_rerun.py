@@ -418,3 +418,12 @@ def test_failed_webhook_posts_are_counted_in_done_json(tmp_path):
     assert _run(run, *ALIGN_4, *faults) == 0
     alerts = (run / "align" / "alerts.jsonl").read_text().splitlines()
     assert alerts and json.loads((run / "align" / "done.json").read_text())["webhook_failures"] == len(alerts)
+
+
+def test_lora_targets_the_lm_lacks_fail_before_any_stage_trains(tmp_path, capsys):
+    # Found when the first LoRA stage attached its adapter: after the align stage had trained, with a traceback.
+    run = tmp_path / "run"
+    assert _run(run, "--model.lora.target_modules=[q_proj, qkv]") == 2
+    err = capsys.readouterr().err
+    assert "--model.lora.target_modules: ['qkv'] are not modules of" in err and "q_proj" in err
+    assert not (run / "align").exists()
