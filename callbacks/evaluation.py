@@ -299,10 +299,18 @@ class CaptionEvaluation(L.Callback):
 
     @override
     def state_dict(self) -> dict:
-        return {"history": self.history}
+        return {"history": self.history, "eval_fingerprint": self.extra.get("eval_fingerprint")}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
+        """The evaluations before the checkpoint, unless they were made with other evaluation settings (a stage
+        resumed after those changed): the history would mix two kinds of scores."""
+        if state_dict.get("eval_fingerprint") != self.extra.get("eval_fingerprint"):
+            log.info(
+                "%s: evaluation settings changed since the checkpoint; its evaluation history is dropped", self.stage
+            )
+            self.history = []
+            return
         self.history = list(state_dict.get("history", []))
 
     def caption(

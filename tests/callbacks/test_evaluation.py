@@ -81,3 +81,20 @@ def test_the_evaluation_log_line_shows_counts_whole():
 
     metrics = {"chair_i": 0.01495, "mentions": 669.0, "recall": 1.0, "images": 256.0, "buckets": {"8": {}}}
     assert metrics_line(metrics) == "chair_i 0.015, mentions 669, recall 1.000, images 256"
+
+
+def test_a_resume_under_other_evaluation_settings_drops_the_earlier_history(tmp_path):
+    # A stage resumed after its evaluation settings changed mixed scores of both settings in its history.
+    samples = [("k", None, {"captions": {}})]
+
+    def evaluation(eval_print: str) -> CaptionEvaluation:
+        return CaptionEvaluation(
+            "toy", samples, None, None, tmp_path / "m.json", extra={"eval_fingerprint": eval_print}
+        )
+
+    before = evaluation("a")
+    before.history = [{"global_step": 2, "chair_i": 0.5}]
+    same, other = evaluation("a"), evaluation("b")
+    same.load_state_dict(before.state_dict())
+    other.load_state_dict(before.state_dict())
+    assert same.history == before.history and other.history == []
