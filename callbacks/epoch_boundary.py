@@ -36,6 +36,8 @@ from callbacks.alerts import Alert, AlertSinks
 
 @dataclass
 class BoundaryConfig:
+    """The epoch- and stage-boundary loss check: the first `k` losses against the last `k` before."""
+
     enabled: bool = True
     k: int = 5
     """Steps compared on each side of the boundary."""

@@ -178,6 +178,8 @@ def check_speed(speed: SpeedSpec, trainer: TrainerConfig) -> None:
 
 @dataclass
 class DataConfig:
+    """The shards every stage reads, and how they are loaded."""
+
     shard_dir: str | None = None
     """Folder of WebDataset shards with index.json, built before; unset: `recipe` builds them in <run_dir>/data."""
     recipe: str = "configs/data/synthetic.yaml"
@@ -238,6 +240,8 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
+    """When a stage saves `last.ckpt`."""
+
     every_n_train_steps: int = 100
     """Also checkpoint every this many optimizer steps (`last.ckpt`), so that an interrupted stage resumes."""
 
