@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -427,3 +428,35 @@ def test_lora_targets_the_lm_lacks_fail_before_any_stage_trains(tmp_path, capsys
     err = capsys.readouterr().err
     assert "--model.lora.target_modules: ['qkv'] are not modules of" in err and "q_proj" in err
     assert not (run / "align").exists()
+
+
+def test_the_synonym_tables_content_is_in_the_evaluation_fingerprint(tmp_path):
+    # Only its path was hashed: a table edited in place rescored nothing.
+    from stages.config import CurriculumConfig, EvalConfig, StageSpec
+    from stages.stage import RunInputs, eval_fingerprint, resolved_stage_config, stage_fingerprint
+
+    table = tmp_path / "synonyms.json"
+    inputs = RunInputs(tmp_path, tmp_path / "data", tmp_path / "vision", tmp_path / "lm", {})
+
+    def prints() -> tuple[str, str]:
+        stages = {"align": StageSpec(["projector"], 8, init_from="base")}
+        cfg = CurriculumConfig(stages=stages, eval=EvalConfig(synonyms=str(table)))
+        resolved = resolved_stage_config(cfg, "align", inputs, None)
+        return stage_fingerprint(resolved), eval_fingerprint(resolved)
+
+    table.write_text('{"dog": ["puppy"]}')
+    before = prints()
+    table.write_text('{"dog": ["puppy", "hound"]}')
+    after = prints()
+    assert before[0] == after[0] and before[1] != after[1]
+
+
+def test_a_finished_stage_without_its_export_is_named_when_it_must_be_scored_again(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _run(run, *ALIGN_4) == 0
+    shutil.rmtree(run / "align" / "export")
+    assert _run(run, *ALIGN_4, "--eval.limit=6") == 2
+    assert (
+        f"stage align finished (done.json) but its export/ is missing; delete {run / 'align'}"
+        in capsys.readouterr().err
+    )
