@@ -37,6 +37,42 @@ def _kill_final_evaluation_of(stage: str, monkeypatch) -> None:
     monkeypatch.setattr(CaptionEvaluation, "_run", run)
 
 
+def _run_killed_at_align_step(run_dir: Path, step: int, monkeypatch, *flags: str) -> None:
+    """Runs the curriculum until align has finished optimizer step `step` (and written that step's checkpoint,
+    if one is due), then kills it."""
+    from callbacks.evaluation import CaptionEvaluation
+
+    original = CaptionEvaluation.on_train_batch_end
+
+    def killed(self, trainer, *args):
+        if self.stage == "align" and trainer.global_step == step:
+            raise Killed(f"killed after align's step {step}")
+        return original(self, trainer, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CaptionEvaluation, "on_train_batch_end", killed)
+        with pytest.raises(Killed):
+            _run(run_dir, *flags)
+
+
+def _run_killed_in_aligns_handoff(run_dir: Path, monkeypatch, *flags: str) -> None:
+    """Runs the curriculum until align writes its handoff (its last checkpoint and metrics.json are written),
+    then kills it."""
+    import stages.stage
+
+    original = stages.stage.save_handoff
+
+    def save_handoff(vlm, path, write=True):
+        if path.parent.name == "align":
+            raise Killed("killed while writing the handoff")
+        return original(vlm, path, write=write)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stages.stage, "save_handoff", save_handoff)
+        with pytest.raises(Killed):
+            _run(run_dir, *flags)
+
+
 def test_a_stage_killed_in_its_final_evaluation_resumes_and_evaluates(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     with monkeypatch.context() as patch:
@@ -54,20 +90,8 @@ def test_a_stage_killed_in_its_final_evaluation_resumes_and_evaluates(tmp_path, 
 def test_a_stage_killed_after_its_last_checkpoint_finishes_on_rerun(tmp_path, monkeypatch):
     """Killed while the handoff was written: last.ckpt is at the last step, so Lightning trains no further and
     calls no training hook. The rerun crashed on its missing metrics, every time."""
-    import stages.stage
-
     run_dir = tmp_path / "run"
-    original = stages.stage.save_handoff
-
-    def save_handoff(vlm, path, write=True):
-        if path.parent.name == "align":
-            raise Killed("killed while writing the handoff")
-        return original(vlm, path, write=write)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(stages.stage, "save_handoff", save_handoff)
-        with pytest.raises(Killed):
-            _run(run_dir, *ALIGN_4)
+    _run_killed_in_aligns_handoff(run_dir, monkeypatch, *ALIGN_4)
     metrics = json.loads((run_dir / "align" / "metrics.json").read_text())
     written = (run_dir / "align" / "metrics.json").stat().st_mtime_ns
     assert _run(run_dir, *ALIGN_4) == 0
@@ -210,21 +234,9 @@ def test_the_stage_boundary_check_compares_with_the_stage_started_from(tmp_path,
 def test_a_resumed_stage_does_not_repeat_its_alerts(tmp_path, monkeypatch):
     """The steps after the checkpoint are trained again, and raised their alerts again: alerts.jsonl and the
     report listed the step-2 NaN twice."""
-    from callbacks.evaluation import CaptionEvaluation
-
     run_dir = tmp_path / "run"
     flags = [*ALIGN_4, "--stability.faults={2: nan}", "--stability.instability.action=skip"]
-    original = CaptionEvaluation.on_train_batch_end
-
-    def killed_at_step_3(self, trainer, *args):
-        if self.stage == "align" and trainer.global_step == 3:
-            raise Killed("killed after step 3 (the checkpoint is at step 2, the alert at step 2)")
-        return original(self, trainer, *args)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(CaptionEvaluation, "on_train_batch_end", killed_at_step_3)
-        with pytest.raises(Killed):
-            _run(run_dir, *flags)
+    _run_killed_at_align_step(run_dir, 3, monkeypatch, *flags)  # the checkpoint is at step 2, the alert at step 2
     assert len((run_dir / "align" / "alerts.jsonl").read_text().splitlines()) == 1
     assert _run(run_dir, *flags) == 0
     for name in ("align", "sft_short"):
@@ -283,8 +295,7 @@ def test_changed_evaluation_settings_score_finished_stages_again_without_trainin
 def test_a_stage_resumed_from_a_checkpoint_at_an_epochs_end_trains_the_next_epoch_whole(tmp_path, monkeypatch):
     """Resumed from a checkpoint written on an epoch's last batch, the loader skipped as many batches again at
     the start of the next epoch (Lightning still reports the finished epoch's progress): the rest of the stage
-    trained on other batches than an uninterrupted run, its losses off by up to 2e-2."""
-    from callbacks.evaluation import CaptionEvaluation
+    trained on other batches than an uninterrupted run, its losses off by up to 4e-2 (4 of 28 steps)."""
     from datamodules.shards import budget_counts, read_index
 
     reference = tmp_path / "reference"
@@ -292,18 +303,8 @@ def test_a_stage_resumed_from_a_checkpoint_at_an_epochs_end_trains_the_next_epoc
     epoch = budget_counts(read_index(reference / "data"), "train", 8)[0] // 8  # align's batches per epoch
     steps = [f"--stages.align.trainer.max_steps={epoch + 4}", f"--checkpoint.every_n_train_steps={epoch}"]
     assert _run(reference, *steps) == 0
-    original = CaptionEvaluation.on_train_batch_end
-
-    def killed_after_the_epoch(self, trainer, *args):
-        if self.stage == "align" and trainer.global_step == epoch + 2:
-            raise Killed("killed two steps into the second epoch")
-        return original(self, trainer, *args)
-
     run = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        patch.setattr(CaptionEvaluation, "on_train_batch_end", killed_after_the_epoch)
-        with pytest.raises(Killed):
-            _run(run, *steps)
+    _run_killed_at_align_step(run, epoch + 2, monkeypatch, *steps)  # two steps into the second epoch
     assert _run(run, *steps) == 0
     resumed, uninterrupted = (json.loads((r / "align" / "losses.json").read_text())["losses"] for r in (run, reference))
     assert len(resumed) == len(uninterrupted) == epoch + 4
@@ -313,28 +314,11 @@ def test_a_stage_resumed_from_a_checkpoint_at_an_epochs_end_trains_the_next_epoc
 def test_a_moved_run_killed_again_resumes_from_its_newest_checkpoint(tmp_path, monkeypatch):
     """In a moved run folder Lightning forgot the last.ckpt it wrote (its path changed) and saved beside it as
     last-v1.ckpt; killed again, the rerun read last.ckpt and lost every step since the move."""
-    import shutil
-
     import torch
-
-    from callbacks.evaluation import CaptionEvaluation
-
-    original = CaptionEvaluation.on_train_batch_end
-
-    def kill_at(step: int):
-        def killed(self, trainer, *args):
-            if self.stage == "align" and trainer.global_step == step:
-                raise Killed(f"killed at step {step}")
-            return original(self, trainer, *args)
-
-        return killed
 
     steps = "--stages.align.trainer.max_steps=8"
     for run, step in ((tmp_path / "run", 3), (tmp_path / "moved", 7)):
-        with monkeypatch.context() as patch:
-            patch.setattr(CaptionEvaluation, "on_train_batch_end", kill_at(step))
-            with pytest.raises(Killed):
-                _run(run, steps)
+        _run_killed_at_align_step(run, step, monkeypatch, steps)
         if run.name == "run":
             shutil.move(run, tmp_path / "moved")
     checkpoints = tmp_path / "moved" / "align" / "checkpoints"
@@ -386,20 +370,8 @@ def test_a_damaged_handoff_file_is_named(tmp_path, capsys):
 def test_a_stage_resumed_at_its_last_step_with_new_evaluation_settings_is_scored_with_them(tmp_path, monkeypatch):
     """Killed after its last checkpoint, then rerun with other evaluation settings: the stage kept the scores of
     the old settings, and done.json vouched for the new ones, so no later run scored it again."""
-    import stages.stage
-
     run_dir = tmp_path / "run"
-    original = stages.stage.save_handoff
-
-    def save_handoff(vlm, path, write=True):
-        if path.parent.name == "align":
-            raise Killed("killed while writing the handoff")
-        return original(vlm, path, write=write)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(stages.stage, "save_handoff", save_handoff)
-        with pytest.raises(Killed):
-            _run(run_dir, *ALIGN_4)
+    _run_killed_in_aligns_handoff(run_dir, monkeypatch, *ALIGN_4)
     assert _run(run_dir, *ALIGN_4, "--eval.max_new_tokens=5") == 0
     record = json.loads((run_dir / "align" / "metrics.json").read_text())
     done = json.loads((run_dir / "align" / "done.json").read_text())
