@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -16,7 +17,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset
 
-from datamodules.captions import PromptFormat, collate_captions, select_caption
+from datamodules.captions import PromptFormat, collate_captions, select_caption, tag_step_tokens
 from datamodules.images import SHARD_FORMATS, EncodedImage, open_rgb
 from datamodules.shards import ShardError, budget_counts, read_index
 
@@ -182,12 +183,12 @@ class CaptionDataModule(L.LightningDataModule):
         urls = [str(self.shard_dir / shard["url"]) for shard in self.index["splits"][split]]
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         kept, _ = budget_counts(self.index, split, self.max_words)
         if train:
             batches = kept // (self.batch_size * world)
             # Whole optimizer steps only. Lightning steps on an epoch's short last window, DeepSpeed's engine
             # does not (it counts micro-batches across epochs): the two paths would update differently.
-            accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
             batches -= batches % accumulate
             if batches == 0:
                 raise ShardError(
@@ -206,6 +207,8 @@ class CaptionDataModule(L.LightningDataModule):
             wds.batched(self.batch_size, collation_fn=self._collate, partial=not repeat),
         )
         loader = wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers)
+        if train:  # in this process, after the workers' batches are put in order
+            loader = loader.compose(functools.partial(tag_step_tokens, accumulate=accumulate, start=skip))
         if repeat:
             # with_epoch makes every rank stop after the same number of batches (unequal counts hang DDP);
             # with_length gives Lightning the epoch length for its schedulers and progress bar.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -122,3 +123,33 @@ def collate_captions(
         "attention_mask": attention_mask,
         "labels": labels,
     }
+
+
+def scored_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """How many positions of a batch the next-token loss scores: the labelled ones after the first (the
+    model predicts position t from the positions before it, so the labels are shifted by one)."""
+    return (labels[..., 1:] != IGNORE_INDEX).sum()
+
+
+def tag_step_tokens(batches: Iterator[dict], accumulate: int, start: int = 0) -> Iterator[dict]:
+    """The batches, each with `step_tokens`: the scored tokens of every micro-batch of its optimizer step.
+
+    An optimizer step takes `accumulate` micro-batches, closed as Lightning closes them: after batch i of
+    the epoch when (i + 1) is a multiple of `accumulate`. `start` is the epoch's index of the first batch
+    (batches trained on before a resume are not in the stream). The batches of a step are read before the
+    first is handed on, so that each can weigh its share of the step's loss (`VLMModule.training_step`).
+    """
+    window: list[dict] = []
+    for position, batch in enumerate(batches, start):
+        window.append(batch)
+        if (position + 1) % accumulate == 0:
+            yield from _tagged(window)
+            window = []
+    yield from _tagged(window)  # a stream that ended mid-step: its last batches weigh among themselves
+
+
+def _tagged(window: list[dict]) -> Iterator[dict]:
+    total = sum(scored_tokens(batch["labels"]) for batch in window)
+    for batch in window:
+        batch["step_tokens"] = total
+        yield batch

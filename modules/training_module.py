@@ -16,12 +16,14 @@ import numpy as np
 import torch
 from typing_extensions import override
 
+from datamodules.captions import scored_tokens
 from modules.handoff import attach_lora, has_lora
 from modules.loading import LoraSpec
 from modules.speed import SpeedSpec, apply_speed, caption_loss
 from modules.vlm import VisionLanguageModel
 
 GROUPS = ("projector", "lora", "vision", "lm")
+LOSS_WEIGHTINGS = ("token", "micro_batch")
 
 
 @dataclass
@@ -41,6 +43,9 @@ class OptimSpec:
     warmup_steps: int = 20
     """Linear warm-up, then cosine decay to `min_lr_ratio` x peak over the stage's optimizer steps."""
     min_lr_ratio: float = 0.1
+    loss_weighting: str = "token"
+    """"token": every scored caption token of an optimizer step weighs the same, across its accumulated
+    micro-batches; "micro_batch": each micro-batch's mean weighs the same (HF Trainer before 4.46)."""
 
 
 def rng_states() -> dict:
@@ -143,7 +148,23 @@ class VLMModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["keys"]))
-        return loss
+        return loss * self._step_share(batch)
+
+    def _step_share(self, batch: dict) -> torch.Tensor | float:
+        """The factor that turns this micro-batch's mean loss into its share of the optimizer step's loss.
+
+        Lightning divides each of the step's N micro-batch losses by N, so a mean per micro-batch gives each
+        micro-batch the same weight: with batch 1 and accumulation 16, a 5-token caption's tokens weighed 10x
+        a 50-token caption's. With "token" weighting the loss is scaled by N x (its tokens / the step's
+        tokens), so the step's gradient is that of the mean over all its tokens, as one batch of N x B would
+        give. The loader counts the step's tokens (`step_tokens`, read ahead); 1 exactly without accumulation.
+        Ranks weigh the same, as DDP and DeepSpeed average their gradients; the loss the stability callbacks
+        see per step is then the step's token mean on each rank.
+        """
+        step_tokens = batch.get("step_tokens")
+        if self.optim.loss_weighting == "micro_batch" or step_tokens is None:
+            return 1.0
+        return scored_tokens(batch["labels"]) * self.trainer.accumulate_grad_batches / step_tokens
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:

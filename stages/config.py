@@ -14,7 +14,7 @@ from datamodules.world import WorldConfig
 from modules.base_models import TinyBaseConfig
 from modules.loading import ModelConfig
 from modules.speed import SpeedSpec
-from modules.training_module import GROUPS, LearningRates
+from modules.training_module import GROUPS, LOSS_WEIGHTINGS, LearningRates
 
 # Lightning's precision names (lightning.fabric.connector's _PRECISION_INPUT), its short aliases included.
 PRECISIONS = (
@@ -143,6 +143,10 @@ class StageSpec:
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
     """The cosine schedule ends at this fraction of each peak rate (0: decays to zero, as LLaVA-1.5's does)."""
+    loss_weighting: str = "token"
+    """"token": every caption token of an optimizer step weighs the same, across its accumulated micro-batches
+    (as one big batch); "micro_batch": each micro-batch's mean weighs the same (the original LLaVA / MGM
+    scripts, HF Trainer before 4.46). The same without accumulation."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def check(self, where: str) -> None:
@@ -161,6 +165,8 @@ class StageSpec:
             raise ValueError(f"{where}.warmup_steps must not be negative, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"{where}.min_lr_ratio must be within 0 and 1, got {self.min_lr_ratio}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"{where}.loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
 
 
 def check_speed(speed: SpeedSpec, trainer: TrainerConfig) -> None:

@@ -132,7 +132,9 @@ def prepare_stage_folder(stage_dir: Path, print_: str, resolved: dict, rank_zero
 
 
 def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig) -> VLMModule:
-    optim = OptimSpec(lr=spec.lr, warmup_steps=spec.warmup_steps, min_lr_ratio=spec.min_lr_ratio)
+    optim = OptimSpec(
+        lr=spec.lr, warmup_steps=spec.warmup_steps, min_lr_ratio=spec.min_lr_ratio, loss_weighting=spec.loss_weighting
+    )
     if "lora" in spec.trainable:
         return LoRASFTModule(vlm, cfg.model.lora, optim, spec.trainable, cfg.model.speed)
     if spec.trainable == ["projector"]:
