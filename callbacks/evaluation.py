@@ -344,9 +344,9 @@ class CaptionEvaluation(L.Callback):
         step = trainer.global_step
         self.history.append({"global_step": step, **{k: v for k, v in metrics.items() if k != "by_length"}})
         logger = trainer.logger
-        if logger is not None:
-            logger.log_metrics(scalars(metrics), step=step)
-            tb_step = getattr(logger, "global_step", lambda s: s)(step)
+        if logger is not None:  # at the index of the step the evaluation follows, as Lightning logs val/loss
+            logger.log_metrics(scalars(metrics), step=step - 1)
+            tb_step = getattr(logger, "global_step", lambda s: s)(step - 1)
             rows = [(key, reference(meta), text) for key, meta, text in results[: self.table_rows]]
             logger.experiment.add_text(f"eval/{self.stage}/captions", markdown_table(rows), global_step=tb_step)
             if self.grid_images:

@@ -232,7 +232,9 @@ class InstabilityMonitor(L.Callback):
         loss = torch.stack(self._micro_losses).mean().item()
         # The step being judged: under DeepSpeed it is judged after the engine's step, which counted it already.
         self._step = trainer.global_step - (deepspeed_engine(trainer) is not None)
-        if grad is not None and trainer.logger is not None and self._step % trainer.log_every_n_steps == 0:
+        # On the steps Lightning logs train/loss and the learning rates at: (step + 1) % log_every_n_steps == 0.
+        logged = (self._step + 1) % trainer.log_every_n_steps == 0
+        if grad is not None and trainer.logger is not None and logged:
             trainer.logger.log_metrics({"train/grad_norm": grad}, step=self._step)
         keys, self._micro_losses, self._keys = self._keys, [], []
         findings = self._findings(loss, self._unless_overflow(trainer, loss, grad))

@@ -61,7 +61,7 @@ class Throughput(L.Callback):
             self._logged_step = step
             trainer.logger.log_metrics(
                 {"perf/tokens_per_s": self.tokens / self.train_s, "perf/samples_per_s": self.samples / self.train_s},
-                step=step,
+                step=step - 1,  # the index of the step just done
             )
 
     def summary(self) -> dict:

@@ -107,6 +107,7 @@ class VLMModule(L.LightningModule):
             raise ValueError(f"trainable must be a non-empty subset of {GROUPS}, got {trainable}")
         self.vlm, self.trainable, self.optim = vlm, list(trainable), optim
         self.speed = speed or SpeedSpec()
+        self._step_loss: torch.Tensor | float = 0.0  # the optimizer step's loss, summed over its micro-batches
         apply_speed(vlm.lm, self.speed)
         groups = group_parameters(vlm)
         if "lora" in trainable and not groups["lora"]:
@@ -147,8 +148,14 @@ class VLMModule(L.LightningModule):
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["keys"]))
-        return loss * self._step_share(batch)
+        share, accumulate = self._step_share(batch), self.trainer.accumulate_grad_batches
+        self._step_loss = self._step_loss + loss.detach() * share / accumulate
+        if (batch_idx + 1) % accumulate == 0:  # the step's last micro-batch (an epoch holds whole steps)
+            # The step's loss, as losses.json and the stability callbacks have it: logged per micro-batch,
+            # TensorBoard showed the last micro-batch's mean, with MGM-2B's batch 1 a single caption's loss.
+            self.log("train/loss", self._step_loss, prog_bar=True, batch_size=len(batch["keys"]) * accumulate)
+            self._step_loss = 0.0
+        return loss * share
 
     def _step_share(self, batch: dict) -> torch.Tensor | float:
         """The factor that turns this micro-batch's mean loss into its share of the optimizer step's loss.

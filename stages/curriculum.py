@@ -24,7 +24,6 @@ from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
 from stages.paths import write_text_atomic
 from stages.report import STAGES_FILE, write_report
 from stages.stage import RunInputs, StageResult, StageStopped, fingerprint, run_stage
-from stages.tb_logger import CurriculumTensorBoardLogger
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -118,13 +117,16 @@ def _changed_images(built: dict) -> list[str]:
 
 
 def log_data_report(run_dir: Path, report: dict, markdown: str) -> None:
-    """The data report in the run's TensorBoard: the Markdown table, and kept/dropped counts per op."""
-    logger = CurriculumTensorBoardLogger(str(run_dir))
-    logger.experiment.add_text("data/report", markdown, global_step=0)
-    for position, op in enumerate(report["ops"]):
-        logger.experiment.add_scalar(f"data/kept_after_op/{position:02d}_{op['op']}", op["out"], 0)
-    logger.experiment.add_scalar("data/skipped_at_input", report["samples"]["skipped_at_input"], 0)
-    logger.experiment.flush()
+    """The data report in the run's TensorBoard, as its own run `data` (tb/data): the Markdown table, and
+    kept/dropped counts per op. In the stages' log, a stage's start at step 0 would hide it (tb_logger.py)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    # purge_step 0: a rebuild replaces the report of the build before. Closed: each build left a writer thread.
+    with SummaryWriter(str(run_dir / "tb" / "data"), purge_step=0) as writer:
+        writer.add_text("data/report", markdown, global_step=0)
+        for position, op in enumerate(report["ops"]):
+            writer.add_scalar(f"data/kept_after_op/{position:02d}_{op['op']}", op["out"], 0)
+        writer.add_scalar("data/skipped_at_input", report["samples"]["skipped_at_input"], 0)
 
 
 def _files(folder: Path) -> list[tuple[str, int, int]]:

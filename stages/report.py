@@ -98,7 +98,7 @@ def plot_losses(run_dir: Path, stages: list[str], out: Path) -> dict[str, tuple[
     offset = 0
     for name in stages:
         losses = [nan if v is None else v for v in (_read_json(run_dir / name / "losses.json") or {}).get("losses", [])]
-        ax.plot(range(offset + 1, offset + len(losses) + 1), losses, label=name, linewidth=1)
+        ax.plot(range(offset, offset + len(losses)), losses, label=name, linewidth=1)  # TensorBoard's steps
         offset += len(losses)
     ax.set_xlabel("optimizer step (whole curriculum)")
     ax.set_ylabel("training loss")
@@ -119,7 +119,7 @@ def plot_eval_history(run_dir: Path, stages: list[str], out: Path) -> dict[str, 
     offset = 0
     for name, metrics in zip(stages, records, strict=True):
         history = metrics.get("history", [])
-        steps = [offset + h["global_step"] for h in history]
+        steps = [offset + h["global_step"] - 1 for h in history]  # the step each evaluation follows
         for ax, key in zip(axes, keys, strict=True):
             ax.plot(steps, [h[key] for h in history], marker="o", markersize=3, label=name)
         offset += metrics.get("global_step", 0)

@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             m = result.metrics
             keys = [k for k in ("recall", "chair_i", "chair_s", "mean_words", "bleu4") if k in m]
             scores = "  ".join(f"{k} {m[k]:.3f}" for k in keys)
-            note = "  (skipped: done before)" if result.skipped else ""
+            note = "  (scored again: evaluation settings changed)" if result.rescored else ""
+            note = note or ("  (skipped: done before)" if result.skipped else "")
             print(f"{result.name:>12}  steps {result.global_steps:5d}  {scores}{note}")
         print(f"run folder: {run_dir}   TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     if args.command == "data":

@@ -27,12 +27,12 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.alerts import AlertSinks
 from callbacks.epoch_boundary import BoundaryCheck
-from callbacks.evaluation import CaptionEvaluation, load_synonyms, scores
+from callbacks.evaluation import CaptionEvaluation, load_synonyms, metrics_line, scores
 from callbacks.fault_injection import FaultInjection
 from callbacks.instability import InstabilityMonitor
 from callbacks.throughput import Throughput
@@ -43,7 +43,7 @@ from modules.training_module import AlignModule, LoRASFTModule, OptimSpec, VLMMo
 from modules.vlm import VisionLanguageModel
 from stages.config import CurriculumConfig, StageSpec, TrainerConfig
 from stages.paths import stored_path, write_text_atomic
-from stages.tb_logger import CurriculumTensorBoardLogger
+from stages.tb_logger import CurriculumTensorBoardLogger, StageStart, StepLearningRateMonitor
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class StageResult:
     global_steps: int
     metrics: dict
     skipped: bool
+    rescored: bool = False  # skipped, but scored again: its evaluation settings changed
 
 
 def count_image_tokens(vlm: VisionLanguageModel, processor) -> int:
@@ -254,11 +255,14 @@ def trained_dtype(trainer: TrainerConfig) -> torch.dtype | None:
     return torch.float64 if precision in ("64-true", "64") else None
 
 
-def rescore_stage(cfg: CurriculumConfig, name: str, inputs: RunInputs, resolved: dict, done: dict) -> StageResult:
+def rescore_stage(
+    cfg: CurriculumConfig, name: str, inputs: RunInputs, resolved: dict, done: dict, step_offset: int
+) -> StageResult:
     """A stage that trained before with the same config and inputs, but whose evaluation settings changed (or whose
     metrics.json is gone): its trained model (the export) is scored again with the new settings, on rank 0, on
     the GPU when the stage trained on one. The evaluations during training are not redone: metrics.json's
-    history is emptied (they were made with the old settings; TensorBoard keeps them)."""
+    history is emptied (they were made with the old settings; TensorBoard keeps them, and gets the new scores
+    as a text `eval/<stage>/rescored` at the stage's last step)."""
     from stages.export import StageSource, load_stage_model
 
     stage_dir, steps, print_ = inputs.run_dir / name, done["global_steps"], done["fingerprint"]
@@ -278,7 +282,11 @@ def rescore_stage(cfg: CurriculumConfig, name: str, inputs: RunInputs, resolved:
     metrics = evaluation.rescore(vlm, steps)
     write_stage_config(stage_dir, print_, resolved)
     write_text_atomic(stage_dir / "done.json", json.dumps({**done, "eval_fingerprint": eval_print}, indent=2))
-    return StageResult(name, print_, steps, metrics, skipped=True)
+    logger = CurriculumTensorBoardLogger(str(inputs.run_dir), step_offset)
+    text = f"scored again with new evaluation settings: {metrics_line(metrics)}"
+    logger.experiment.add_text(f"eval/{name}/rescored", text, global_step=logger.global_step(steps - 1))
+    logger.finalize("success")  # closes the writer (and its thread)
+    return StageResult(name, print_, steps, metrics, skipped=True, rescored=True)
 
 
 def run_stage(
@@ -303,7 +311,7 @@ def run_stage(
                 log.info("stage %s: finished before with the same config and inputs, skipped", name)
                 metrics = scores(json.loads((stage_dir / "metrics.json").read_text()))
                 return StageResult(name, print_, done["global_steps"], metrics, skipped=True)
-            return rescore_stage(cfg, name, inputs, resolved, done)
+            return rescore_stage(cfg, name, inputs, resolved, done, step_offset)
     started = time.perf_counter()
     L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)
     vlm, tokenizer, processor = build_vlm(cfg.model, inputs.vision_path, inputs.lm_path)
@@ -327,8 +335,9 @@ def run_stage(
     trainer = L.Trainer(
         **trainer_config.kwargs(),
         logger=CurriculumTensorBoardLogger(str(inputs.run_dir), step_offset),
-        callbacks=[c for c in (faults, monitor, boundary, sinks, throughput, evaluation, checkpoint) if c is not None]
-        + [LearningRateMonitor(logging_interval="step")],
+        callbacks=[StageStart()]  # first: it marks where the stage's TensorBoard events start
+        + [c for c in (faults, monitor, boundary, sinks, throughput, evaluation, checkpoint) if c is not None]
+        + [StepLearningRateMonitor()],
         default_root_dir=stage_dir,
         reload_dataloaders_every_n_epochs=1,  # a new, seeded shuffle order every epoch
     )
@@ -382,5 +391,5 @@ def run_stage(
     # The other ranks go on to the next stage, which reads this stage's export: wait until rank 0 wrote it.
     trainer.strategy.barrier("stage_written")
     if scored_with != eval_print:  # resumed at its last step, scored before with other settings (rank 0 only)
-        return rescore_stage(cfg, name, inputs, resolved, done)
+        return rescore_stage(cfg, name, inputs, resolved, done, step_offset)
     return StageResult(name, print_, trainer.global_step, evaluation.metrics, skipped=False)

@@ -1,11 +1,21 @@
-"""One TensorBoard log for the whole curriculum, with a global step that runs on across stages."""
+"""One TensorBoard log for the whole curriculum, with a global step that runs on across stages.
+
+The step of every value is the index (from 0, counted across stages) of the optimizer step it belongs to,
+or, for an evaluation, of the step it follows: as Lightning logs `train/loss` and `val/loss`. A stage
+that starts or resumes at its step s marks the log so that TensorBoard hides whatever an earlier attempt
+wrote from s on (a killed run's steps after its checkpoint, a changed stage's old curves), which this
+attempt writes again.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from typing_extensions import override
 
 
@@ -32,3 +42,41 @@ class CurriculumTensorBoardLogger(TensorBoardLogger):
 
     def global_step(self, stage_step: int) -> int:
         return stage_step + self.step_offset
+
+    @rank_zero_only
+    def start_at(self, stage_step: int) -> None:
+        """Marks this stage's events as starting at `stage_step`: TensorBoard drops the events that it read
+        before this mark at that step and after. The events SummaryWriter's `purge_step` writes, written here
+        because the step is known only once Lightning has restored the checkpoint, after opening the writer."""
+        step = self.global_step(stage_step)
+        writer = self.experiment.file_writer
+        writer.add_event(Event(step=step, file_version="brain.Event:2"))
+        writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """Lightning's LearningRateMonitor, logging once per optimizer step.
+
+    Lightning's logs at the start of every batch of a logged step, so under gradient accumulation each
+    rate was written N times at one step (TensorBoard drew them as one point, the event file held N).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging_interval="step")
+        self._logged_step: int | None = None
+
+    @override
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        if trainer.global_step == self._logged_step:
+            return  # a later micro-batch of the same optimizer step
+        self._logged_step = trainer.global_step
+        super().on_train_batch_start(trainer, *args, **kwargs)
+
+
+class StageStart(L.Callback):
+    """Calls `start_at` with the step the stage trains from: 0, or the step of the checkpoint it resumed."""
+
+    @override
+    def on_train_start(self, trainer, pl_module) -> None:
+        if isinstance(trainer.logger, CurriculumTensorBoardLogger):
+            trainer.logger.start_at(trainer.global_step)

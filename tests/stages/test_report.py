@@ -20,7 +20,8 @@ def test_periodic_evaluation_is_logged_and_kept_in_metrics_json(micro_run):
         assert metrics["history"][-1]["chair_i"] == metrics["chair_i"]
         assert sum(b["images"] for b in metrics["by_length"].values()) == metrics["images"] == 8
     events = RunEvents(micro_run / "tb")
-    assert [e.step for e in events.Scalars("eval/chair_i")] == [2, 3, 5, 6, 8, 9, 11, 12]
+    # Every 2 steps and at each stage's end (3 steps), at the index of the step each follows.
+    assert [e.step for e in events.Scalars("eval/chair_i")] == [1, 2, 4, 5, 7, 8, 10, 11]
     grid = events.Images("eval/sft_long/grid")[-1]
     assert grid.width == 4 * 160 and grid.height > 2 * 160  # 8 images in 2 rows, captions below each
 
@@ -55,12 +56,14 @@ def test_the_plots_show_every_stages_losses_and_evaluations_on_one_step_axis(mic
     lines, offset = plot_losses(micro_run, stages, tmp_path / "losses.png"), 0
     for name in stages:
         losses = json.loads((micro_run / name / "losses.json").read_text())["losses"]
-        assert lines[name] == (list(range(offset + 1, offset + len(losses) + 1)), losses)
+        assert lines[name] == (list(range(offset, offset + len(losses))), losses)  # TensorBoard's steps
         offset += len(losses)
     history = plot_eval_history(micro_run, stages, tmp_path / "eval.png")
     assert set(history) == {"chair_i", "recall"}
     sft_long = json.loads((micro_run / "sft_long" / "metrics.json").read_text())["history"]
-    assert history["recall"]["sft_long"] == ([9 + h["global_step"] for h in sft_long], [h["recall"] for h in sft_long])
+    # At the index of the step each evaluation follows, on the run's axis (9 steps before sft_long).
+    steps = [9 + h["global_step"] - 1 for h in sft_long]
+    assert history["recall"]["sft_long"] == (steps, [h["recall"] for h in sft_long])
     assert (tmp_path / "losses.png").stat().st_size > 1000 and (tmp_path / "eval.png").stat().st_size > 1000
 
 
@@ -87,7 +90,7 @@ def test_vqa_at_each_stage_end_and_from_the_eval_command(micro_run):
 
     # The stage-end scores reach TensorBoard too (they were added only after the logging).
     logged = RunEvents(micro_run / "tb").Scalars("eval/vqa_exact")
-    assert [e.step for e in logged] == [3, 6, 9, 12] and logged[-1].value == pytest.approx(metrics["vqa_exact"])
+    assert [e.step for e in logged] == [2, 5, 8, 11] and logged[-1].value == pytest.approx(metrics["vqa_exact"])
     result = evaluate_model(micro_run / "sft_long", limit=8, max_new_tokens=12, vqa=True)
     assert result["metrics"]["vqa_exact"] == metrics["vqa_exact"]
     # (key, type, answer, generated): 2 of 3 right overall, yes/no 1 of 2

@@ -258,7 +258,7 @@ def test_a_file_written_atomically_is_never_left_half_written(tmp_path, monkeypa
     assert path.read_text() == '{"fingerprint": "old"}' and [p.name for p in tmp_path.iterdir()] == ["done.json"]
 
 
-def test_changed_evaluation_settings_score_finished_stages_again_without_training_them(tmp_path, caplog):
+def test_changed_evaluation_settings_score_finished_stages_again_without_training_them(tmp_path, caplog, capsys):
     """The evaluation settings were part of every stage's fingerprint: asking for more images or VQA on a
     finished run trained every stage again. Now each stage's trained model is scored again, and its scores
     are those a fresh run with the new settings gets."""
@@ -270,8 +270,15 @@ def test_changed_evaluation_settings_score_finished_stages_again_without_trainin
     new_eval = ["--eval.limit=6", "--eval.vqa=true"]
     caplog.clear()
     caplog.set_level("INFO", logger="stages.stage")
+    capsys.readouterr()
     assert _run(run, *new_eval) == 0
     assert caplog.text.count("evaluation settings changed, scoring it") == 4
+    # Said as such (the console said "skipped: done before"), and TensorBoard gets the new scores as text.
+    assert capsys.readouterr().out.count("(scored again: evaluation settings changed)") == 4
+    from tests.tensorboard import RunEvents
+
+    texts = RunEvents(run / "tb").Tags()["tensors"]
+    assert all(f"eval/{name}/rescored/text_summary" in texts for name in stages)
     fresh = tmp_path / "fresh"
     assert _run(fresh, *new_eval) == 0
     for name in stages:
