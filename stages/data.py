@@ -35,6 +35,7 @@ from datamodules.images import shard_image
 from datamodules.shards import INDEX_NAME, SPLITS, write_shards
 from datamodules.text_stats import corpus_stats, tokens
 from datamodules.world import WorldConfig
+from stages.paths import write_text_atomic
 
 log = logging.getLogger(__name__)
 FORMATS = ("synthetic", "llava", "dj_jsonl")
@@ -293,9 +294,28 @@ def _shard_sample(row: dict) -> dict:
     return {"__key__": row["__key__"], extension: image_bytes, "json": json.dumps(record, sort_keys=True)}
 
 
+def clear_build(out_dir: Path) -> None:
+    """Removes what an earlier build wrote to `out_dir`, its index first.
+
+    The index is what marks a shard folder as built: a rebuild killed half-way left the old index over
+    new shards, which trained as if whole (the index's counts and word counts no longer matching the
+    tars), and a smaller build left the old build's extra shards beside its own (read by a `train-*.tar`
+    pattern). Only this stage's own files go: `<split>-NNNNNN.tar`, stats/, work/ and the reports."""
+    (out_dir / INDEX_NAME).unlink(missing_ok=True)
+    for split in SPLITS:
+        for shard in out_dir.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+            shard.unlink()
+    for folder in ("stats", "work"):
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
+    for name in ("report.json", "report.md", IMAGE_FILES_NAME):
+        (out_dir / name).unlink(missing_ok=True)
+
+
 def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None = None, seed: int = 0) -> dict:
-    """Runs the recipe into `out_dir` (shards, index.json, report.json, report.md); returns the report."""
+    """Runs the recipe into `out_dir` (shards, report.json, report.md, and index.json last, when the build is
+    whole); returns the report."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    clear_build(out_dir)
     skips = SkipLog()
     rows = _raw_rows(recipe, world or WorldConfig(), seed, out_dir / "work", skips)
     rows, named = named_splits(rows, skips)
@@ -331,13 +351,13 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
     index = {"source": recipe.input.format, "splits": {}}
     for split in SPLITS:
         index["splits"][split] = write_shards(by_split[split], out_dir, split, recipe.shard_size)
-    (out_dir / INDEX_NAME).write_text(json.dumps(index))
     (out_dir / IMAGE_FILES_NAME).write_text(json.dumps(dict(sorted(skips.image_files.items()))))
 
     shutil.rmtree(out_dir / "work", ignore_errors=True)  # the images now live in the shards
     report = build_report(recipe, rows, kept, accounting, skips, total, empty, renamed)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(report_markdown(report))
+    write_text_atomic(out_dir / INDEX_NAME, json.dumps(index))  # last: the build is whole
     return report
 
 

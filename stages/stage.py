@@ -43,6 +43,7 @@ from modules.training_module import AlignModule, LoRASFTModule, OptimSpec, VLMMo
 from modules.vlm import VisionLanguageModel
 from stages.config import CurriculumConfig, StageSpec, TrainerConfig
 from stages.paths import stored_path, write_text_atomic
+from stages.strategies import BesideCheckpointIO
 from stages.tb_logger import CurriculumTensorBoardLogger, StageStart, StepLearningRateMonitor
 
 log = logging.getLogger(__name__)
@@ -340,6 +341,7 @@ def run_stage(
         + [StepLearningRateMonitor()],
         default_root_dir=stage_dir,
         reload_dataloaders_every_n_epochs=1,  # a new, seeded shuffle order every epoch
+        plugins=[] if trainer_config.strategy == "deepspeed" else [BesideCheckpointIO()],
     )
     # Frozen towers are kept in eval mode on purpose (VLMModule.train); Lightning warns about that.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")

@@ -1,4 +1,4 @@
-"""Lightning's DeepSpeed strategy from a config file, and its CPU variant for tests.
+"""Lightning's DeepSpeed strategy from a config file, and its CPU variant for tests; how checkpoints are written.
 
 `trainer.strategy: deepspeed` with `trainer.deepspeed_config: configs/deepspeed/zero2.json` (or
 zero3.json, zero2_offload.json) trains under `lightning.pytorch.strategies.DeepSpeedStrategy`.
@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from typing_extensions import override
@@ -85,6 +86,29 @@ def _linked_folder(link: Path) -> Path | None:
     if beside and folder.name in (link.name + ".a", link.name + ".b"):
         return folder
     return None
+
+
+class BesideCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with each save staged beside its target, not in the system's temp folder.
+
+    Lightning writes a checkpoint through an fsspec transaction, which stages the file with
+    `tempfile.mkstemp()` (in /tmp) and moves it over: every save needed room for a whole checkpoint in /tmp
+    (often a small tmpfs), the move was a copy, not an atomic rename, when /tmp is another file system, and a
+    process killed in between left the file in /tmp for good. Here the save goes to `.<name>.partial` beside
+    the target, then `os.replace`: a kill leaves the previous checkpoint whole, and the next save overwrites
+    the partial file. For local run folders, which the curriculum's are; DeepSpeed saves its own way.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        with partial.open("wb") as out:
+            torch.save(checkpoint, out)
+        os.replace(partial, target)
 
 
 class CPUDeepSpeedStrategy(CurriculumDeepSpeedStrategy):

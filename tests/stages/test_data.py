@@ -306,3 +306,34 @@ def test_workers_of_the_blip2_op_start_fresh_and_write_the_same_shards(blip2, ll
     assert "phases" in in_process and "phases" not in workers and workers["workers"] == 2
     tars = sorted(p.name for p in (tmp_path / "npNone").glob("*.tar"))
     assert tars and all((tmp_path / "npNone" / t).read_bytes() == (tmp_path / "np2" / t).read_bytes() for t in tars)
+
+
+def test_a_rebuild_leaves_only_its_own_shards_and_a_killed_one_no_index(tmp_path, monkeypatch):
+    """A rebuild into a folder left the earlier build's extra shards beside its own, and one killed half-way
+    left the earlier index over new shards, which then trained as a whole build."""
+    import stages.data
+    from tests.conftest import MICRO_WORLD
+
+    out = tmp_path / "shards"
+    run_data_stage(load_recipe(SYNTHETIC_RECIPE, ["--shard_size=64"]), out, MICRO_WORLD, seed=0)
+    assert len(list(out.glob("train-*.tar"))) == 3  # 192 images
+    run_data_stage(load_recipe(SYNTHETIC_RECIPE, ["--shard_size=1000"]), out, MICRO_WORLD, seed=0)
+    listed = [shard["url"] for shards in read_index(out)["splits"].values() for shard in shards]
+    assert (
+        sorted(path.name for path in out.glob("*.tar"))
+        == sorted(listed)
+        == ["test-000000.tar", "train-000000.tar", "val-000000.tar"]
+    )
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed("killed after writing the shards")
+
+    monkeypatch.setattr(stages.data, "build_report", killed)
+    with pytest.raises(Killed):
+        run_data_stage(load_recipe(SYNTHETIC_RECIPE, ["--shard_size=1000"]), out, MICRO_WORLD, seed=1)
+    assert (out / "train-000000.tar").is_file()
+    with pytest.raises(FileNotFoundError, match="no shard index"):
+        read_index(out)

@@ -439,3 +439,31 @@ def test_a_finished_stage_without_its_export_is_named_when_it_must_be_scored_aga
         f"stage align finished (done.json) but its export/ is missing; delete {run / 'align'}"
         in capsys.readouterr().err
     )
+
+
+def test_checkpoints_are_staged_beside_themselves_not_in_the_temp_folder(tmp_path, monkeypatch):
+    """Lightning staged every checkpoint in /tmp (an fsspec transaction) and moved it over: a kill in between left
+    it there, and across file systems the move was a copy. Every checkpoint now reaches its name by a rename
+    within its own folder, and nothing is staged in the temp folder."""
+    import os
+    import tempfile
+
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    moves: list[tuple[Path, Path]] = []
+    replace, move = os.replace, shutil.move
+
+    def record(recorder):
+        def wrapped(source, target, *args, **kwargs):
+            if str(target).endswith(".ckpt"):
+                moves.append((Path(source), Path(target)))
+            return recorder(source, target, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(os, "replace", record(replace))
+    monkeypatch.setattr(shutil, "move", record(move))
+    assert _run(tmp_path / "run", "--stages.align.trainer.max_steps=2") == 0
+    assert len(moves) >= 4  # at least one checkpoint a stage
+    assert all(source.parent == target.parent for source, target in moves), moves[:2]
