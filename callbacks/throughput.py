@@ -36,6 +36,9 @@ class Throughput(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Kept for summary(): after fit, Lightning's teardown has moved the module back to the CPU.
         self.device = pl_module.device
+        # Resumed at a logged step: its figures were logged before its checkpoint. Unset, the resumed first
+        # micro-batch (no optimizer step yet under accumulation) logged them again, timed on itself alone.
+        self._logged_step = trainer.global_step
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 

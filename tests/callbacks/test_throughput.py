@@ -58,3 +58,23 @@ def test_throughput_is_logged_once_per_logged_step_under_accumulation():
     for step in (4, 9):  # 3 mask positions a sample: tokens/s is 3 x samples/s
         tokens, samples = logger.values[(step, "perf/tokens_per_s")], logger.values[(step, "perf/samples_per_s")]
         assert tokens == pytest.approx(3 * samples) and samples > 0
+
+
+def test_a_resumed_run_does_not_log_the_step_it_resumed_at_again(tmp_path):
+    """Resumed after 5 steps (logged at index 4 before the checkpoint), the first micro-batch under accumulation
+    still saw global step 5 and logged index 4 a second time, timed on that one micro-batch."""
+
+    def fit(max_steps: int, ckpt_path=None) -> list[tuple[int, str]]:
+        logger = Recorded()
+        trainer = L.Trainer(
+            max_steps=max_steps, accumulate_grad_batches=4, callbacks=[Throughput(log_every=5)], logger=logger,
+            log_every_n_steps=1000, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(Masked(), loader(KeyedRegression(size=2048)), ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            trainer.save_checkpoint(tmp_path / "step5.ckpt")
+        return [step for step, key in logger.logged if key == "perf/samples_per_s"]
+
+    assert fit(5) == [4]
+    assert fit(10, ckpt_path=tmp_path / "step5.ckpt") == [9]
