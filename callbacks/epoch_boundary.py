@@ -29,6 +29,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import lightning as L
+import torch.distributed as dist
 from typing_extensions import override
 
 from callbacks.alerts import Alert, AlertSinks
@@ -78,6 +79,7 @@ class _EpochTrace:
     first_keys: list[str]
     accumulation: int
     optimizer_steps: int | None = None  # the optimizer's own step count after the epoch's last step
+    steps: int = 0  # optimizer steps recorded, finite loss or not: the same count on every rank
 
 
 def _optimizer_step_count(trainer) -> int | None:
@@ -135,38 +137,50 @@ class BoundaryCheck(L.Callback):
         value, self._micro = statistics.fmean(self._micro), []
         self.all_losses.append(value)
         trace.optimizer_steps = _optimizer_step_count(trainer)
-        if not math.isfinite(value):  # a NaN/inf step (the monitor's to report) would poison every mean
-            return
-        trace.losses.append(value)
-        if len(trace.losses) == self.config.k:
-            self._check(trainer)
+        trace.steps += 1
+        if math.isfinite(value):  # a NaN/inf step (the monitor's to report) would poison every mean
+            trace.losses.append(value)
+        # At the epoch's k-th step, on every rank at once (the check gathers the ranks' findings): counting
+        # finite losses instead would check a rank that had a NaN step later than the others.
+        if trace.steps == self.config.k and trainer.current_epoch not in self._checked:
+            self._checked.add(trainer.current_epoch)
+            for rank, record in self._gather(trainer, self._finding(trainer)):
+                record.rank = rank
+                self.alerts.append(record)
+                if trainer.is_global_zero:  # rank 0 delivers every rank's alerts
+                    self.sinks.emit(record, trainer.logger)
 
-    def _check(self, trainer) -> None:
-        epoch = trainer.current_epoch
-        if epoch in self._checked:
-            return
-        self._checked.add(epoch)
+    def _finding(self, trainer) -> Alert | None:
+        """This rank's boundary alert for the current epoch, or None: the finite losses of its first k steps
+        against the last k of the epoch (or stage) before."""
+        epoch, k = trainer.current_epoch, self.config.k
         current = self.epochs[epoch]
+        if not current.losses:  # the first k steps all NaN/Inf: no mean to compare (the monitor reports them)
+            return None
         if epoch == 0:
-            if len(self.previous_tail) >= self.config.k:
-                noise = spread(self.previous_tail)
-                before = self.previous_tail[-self.config.k :]
-                self._judge(trainer, "stage_boundary", before, current.losses, noise, [])
-            return
+            if len(self.previous_tail) < k:
+                return None
+            before, noise = self.previous_tail[-k:], spread(self.previous_tail)
+            return self._judge(trainer, "stage_boundary", before, current.losses, noise, [])
         previous = self.epochs[epoch - 1]
-        if len(previous.losses) < self.config.k:
-            return
+        if len(previous.losses) < k:
+            return None
         # The noise comes from the epoch's own steps, not its first k (themselves right after a boundary).
-        settled = previous.losses[self.config.k :] if len(previous.losses) >= 3 * self.config.k else previous.losses
-        noise = spread(settled)
-        self._judge(
-            trainer,
-            "epoch_boundary",
-            previous.losses[-self.config.k :],
-            current.losses,
-            noise,
-            self._causes(trainer, previous, current),
-        )
+        settled = previous.losses[k:] if len(previous.losses) >= 3 * k else previous.losses
+        causes = self._causes(trainer, previous, current)
+        return self._judge(trainer, "epoch_boundary", previous.losses[-k:], current.losses, spread(settled), causes)
+
+    @staticmethod
+    def _gather(trainer, finding: Alert | None) -> list[tuple[int, Alert]]:
+        """(rank, alert) of every rank that found a jump: a rank's data (its batches, its losses) can jump
+        where rank 0's do not. One collective when none did, a second to gather them when some rank did."""
+        if not trainer.strategy.reduce_boolean_decision(finding is not None, all=False):
+            return []
+        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return [(trainer.global_rank, finding)]
+        gathered: list = [None] * trainer.world_size
+        dist.all_gather_object(gathered, finding)
+        return [(rank, record) for rank, record in enumerate(gathered) if record is not None]
 
     def _causes(self, trainer, previous: _EpochTrace, current: _EpochTrace) -> list[str]:
         causes = []
@@ -188,17 +202,14 @@ class BoundaryCheck(L.Callback):
             causes.append(f"short_last_batch ({previous.batch_sizes[-1]} samples)")
         return causes
 
-    def _judge(self, trainer, kind: str, before, after, noise: float, causes: list[str]) -> None:
+    def _judge(self, trainer, kind: str, before, after, noise: float, causes: list[str]) -> Alert | None:
         alert, jump, threshold = boundary_jump(before, after, noise, self.config)
         if not alert:
-            return
+            return None
         detail = f"mean loss {statistics.fmean(before):.4g} -> {statistics.fmean(after):.4g} over {self.config.k} steps"
-        record = Alert(
+        return Alert(
             self.stage, trainer.global_step, trainer.current_epoch, kind, jump, threshold, "warn", [], causes, detail
         )
-        self.alerts.append(record)
-        if trainer.is_global_zero:
-            self.sinks.emit(record, trainer.logger)
 
     def write_losses(self, path: Path) -> None:
         """Per-optimizer-step losses of the stage, for the next stage's boundary check and for tests; a
