@@ -200,6 +200,16 @@ def load_synonyms(path: str | Path | None, flag: str = "eval.synonyms") -> dict[
     return table
 
 
+def class_table(synonyms: dict[str, list[str]] | None, index: dict) -> dict[str, list[str]] | None:
+    """The CHAIR table to score with: the synonym table if given, else every class annotated anywhere in the
+    data set (index.json's `object_classes`, written by the data stage), each naming only itself. Built from
+    the evaluated images' classes alone, a class none of them showed was never counted as hallucinated, and
+    the scores changed with `limit`. Shards built before the index held the classes: None (those images')."""
+    if synonyms is not None or not index.get("object_classes"):
+        return synonyms
+    return {name: [] for name in index["object_classes"]}
+
+
 RECORD_KEYS = ("stage", "global_step", "generation", "history", "eval_fingerprint")
 """What metrics.json holds beside the scores (and the stage's `budget`, which the run's summary leaves out too)."""
 

@@ -249,6 +249,10 @@ class CaptionDataModule(L.LightningDataModule):
     def eval_samples(self, split: str = "test", limit: int | None = None) -> list[tuple[str, EncodedImage, dict]]:
         """(key, image, metadata) of a held-out split, in shard order, for evaluation; the images stay encoded
         until a batch is captioned (`as_image`), and each is checked to decode now."""
+        if split not in self.index["splits"]:
+            raise ValueError(f"split {split!r}: {self.shard_dir} has the splits {', '.join(self.index['splits'])}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1 image, got {limit}")
         urls = [str(self.shard_dir / shard["url"]) for shard in self.index["splits"][split]]
         samples: list = []
         if not urls:

@@ -226,7 +226,7 @@ class EvalConfig:
     """Upper edges (words) of the generated-caption length buckets that hallucination is also reported by."""
     synonyms: str | None = None
     """Real data whose samples carry object class names: a JSON file {class: [words naming it]} for CHAIR
-    (e.g. COCO's synonym list); unset: every annotated class names itself."""
+    (e.g. COCO's synonym list); unset: every class annotated in the data set names itself."""
 
     def __post_init__(self) -> None:
         from callbacks.evaluation import load_synonyms

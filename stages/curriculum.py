@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from datamodules.shards import INDEX_NAME, check_shards_serve, index_digest, read_index
+from datamodules.shards import INDEX_NAME, ShardError, check_shards_serve, index_digest, read_index
 from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
 from modules.loading import check_lora_targets, check_prompt, is_model_folder, load_tokenizer, write_config_folders
@@ -86,7 +86,10 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
                      len(changed), changed[:3])  # fmt: skip
     log.info("building the shards with the data recipe %s in %s", recipe_path, shard_dir)
     stamp.unlink(missing_ok=True)  # a build killed midway must not leave the old stamp vouching for its files
-    report = run_data_stage(recipe, shard_dir, cfg.world, cfg.seed)
+    try:
+        report = run_data_stage(recipe, shard_dir, cfg.world, cfg.seed)
+    except ValueError as error:  # a recipe or input that cannot build shards: said as the data command says it
+        raise ShardError(f"--data.recipe {recipe_path}: {error}") from error
     log_data_report(run_dir, report, (shard_dir / "report.md").read_text())
     images = json.loads((shard_dir / IMAGE_FILES_NAME).read_text())  # as each was when read, not as it is now
     write_text_atomic(stamp, json.dumps({"fingerprint": wanted, "recipe": str(recipe_path), "images": images}))

@@ -161,6 +161,14 @@ def check_process(process: list[dict]) -> None:
         raise ValueError(f"recipe process: {error}") from error
     except Exception as error:  # the check itself failed on a value the op accepts (max_num: .inf)
         log.warning("recipe process: Data-Juicer's preflight check could not run (%r); op arguments unchecked", error)
+    for item in process:
+        path = (item.get("blip2_caption_mapper") or {}).get("model_path")
+        if path and not (Path(path) / "config.json").is_file():
+            # Found only at the first batch before, after every image was read, as a hub id error or an OSError.
+            raise ValueError(
+                f"recipe process: blip2_caption_mapper.model_path {path} is no model folder (no config.json there; "
+                "a local folder saved with save_pretrained, relative paths from the working folder)"
+            )
     names = [name for item in process for name in item]
     first = next((name for name in names if name in CAPTION_OPS), None)
     if first is not None:
@@ -183,7 +191,6 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int =
     from data_juicer.utils.process_utils import setup_mp
     from transformers import set_seed
 
-    check_process(process)
     quiet_data_juicer()
     datasets.disable_progress_bars()
     # Ops run in this process unless the recipe sets num_proc: a forked worker that runs torch after this
@@ -314,6 +321,7 @@ def clear_build(out_dir: Path) -> None:
 def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None = None, seed: int = 0) -> dict:
     """Runs the recipe into `out_dir` (shards, report.json, report.md, and index.json last, when the build is
     whole); returns the report."""
+    check_process(recipe.process)  # before the earlier build is removed: a bad recipe leaves it as it was
     out_dir.mkdir(parents=True, exist_ok=True)
     clear_build(out_dir)
     skips = SkipLog()
@@ -330,6 +338,9 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
     for row in rows:
         row["raw_caption"] = strip_dj_tokens(row["text"])
     kept, accounting = _run_ops(rows, recipe.process, out_dir / "stats", seed)
+    if not kept:  # an index of empty splits failed later, blaming the evaluated split's share
+        drops = ", ".join(f"{op['op']} dropped {op['dropped']}" for op in accounting if op["dropped"])
+        raise ValueError(f"recipe process: its ops kept none of {len(rows)} samples ({drops})")
     check_captions(kept)
     renamed = distinct_keys(kept)
 
@@ -349,6 +360,10 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
         split = row.get("split") or named.get(key) or split_of(key, recipe.val_share, recipe.test_share)
         by_split[split].append(_shard_sample(row))
     index = {"source": recipe.input.format, "splits": {}}
+    # Every class annotated anywhere (real data's `objects` lists): CHAIR's table, where no synonyms are given.
+    classes = {o for row in kept for o in json.loads(row["meta_json"]).get("objects") or [] if isinstance(o, str)}
+    if classes:
+        index["object_classes"] = sorted(classes)
     for split in SPLITS:
         index["splits"][split] = write_shards(by_split[split], out_dir, split, recipe.shard_size)
     (out_dir / IMAGE_FILES_NAME).write_text(json.dumps(dict(sorted(skips.image_files.items()))))

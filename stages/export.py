@@ -205,7 +205,7 @@ def evaluate_model(
 ) -> dict:
     """Captions the held-out `split` of the shards with an exported folder or a finished stage, on `device`
     ("auto": the GPU if there is one) and, if given, cast to `dtype`; the scores."""
-    from callbacks.evaluation import answer_questions, generate_captions, load_synonyms, score, vqa_scores
+    from callbacks.evaluation import answer_questions, class_table, generate_captions, load_synonyms, score, vqa_scores
     from datamodules.caption_datamodule import CaptionDataModule
     from datamodules.captions import PromptFormat
 
@@ -231,7 +231,8 @@ def evaluate_model(
         chat_template = model_config.chat_template
     model.to(device=target, dtype=None if dtype is None else DTYPES[dtype])
     shards = Path(shard_dir) if shard_dir else default_shards
-    samples = CaptionDataModule(shards, max_words=10**6).eval_samples(split, limit)
+    data = CaptionDataModule(shards, max_words=10**6)
+    samples = data.eval_samples(split, limit)
     if not samples:
         raise ValueError(f"--data: {shards} has no {split!r} samples")
     fmt = PromptFormat(tokenizer, num_image_tokens, prompt, chat_template)
@@ -239,7 +240,8 @@ def evaluate_model(
         model, samples, fmt, processor, batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams
     )
     results = [(key, meta, text) for (key, _, meta), text in zip(samples, captions, strict=True)]
-    metrics = score(sorted(results, key=lambda r: r[0]), buckets, load_synonyms(synonyms, "--synonyms"))
+    table = class_table(load_synonyms(synonyms, "--synonyms"), data.index)
+    metrics = score(sorted(results, key=lambda r: r[0]), buckets, table)
     if vqa:
         answers = answer_questions(model, samples, fmt, processor, batch_size)
         if not answers:

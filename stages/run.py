@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from jsonargparse.typing import PositiveInt
 
 from stages.config import CurriculumConfig
 
@@ -83,11 +84,11 @@ def eval_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Caption a held-out split with a model and print its scores.")
     parser.add_argument("--model", type=str, required=True, help="an exported folder or a finished stage folder")
     parser.add_argument("--data", type=str, default=None, help="shard folder; default: the shards it trained on")
-    parser.add_argument("--split", type=str, default="test")
-    parser.add_argument("--limit", type=int, default=256, help="images evaluated (the first of the split)")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--num_beams", type=int, default=1)
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--split", type=str, default="test", choices=["train", "val", "test"])
+    parser.add_argument("--limit", type=PositiveInt, default=256, help="images evaluated (the first of the split)")
+    parser.add_argument("--max_new_tokens", type=PositiveInt, default=64)
+    parser.add_argument("--num_beams", type=PositiveInt, default=1)
+    parser.add_argument("--batch_size", type=PositiveInt, default=64)
     parser.add_argument("--vqa", action="store_true", help="also ask the images' questions: exact-match VQA accuracy")
     parser.add_argument("--synonyms", type=str, default=None, help="CHAIR synonym table (JSON) for real data")
     parser.add_argument("--device", type=str, default="auto", help="auto (the GPU if there is one), cpu, cuda, cuda:1")

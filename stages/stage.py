@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.alerts import AlertSinks
 from callbacks.epoch_boundary import BoundaryCheck
-from callbacks.evaluation import CaptionEvaluation, load_synonyms, metrics_line, scores
+from callbacks.evaluation import CaptionEvaluation, class_table, load_synonyms, metrics_line, scores
 from callbacks.fault_injection import FaultInjection
 from callbacks.instability import InstabilityMonitor
 from callbacks.throughput import Throughput
@@ -238,7 +238,7 @@ def stage_data_and_evaluation(
         buckets=tuple(cfg.eval.length_buckets),
         vqa=cfg.eval.vqa,
         extra={"budget": budget, "eval_fingerprint": eval_print},
-        synonyms=load_synonyms(cfg.eval.synonyms),
+        synonyms=class_table(load_synonyms(cfg.eval.synonyms), datamodule.index),
     )
     return datamodule, evaluation
 

@@ -372,3 +372,14 @@ def test_a_shrinking_word_budget_is_warned_about(caplog):
     shrinking = {**growing, "c": StageSpec(["projector", "lora"], 12)}
     CurriculumConfig(stages=shrinking)
     assert "stages.c.max_words 12 is below that of b (20), which it starts from" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--split", "validation"], "argument --split: invalid choice"), (["--limit", "0"], 'key "limit"')],
+)
+def test_eval_refuses_an_unknown_split_and_a_limit_below_one(flags, message, capsys):
+    """An unknown split crashed with a KeyError; --limit 0 or -3 evaluated one image."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", "any", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -227,6 +227,10 @@ def test_the_stock_captioner_with_its_defaults_writes_readable_identical_shards(
             [{"oracle_caption_mapper": {}}, {"image_text_similarity_filter": {}}],
             "image_text_similarity_filter after oracle_caption_mapper would judge no image",
         ),
+        (  # found at the first batch before, as a hub id error, once every image was read
+            [{"blip2_caption_mapper": {"model_path": "models/no-such-blip2"}}],
+            "blip2_caption_mapper.model_path models/no-such-blip2 is no model folder",
+        ),
     ],
 )
 def test_a_recipe_process_that_would_be_silently_wrong_fails_before_any_op(process, message, tmp_path):
@@ -337,3 +341,19 @@ def test_a_rebuild_leaves_only_its_own_shards_and_a_killed_one_no_index(tmp_path
     assert (out / "train-000000.tar").is_file()
     with pytest.raises(FileNotFoundError, match="no shard index"):
         read_index(out)
+
+
+def test_a_bad_recipe_leaves_the_earlier_build_and_one_that_keeps_nothing_fails_naming_the_ops(tmp_path):
+    """A recipe whose ops keep no sample wrote an index of empty splits (exit 0), and the curriculum then blamed
+    the evaluated split's share."""
+    from tests.conftest import MICRO_WORLD
+
+    out = tmp_path / "shards"
+    run_data_stage(load_recipe(SYNTHETIC_RECIPE), out, MICRO_WORLD, seed=0)
+    bad = RecipeConfig(process=[{"blip2_caption_mapper": {"model_path": str(tmp_path / "nowhere")}}])
+    with pytest.raises(ValueError, match="is no model folder"):
+        run_data_stage(bad, out, MICRO_WORLD, seed=0)
+    assert sum(shard["count"] for shard in read_index(out)["splits"]["train"]) == 192  # still the earlier build
+    keeps_none = [{"oracle_caption_mapper": {}}, {"words_num_filter": {"min_num": 1000}}]
+    with pytest.raises(ValueError, match=r"kept none of 248 samples \(words_num_filter dropped 248\)"):
+        run_data_stage(RecipeConfig(process=keeps_none), out, MICRO_WORLD, seed=0)

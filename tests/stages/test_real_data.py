@@ -422,3 +422,20 @@ def test_unicode_punctuation_around_words_is_stripped_in_the_report():
     from datamodules.text_stats import tokens
 
     assert tokens("“Dog” runs… — fast. «chat» ¡hola!") == ["dog", "runs", "fast", "chat", "hola"]
+
+
+def test_chair_counts_a_class_of_the_data_set_that_no_evaluated_image_shows(tmp_path):
+    """Without a synonym table the classes came from the evaluated images alone: a caption naming a triangle
+    on a circle image scored no hallucination while no evaluated image showed a triangle, and the scores
+    changed with how many images were evaluated."""
+    from callbacks.evaluation import class_table, score
+    from datamodules.caption_datamodule import CaptionDataModule
+
+    shards = _llava_shards(tmp_path, "annotated", annotated=True)
+    data = CaptionDataModule(shards, max_words=60)
+    assert data.index["object_classes"] == ["circle", "square", "triangle"]
+    circle = next((key, meta) for key, _, meta in data.eval_samples("test") if meta["objects"] == ["circle"])
+    results = [(circle[0], circle[1], "a red circle and a blue triangle")]
+    assert score(results, synonyms=class_table(None, data.index))["chair_i"] == 0.5
+    assert score(results)["chair_i"] == 0.0  # the evaluated image's classes only: the triangle went unseen
+    assert class_table({"dog": ["puppy"]}, data.index) == {"dog": ["puppy"]}  # a given table wins
