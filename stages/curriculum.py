@@ -236,6 +236,25 @@ class RunFolderBusy(RuntimeError):
     """Another process is running a curriculum in the same run folder."""
 
 
+class NoGPU(RuntimeError):
+    """A stage asks for a GPU on a machine without one."""
+
+
+def check_accelerator(cfg: CurriculumConfig) -> None:
+    """Fails before any work when a stage asks for a GPU that this machine lacks, naming the key: Lightning
+    said "No supported gpu backend found!" once the first stage built its Trainer, after the data stage."""
+    if torch.cuda.is_available():
+        return
+    for name, spec in cfg.stages.items():
+        if cfg.trainer.merged(spec.trainer).accelerator in ("gpu", "cuda"):
+            key = f"stages.{name}.trainer.accelerator" if spec.trainer.accelerator else "trainer.accelerator"
+            raise NoGPU(
+                f"{key} asks for a GPU and this machine has none (no CUDA device); on CPU use "
+                "--trainer.accelerator cpu (with a DeepSpeed profile also --trainer.strategy auto "
+                "--trainer.deepspeed_config null)"
+            )
+
+
 @contextmanager
 def run_folder_lock(run_dir: Path) -> Iterator[None]:
     """Holds `<run_dir>/.lock` while a curriculum runs in the folder (rank 0; the other ranks of a multi-device
@@ -279,6 +298,7 @@ def _run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     check_prompt(load_tokenizer(lm, cfg.model.image_token), cfg.model)
     if any("lora" in spec.trainable for spec in cfg.stages.values()):
         check_lora_targets(lm, cfg.model.lora)
+    check_accelerator(cfg)
     shard_dir = prepare_data(cfg, run_dir)
     budgets = {}
     for name, spec in cfg.stages.items():

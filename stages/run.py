@@ -244,14 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "curriculum":
         from datamodules.shards import ShardError
         from modules.loading import ModelFolderError
-        from stages.curriculum import RunFolderBusy, run_curriculum
+        from stages.curriculum import NoGPU, RunFolderBusy, run_curriculum
         from stages.stage import StageStopped
 
         cfg, config_files = checked_curriculum(parser, args)
         run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(config_files)
         try:
             results = run_curriculum(cfg, run_dir)
-        except (FileNotFoundError, ModelFolderError, ShardError, RunFolderBusy) as error:  # say which, no traceback
+        except (FileNotFoundError, ModelFolderError, ShardError, RunFolderBusy, NoGPU) as error:  # say which, no trace
             print(f"error: {error}", file=sys.stderr)
             return 2
         except StageStopped as error:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_data_command(parser, args)
     if args.command == "compare":
         from stages.compare import markdown, run_compare
-        from stages.curriculum import RunFolderBusy
+        from stages.curriculum import NoGPU, RunFolderBusy
 
         options = args.compare
         if options.seeds < 1:
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = list(range(options.seeds))
         try:
             result = run_compare(Path(options.profile), seeds, Path(options.root), list(options.override))
-        except (FileNotFoundError, ValueError, RunFolderBusy) as error:
+        except (FileNotFoundError, ValueError, RunFolderBusy, NoGPU) as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
         print(markdown(result, seeds))

@@ -143,3 +143,14 @@ def test_random_init_profile_trains_exports_and_evaluates(tmp_path, micro_world)
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(exported.image_embeddings(pixels), vlm.image_embeddings(pixels))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_a_gpu_profile_on_a_machine_without_one_names_the_accelerator_before_the_data(tmp_path, capsys):
+    """Lightning's "No supported gpu backend found!" came once the first stage built its Trainer, after the
+    data stage, and named no key."""
+    args = ["curriculum", "--config", "configs/curriculum/small_siglip_qwen.yaml", f"--run_dir={tmp_path}"]
+    assert main([*args, *TOY_PROFILE_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.accelerator asks for a GPU" in err and "--trainer.accelerator cpu" in err
+    assert not (tmp_path / "data").exists(), "nothing should run before the machine is checked"
