@@ -314,7 +314,7 @@ def bench_train(
     kinds: tuple[str, ...] = ("align", "sft"),
 ) -> dict:
     """Runs every variant for both step kinds on the profile `cfg` (a CurriculumConfig); returns the figures."""
-    from datamodules.captions import IGNORE_INDEX, PromptFormat
+    from datamodules.captions import PromptFormat, scored_tokens
     from modules.loading import build_vlm
     from modules.training_module import AlignModule, LoRASFTModule, OptimSpec
     from stages.config import check_speed
@@ -344,7 +344,7 @@ def bench_train(
     fmt = PromptFormat(tokenizer, count_image_tokens(base, processor), cfg.model.prompt, cfg.model.chat_template)
     batch = synthetic_batch(tokenizer, fmt, processor, batch_size, text_tokens, cfg.model.image_size)
     tokens = int(batch["attention_mask"][0].sum())
-    labelled = int((batch["labels"][0, 1:] != IGNORE_INDEX).sum())
+    labelled = int(scored_tokens(batch["labels"][0]))
     optim = OptimSpec(lr=sft_spec.lr, warmup_steps=0)
 
     def save() -> None:
