@@ -127,7 +127,9 @@ class BoundaryCheck(L.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        self._micro.append(float(loss) * trainer.accumulate_grad_batches)
+        self._micro.append(
+            float(loss) * trainer.accumulate_grad_batches / float(getattr(pl_module, "rank_factor", 1.0))
+        )
         # One loss per optimizer step, closed when the optimizer stepped: with accumulation, Lightning also
         # steps on an epoch's last, partial window, so counting micro-batches would mix epochs.
         if trainer.global_step == self._step:

@@ -3,7 +3,8 @@
 Per optimizer step the callback sees:
 - the loss, in units that do not change with gradient accumulation: Lightning hands
   `on_before_backward` the loss divided by `accumulate_grad_batches`, so it is multiplied back and
-  averaged over the step's micro-batches;
+  averaged over the step's micro-batches (and divided by the module's `rank_factor`, if it has one:
+  the weight of this rank's tokens among every rank's, which is not this rank's loss);
 - the global L2 norm of the gradients in `on_before_optimizer_step`, which Lightning calls after
   AMP unscaling and before gradient clipping (so the norm is the true one).
 
@@ -186,7 +187,9 @@ class InstabilityMonitor(L.Callback):
 
     @override
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        self._micro_losses.append(loss.detach().float() * trainer.accumulate_grad_batches)
+        # This rank's own loss: a module that weighs ranks by their tokens scales the loss it returns.
+        rank_factor = getattr(pl_module, "rank_factor", 1.0)
+        self._micro_losses.append(loss.detach().float() * trainer.accumulate_grad_batches / rank_factor)
 
     def _findings(self, loss: float, grad: float | None) -> list[tuple[str, float, float]]:
         found = []

@@ -45,7 +45,8 @@ class OptimSpec:
     min_lr_ratio: float = 0.1
     loss_weighting: str = "token"
     """"token": every scored caption token of an optimizer step weighs the same, across its accumulated
-    micro-batches; "micro_batch": each micro-batch's mean weighs the same (HF Trainer before 4.46)."""
+    micro-batches and across ranks; "micro_batch": each micro-batch's mean weighs the same (HF Trainer
+    before 4.46)."""
 
 
 def rng_states() -> dict:
@@ -108,6 +109,10 @@ class VLMModule(L.LightningModule):
         self.vlm, self.trainable, self.optim = vlm, list(trainable), optim
         self.speed = speed or SpeedSpec()
         self._step_loss: torch.Tensor | float = 0.0  # the optimizer step's loss, summed over its micro-batches
+        self.rank_factor: torch.Tensor | float = 1.0
+        """How much more the last micro-batch's returned loss weighs than its share of this rank's step loss:
+        the gradient weighs ranks by their tokens (`_step_share`); the stability callbacks divide it out, so
+        that they judge each rank's own token mean."""
         apply_speed(vlm.lm, self.speed)
         groups = group_parameters(vlm)
         if "lora" in trainable and not groups["lora"]:
@@ -148,30 +153,40 @@ class VLMModule(L.LightningModule):
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        share, accumulate = self._step_share(batch), self.trainer.accumulate_grad_batches
+        share, self.rank_factor = self._step_share(batch)
+        accumulate = self.trainer.accumulate_grad_batches
         self._step_loss = self._step_loss + loss.detach() * share / accumulate
         if (batch_idx + 1) % accumulate == 0:  # the step's last micro-batch (an epoch holds whole steps)
             # The step's loss, as losses.json and the stability callbacks have it: logged per micro-batch,
             # TensorBoard showed the last micro-batch's mean, with MGM-2B's batch 1 a single caption's loss.
             self.log("train/loss", self._step_loss, prog_bar=True, batch_size=len(batch["keys"]) * accumulate)
             self._step_loss = 0.0
-        return loss * share
+        return loss * share * self.rank_factor
 
-    def _step_share(self, batch: dict) -> torch.Tensor | float:
-        """The factor that turns this micro-batch's mean loss into its share of the optimizer step's loss.
+    def _step_share(self, batch: dict) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """(share, rank factor): the factors that turn this micro-batch's mean loss into its share of the
+        optimizer step's loss on this rank, and that share into its weight in the gradient of every rank.
 
         Lightning divides each of the step's N micro-batch losses by N, so a mean per micro-batch gives each
         micro-batch the same weight: with batch 1 and accumulation 16, a 5-token caption's tokens weighed 10x
         a 50-token caption's. With "token" weighting the loss is scaled by N x (its tokens / the step's
         tokens), so the step's gradient is that of the mean over all its tokens, as one batch of N x B would
         give. The loader counts the step's tokens (`step_tokens`, read ahead); 1 exactly without accumulation.
-        Ranks weigh the same, as DDP and DeepSpeed average their gradients; the loss the stability callbacks
-        see per step is then the step's token mean on each rank.
+
+        DDP and DeepSpeed average the ranks' gradients, which would weigh ranks the same whatever their
+        tokens: the rank factor, W x (this rank's step tokens / every rank's), makes the average the mean over
+        every token of the step on all W ranks (one sum over ranks per micro-batch; 1 on one device).
         """
         step_tokens = batch.get("step_tokens")
         if self.optim.loss_weighting == "micro_batch" or step_tokens is None:
-            return 1.0
-        return scored_tokens(batch["labels"]) * self.trainer.accumulate_grad_batches / step_tokens
+            return 1.0, 1.0
+        share = scored_tokens(batch["labels"]) * self.trainer.accumulate_grad_batches / step_tokens
+        world = self.trainer.world_size
+        if world == 1:
+            return share, 1.0
+        # A float copy: the sum is taken in place, and the ranks' counts need not fit the tokens' dtype.
+        every_rank = self.trainer.strategy.reduce(step_tokens.to(torch.float64, copy=True), reduce_op="sum")
+        return share, (world * step_tokens / every_rank).float()
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -7,6 +7,9 @@ differently from a batch of 4 on the same images (HF Trainer's pre-4.46 bug).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,8 @@ from safetensors.torch import load_file
 from datamodules.captions import IGNORE_INDEX, scored_tokens, tag_step_tokens
 from stages.run import main
 from tests.conftest import MICRO_ARGS
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _batch(tokens: int) -> dict:
@@ -88,3 +93,54 @@ def test_accumulated_micro_batches_train_as_one_batch(tmp_path, micro_world, mic
     # Measured: the projector off by 1.1e-3 (token weighting: 1.5e-8), step losses by 9e-4 relative (1e-7).
     assert max(abs(a - b) / b for a, b in zip(old_losses, one_losses, strict=True)) > 1e-4
     assert max(float((old[key] - one[key]).abs().max()) for key in one) > 1e-4
+
+
+@pytest.mark.slow
+def test_two_ranks_weigh_each_token_the_same(micro_world, micro_base, tmp_path):
+    """DDP averages the ranks' gradients: with a rank factor of W x (rank's tokens / all tokens) the
+    average is the gradient of the mean over every scored token of the step on both ranks. The stability
+    callbacks still see each rank's own token mean."""
+    from modules.loading import ModelConfig, build_vlm
+
+    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    script = Path(__file__).with_name("ddp_token_weights.py")
+    args = [sys.executable, str(script), str(micro_world), str(micro_base[0]), str(micro_base[1]), str(tmp_path)]
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for key, grad in ranks[0]["grads"].items():
+        torch.testing.assert_close(ranks[1]["grads"][key], grad)  # DDP's average: the same on both ranks
+
+    vlm = build_vlm(ModelConfig(), *micro_base)[0]
+    vlm.projector.load_state_dict(ranks[0]["start"])
+    vlm.vision.eval()
+
+    def gradient_and_losses(batches: list[dict]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Gradient of the token sum of the loss, its token count, and the mean loss per batch."""
+        vlm.zero_grad()
+        tokens, means = [], []
+        for b in batches:
+            mean = vlm(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"]).loss
+            (mean * scored_tokens(b["labels"])).backward()
+            tokens.append(scored_tokens(b["labels"]))
+            means.append(mean.detach())
+        return [p.grad.clone() for p in vlm.projector.parameters()], torch.stack(tokens), torch.stack(means)
+
+    per_rank = [gradient_and_losses(rank["batches"]) for rank in ranks]
+    rank_tokens = [int(tokens.sum()) for _, tokens, _ in per_rank]
+    assert rank_tokens[0] != rank_tokens[1]  # the ranks' captions differ in length: the weighting matters
+    every_token = [(g0 + g1) / sum(rank_tokens) for g0, g1 in zip(per_rank[0][0], per_rank[1][0], strict=True)]
+    # Each rank's token mean, averaged: what DDP gave before the rank factor.
+    rank_means = [
+        (g0 / rank_tokens[0] + g1 / rank_tokens[1]) / 2 for g0, g1 in zip(per_rank[0][0], per_rank[1][0], strict=True)
+    ]
+    ddp = list(ranks[0]["grads"].values())
+    # Measured: 85 and 101 tokens; the rank means' gradient off by 5.5e-2 of its largest entry, DDP's by 3e-7.
+    assert max(float((r - e).abs().max() / e.abs().max()) for r, e in zip(rank_means, every_token, strict=True)) > 1e-3
+    for got, want in zip(ddp, every_token, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    for rank, (_, tokens, means) in zip(ranks, per_rank, strict=True):
+        own_mean = float((means * tokens).sum() / tokens.sum())
+        assert rank["monitor_loss"] == pytest.approx([own_mean], rel=1e-5)
+        assert rank["boundary_loss"] == pytest.approx([own_mean], rel=1e-5)
