@@ -79,7 +79,8 @@ def read_index(shard_dir: Path) -> dict:
 
 
 def index_digest(shard_dir: Path) -> str:
-    """A content hash of the index, which changes whenever any shard's samples change."""
+    """A content hash of the index: its shards, sample counts and caption word counts (not the captions or
+    images themselves; `stages.curriculum.shards_digest` adds the files)."""
     return hashlib.sha256((Path(shard_dir) / INDEX_NAME).read_bytes()).hexdigest()[:16]
 
 

@@ -4,7 +4,7 @@ Every scene is drawn from a seeded generator, so the same (seed, index) always g
 image, objects, captions and questions. Because the ground truth is exact, hallucination can be
 measured exactly (see stages/metrics.py).
 
-A scene has 1 to `max_objects` objects, each in its own cell of a 3x3 grid, each with a shape, a
+A scene has `min_objects` to `max_objects` objects, each in its own cell of a 3x3 grid, each with a shape, a
 colour and a size, on a plain background. Captions come in several lengths from the same scene:
 
 - short: the (up to) two largest objects by colour and shape ("a red circle and a blue square");
@@ -49,7 +49,7 @@ class WorldConfig:
     image_size: int = 64
     """Side of the square images, in pixels."""
     max_objects: int = 4
-    """Objects per scene are drawn uniformly from 1..max_objects (at most 9, one per grid cell)."""
+    """The most objects in a scene (at most 9, one per grid cell)."""
     train_size: int = 20000
     val_size: int = 256
     test_size: int = 256

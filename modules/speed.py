@@ -6,8 +6,8 @@
   that is several GiB per batch. Here only the positions that have a label reach the output layer,
   and each chunk's logits are recomputed in backward instead of kept.
 - `checkpoint_every`: activation checkpointing of every n-th decoder layer (transformers'
-  `activation_checkpointing_enable(every_n_layers=n)`): 1 recomputes every layer in backward, larger
-  values trade memory back for speed.
+  checkpointing, turned on for the model, then kept on every n-th layer's flag only): 1 recomputes every
+  layer in backward, larger values trade memory back for speed.
 - `compile`: `torch.compile` of each decoder layer (regional compilation: one graph reused by every
   layer, so compiling takes seconds, not minutes). Only the training forward is compiled; generation
   in evaluation runs eagerly, where every new sequence length would otherwise compile again.

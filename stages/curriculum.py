@@ -1,4 +1,4 @@
-"""The curriculum loop: data, base models, then every stage in order, each handing off to the next."""
+"""The curriculum loop: base models, data, then every stage in order, each handing off to the next."""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@
 zero3.json, zero2_offload.json) trains under `lightning.pytorch.strategies.DeepSpeedStrategy`.
 Lightning refuses DeepSpeed on a non-CUDA accelerator, while DeepSpeed itself runs on CPU over
 gloo; `CPUDeepSpeedStrategy` lifts only that check, so that CI exercises ZeRO-2/3 training, saving,
-resuming and exporting without a GPU. It is chosen when the accelerator is "cpu".
+resuming and exporting without a GPU. It is chosen when the accelerator is "cpu", or "auto" on a
+machine without CUDA.
 """
 
 from __future__ import annotations
