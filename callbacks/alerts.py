@@ -40,7 +40,8 @@ KINDS = (
 class Alert:
     stage: str
     step: int
-    """Optimizer step within the stage (the trainer's global step when the alert fired)."""
+    """Index (from 0) of the stage's optimizer step that raised it: the step judged, or for a boundary check
+    the k-th step after the boundary. TensorBoard and report.md put it on the run's step axis."""
     epoch: int
     kind: str
     value: float

@@ -209,9 +209,8 @@ class BoundaryCheck(L.Callback):
         if not alert:
             return None
         detail = f"mean loss {statistics.fmean(before):.4g} -> {statistics.fmean(after):.4g} over {self.config.k} steps"
-        return Alert(
-            self.stage, trainer.global_step, trainer.current_epoch, kind, jump, threshold, "warn", [], causes, detail
-        )
+        step = trainer.global_step - 1  # checked after the k-th step: global_step counts it done already
+        return Alert(self.stage, step, trainer.current_epoch, kind, jump, threshold, "warn", [], causes, detail)
 
     def write_losses(self, path: Path) -> None:
         """Per-optimizer-step losses of the stage, for the next stage's boundary check and for tests; a
