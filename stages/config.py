@@ -15,6 +15,7 @@ from modules.base_models import TinyBaseConfig
 from modules.loading import ModelConfig
 from modules.speed import SpeedSpec
 from modules.training_module import GROUPS, LOSS_WEIGHTINGS, LearningRates
+from stages.metrics import DEFAULT_BUCKETS, check_buckets
 
 # Lightning's precision names (lightning.fabric.connector's _PRECISION_INPUT), its short aliases included.
 PRECISIONS = (
@@ -222,7 +223,7 @@ class EvalConfig:
     vqa: bool = False
     """Also ask the held-out images' questions (yes/no, counting, colour) at each stage's end: exact-match VQA
     accuracy overall and per type. Off by default: the tiny curriculum trains captioning only."""
-    length_buckets: list[int] = field(default_factory=lambda: [8, 20, 48])
+    length_buckets: list[int] = field(default_factory=lambda: list(DEFAULT_BUCKETS))
     """Upper edges (words) of the generated-caption length buckets that hallucination is also reported by."""
     synonyms: str | None = None
     """Real data whose samples carry object class names: a JSON file {class: [words naming it]} for CHAIR
@@ -239,9 +240,7 @@ class EvalConfig:
             raise ValueError(f"eval.every_n_steps must be at least 1 or null, got {self.every_n_steps}")
         if self.table_rows < 0 or self.grid_images < 0:
             raise ValueError("eval.table_rows and eval.grid_images must not be negative")
-        edges = self.length_buckets
-        if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
-            raise ValueError(f"eval.length_buckets must be increasing positive word counts, got {edges}")
+        check_buckets(self.length_buckets, "eval.length_buckets")
 
 
 @dataclass

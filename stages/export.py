@@ -25,7 +25,7 @@ from modules import modeling_vlm_curriculum
 from modules.handoff import has_lora, load_handoff
 from modules.loading import LoraSpec, ModelConfig, build_vlm
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
-from stages.metrics import DEFAULT_BUCKETS
+from stages.metrics import DEFAULT_BUCKETS, check_buckets
 from stages.paths import input_path
 
 EXPORT_RECORD = "vlm_export.json"
@@ -212,6 +212,7 @@ def evaluate_model(
     target = eval_device(device)  # bad flags fail before the model loads
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    check_buckets(buckets, "--length_buckets")
     path = Path(model_path)
     if (path / EXPORT_RECORD).is_file():
         model, tokenizer, processor = load_exported(path)

@@ -47,6 +47,7 @@ from datamodules.world import COLOURS, EXTRA_COLOURS, SHAPES, SIZES
 
 ALL_COLOURS = {**COLOURS, **EXTRA_COLOURS}
 DEFAULT_BUCKETS = (8, 20, 48)
+"""Caption-length bucket edges in words: the hallucination scores are also reported per bucket."""
 POPE_SETTINGS = ("random", "popular", "adversarial")
 
 
@@ -142,6 +143,12 @@ def words_and_images(predictions: list[str], objects: list | None = None) -> dic
     """Mean words and image count: all that is scored of images without object annotations."""
     n = len(predictions)
     return {"mean_words": sum(len(p.split()) for p in predictions) / n if n else 0.0, "images": float(n)}
+
+
+def check_buckets(edges, flag: str) -> None:
+    """Bucket edges must be increasing positive word counts; `flag` names the setting in the error."""
+    if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+        raise ValueError(f"{flag} must be increasing positive word counts, got {list(edges)}")
 
 
 def by_length(predictions: list[str], objects: list, edges=DEFAULT_BUCKETS, scorer=None) -> dict[str, dict]:

@@ -15,6 +15,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from jsonargparse.typing import PositiveInt
 
 from stages.config import CurriculumConfig
+from stages.metrics import DEFAULT_BUCKETS
 
 # `--help` shows each config field's docstring (the text under it in stages/config.py and the dataclasses).
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -90,6 +91,12 @@ def eval_parser() -> ArgumentParser:
     parser.add_argument("--num_beams", type=PositiveInt, default=1)
     parser.add_argument("--batch_size", type=PositiveInt, default=64)
     parser.add_argument("--vqa", action="store_true", help="also ask the images' questions: exact-match VQA accuracy")
+    parser.add_argument(
+        "--length_buckets",
+        type=list[int],
+        default=list(DEFAULT_BUCKETS),
+        help="caption-length buckets (words) of the scores",
+    )
     parser.add_argument("--synonyms", type=str, default=None, help="CHAIR synonym table (JSON) for real data")
     parser.add_argument("--device", type=str, default="auto", help="auto (the GPU if there is one), cpu, cuda, cuda:1")
     parser.add_argument("--dtype", type=str, default=None, help="cast the model: float32, bfloat16, float16")
@@ -193,6 +200,7 @@ def run_model_command(command: str, options) -> int:
             options.max_new_tokens,
             options.num_beams,
             options.batch_size,
+            buckets=tuple(options.length_buckets),
             vqa=options.vqa,
             synonyms=options.synonyms,
             device=options.device,

@@ -131,6 +131,11 @@ def test_eval_runs_on_the_device_and_dtype_asked_for(micro_run, capsys):
     assert "--dtype 'bf16': use one of float32, bfloat16, float16" in capsys.readouterr().err
     assert main([*args, "--device", "gpu0"]) == 2
     assert "--device 'gpu0'" in capsys.readouterr().err
+    # The run's eval.length_buckets were not passed on: eval always scored 8 / 20 / 48-word buckets.
+    assert main([*args, "--length_buckets", "[3, 12]"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["metrics"]["by_length"]) <= {"0-3", "4-12", "13+"}
+    assert main([*args, "--length_buckets", "[12, 3]"]) == 2
+    assert "--length_buckets must be increasing positive word counts, got [12, 3]" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main([*args, "--device", "cuda"]) == 2
         assert "--device cuda: no CUDA device here" in capsys.readouterr().err
