@@ -25,16 +25,6 @@ from typing_extensions import override
 
 log = logging.getLogger(__name__)
 
-KINDS = (
-    "loss_spike",
-    "grad_spike",
-    "non_finite",
-    "divergence",
-    "level_shift",
-    "epoch_boundary",
-    "stage_boundary",
-)
-
 
 @dataclass
 class Alert:
@@ -44,6 +34,8 @@ class Alert:
     the k-th step after the boundary. TensorBoard and report.md put it on the run's step axis."""
     epoch: int
     kind: str
+    """loss_spike, grad_spike, non_finite, divergence, level_shift (instability.py); epoch_boundary,
+    stage_boundary (epoch_boundary.py)."""
     value: float
     threshold: float
     action: str

@@ -337,11 +337,6 @@ class CaptionEvaluation(L.Callback):
         # One process's own call (a stage scored again on rank 0 alone) gathers nothing, even in a process group.
         return sorted(_gather(results) if world_size > 1 else results, key=lambda r: r[0])
 
-    def evaluate(self, vlm, rank: int = 0, world_size: int = 1) -> tuple[dict, list[tuple[str, str, str]]]:
-        results = self.caption(vlm, rank, world_size)
-        rows = [(key, reference(meta), text) for key, meta, text in results[: self.table_rows]]
-        return score(results, self.buckets, self.synonyms), rows
-
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
         synced = {"synced_gpus": True} if _zero3(trainer) and trainer.world_size > 1 else {}  # ranks in step
         results = self.caption(pl_module.vlm, trainer.global_rank, trainer.world_size, pl_module, **synced)

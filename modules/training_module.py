@@ -39,7 +39,6 @@ class LearningRates:
 @dataclass
 class OptimSpec:
     lr: LearningRates
-    weight_decay: float = 0.0
     warmup_steps: int = 20
     """Linear warm-up, then cosine decay to `min_lr_ratio` x peak over the stage's optimizer steps."""
     min_lr_ratio: float = 0.1
@@ -198,7 +197,7 @@ class VLMModule(L.LightningModule):
         param_groups = [
             {"params": groups[name], "lr": getattr(self.optim.lr, name), "name": name} for name in self.trainable
         ]
-        optimizer = torch.optim.AdamW(param_groups, weight_decay=self.optim.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)  # as LLaVA trains; AdamW's default is 0.01
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup, floor = min(self.optim.warmup_steps, total // 2), self.optim.min_lr_ratio
 

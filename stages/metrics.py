@@ -20,9 +20,8 @@ model answers from its caption: "yes" when the caption names the object.
 
 Real data: shards whose samples carry object class names (COCO-style annotations) are scored with
 `chair_synonyms` (CHAIR-i / CHAIR-s and recall, by a synonym table); without annotations only the
-text metrics and caption lengths are computed. `vqa_accuracy` is the official VQAv2 / TextVQA
-accuracy (answer normalisation, min(#matches / 3, 1) averaged over the 10 leave-one-out subsets of the
-human answers); `vqa_exact` is exact match after the same normalisation.
+text metrics and caption lengths are computed. `vqa_exact` (the world's questions) is exact match
+after the official VQAv2 answer normalisation (`normalize_answer`).
 
 Text metrics, on lower-cased words with punctuation dropped (`caption_words`): BLEU-1..4 (torchmetrics,
 corpus level: it returns 0 whenever one n-gram order has no match, so the lower orders are reported
@@ -325,16 +324,6 @@ def normalize_answer(answer: str) -> str:
     text = re.sub(r"(?!<=\d)(\.)(?!\d)", "", text)
     words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
     return " ".join(_CONTRACTIONS.get(w, w) for w in words)
-
-
-def vqa_accuracy(prediction: str, human_answers: list[str]) -> float:
-    """Official VQA accuracy of one answer: mean over the leave-one-out subsets of min(#matches / 3, 1)."""
-    if not human_answers:
-        raise ValueError("vqa_accuracy needs the human answers (10 in VQAv2 and TextVQA)")
-    pred = normalize_answer(prediction)
-    gts = [normalize_answer(a) for a in human_answers]
-    scores = [min(sum(g == pred for j, g in enumerate(gts) if j != i) / 3, 1.0) for i in range(len(gts))]
-    return sum(scores) / len(scores)
 
 
 def vqa_exact(predictions: list[str], answers: list[str]) -> float:

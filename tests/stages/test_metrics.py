@@ -17,7 +17,6 @@ from stages.metrics import (
     pope_probes,
     rouge_l,
     text_metrics,
-    vqa_accuracy,
     vqa_exact,
 )
 
@@ -145,17 +144,13 @@ def test_pope_answers_from_the_caption():
     assert greedy["adversarial"]["yes_ratio"] == 1.0 and greedy["adversarial"]["precision"] == 0.5
 
 
-def test_vqa_official_accuracy_and_normalisation():
+def test_vqa_exact_match_after_the_official_normalisation():
     assert normalize_answer("Two dogs.") == "2 dogs"
     assert normalize_answer("the Dog") == "dog"
     assert normalize_answer("isnt it") == "isn't it"
-    # 2 of 10 humans said "2": 2 leave-one-out subsets keep one match (1/3), 8 keep two (2/3).
-    assert vqa_accuracy("two", ["2", "2"] + ["3"] * 8) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
-    assert vqa_accuracy("yes", ["yes"] * 10) == 1.0
-    assert vqa_accuracy("no", ["yes"] * 10) == 0.0
     assert vqa_exact(["Yes", "three"], ["yes", "3"]) == 1.0
     assert vqa_exact(["no"], ["yes"]) == 0.0
-    assert vqa_accuracy("none", ["0"] * 10) == 1.0  # the official number map has "none" too
+    assert vqa_exact(["none"], ["0"]) == 1.0  # the official number map has "none" too
     # Whether a mark is spaced or dropped is read off the answer as given, as the official code does.
     assert normalize_answer("x;-y-z") == "x y z"
     # The official contractions table whole (a subset of it left "couldnt've" and "oclock" unmatched), quirks
