@@ -19,11 +19,25 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch.distributed as dist
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 log = logging.getLogger(__name__)
+
+
+def gather_findings(trainer, found: bool, finding) -> list[tuple[int, object]]:
+    """(rank, finding) of every rank that found something, [] when none did: a rank's batches and losses can
+    spike where rank 0's do not. One collective when no rank found anything, a second to gather the findings
+    when some rank did. Every rank must call it at the same step."""
+    if not trainer.strategy.reduce_boolean_decision(found, all=False):
+        return []
+    if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [(trainer.global_rank, finding)]
+    gathered: list = [None] * trainer.world_size
+    dist.all_gather_object(gathered, (found, finding))
+    return [(rank, finding) for rank, (found, finding) in enumerate(gathered) if found]
 
 
 @dataclass
@@ -117,7 +131,9 @@ class AlertSinks(Callback):
         if logger is not None:
             logger.log_metrics({f"alerts/{alert.kind}": float(self.counts[alert.kind])}, step=alert.step)
             # The text goes to the writer itself: on the curriculum's logger, at the run-wide step as the scalar.
-            text_step = getattr(logger, "global_step", lambda step: step)(alert.step)
+            text_step = getattr(logger, "run_step", lambda step: step)(
+                alert.step
+            )  # a plain logger: the stage is the run
             logger.experiment.add_text(f"alerts/{self.stage}", alert.line(), global_step=text_step)
         if self.webhook_url:
             self._enqueue(alert)

@@ -29,10 +29,9 @@ from itertools import pairwise
 from pathlib import Path
 
 import lightning as L
-import torch.distributed as dist
 from typing_extensions import override
 
-from callbacks.alerts import Alert, AlertSinks
+from callbacks.alerts import Alert, AlertSinks, gather_findings
 
 
 @dataclass
@@ -54,7 +53,8 @@ class BoundaryConfig:
 
 
 def spread(losses: list[float]) -> float:
-    """Robust standard deviation of step-to-step changes (1.4826 x MAD), trend-free by construction."""
+    """Robust standard deviation of step-to-step changes (1.4826 x MAD), trend-free by construction. The
+    boundary check's `z` counts these (the noise of a change, not of one loss: sqrt 2 x larger)."""
     diffs = [b - a for a, b in pairwise(losses)]
     if len(diffs) < 2:
         return 0.0
@@ -146,7 +146,8 @@ class BoundaryCheck(L.Callback):
         # finite losses instead would check a rank that had a NaN step later than the others.
         if trace.steps == self.config.k and trainer.current_epoch not in self._checked:
             self._checked.add(trainer.current_epoch)
-            for rank, record in self._gather(trainer, self._finding(trainer)):
+            finding = self._finding(trainer)
+            for rank, record in gather_findings(trainer, finding is not None, finding):
                 record.rank = rank
                 self.alerts.append(record)
                 if trainer.is_global_zero:  # rank 0 delivers every rank's alerts
@@ -171,18 +172,6 @@ class BoundaryCheck(L.Callback):
         settled = previous.losses[k:] if len(previous.losses) >= 3 * k else previous.losses
         causes = self._causes(trainer, previous, current)
         return self._judge(trainer, "epoch_boundary", previous.losses[-k:], current.losses, spread(settled), causes)
-
-    @staticmethod
-    def _gather(trainer, finding: Alert | None) -> list[tuple[int, Alert]]:
-        """(rank, alert) of every rank that found a jump: a rank's data (its batches, its losses) can jump
-        where rank 0's do not. One collective when none did, a second to gather them when some rank did."""
-        if not trainer.strategy.reduce_boolean_decision(finding is not None, all=False):
-            return []
-        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return [(trainer.global_rank, finding)]
-        gathered: list = [None] * trainer.world_size
-        dist.all_gather_object(gathered, finding)
-        return [(rank, record) for rank, record in enumerate(gathered) if record is not None]
 
     def _causes(self, trainer, previous: _EpochTrace, current: _EpochTrace) -> list[str]:
         causes = []

@@ -21,11 +21,15 @@ from typing_extensions import override
 FAULTS = ("nan", "spike", "bad_batch", "inf_grad")
 
 
+def check_faults(faults: dict[int, str]) -> None:
+    unknown = sorted(set(faults.values()) - set(FAULTS))
+    if unknown:
+        raise ValueError(f"stability.faults: unknown fault kinds {unknown}; expected {FAULTS}")
+
+
 class FaultInjection(L.Callback):
     def __init__(self, faults: dict[int, str], seed: int = 0) -> None:
-        unknown = sorted(set(faults.values()) - set(FAULTS))
-        if unknown:
-            raise ValueError(f"stability.faults: unknown fault kinds {unknown}; expected {FAULTS}")
+        check_faults(faults)
         self.faults = {int(step): kind for step, kind in faults.items()}
         self.generator = torch.Generator().manual_seed(seed)
 

@@ -46,15 +46,14 @@ import math
 import statistics
 from collections import deque
 from dataclasses import asdict, dataclass
-from itertools import pairwise
 from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from typing_extensions import override
 
-from callbacks.alerts import Alert, AlertSinks
+from callbacks.alerts import Alert, AlertSinks, gather_findings
+from callbacks.epoch_boundary import spread
 
 ACTIONS = ("warn", "skip", "rewind", "stop")
 
@@ -118,13 +117,12 @@ def spike_threshold(history: list[float], z: float, min_ratio: float, recent: in
     """The value above which the next one is a spike, from the healthy `history` (all > 0).
 
     In log space: the centre is the median of the last `recent` values, so a falling or drifting
-    curve is followed closely; the noise is the robust spread of step-to-step changes
-    (1.4826 x MAD / sqrt 2), which a trend does not inflate.
+    curve is followed closely; the noise of one value is the robust spread of step-to-step changes
+    (`spread`, which a trend does not inflate) / sqrt 2, as a change holds the noise of two values.
     """
     logs = [math.log(max(v, 1e-12)) for v in history]
     centre = statistics.median(logs[-recent:])
-    diffs = [b - a for a, b in pairwise(logs)]
-    noise = 1.4826 * statistics.median(abs(d - statistics.median(diffs)) for d in diffs) / math.sqrt(2)
+    noise = spread(logs) / math.sqrt(2)
     return math.exp(centre + max(z * noise, math.log(min_ratio)))
 
 
@@ -241,7 +239,7 @@ class InstabilityMonitor(L.Callback):
             trainer.logger.log_metrics({"train/grad_norm": grad}, step=self._step)
         keys, self._micro_losses, self._keys = self._keys, [], []
         findings = self._findings(loss, self._unless_overflow(trainer, loss, grad))
-        every_rank = self._gather(trainer, findings, keys)
+        every_rank = [(r, f, k) for r, (f, k) in gather_findings(trainer, bool(findings), (findings, keys))]
         action = self._action(every_rank)
         for rank, rank_findings, rank_keys in every_rank:
             for kind, value, threshold in rank_findings:
@@ -297,17 +295,6 @@ class InstabilityMonitor(L.Callback):
             return grad
         self._overflows += 1
         return grad if self._overflows == self.config.overflow_patience else None
-
-    def _gather(self, trainer, findings: list, keys: list[str]) -> list[tuple[int, list, list[str]]]:
-        """(rank, findings, batch keys) of every rank that found something; [] when none did (one collective
-        then, a second to gather them only when some rank found something)."""
-        if not trainer.strategy.reduce_boolean_decision(bool(findings), all=False):
-            return []
-        if trainer.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return [(trainer.global_rank, findings, keys)]
-        gathered: list = [None] * trainer.world_size
-        dist.all_gather_object(gathered, (findings, keys))
-        return [(rank, found, batch) for rank, (found, batch) in enumerate(gathered) if found]
 
     def _report(
         self,

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
 from callbacks.epoch_boundary import BoundaryConfig
+from callbacks.fault_injection import check_faults
 from callbacks.instability import InstabilityConfig, check_action_under_deepspeed
 from datamodules.world import WorldConfig
 from modules.base_models import TinyBaseConfig
@@ -268,11 +269,12 @@ class StabilityConfig:
     (nan, spike, bad_batch, inf_grad; see callbacks/fault_injection.py)."""
 
     def __post_init__(self) -> None:
-        from callbacks.fault_injection import FAULTS
+        check_faults(self.faults)
 
-        unknown = sorted(set(self.faults.values()) - set(FAULTS))
-        if unknown:
-            raise ValueError(f"stability.faults: unknown fault kinds {unknown}; expected {FAULTS}")
+
+def upstream_stage(names: list[str], index: int, init_from: str) -> str:
+    """The stage that stage number `index` of `names` starts from ("previous": the one before it), or "base"."""
+    return names[index - 1] if init_from == "previous" else init_from
 
 
 @dataclass
@@ -308,7 +310,7 @@ class CurriculumConfig:
                     f"stages.{name}.init_from: {source!r} is not 'previous', 'base' "
                     f"or an earlier stage ({names[:index]})"
                 )
-            upstream = names[index - 1] if source == "previous" else source
+            upstream = upstream_stage(names, index, source)
             if upstream in self.stages and spec.max_words < self.stages[upstream].max_words:
                 logging.getLogger(__name__).warning(
                     "stages.%s.max_words %d is below that of %s (%d), which it starts from: the curriculum's word "

@@ -19,7 +19,7 @@ from datamodules.shards import INDEX_NAME, ShardError, check_shards_serve, index
 from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
 from modules.loading import check_lora_targets, check_prompt, is_model_folder, load_tokenizer, write_config_folders
-from stages.config import CurriculumConfig, TrainerConfig
+from stages.config import CurriculumConfig, TrainerConfig, upstream_stage
 from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
 from stages.paths import write_text_atomic
 from stages.report import STAGES_FILE, write_report
@@ -315,8 +315,7 @@ def _run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     names = list(cfg.stages)
     step_offset = 0
     for index, name in enumerate(names):
-        source = cfg.stages[name].init_from
-        source = names[index - 1] if source == "previous" else source
+        source = upstream_stage(names, index, cfg.stages[name].init_from)
         init = None if source == "base" else next(r for r in results if r.name == source)
         init_dir = None if init is None else run_dir / init.name / "export"
         tail = boundary_tail(cfg, name, None if init is None else init.name, run_dir)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from stages.config import upstream_stage
 from stages.data import report_markdown
 from stages.paths import input_path
 
@@ -53,8 +54,7 @@ def stage_problems(run_dir: Path, configs: dict[str, dict]) -> dict[str, str]:
     names = list(configs)
     for index, (name, config) in enumerate(configs.items()):
         done = _read_json(run_dir / name / "done.json")
-        source = config["spec"]["init_from"]
-        upstream = names[index - 1] if source == "previous" else source
+        upstream = upstream_stage(names, index, config["spec"]["init_from"])
         if done is None and (run_dir / name / "checkpoints" / "stopped.ckpt").exists():
             problems[name] = "stopped by a stability alert (see Alerts); its checkpoints/stopped.ckpt is kept"
         elif done is None:
