@@ -351,7 +351,7 @@ class CaptionEvaluation(L.Callback):
         logger = trainer.logger
         if logger is not None:  # at the index of the step the evaluation follows, as Lightning logs val/loss
             logger.log_metrics(scalars(metrics), step=step - 1)
-            tb_step = getattr(logger, "global_step", lambda s: s)(step - 1)
+            tb_step = getattr(logger, "run_step", lambda s: s)(step - 1)  # a plain logger: the stage is the run
             rows = [(key, reference(meta), text) for key, meta, text in results[: self.table_rows]]
             logger.experiment.add_text(f"eval/{self.stage}/captions", markdown_table(rows), global_step=tb_step)
             if self.grid_images:

@@ -240,6 +240,114 @@ def default_run_dir(config_files: list) -> Path:
     return Path("runs") / name
 
 
+def run_curriculum_command(parser: ArgumentParser, args) -> int:
+    from datamodules.shards import ShardError
+    from modules.loading import ModelFolderError
+    from stages.curriculum import NoGPU, RunFolderBusy, run_curriculum
+    from stages.stage import StageStopped
+
+    cfg, config_files = checked_curriculum(parser, args)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(config_files)
+    try:
+        results = run_curriculum(cfg, run_dir)
+    except (FileNotFoundError, ModelFolderError, ShardError, RunFolderBusy, NoGPU) as error:  # say which, no trace
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except StageStopped as error:
+        print(f"stopped: {error}; the run so far: {run_dir / 'report.md'}", file=sys.stderr)
+        return 3
+    for result in results:
+        m = result.metrics
+        keys = [k for k in ("recall", "chair_i", "chair_s", "mean_words", "bleu4") if k in m]
+        scores = "  ".join(f"{k} {m[k]:.3f}" for k in keys)
+        note = "  (scored again: evaluation settings changed)" if result.rescored else ""
+        note = note or ("  (skipped: done before)" if result.skipped else "")
+        print(f"{result.name:>12}  steps {result.global_steps:5d}  {scores}{note}")
+    print(f"run folder: {run_dir}   TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    return 0
+
+
+def run_compare_command(parser: ArgumentParser, args) -> int:
+    from stages.compare import markdown, run_compare
+    from stages.curriculum import NoGPU, RunFolderBusy
+
+    options = args.compare
+    if options.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {options.seeds}")
+    seeds = list(range(options.seeds))
+    try:
+        result = run_compare(Path(options.profile), seeds, Path(options.root), list(options.override))
+    except (FileNotFoundError, ValueError, RunFolderBusy, NoGPU) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(markdown(result, seeds))
+    print(f"compare.md, compare.json and compare.png in {options.root}")
+    return 0
+
+
+def run_report_command(parser: ArgumentParser, args) -> int:
+    from stages.report import write_report
+
+    try:
+        print(f"wrote {write_report(Path(args.report.run_dir))}")
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_bench_train(parser: ArgumentParser, args) -> int:
+    from stages.bench_train import bench_train, failed_variants, print_train_report
+
+    sub = args.bench.train
+    config_files = [str(p) for p in (sub.pop("config", None) or [])]
+    options = {k: sub.pop(k) for k in ("steps", "warmup", "batch", "text_tokens", "variants", "kinds")}
+    try:
+        cfg = curriculum_config(parser.instantiate_classes(args).bench.train)
+        run_dir = (
+            Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"bench-train-{default_run_dir(config_files).name}"
+        )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        report = bench_train(
+            cfg,
+            run_dir,
+            options["steps"],
+            options["warmup"],
+            options["batch"],
+            options["text_tokens"],
+            options["variants"],
+            tuple(options["kinds"]),
+        )
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print_train_report(report)
+    failed = failed_variants(report)
+    if failed:
+        print(f"error: variants failed (their tracebacks are in the log above): {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_bench_command(parser: ArgumentParser, args) -> int:
+    if args.bench.bench == "train":
+        return run_bench_train(parser, args)
+    if args.bench.bench == "stability":
+        from stages.bench import bench_stability, print_report
+
+        options = args.bench.stability
+        if not 1 <= options.fault_seeds <= options.seeds:
+            # each fault run starts from the data and base models of the clean run of its seed
+            parser.error(f"--fault_seeds must be within 1 and --seeds ({options.seeds}), got {options.fault_seeds}")
+        print_report(bench_stability(Path(options.root), options.seeds, options.fault_seeds))
+        return 0
+    from stages.bench import bench_blip2, print_blip2_report
+
+    o = args.bench.blip2
+    print_blip2_report(bench_blip2(Path(o.root), o.images, o.shape, o.batch_size, o.stock_images, o.max_new_tokens))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = build_parser()
@@ -249,104 +357,16 @@ def main(argv: list[str] | None = None) -> int:
         # jsonargparse prints before any value is checked: check first, then let it print and exit.
         checked_curriculum(parser, parser.parse_args([arg for arg in parser.argv if arg not in printing]))
     args = parser.parse_args(list(parser.argv))
-    if args.command == "curriculum":
-        from datamodules.shards import ShardError
-        from modules.loading import ModelFolderError
-        from stages.curriculum import NoGPU, RunFolderBusy, run_curriculum
-        from stages.stage import StageStopped
-
-        cfg, config_files = checked_curriculum(parser, args)
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(config_files)
-        try:
-            results = run_curriculum(cfg, run_dir)
-        except (FileNotFoundError, ModelFolderError, ShardError, RunFolderBusy, NoGPU) as error:  # say which, no trace
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        except StageStopped as error:
-            print(f"stopped: {error}; the run so far: {run_dir / 'report.md'}", file=sys.stderr)
-            return 3
-        for result in results:
-            m = result.metrics
-            keys = [k for k in ("recall", "chair_i", "chair_s", "mean_words", "bleu4") if k in m]
-            scores = "  ".join(f"{k} {m[k]:.3f}" for k in keys)
-            note = "  (scored again: evaluation settings changed)" if result.rescored else ""
-            note = note or ("  (skipped: done before)" if result.skipped else "")
-            print(f"{result.name:>12}  steps {result.global_steps:5d}  {scores}{note}")
-        print(f"run folder: {run_dir}   TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
-    if args.command == "data":
-        return run_data_command(parser, args)
-    if args.command == "compare":
-        from stages.compare import markdown, run_compare
-        from stages.curriculum import NoGPU, RunFolderBusy
-
-        options = args.compare
-        if options.seeds < 1:
-            parser.error(f"--seeds must be at least 1, got {options.seeds}")
-        seeds = list(range(options.seeds))
-        try:
-            result = run_compare(Path(options.profile), seeds, Path(options.root), list(options.override))
-        except (FileNotFoundError, ValueError, RunFolderBusy, NoGPU) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        print(markdown(result, seeds))
-        print(f"compare.md, compare.json and compare.png in {options.root}")
-    if args.command == "report":
-        from stages.report import write_report
-
-        try:
-            print(f"wrote {write_report(Path(args.report.run_dir))}")
-        except FileNotFoundError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
     if args.command in ("export", "eval"):
         return run_model_command(args.command, args[args.command])
-    if args.command == "bench" and args.bench.bench == "stability":
-        from stages.bench import bench_stability, print_report
-
-        options = args.bench.stability
-        if not 1 <= options.fault_seeds <= options.seeds:
-            # each fault run starts from the data and base models of the clean run of its seed
-            parser.error(f"--fault_seeds must be within 1 and --seeds ({options.seeds}), got {options.fault_seeds}")
-        print_report(bench_stability(Path(options.root), options.seeds, options.fault_seeds))
-    if args.command == "bench" and args.bench.bench == "train":
-        from stages.bench_train import bench_train, failed_variants, print_train_report
-
-        sub = args.bench.train
-        config_files = [str(p) for p in (sub.pop("config", None) or [])]
-        options = {k: sub.pop(k) for k in ("steps", "warmup", "batch", "text_tokens", "variants", "kinds")}
-        try:
-            cfg = curriculum_config(parser.instantiate_classes(args).bench.train)
-            run_dir = (
-                Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"bench-train-{default_run_dir(config_files).name}"
-            )
-            run_dir.mkdir(parents=True, exist_ok=True)
-            report = bench_train(
-                cfg,
-                run_dir,
-                options["steps"],
-                options["warmup"],
-                options["batch"],
-                options["text_tokens"],
-                options["variants"],
-                tuple(options["kinds"]),
-            )
-        except (FileNotFoundError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        print_train_report(report)
-        failed = failed_variants(report)
-        if failed:
-            print(
-                f"error: variants failed (their tracebacks are in the log above): {', '.join(failed)}", file=sys.stderr
-            )
-            return 1
-    if args.command == "bench" and args.bench.bench == "blip2":
-        from stages.bench import bench_blip2, print_blip2_report
-
-        o = args.bench.blip2
-        results = bench_blip2(Path(o.root), o.images, o.shape, o.batch_size, o.stock_images, o.max_new_tokens)
-        print_blip2_report(results)
-    return 0
+    handlers = {
+        "curriculum": run_curriculum_command,
+        "data": run_data_command,
+        "compare": run_compare_command,
+        "report": run_report_command,
+        "bench": run_bench_command,
+    }
+    return handlers[args.command](parser, args)
 
 
 if __name__ == "__main__":

@@ -285,41 +285,31 @@ def rescore_stage(
     write_text_atomic(stage_dir / "done.json", json.dumps({**done, "eval_fingerprint": eval_print}, indent=2))
     logger = CurriculumTensorBoardLogger(str(inputs.run_dir), step_offset)
     text = f"scored again with new evaluation settings: {metrics_line(metrics)}"
-    logger.experiment.add_text(f"eval/{name}/rescored", text, global_step=logger.global_step(steps - 1))
+    logger.experiment.add_text(f"eval/{name}/rescored", text, global_step=logger.run_step(steps - 1))
     logger.finalize("success")  # closes the writer (and its thread)
     return StageResult(name, print_, steps, metrics, skipped=True, rescored=True)
 
 
-def run_stage(
+@dataclass
+class StageWatch:
+    """The callbacks of a stage's trainer that run_stage reads after the fit."""
+
+    sinks: AlertSinks
+    monitor: InstabilityMonitor | None
+    boundary: BoundaryCheck
+    throughput: Throughput
+
+
+def stage_trainer(
     cfg: CurriculumConfig,
     name: str,
     inputs: RunInputs,
-    init_dir: Path | None,
-    init_print: str | None,
+    evaluation: CaptionEvaluation,
     step_offset: int,
-    previous_tail: list[float] | None = None,
-) -> StageResult:
-    """Runs stage `name` unless it already finished with the same fingerprint; resumes from last.ckpt."""
-    spec = cfg.stages[name]
+    previous_tail: list[float],
+) -> tuple[L.Trainer, StageWatch]:
+    """The stage's Lightning Trainer: its checkpoints, the stability callbacks, throughput, evaluation, logger."""
     stage_dir = inputs.run_dir / name
-    resolved = resolved_stage_config(cfg, name, inputs, init_print)
-    print_, eval_print = stage_fingerprint(resolved), eval_fingerprint(resolved)
-    done_path = stage_dir / "done.json"
-    if done_path.is_file():
-        done = json.loads(done_path.read_text())
-        if done["fingerprint"] == print_:
-            if done.get("eval_fingerprint") == eval_print and (stage_dir / "metrics.json").is_file():
-                log.info("stage %s: finished before with the same config and inputs, skipped", name)
-                metrics = scores(json.loads((stage_dir / "metrics.json").read_text()))
-                return StageResult(name, print_, done["global_steps"], metrics, skipped=True)
-            return rescore_stage(cfg, name, inputs, resolved, done, step_offset)
-    started = time.perf_counter()
-    L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)
-    vlm, tokenizer, processor = build_vlm(cfg.model, inputs.vision_path, inputs.lm_path)
-    if init_dir is not None:
-        load_handoff(vlm, init_dir)
-    module = make_module(spec, vlm, cfg)
-    datamodule, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_print)
     checkpoint = ModelCheckpoint(
         dirpath=stage_dir / "checkpoints",
         save_last=True,
@@ -329,9 +319,9 @@ def run_stage(
         # and would save beside it as last-v1.ckpt, which no rerun reads.
         enable_version_counter=False,
     )
-    sinks, monitor, boundary = stability_callbacks(cfg, name, stage_dir, previous_tail or [])
+    sinks, monitor, boundary = stability_callbacks(cfg, name, stage_dir, previous_tail)
     faults = FaultInjection(cfg.stability.faults, cfg.seed) if cfg.stability.faults else None
-    trainer_config = cfg.trainer.merged(spec.trainer)
+    trainer_config = cfg.trainer.merged(cfg.stages[name].trainer)
     throughput = Throughput(log_every=trainer_config.log_every_n_steps or 50)
     trainer = L.Trainer(
         **trainer_config.kwargs(),
@@ -347,49 +337,109 @@ def run_stage(
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     # The caption DataModule resumes mid-epoch itself (it skips the batches already trained on).
     warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
+    return trainer, StageWatch(sinks, monitor, boundary, throughput)
+
+
+def finished_result(
+    cfg: CurriculumConfig, name: str, inputs: RunInputs, resolved: dict, step_offset: int
+) -> StageResult | None:
+    """The result of a stage that finished before with the same fingerprint: its scores as they are, or scored
+    again when only the evaluation settings changed. None when the stage must train."""
+    stage_dir = inputs.run_dir / name
+    done_path = stage_dir / "done.json"
+    if not done_path.is_file():
+        return None
+    done = json.loads(done_path.read_text())
+    if done["fingerprint"] != stage_fingerprint(resolved):
+        return None
+    if done.get("eval_fingerprint") == eval_fingerprint(resolved) and (stage_dir / "metrics.json").is_file():
+        log.info("stage %s: finished before with the same config and inputs, skipped", name)
+        metrics = scores(json.loads((stage_dir / "metrics.json").read_text()))
+        return StageResult(name, done["fingerprint"], done["global_steps"], metrics, skipped=True)
+    return rescore_stage(cfg, name, inputs, resolved, done, step_offset)
+
+
+def resume_point(stage_dir: Path, name: str) -> Path | None:
+    """The stage's last.ckpt to resume from, if a killed run left one. A run killed before its first checkpoint
+    trains every step again, so its alerts are dropped; those after a checkpoint are dropped by AlertSinks,
+    and the replayed steps raise them again."""
+    last = stage_dir / "checkpoints" / "last.ckpt"  # a file; under DeepSpeed a link to a folder (strategies.py)
+    if last.exists():
+        log.info("stage %s: resuming from %s", name, last)
+        return last
+    if rank_zero_only.rank == 0:
+        (stage_dir / "alerts.jsonl").unlink(missing_ok=True)
+    return None
+
+
+def scores_of_a_resumed_end(stage_dir: Path, name: str, evaluation: CaptionEvaluation) -> str | None:
+    """Lightning resumed at the last step and trained no further: a run killed after that step's checkpoint.
+    The final evaluation ran before that checkpoint was written (CaptionEvaluation) and wrote metrics.json:
+    its scores go to `evaluation`; the evaluation fingerprint they were scored with is returned."""
+    metrics_path = stage_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(
+            f"stage {name}: {stage_dir / 'checkpoints' / 'last.ckpt'} is at the stage's last step, but "
+            f"{metrics_path} (written before that checkpoint) is missing; delete the checkpoint to train the last "
+            "steps again"
+        )
+    record = json.loads(metrics_path.read_text())
+    evaluation.metrics = scores(record)
+    return record.get("eval_fingerprint")
+
+
+def run_stage(
+    cfg: CurriculumConfig,
+    name: str,
+    inputs: RunInputs,
+    init_dir: Path | None,
+    init_print: str | None,
+    step_offset: int,
+    previous_tail: list[float] | None = None,
+) -> StageResult:
+    """Runs stage `name` unless it already finished with the same fingerprint; resumes from last.ckpt."""
+    stage_dir = inputs.run_dir / name
+    resolved = resolved_stage_config(cfg, name, inputs, init_print)
+    finished = finished_result(cfg, name, inputs, resolved, step_offset)
+    if finished is not None:
+        return finished
+    print_, eval_print = stage_fingerprint(resolved), eval_fingerprint(resolved)
+    started = time.perf_counter()
+    L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)
+    vlm, tokenizer, processor = build_vlm(cfg.model, inputs.vision_path, inputs.lm_path)
+    if init_dir is not None:
+        load_handoff(vlm, init_dir)
+    module = make_module(cfg.stages[name], vlm, cfg)
+    datamodule, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_print)
+    trainer, watch = stage_trainer(cfg, name, inputs, evaluation, step_offset, previous_tail or [])
     # Only now, with the stage built: a stage that fails to build leaves the previous run's folder as it was.
     prepare_stage_folder(stage_dir, print_, resolved, rank_zero_only.rank == 0)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # The ranks already started by an earlier stage wait until rank 0 has emptied a stale stage folder: one that
         # looked before saw the old last.ckpt, resumed from it, and failed once rank 0 had deleted it.
         torch.distributed.barrier()
-    last = stage_dir / "checkpoints" / "last.ckpt"  # a file; under DeepSpeed a link to a folder (strategies.py)
-    if last.exists():  # the alerts after the checkpoint are dropped (AlertSinks), the replayed steps raise them
-        log.info("stage %s: resuming from %s", name, last)
-    elif rank_zero_only.rank == 0:  # a run killed before its first checkpoint: every step is trained again
-        (stage_dir / "alerts.jsonl").unlink(missing_ok=True)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
-    if monitor is not None and monitor.stopped:
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_point(stage_dir, name))
+    if watch.monitor is not None and watch.monitor.stopped:
         raise StageStopped(
             f"stage {name} stopped by a stability alert at step {trainer.global_step}; see {stage_dir / 'alerts.jsonl'}"
             f" and {stage_dir / 'checkpoints' / 'stopped.ckpt'}"
         )
-
     scored_with = eval_print  # the evaluation settings of the scores in metrics.json
     if trainer.is_global_zero and not evaluation.final_done:
-        # Lightning resumed at the last step and trained no further: a run killed after that step's checkpoint.
-        # The final evaluation ran before that checkpoint was written (CaptionEvaluation), and wrote metrics.json.
-        metrics_path = stage_dir / "metrics.json"
-        if not metrics_path.is_file():
-            raise FileNotFoundError(
-                f"stage {name}: {last} is at the stage's last step, but {metrics_path} (written before that "
-                "checkpoint) is missing; delete the checkpoint to train the last steps again"
-            )
-        record = json.loads(metrics_path.read_text())
-        evaluation.metrics, scored_with = scores(record), record.get("eval_fingerprint")
+        scored_with = scores_of_a_resumed_end(stage_dir, name, evaluation)
     save_handoff(module.vlm, stage_dir / "export", write=trainer.is_global_zero)  # every rank: ZeRO-3 gathers
+    done = {
+        "fingerprint": print_,
+        "eval_fingerprint": scored_with,
+        "global_steps": trainer.global_step,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "resources": watch.throughput.summary(),
+    }
+    if cfg.stability.webhook_url:
+        done["webhook_failures"] = watch.sinks.webhook_failures
     if trainer.is_global_zero:
-        boundary.write_losses(stage_dir / "losses.json")
-        done = {
-            "fingerprint": print_,
-            "eval_fingerprint": scored_with,
-            "global_steps": trainer.global_step,
-            "wall_s": round(time.perf_counter() - started, 1),
-            "resources": throughput.summary(),
-        }
-        if cfg.stability.webhook_url:
-            done["webhook_failures"] = sinks.webhook_failures
-        write_text_atomic(done_path, json.dumps(done, indent=2))
+        watch.boundary.write_losses(stage_dir / "losses.json")
+        write_text_atomic(stage_dir / "done.json", json.dumps(done, indent=2))
     # The other ranks go on to the next stage, which reads this stage's export: wait until rank 0 wrote it.
     trainer.strategy.barrier("stage_written")
     if scored_with != eval_print:  # resumed at its last step, scored before with other settings (rank 0 only)

@@ -40,7 +40,8 @@ class CurriculumTensorBoardLogger(TensorBoardLogger):
     def log_hyperparams(self, params, metrics=None) -> None:
         """Each stage's resolved config is saved as config.yaml in its folder instead."""
 
-    def global_step(self, stage_step: int) -> int:
+    def run_step(self, stage_step: int) -> int:
+        """A step of this stage on the run's step axis (the steps of the stages before it come first)."""
         return stage_step + self.step_offset
 
     @rank_zero_only
@@ -48,7 +49,7 @@ class CurriculumTensorBoardLogger(TensorBoardLogger):
         """Marks this stage's events as starting at `stage_step`: TensorBoard drops the events that it read
         before this mark at that step and after. The events SummaryWriter's `purge_step` writes, written here
         because the step is known only once Lightning has restored the checkpoint, after opening the writer."""
-        step = self.global_step(stage_step)
+        step = self.run_step(stage_step)
         writer = self.experiment.file_writer
         writer.add_event(Event(step=step, file_version="brain.Event:2"))
         writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
