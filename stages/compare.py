@@ -187,7 +187,7 @@ def run_compare(profile: Path, seeds: list[int], root: Path, overrides: list[str
     from stages.run import curriculum_config, curriculum_parser, main
 
     parser = curriculum_parser()
-    cfg = curriculum_config(parser.instantiate_classes(parser.parse_args(["--config", str(profile), *overrides])))
+    cfg = curriculum_config(parser.instantiate(parser.parse_args(["--config", str(profile), *overrides])))
     root.mkdir(parents=True, exist_ok=True)
     baseline_config = root / "baseline_stages.yaml"
     baseline_config.write_text(yaml.safe_dump({"stages": baseline_stages(cfg)}, sort_keys=False))

@@ -12,7 +12,7 @@ CURRICULA = sorted((CONFIG_DIR / "curriculum").glob("*.yaml"))
 
 def _parse(*args: str) -> CurriculumConfig:
     parser = build_parser()
-    namespace = parser.instantiate_classes(parser.parse_args(["curriculum", *args])).curriculum
+    namespace = parser.instantiate(parser.parse_args(["curriculum", *args])).curriculum
     values = {k: v for k, v in vars(namespace).items() if k != "config" and not k.startswith("__")}
     return CurriculumConfig(**values)
 

@@ -141,4 +141,4 @@ def test_space_separated_stage_overrides_leave_no_stray_value_in_the_baseline(tm
 def curriculum_config_of(parser, argv):
     from stages.run import curriculum_config
 
-    return curriculum_config(parser.instantiate_classes(parser.parse_args(argv)).curriculum)
+    return curriculum_config(parser.instantiate(parser.parse_args(argv)).curriculum)

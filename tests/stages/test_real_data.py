@@ -182,7 +182,7 @@ def test_shards_rebuild_when_the_input_changes_not_the_world(tmp_path):
         parser = build_parser()
         args = parser.parse_args(["curriculum", f"--data.recipe={recipe}", *flags])
         args.curriculum.pop("config", None)
-        shard_dir = prepare_data(curriculum_config(parser.instantiate_classes(args).curriculum), tmp_path / "run")
+        shard_dir = prepare_data(curriculum_config(parser.instantiate(args).curriculum), tmp_path / "run")
         return shard_dir, (shard_dir / "index.json").stat().st_mtime_ns
 
     _, built = shards()
@@ -216,7 +216,7 @@ def test_shards_rebuild_when_an_image_file_changes(tmp_path, caplog):
         parser = build_parser()
         args = parser.parse_args(["curriculum", f"--data.recipe={recipe}"])
         args.curriculum.pop("config", None)
-        shard_dir = prepare_data(curriculum_config(parser.instantiate_classes(args).curriculum), tmp_path / "run")
+        shard_dir = prepare_data(curriculum_config(parser.instantiate(args).curriculum), tmp_path / "run")
         with tarfile.open(shard_dir / "train-000000.tar") as tar:
             pngs = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")}
         return (shard_dir / "index.json").stat().st_mtime_ns, pngs
