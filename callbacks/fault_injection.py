@@ -25,6 +25,9 @@ def check_faults(faults: dict[int, str]) -> None:
     unknown = sorted(set(faults.values()) - set(FAULTS))
     if unknown:
         raise ValueError(f"stability.faults: unknown fault kinds {unknown}; expected {FAULTS}")
+    negative = sorted(int(step) for step in faults if int(step) < 0)
+    if negative:  # steps count from 0: a negative one never comes
+        raise ValueError(f"stability.faults: steps must not be negative, got {negative}")
 
 
 class FaultInjection(L.Callback):

@@ -109,6 +109,10 @@ class InstabilityConfig:
             raise ValueError(f"stability.instability.max_in_a_row must not be negative, got {self.max_in_a_row}")
         if self.overflow_patience < 1:
             raise ValueError(f"stability.instability.overflow_patience must be positive, got {self.overflow_patience}")
+        if self.divergence_ratio != 0 and self.divergence_ratio < 1:  # below 1 a healthy, falling loss "diverges"
+            raise ValueError(
+                f"stability.instability.divergence_ratio must be 0 (off) or at least 1, got {self.divergence_ratio}"
+            )
         if self.z <= 0 or self.min_ratio < 1 or self.grad_min_ratio < 1:
             raise ValueError("stability.instability.z must be positive and .min_ratio, .grad_min_ratio at least 1")
 

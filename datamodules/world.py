@@ -70,6 +70,8 @@ class WorldConfig:
     """(colour, shape) combinations that never appear outside val/test: rare combinations for the probes."""
 
     def __post_init__(self) -> None:
+        if not 1 <= self.max_objects <= len(PLACES):  # before min_objects, whose check reads it
+            raise ValueError(f"world.max_objects must be in 1..{len(PLACES)}, got {self.max_objects}")
         if not 1 <= self.min_objects <= self.max_objects:
             raise ValueError(f"world.min_objects must be in 1..max_objects, got {self.min_objects}")
         if not 0 < self.object_scale <= 1.2 or self.overlap < 0 or self.texture < 0:
@@ -78,8 +80,8 @@ class WorldConfig:
             raise ValueError(f"world.palette must be in 2..{len(COLOURS) + len(EXTRA_COLOURS)}, got {self.palette}")
         if not 0 <= self.held_out_pairs <= len(SHAPES) * self.palette // 4:
             raise ValueError(f"world.held_out_pairs must be in 0..{len(SHAPES) * self.palette // 4}")
-        if not 1 <= self.max_objects <= len(PLACES):
-            raise ValueError(f"world.max_objects must be in 1..{len(PLACES)}, got {self.max_objects}")
+        if not 0 <= self.raw_hallucination_rate <= 1:
+            raise ValueError(f"world.raw_hallucination_rate must be in [0, 1], got {self.raw_hallucination_rate}")
         if self.image_size < 24:
             raise ValueError(f"world.image_size must be at least 24 pixels, got {self.image_size}")
         for name in ("train_size", "val_size", "test_size"):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPImageProcessor, LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetModel
+from transformers import LlamaConfig, LlamaForCausalLM, ResNetConfig, ResNetModel
 
 from datamodules.world import (
     PLACES,
@@ -73,9 +73,26 @@ class TinyBaseConfig:
                 raise ValueError(f"base.{name} must be positive, got {getattr(self, name)}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"base.dtype must be float32 or float64, got {self.dtype!r}")
+        if not self.vision_hidden_sizes or min(self.vision_hidden_sizes) < 1:
+            raise ValueError(
+                f"base.vision_hidden_sizes must be one or more positive widths, got {self.vision_hidden_sizes}"
+            )
+        if self.lm_hidden_size < 1 or self.lm_hidden_size % self.lm_heads:
+            raise ValueError(
+                f"base.lm_hidden_size must be a positive multiple of base.lm_heads ({self.lm_heads}), got "
+                f"{self.lm_hidden_size}"
+            )
+        if self.lr <= 0:
+            raise ValueError(f"base.lr must be positive, got {self.lr}")
+        if not 0 <= self.lm_context_share <= 1:
+            raise ValueError(f"base.lm_context_share must be in [0, 1], got {self.lm_context_share}")
 
 
-def image_processor(image_size: int) -> CLIPImageProcessor:
+def image_processor(image_size: int):
+    """The tiny tower's CLIP image processor. Imported here: without torchvision, transformers warns on import
+    that it falls back to its PIL backend, which every command (even --help) printed."""
+    from transformers import CLIPImageProcessor
+
     return CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},

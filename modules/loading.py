@@ -57,6 +57,10 @@ class LoraSpec:
             raise ValueError(f"model.lora.r must be positive, got {self.r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.alpha <= 0:  # the adapter's output is scaled by alpha / r: 0 trains nothing, silently
+            raise ValueError(f"model.lora.alpha must be positive, got {self.alpha}")
+        if not self.target_modules:
+            raise ValueError("model.lora.target_modules must name at least one module, got []")
 
 
 @dataclass
@@ -100,6 +104,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in (None, "bfloat16", "float16", "float32"):
             raise ValueError(f"model.dtype must be bfloat16, float16, float32 or null, got {self.dtype!r}")
+        if self.grid is not None and self.grid < 1:
+            raise ValueError(f"model.grid must be at least 1, or null to keep every patch, got {self.grid}")
+        if self.image_size < 1:
+            raise ValueError(f"model.image_size must be at least 1, got {self.image_size}")
 
 
 def is_model_folder(path: str | Path) -> bool:

@@ -5,7 +5,9 @@ YAML files and dotted command-line overrides (`--stages.sft_long.trainer.max_epo
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Literal
 
 from callbacks.epoch_boundary import BoundaryConfig
@@ -31,7 +33,8 @@ class TrainerConfig:
     `trainer`, the run's from Lightning's own defaults."""
 
     accelerator: str | None = None
-    devices: int | str | None = None
+    devices: int | list[int] | str | None = None
+    """How many devices (2), which ([0, 3] or "0,3"), or "auto"; -1: every visible GPU."""
     num_nodes: int | None = None
     strategy: str | None = None
     """"auto", "ddp", ... (Lightning's strategy names), or "deepspeed" with `deepspeed_config`."""
@@ -70,8 +73,17 @@ class TrainerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{where}.{name} must be at least 1, got {value}")
-        if self.devices is not None and str(self.devices).strip() in ("0", ""):
-            raise ValueError(f"{where}.devices must name at least one device, got {self.devices!r}")
+        self._check_devices(where)
+        interval = self.val_check_interval
+        if interval is not None and (interval <= 0 or (isinstance(interval, float) and interval > 1)):
+            raise ValueError(
+                f"{where}.val_check_interval must be steps >= 1 or a share of the epoch in (0, 1], got {interval}"
+            )
+        limit = self.limit_val_batches
+        if limit is not None and (limit < 0 or (isinstance(limit, float) and limit > 1)):
+            raise ValueError(f"{where}.limit_val_batches must be a count >= 0 or a share in [0, 1], got {limit}")
+        if self.num_sanity_val_steps is not None and self.num_sanity_val_steps < -1:
+            raise ValueError(f"{where}.num_sanity_val_steps must be -1 (all) or more, got {self.num_sanity_val_steps}")
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
             raise ValueError(f"{where}.gradient_clip_val must not be negative, got {self.gradient_clip_val}")
         self._check_names(where)
@@ -97,6 +109,25 @@ class TrainerConfig:
                 ) from None
             except ValueError as error:
                 raise ValueError(f"{where}.deepspeed_config: {error}") from None
+
+    def _check_devices(self, where: str) -> None:
+        devices = self.devices
+        if devices is None or devices == -1:
+            return
+        if isinstance(devices, list):
+            if not devices or min(devices) < 0:
+                raise ValueError(f"{where}.devices must list device indices (e.g. [0, 3]), got {devices}")
+            return
+        text = str(devices).strip()
+        if text in ("0", "", "[]"):
+            raise ValueError(f"{where}.devices must name at least one device, got {devices!r}")
+        if text in ("auto", "-1"):
+            return
+        parts = [p.strip() for p in text.split(",")]
+        if not all(p.isdigit() for p in parts if p) or (isinstance(devices, int) and devices < 0):
+            raise ValueError(
+                f'{where}.devices must be a count, a list of indices ([0, 3] or "0,3") or auto, got {devices!r}'
+            )
 
     def _check_names(self, where: str) -> None:
         """Precision, accelerator and strategy names Lightning knows: a misspelt one failed only when its stage
@@ -203,6 +234,14 @@ class DataConfig:
                 f"data.batch_size must be at least 1 and data.num_workers at least 0, got {self.batch_size}, "
                 f"{self.num_workers}"
             )
+        # Here, not when the data is prepared: that comes after the base models (minutes of pretraining).
+        from datamodules.shards import INDEX_NAME
+        from stages.curriculum import resolve_recipe
+
+        if self.shard_dir is not None and not (Path(self.shard_dir) / INDEX_NAME).is_file():
+            raise ValueError(f"data.shard_dir: {self.shard_dir} has no {INDEX_NAME}; build it with the data stage")
+        if self.shard_dir is None and not resolve_recipe(self.recipe).is_file():
+            raise ValueError(f"data.recipe: {self.recipe} is no file (from the working folder or the repository)")
 
 
 @dataclass
@@ -234,6 +273,8 @@ class EvalConfig:
         from callbacks.evaluation import load_synonyms
 
         load_synonyms(self.synonyms)  # a bad table fails before any work, naming the flag
+        if self.split not in ("train", "val", "test"):
+            raise ValueError(f"eval.split must be train, val or test, got {self.split!r}")
         for name in ("limit", "max_new_tokens", "num_beams", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be at least 1, got {getattr(self, name)}")
@@ -272,6 +313,19 @@ class StabilityConfig:
         check_faults(self.faults)
 
 
+# What a run folder holds besides its stages' folders, and init_from's own words.
+RESERVED_STAGE_NAMES = ("base", "data", "tb", "export_hf", "previous")
+
+
+def check_stage_name(name: str) -> None:
+    """A stage's name is its folder in the run folder, which a changed stage empties on the next run: a name
+    like "data" or "../x" emptied the shards, or a folder outside the run."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+        raise ValueError(f"stages: stage name {name!r} must be letters, digits, _ and - (it names a folder)")
+    if name in RESERVED_STAGE_NAMES:
+        raise ValueError(f"stages: stage name {name!r} is taken by the run folder; none of {RESERVED_STAGE_NAMES}")
+
+
 def upstream_stage(names: list[str], index: int, init_from: str) -> str:
     """The stage that stage number `index` of `names` starts from ("previous": the one before it), or "base"."""
     return names[index - 1] if init_from == "previous" else init_from
@@ -301,6 +355,7 @@ class CurriculumConfig:
         self.trainer.check("trainer")
         names = list(self.stages)
         for index, (name, spec) in enumerate(self.stages.items()):
+            check_stage_name(name)
             spec.check(f"stages.{name}")
             source = spec.init_from
             if source == "previous" and index == 0:

@@ -214,6 +214,8 @@ def ranks(trainer: TrainerConfig) -> int:
         count = max(gpus, 1)
     elif isinstance(devices, int):
         count = devices
+    elif isinstance(devices, list):
+        count = len(devices)
     elif "," in devices:
         count = len([d for d in devices.split(",") if d.strip()])
     else:
@@ -241,18 +243,31 @@ class NoGPU(RuntimeError):
 
 
 def check_accelerator(cfg: CurriculumConfig) -> None:
-    """Fails before any work when a stage asks for a GPU that this machine lacks, naming the key: Lightning
-    said "No supported gpu backend found!" once the first stage built its Trainer, after the data stage."""
-    if torch.cuda.is_available():
-        return
+    """Fails before any work when a stage asks for an accelerator that this machine lacks, naming the key:
+    Lightning said "No supported gpu backend found!" (or, for tpu, raised torch_xla's ModuleNotFoundError)
+    once the first stage built its Trainer, after the data stage."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
     for name, spec in cfg.stages.items():
-        if cfg.trainer.merged(spec.trainer).accelerator in ("gpu", "cuda"):
-            key = f"stages.{name}.trainer.accelerator" if spec.trainer.accelerator else "trainer.accelerator"
+        trainer = cfg.trainer.merged(spec.trainer)
+        accelerator, devices = trainer.accelerator, trainer.devices
+        on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
+        if on_cpu and (isinstance(devices, list) or (isinstance(devices, str) and "," in devices)):
+            key = f"stages.{name}.trainer.devices" if spec.trainer.devices is not None else "trainer.devices"
+            raise NoGPU(f"{key} {devices!r}: device indices name GPUs; on the CPU give a number of processes (2)")
+        if accelerator in (None, "auto", "cpu"):
+            continue
+        key = f"stages.{name}.trainer.accelerator" if spec.trainer.accelerator else "trainer.accelerator"
+        if accelerator in ("gpu", "cuda"):
+            if torch.cuda.is_available():
+                continue
             raise NoGPU(
                 f"{key} asks for a GPU and this machine has none (no CUDA device); on CPU use "
                 "--trainer.accelerator cpu (with a DeepSpeed profile also --trainer.strategy auto "
                 "--trainer.deepspeed_config null)"
             )
+        if not AcceleratorRegistry[accelerator]["accelerator"].is_available():
+            raise NoGPU(f"{key} {accelerator}: this machine has no such device (or torch lacks its backend)")
 
 
 @contextmanager

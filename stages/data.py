@@ -74,8 +74,18 @@ class RecipeConfig:
     report_examples: int = 5
 
     def __post_init__(self) -> None:
-        if not 0 <= self.val_share + self.test_share < 1:
-            raise ValueError("val_share + test_share must be in [0, 1)")
+        if self.val_share < 0 or self.test_share < 0 or self.val_share + self.test_share >= 1:
+            raise ValueError(
+                f"val_share and test_share must not be negative, and their sum below 1; got {self.val_share}, "
+                f"{self.test_share}"
+            )
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1 sample, got {self.shard_size}")
+        if not 0 <= self.max_skip_share <= 1 or self.report_examples < 0:
+            raise ValueError(
+                f"max_skip_share must be in [0, 1] and report_examples not negative; got {self.max_skip_share}, "
+                f"{self.report_examples}"
+            )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
@@ -86,7 +96,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeC
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_class_arguments(RecipeConfig, fail_untyped=True, sub_configs=True)
     namespace = parser.parse_args(["--config", str(path), *(overrides or [])])
-    values = parser.instantiate_classes(namespace)
+    values = parser.instantiate(namespace)
     return RecipeConfig(**{k: v for k, v in vars(values).items() if k != "config" and not k.startswith("__")})
 
 

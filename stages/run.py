@@ -7,11 +7,13 @@ fully merged configuration, once its values pass their checks, and exits. Unknow
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
+import typing
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 from jsonargparse.typing import PositiveInt
 
 from stages.config import CurriculumConfig
@@ -165,7 +167,10 @@ def build_parser() -> ArgumentParser:
 def run_data_command(parser: ArgumentParser, args) -> int:
     from stages.data import RecipeConfig, run_data_stage
 
-    values = parser.instantiate_classes(args).data
+    try:
+        values = parser.instantiate(args).data
+    except (ValueError, TypeError) as error:  # a value's own check (world, input format): named, no traceback
+        parser.error(str(error))
     fields = {k: v for k, v in vars(values).items() if k in RecipeConfig.__dataclass_fields__}
     try:
         recipe = RecipeConfig(**fields)
@@ -228,16 +233,64 @@ def checked_curriculum(parser: ArgumentParser, args) -> tuple[CurriculumConfig, 
     that fails its check ends the command with the field named."""
     # An inline --config '{seed: 3}' is recorded as None: no file, so it names no run folder.
     config_files = [str(p) for p in (args.curriculum.pop("config", None) or []) if p is not None]
+    misplaced = not_a_mapping(CurriculumConfig, args.curriculum)
+    if misplaced:  # jsonargparse would fail with "functools.partial(...) argument after ** must be a mapping"
+        parser.error(f"{misplaced[0]} must be a mapping of its keys, got {misplaced[1]!r}")
     try:
-        return curriculum_config(parser.instantiate_classes(args).curriculum), config_files
+        return curriculum_config(parser.instantiate(args).curriculum), config_files
     except (ValueError, TypeError) as error:
         parser.error(str(error))
+
+
+def not_a_mapping(cls, values, where: str = "") -> tuple[str, object] | None:
+    """(dotted key, value) of the first section of the config (a dataclass field, or a stage) whose value is
+    not a mapping, as `world: 5` or `--stages.align.trainer [1]` give; None when every section is one."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        value = values.get(f.name) if isinstance(values, (dict, Namespace)) else None
+        hint, key = hints[f.name], f"{where}{f.name}"
+        if value is None:
+            continue
+        if dataclasses.is_dataclass(hint):
+            sections = {key: (hint, value)}
+        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+            if not isinstance(value, (dict, Namespace)):
+                return key, value
+            sections = {f"{key}.{name}": (typing.get_args(hint)[1], item) for name, item in value.items()}
+        else:
+            continue
+        for section_key, (section_cls, section) in sections.items():
+            if not isinstance(section, (dict, Namespace)):
+                return section_key, section
+            found = not_a_mapping(section_cls, section, f"{section_key}.")
+            if found:
+                return found
+    return None
 
 
 def default_run_dir(config_files: list) -> Path:
     """runs/<stem of the last --config file>, or runs/tiny for the default config."""
     name = Path(str(config_files[-1])).stem if config_files else DEFAULT_CURRICULUM.stem
     return Path("runs") / name
+
+
+def check_config_files(parser: ArgumentParser, argv: tuple[str, ...]) -> None:
+    """A --config file that is not a YAML mapping ends the command naming the file: jsonargparse's message
+    named "<unicode string>"."""
+    import yaml
+
+    given = [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
+    given += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in given:
+        path = Path(name)
+        if not path.is_file():
+            continue  # an inline '{seed: 3}', or a missing file, which jsonargparse names itself
+        try:
+            content = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            parser.error(f"--config {path}: not valid YAML: {error}")
+        if content is not None and not isinstance(content, dict):
+            parser.error(f"--config {path}: holds a {type(content).__name__}, not a mapping of config keys")
 
 
 def run_curriculum_command(parser: ArgumentParser, args) -> int:
@@ -303,7 +356,7 @@ def run_bench_train(parser: ArgumentParser, args) -> int:
     config_files = [str(p) for p in (sub.pop("config", None) or [])]
     options = {k: sub.pop(k) for k in ("steps", "warmup", "batch", "text_tokens", "variants", "kinds")}
     try:
-        cfg = curriculum_config(parser.instantiate_classes(args).bench.train)
+        cfg = curriculum_config(parser.instantiate(args).bench.train)
         run_dir = (
             Path(cfg.run_dir) if cfg.run_dir else Path("runs") / f"bench-train-{default_run_dir(config_files).name}"
         )
@@ -352,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = build_parser()
     parser.argv = tuple(sys.argv[1:] if argv is None else argv)
+    check_config_files(parser, parser.argv)
     printing = [arg for arg in parser.argv if arg == "--print_config" or arg.startswith("--print_config=")]
     if printing and parser.argv[:1] == ("curriculum",):
         # jsonargparse prints before any value is checked: check first, then let it print and exit.

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from stages.run import main
 from tests.conftest import MICRO_ARGS
@@ -154,6 +155,26 @@ def test_model_folder_and_shard_digests_see_a_rebuild_of_the_same_sizes(tmp_path
         ),
         # A misspelt backend failed when the first stage compiled, naming no flag.
         ("--model.speed.compile=inductr", "model.speed.compile: no torch.compile backend 'inductr'"),
+        # Accepted before: alpha 0 trained an adapter whose output is scaled by 0 (every lora_B stayed 0), and
+        # the rest failed after the base models (minutes), most with a traceback naming no flag.
+        ("--model.lora.alpha=0", "model.lora.alpha must be positive, got 0"),
+        ("--model.lora.target_modules=[]", "model.lora.target_modules must name at least one module"),
+        ("--trainer.val_check_interval=-1", "trainer.val_check_interval must be steps >= 1 or a share"),
+        ("--stages.align.trainer.limit_val_batches=1.5", "stages.align.trainer.limit_val_batches must be a count"),
+        ("--trainer.devices=x", "trainer.devices must be a count, a list of indices"),
+        ("--stability.instability.divergence_ratio=0.5", "divergence_ratio must be 0 (off) or at least 1, got 0.5"),
+        ("--stability.faults={-3: nan}", "stability.faults: steps must not be negative, got [-3]"),
+        ("--base.lm_hidden_size=30", "base.lm_hidden_size must be a positive multiple of base.lm_heads (4), got 30"),
+        ("--base.vision_hidden_sizes=[]", "base.vision_hidden_sizes must be one or more positive widths"),
+        ("--base.lr=-1", "base.lr must be positive"),
+        ("--model.grid=0", "model.grid must be at least 1, or null"),
+        ("--world.max_objects=0", "world.max_objects must be in 1..9, got 0"),  # it named min_objects
+        ("--world.raw_hallucination_rate=2", "world.raw_hallucination_rate must be in [0, 1]"),
+        ("--data.recipe=nope.yaml", "data.recipe: nope.yaml is no file"),
+        ("--data.shard_dir=/nonexistent", "data.shard_dir: /nonexistent has no index.json"),
+        ("--eval.split=banana", "eval.split must be train, val or test, got 'banana'"),
+        # "functools.partial(<function call_without_instantiate_context ...>) argument after ** must be a mapping"
+        ("--stages.align.trainer=[1]", "stages.align.trainer must be a mapping of its keys, got [1]"),
     ],
 )
 def test_a_bad_value_fails_before_any_work_naming_its_field(tmp_path, capsys, flag, message):
@@ -323,7 +344,7 @@ def test_deterministic_takes_lightnings_warn(flag, value):
     parser = build_parser()
     args = parser.parse_args(["curriculum", f"--trainer.deterministic={flag}"])
     args.curriculum.pop("config", None)
-    cfg = curriculum_config(parser.instantiate_classes(args).curriculum)
+    cfg = curriculum_config(parser.instantiate(args).curriculum)
     assert cfg.trainer.kwargs()["deterministic"] == value and type(cfg.trainer.deterministic) is type(value)
 
 
@@ -383,3 +404,68 @@ def test_eval_refuses_an_unknown_split_and_a_limit_below_one(flags, message, cap
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--model", "any", *flags])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # A stage's folder is emptied when its config changes: "data" emptied the shards, "../x" a folder
+        # outside the run; "" ran in the run folder itself.
+        (
+            "stages: {data: {trainable: [projector], max_words: 8, init_from: base, trainer: {max_steps: 2}}}",
+            "stage name 'data' is taken",
+        ),
+        (
+            "stages: {'../x': {trainable: [projector], max_words: 8, init_from: base, trainer: {max_steps: 2}}}",
+            "stage name '../x' must be",
+        ),
+        (
+            "stages: {'': {trainable: [projector], max_words: 8, init_from: base, trainer: {max_steps: 2}}}",
+            "stage name '' must be",
+        ),
+        ("world: 5", "world must be a mapping of its keys, got 5"),
+        ("stages: {a: {trainable: [projector], max_words: 8, init_from: base, trainer: [1]}}", "stages.a.trainer must"),
+        ("seed: 1\nstages: {a: [\n", "not valid YAML"),  # jsonargparse named "<unicode string>", not the file
+        ("- 1\n- 2\n", "holds a list, not a mapping of config keys"),
+    ],
+)
+def test_a_bad_config_file_fails_naming_its_key_or_itself(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        _run(tmp_path / "run", "--config", str(path))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err
+    if "YAML" in message or "list" in message:
+        assert str(path) in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_data_command_names_a_bad_value_without_a_traceback(tmp_path, capsys):
+    args = ["data", "--config", "configs/data/synthetic.yaml", "--out_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--world.max_objects=0"])
+    assert exit_info.value.code == 2 and "world.max_objects must be in 1..9" in capsys.readouterr().err
+    from stages.data import RecipeConfig
+
+    with pytest.raises(ValueError, match="shard_size must be at least 1"):
+        RecipeConfig(shard_size=0)  # wrote one sample per tar
+    with pytest.raises(ValueError, match="val_share and test_share must not be negative"):
+        RecipeConfig(val_share=-0.5, test_share=0.6)  # passed the check on their sum
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusals are for machines without the device")
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        # A ModuleNotFoundError for torch_xla once the first stage built its Trainer, after the data.
+        ("--trainer.accelerator=tpu", "trainer.accelerator tpu: this machine has no such device"),
+        # int("[0]") failed in a traceback; now a list parses, and is refused on the CPU, as Lightning does late.
+        ("--trainer.devices=[0]", "trainer.devices [0]: device indices name GPUs"),
+        ("--stages.align.trainer.devices=0,1", "stages.align.trainer.devices '0,1': device indices name GPUs"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_named_before_the_data(tmp_path, capsys, flag, message):
+    assert _run(tmp_path / "run", flag) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "data").exists()
