@@ -58,9 +58,7 @@ def check_shards_serve(
         kept, _ = budget_counts(index, "train", max_words)
         if kept < batch_size * ranks * accumulate:
             shortest = sorted(
-                min((w for w in words.values() if w > 0), default=0)
-                for shard in index["splits"]["train"]
-                for words in shard["caption_words"]
+                shortest_caption(words) or 0 for shard in index["splits"]["train"] for words in shard["caption_words"]
             )
             middle = shortest[len(shortest) // 2] if shortest else 0
             raise ShardError(
@@ -84,12 +82,19 @@ def index_digest(shard_dir: Path) -> str:
     return hashlib.sha256((Path(shard_dir) / INDEX_NAME).read_bytes()).hexdigest()[:16]
 
 
+def shortest_caption(words: dict[str, int]) -> int | None:
+    """Words of a sample's shortest non-empty caption variant (None: it has none), from the index's word
+    counts: a sample fits a word budget when this does, as `captions.select_caption` picks at training time."""
+    return min((w for w in words.values() if w > 0), default=None)
+
+
 def budget_counts(index: dict, split: str, max_words: int) -> tuple[int, int]:
     """(samples with a caption of at most `max_words` words, samples with none) in `split`."""
     fits = skipped = 0
     for shard in index["splits"][split]:
         for words in shard["caption_words"]:
-            if min((w for w in words.values() if w > 0), default=max_words + 1) <= max_words:
+            shortest = shortest_caption(words)
+            if shortest is not None and shortest <= max_words:
                 fits += 1
             else:
                 skipped += 1

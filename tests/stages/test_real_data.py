@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -240,8 +241,14 @@ def test_a_stage_without_a_batch_of_fitting_captions_fails_before_training(tmp_p
     assert main(args) == 2
     assert "stage align: 0 training images" in capsys.readouterr().err
     assert not (tmp_path / "run" / "align").exists()
-    assert main([*args[:-1], "--eval.split=nowhere"]) == 2
-    assert "no 'nowhere' samples to evaluate on" in capsys.readouterr().err
+    # A split the shards hold no samples of (a recipe with val_share 0, say): named before training too.
+    no_val = tmp_path / "no_val"
+    shutil.copytree(shards, no_val)
+    index = read_index(no_val)
+    index["splits"]["val"] = []
+    (no_val / "index.json").write_text(json.dumps(index))
+    assert main([*args[:-1], f"--data.shard_dir={no_val}", "--eval.split=val"]) == 2
+    assert "no 'val' samples to evaluate on" in capsys.readouterr().err
 
 
 def test_the_budget_check_counts_every_rank():
