@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Literal
 
 from callbacks.epoch_boundary import BoundaryConfig
@@ -234,12 +233,10 @@ class DataConfig:
                 f"data.batch_size must be at least 1 and data.num_workers at least 0, got {self.batch_size}, "
                 f"{self.num_workers}"
             )
-        # Here, not when the data is prepared: that comes after the base models (minutes of pretraining).
-        from datamodules.shards import INDEX_NAME
+        # Here, not when the data is prepared: that comes after the base models (minutes of pretraining). The
+        # shard folder is checked when a run starts (`check_inputs`): compare names one it has yet to build.
         from stages.curriculum import resolve_recipe
 
-        if self.shard_dir is not None and not (Path(self.shard_dir) / INDEX_NAME).is_file():
-            raise ValueError(f"data.shard_dir: {self.shard_dir} has no {INDEX_NAME}; build it with the data stage")
         if self.shard_dir is None and not resolve_recipe(self.recipe).is_file():
             raise ValueError(f"data.recipe: {self.recipe} is no file (from the working folder or the repository)")
 

@@ -149,9 +149,37 @@ def shards_digest(shard_dir: Path) -> str:
     return fingerprint({"index": index_digest(shard_dir), "files": _files(shard_dir)})
 
 
+def check_model_folders(cfg: CurriculumConfig) -> None:
+    """Fails naming every configured model folder that is not one (a random-init profile with its
+    architectures needs none)."""
+    model = cfg.model
+    if model.random_init and (model.vision_arch or model.lm_arch):
+        return
+    flags = (("--model.vision_path", model.vision_path), ("--model.lm_path", model.lm_path))
+    missing = [f"{flag} {path}" for flag, path in flags if path is not None and not is_model_folder(path)]
+    if missing:
+        raise FileNotFoundError(
+            f"not model folders (no config.json): {'; '.join(missing)}. Give local folders saved with "
+            "save_pretrained (nothing is downloaded at run time), or add --model.random_init true to build "
+            "the profile's architecture with random weights."
+        )
+
+
+def check_inputs(cfg: CurriculumConfig) -> None:
+    """What a run can check before any work (the tiny base models take minutes to pretrain): the model
+    folders, the machine's accelerator and devices, a given shard folder."""
+    check_model_folders(cfg)
+    check_accelerator(cfg)
+    if cfg.data.shard_dir is not None and not (Path(cfg.data.shard_dir) / INDEX_NAME).is_file():
+        raise FileNotFoundError(
+            f"--data.shard_dir: {cfg.data.shard_dir} has no {INDEX_NAME}; build it with the data stage"
+        )
+
+
 def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Path]:
     """(vision folder, LM folder): the configured ones, or the tiny pair built (once) under <run_dir>/base."""
     model = cfg.model
+    check_model_folders(cfg)
     if model.random_init and (model.vision_arch or model.lm_arch):
         # A profile's architectures with random weights: config-only folders, read by the usual loaders.
         # A configured folder that exists wins (its config.json is used); missing ones are not an error here.
@@ -161,15 +189,6 @@ def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Pat
             for path, default in zip((model.vision_path, model.lm_path), written, strict=True)
         ]
         return chosen[0], chosen[1]
-    # Fail before any work, naming every configured folder that is not a model folder.
-    flags = (("--model.vision_path", model.vision_path), ("--model.lm_path", model.lm_path))
-    missing = [f"{flag} {path}" for flag, path in flags if path is not None and not is_model_folder(path)]
-    if missing:
-        raise FileNotFoundError(
-            f"not model folders (no config.json): {'; '.join(missing)}. Give local folders saved with "
-            "save_pretrained (nothing is downloaded at run time), or add --model.random_init true to build "
-            "the profile's architecture with random weights."
-        )
     if model.vision_path is not None and model.lm_path is not None:
         return Path(model.vision_path), Path(model.lm_path)
     base = run_dir / "base"
@@ -251,7 +270,8 @@ def check_accelerator(cfg: CurriculumConfig) -> None:
     for name, spec in cfg.stages.items():
         trainer = cfg.trainer.merged(spec.trainer)
         accelerator, devices = trainer.accelerator, trainer.devices
-        on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not torch.cuda.is_available())
+        gpu_here = torch.cuda.is_available() or torch.backends.mps.is_available()  # what "auto" would pick
+        on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not gpu_here)
         if on_cpu and (isinstance(devices, list) or (isinstance(devices, str) and "," in devices)):
             key = f"stages.{name}.trainer.devices" if spec.trainer.devices is not None else "trainer.devices"
             raise NoGPU(f"{key} {devices!r}: device indices name GPUs; on the CPU give a number of processes (2)")
@@ -308,12 +328,12 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
 def _run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     if rank_zero_only.rank == 0:  # the stage order, for a report of a run that has not finished
         (run_dir / STAGES_FILE).write_text(json.dumps({"stages": list(cfg.stages)}, indent=2))
-    vision, lm = prepare_base_models(cfg, run_dir)  # first: a missing model folder fails before any work
-    # and so does a tokenizer without an image token, or without the chat template asked for
+    check_inputs(cfg)
+    vision, lm = prepare_base_models(cfg, run_dir)
+    # Before the data: a tokenizer without an image token, or without the chat template asked for
     check_prompt(load_tokenizer(lm, cfg.model.image_token), cfg.model)
     if any("lora" in spec.trainable for spec in cfg.stages.values()):
         check_lora_targets(lm, cfg.model.lora)
-    check_accelerator(cfg)
     shard_dir = prepare_data(cfg, run_dir)
     budgets = {}
     for name, spec in cfg.stages.items():

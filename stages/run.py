@@ -283,8 +283,11 @@ def check_config_files(parser: ArgumentParser, argv: tuple[str, ...]) -> None:
     given += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     for name in given:
         path = Path(name)
-        if not path.is_file():
-            continue  # an inline '{seed: 3}', or a missing file, which jsonargparse names itself
+        try:
+            if not path.is_file():
+                continue  # an inline '{seed: 3}', or a missing file, which jsonargparse names itself
+        except OSError:  # an inline config longer than a file name may be
+            continue
         try:
             content = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:

@@ -171,7 +171,6 @@ def test_model_folder_and_shard_digests_see_a_rebuild_of_the_same_sizes(tmp_path
         ("--world.max_objects=0", "world.max_objects must be in 1..9, got 0"),  # it named min_objects
         ("--world.raw_hallucination_rate=2", "world.raw_hallucination_rate must be in [0, 1]"),
         ("--data.recipe=nope.yaml", "data.recipe: nope.yaml is no file"),
-        ("--data.shard_dir=/nonexistent", "data.shard_dir: /nonexistent has no index.json"),
         ("--eval.split=banana", "eval.split must be train, val or test, got 'banana'"),
         # "functools.partial(<function call_without_instantiate_context ...>) argument after ** must be a mapping"
         ("--stages.align.trainer=[1]", "stages.align.trainer must be a mapping of its keys, got [1]"),
@@ -468,4 +467,20 @@ def test_the_data_command_names_a_bad_value_without_a_traceback(tmp_path, capsys
 def test_a_device_this_machine_lacks_is_named_before_the_data(tmp_path, capsys, flag, message):
     assert _run(tmp_path / "run", flag) == 2
     assert message in capsys.readouterr().err
-    assert not (tmp_path / "run" / "data").exists()
+    assert not (tmp_path / "run" / "base").exists(), "checked before the base models are pretrained"
+
+
+def test_a_shard_folder_without_an_index_is_named_before_the_base_models(tmp_path, capsys):
+    # It failed after the tiny base models' pretraining (minutes with the default config).
+    assert _run(tmp_path / "run", "--data.shard_dir=/nonexistent") == 2
+    assert "--data.shard_dir: /nonexistent has no index.json" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "base").exists()
+
+
+def test_a_long_inline_config_is_read_as_yaml(capsys):
+    # Path(...).is_file() raised "File name too long" for an inline config over 255 characters: a traceback.
+    inline = "{seed: 3, " + ", ".join(f"world: {{train_size: {100 + i}}}" for i in range(20)) + "}"
+    assert len(inline) > 255
+    with pytest.raises(SystemExit) as exit_info:
+        main(["curriculum", "--config", inline, "--print_config"])
+    assert exit_info.value.code == 0 and "seed: 3" in capsys.readouterr().out
