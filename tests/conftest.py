@@ -7,6 +7,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may be downloaded in tests
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -17,6 +18,23 @@ from stages.data import load_recipe, run_data_stage  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC_RECIPE = REPO / "configs" / "data" / "synthetic.yaml"
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
+
+
+def fresh_launch_env() -> dict[str, str]:
+    """This environment for a child process that starts its own ranks: without the process-group variables
+    (a test that ran Lightning in-process still holds them, and the child would take that group for its own),
+    offline, with the repository importable."""
+    return {k: v for k, v in os.environ.items() if k not in DIST_VARS} | {
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+    }
+
+
+def run_fresh(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs `args` from the repository in `fresh_launch_env`, capturing its output as text."""
+    return subprocess.run(args, cwd=REPO, env=fresh_launch_env(), capture_output=True, text=True, timeout=timeout)
+
 
 MICRO_WORLD = WorldConfig(train_size=192, val_size=32, test_size=24)
 MICRO_BASE = TinyBaseConfig(vision_hidden_sizes=(16, 32), vision_steps=4, lm_hidden_size=32, lm_steps=4, batch_size=8)

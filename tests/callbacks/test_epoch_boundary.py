@@ -176,19 +176,12 @@ def test_a_nan_step_neither_hides_a_boundary_jump_nor_breaks_losses_json(tmp_pat
 def test_a_jump_on_one_rank_is_reported_with_its_rank(tmp_path):
     """Two DDP ranks; only rank 1's loss jumps at epoch 1's start. Only rank 0's losses were judged, so the jump
     (a shard or worker feeding that rank bad data) went unreported."""
-    import os
-    import subprocess
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[2]
-    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"PYTHONPATH": str(repo)}
-    script = Path(__file__).with_name("ddp_alerts.py")
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "boundary"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    from tests.conftest import run_fresh
+
+    done = run_fresh([sys.executable, str(Path(__file__).with_name("ddp_alerts.py")), str(tmp_path), "boundary"])
     assert done.returncode == 0, done.stderr[-3000:]
     alerts = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
     assert [(a["kind"], a["epoch"], a["rank"]) for a in alerts] == [("epoch_boundary", 1, 1)]

@@ -412,18 +412,12 @@ def test_the_end_of_a_fit_delivers_the_queued_posts(hook):
 @pytest.mark.slow
 def test_each_rank_s_finding_is_reported_with_its_own_kind_value_and_keys(tmp_path):
     # Two DDP ranks; only rank 1's batch spikes. Every rank acts, and rank 0 reports rank 1's alert as it is.
-    import os
-    import subprocess
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[2]
-    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"PYTHONPATH": str(repo)}
-    script = Path(__file__).with_name("ddp_alerts.py")
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True, timeout=300
-    )
+    from tests.conftest import run_fresh
+
+    done = run_fresh([sys.executable, str(Path(__file__).with_name("ddp_alerts.py")), str(tmp_path)])
     assert done.returncode == 0, done.stderr[-3000:]
     alerts = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
     assert [(a["kind"], a["step"], a["rank"]) for a in alerts] == [("loss_spike", 40, 1)]

@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from datamodules.shards import read_index
+from tests.conftest import run_fresh
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_two_ranks_get_equal_batch_counts_from_different_shards(micro_world, micro_base, tmp_path):
     # 3 shards of 64 over 2 ranks: one rank holds twice the samples of the other; with_epoch evens the batches.
     assert len(read_index(micro_world)["splits"]["train"]) == 3
-    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     script = Path(__file__).with_name("ddp_keys.py")
-    args = [sys.executable, str(script), str(micro_world), str(micro_base[0]), str(micro_base[1]), str(tmp_path)]
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = run_fresh([sys.executable, str(script), str(micro_world), *map(str, micro_base), str(tmp_path)])
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     per_epoch = 192 // (8 * 2)  # kept training images // (batch x ranks)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stages.run import main
-from tests.conftest import MICRO_ARGS
+from tests.conftest import MICRO_ARGS, fresh_launch_env, run_fresh
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
@@ -271,9 +271,7 @@ def test_zero3_run_killed_mid_stage_resumes_where_it_stopped(runs, tmp_path, mic
     # The ZeRO-3 config written by _deepspeed_args must be the one of the fixture's run (same fingerprint inputs).
     command = [sys.executable, "-c", f"import sys; from stages.run import main; sys.exit(main({args!r}))"]
     # Not the port of the process group that this test process still holds from the in-process runs.
-    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"HF_HUB_OFFLINE": "1"}
-    kill_mid_stage_and_rerun(command, env, run_dir / "sft_short", timeout=600)
+    kill_mid_stage_and_rerun(command, fresh_launch_env(), run_dir / "sft_short", timeout=600)
     torch.testing.assert_close(_losses(run_dir, "sft_short"), _losses(runs["zero3"], "sft_short"), rtol=1e-4, atol=1e-6)
 
 
@@ -335,9 +333,7 @@ def _two_rank_run(run_dir: Path, tmp_path: Path, strategy: list[str]) -> subproc
         "--config", _two_stage_config(tmp_path), *TWO_STAGES, "--trainer.accelerator=cpu", "--trainer.devices=2",
         *strategy,
     ]  # fmt: skip
-    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"HF_HUB_OFFLINE": "1"}
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    return run_fresh(args, timeout=400)
 
 
 def _errors(done: subprocess.CompletedProcess) -> str:

@@ -7,8 +7,6 @@ differently from a batch of 4 on the same images (HF Trainer's pre-4.46 bug).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,9 +17,7 @@ from safetensors.torch import load_file
 
 from datamodules.captions import IGNORE_INDEX, scored_tokens, tag_step_tokens
 from stages.run import main
-from tests.conftest import MICRO_ARGS
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import MICRO_ARGS, run_fresh
 
 
 def _batch(tokens: int) -> dict:
@@ -102,11 +98,8 @@ def test_two_ranks_weigh_each_token_the_same(micro_world, micro_base, tmp_path):
     callbacks still see each rank's own token mean."""
     from modules.loading import ModelConfig, build_vlm
 
-    dist_vars = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars} | {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     script = Path(__file__).with_name("ddp_token_weights.py")
-    args = [sys.executable, str(script), str(micro_world), str(micro_base[0]), str(micro_base[1]), str(tmp_path)]
-    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = run_fresh([sys.executable, str(script), str(micro_world), *map(str, micro_base), str(tmp_path)])
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for key, grad in ranks[0]["grads"].items():
