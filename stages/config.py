@@ -319,7 +319,7 @@ def check_stage_name(name: str) -> None:
     like "data" or "../x" emptied the shards, or a folder outside the run."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
         raise ValueError(f"stages: stage name {name!r} must be letters, digits, _ and - (it names a folder)")
-    if name in RESERVED_STAGE_NAMES:
+    if name.lower() in RESERVED_STAGE_NAMES:  # "Data" is the folder "data" where file names ignore case (macOS)
         raise ValueError(f"stages: stage name {name!r} is taken by the run folder; none of {RESERVED_STAGE_NAMES}")
 
 
@@ -351,8 +351,11 @@ class CurriculumConfig:
             raise ValueError("stages: a curriculum needs at least one stage")
         self.trainer.check("trainer")
         names = list(self.stages)
+        folded = [name.lower() for name in names]
         for index, (name, spec) in enumerate(self.stages.items()):
             check_stage_name(name)
+            if name.lower() in folded[:index]:
+                raise ValueError(f"stages: {name!r} and an earlier stage differ only in case: one folder on macOS")
             spec.check(f"stages.{name}")
             source = spec.init_from
             if source == "previous" and index == 0:

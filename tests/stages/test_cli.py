@@ -422,6 +422,12 @@ def test_eval_refuses_an_unknown_split_and_a_limit_below_one(flags, message, cap
             "stages: {'': {trainable: [projector], max_words: 8, init_from: base, trainer: {max_steps: 2}}}",
             "stage name '' must be",
         ),
+        ("stages: {Data: {trainable: [projector], max_words: 8, init_from: base}}", "stage name 'Data' is taken"),
+        (
+            "stages: {a: {trainable: [projector], max_words: 8, init_from: base}, A: {trainable: [projector], "
+            "max_words: 8}}",
+            "'A' and an earlier stage differ only in case",
+        ),
         ("world: 5", "world must be a mapping of its keys, got 5"),
         ("stages: {a: {trainable: [projector], max_words: 8, init_from: base, trainer: [1]}}", "stages.a.trainer must"),
         ("seed: 1\nstages: {a: [\n", "not valid YAML"),  # jsonargparse named "<unicode string>", not the file
