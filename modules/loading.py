@@ -242,6 +242,20 @@ def load_tokenizer(path: str | Path, image_token: str | None = None):
     return tokenizer
 
 
+def check_image_token_row(lm_path: str | Path, tokenizer) -> None:
+    """Fails naming the folder when the image token's id is past the LM's embedding rows (`vocab_size` in its
+    config.json): checked before the data is built, which with a captioner can take hours; `build_vlm` checks
+    the loaded embeddings again."""
+    config = json.loads((Path(lm_path) / "config.json").read_text())
+    rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    token_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
+    if rows is not None and token_id >= rows:
+        raise ModelFolderError(
+            f"--model.lm_path {lm_path}: the image token {tokenizer.image_token!r} has id {token_id}, past the "
+            f"LM's {rows} embedding rows (vocab_size in its config.json)"
+        )
+
+
 def check_prompt(tokenizer, config: ModelConfig) -> None:
     """Fails before any work, naming the flag, when the tokenizer cannot lay out the prompt as configured
     (`--model.chat_template` with a tokenizer that has no chat template, or an unusable one; a plain layout

@@ -18,7 +18,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from datamodules.shards import INDEX_NAME, ShardError, check_shards_serve, index_digest, read_index
 from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
-from modules.loading import check_lora_targets, check_prompt, is_model_folder, load_tokenizer, write_config_folders
+from modules.loading import (
+    check_image_token_row,
+    check_lora_targets,
+    check_prompt,
+    is_model_folder,
+    load_tokenizer,
+    write_config_folders,
+)
 from stages.config import CurriculumConfig, TrainerConfig, upstream_stage
 from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
 from stages.paths import write_text_atomic
@@ -331,7 +338,9 @@ def _run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     check_inputs(cfg)
     vision, lm = prepare_base_models(cfg, run_dir)
     # Before the data: a tokenizer without an image token, or without the chat template asked for
-    check_prompt(load_tokenizer(lm, cfg.model.image_token), cfg.model)
+    tokenizer = load_tokenizer(lm, cfg.model.image_token)
+    check_prompt(tokenizer, cfg.model)
+    check_image_token_row(lm, tokenizer)
     if any("lora" in spec.trainable for spec in cfg.stages.values()):
         check_lora_targets(lm, cfg.model.lora)
     shard_dir = prepare_data(cfg, run_dir)

@@ -88,6 +88,19 @@ def test_curriculum_without_an_image_token_fails_before_any_work(plain_lm, micro
     assert not (tmp_path / "run" / "data").exists()
 
 
+def test_an_image_token_past_the_embedding_rows_fails_before_the_data(micro_base, tmp_path, capsys):
+    # It failed when the first stage built the model: after the data stage, hours with a captioner.
+    lm = tmp_path / "lm"
+    shutil.copytree(micro_base[1], lm)
+    image_id = load_tokenizer(lm).convert_tokens_to_ids("<image>")
+    config = json.loads((lm / "config.json").read_text())
+    (lm / "config.json").write_text(json.dumps({**config, "vocab_size": image_id}))
+    args = ["curriculum", f"--run_dir={tmp_path / 'run'}", f"--model.vision_path={micro_base[0]}"]
+    assert main([*args, f"--model.lm_path={lm}"]) == 2
+    assert f"has id {image_id}, past the LM's {image_id} embedding rows" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "data").exists()
+
+
 # ChatML, as Qwen2.5-instruct's tokenizer has it.
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
