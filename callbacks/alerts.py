@@ -131,9 +131,8 @@ class AlertSinks(Callback):
         if logger is not None:
             logger.log_metrics({f"alerts/{alert.kind}": float(self.counts[alert.kind])}, step=alert.step)
             # The text goes to the writer itself: on the curriculum's logger, at the run-wide step as the scalar.
-            text_step = getattr(logger, "run_step", lambda step: step)(
-                alert.step
-            )  # a plain logger: the stage is the run
+            # A plain logger (not the curriculum's): the stage is the run.
+            text_step = getattr(logger, "run_step", lambda step: step)(alert.step)
             logger.experiment.add_text(f"alerts/{self.stage}", alert.line(), global_step=text_step)
         if self.webhook_url:
             self._enqueue(alert)

@@ -112,6 +112,7 @@ class VLMModule(L.LightningModule):
         """How much more the last micro-batch's returned loss weighs than its share of this rank's step loss:
         the gradient weighs ranks by their tokens (`_step_share`); the stability callbacks divide it out, so
         that they judge each rank's own token mean."""
+        self._step_rank_factor: torch.Tensor | None = None  # this optimizer step's, summed once at its start
         apply_speed(vlm.lm, self.speed)
         groups = group_parameters(vlm)
         if "lora" in trainable and not groups["lora"]:
@@ -152,7 +153,7 @@ class VLMModule(L.LightningModule):
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        share, self.rank_factor = self._step_share(batch)
+        share, self.rank_factor = self._step_share(batch, batch_idx)
         accumulate = self.trainer.accumulate_grad_batches
         self._step_loss = self._step_loss + loss.detach() * share / accumulate
         if (batch_idx + 1) % accumulate == 0:  # the step's last micro-batch (an epoch holds whole steps)
@@ -162,7 +163,7 @@ class VLMModule(L.LightningModule):
             self._step_loss = 0.0
         return loss * share * self.rank_factor
 
-    def _step_share(self, batch: dict) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    def _step_share(self, batch: dict, batch_idx: int) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """(share, rank factor): the factors that turn this micro-batch's mean loss into its share of the
         optimizer step's loss on this rank, and that share into its weight in the gradient of every rank.
 
@@ -174,18 +175,21 @@ class VLMModule(L.LightningModule):
 
         DDP and DeepSpeed average the ranks' gradients, which would weigh ranks the same whatever their
         tokens: the rank factor, W x (this rank's step tokens / every rank's), makes the average the mean over
-        every token of the step on all W ranks (one sum over ranks per micro-batch; 1 on one device).
+        every token of the step on all W ranks (one sum over the ranks per optimizer step, at its first
+        micro-batch, which every rank reaches at the same batch_idx; 1 on one device).
         """
         step_tokens = batch.get("step_tokens")
         if self.optim.loss_weighting == "micro_batch" or step_tokens is None:
             return 1.0, 1.0
-        share = scored_tokens(batch["labels"]) * self.trainer.accumulate_grad_batches / step_tokens
-        world = self.trainer.world_size
+        accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
+        share = scored_tokens(batch["labels"]) * accumulate / step_tokens
         if world == 1:
             return share, 1.0
-        # A float copy: the sum is taken in place, and the ranks' counts need not fit the tokens' dtype.
-        every_rank = self.trainer.strategy.reduce(step_tokens.to(torch.float64, copy=True), reduce_op="sum")
-        return share, (world * step_tokens / every_rank).float()
+        if batch_idx % accumulate == 0 or self._step_rank_factor is None:  # the same for the step's micro-batches
+            # A float copy: the sum is taken in place, and the ranks' counts need not fit the tokens' dtype.
+            every_rank = self.trainer.strategy.reduce(step_tokens.to(torch.float64, copy=True), reduce_op="sum")
+            self._step_rank_factor = (world * step_tokens / every_rank).float()
+        return share, self._step_rank_factor
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
