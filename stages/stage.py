@@ -35,6 +35,7 @@ from callbacks.epoch_boundary import BoundaryCheck
 from callbacks.evaluation import CaptionEvaluation, class_table, load_synonyms, metrics_line, scores
 from callbacks.fault_injection import FaultInjection
 from callbacks.instability import InstabilityMonitor
+from callbacks.progress import stage_progress_bar
 from callbacks.throughput import Throughput
 from datamodules.caption_datamodule import CaptionDataModule
 from modules.handoff import load_handoff, save_handoff
@@ -323,11 +324,13 @@ def stage_trainer(
     faults = FaultInjection(cfg.stability.faults, cfg.seed) if cfg.stability.faults else None
     trainer_config = cfg.trainer.merged(cfg.stages[name].trainer)
     throughput = Throughput(log_every=trainer_config.log_every_n_steps or 50)
+    # Lightning refuses a progress bar among the callbacks when enable_progress_bar is false.
+    bar = stage_progress_bar(name) if trainer_config.enable_progress_bar is not False else None
     trainer = L.Trainer(
         **trainer_config.kwargs(),
         logger=CurriculumTensorBoardLogger(str(inputs.run_dir), step_offset),
         callbacks=[StageStart()]  # first: it marks where the stage's TensorBoard events start
-        + [c for c in (faults, monitor, boundary, sinks, throughput, evaluation, checkpoint) if c is not None]
+        + [c for c in (faults, monitor, boundary, sinks, throughput, evaluation, checkpoint, bar) if c is not None]
         + [StepLearningRateMonitor()],
         default_root_dir=stage_dir,
         reload_dataloaders_every_n_epochs=1,  # a new, seeded shuffle order every epoch
