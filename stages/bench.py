@@ -189,6 +189,8 @@ def bench_blip2(
         load = (op_report.get("phases") or {}).get("load_model")
         if load is not None:  # a one-off per worker: at 512 images on a GPU it can outweigh the captioning
             results["runs"][name]["images_per_s_after_load"] = round(count / (wall - load), 2)
+        # Written after each op: what was measured survives a device time limit that kills the rest.
+        (root / "blip2_bench.json").write_text(json.dumps(results, indent=2))
     runs = results["runs"]
     if len(runs) == 2:
         ours_run, stock_run = runs["blip2_caption_mapper"], runs["image_captioning_mapper"]

@@ -211,3 +211,22 @@ def test_bench_stability_needs_a_clean_run_for_every_fault_seed(tmp_path, capsys
         main(["bench", "stability", "--seeds=3", f"--root={tmp_path}"])
     assert exit_info.value.code == 2 and not any(tmp_path.iterdir())
     assert "--fault_seeds must be within 1 and --seeds (3), got 5" in capsys.readouterr().err
+
+
+def test_blip2_bench_keeps_what_it_measured_when_a_later_op_dies(tmp_path, monkeypatch):
+    """On the GPU machine a time limit can kill the stock op's run: our op's figures must already be on disk."""
+    import stages.data
+    from stages.bench import bench_blip2
+
+    real = stages.data.run_data_stage
+
+    def dies_on_the_stock_op(recipe, out):
+        if "image_captioning_mapper" in recipe.process[0]:
+            raise TimeoutError("killed by the device's time limit")
+        return real(recipe, out)
+
+    monkeypatch.setattr(stages.data, "run_data_stage", dies_on_the_stock_op)
+    with pytest.raises(TimeoutError):
+        bench_blip2(tmp_path, images=4, shape="tiny", batch_size=4, stock_images=2, max_new_tokens=4)
+    result = json.loads((tmp_path / "blip2_bench.json").read_text())
+    assert list(result["runs"]) == ["blip2_caption_mapper"] and result["runs"]["blip2_caption_mapper"]["kept"] == 4
