@@ -158,6 +158,29 @@ IMAGE_TOKEN_OPS = (
 )  # fmt: skip
 
 
+def check_stock_captioner(args: dict) -> None:
+    """Data-Juicer's image_captioning_mapper takes a local folder or a hub id (its default, Salesforce/blip2-opt-2.7b).
+    Offline (stages sets HF_HUB_OFFLINE=1 unless the caller set it), a hub id works only from the Hugging Face cache;
+    otherwise transformers failed at the op's first batch with "couldn't connect to huggingface.co", even for a
+    misspelt local folder."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    name = args.get("hf_img2seq", "Salesforce/blip2-opt-2.7b")
+    if (Path(name) / "config.json").is_file() or not constants.HF_HUB_OFFLINE:
+        return
+    try:
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a repository id: a path
+        cached = False
+    if not cached:
+        given = "" if "hf_img2seq" in args else " (Data-Juicer's default)"
+        raise ValueError(
+            f"recipe process: image_captioning_mapper.hf_img2seq {name}{given} is no model folder (no config.json "
+            "there) and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 downloads nothing: give a local folder "
+            "saved with save_pretrained (relative paths from the working folder)"
+        )
+
+
 def check_process(process: list[dict]) -> None:
     """Fails before any op runs on what the recipe's `process` would get silently wrong: unknown ops and
     misspelt op arguments (Data-Juicer's preflight check), and ops that cannot follow a caption op."""
@@ -179,6 +202,8 @@ def check_process(process: list[dict]) -> None:
                 f"recipe process: blip2_caption_mapper.model_path {path} is no model folder (no config.json there; "
                 "a local folder saved with save_pretrained, relative paths from the working folder)"
             )
+        if "image_captioning_mapper" in item:
+            check_stock_captioner(item["image_captioning_mapper"] or {})
     names = [name for item in process for name in item]
     first = next((name for name in names if name in CAPTION_OPS), None)
     if first is not None:

@@ -231,6 +231,15 @@ def test_the_stock_captioner_with_its_defaults_writes_readable_identical_shards(
             [{"blip2_caption_mapper": {"model_path": "models/no-such-blip2"}}],
             "blip2_caption_mapper.model_path models/no-such-blip2 is no model folder",
         ),
+        (  # failed at the op's first batch with "couldn't connect to huggingface.co", a misspelt folder too
+            [{"image_captioning_mapper": {"hf_img2seq": "models/no-such-blip2"}}],
+            "image_captioning_mapper.hf_img2seq models/no-such-blip2 is no model folder",
+        ),
+        (
+            [{"image_captioning_mapper": {}}],
+            "hf_img2seq Salesforce/blip2-opt-2.7b (Data-Juicer's default) is no model folder (no config.json there) "
+            "and not in the Hugging Face cache",
+        ),
     ],
 )
 def test_a_recipe_process_that_would_be_silently_wrong_fails_before_any_op(process, message, tmp_path):
@@ -240,6 +249,26 @@ def test_a_recipe_process_that_would_be_silently_wrong_fails_before_any_op(proce
         run_data_stage(recipe, tmp_path / "out", WorldConfig(train_size=8, val_size=2, test_size=2))
     assert message in str(error.value)
     assert not list((tmp_path / "out").glob("*.tar"))
+
+
+def test_the_stock_captioner_takes_a_hub_id_from_the_cache_offline(tmp_path, monkeypatch):
+    """Offline, a hub id in the Hugging Face cache is as good as a folder; one missing from it fails by name."""
+    from huggingface_hub import constants
+
+    from stages.data import check_stock_captioner
+
+    snapshot = tmp_path / "hub" / "models--someone--blip2-small" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--someone--blip2-small" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--blip2-small" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    check_stock_captioner({"hf_img2seq": "someone/blip2-small"})
+    with pytest.raises(ValueError, match="hf_img2seq someone/blip2-large is no model folder"):
+        check_stock_captioner({"hf_img2seq": "someone/blip2-large"})
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # online, the hub decides at the op's first batch
+    check_stock_captioner({"hf_img2seq": "someone/blip2-large"})
 
 
 def test_a_text_mapper_after_the_caption_op_fails_instead_of_being_ignored(tmp_path):
