@@ -3,7 +3,8 @@
 Skipped without CUDA (CI has none); on the GPU machine: `pytest -m gpu tests/modules/test_deepspeed_gpu.py`.
 A run killed (SIGKILL) in the middle of its SFT stage and rerun continues from its checkpoint to the
 uninterrupted run's losses, and the merged export of the resumed run captions as its unmerged stage
-(base models + projector + LoRA adapter) does. The CPU versions of these checks are in
+(base models + projector + LoRA adapter) does; finished stages are scored again on the GPU when only the
+evaluation settings change. The CPU versions of these checks are in
 test_deepspeed.py; this file is the same flow on CUDA kernels and DeepSpeed's GPU engine.
 """
 
@@ -43,7 +44,7 @@ ENV = {k: v for k, v in os.environ.items() if k not in DIST_VARS} | {
 }
 
 
-def _command(run_dir: Path, tmp_path: Path, zero: str, micro_world: Path, micro_base) -> list[str]:
+def _command(run_dir: Path, tmp_path: Path, zero: str, micro_world: Path, micro_base, *extra: str) -> list[str]:
     config = REPO / "configs" / "deepspeed" / "zero2.json"
     if zero == "zero3":
         config = tmp_path / "zero3_tiny.json"
@@ -54,7 +55,7 @@ def _command(run_dir: Path, tmp_path: Path, zero: str, micro_world: Path, micro_
         "--stages.sft_short.trainer.max_steps=8", "--checkpoint.every_n_train_steps=2",
         "--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.precision=bf16-mixed",
         "--trainer.deterministic=warn", "--trainer.strategy=deepspeed", f"--trainer.deepspeed_config={config}",
-        "--model.speed.loss_chunk_tokens=16", "--model.speed.checkpoint_every=1",
+        "--model.speed.loss_chunk_tokens=16", "--model.speed.checkpoint_every=1", *extra,
     ]  # fmt: skip
     return [sys.executable, "-c", f"import sys; from stages.run import main; sys.exit(main({args!r}))"]
 
@@ -71,6 +72,13 @@ def test_killed_mid_sft_on_gpu_resumes_and_exports_what_it_trained(tmp_path, mic
     assert done.returncode == 0, done.stderr[-3000:]
     # Read on the GPU at train start: after fit the module is back on the CPU.
     assert json.loads((clean_dir / "sft_short" / "done.json").read_text())["resources"]["peak_gpu_gib"] > 0
+    if zero == "zero2":  # finished stages scored again on the GPU when only the evaluation settings changed
+        again = subprocess.run(
+            _command(clean_dir, tmp_path, zero, micro_world, micro_base, "--eval.max_new_tokens=6"),
+            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert again.stdout.count("(scored again: evaluation settings changed)") == 2, again.stdout[-3000:]
 
     command = _command(killed_dir, tmp_path, zero, micro_world, micro_base)
     kill_mid_stage_and_rerun(command, ENV, killed_dir / "sft_short", timeout=900)

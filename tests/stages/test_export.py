@@ -141,6 +141,7 @@ def test_eval_runs_on_the_device_and_dtype_asked_for(micro_run, capsys):
         assert "--device cuda: no CUDA device here" in capsys.readouterr().err
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_eval_on_the_gpu_scores_as_on_the_cpu(micro_run):
     on_cpu = evaluate_model(micro_run / "sft_long", limit=8, max_new_tokens=12, device="cpu")
