@@ -8,6 +8,8 @@ fully merged configuration, once its values pass their checks, and exits. Unknow
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import importlib.util
 import logging
 import sys
 import typing
@@ -404,8 +406,25 @@ def run_bench_command(parser: ArgumentParser, args) -> int:
     return 0
 
 
+def image_processor_problem(transformers_version: str, has_torchvision: bool) -> str | None:
+    """What keeps transformers from loading image processors, if anything: 5.17 needs torchvision (5.18 and later
+    fall back to PIL). Without this, every command failed at its first image processor, deep in transformers."""
+    if tuple(int(part) for part in transformers_version.split(".")[:2]) < (5, 18) and not has_torchvision:
+        return (
+            f"transformers {transformers_version} loads image processors only with torchvision installed: "
+            "install torchvision (matching your torch), or transformers>=5.18"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    problem = image_processor_problem(
+        importlib.metadata.version("transformers"), bool(importlib.util.find_spec("torchvision"))
+    )
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     parser = build_parser()
     parser.argv = tuple(sys.argv[1:] if argv is None else argv)
     check_config_files(parser, parser.argv)

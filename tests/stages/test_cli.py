@@ -490,3 +490,28 @@ def test_a_long_inline_config_is_read_as_yaml(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["curriculum", "--config", inline, "--print_config"])
     assert exit_info.value.code == 0 and "seed: 3" in capsys.readouterr().out
+
+
+def test_transformers_5_17_without_torchvision_is_named_before_any_work(monkeypatch, capsys):
+    """transformers 5.17 (the GPU machine's) loads image processors only with torchvision: without it every command
+    failed at its first image processor, inside transformers. pyproject allows 5.17, so the CLI names the fix."""
+    from stages.run import image_processor_problem
+
+    assert "install torchvision" in image_processor_problem("5.17.0", has_torchvision=False)
+    assert image_processor_problem("5.17.0", has_torchvision=True) is None
+    assert image_processor_problem("5.18.0.dev0", has_torchvision=False) is None
+    assert image_processor_problem("5.25.0", has_torchvision=False) is None
+    import importlib.metadata
+    import importlib.util
+
+    real_version, real_find_spec = importlib.metadata.version, importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "5.17.0" if name == "transformers" else real_version(name)
+    )
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchvision" else real_find_spec(name, *a)
+    )
+    assert main(["data", "--config", "configs/data/synthetic.yaml", "--out_dir", "/nonexistent/never-written"]) == 2
+    assert (
+        "error: transformers 5.17.0 loads image processors only with torchvision installed" in capsys.readouterr().err
+    )
