@@ -127,6 +127,10 @@ class VLMModule(L.LightningModule):
         # DeepSpeed's bf16 / fp16 casts parameters and keeps buffers in fp32, so a BatchNorm layer (the
         # ResNet tower's) would meet bf16 weights with fp32 running statistics: no kernel takes that mix.
         match_norm_statistics(self.vlm)
+        # Models load in eval mode (from_pretrained) and Lightning leaves modes as it finds them: without this
+        # the LM, LoRA dropout and a trained tower ran in eval mode until the first evaluation, and
+        # checkpointing and compile (train mode only) did nothing in a stage without one.
+        self.train()
 
     @override
     def train(self, mode: bool = True) -> VLMModule:

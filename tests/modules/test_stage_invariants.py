@@ -149,3 +149,40 @@ def test_each_caption_is_conditioned_on_its_own_image(micro_base):
         alone = [vlm(ids[:1], torch.ones_like(ids[:1]), pixels[i : i + 1]).logits[0] for i in range(2)]
     assert not torch.allclose(alone[0], alone[1])  # the image matters
     assert torch.allclose(batch[0], alone[0], atol=1e-5) and torch.allclose(batch[1], alone[1], atol=1e-5)
+
+
+class _ModesAtFirstBatch(L.Callback):
+    """The train/eval flag of every module of the VLM when the first training batch starts."""
+
+    def __init__(self) -> None:
+        self.modes: dict[str, bool] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not self.modes:
+            self.modes = {name: module.training for name, module in pl_module.vlm.named_modules()}
+
+
+@pytest.mark.parametrize("trainable", [["projector", "lora"], ["projector", "vision"]], ids=["lora", "vision"])
+def test_what_trains_is_in_train_mode_from_the_first_batch(micro_base, micro_world, trainable):
+    """Models load in eval mode (from_pretrained), and Lightning 2.6 leaves modes as it finds them: the LM, its LoRA
+    dropout and a trainable tower's BatchNorm ran in eval mode until the first evaluation switched the module back
+    with `train()`. Checkpointing and compile act only in train mode, so with no evaluation during a stage (the
+    real profiles) they did nothing, and the evaluation interval changed the trained weights."""
+    vlm, tokenizer, processor = _vlm(micro_base)
+    assert not vlm.lm.training  # as loaded
+    module = LoRASFTModule(vlm, LoraSpec(r=4, dropout=0.1), OptimSpec(LearningRates(vision=1e-4)), trainable)
+    modes = _ModesAtFirstBatch()
+    data = CaptionDataModule(micro_world, max_words=8, batch_size=8)
+    data.connect(tokenizer, processor, count_image_tokens(vlm, processor), "describe the image")
+    trainer = L.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", callbacks=[modes],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    lm = {name: on for name, on in modes.modes.items() if name.startswith("lm.")}
+    vision = {name: on for name, on in modes.modes.items() if name.startswith("vision.")}
+    dropouts = [on for name, on in lm.items() if "lora_dropout" in name.split(".")]
+    rest = {name: on for name, on in lm.items() if "lora_dropout" not in name.split(".")}
+    assert dropouts and all(rest.values()), [name for name, on in rest.items() if not on][:5]
+    assert all(dropouts) if "lora" in trainable else not any(dropouts)  # a frozen adapter drops nothing
+    assert all(vision.values()) if "vision" in trainable else not any(vision.values())
