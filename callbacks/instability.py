@@ -366,6 +366,10 @@ class InstabilityMonitor(L.Callback):
             "diverged": self.diverged,
             "in_a_row": self._in_a_row,
             "config": asdict(self.config),
+            # With rewind, the snapshot a later rewind goes back to (the trained parameters, buffers and optimizer
+            # state, once more in the checkpoint): without it a resumed run rewound to its own first step.
+            "snapshot": self._snapshot,
+            "healthy_since_snapshot": self._healthy_since_snapshot,
         }
 
     @override
@@ -375,3 +379,6 @@ class InstabilityMonitor(L.Callback):
         self.lowest_median = state_dict["lowest_median"]
         self.diverged = state_dict.get("diverged", False)  # reported once, not again after a resume
         self._in_a_row = state_dict.get("in_a_row", 0)
+        if self.config.action == "rewind":
+            self._snapshot = state_dict.get("snapshot")
+            self._healthy_since_snapshot = state_dict.get("healthy_since_snapshot", 0)

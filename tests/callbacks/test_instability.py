@@ -119,6 +119,30 @@ def test_rewind_recovers_the_clean_final_loss():
     assert sum(warned.step_losses[-10:]) / 10 > 10 * final  # ...whereas applying the bad update wrecks it
 
 
+def test_a_resumed_rewind_goes_back_to_the_snapshot_the_uninterrupted_run_had(tmp_path):
+    """The snapshot was not in the checkpoint: a run resumed at step 48 took a new one at its first step there, so
+    the rewind at step 50 went back to step 48 instead of 45, and every weight after it differed from the
+    uninterrupted run's (and a bad step right after a resume had no snapshot at all to go back to)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(folder, max_steps: int, ckpt=None) -> tuple[InstabilityMonitor, WeightTrace]:
+        monitor = InstabilityMonitor(InstabilityConfig(action="rewind", snapshot_every=5), AlertSinks("toy"), "toy")
+        saver = ModelCheckpoint(folder, save_last=True, save_top_k=0, every_n_train_steps=16)
+        weights = WeightTrace()
+        t = L.Trainer(
+            max_steps=max_steps, callbacks=[monitor, saver, weights], logger=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu", default_root_dir=folder,
+        )  # fmt: skip
+        t.fit(ToyRegression({50: "bad_batch"}), loader(KeyedRegression(), shuffle=False), ckpt_path=ckpt)
+        return monitor, weights
+
+    whole, whole_weights = fit(tmp_path / "whole", 60)
+    fit(tmp_path / "cut", 48)  # 3 epochs of 16 batches: the resume starts a new epoch, as the whole run did
+    resumed, resumed_weights = fit(tmp_path / "cut", 60, tmp_path / "cut" / "last.ckpt")
+    assert ("grad_spike", 50) in _kinds(whole) and ("grad_spike", 50) in _kinds(resumed)
+    assert torch.equal(resumed_weights.after[-1], whole_weights.after[-1])
+
+
 @pytest.mark.parametrize("action", ["skip", "rewind"])
 def test_a_lasting_rise_is_taken_as_the_new_level_after_max_in_a_row_steps(action):
     # From step 30 on every loss is 10x (a warm restart, harder data). Before max_in_a_row, skip and rewind
