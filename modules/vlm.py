@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from modules.modeling_vlm_curriculum import ImageTokenMixin, MLPProjector, vision_tokens
@@ -35,6 +36,10 @@ class VisionLanguageModel(ImageTokenMixin, nn.Module):
         self.vision = vision
         self.lm = lm
         self.projector = MLPProjector(vision_width, lm.get_input_embeddings().embedding_dim)
+        if lm.get_input_embeddings().weight.dtype == torch.float64:
+            # float32 otherwise (a trained part's master weights under mixed precision). In a float64 run a float32
+            # projector rounded every checkpoint and handoff loaded into it, before Lightning cast it to float64.
+            self.projector.double()
         self.vision_width = vision_width
         self.image_token_id = image_token_id
         self.grid = grid

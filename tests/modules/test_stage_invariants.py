@@ -186,3 +186,20 @@ def test_what_trains_is_in_train_mode_from_the_first_batch(micro_base, micro_wor
     assert dropouts and all(rest.values()), [name for name, on in rest.items() if not on][:5]
     assert all(dropouts) if "lora" in trainable else not any(dropouts)  # a frozen adapter drops nothing
     assert all(vision.values()) if "vision" in trainable else not any(vision.values())
+
+
+def test_a_float64_lm_gets_a_float64_projector(micro_base, tmp_path):
+    """The projector was always float32: a float64 run (the golden curves' precision) rounded the projector of
+    every resume and handoff to float32 before Lightning cast the model to float64."""
+    from modules.vlm import VisionLanguageModel
+
+    vlm, _, _ = _vlm(micro_base)
+    assert vlm.projector.net[0].weight.dtype == torch.float32  # a float32 or bf16 LM: float32 master weights
+    double = VisionLanguageModel(vlm.vision.double(), vlm.lm.double(), vlm.vision_width, vlm.image_token_id, vlm.grid)
+    assert all(p.dtype == torch.float64 for p in double.projector.parameters())
+    with torch.no_grad():
+        double.projector.net[0].weight.add_(1e-12)  # below float32's resolution
+    save_handoff(double, tmp_path / "export")
+    again = VisionLanguageModel(vlm.vision, vlm.lm, vlm.vision_width, vlm.image_token_id, vlm.grid)
+    load_handoff(again, tmp_path / "export")
+    assert torch.equal(again.projector.net[0].weight, double.projector.net[0].weight)
