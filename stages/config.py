@@ -377,6 +377,13 @@ class CurriculumConfig:
                 )
             stage_trainer = self.trainer.merged(spec.trainer)
             stage_trainer.check(f"stages.{name}.trainer")
+            if stage_trainer.max_steps in (None, -1) and stage_trainer.max_epochs in (None, -1):
+                logging.getLogger(__name__).warning(
+                    "stages.%s: neither trainer.max_steps nor trainer.max_epochs is set (here or in trainer), so "
+                    "Lightning trains %s: set one of them",
+                    name,
+                    "for ever" if stage_trainer.max_epochs == -1 else "1000 epochs (its default)",
+                )
             check_speed(self.model.speed, stage_trainer)
             if stage_trainer.strategy == "deepspeed" and self.stability.instability.enabled:
                 check_action_under_deepspeed(self.stability.instability.action, f" (stage {name})")

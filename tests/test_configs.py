@@ -75,3 +75,20 @@ def test_the_schedule_floor_is_a_stage_setting_and_reaches_the_optimizer(micro_b
     assert cfg.stages["sft_long"].min_lr_ratio == 0.1
     with pytest.raises(ValueError, match=r"stages\.align\.min_lr_ratio must be within 0 and 1, got 1\.5"):
         _parse("--stages.align.min_lr_ratio=1.5")
+
+
+def test_a_stage_without_a_length_is_warned_about(caplog):
+    """A stage with neither max_steps nor max_epochs trained Lightning's default 1000 epochs with no word from us."""
+    from stages.config import CurriculumConfig, StageSpec, TrainerConfig
+
+    stages = {
+        "align": StageSpec(["projector"], 8, init_from="base"),
+        "sft": StageSpec(["projector", "lora"], 20, trainer=TrainerConfig(max_steps=5)),
+        "sft_more": StageSpec(["projector", "lora"], 30, trainer=TrainerConfig(max_epochs=-1)),
+    }
+    caplog.set_level("WARNING", logger="stages.config")
+    CurriculumConfig(stages=stages)
+    assert "stages.align: neither trainer.max_steps nor trainer.max_epochs is set" in caplog.text
+    assert "Lightning trains 1000 epochs (its default)" in caplog.text
+    assert "stages.sft_more: neither" in caplog.text and "Lightning trains for ever" in caplog.text
+    assert "stages.sft:" not in caplog.text
