@@ -406,9 +406,14 @@ def run_bench_command(parser: ArgumentParser, args) -> int:
     return 0
 
 
-def image_processor_problem(transformers_version: str, has_torchvision: bool) -> str | None:
+def image_processor_problem(transformers_version: str | None = None, has_torchvision: bool | None = None) -> str | None:
     """What keeps transformers from loading image processors, if anything: 5.17 needs torchvision (5.18 and later
-    fall back to PIL). Without this, every command failed at its first image processor, deep in transformers."""
+    fall back to PIL). Without this, every command failed at its first image processor, deep in transformers.
+    Unset arguments are this environment's (`.ci/gpu setup` asks too)."""
+    if transformers_version is None:
+        transformers_version = importlib.metadata.version("transformers")
+    if has_torchvision is None:
+        has_torchvision = importlib.util.find_spec("torchvision") is not None
     if tuple(int(part) for part in transformers_version.split(".")[:2]) < (5, 18) and not has_torchvision:
         return (
             f"transformers {transformers_version} loads image processors only with torchvision installed: "
@@ -421,10 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = build_parser()
     parser.argv = tuple(sys.argv[1:] if argv is None else argv)
-    problem = image_processor_problem(
-        importlib.metadata.version("transformers"), bool(importlib.util.find_spec("torchvision"))
-    )
-    if problem and parser.argv[:1] in (("curriculum",), ("eval",), ("export",), ("bench",)):  # they load models
+    loads_models = parser.argv[:1] in (("curriculum",), ("eval",), ("export",), ("bench",))
+    problem = image_processor_problem() if loads_models else None
+    if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     check_config_files(parser, parser.argv)
