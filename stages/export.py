@@ -74,6 +74,8 @@ def find_stage(run_or_stage: str | Path, stage: str | None = None, flag: str = "
     path = Path(run_or_stage).resolve()  # "." inside a stage folder: its run is the parent folder
     if not path.is_dir():
         raise FileNotFoundError(f"{flag}: {path} is no folder")
+    if path.name == "export" and (path.parent / "done.json").is_file():  # a stage's export/: that stage
+        path = path.parent
     summary = path / "summary.json"
     if stage is None and (path / "done.json").is_file():
         stage_dir = path

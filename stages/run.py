@@ -79,7 +79,9 @@ def data_parser() -> ArgumentParser:
 
 def export_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Write a run's model (LoRA merged) as a Hugging Face folder.")
-    parser.add_argument("--run_dir", type=str, required=True, help="a run folder (its last stage) or a stage folder")
+    parser.add_argument(
+        "--run_dir", "--run", type=str, required=True, help="a run folder (its last stage) or a stage folder"
+    )
     parser.add_argument("--stage", type=str, default=None, help="export this stage of the run instead of the last")
     parser.add_argument("--out_dir", type=str, default=None, help="default: <run_dir>/export_hf")
     return parser
@@ -87,7 +89,13 @@ def export_parser() -> ArgumentParser:
 
 def eval_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Caption a held-out split with a model and print its scores.")
-    parser.add_argument("--model", type=str, required=True, help="an exported folder or a finished stage folder")
+    parser.add_argument(
+        "--model",
+        "--ckpt",
+        type=str,
+        required=True,
+        help="an exported folder, or a finished stage's folder (or its export/)",
+    )
     parser.add_argument("--data", type=str, default=None, help="shard folder; default: the shards it trained on")
     parser.add_argument("--split", type=str, default="test", choices=["train", "val", "test"])
     parser.add_argument("--limit", type=PositiveInt, default=256, help="images evaluated (the first of the split)")

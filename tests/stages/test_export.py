@@ -104,6 +104,19 @@ def test_eval_command_scores_an_exported_model_as_its_stage(micro_run, tmp_path,
     assert "chair_i" in capsys.readouterr().out
 
 
+def test_a_stages_export_folder_and_the_design_flags_name_that_stage(micro_run, tmp_path, capsys):
+    # DESIGN.md's `eval --ckpt runs/tiny/sft_long/export` said "has no summary.json; has its curriculum
+    # finished?" of a finished stage, and neither `--ckpt` nor export's `--run` was a flag.
+    assert find_stage(micro_run / "sft_medium" / "export").stage_dir == micro_run / "sft_medium"
+    args = ["--limit=2", "--max_new_tokens=4", "--json"]
+    assert main(["eval", "--ckpt", str(micro_run / "sft_medium" / "export"), *args]) == 0
+    from_export = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--model", str(micro_run / "sft_medium"), *args]) == 0
+    assert json.loads(capsys.readouterr().out)["captions"] == from_export["captions"]
+    assert main(["export", "--run", str(micro_run), "--stage", "align", "--out_dir", str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / EXPORT_RECORD).read_text())["stage"] == "align"
+
+
 def test_eval_and_export_name_what_is_missing(micro_run, tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
