@@ -24,6 +24,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from stages.tb_logger import text_writers
+
 log = logging.getLogger(__name__)
 
 
@@ -91,12 +93,13 @@ class AlertSinks(Callback):
     def __init__(
         self,
         stage: str,
-        jsonl_path: Path | None = None,
+        jsonl_path: str | Path | None = None,
         webhook_url: str | None = None,
         webhook_queue: int = 100,
         close_timeout: float = 10.0,
     ) -> None:
-        self.stage, self.jsonl_path, self.webhook_url = stage, jsonl_path, webhook_url
+        self.stage, self.webhook_url = stage, webhook_url
+        self.jsonl_path = None if jsonl_path is None else Path(jsonl_path)
         self.counts: Counter[str] = Counter()
         self.close_timeout = close_timeout
         """Seconds the end of a stage waits for queued webhook posts."""
@@ -121,19 +124,19 @@ class AlertSinks(Callback):
         if rank_zero_only.rank == 0 and self.jsonl_path is not None and self.jsonl_path.is_file():
             self.jsonl_path.write_text("".join(kept))
 
-    def emit(self, alert: Alert, logger=None) -> None:
+    def emit(self, alert: Alert, loggers=()) -> None:
+        """Counts and writes the alert, logs it to `loggers` (the trainer's) and queues the webhook post."""
         self.counts[alert.kind] += 1
         log.warning("ALERT %s", alert.line())
         if self.jsonl_path is not None:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
             with self.jsonl_path.open("a") as sink:
                 sink.write(json.dumps(alert.record(), allow_nan=False) + "\n")
-        if logger is not None:
+        for logger in loggers:
             logger.log_metrics({f"alerts/{alert.kind}": float(self.counts[alert.kind])}, step=alert.step)
-            # The text goes to the writer itself: on the curriculum's logger, at the run-wide step as the scalar.
-            # A plain logger (not the curriculum's): the stage is the run.
-            text_step = getattr(logger, "run_step", lambda step: step)(alert.step)
-            logger.experiment.add_text(f"alerts/{self.stage}", alert.line(), global_step=text_step)
+        # The text goes to the writer itself: on the curriculum's logger, at the run-wide step as the scalar.
+        for _, writer, run_step in text_writers(loggers):
+            writer.add_text(f"alerts/{self.stage}", alert.line(), global_step=run_step(alert.step))
         if self.webhook_url:
             self._enqueue(alert)
 

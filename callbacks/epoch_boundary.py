@@ -151,7 +151,7 @@ class BoundaryCheck(L.Callback):
                 record.rank = rank
                 self.alerts.append(record)
                 if trainer.is_global_zero:  # rank 0 delivers every rank's alerts
-                    self.sinks.emit(record, trainer.logger)
+                    self.sinks.emit(record, trainer.loggers)
 
     def _finding(self, trainer) -> Alert | None:
         """This rank's boundary alert for the current epoch, or None: the finite losses of its first k steps

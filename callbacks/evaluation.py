@@ -24,6 +24,7 @@ from datamodules.captions import PromptFormat
 from datamodules.images import as_image
 from stages.metrics import DEFAULT_BUCKETS, DENOMINATORS, caption_metrics, vqa_exact
 from stages.paths import write_text_atomic
+from stages.tb_logger import text_writers
 
 log = logging.getLogger(__name__)
 
@@ -348,17 +349,16 @@ class CaptionEvaluation(L.Callback):
             metrics.update(vqa_scores(answers))
         step = trainer.global_step
         self.history.append({"global_step": step, **{k: v for k, v in metrics.items() if k != "by_length"}})
-        logger = trainer.logger
-        if logger is not None:  # at the index of the step the evaluation follows, as Lightning logs val/loss
+        for logger in trainer.loggers:  # at the index of the step the evaluation follows, as Lightning logs val/loss
             logger.log_metrics(scalars(metrics), step=step - 1)
-            tb_step = getattr(logger, "run_step", lambda s: s)(step - 1)  # a plain logger: the stage is the run
+        for _, writer, run_step in text_writers(trainer.loggers):
             rows = [(key, reference(meta), text) for key, meta, text in results[: self.table_rows]]
-            logger.experiment.add_text(f"eval/{self.stage}/captions", markdown_table(rows), global_step=tb_step)
+            writer.add_text(f"eval/{self.stage}/captions", markdown_table(rows), global_step=run_step(step - 1))
             if self.grid_images:
                 by_key = {key: image for key, image, _ in self.samples}
                 shown = results[: self.grid_images]
                 grid = caption_grid([as_image(by_key[key]) for key, _, _ in shown], [text for _, _, text in shown])
-                logger.experiment.add_image(f"eval/{self.stage}/grid", grid, tb_step, dataformats="HWC")
+                writer.add_image(f"eval/{self.stage}/grid", grid, run_step(step - 1), dataformats="HWC")
         if final:
             self._write_final(step, metrics, results)
 
@@ -368,6 +368,7 @@ class CaptionEvaluation(L.Callback):
         generation = {**self.generate_kwargs, "do_sample": False}  # generate_captions decodes greedily or by beam
         record = {"stage": self.stage, "global_step": step, "generation": generation}
         record.update(metrics, **self.extra, history=self.history)
+        self.out_path.parent.mkdir(parents=True, exist_ok=True)  # the runner makes it; a plain Trainer may not
         write_text_atomic(self.out_path, json.dumps(record, indent=2))
         samples_path = self.out_path.with_name("captions.jsonl")
         samples_path.write_text("".join(json.dumps({"key": k, "caption": t}) + "\n" for k, _, t in results))

@@ -239,8 +239,8 @@ class InstabilityMonitor(L.Callback):
         self._step = trainer.global_step - (deepspeed_engine(trainer) is not None)
         # On the steps Lightning logs train/loss and the learning rates at: (step + 1) % log_every_n_steps == 0.
         logged = (self._step + 1) % trainer.log_every_n_steps == 0
-        if grad is not None and trainer.logger is not None and logged:
-            trainer.logger.log_metrics({"train/grad_norm": grad}, step=self._step)
+        for logger in trainer.loggers if grad is not None and logged else ():
+            logger.log_metrics({"train/grad_norm": grad}, step=self._step)
         keys, self._micro_losses, self._keys = self._keys, [], []
         findings = self._findings(loss, self._unless_overflow(trainer, loss, grad))
         every_rank = [(r, f, k) for r, (f, k) in gather_findings(trainer, bool(findings), (findings, keys))]
@@ -315,7 +315,7 @@ class InstabilityMonitor(L.Callback):
         alert = Alert(self.stage, step, epoch, kind, value, threshold, action, keys, rank=rank, detail=detail)
         self.alerts.append(alert)
         if trainer.is_global_zero:
-            self.sinks.emit(alert, trainer.logger)
+            self.sinks.emit(alert, trainer.loggers)
 
     def _act(self, trainer, pl_module, optimizer, action: str) -> None:
         # No gradient: torch optimizers skip the parameter entirely (under DeepSpeed, optimizer is None).
@@ -355,7 +355,12 @@ class InstabilityMonitor(L.Callback):
             self._judge_step(trainer, pl_module, None, None if norm is None else float(norm))
         if self._stop_checkpoint_due:  # after the step, so the checkpoint is a consistent state
             self._stop_checkpoint_due = False
-            trainer.save_checkpoint(Path(trainer.default_root_dir) / "checkpoints" / "stopped.ckpt")
+            # Beside the trainer's checkpoints (the runner's <stage>/checkpoints), not in a folder of their own.
+            saver = trainer.checkpoint_callback
+            folder = (
+                saver.dirpath if saver is not None and saver.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+            )
+            trainer.save_checkpoint(Path(folder) / "stopped.ckpt")
 
     @override
     def state_dict(self) -> dict:

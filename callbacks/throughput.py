@@ -60,12 +60,11 @@ class Throughput(L.Callback):
         step = trainer.global_step
         if step == self._logged_step:  # with accumulation, the micro-batches after a step share its number
             return
-        if trainer.logger is not None and step and step % self.log_every == 0 and self.train_s:
+        if trainer.loggers and step and step % self.log_every == 0 and self.train_s:
             self._logged_step = step
-            trainer.logger.log_metrics(
-                {"perf/tokens_per_s": self.tokens / self.train_s, "perf/samples_per_s": self.samples / self.train_s},
-                step=step - 1,  # the index of the step just done
-            )
+            rates = {"perf/tokens_per_s": self.tokens / self.train_s, "perf/samples_per_s": self.samples / self.train_s}
+            for logger in trainer.loggers:
+                logger.log_metrics(rates, step=step - 1)  # the index of the step just done
 
     def summary(self) -> dict:
         """Totals of this process's training batches (a resumed stage counts from the resume), and peak

@@ -195,6 +195,7 @@ class CaptionDataModule(L.LightningDataModule):
                     f"{self.shard_dir}: only {kept} training images fit max_words={self.max_words}, fewer than one "
                     f"optimizer step ({accumulate} batch(es) of {self.batch_size}) per device"
                 )
+            self._check_reloaded(batches)
         elif world > 1:  # every rank validates on as many batches: under ZeRO-3 each forward pass needs them all
             if kept == 0:
                 return []
@@ -216,6 +217,26 @@ class CaptionDataModule(L.LightningDataModule):
                 warnings.simplefilter("ignore", UserWarning)
                 loader = loader.with_epoch(batches).with_length(batches)
         return loader
+
+    def _check_reloaded(self, batches: int) -> None:
+        """The loader reads the epoch (its shuffle seed) and the resume position when it is built: a Trainer
+        that keeps it for more than one epoch would repeat the first epoch's order. Refused, unless the fit
+        cannot reach a second epoch (`batches`: this epoch's, before `limit_train_batches`)."""
+        trainer = self.trainer
+        if trainer is None or trainer.reload_dataloaders_every_n_epochs == 1:
+            return
+        limit = trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
+        steps_per_epoch = max(1, batches // trainer.accumulate_grad_batches)
+        epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else float("inf")
+        if trainer.max_steps not in (None, -1):
+            epochs = min(epochs, -(-trainer.max_steps // steps_per_epoch))
+        if epochs > 1:
+            raise ValueError(
+                "CaptionDataModule: build the Trainer with reload_dataloaders_every_n_epochs=1 (stages.run does): "
+                f"its loader is built for one epoch, and with {trainer.reload_dataloaders_every_n_epochs} every "
+                "later epoch would repeat the first one's order"
+            )
 
     def _batches_done_this_epoch(self) -> int:
         """Batches of the current epoch already trained on, when Lightning resumes from a mid-epoch checkpoint.

@@ -357,3 +357,9 @@ def probe_image_tokens(tower: nn.Module, processor, grid: int | None, layer: int
         shape = vision_tokens(tower, pixels.to(weight.device, weight.dtype), grid, layer).shape
     tower.train(training)
     return shape[1], shape[2]
+
+
+def count_image_tokens(vlm: VisionLanguageModel, processor) -> int:
+    """Image tokens per image (what `CaptionDataModule.connect` needs), found by running the tower on one blank
+    image."""
+    return probe_image_tokens(vlm.vision, processor, vlm.grid, vlm.vision_layer)[0]

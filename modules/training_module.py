@@ -228,9 +228,37 @@ class VLMModule(L.LightningModule):
         }
         # LoRA dropout draws from these: a resumed run must continue the same random stream.
         checkpoint["rng_states"] = rng_states()
+        checkpoint["vlm_module"] = self._identity()
+
+    def _identity(self) -> dict:
+        """What a checkpoint of this module must match to load into another: its class, trained groups and
+        LoRA shape (plain types, for `torch.load(weights_only=True)`)."""
+        identity = {"class": type(self).__name__, "trainable": sorted(self.trainable)}
+        config = getattr(self.vlm.lm, "peft_config", {}).get("default")
+        if config is not None:
+            targets = config.target_modules  # names, or one regular expression
+            targets = targets if isinstance(targets, str) else sorted(targets)
+            identity["lora"] = {"r": config.r, "alpha": config.lora_alpha, "targets": targets}
+        return identity
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Loading is not strict (the frozen rest is not in the checkpoint), so a checkpoint of another module, or
+        # with another LoRA scale, would load partly or scale differently without a word.
+        saved, mine = checkpoint.get("vlm_module"), self._identity()
+        if saved is not None and saved != mine:
+            raise ValueError(f"this checkpoint is of {saved}, not of this {mine}")
+        if "state_dict" in checkpoint:  # not under DeepSpeed, whose engine loads and checks its own files
+            trained = {name for name, p in self.named_parameters() if p.requires_grad}
+            missing, unknown = (
+                trained - checkpoint["state_dict"].keys(),
+                checkpoint["state_dict"].keys() - set(self.state_dict()),
+            )
+            if missing or unknown:
+                raise ValueError(
+                    f"this checkpoint lacks {len(missing)} trained parameters (e.g. {sorted(missing)[:3]}) and "
+                    f"holds {len(unknown)} this module has not (e.g. {sorted(unknown)[:3]})"
+                )
         # Restored at the first batch, not now: creating the dataloader iterator draws from the torch
         # generator, which the original run had done before the checkpoint was written.
         self._resume_rng = checkpoint.get("rng_states")
@@ -250,7 +278,8 @@ class AlignModule(VLMModule):
 
 
 class LoRASFTModule(VLMModule):
-    """LoRA SFT of the language model (adapter carried in, or a fresh one), projector trainable by default."""
+    """LoRA SFT of the language model: the adapter carried in (by `load_handoff`) or a fresh one of `lora`;
+    `trainable` holds "lora" and usually "projector" (the default curriculum's SFT stages train both)."""
 
     def __init__(
         self,
@@ -260,6 +289,8 @@ class LoRASFTModule(VLMModule):
         trainable: list[str],
         speed: SpeedSpec | None = None,
     ) -> None:
+        if "lora" not in trainable:
+            raise ValueError(f"LoRASFTModule trains the LoRA adapter: trainable must name 'lora', got {trainable}")
         if not has_lora(vlm):
             attach_lora(vlm, lora)
         super().__init__(vlm, trainable, optim, speed)

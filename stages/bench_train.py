@@ -315,11 +315,10 @@ def bench_train(
 ) -> dict:
     """Runs every variant for both step kinds on the profile `cfg` (a CurriculumConfig); returns the figures."""
     from datamodules.captions import PromptFormat, scored_tokens
-    from modules.loading import build_vlm
+    from modules.loading import build_vlm, count_image_tokens
     from modules.training_module import AlignModule, LoRASFTModule, OptimSpec
     from stages.config import check_speed
     from stages.curriculum import prepare_base_models
-    from stages.stage import count_image_tokens
 
     if steps <= warmup or warmup < 1:
         # The timer starts at the end of the last warm-up step: with none, Lightning variants had no start.

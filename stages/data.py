@@ -160,8 +160,8 @@ IMAGE_TOKEN_OPS = (
 
 def check_stock_captioner(args: dict) -> None:
     """Data-Juicer's image_captioning_mapper takes a local folder or a hub id (its default, Salesforce/blip2-opt-2.7b).
-    Offline (stages sets HF_HUB_OFFLINE=1 unless the caller set it), a hub id works only from the Hugging Face cache;
-    otherwise transformers failed at the op's first batch with "couldn't connect to huggingface.co", even for a
+    Offline (stages.run sets HF_HUB_OFFLINE=1 unless the caller set it), a hub id works only from the Hugging Face
+    cache; otherwise transformers failed at the op's first batch with "couldn't connect to huggingface.co", even for a
     misspelt local folder."""
     from huggingface_hub import constants, try_to_load_from_cache
 

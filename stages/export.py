@@ -23,7 +23,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 from modules import modeling_vlm_curriculum
 from modules.handoff import has_lora, load_handoff
-from modules.loading import LoraSpec, ModelConfig, build_vlm
+from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
 from stages.metrics import DEFAULT_BUCKETS, check_buckets
 from stages.paths import input_path
@@ -109,8 +109,6 @@ def load_stage_model(source: StageSource, float32: bool = False):
 
 def export_model(source: StageSource, out_dir: Path) -> Path:
     """Writes the stage's model, LoRA merged, as one Hugging Face folder; returns `out_dir`."""
-    from stages.stage import count_image_tokens
-
     # Merged in float32 whatever the base models' dtype (the base weights as training saw them, then upcast;
     # the stage's float32 weights loaded as they are): a LoRA update is mostly below bf16's resolution of the
     # weights it is added to, so a bf16 merge would lose much of what training learned.
@@ -223,8 +221,6 @@ def evaluate_model(
         num_image_tokens, prompt = model.config.num_image_tokens, model.config.prompt
         chat_template = getattr(model.config, "chat_template", False)  # exports before it was a field: off
     else:
-        from stages.stage import count_image_tokens
-
         stage = find_stage(path, flag="--model")
         model, tokenizer, processor, model_config = load_stage_model(stage)
         model.eval()

@@ -11,9 +11,15 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
+
+# Nothing is downloaded at run time: the command line sets the hub offline, before anything imports
+# huggingface_hub (it reads HF_HUB_OFFLINE once, at import), unless the caller set it. Here, not in the
+# package: a script that imports the project's modules keeps its own hub settings.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 from jsonargparse.typing import PositiveInt

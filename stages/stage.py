@@ -39,7 +39,7 @@ from callbacks.progress import stage_progress_bar
 from callbacks.throughput import Throughput
 from datamodules.caption_datamodule import CaptionDataModule
 from modules.handoff import load_handoff, save_handoff
-from modules.loading import build_vlm, probe_image_tokens
+from modules.loading import build_vlm, count_image_tokens
 from modules.training_module import AlignModule, LoRASFTModule, OptimSpec, VLMModule
 from modules.vlm import VisionLanguageModel
 from stages.config import CurriculumConfig, StageSpec, TrainerConfig
@@ -105,11 +105,6 @@ class StageResult:
     metrics: dict
     skipped: bool
     rescored: bool = False  # skipped, but scored again: its evaluation settings changed
-
-
-def count_image_tokens(vlm: VisionLanguageModel, processor) -> int:
-    """Image tokens per image, found by running the tower on one blank image."""
-    return probe_image_tokens(vlm.vision, processor, vlm.grid, vlm.vision_layer)[0]
 
 
 def write_stage_config(stage_dir: Path, print_: str, resolved: dict) -> None:

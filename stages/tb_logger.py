@@ -55,6 +55,17 @@ class CurriculumTensorBoardLogger(TensorBoardLogger):
         writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
 
+def text_writers(loggers) -> list[tuple]:
+    """(logger, writer, step function) for the loggers that take text and images: TensorBoard's, whose writer
+    has `add_text`. Scalars go to every logger through `log_metrics`; a CSV or other logger gets no text. The
+    step function puts a stage's step on the run's axis (the curriculum's logger) or leaves it (a plain one)."""
+    writers = []
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):  # its `experiment` opens the writer; others' may do more
+            writers.append((logger, logger.experiment, getattr(logger, "run_step", lambda step: step)))
+    return writers
+
+
 class StepLearningRateMonitor(LearningRateMonitor):
     """Lightning's LearningRateMonitor, logging once per optimizer step.
 

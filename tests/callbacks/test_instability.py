@@ -339,7 +339,7 @@ def test_alert_records_are_standard_json_and_text_lands_at_the_run_wide_step(tmp
 
     logger = CurriculumTensorBoardLogger(str(tmp_path), step_offset=1000)  # a second stage: 1000 steps before it
     sinks = AlertSinks("sft", tmp_path / "alerts.jsonl")
-    sinks.emit(Alert("sft", 5, 0, "non_finite", float("nan"), float("inf"), "warn"), logger)
+    sinks.emit(Alert("sft", 5, 0, "non_finite", float("nan"), float("inf"), "warn"), [logger])
     logger.experiment.flush()
 
     def strict(constant):

@@ -14,7 +14,9 @@ def _datamodule(micro_world, micro_base, accumulate: int, batch_size: int = 8) -
     datamodule = CaptionDataModule(micro_world, max_words=48, batch_size=batch_size)
     tokenizer = AutoTokenizer.from_pretrained(micro_base[1])
     datamodule.connect(tokenizer, AutoImageProcessor.from_pretrained(micro_base[0]), 9, "describe the image")
-    datamodule.trainer = L.Trainer(accumulate_grad_batches=accumulate, accelerator="cpu", logger=False)
+    datamodule.trainer = L.Trainer(
+        accumulate_grad_batches=accumulate, accelerator="cpu", logger=False, reload_dataloaders_every_n_epochs=1
+    )
     return datamodule
 
 

@@ -18,9 +18,8 @@ from callbacks.alerts import AlertSinks
 from callbacks.epoch_boundary import BoundaryCheck, BoundaryConfig
 from callbacks.instability import InstabilityConfig, InstabilityMonitor
 from datamodules.caption_datamodule import CaptionDataModule
-from modules.loading import ModelConfig, build_vlm
+from modules.loading import ModelConfig, build_vlm, count_image_tokens
 from modules.training_module import AlignModule, LearningRates, OptimSpec
-from stages.stage import count_image_tokens
 
 TENSORS = ("input_ids", "attention_mask", "pixel_values", "labels")
 

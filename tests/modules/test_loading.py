@@ -241,8 +241,7 @@ def test_every_row_must_hold_one_images_placeholders(micro_base):
     import pytest
     import torch
 
-    from modules.loading import ModelConfig, build_vlm
-    from stages.stage import count_image_tokens
+    from modules.loading import ModelConfig, build_vlm, count_image_tokens
 
     vlm, tokenizer, processor = build_vlm(ModelConfig(), *micro_base)
     n = count_image_tokens(vlm, processor)

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from datamodules.captions import PromptFormat, collate_captions
-from modules.loading import LoraSpec, ModelConfig, build_vlm
+from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens
 from modules.speed import SpeedSpec, caption_loss, checkpointed_layers, decoder_layers, set_compile
 from modules.training_module import LearningRates, LoRASFTModule, OptimSpec
-from stages.stage import count_image_tokens
 
 CAPTIONS = ["a red circle", "two small blue squares on the left", "a big green triangle at the top right"]
 

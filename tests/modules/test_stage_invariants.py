@@ -9,9 +9,8 @@ import torch
 from callbacks.evaluation import generate_captions
 from datamodules.caption_datamodule import CaptionDataModule
 from modules.handoff import attach_lora, has_lora, load_handoff, save_handoff
-from modules.loading import LoraSpec, ModelConfig, build_vlm
+from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens
 from modules.training_module import AlignModule, LearningRates, LoRASFTModule, OptimSpec, group_parameters
-from stages.stage import count_image_tokens
 
 
 def _vlm(micro_base):

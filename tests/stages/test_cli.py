@@ -333,6 +333,11 @@ def test_the_command_line_puts_the_hub_offline_before_it_is_imported():
     code = "import stages.run, huggingface_hub.constants as c; print(c.HF_HUB_OFFLINE)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "True", done.stderr[-2000:]
+    # Only the command line: importing stages.* set the variable for the whole process, so a user's own script
+    # that builds shards with stages.data could no longer download anything from the hub.
+    code = "import os, stages.data, stages.stage; print(os.environ.get('HF_HUB_OFFLINE'))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "None", done.stderr[-2000:]
 
 
 @pytest.mark.parametrize(("flag", "value"), [("warn", "warn"), ("true", True), ("false", False)])

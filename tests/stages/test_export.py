@@ -38,7 +38,7 @@ print(json.dumps({"tokens": tokens.tolist(), "logits": logits.tolist(), "class":
 
 def _in_training_outputs(source, images):
     from datamodules.captions import PromptFormat
-    from stages.stage import count_image_tokens
+    from modules.loading import count_image_tokens
 
     vlm, tokenizer, processor, config = load_stage_model(source)
     vlm.eval()

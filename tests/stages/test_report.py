@@ -108,8 +108,8 @@ def test_each_question_is_answered_from_its_own_prompt(micro_run):
     from callbacks.evaluation import answer_questions, as_image
     from datamodules.caption_datamodule import CaptionDataModule
     from datamodules.captions import PromptFormat
+    from modules.loading import count_image_tokens
     from stages.export import find_stage, load_stage_model
-    from stages.stage import count_image_tokens
 
     stage = find_stage(micro_run / "sft_long")
     vlm, tokenizer, processor, config = load_stage_model(stage)
