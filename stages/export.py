@@ -109,6 +109,8 @@ def load_stage_model(source: StageSource, float32: bool = False):
 
 def export_model(source: StageSource, out_dir: Path) -> Path:
     """Writes the stage's model, LoRA merged, as one Hugging Face folder; returns `out_dir`."""
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / EXPORT_RECORD).is_file():
+        raise FileExistsError(f"--out_dir: {out_dir} holds files and no earlier export; name a new or empty folder")
     # Merged in float32 whatever the base models' dtype (the base weights as training saw them, then upcast;
     # the stage's float32 weights loaded as they are): a LoRA update is mostly below bf16's resolution of the
     # weights it is added to, so a bf16 merge would lose much of what training learned.
@@ -137,19 +139,23 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
     )
     merged = VLMCurriculumForCaptioning(config)
     merged.load_state_dict(vlm.state_dict(), strict=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    shutil.copyfile(modeling_vlm_curriculum.__file__, out_dir / "modeling_vlm_curriculum.py")
+    # Written beside it, then put in its place: an export interrupted midway into the folder of an earlier one
+    # left that one's record (stage, step) beside the new weights, and `eval` reported the wrong stage.
+    partial = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    merged.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    shutil.copyfile(modeling_vlm_curriculum.__file__, partial / "modeling_vlm_curriculum.py")
     record = {
         "run_dir": str(source.stage_dir.parent),
         "stage": source.stage_dir.name,
         "global_step": source.global_step,
         "shard_dir": str(source.shard_dir.resolve()),
     }
-    (out_dir / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
-    (out_dir / "README.md").write_text(
+    (partial / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
+    (partial / "README.md").write_text(
         README.format(
             name=out_dir.name,
             run=record["run_dir"],
@@ -160,6 +166,8 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
             folder=out_dir,
         )
     )
+    shutil.rmtree(out_dir, ignore_errors=True)  # an earlier export (checked above); a kill now leaves `partial` whole
+    partial.rename(out_dir)
     return out_dir
 
 

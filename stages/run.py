@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import signal
 import sys
 import typing
 from pathlib import Path
@@ -227,7 +228,7 @@ def run_model_command(command: str, options) -> int:
             device=options.device,
             dtype=options.dtype,
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if options.json:
@@ -451,8 +452,6 @@ def main(argv: list[str] | None = None) -> int:
         # jsonargparse prints before any value is checked: check first, then let it print and exit.
         checked_curriculum(parser, parser.parse_args([arg for arg in parser.argv if arg not in printing]))
     args = parser.parse_args(list(parser.argv))
-    if args.command in ("export", "eval"):
-        return run_model_command(args.command, args[args.command])
     handlers = {
         "curriculum": run_curriculum_command,
         "data": run_data_command,
@@ -460,7 +459,19 @@ def main(argv: list[str] | None = None) -> int:
         "report": run_report_command,
         "bench": run_bench_command,
     }
-    return handlers[args.command](parser, args)
+    try:
+        if args.command in ("export", "eval"):
+            return run_model_command(args.command, args[args.command])
+        return handlers[args.command](parser, args)
+    except SystemExit as stop:
+        # Lightning ends a fit that got SIGTERM (a scheduler's preemption) with SIGTERMException, a SystemExit
+        # without a code: the run ended with exit code 0, as if it had finished.
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(stop, SIGTERMException):
+            raise
+        print("interrupted by SIGTERM: rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

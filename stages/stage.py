@@ -29,6 +29,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.alerts import AlertSinks
 from callbacks.epoch_boundary import BoundaryCheck
@@ -440,6 +441,8 @@ def run_stage(
         write_text_atomic(stage_dir / "done.json", json.dumps(done, indent=2))
     # The other ranks go on to the next stage, which reads this stage's export: wait until rank 0 wrote it.
     trainer.strategy.barrier("stage_written")
+    if trainer.received_sigterm:  # it came after Lightning's last look (in on_train_end): the stage is done, stop
+        raise SIGTERMException
     if scored_with != eval_print:  # resumed at its last step, scored before with other settings (rank 0 only)
         return rescore_stage(cfg, name, inputs, resolved, done, step_offset)
     return StageResult(name, print_, trainer.global_step, evaluation.metrics, skipped=False)

@@ -117,6 +117,35 @@ def test_a_stages_export_folder_and_the_design_flags_name_that_stage(micro_run, 
     assert json.loads((tmp_path / "hf" / EXPORT_RECORD).read_text())["stage"] == "align"
 
 
+def test_an_export_interrupted_over_an_earlier_one_leaves_that_one_whole(micro_run, tmp_path, monkeypatch, capsys):
+    # Written into the earlier export's folder, an export killed after its weights kept the earlier record: eval
+    # named align's stage and step beside sft_long's weights.
+    import stages.export
+
+    out = tmp_path / "hf"
+    export_model(find_stage(micro_run, "align"), out)
+    (out / "stray.txt").write_text("from before")
+    weights = (out / "model.safetensors").read_bytes()
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed while the export was written")
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(stages.export.shutil, "copyfile", killed)
+        export_model(find_stage(micro_run), out)
+    assert json.loads((out / EXPORT_RECORD).read_text())["stage"] == "align"
+    assert (out / "model.safetensors").read_bytes() == weights
+    export_model(find_stage(micro_run), out)
+    assert json.loads((out / EXPORT_RECORD).read_text())["stage"] == "sft_long"
+    assert not (out / "stray.txt").exists() and not (tmp_path / ".hf.partial").exists()
+    # A folder of other files is not taken for an earlier export and emptied.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["export", "--run_dir", str(micro_run), "--out_dir", str(mine)]) == 2
+    assert "--out_dir: " in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep me"
+
+
 def test_eval_and_export_name_what_is_missing(micro_run, tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -467,3 +467,33 @@ def test_checkpoints_are_staged_beside_themselves_not_in_the_temp_folder(tmp_pat
     assert _run(tmp_path / "run", "--stages.align.trainer.max_steps=2") == 0
     assert len(moves) >= 4  # at least one checkpoint a stage
     assert all(source.parent == target.parent for source, target in moves), moves[:2]
+
+
+@pytest.mark.parametrize("when", ["mid_stage", "at_its_end"])
+def test_a_sigterm_exits_143_and_the_rerun_goes_on(tmp_path, monkeypatch, capsys, when):
+    """Lightning ends a fit that got SIGTERM (a scheduler's preemption) with SIGTERMException, a SystemExit
+    without a code: the run exited 0, as if finished. One that came in the stage's last hooks, after Lightning's
+    last look, was dropped: the next stages trained on, and the scheduler had to kill the run."""
+    from callbacks.evaluation import CaptionEvaluation
+
+    run_dir = tmp_path / "run"
+
+    def sigterm(self, trainer, *args):  # what Lightning's SIGTERM handler does: set the flag the loops read
+        if self.stage == "sft_short" and (when == "at_its_end" or trainer.global_step == 2):
+            trainer._signal_connector.received_sigterm = True
+
+    with monkeypatch.context() as patch:
+        hook = "on_train_batch_end" if when == "mid_stage" else "on_train_end"
+        original = getattr(CaptionEvaluation, hook)
+
+        def then_sigterm(self, trainer, *args):
+            original(self, trainer, *args)
+            sigterm(self, trainer)
+
+        patch.setattr(CaptionEvaluation, hook, then_sigterm)
+        assert main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS]) == 143
+    assert "interrupted by SIGTERM" in capsys.readouterr().err
+    assert (run_dir / "sft_short" / "done.json").is_file() == (when == "at_its_end")
+    assert not (run_dir / "sft_medium").exists()
+    assert main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS]) == 0
+    assert json.loads((run_dir / "sft_short" / "done.json").read_text())["global_steps"] == 3
