@@ -227,7 +227,7 @@ class CaptionDataModule(L.LightningDataModule):
             return
         limit = trainer.limit_train_batches
         batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
-        steps_per_epoch = max(1, batches // trainer.accumulate_grad_batches)
+        steps_per_epoch = -(-batches // trainer.accumulate_grad_batches)  # Lightning steps on a short last window
         epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else float("inf")
         if trainer.max_steps not in (None, -1):
             epochs = min(epochs, -(-trainer.max_steps // steps_per_epoch))

@@ -13,6 +13,7 @@ Export layout (one folder, loadable with transformers alone):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,9 @@ def load_stage_model(source: StageSource, float32: bool = False):
 
 def export_model(source: StageSource, out_dir: Path) -> Path:
     """Writes the stage's model, LoRA merged, as one Hugging Face folder; returns `out_dir`."""
+    out_dir = Path(os.path.realpath(out_dir))  # a link: the folder it names is replaced, beside it on its disk
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out_dir: {out_dir} is a file, not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / EXPORT_RECORD).is_file():
         raise FileExistsError(f"--out_dir: {out_dir} holds files and no earlier export; name a new or empty folder")
     # Merged in float32 whatever the base models' dtype (the base weights as training saw them, then upcast;

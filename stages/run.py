@@ -210,7 +210,9 @@ def run_model_command(command: str, options) -> int:
     try:
         if command == "export":
             source = find_stage(options.run_dir, options.stage)
-            out = Path(options.out_dir) if options.out_dir else Path(options.run_dir) / "export_hf"
+            given = Path(options.run_dir)  # a stage's export/ folder stands for its stage folder
+            folder = source.stage_dir if given.resolve() == source.stage_dir / "export" else given
+            out = Path(options.out_dir) if options.out_dir else folder / "export_hf"
             export_model(source, out)
             print(f"exported {source.stage_dir} (step {source.global_step}) to {out}; see {out / 'README.md'}")
             return 0

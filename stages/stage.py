@@ -441,7 +441,8 @@ def run_stage(
         write_text_atomic(stage_dir / "done.json", json.dumps(done, indent=2))
     # The other ranks go on to the next stage, which reads this stage's export: wait until rank 0 wrote it.
     trainer.strategy.barrier("stage_written")
-    if trainer.received_sigterm:  # it came after Lightning's last look (in on_train_end): the stage is done, stop
+    # A SIGTERM after Lightning's last look (in on_train_end): the stage is done; stop, on every rank if any got it.
+    if trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):
         raise SIGTERMException
     if scored_with != eval_print:  # resumed at its last step, scored before with other settings (rank 0 only)
         return rescore_stage(cfg, name, inputs, resolved, done, step_offset)

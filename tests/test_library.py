@@ -105,6 +105,9 @@ def test_a_trainer_that_keeps_the_loader_for_a_second_epoch_is_refused(micro_wor
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
         _trainer(tmp_path, [], max_steps=40, enable_checkpointing=False).fit(module, datamodule=data)  # 12 a epoch
     _trainer(tmp_path, [], max_steps=3, enable_checkpointing=False).fit(module, datamodule=data)  # within one epoch
+    # 5 batches with accumulation 2 are 3 steps: Lightning steps on the short last window too.
+    one_epoch = {"max_steps": 3, "limit_train_batches": 5, "accumulate_grad_batches": 2, "enable_checkpointing": False}
+    _trainer(tmp_path, [], **one_epoch).fit(module, datamodule=data)
 
 
 def test_a_checkpoint_loads_only_into_a_module_like_the_one_that_wrote_it(micro_world, micro_base, tmp_path):

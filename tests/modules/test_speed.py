@@ -6,19 +6,25 @@ import pytest
 import torch
 
 from datamodules.captions import PromptFormat, collate_captions
+from modules.handoff import attach_lora
 from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens
 from modules.speed import SpeedSpec, caption_loss, checkpointed_layers, decoder_layers, set_compile
-from modules.training_module import LearningRates, LoRASFTModule, OptimSpec
+from modules.training_module import LearningRates, LoRASFTModule, OptimSpec, VLMModule
 
 CAPTIONS = ["a red circle", "two small blue squares on the left", "a big green triangle at the top right"]
 
 
 def _module(
     micro_base, speed: SpeedSpec, dropout: float = 0.0, trainable=("projector", "lora")
-) -> tuple[LoRASFTModule, dict]:
+) -> tuple[VLMModule, dict]:
     torch.manual_seed(0)
     vlm, tokenizer, processor = build_vlm(ModelConfig(), *micro_base)
-    module = LoRASFTModule(vlm, LoraSpec(r=4, dropout=dropout), OptimSpec(LearningRates()), list(trainable), speed)
+    lora, optim = LoraSpec(r=4, dropout=dropout), OptimSpec(LearningRates())
+    if "lora" in trainable:
+        module = LoRASFTModule(vlm, lora, optim, list(trainable), speed)
+    else:  # a carried adapter, frozen: what the runner builds for such a stage
+        attach_lora(vlm, lora)
+        module = VLMModule(vlm, list(trainable), optim, speed)
     # LoRA's B starts at zero; nonzero values make the adapter's gradients depend on the whole path.
     with torch.no_grad():
         for name, param in vlm.named_parameters():

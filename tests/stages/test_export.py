@@ -115,6 +115,11 @@ def test_a_stages_export_folder_and_the_design_flags_name_that_stage(micro_run, 
     assert json.loads(capsys.readouterr().out)["captions"] == from_export["captions"]
     assert main(["export", "--run", str(micro_run), "--stage", "align", "--out_dir", str(tmp_path / "hf")]) == 0
     assert json.loads((tmp_path / "hf" / EXPORT_RECORD).read_text())["stage"] == "align"
+    try:  # the default folder of a stage's export/ is the stage's, not one inside its handoff files
+        assert main(["export", "--run", str(micro_run / "align" / "export")]) == 0
+        assert (micro_run / "align" / "export_hf" / EXPORT_RECORD).is_file()
+    finally:
+        shutil.rmtree(micro_run / "align" / "export_hf", ignore_errors=True)
 
 
 def test_an_export_interrupted_over_an_earlier_one_leaves_that_one_whole(micro_run, tmp_path, monkeypatch, capsys):
@@ -138,6 +143,11 @@ def test_an_export_interrupted_over_an_earlier_one_leaves_that_one_whole(micro_r
     export_model(find_stage(micro_run), out)
     assert json.loads((out / EXPORT_RECORD).read_text())["stage"] == "sft_long"
     assert not (out / "stray.txt").exists() and not (tmp_path / ".hf.partial").exists()
+    # A link to a folder: the folder is replaced and the link kept (the swap failed on the link, after the merge).
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    export_model(find_stage(micro_run), tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "real" / EXPORT_RECORD).is_file()
     # A folder of other files is not taken for an earlier export and emptied.
     mine = tmp_path / "mine"
     mine.mkdir()
