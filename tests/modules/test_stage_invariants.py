@@ -10,7 +10,7 @@ from callbacks.evaluation import generate_captions
 from datamodules.caption_datamodule import CaptionDataModule
 from modules.handoff import attach_lora, has_lora, load_handoff, save_handoff
 from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens
-from modules.training_module import AlignModule, LearningRates, LoRASFTModule, OptimSpec, group_parameters
+from modules.training_module import AlignModule, LearningRates, LoRASFTModule, OptimSpec, VLMModule, group_parameters
 
 
 def _vlm(micro_base):
@@ -169,7 +169,12 @@ def test_what_trains_is_in_train_mode_from_the_first_batch(micro_base, micro_wor
     real profiles) they did nothing, and the evaluation interval changed the trained weights."""
     vlm, tokenizer, processor = _vlm(micro_base)
     assert not vlm.lm.training  # as loaded
-    module = LoRASFTModule(vlm, LoraSpec(r=4, dropout=0.1), OptimSpec(LearningRates(vision=1e-4)), trainable)
+    lora, optim = LoraSpec(r=4, dropout=0.1), OptimSpec(LearningRates(vision=1e-4))
+    if "lora" in trainable:
+        module = LoRASFTModule(vlm, lora, optim, trainable)
+    else:  # an adapter carried in and frozen, as the runner builds such a stage
+        attach_lora(vlm, lora)
+        module = VLMModule(vlm, trainable, optim)
     modes = _ModesAtFirstBatch()
     data = CaptionDataModule(micro_world, max_words=8, batch_size=8)
     data.connect(tokenizer, processor, count_image_tokens(vlm, processor), "describe the image")
