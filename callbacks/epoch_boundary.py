@@ -92,9 +92,14 @@ class BoundaryCheck(L.Callback):
     """Compares losses across epoch boundaries (and the stage boundary, given `previous_tail`)."""
 
     def __init__(
-        self, config: BoundaryConfig, sinks: AlertSinks, stage: str = "", previous_tail: list[float] | None = None
+        self,
+        config: BoundaryConfig | None = None,
+        sinks: AlertSinks | None = None,
+        stage: str = "",
+        previous_tail: list[float] | None = None,
     ) -> None:
-        self.config, self.sinks, self.stage = config, sinks, stage
+        """`sinks` as InstabilityMonitor's."""
+        self.config, self.sinks, self.stage = config or BoundaryConfig(), sinks or AlertSinks(stage), stage
         self.previous_tail = [v for v in previous_tail or [] if v is not None and math.isfinite(v)]
         self.epochs: list[_EpochTrace] = []
         self.alerts: list[Alert] = []

@@ -159,8 +159,13 @@ def global_grad_norm(pl_module: L.LightningModule) -> float | None:
 class InstabilityMonitor(L.Callback):
     """Alerts on loss and gradient-norm spikes, NaN/Inf and divergence; acts as configured."""
 
-    def __init__(self, config: InstabilityConfig, sinks: AlertSinks, stage: str = "") -> None:
-        self.config, self.sinks, self.stage = config, sinks, stage
+    def __init__(
+        self, config: InstabilityConfig | None = None, sinks: AlertSinks | None = None, stage: str = ""
+    ) -> None:
+        """`sinks`: where alerts go (default: the log and the trainer's loggers; give an `AlertSinks` with a
+        file, and add it to the callbacks too, for `alerts.jsonl`)."""
+        config = config or InstabilityConfig()
+        self.config, self.sinks, self.stage = config, sinks or AlertSinks(stage), stage
         self.loss_history: deque[float] = deque(maxlen=config.window)
         self.grad_history: deque[float] = deque(maxlen=config.window)
         self.lowest_median = math.inf

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lightning as L
 import numpy as np
@@ -38,7 +38,7 @@ class LearningRates:
 
 @dataclass
 class OptimSpec:
-    lr: LearningRates
+    lr: LearningRates = field(default_factory=LearningRates)
     warmup_steps: int = 20
     """Linear warm-up, then cosine decay to `min_lr_ratio` x peak over the stage's optimizer steps."""
     min_lr_ratio: float = 0.1

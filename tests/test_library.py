@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from callbacks.alerts import AlertSinks
+from callbacks.epoch_boundary import BoundaryCheck
 from callbacks.evaluation import CaptionEvaluation
 from callbacks.fault_injection import FaultInjection
 from callbacks.instability import InstabilityConfig, InstabilityMonitor
@@ -93,6 +94,17 @@ def test_alerts_evaluations_and_a_stop_work_with_a_csv_logger_and_paths_of_ones_
     rows = _rows(tmp_path / "csv" / "lightning_logs")
     assert any(row.get("alerts/non_finite") for row in rows), [k for k in rows[0] if k.startswith("alerts")]
     assert any(row.get("eval/chair_i") for row in rows)
+
+
+def test_the_callbacks_and_the_optimizer_spec_have_defaults(micro_world, micro_base, tmp_path):
+    # A library user had to build an AlertSinks and every config, and OptimSpec asked for learning rates that
+    # LearningRates has defaults for.
+    vlm, _, data = _parts(micro_world, micro_base)
+    monitor, boundary = InstabilityMonitor(stage="sft"), BoundaryCheck()
+    module = LoRASFTModule(vlm, LoraSpec(r=4), OptimSpec(), ["lora", "projector"])
+    _trainer(tmp_path, [FaultInjection({1: "nan"}), monitor, boundary], max_steps=3).fit(module, datamodule=data)
+    assert [(a.kind, a.step) for a in monitor.alerts][0] == ("non_finite", 1)  # warn: the NaN stays, alerted again
+    assert len(boundary.all_losses) == 3
 
 
 def test_a_trainer_that_keeps_the_loader_for_a_second_epoch_is_refused(micro_world, micro_base, tmp_path):
