@@ -201,14 +201,25 @@ def load_synonyms(path: str | Path | None, flag: str = "eval.synonyms") -> dict[
     return table
 
 
-def class_table(synonyms: dict[str, list[str]] | None, index: dict) -> dict[str, list[str]] | None:
+def class_table(
+    synonyms: dict[str, list[str]] | None, index: dict, samples: list = (), where: str | Path = "the shards"
+) -> dict[str, list[str]] | None:
     """The CHAIR table to score with: the synonym table if given, else every class annotated anywhere in the
     data set (index.json's `object_classes`, written by the data stage), each naming only itself. Built from
     the evaluated images' classes alone, a class none of them showed was never counted as hallucinated, and
-    the scores changed with `limit`. Shards built before the index held the classes: None (those images')."""
-    if synonyms is not None or not index.get("object_classes"):
+    the scores changed with `limit`. Shards built before the index held the classes: None (the evaluated
+    images' classes), with a warning when `samples` (the evaluated ones) name classes."""
+    if synonyms is not None:
         return synonyms
-    return {name: [] for name in index["object_classes"]}
+    if index.get("object_classes"):
+        return {name: [] for name in index["object_classes"]}
+    if any(isinstance(o, str) for _, _, meta in samples for o in meta.get("objects") or []):
+        log.warning(
+            "%s were built before index.json listed the data set's object classes: CHAIR counts only the classes "
+            "of the evaluated images, and its scores differ from newer shards'; rebuild them (stages.run data)",
+            where,
+        )
+    return None
 
 
 RECORD_KEYS = ("stage", "global_step", "generation", "history", "eval_fingerprint")

@@ -13,6 +13,7 @@ Export layout (one folder, loadable with transformers alone):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
 from stages.metrics import DEFAULT_BUCKETS, check_buckets
 from stages.paths import input_path
+
+log = logging.getLogger(__name__)
 
 EXPORT_RECORD = "vlm_export.json"
 README = """# {name}
@@ -157,6 +160,7 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
         "stage": source.stage_dir.name,
         "global_step": source.global_step,
         "shard_dir": str(source.shard_dir.resolve()),
+        "fingerprint": source.config.get("fingerprint"),  # the stage's training, to tell a later one from it
     }
     (partial / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
     (partial / "README.md").write_text(
@@ -175,6 +179,19 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
     return out_dir
 
 
+def stale_export(record: dict) -> str | None:
+    """Why an export's stage no longer holds what was exported (trained again since, or training), else None.
+    Exports before the record held the stage's fingerprint, and those whose run is gone, are not judged."""
+    config = Path(record["run_dir"]) / record["stage"] / "config.yaml"
+    if not record.get("fingerprint") or not config.is_file():
+        return None
+    if not (config.parent / "done.json").is_file():
+        return f"its stage {config.parent} is being trained again (no done.json)"
+    if yaml.safe_load(config.read_text()).get("fingerprint") != record["fingerprint"]:
+        return f"its stage {config.parent} has been trained again since; export it again"
+    return None
+
+
 def load_exported(folder: Path):
     """(model, tokenizer, processor) of an exported folder, through transformers' remote-code loading."""
     if not (folder / EXPORT_RECORD).is_file():
@@ -182,7 +199,9 @@ def load_exported(folder: Path):
     model = AutoModel.from_pretrained(folder, trust_remote_code=True, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
-    return model, tokenizer, model.image_processor(processor)
+    # Exports before pad_to_square carry a modeling file without `image_processor`; they never padded.
+    wrap = getattr(model, "image_processor", None)
+    return model, tokenizer, processor if wrap is None else wrap(processor)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -230,6 +249,10 @@ def evaluate_model(
         model, tokenizer, processor = load_exported(path)
         record = json.loads((path / EXPORT_RECORD).read_text())
         default_shards, source = Path(record["shard_dir"]), {"exported": str(path), **record}
+        stale = stale_export(record)
+        if stale:
+            log.warning("%s is out of date: %s", path, stale)
+            source["stale"] = stale
         num_image_tokens, prompt = model.config.num_image_tokens, model.config.prompt
         chat_template = getattr(model.config, "chat_template", False)  # exports before it was a field: off
     else:
@@ -251,7 +274,7 @@ def evaluate_model(
         model, samples, fmt, processor, batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams
     )
     results = [(key, meta, text) for (key, _, meta), text in zip(samples, captions, strict=True)]
-    table = class_table(load_synonyms(synonyms, "--synonyms"), data.index)
+    table = class_table(load_synonyms(synonyms, "--synonyms"), data.index, samples, shards)
     metrics = score(sorted(results, key=lambda r: r[0]), buckets, table)
     if vqa:
         answers = answer_questions(model, samples, fmt, processor, batch_size)

@@ -170,6 +170,12 @@ def write_report(run_dir: Path) -> Path:
             "**Not every stage's results are current** (rerun the curriculum command to bring them up to date):",
         ]
         lines += [f"- {name}: {problem}" for name, problem in problems.items()]
+    record = _read_json(run_dir / "export_hf" / "vlm_export.json")
+    if record is not None:
+        from stages.export import stale_export  # imports transformers: only for a run with an export
+
+        stale = stale_export(record)
+        lines += ["", f"**`export_hf` is out of date**: {stale}." if stale else f"`export_hf` holds {record['stage']}."]
     first = configs[stages[0]]
     shared = {key: first[key] for key in ("seed", "model", "data", "eval", "stability")}
     if shared["stability"]["instability"] is None:  # the fingerprint's placeholder for the `warn` action

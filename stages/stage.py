@@ -112,6 +112,18 @@ def write_stage_config(stage_dir: Path, print_: str, resolved: dict) -> None:
     write_text_atomic(stage_dir / "config.yaml", yaml.safe_dump({"fingerprint": print_, **resolved}, sort_keys=False))
 
 
+def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two resolved stage configs (added and removed ones too)."""
+    keys = []
+    for key in sorted(old.keys() | new.keys(), key=str):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
 def prepare_stage_folder(stage_dir: Path, print_: str, resolved: dict, rank_zero: bool) -> None:
     """Empties a stage folder whose config or inputs changed, and writes the stage's config.yaml.
 
@@ -122,8 +134,14 @@ def prepare_stage_folder(stage_dir: Path, print_: str, resolved: dict, rank_zero
     if not rank_zero:
         return
     config_path = stage_dir / "config.yaml"
-    if config_path.is_file() and yaml.safe_load(config_path.read_text()).get("fingerprint") != print_:
-        log.warning("stage %s: config or inputs changed since its last run; starting it afresh", stage_dir.name)
+    before = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+    if before is not None and before.get("fingerprint") != print_:
+        changed = changed_keys({k: v for k, v in before.items() if k != "fingerprint"}, resolved)
+        log.warning(
+            "stage %s: config or inputs changed since its last run (%s); starting it afresh",
+            stage_dir.name,
+            ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else ""),
+        )
         shutil.rmtree(stage_dir)
         stage_dir.mkdir(parents=True)
     (stage_dir / "done.json").unlink(missing_ok=True)
@@ -220,9 +238,10 @@ def stage_data_and_evaluation(
         spec.max_words,
         budget["skipped"],
     )
+    samples = datamodule.eval_samples(cfg.eval.split, cfg.eval.limit)
     evaluation = CaptionEvaluation(
         name,
-        datamodule.eval_samples(cfg.eval.split, cfg.eval.limit),
+        samples,
         datamodule.format,
         processor,
         inputs.run_dir / name / "metrics.json",
@@ -235,7 +254,7 @@ def stage_data_and_evaluation(
         buckets=tuple(cfg.eval.length_buckets),
         vqa=cfg.eval.vqa,
         extra={"budget": budget, "eval_fingerprint": eval_print},
-        synonyms=class_table(load_synonyms(cfg.eval.synonyms), datamodule.index),
+        synonyms=class_table(load_synonyms(cfg.eval.synonyms), datamodule.index, samples, datamodule.shard_dir),
     )
     return datamodule, evaluation
 

@@ -98,3 +98,20 @@ def test_a_resume_under_other_evaluation_settings_drops_the_earlier_history(tmp_
     same.load_state_dict(before.state_dict())
     other.load_state_dict(before.state_dict())
     assert same.history == before.history and other.history == []
+
+
+def test_shards_built_before_the_index_listed_object_classes_are_named(caplog):
+    # Their CHAIR counts only the evaluated images' classes: the same model scored CHAIR-i 0.0 on them and 1.0
+    # on the same data rebuilt, both silently.
+    from callbacks.evaluation import class_table
+
+    samples = [("k", None, {"objects": ["dog", "cat"]})]
+    assert class_table(None, {"object_classes": ["cat", "dog", "kite"]}, samples) == {"cat": [], "dog": [], "kite": []}
+    assert not caplog.records
+    with caplog.at_level("WARNING"):
+        assert class_table(None, {}, samples, "/data/old") is None
+    assert "/data/old were built before index.json listed" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the synthetic world's objects are records, not class names: no table to miss
+        assert class_table(None, {}, [("k", None, {"objects": [{"shape": "circle"}]})]) is None
+    assert not caplog.records

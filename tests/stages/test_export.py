@@ -156,6 +156,19 @@ def test_an_export_interrupted_over_an_earlier_one_leaves_that_one_whole(micro_r
     assert "--out_dir: " in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep me"
 
 
+def test_an_export_from_before_pad_to_square_still_evaluates(micro_run, tmp_path):
+    # Its copy of modeling_vlm_curriculum.py has no `image_processor` (those versions never padded): eval crashed.
+    import re
+
+    out = export_model(find_stage(micro_run), tmp_path / "old_export")
+    modeling = out / "modeling_vlm_curriculum.py"
+    old = re.sub(r"\n    def image_processor\(self, processor\):\n(?:        .*\n)+", "\n", modeling.read_text())
+    assert "def image_processor" not in old
+    modeling.write_text(old)
+    from_old = evaluate_model(out, limit=2, max_new_tokens=4)
+    assert from_old["captions"] == evaluate_model(micro_run / "sft_long", limit=2, max_new_tokens=4)["captions"]
+
+
 def test_eval_and_export_name_what_is_missing(micro_run, tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err

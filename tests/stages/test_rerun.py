@@ -497,3 +497,21 @@ def test_a_sigterm_exits_143_and_the_rerun_goes_on(tmp_path, monkeypatch, capsys
     assert not (run_dir / "sft_medium").exists()
     assert main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS]) == 0
     assert json.loads((run_dir / "sft_short" / "done.json").read_text())["global_steps"] == 3
+
+
+def test_a_retrained_stage_names_what_changed_and_its_old_export_is_called_out_of_date(tmp_path, caplog, capsys):
+    # An upgrade (or a change) that retrained the run left export_hf with the old weights: eval and report.md
+    # said nothing. The retrain's message did not say which setting changed.
+    from stages.export import evaluate_model
+    from stages.report import write_report
+
+    run = tmp_path / "run"
+    assert _run(run) == 0
+    assert main(["export", "--run_dir", str(run)]) == 0
+    assert "`export_hf` holds sft_long." in write_report(run).read_text()
+    caplog.set_level("WARNING")
+    assert _run(run, "--stages.sft_long.min_lr_ratio=0.5") == 0
+    assert "config or inputs changed since its last run (spec.min_lr_ratio)" in caplog.text
+    result = evaluate_model(run / "export_hf", limit=2, max_new_tokens=4)
+    assert "has been trained again since" in result["model"]["stale"]
+    assert "**`export_hf` is out of date**" in write_report(run).read_text()
