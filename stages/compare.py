@@ -23,7 +23,7 @@ import yaml
 
 from stages.config import CurriculumConfig
 from stages.metrics import DENOMINATORS
-from stages.paths import input_path
+from stages.paths import folder_lock, input_path
 from stages.report import pyplot, save_figure
 
 log = logging.getLogger(__name__)
@@ -182,26 +182,38 @@ def baseline_argv(
     ]  # fmt: skip
 
 
+class CompareFailed(RuntimeError):
+    """One of the compared runs failed (its own error is printed above)."""
+
+
 def run_compare(profile: Path, seeds: list[int], root: Path, overrides: list[str]) -> dict:
     """Runs both arms for every seed (finished stages are skipped on a rerun) and writes the comparison."""
-    from stages.run import curriculum_config, curriculum_parser, main
+    from stages.run import curriculum_config, curriculum_parser
 
     parser = curriculum_parser()
     cfg = curriculum_config(parser.instantiate(parser.parse_args(["--config", str(profile), *overrides])))
     root.mkdir(parents=True, exist_ok=True)
+    # One compare at a time in a root: a second one rewrote the baseline's stages under the first one's runs.
+    with folder_lock(root, "--root"):
+        return _compare(cfg, profile, seeds, root, overrides)
+
+
+def _compare(cfg: CurriculumConfig, profile: Path, seeds: list[int], root: Path, overrides: list[str]) -> dict:
+    from stages.run import main
+
     baseline_config = root / "baseline_stages.yaml"
     baseline_config.write_text(yaml.safe_dump({"stages": baseline_stages(cfg)}, sort_keys=False))
     runs: dict[str, list[Path]] = {"curriculum": [], "baseline": []}
     for seed in seeds:
         curriculum = root / f"curriculum-{seed}"
         if main(["curriculum", "--config", str(profile), f"--run_dir={curriculum}", f"--seed={seed}", *overrides]):
-            raise RuntimeError(f"compare: the curriculum run {curriculum} failed")
+            raise CompareFailed(f"compare: the curriculum run {curriculum} failed")
         # The baseline reads the very shards and base models the curriculum trained from.
         inputs = yaml.safe_load((curriculum / next(iter(cfg.stages)) / "config.yaml").read_text())["inputs"]
         folders = {key: input_path(inputs[key], curriculum) for key in ("shard_dir", "vision_path", "lm_path")}
         baseline = root / f"baseline-{seed}"
         if main(baseline_argv(profile, baseline_config, baseline, seed, overrides, folders)):
-            raise RuntimeError(f"compare: the baseline run {baseline} failed")
+            raise CompareFailed(f"compare: the baseline run {baseline} failed")
         runs["curriculum"].append(curriculum)
         runs["baseline"].append(baseline)
     result = collect(runs)

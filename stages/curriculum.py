@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from modules.loading import (
 )
 from stages.config import CurriculumConfig, TrainerConfig, upstream_stage
 from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
-from stages.paths import write_text_atomic
+from stages.paths import LOCK_NAME, folder_lock, write_text_atomic
 from stages.report import STAGES_FILE, write_report
 from stages.stage import RunInputs, StageResult, StageStopped, fingerprint, run_stage
 
@@ -140,7 +140,8 @@ def log_data_report(run_dir: Path, report: dict, markdown: str) -> None:
 
 
 def _files(folder: Path) -> list[tuple[str, int, int]]:
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    files = (p for p in folder.iterdir() if p.is_file() and p.name != LOCK_NAME)
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
 def _folder_digest(folder: Path) -> str:
@@ -328,11 +329,32 @@ def run_folder_lock(run_dir: Path) -> Iterator[None]:
 
 def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     run_dir.mkdir(parents=True, exist_ok=True)
-    with run_folder_lock(run_dir):
-        return _run_curriculum(cfg, run_dir)
+    with run_folder_lock(run_dir), ExitStack() as held:
+        return _run_curriculum(cfg, run_dir, held)
 
 
-def _run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
+class InputChanged(RuntimeError):
+    """A folder the run trains from changed while it ran (another process rebuilt it)."""
+
+
+def check_inputs_unchanged(inputs: RunInputs, stage: str) -> None:
+    """Fails when the shards or base models differ from what the run started with: a rebuild by another run
+    (models in another run's base/, which this run cannot lock) gave later stages other inputs, silently."""
+    now = {
+        "shards": shards_digest(inputs.shard_dir),
+        "vision": _folder_digest(inputs.vision_path) if inputs.vision_path.is_dir() else "missing",
+        "lm": _folder_digest(inputs.lm_path) if inputs.lm_path.is_dir() else "missing",
+    }
+    changed = [key for key, digest in now.items() if digest != inputs.digests[key]]
+    if changed:
+        folders = {"shards": inputs.shard_dir, "vision": inputs.vision_path, "lm": inputs.lm_path}
+        raise InputChanged(
+            f"before stage {stage}: {', '.join(str(folders[key]) for key in changed)} changed while this run used "
+            "it (another process rebuilt it?); rerun to train every stage on the new one"
+        )
+
+
+def _run_curriculum(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> list[StageResult]:
     if rank_zero_only.rank == 0:  # the stage order, for a report of a run that has not finished
         (run_dir / STAGES_FILE).write_text(json.dumps({"stages": list(cfg.stages)}, indent=2))
     check_inputs(cfg)
@@ -344,6 +366,8 @@ def _run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     if any("lora" in spec.trainable for spec in cfg.stages.values()):
         check_lora_targets(lm, cfg.model.lora)
     shard_dir = prepare_data(cfg, run_dir)
+    if rank_zero_only.rank == 0:  # no data build into it while the stages read it
+        held.enter_context(folder_lock(shard_dir, "--data.shard_dir" if cfg.data.shard_dir else "data", shared=True))
     budgets = {}
     for name, spec in cfg.stages.items():
         trainer = cfg.trainer.merged(spec.trainer)
@@ -363,6 +387,7 @@ def _run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
         init = None if source == "base" else next(r for r in results if r.name == source)
         init_dir = None if init is None else run_dir / init.name / "export"
         tail = boundary_tail(cfg, name, None if init is None else init.name, run_dir)
+        check_inputs_unchanged(inputs, name)
         try:
             result = run_stage(
                 cfg, name, inputs, init_dir, None if init is None else init.fingerprint, step_offset, tail

@@ -35,7 +35,7 @@ from datamodules.images import shard_image
 from datamodules.shards import INDEX_NAME, SPLITS, write_shards
 from datamodules.text_stats import corpus_stats, tokens
 from datamodules.world import WorldConfig
-from stages.paths import write_text_atomic
+from stages.paths import folder_lock, write_text_atomic
 
 log = logging.getLogger(__name__)
 FORMATS = ("synthetic", "llava", "dj_jsonl")
@@ -358,6 +358,11 @@ def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | Non
     whole); returns the report."""
     check_process(recipe.process)  # before the earlier build is removed: a bad recipe leaves it as it was
     out_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out_dir, "the shard folder"):  # no second build, and no run reading it, meanwhile
+        return _build(recipe, out_dir, world, seed)
+
+
+def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed: int) -> dict:
     clear_build(out_dir)
     skips = SkipLog()
     rows = _raw_rows(recipe, world or WorldConfig(), seed, out_dir / "work", skips)

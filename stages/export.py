@@ -161,6 +161,7 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
         "global_step": source.global_step,
         "shard_dir": str(source.shard_dir.resolve()),
         "fingerprint": source.config.get("fingerprint"),  # the stage's training, to tell a later one from it
+        "shards_digest": source.config["inputs"].get("digests", {}).get("shards"),  # the shards it trained on
     }
     (partial / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
     (partial / "README.md").write_text(
@@ -249,6 +250,7 @@ def evaluate_model(
         model, tokenizer, processor = load_exported(path)
         record = json.loads((path / EXPORT_RECORD).read_text())
         default_shards, source = Path(record["shard_dir"]), {"exported": str(path), **record}
+        trained_on = record.get("shards_digest")
         stale = stale_export(record)
         if stale:
             log.warning("%s is out of date: %s", path, stale)
@@ -260,12 +262,19 @@ def evaluate_model(
         model, tokenizer, processor, model_config = load_stage_model(stage)
         model.eval()
         default_shards = stage.shard_dir
+        trained_on = stage.config["inputs"].get("digests", {}).get("shards")
         source = {"stage_dir": str(stage.stage_dir), "global_step": stage.global_step}
         num_image_tokens, prompt = count_image_tokens(model, processor), model_config.prompt
         chat_template = model_config.chat_template
     model.to(device=target, dtype=None if dtype is None else DTYPES[dtype])
     shards = Path(shard_dir) if shard_dir else default_shards
     data = CaptionDataModule(shards, max_words=10**6)
+    if not shard_dir and trained_on and default_shards.is_dir():
+        from stages.curriculum import shards_digest
+
+        if shards_digest(default_shards) != trained_on:
+            source["shards_changed"] = f"{default_shards} was rebuilt after the model trained on it"
+            log.warning("%s: scoring on shards other than those it trained on", source["shards_changed"])
     samples = data.eval_samples(split, limit)
     if not samples:
         raise ValueError(f"--data: {shards} has no {split!r} samples")

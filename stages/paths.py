@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+LOCK_NAME = ".lock"
+"""The lock file of a folder the project writes (a run, shards, a compare root); left out of folder digests."""
 
 
 def stored_path(path: Path, run_dir: Path) -> str:
@@ -31,9 +37,41 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(scratch, 0o666 & ~umask)  # as open() would make it: mkstemp's 0600 hid it from other users
         with os.fdopen(handle, "w") as out:
             out.write(text)
         os.replace(scratch, path)
     except BaseException:
         Path(scratch).unlink(missing_ok=True)
         raise
+
+
+class FolderBusy(RuntimeError):
+    """Another process writes a folder this one reads or writes, or reads one this one would write."""
+
+
+@contextmanager
+def folder_lock(folder: Path, flag: str, shared: bool = False) -> Iterator[None]:
+    """Holds `<folder>/.lock` while this process writes the folder (exclusive) or reads it (`shared`): a data
+    build into shards that a curriculum was training from gave its later stages another world, silently, and
+    two builds into one folder deleted each other's files. The operating system drops the lock when the process
+    ends, however it ends. A folder this user cannot write is not locked (nobody here can rebuild it either)."""
+    try:
+        handle = (Path(folder) / LOCK_NAME).open("a+")
+    except OSError:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            doing = "being written by another process" if shared else "in use by another process"
+            raise FolderBusy(
+                f"{flag} {folder} is {doing} (a data build, or a run reading it); wait for it to end"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

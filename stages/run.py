@@ -183,6 +183,7 @@ def build_parser() -> ArgumentParser:
 
 def run_data_command(parser: ArgumentParser, args) -> int:
     from stages.data import RecipeConfig, run_data_stage
+    from stages.paths import FolderBusy
 
     try:
         values = parser.instantiate(args).data
@@ -192,7 +193,7 @@ def run_data_command(parser: ArgumentParser, args) -> int:
     try:
         recipe = RecipeConfig(**fields)
         report = run_data_stage(recipe, Path(values.out_dir), values.world, values.seed)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, FolderBusy) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     samples = report["samples"]
@@ -318,14 +319,15 @@ def check_config_files(parser: ArgumentParser, argv: tuple[str, ...]) -> None:
 def run_curriculum_command(parser: ArgumentParser, args) -> int:
     from datamodules.shards import ShardError
     from modules.loading import ModelFolderError
-    from stages.curriculum import NoGPU, RunFolderBusy, run_curriculum
+    from stages.curriculum import InputChanged, NoGPU, RunFolderBusy, run_curriculum
+    from stages.paths import FolderBusy
     from stages.stage import StageStopped
 
     cfg, config_files = checked_curriculum(parser, args)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(config_files)
     try:
         results = run_curriculum(cfg, run_dir)
-    except (FileNotFoundError, ModelFolderError, ShardError, RunFolderBusy, NoGPU) as error:  # say which, no trace
+    except (FileNotFoundError, ModelFolderError, ShardError, RunFolderBusy, FolderBusy, InputChanged, NoGPU) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except StageStopped as error:
@@ -343,8 +345,9 @@ def run_curriculum_command(parser: ArgumentParser, args) -> int:
 
 
 def run_compare_command(parser: ArgumentParser, args) -> int:
-    from stages.compare import markdown, run_compare
+    from stages.compare import CompareFailed, markdown, run_compare
     from stages.curriculum import NoGPU, RunFolderBusy
+    from stages.paths import FolderBusy
 
     options = args.compare
     if options.seeds < 1:
@@ -352,7 +355,7 @@ def run_compare_command(parser: ArgumentParser, args) -> int:
     seeds = list(range(options.seeds))
     try:
         result = run_compare(Path(options.profile), seeds, Path(options.root), list(options.override))
-    except (FileNotFoundError, ValueError, RunFolderBusy, NoGPU) as error:
+    except (FileNotFoundError, ValueError, RunFolderBusy, FolderBusy, NoGPU, CompareFailed) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(markdown(result, seeds))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -515,3 +516,7 @@ def test_a_retrained_stage_names_what_changed_and_its_old_export_is_called_out_o
     result = evaluate_model(run / "export_hf", limit=2, max_new_tokens=4)
     assert "has been trained again since" in result["model"]["stale"]
     assert "**`export_hf` is out of date**" in write_report(run).read_text()
+    # Its shards rebuilt since: eval, scoring on them by default, scored another data set without a word.
+    assert "shards_changed" not in evaluate_model(run / "sft_long", limit=2, max_new_tokens=4)["model"]
+    os.utime(next((run / "data").glob("test-*.tar")), ns=(0, 0))
+    assert "was rebuilt after" in evaluate_model(run / "sft_long", limit=2, max_new_tokens=4)["model"]["shards_changed"]

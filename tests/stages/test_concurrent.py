@@ -1,0 +1,62 @@
+"""Processes that share folders: a data build, the runs that read its shards, compares in one root."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from stages.paths import folder_lock, write_text_atomic
+from stages.run import main
+from tests.conftest import MICRO_ARGS, SYNTHETIC_RECIPE
+
+
+def test_a_data_build_is_refused_while_a_run_reads_the_folder_and_the_other_way(micro_world, tmp_path, capsys):
+    # A build into shards that a curriculum trained from gave its later stages another world (exit 0), and two
+    # builds into one folder deleted each other's files. A curriculum holds a shared lock on its shard folder.
+    build = ["data", "--config", str(SYNTHETIC_RECIPE), "--out_dir", str(micro_world), "--seed", "7"]
+    before = (micro_world / "index.json").read_bytes()
+    with folder_lock(micro_world, "data", shared=True):  # what a running curriculum holds
+        assert main(build) == 2
+    assert f"the shard folder {micro_world} is in use by another process" in capsys.readouterr().err
+    assert (micro_world / "index.json").read_bytes() == before, "the refused build removed nothing"
+    with folder_lock(micro_world, "the shard folder"):  # a build under way
+        run = ["curriculum", f"--run_dir={tmp_path / 'run'}", f"--data.shard_dir={micro_world}", *MICRO_ARGS]
+        assert main(run) == 2
+    assert f"--data.shard_dir {micro_world} is being written by another process" in capsys.readouterr().err
+
+
+def test_inputs_changed_during_a_run_stop_it_before_the_next_stage(tmp_path, monkeypatch, capsys):
+    # Base models in another run's base/ (which this run cannot lock) rebuilt by that run: the later stages
+    # trained on the new ones, silently.
+    from callbacks.evaluation import CaptionEvaluation
+
+    original = CaptionEvaluation.on_train_end
+
+    def then_rebuilt(self, trainer, *args):
+        original(self, trainer, *args)
+        if self.stage == "align":
+            weights = next((tmp_path / "run" / "base" / "lm").glob("*.safetensors"))
+            os.utime(weights, ns=(0, 0))
+
+    monkeypatch.setattr(CaptionEvaluation, "on_train_end", then_rebuilt)
+    assert main(["curriculum", f"--run_dir={tmp_path / 'run'}", *MICRO_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "before stage sft_short:" in err and "base/lm changed while this run used it" in err
+    assert not (tmp_path / "run" / "sft_short").exists()
+
+
+def test_a_second_compare_in_one_root_is_refused(tmp_path, capsys):
+    # It rewrote the baseline's stages under the first one's runs, and that one's compare.md came from both.
+    with folder_lock(tmp_path, "--root"):
+        assert main(["compare", "--root", str(tmp_path), "--seeds", "1"]) == 2
+    assert f"--root {tmp_path} is in use by another process" in capsys.readouterr().err
+
+
+def test_files_written_atomically_follow_the_umask(tmp_path):
+    # mkstemp made them 0600: another user of a shared run folder could read the shards but not index.json.
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "done.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "done.json").stat().st_mode) == 0o644
