@@ -16,10 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import yaml
+from lightning.pytorch.utilities import rank_zero_only
 
 from stages.config import CurriculumConfig
 from stages.metrics import DENOMINATORS
@@ -194,7 +196,8 @@ def run_compare(profile: Path, seeds: list[int], root: Path, overrides: list[str
     cfg = curriculum_config(parser.instantiate(parser.parse_args(["--config", str(profile), *overrides])))
     root.mkdir(parents=True, exist_ok=True)
     # One compare at a time in a root: a second one rewrote the baseline's stages under the first one's runs.
-    with folder_lock(root, "--root"):
+    # Rank 0's: the other ranks of a multi-device run re-run this command and belong to it.
+    with folder_lock(root, "--root") if rank_zero_only.rank == 0 else nullcontext():
         return _compare(cfg, profile, seeds, root, overrides)
 
 

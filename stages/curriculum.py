@@ -92,14 +92,16 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
             log.info("rebuilding the shards: %d image file(s) changed since they were built, first %s",
                      len(changed), changed[:3])  # fmt: skip
     log.info("building the shards with the data recipe %s in %s", recipe_path, shard_dir)
-    stamp.unlink(missing_ok=True)  # a build killed midway must not leave the old stamp vouching for its files
-    try:
-        report = run_data_stage(recipe, shard_dir, cfg.world, cfg.seed)
-    except ValueError as error:  # a recipe or input that cannot build shards: said as the data command says it
-        raise ShardError(f"--data.recipe {recipe_path}: {error}") from error
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(shard_dir, "data"):  # before the stamp goes: a refused build leaves the folder as it was
+        stamp.unlink(missing_ok=True)  # a build killed midway must not leave the old stamp vouching for its files
+        try:
+            report = run_data_stage(recipe, shard_dir, cfg.world, cfg.seed, locked=True)
+        except ValueError as error:  # a recipe or input that cannot build shards: said as the data command says it
+            raise ShardError(f"--data.recipe {recipe_path}: {error}") from error
+        images = json.loads((shard_dir / IMAGE_FILES_NAME).read_text())  # as each was when read, not as it is now
+        write_text_atomic(stamp, json.dumps({"fingerprint": wanted, "recipe": str(recipe_path), "images": images}))
     log_data_report(run_dir, report, (shard_dir / "report.md").read_text())
-    images = json.loads((shard_dir / IMAGE_FILES_NAME).read_text())  # as each was when read, not as it is now
-    write_text_atomic(stamp, json.dumps({"fingerprint": wanted, "recipe": str(recipe_path), "images": images}))
     return shard_dir
 
 
@@ -346,6 +348,10 @@ def check_inputs_unchanged(inputs: RunInputs, stage: str) -> None:
         "lm": _folder_digest(inputs.lm_path) if inputs.lm_path.is_dir() else "missing",
     }
     changed = [key for key, digest in now.items() if digest != inputs.digests[key]]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # one verdict: rank 0's
+        verdict = [changed]
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        changed = verdict[0]
     if changed:
         folders = {"shards": inputs.shard_dir, "vision": inputs.vision_path, "lm": inputs.lm_path}
         raise InputChanged(

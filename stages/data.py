@@ -353,11 +353,15 @@ def clear_build(out_dir: Path) -> None:
         (out_dir / name).unlink(missing_ok=True)
 
 
-def run_data_stage(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None = None, seed: int = 0) -> dict:
+def run_data_stage(
+    recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None = None, seed: int = 0, locked: bool = False
+) -> dict:
     """Runs the recipe into `out_dir` (shards, report.json, report.md, and index.json last, when the build is
-    whole); returns the report."""
+    whole); returns the report. `locked`: the caller holds the folder's lock (`folder_lock`) already."""
     check_process(recipe.process)  # before the earlier build is removed: a bad recipe leaves it as it was
     out_dir.mkdir(parents=True, exist_ok=True)
+    if locked:
+        return _build(recipe, out_dir, world, seed)
     with folder_lock(out_dir, "the shard folder"):  # no second build, and no run reading it, meanwhile
         return _build(recipe, out_dir, world, seed)
 

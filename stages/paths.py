@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_UMASK = os.umask(0)  # read once, at import: setting it to read it later would race other threads' files
+os.umask(_UMASK)
 
 LOCK_NAME = ".lock"
 """The lock file of a folder the project writes (a run, shards, a compare root); left out of folder digests."""
@@ -37,9 +44,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(scratch, 0o666 & ~umask)  # as open() would make it: mkstemp's 0600 hid it from other users
+        os.chmod(scratch, 0o666 & ~_UMASK)  # as open() would make it: mkstemp's 0600 hid it from other users
         with os.fdopen(handle, "w") as out:
             out.write(text)
         os.replace(scratch, path)
@@ -58,11 +63,15 @@ def folder_lock(folder: Path, flag: str, shared: bool = False) -> Iterator[None]
     build into shards that a curriculum was training from gave its later stages another world, silently, and
     two builds into one folder deleted each other's files. The operating system drops the lock when the process
     ends, however it ends. A folder this user cannot write is not locked (nobody here can rebuild it either)."""
+    path = Path(folder) / LOCK_NAME
     try:
-        handle = (Path(folder) / LOCK_NAME).open("a+")
+        handle = path.open("a+")
     except OSError:
-        yield
-        return
+        try:  # another user's lock file in a folder both write: flock works on a read-only handle too
+            handle = path.open("r")
+        except OSError:
+            yield
+            return
     with handle:
         try:
             fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -71,6 +80,13 @@ def folder_lock(folder: Path, flag: str, shared: bool = False) -> Iterator[None]
             raise FolderBusy(
                 f"{flag} {folder} is {doing} (a data build, or a run reading it); wait for it to end"
             ) from None
+        except OSError as error:  # a file system without locks (NFS mounted nolock): go on, unguarded
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            log.warning("%s %s: this file system takes no locks (%s); not guarded against other processes",
+                        flag, folder, error.strerror)  # fmt: skip
+            yield
+            return
         try:
             yield
         finally:

@@ -134,7 +134,7 @@ def prepare_stage_folder(stage_dir: Path, print_: str, resolved: dict, rank_zero
     if not rank_zero:
         return
     config_path = stage_dir / "config.yaml"
-    before = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+    before = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else None
     if before is not None and before.get("fingerprint") != print_:
         changed = changed_keys({k: v for k, v in before.items() if k != "fingerprint"}, resolved)
         log.warning(

@@ -7,7 +7,7 @@ import stat
 
 from stages.paths import folder_lock, write_text_atomic
 from stages.run import main
-from tests.conftest import MICRO_ARGS, SYNTHETIC_RECIPE
+from tests.conftest import MICRO_ARGS, REPO, SYNTHETIC_RECIPE
 
 
 def test_a_data_build_is_refused_while_a_run_reads_the_folder_and_the_other_way(micro_world, tmp_path, capsys):
@@ -60,3 +60,52 @@ def test_files_written_atomically_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "done.json").stat().st_mode) == 0o644
+
+
+def test_a_refused_rebuild_leaves_the_folder_as_it_was(tmp_path, capsys):
+    # The stamp went before the build asked for the lock: refused, it left the shards unstamped and changed
+    # their digest under the run that held them, which then stopped too.
+    run = tmp_path / "run"
+    assert main(["curriculum", f"--run_dir={run}", *MICRO_ARGS]) == 0
+    stamp = (run / "data" / "recipe.json").read_bytes()
+    with folder_lock(run / "data", "data", shared=True):  # another run training from these shards
+        assert main(["curriculum", f"--run_dir={run}", *MICRO_ARGS, "--seed=1"]) == 2
+    assert f"data {run / 'data'} is in use by another process" in capsys.readouterr().err
+    assert (run / "data" / "recipe.json").read_bytes() == stamp
+
+
+def test_a_file_system_without_locks_is_used_unguarded(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING"), folder_lock(tmp_path, "--out_dir"):
+        pass
+    assert "takes no locks (No locks available)" in caplog.text
+
+
+def test_only_rank_0_of_a_multi_device_compare_locks_its_root(tmp_path, monkeypatch):
+    # Lightning's launcher starts the other ranks by running the same command again: they found rank 0's lock,
+    # exited 2, and the launcher killed the run.
+    from lightning.pytorch.utilities import rank_zero_only
+
+    import stages.compare
+
+    monkeypatch.setattr(stages.compare, "_compare", lambda *args: {"ran": True})
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    with folder_lock(tmp_path, "--root"):  # rank 0's
+        assert stages.compare.run_compare(REPO / "configs/curriculum/compare.yaml", [0], tmp_path, []) == {"ran": True}
+
+
+def test_an_empty_stage_config_is_taken_for_a_changed_one(tmp_path):
+    # yaml.safe_load of an empty config.yaml is None: the stage folder was kept, and a stale last.ckpt with it.
+    from stages.stage import prepare_stage_folder
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_text("stale")
+    (tmp_path / "config.yaml").write_text("")
+    prepare_stage_folder(tmp_path, "abc", {"spec": {}}, rank_zero=True)
+    assert not (tmp_path / "checkpoints").exists()
