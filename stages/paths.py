@@ -1,4 +1,5 @@
-"""How a stage's config.yaml records the folders it read (shards, base models), and how they are found again."""
+"""Files and folders shared between commands and runs: how a stage's config.yaml records the folders it read
+(shards, base models) and finds them again, writes that are whole or absent, and folder locks."""
 
 from __future__ import annotations
 
