@@ -173,7 +173,7 @@ def _micro_config(seed: int):
 
 def _count_calls(monkeypatch, module, name: str) -> list:
     calls, original = [], getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *args: calls.append(name) or original(*args))
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(name) or original(*args, **kwargs))
     return calls
 
 
@@ -190,9 +190,9 @@ def test_a_build_killed_midway_is_built_again(tmp_path, monkeypatch, build, kill
     getattr(curriculum, build)(_micro_config(0), tmp_path)
     original = getattr(curriculum, killed)
 
-    def kill(*args):
+    def kill(*args, **kwargs):
         if killed == "run_data_stage":
-            original(*args)
+            original(*args, **kwargs)
         raise Killed()
 
     with monkeypatch.context() as patch:
