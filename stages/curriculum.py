@@ -159,6 +159,15 @@ def shards_digest(shard_dir: Path) -> str:
     return fingerprint({"index": index_digest(shard_dir), "files": _files(shard_dir)})
 
 
+def input_digests(shard_dir: Path, vision: Path, lm: Path) -> dict[str, str]:
+    """The digests of a run's inputs, as its stages' fingerprints record them."""
+    return {
+        "shards": shards_digest(shard_dir),
+        "vision": _folder_digest(vision) if vision.is_dir() else "missing",
+        "lm": _folder_digest(lm) if lm.is_dir() else "missing",
+    }
+
+
 def check_model_folders(cfg: CurriculumConfig) -> None:
     """Fails naming every configured model folder that is not one (a random-init profile with its
     architectures needs none)."""
@@ -342,11 +351,7 @@ class InputChanged(RuntimeError):
 def check_inputs_unchanged(inputs: RunInputs, stage: str) -> None:
     """Fails when the shards or base models differ from what the run started with: a rebuild by another run
     (models in another run's base/, which this run cannot lock) gave later stages other inputs, silently."""
-    now = {
-        "shards": shards_digest(inputs.shard_dir),
-        "vision": _folder_digest(inputs.vision_path) if inputs.vision_path.is_dir() else "missing",
-        "lm": _folder_digest(inputs.lm_path) if inputs.lm_path.is_dir() else "missing",
-    }
+    now = input_digests(inputs.shard_dir, inputs.vision_path, inputs.lm_path)
     changed = [key for key, digest in now.items() if digest != inputs.digests[key]]
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # one verdict: rank 0's
         verdict = [changed]
@@ -379,12 +384,7 @@ def _run_curriculum(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> li
         trainer = cfg.trainer.merged(spec.trainer)
         budgets[name] = (spec.max_words, ranks(trainer), trainer.accumulate_grad_batches or 1)
     check_shards_serve(read_index(shard_dir), shard_dir, budgets, cfg.data.batch_size, cfg.eval.split)
-    digests = {
-        "shards": shards_digest(shard_dir),
-        "vision": _folder_digest(vision) if vision.is_dir() else "missing",
-        "lm": _folder_digest(lm) if lm.is_dir() else "missing",
-    }
-    inputs = RunInputs(run_dir, shard_dir, vision, lm, digests)
+    inputs = RunInputs(run_dir, shard_dir, vision, lm, input_digests(shard_dir, vision, lm))
     results: list[StageResult] = []
     names = list(cfg.stages)
     step_offset = 0
