@@ -197,7 +197,7 @@ def run_compare(profile: Path, seeds: list[int], root: Path, overrides: list[str
     root.mkdir(parents=True, exist_ok=True)
     # One compare at a time in a root: a second one rewrote the baseline's stages under the first one's runs.
     # Rank 0's: the other ranks of a multi-device run re-run this command and belong to it.
-    with folder_lock(root, "--root") if rank_zero_only.rank == 0 else nullcontext():
+    with folder_lock(root, "--root", purpose="a compare") if rank_zero_only.rank == 0 else nullcontext():
         return _compare(cfg, profile, seeds, root, overrides)
 
 

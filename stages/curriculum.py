@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import json
 import logging
-import os
-import socket
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -93,7 +89,8 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
                      len(changed), changed[:3])  # fmt: skip
     log.info("building the shards with the data recipe %s in %s", recipe_path, shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
-    with folder_lock(shard_dir, "data"):  # before the stamp goes: a refused build leaves the folder as it was
+    # The lock before the stamp goes: a refused build leaves the folder as it was.
+    with folder_lock(shard_dir, "data", purpose="a data build"):
         stamp.unlink(missing_ok=True)  # a build killed midway must not leave the old stamp vouching for its files
         try:
             report = run_data_stage(recipe, shard_dir, cfg.world, cfg.seed, locked=True)
@@ -272,10 +269,6 @@ def free_stage_memory() -> None:
         torch.cuda.empty_cache()
 
 
-class RunFolderBusy(RuntimeError):
-    """Another process is running a curriculum in the same run folder."""
-
-
 class NoGPU(RuntimeError):
     """A stage asks for a GPU on a machine without one."""
 
@@ -309,38 +302,11 @@ def check_accelerator(cfg: CurriculumConfig) -> None:
             raise NoGPU(f"{key} {accelerator}: this machine has no such device (or torch lacks its backend)")
 
 
-@contextmanager
-def run_folder_lock(run_dir: Path) -> Iterator[None]:
-    """Holds `<run_dir>/.lock` while a curriculum runs in the folder (rank 0; the other ranks of a multi-device
-    run belong to it). Two runs at once in one folder resumed from each other's half-written checkpoints, or
-    one deleted a stage folder the other was training in. The operating system drops the lock when the
-    process ends, however it ends: a killed run leaves no stale lock behind."""
-    if rank_zero_only.rank != 0:
-        yield
-        return
-    with (run_dir / ".lock").open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise RunFolderBusy(
-                f"--run_dir {run_dir} is in use by a run still going ({holder}); wait for it to end or choose "
-                "another --run_dir"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     run_dir.mkdir(parents=True, exist_ok=True)
-    with run_folder_lock(run_dir), ExitStack() as held:
+    with ExitStack() as held:
+        if rank_zero_only.rank == 0:  # one run at a time in a folder (the other ranks of this run belong to it)
+            held.enter_context(folder_lock(run_dir, "--run_dir", purpose="a curriculum run"))
         return _run_curriculum(cfg, run_dir, held)
 
 

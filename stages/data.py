@@ -362,7 +362,7 @@ def run_data_stage(
     out_dir.mkdir(parents=True, exist_ok=True)
     if locked:
         return _build(recipe, out_dir, world, seed)
-    with folder_lock(out_dir, "the shard folder"):  # no second build, and no run reading it, meanwhile
+    with folder_lock(out_dir, "the shard folder", purpose="a data build"):  # no other build or reader meanwhile
         return _build(recipe, out_dir, world, seed)
 
 

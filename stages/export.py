@@ -28,7 +28,7 @@ from modules.handoff import has_lora, load_handoff
 from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
 from stages.metrics import DEFAULT_BUCKETS, check_buckets
-from stages.paths import input_path
+from stages.paths import file_lock, input_path
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,15 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
     merged = VLMCurriculumForCaptioning(config)
     merged.load_state_dict(vlm.state_dict(), strict=True)
     # Written beside it, then put in its place: an export interrupted midway into the folder of an earlier one
-    # left that one's record (stage, step) beside the new weights, and `eval` reported the wrong stage.
+    # left that one's record (stage, step) beside the new weights, and `eval` reported the wrong stage. One
+    # export at a time into a folder: two shared the partial folder and deleted each other's files.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out_dir.with_name(f".{out_dir.name}.lock"), f"--out_dir {out_dir}", purpose="an export"):
+        _write_export(merged, tokenizer, processor, source, out_dir)
+    return out_dir
+
+
+def _write_export(merged, tokenizer, processor, source: StageSource, out_dir: Path) -> None:
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -170,14 +178,13 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
             run=record["run_dir"],
             stage=record["stage"],
             step=record["global_step"],
-            vision=type(vlm.vision).__name__,
-            lm=type(vlm.lm).__name__,
+            vision=type(merged.vision).__name__,
+            lm=type(merged.lm).__name__,
             folder=out_dir,
         )
     )
     shutil.rmtree(out_dir, ignore_errors=True)  # an earlier export (checked above); a kill now leaves `partial` whole
     partial.rename(out_dir)
-    return out_dir
 
 
 def stale_export(record: dict) -> str | None:

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,12 +60,22 @@ class FolderBusy(RuntimeError):
 
 
 @contextmanager
-def folder_lock(folder: Path, flag: str, shared: bool = False) -> Iterator[None]:
+def folder_lock(folder: Path, flag: str, shared: bool = False, purpose: str = "") -> Iterator[None]:
     """Holds `<folder>/.lock` while this process writes the folder (exclusive) or reads it (`shared`): a data
-    build into shards that a curriculum was training from gave its later stages another world, silently, and
-    two builds into one folder deleted each other's files. The operating system drops the lock when the process
-    ends, however it ends. A folder this user cannot write is not locked (nobody here can rebuild it either)."""
-    path = Path(folder) / LOCK_NAME
+    build into shards that a curriculum was training from gave its later stages another world, silently; two
+    builds into one folder deleted each other's files; two runs in one run folder resumed from each other's
+    half-written checkpoints. See `file_lock`."""
+    with file_lock(Path(folder) / LOCK_NAME, f"{flag} {folder}", shared, purpose):
+        yield
+
+
+@contextmanager
+def file_lock(path: Path, subject: str, shared: bool = False, purpose: str = "") -> Iterator[None]:
+    """Holds an flock on `path` (made if missing), refusing with `FolderBusy` what another process holds. An
+    exclusive holder writes who it is (pid, host, `purpose`) into the file, for the message that refuses the
+    next one; `subject` names what is locked there ("--run_dir runs/tiny"). The operating system drops the lock
+    when the process ends, however it ends: a killed process leaves no stale lock. A file this user cannot
+    make is not locked (in a folder nobody here can write)."""
     try:
         handle = path.open("a+")
     except OSError:
@@ -77,18 +88,35 @@ def folder_lock(folder: Path, flag: str, shared: bool = False) -> Iterator[None]
         try:
             fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
-            doing = "being written by another process" if shared else "in use by another process"
-            raise FolderBusy(
-                f"{flag} {folder} is {doing} (a data build, or a run reading it); wait for it to end"
-            ) from None
+            raise FolderBusy(f"{subject} {_held_by(handle, shared)}; wait for it to end") from None
         except OSError as error:  # a file system without locks (NFS mounted nolock): go on, unguarded
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
-            log.warning("%s %s: this file system takes no locks (%s); not guarded against other processes",
-                        flag, folder, error.strerror)  # fmt: skip
+            log.warning("%s: this file system takes no locks (%s); not guarded against other processes",
+                        subject, error.strerror)  # fmt: skip
             yield
             return
+        if not shared and handle.writable():
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {socket.gethostname()}" + (f": {purpose}" if purpose else "") + "\n")
+            handle.flush()
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _held_by(handle, shared: bool) -> str:
+    """Who holds the lock that refused this process: readers (shared holders write nothing), or the writer
+    named in the file."""
+    if not shared:
+        try:  # a shared lock granted now: only readers hold it
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return "is being read by another process (a run training from it)"
+        except BlockingIOError:
+            pass
+    handle.seek(0)
+    holder = handle.read().strip() or "another process"
+    return f"is {'being written' if shared else 'in use'} by {holder}"

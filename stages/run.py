@@ -207,6 +207,7 @@ def run_model_command(command: str, options) -> int:
     import json
 
     from stages.export import evaluate_model, export_model, find_stage, metrics_table
+    from stages.paths import FolderBusy
 
     try:
         if command == "export":
@@ -231,7 +232,7 @@ def run_model_command(command: str, options) -> int:
             device=options.device,
             dtype=options.dtype,
         )
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, FolderBusy) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if options.json:
@@ -319,7 +320,7 @@ def check_config_files(parser: ArgumentParser, argv: tuple[str, ...]) -> None:
 def run_curriculum_command(parser: ArgumentParser, args) -> int:
     from datamodules.shards import ShardError
     from modules.loading import ModelFolderError
-    from stages.curriculum import InputChanged, NoGPU, RunFolderBusy, run_curriculum
+    from stages.curriculum import InputChanged, NoGPU, run_curriculum
     from stages.paths import FolderBusy
     from stages.stage import StageStopped
 
@@ -327,7 +328,7 @@ def run_curriculum_command(parser: ArgumentParser, args) -> int:
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(config_files)
     try:
         results = run_curriculum(cfg, run_dir)
-    except (FileNotFoundError, ModelFolderError, ShardError, RunFolderBusy, FolderBusy, InputChanged, NoGPU) as error:
+    except (FileNotFoundError, ModelFolderError, ShardError, FolderBusy, InputChanged, NoGPU) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except StageStopped as error:
@@ -346,7 +347,7 @@ def run_curriculum_command(parser: ArgumentParser, args) -> int:
 
 def run_compare_command(parser: ArgumentParser, args) -> int:
     from stages.compare import CompareFailed, markdown, run_compare
-    from stages.curriculum import NoGPU, RunFolderBusy
+    from stages.curriculum import NoGPU
     from stages.paths import FolderBusy
 
     options = args.compare
@@ -355,7 +356,7 @@ def run_compare_command(parser: ArgumentParser, args) -> int:
     seeds = list(range(options.seeds))
     try:
         result = run_compare(Path(options.profile), seeds, Path(options.root), list(options.override))
-    except (FileNotFoundError, ValueError, RunFolderBusy, FolderBusy, NoGPU, CompareFailed) as error:
+    except (FileNotFoundError, ValueError, FolderBusy, NoGPU, CompareFailed) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(markdown(result, seeds))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 
 from stages.paths import folder_lock, write_text_atomic
@@ -17,12 +18,13 @@ def test_a_data_build_is_refused_while_a_run_reads_the_folder_and_the_other_way(
     before = (micro_world / "index.json").read_bytes()
     with folder_lock(micro_world, "data", shared=True):  # what a running curriculum holds
         assert main(build) == 2
-    assert f"the shard folder {micro_world} is in use by another process" in capsys.readouterr().err
+    assert f"the shard folder {micro_world} is being read by another process (a run training" in capsys.readouterr().err
     assert (micro_world / "index.json").read_bytes() == before, "the refused build removed nothing"
-    with folder_lock(micro_world, "the shard folder"):  # a build under way
+    with folder_lock(micro_world, "the shard folder", purpose="a data build"):  # a build under way
         run = ["curriculum", f"--run_dir={tmp_path / 'run'}", f"--data.shard_dir={micro_world}", *MICRO_ARGS]
         assert main(run) == 2
-    assert f"--data.shard_dir {micro_world} is being written by another process" in capsys.readouterr().err
+    holder = f"pid {os.getpid()} on {socket.gethostname()}: a data build"
+    assert f"--data.shard_dir {micro_world} is being written by {holder}" in capsys.readouterr().err
 
 
 def test_inputs_changed_during_a_run_stop_it_before_the_next_stage(tmp_path, monkeypatch, capsys):
@@ -47,9 +49,11 @@ def test_inputs_changed_during_a_run_stop_it_before_the_next_stage(tmp_path, mon
 
 def test_a_second_compare_in_one_root_is_refused(tmp_path, capsys):
     # It rewrote the baseline's stages under the first one's runs, and that one's compare.md came from both.
-    with folder_lock(tmp_path, "--root"):
+    with folder_lock(tmp_path, "--root", purpose="a compare"):
         assert main(["compare", "--root", str(tmp_path), "--seeds", "1"]) == 2
-    assert f"--root {tmp_path} is in use by another process" in capsys.readouterr().err
+    assert f"--root {tmp_path} is in use by pid {os.getpid()} on {socket.gethostname()}: a compare" in (
+        capsys.readouterr().err
+    )
 
 
 def test_files_written_atomically_follow_the_umask(tmp_path):
@@ -70,7 +74,7 @@ def test_a_refused_rebuild_leaves_the_folder_as_it_was(tmp_path, capsys):
     stamp = (run / "data" / "recipe.json").read_bytes()
     with folder_lock(run / "data", "data", shared=True):  # another run training from these shards
         assert main(["curriculum", f"--run_dir={run}", *MICRO_ARGS, "--seed=1"]) == 2
-    assert f"data {run / 'data'} is in use by another process" in capsys.readouterr().err
+    assert f"data {run / 'data'} is being read by another process" in capsys.readouterr().err
     assert (run / "data" / "recipe.json").read_bytes() == stamp
 
 

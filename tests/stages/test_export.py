@@ -156,6 +156,21 @@ def test_an_export_interrupted_over_an_earlier_one_leaves_that_one_whole(micro_r
     assert "--out_dir: " in capsys.readouterr().err and (mine / "notes.txt").read_text() == "keep me"
 
 
+def test_a_second_export_into_a_folder_being_exported_is_refused(micro_run, tmp_path, capsys):
+    # Both wrote into one partial folder beside it and deleted each other's files.
+    from stages.paths import file_lock
+
+    out = tmp_path / "hf"
+    export_model(find_stage(micro_run, "align"), out)
+    record = (out / EXPORT_RECORD).read_bytes()
+    with file_lock(tmp_path / ".hf.lock", f"--out_dir {out}", purpose="an export"):  # one under way
+        assert main(["export", "--run_dir", str(micro_run), "--out_dir", str(out)]) == 2
+    assert f"--out_dir {out} is in use by pid {os.getpid()}" in capsys.readouterr().err
+    assert (out / EXPORT_RECORD).read_bytes() == record and not (tmp_path / ".hf.partial").exists()
+    assert main(["export", "--run_dir", str(micro_run), "--out_dir", str(out)]) == 0, "free again"
+    assert json.loads((out / EXPORT_RECORD).read_text())["stage"] == "sft_long"
+
+
 def test_an_export_from_before_pad_to_square_still_evaluates(micro_run, tmp_path):
     # Its copy of modeling_vlm_curriculum.py has no `image_processor` (those versions never padded): eval crashed.
     import re

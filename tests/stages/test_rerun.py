@@ -353,12 +353,12 @@ def test_a_second_run_in_a_busy_run_folder_is_refused(tmp_path, capsys):
     run.mkdir()
     with (run / ".lock").open("a+") as held:  # as a run still going holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.write("pid 4242 on elsewhere\n")
+        held.write("pid 4242 on elsewhere: a curriculum run\n")
         held.flush()
         assert _run(run) == 2
         fcntl.flock(held, fcntl.LOCK_UN)
     err = capsys.readouterr().err
-    assert f"--run_dir {run} is in use by a run still going (pid 4242 on elsewhere)" in err
+    assert f"--run_dir {run} is in use by pid 4242 on elsewhere: a curriculum run; wait for it to end" in err
     assert not (run / "data").exists(), "refused before any work"
     assert _run(run, *ALIGN_4) == 0, "the lock is gone with the run that held it"
 
