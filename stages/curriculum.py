@@ -22,10 +22,10 @@ from modules.loading import (
     load_tokenizer,
     write_config_folders,
 )
-from stages.config import CurriculumConfig, TrainerConfig, upstream_stage
+from stages.config import RESERVED_STAGE_NAMES, CurriculumConfig, TrainerConfig, upstream_stage
 from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
-from stages.paths import LOCK_NAME, folder_lock, write_text_atomic
-from stages.report import STAGES_FILE, write_report
+from stages.paths import LOCK_NAME, check_own_folder, folder_lock, write_text_atomic
+from stages.report import REPORT_PLOTS, STAGES_FILE, write_report
 from stages.stage import RunInputs, StageResult, StageStopped, fingerprint, run_stage
 
 log = logging.getLogger(__name__)
@@ -307,6 +307,8 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     with ExitStack() as held:
         if rank_zero_only.rank == 0:  # one run at a time in a folder (the other ranks of this run belong to it)
             held.enter_context(folder_lock(run_dir, "--run_dir", purpose="a curriculum run"))
+            writes = (*RESERVED_STAGE_NAMES, *cfg.stages, "summary.json", "report.md", *REPORT_PLOTS)
+            check_own_folder(run_dir, "--run_dir", (STAGES_FILE, "summary.json"), writes)  # summary: old runs
         return _run_curriculum(cfg, run_dir, held)
 
 

@@ -35,11 +35,16 @@ from datamodules.images import shard_image
 from datamodules.shards import INDEX_NAME, SPLITS, write_shards
 from datamodules.text_stats import corpus_stats, tokens
 from datamodules.world import WorldConfig
-from stages.paths import folder_lock, write_text_atomic
+from stages.paths import check_own_folder, folder_lock, write_text_atomic
 
 log = logging.getLogger(__name__)
 FORMATS = ("synthetic", "llava", "dj_jsonl")
 IMAGE_FILES_NAME = "image_files.json"
+# Marks a shard folder as this stage's while a build is under way (a killed build leaves it): with index.json,
+# what `check_own_folder` looks for before a build deletes an earlier one's files.
+BUILDING_NAME = ".building"
+# What a build writes in its folder besides the shards (and what `clear_build` removes of an earlier one).
+BUILD_FILES = ("stats", "work", "report.json", "report.md", IMAGE_FILES_NAME)
 
 
 @dataclass
@@ -130,9 +135,7 @@ def _raw_rows(recipe: RecipeConfig, world: WorldConfig, seed: int, work_dir: Pat
     root = Path(spec.image_root) if spec.image_root else None
     if spec.format == "synthetic":
         return list(read_synthetic(world, seed, work_dir / "images"))
-    path = Path(spec.path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input.path: {path} does not exist")
+    path = Path(spec.path)  # checked by `_build`
     reader = read_llava_json if spec.format == "llava" else read_dj_jsonl
     return unique_keys(list(reader(path, skips, root)), skips)
 
@@ -367,6 +370,12 @@ def run_data_stage(
 
 
 def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed: int) -> dict:
+    shards = [path.name for split in SPLITS for path in out_dir.glob(f"{split}-*.tar")]
+    check_own_folder(out_dir, "--out_dir", (INDEX_NAME, BUILDING_NAME), [*BUILD_FILES, *shards])
+    if recipe.input.format != "synthetic" and not Path(recipe.input.path or "").is_file():
+        # before the earlier build goes: a mistyped path left the folder without its shards
+        raise FileNotFoundError(f"input.path: {recipe.input.path} does not exist")
+    (out_dir / BUILDING_NAME).touch()  # before anything is deleted; gone when index.json marks the build whole
     clear_build(out_dir)
     skips = SkipLog()
     rows = _raw_rows(recipe, world or WorldConfig(), seed, out_dir / "work", skips)
@@ -417,6 +426,7 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(report_markdown(report))
     write_text_atomic(out_dir / INDEX_NAME, json.dumps(index))  # last: the build is whole
+    (out_dir / BUILDING_NAME).unlink()
     return report
 
 

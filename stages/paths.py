@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -53,6 +53,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(scratch).unlink(missing_ok=True)
         raise
+
+
+def check_own_folder(folder: Path, flag: str, markers: tuple[str, ...], writes: Iterable[str]) -> None:
+    """Refuses a folder that holds none of `markers` (what a build or run of this project writes first) and
+    something under a name it `writes`, before anything there is replaced: a data build into a home folder
+    deleted its `work/` and `stats/`, and a run there its `data/work/`. Other files are left alone."""
+    if not folder.is_dir() or any((folder / name).exists() for name in markers):
+        return
+    taken = sorted(name for name in set(writes) if (folder / name).exists())
+    if taken:
+        raise FileExistsError(
+            f"{flag} {folder} holds {', '.join(taken)}, which this command writes, and none of "
+            f"{', '.join(markers)}, which it writes first: not a folder it made; name a new or empty folder"
+        )
 
 
 class FolderBusy(RuntimeError):

@@ -33,6 +33,7 @@ TABLE = [
 
 # The curriculum's stage order, written when a run starts: a stopped or interrupted run has a report too.
 STAGES_FILE = "stages.json"
+REPORT_PLOTS = ("loss_curves.png", "eval_history.png")
 
 
 def _stages(run_dir: Path) -> list[str]:

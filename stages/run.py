@@ -193,7 +193,7 @@ def run_data_command(parser: ArgumentParser, args) -> int:
     try:
         recipe = RecipeConfig(**fields)
         report = run_data_stage(recipe, Path(values.out_dir), values.world, values.seed)
-    except (FileNotFoundError, ValueError, FolderBusy) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, FolderBusy) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     samples = report["samples"]
@@ -328,7 +328,7 @@ def run_curriculum_command(parser: ArgumentParser, args) -> int:
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(config_files)
     try:
         results = run_curriculum(cfg, run_dir)
-    except (FileNotFoundError, ModelFolderError, ShardError, FolderBusy, InputChanged, NoGPU) as error:
+    except (FileNotFoundError, FileExistsError, ModelFolderError, ShardError, FolderBusy, InputChanged, NoGPU) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except StageStopped as error:

@@ -370,6 +370,35 @@ def test_a_rebuild_leaves_only_its_own_shards_and_a_killed_one_no_index(tmp_path
     assert (out / "train-000000.tar").is_file()
     with pytest.raises(FileNotFoundError, match="no shard index"):
         read_index(out)
+    monkeypatch.undo()
+    run_data_stage(load_recipe(SYNTHETIC_RECIPE, ["--shard_size=1000"]), out, MICRO_WORLD, seed=1)  # its leftovers
+    assert read_index(out)
+
+
+def test_a_build_into_a_folder_of_other_files_is_refused_and_deletes_nothing(tmp_path, capsys):
+    """Into a home folder, a build deleted its work/ and stats/ (and its report.md) before reading the input;
+    with a mistyped input path, an earlier build lost its shards."""
+    from stages.run import main
+    from tests.conftest import MICRO_WORLD
+
+    home = tmp_path / "home"
+    for name in ("work/thesis.tex", "stats/analysis.R", "report.md"):
+        (home / name).parent.mkdir(parents=True, exist_ok=True)
+        (home / name).write_text("mine")
+    build = ["data", "--config", str(SYNTHETIC_RECIPE), "--out_dir", str(home), "--world.train_size=64"]
+    assert main(build) == 2
+    assert f"--out_dir {home} holds report.md, stats, work, which this command writes" in capsys.readouterr().err
+    assert all((home / name).read_text() == "mine" for name in ("work/thesis.tex", "stats/analysis.R", "report.md"))
+    out = tmp_path / "shards"
+    run_data_stage(load_recipe(SYNTHETIC_RECIPE), out, MICRO_WORLD, seed=0)
+    (out / "notes.txt").write_text("beside an earlier build: kept")
+    missing = tmp_path / "nowhere.jsonl"
+    own = ["data", "--config", str(SYNTHETIC_RECIPE), "--out_dir", str(out), "--input.format=dj_jsonl"]
+    assert main([*own, f"--input.path={missing}"]) == 2
+    assert f"input.path: {missing} does not exist" in capsys.readouterr().err
+    assert sum(shard["count"] for shard in read_index(out)["splits"]["train"]) == 192, "the earlier build stays"
+    run_data_stage(load_recipe(SYNTHETIC_RECIPE), out, MICRO_WORLD, seed=1)
+    assert (out / "notes.txt").is_file()
 
 
 def test_a_bad_recipe_leaves_the_earlier_build_and_one_that_keeps_nothing_fails_naming_the_ops(tmp_path):

@@ -363,6 +363,18 @@ def test_a_second_run_in_a_busy_run_folder_is_refused(tmp_path, capsys):
     assert _run(run, *ALIGN_4) == 0, "the lock is gone with the run that held it"
 
 
+def test_a_run_in_a_folder_of_other_files_is_refused_and_deletes_nothing(tmp_path, capsys):
+    # In a home folder, a run deleted data/work/ (its data build's scratch) and a stage folder named like a
+    # stage that held a config.yaml ("starting it afresh").
+    home = tmp_path / "home"
+    for name in ("data/work/marker.txt", "align/config.yaml", "align/notes.txt"):
+        (home / name).parent.mkdir(parents=True, exist_ok=True)
+        (home / name).write_text("mine")
+    assert _run(home) == 2
+    assert f"--run_dir {home} holds align, data, which this command writes" in capsys.readouterr().err
+    assert all((home / name).read_text() == "mine" for name in ("data/work/marker.txt", "align/notes.txt"))
+
+
 def test_a_damaged_handoff_file_is_named(tmp_path, capsys):
     # safetensors' "incomplete metadata" named no file, and a rerun kept failing on it.
     run = tmp_path / "run"
