@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from modules import modeling_vlm_curriculum
 from modules.handoff import has_lora, load_handoff
@@ -201,15 +201,19 @@ def stale_export(record: dict) -> str | None:
 
 
 def load_exported(folder: Path):
-    """(model, tokenizer, processor) of an exported folder, through transformers' remote-code loading."""
+    """(model, tokenizer, processor) of an exported folder, with this project's own model class: the copy of
+    modeling_vlm_curriculum.py in the folder (for users without this project) is not run, so that scoring a
+    downloaded export runs no code from it (`trust_remote_code=True` did). Exports of every version load: those
+    before pad_to_square have no such key and never padded."""
     if not (folder / EXPORT_RECORD).is_file():
         raise FileNotFoundError(f"--model: {folder} is not an exported model (no {EXPORT_RECORD})")
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
-    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, local_files_only=True)
-    # Exports before pad_to_square carry a modeling file without `image_processor`; they never padded.
-    wrap = getattr(model, "image_processor", None)
-    return model, tokenizer, processor if wrap is None else wrap(processor)
+    # The tokenizer and image processor read config.json too: without the type registered, transformers asked
+    # on stdin whether to run the folder's code.
+    AutoConfig.register(VLMCurriculumConfig.model_type, VLMCurriculumConfig, exist_ok=True)
+    model = VLMCurriculumForCaptioning.from_pretrained(folder, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    return model, tokenizer, model.image_processor(processor)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -171,17 +171,16 @@ def test_a_second_export_into_a_folder_being_exported_is_refused(micro_run, tmp_
     assert json.loads((out / EXPORT_RECORD).read_text())["stage"] == "sft_long"
 
 
-def test_an_export_from_before_pad_to_square_still_evaluates(micro_run, tmp_path):
-    # Its copy of modeling_vlm_curriculum.py has no `image_processor` (those versions never padded): eval crashed.
-    import re
-
-    out = export_model(find_stage(micro_run), tmp_path / "old_export")
-    modeling = out / "modeling_vlm_curriculum.py"
-    old = re.sub(r"\n    def image_processor\(self, processor\):\n(?:        .*\n)+", "\n", modeling.read_text())
-    assert "def image_processor" not in old
-    modeling.write_text(old)
-    from_old = evaluate_model(out, limit=2, max_new_tokens=4)
-    assert from_old["captions"] == evaluate_model(micro_run / "sft_long", limit=2, max_new_tokens=4)["captions"]
+def test_eval_runs_no_code_from_the_model_folder(micro_run, tmp_path):
+    # eval loaded with trust_remote_code=True: a downloaded export's modeling file ran, unasked. It also loads
+    # exports whose copy of the file predates pad_to_square (eval crashed on those once).
+    out = export_model(find_stage(micro_run), tmp_path / "downloaded")
+    marker = tmp_path / "ran"
+    with (out / "modeling_vlm_curriculum.py").open("a") as modeling:
+        modeling.write(f"\nopen({str(marker)!r}, 'w').write('code from the folder ran')\n")
+    from_folder = evaluate_model(out, limit=2, max_new_tokens=4)
+    assert not marker.exists()
+    assert from_folder["captions"] == evaluate_model(micro_run / "sft_long", limit=2, max_new_tokens=4)["captions"]
 
 
 def test_eval_and_export_name_what_is_missing(micro_run, tmp_path, capsys):
