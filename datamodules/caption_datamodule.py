@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset
 
 from datamodules.captions import PromptFormat, collate_captions, select_caption, tag_step_tokens
 from datamodules.images import SHARD_FORMATS, EncodedImage, open_rgb
-from datamodules.shards import ShardError, budget_counts, read_index
+from datamodules.shards import ShardError, budget_counts, read_index, shard_urls
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class CaptionDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> wds.WebLoader | list:
         if self.format is None:
             raise RuntimeError("CaptionDataModule.connect(...) must be called before its dataloaders are used")
-        urls = [str(self.shard_dir / shard["url"]) for shard in self.index["splits"][split]]
+        urls = shard_urls(self.shard_dir, self.index, split)
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
@@ -274,7 +274,7 @@ class CaptionDataModule(L.LightningDataModule):
             raise ValueError(f"split {split!r}: {self.shard_dir} has the splits {', '.join(self.index['splits'])}")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be at least 1 image, got {limit}")
-        urls = [str(self.shard_dir / shard["url"]) for shard in self.index["splits"][split]]
+        urls = shard_urls(self.shard_dir, self.index, split)
         samples: list = []
         if not urls:
             return samples

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -70,10 +71,25 @@ def check_shards_serve(
 
 
 def read_index(shard_dir: Path) -> dict:
+    """The shard folder's index, its shard names checked: each is a file of the folder as the data stage names
+    them. WebDataset opens "pipe:<command>" by running the command in a shell, and a name such as that, or
+    "../x.tar", in an index made elsewhere would run it, or read outside the folder."""
     path = Path(shard_dir) / INDEX_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no shard index at {path}: build the shards first (the data step of the curriculum)")
-    return json.loads(path.read_text())
+    index = json.loads(path.read_text())
+    for split, shards in index["splits"].items():
+        for shard in shards:
+            if not re.fullmatch(rf"{re.escape(split)}-[0-9]{{6}}\.tar", str(shard["url"])):
+                raise ShardError(f"{path}: split {split} lists the shard {shard['url']!r}; they are {split}-NNNNNN.tar")
+    return index
+
+
+def shard_urls(shard_dir: Path, index: dict, split: str) -> list[str]:
+    """The paths of a split's shards as WebDataset takes them: absolute, so that no folder name is read as a
+    "pipe:" or URL scheme."""
+    folder = Path(shard_dir).resolve()
+    return [str(folder / shard["url"]) for shard in index["splits"][split]]
 
 
 def index_digest(shard_dir: Path) -> str:

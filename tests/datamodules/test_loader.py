@@ -128,3 +128,25 @@ def test_special_token_text_in_a_caption_is_removed_not_tokenized(micro_base):
     ids, labels = fmt.encode("a red <image> circle <eos> and")
     assert ids == fmt.encode("a red circle and")[0]
     assert ids.count(fmt.image_token_id) == 4 and labels.count(tokenizer.eos_token_id) == 1
+
+
+def test_an_index_naming_a_command_or_another_folder_is_refused(micro_world, tmp_path, monkeypatch):
+    # WebDataset opens "pipe:<command>" by running it in a shell: an index whose shard was named so ran it when
+    # the shard folder was given as "." (eval --data .).
+    import json
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(micro_world, shards)
+    index = json.loads((shards / "index.json").read_text())
+    marker = tmp_path / "ran"
+    index["splits"]["test"][0]["url"] = f"pipe:touch {marker}; cat test-000000.tar"
+    (shards / "index.json").write_text(json.dumps(index))
+    monkeypatch.chdir(shards)
+    with pytest.raises(ShardError, match=r"index.json: split test lists the shard 'pipe:touch"):
+        CaptionDataModule(".", max_words=8)
+    index["splits"]["test"][0]["url"] = "../elsewhere/test-000000.tar"
+    (shards / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match="they are test-NNNNNN.tar"):
+        CaptionDataModule(".", max_words=8)
+    assert not marker.exists()
