@@ -14,6 +14,7 @@ import math
 import queue
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -83,6 +84,23 @@ class Alert:
         return record
 
 
+def check_webhook_url(url: str) -> None:
+    """An http(s) URL with a host, or a ValueError naming the key: a URL without its scheme crashed the poster
+    thread at the first alert, and a file:// one counted as delivered."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"stability.webhook_url: {url!r} is not an http:// or https:// URL with a host")
+
+
+def shown_url(url: str) -> str:
+    """The URL as logs show it: scheme and host, without a password, the path or the query, where a webhook's
+    secret is."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return "(a URL without a scheme or host)"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/…"
+
+
 class AlertSinks(Callback):
     """Delivers alerts of one stage. Only rank 0 should call `emit` (the callbacks see to that).
 
@@ -98,6 +116,8 @@ class AlertSinks(Callback):
         webhook_queue: int = 100,
         close_timeout: float = 10.0,
     ) -> None:
+        if webhook_url:
+            check_webhook_url(webhook_url)
         self.stage, self.webhook_url = stage, webhook_url
         self.jsonl_path = None if jsonl_path is None else Path(jsonl_path)
         self.counts: Counter[str] = Counter()
@@ -154,13 +174,14 @@ class AlertSinks(Callback):
     def _failed(self, why: str) -> None:
         with self._lock:
             self.webhook_failures += 1
-        log.error("alert webhook %s: a post failed (%s); the alert is in alerts.jsonl", self.webhook_url, why)
+        url = shown_url(self.webhook_url)
+        log.error("alert webhook %s: a post failed (%s); the alert is in alerts.jsonl", url, why)
 
     def _deliver(self) -> None:
         while (body := self._posts.get()) is not None:
             headers = {"Content-Type": "application/json"}
-            request = urllib.request.Request(self.webhook_url, body, headers, method="POST")
-            try:
+            try:  # the Request too: a value it refuses must not end the thread, leaving the queue unserved
+                request = urllib.request.Request(self.webhook_url, body, headers, method="POST")
                 with urllib.request.urlopen(request, timeout=5) as response:
                     response.read()
             except Exception as error:  # delivery must never end a training run
@@ -190,7 +211,7 @@ class AlertSinks(Callback):
                 self.webhook_failures += unsent
             log.error(
                 "alert webhook %s: %d posts still queued after %g s were not sent; the alerts are in alerts.jsonl",
-                self.webhook_url,
+                shown_url(self.webhook_url),
                 unsent,
                 self.close_timeout,
             )

@@ -9,6 +9,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
+from callbacks.alerts import check_webhook_url
 from callbacks.epoch_boundary import BoundaryConfig
 from callbacks.fault_injection import check_faults
 from callbacks.instability import InstabilityConfig, check_action_under_deepspeed
@@ -308,6 +309,8 @@ class StabilityConfig:
 
     def __post_init__(self) -> None:
         check_faults(self.faults)
+        if self.webhook_url:
+            check_webhook_url(self.webhook_url)
 
 
 # What a run folder holds besides its stages' folders, and init_from's own words.

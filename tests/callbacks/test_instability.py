@@ -409,6 +409,26 @@ def test_a_dead_webhook_is_counted_not_raised():
     assert dead.webhook_failures == 1 and dead.counts["loss_spike"] == 1
 
 
+@pytest.mark.parametrize("url", ["hooks.slack.com/services/T0/B0/secret", "file:///etc/hostname", "http:///x"])
+def test_a_webhook_url_without_http_and_a_host_is_refused(url):
+    # Without its scheme the URL crashed the poster thread at the first alert (every stage end then waited for
+    # the queue); a file:// URL counted as delivered.
+    with pytest.raises(ValueError, match="stability.webhook_url: .* is not an http:// or https:// URL with a host"):
+        AlertSinks("sft_long", webhook_url=url)
+
+
+def test_failed_posts_log_the_webhooks_host_not_its_secret(caplog):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_url = f"http://user:pass@127.0.0.1:{probe.getsockname()[1]}/services/T0/B0/secret-token?key=k"
+    dead = AlertSinks("sft_long", webhook_url=dead_url, close_timeout=0)
+    dead.emit(Alert("sft_long", 7, 0, "loss_spike", 12.0, 3.0, "warn"))
+    dead._posts.join()
+    dead.close()
+    assert f"alert webhook http://127.0.0.1:{dead_url.split(':')[3].split('/')[0]}/…: a post failed" in caplog.text
+    assert "secret-token" not in caplog.text and "pass" not in caplog.text
+
+
 def test_posts_beyond_the_queue_or_the_close_timeout_are_counted_as_failed(hook, caplog):
     sinks = AlertSinks("sft_long", webhook_url=hook, webhook_queue=2, close_timeout=0.2)
     alerts = [Alert("sft_long", step, 0, "loss_spike", 12.0, 3.0, "warn") for step in range(5)]
