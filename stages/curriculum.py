@@ -24,7 +24,7 @@ from modules.loading import (
 )
 from stages.config import RESERVED_STAGE_NAMES, CurriculumConfig, TrainerConfig, upstream_stage
 from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
-from stages.paths import LOCK_NAME, check_own_folder, folder_lock, write_text_atomic
+from stages.paths import LOCK_NAME, check_own_folder, folder_lock, follow_umask, write_text_atomic
 from stages.report import REPORT_PLOTS, STAGES_FILE, write_report
 from stages.stage import RunInputs, StageResult, StageStopped, fingerprint, run_stage
 
@@ -216,6 +216,7 @@ def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Pat
         log.info("pretraining the tiny vision tower and language model under %s", base)
         accuracy = pretrain_vision(cfg.base, cfg.world, cfg.seed, base / "vision")
         loss = pretrain_lm(cfg.base, cfg.world, cfg.seed, base / "lm")
+        follow_umask(base)
         write_text_atomic(stamp, json.dumps({"fingerprint": wanted, "vision_cell_accuracy": accuracy, "lm_loss": loss}))
     vision = Path(cfg.model.vision_path) if cfg.model.vision_path else base / "vision"
     lm = Path(cfg.model.lm_path) if cfg.model.lm_path else base / "lm"

@@ -28,7 +28,7 @@ from modules.handoff import has_lora, load_handoff
 from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
 from stages.metrics import DEFAULT_BUCKETS, check_buckets
-from stages.paths import file_lock, input_path
+from stages.paths import file_lock, follow_umask, input_path
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,7 @@ def _write_export(merged, tokenizer, processor, source: StageSource, out_dir: Pa
             folder=out_dir,
         )
     )
+    follow_umask(partial)
     shutil.rmtree(out_dir, ignore_errors=True)  # an earlier export (checked above); a kill now leaves `partial` whole
     partial.rename(out_dir)
 

@@ -55,6 +55,14 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def follow_umask(folder: Path) -> None:
+    """Gives the files under `folder` the permissions open() would have (0666 less the umask): safetensors
+    writes its files 0600, so a teammate could read an export's config and tokenizer but not its weights."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~_UMASK)
+
+
 def check_own_folder(folder: Path, flag: str, markers: tuple[str, ...], writes: Iterable[str]) -> None:
     """Refuses a folder that holds none of `markers` (what a build or run of this project writes first) and
     something under a name it `writes`, before anything there is replaced: a data build into a home folder

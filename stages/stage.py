@@ -44,7 +44,7 @@ from modules.loading import build_vlm, count_image_tokens
 from modules.training_module import AlignModule, LoRASFTModule, OptimSpec, VLMModule
 from modules.vlm import VisionLanguageModel
 from stages.config import CurriculumConfig, StageSpec, TrainerConfig
-from stages.paths import stored_path, write_text_atomic
+from stages.paths import follow_umask, stored_path, write_text_atomic
 from stages.strategies import BesideCheckpointIO
 from stages.tb_logger import CurriculumTensorBoardLogger, StageStart, StepLearningRateMonitor
 
@@ -446,6 +446,8 @@ def run_stage(
     if trainer.is_global_zero and not evaluation.final_done:
         scored_with = scores_of_a_resumed_end(stage_dir, name, evaluation)
     save_handoff(module.vlm, stage_dir / "export", write=trainer.is_global_zero)  # every rank: ZeRO-3 gathers
+    if trainer.is_global_zero:
+        follow_umask(stage_dir / "export")
     done = {
         "fingerprint": print_,
         "eval_fingerprint": scored_with,

@@ -318,3 +318,13 @@ def test_an_lm_folders_generation_config_does_not_change_how_captions_are_decode
     plain = evaluate_model(micro_run / "sft_long", limit=8, max_new_tokens=12)["captions"]
     assert any(len(set(c.split())) < len(c.split()) for c in plain.values()), "some caption repeats a word"
     assert evaluate_model(run / "sft_long", limit=8, max_new_tokens=12)["captions"] == plain
+
+
+def test_weights_are_as_readable_as_the_other_files(micro_run, tmp_path):
+    # safetensors writes its files 0600: a teammate could read an export's config and tokenizer, not its weights.
+    from stages.paths import _UMASK
+
+    out = export_model(find_stage(micro_run), tmp_path / "hf")
+    for folder in (out, micro_run / "sft_long" / "export", micro_run / "base"):
+        modes = {path.name: oct(path.stat().st_mode & 0o777) for path in folder.rglob("*.safetensors")}
+        assert modes and set(modes.values()) == {oct(0o666 & ~_UMASK)}, (folder, modes)
