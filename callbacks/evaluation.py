@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from datamodules.captions import PromptFormat
 from datamodules.images import as_image
+from datamodules.text_stats import word_count
 from stages.metrics import DEFAULT_BUCKETS, DENOMINATORS, caption_metrics, vqa_exact
 from stages.paths import write_text_atomic
 from stages.tb_logger import text_writers
@@ -183,7 +184,7 @@ def score(
 
 def reference(meta: dict) -> str:
     """The sample's longest caption variant: the ground truth shown beside a generated caption."""
-    return max(meta["captions"].values(), key=lambda text: len(text.split()))
+    return max(meta["captions"].values(), key=word_count)
 
 
 def load_synonyms(path: str | Path | None, flag: str = "eval.synonyms") -> dict[str, list[str]] | None:
@@ -260,8 +261,10 @@ def caption_grid(images: list, captions: list[str], cell: int = 160, columns: in
 
 
 def markdown_table(rows: list[tuple[str, str, str]]) -> str:
+    """The rows as a Markdown table: a "|" in a caption escaped and a line break made a space (either split
+    the row)."""
     lines = ["| key | ground truth | generated |", "|---|---|---|"]
-    lines += [f"| {key} | {truth} | {generated} |" for key, truth, generated in rows]
+    lines += ["| " + " | ".join(" ".join(str(cell).split()).replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from datamodules.text_stats import word_count
 from modules.modeling_vlm_curriculum import prompt_layout, stop_ids
 
 IGNORE_INDEX = -100
@@ -17,12 +18,11 @@ _REMOVED: set[str] = set()  # special-token strings already warned about
 
 
 def select_caption(captions: dict[str, str], max_words: int) -> str | None:
-    """The longest caption variant with at most `max_words` words, or None if every one is longer.
-
-    A stage of the curriculum trains each image on the longest description its word budget allows.
+    """The longest caption variant with at most `max_words` words (`word_count`), or None if every one is
+    longer. A stage of the curriculum trains each image on the longest description its word budget allows.
     """
-    fitting = [text for text in captions.values() if 0 < len(text.split()) <= max_words]  # never an empty one
-    return max(fitting, key=lambda text: len(text.split())) if fitting else None
+    fitting = [text for text in captions.values() if 0 < word_count(text) <= max_words]  # never an empty one
+    return max(fitting, key=word_count) if fitting else None
 
 
 def caption_lead(tokenizer) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -156,9 +157,14 @@ def _relative(image: str, base: Path) -> str:
     return posixpath.relpath(path, folder) if path.startswith(folder + "/") else path
 
 
+# What breaks a key as a tar member name: a dot splits the key from the file extension there, and tar ends a
+# name at a NUL (two members "k", the sample lost, uncounted); other control characters go too.
+_KEY_BREAKERS = re.compile(r"[.\x00-\x1f\x7f]")
+
+
 def unique_keys(rows: list[dict], skips: SkipLog) -> list[dict]:
-    """`rows` with keys that WebDataset keeps whole: a dot would split the key from the file extension
-    there, so dots become "_" (the original id stays in the sample's metadata as `id`). A key seen
+    """`rows` with keys that WebDataset keeps whole: dots and control characters become "_" (`_KEY_BREAKERS`;
+    the original id stays in the sample's metadata as `id`). A key seen
     before is skipped and counted (`duplicate_key`): two samples of one key break a shard."""
     ids = {row["__key__"] for row in rows}
     seen, used, kept = set(), set(), []
@@ -168,7 +174,7 @@ def unique_keys(rows: list[dict], skips: SkipLog) -> list[dict]:
             skips.skip("duplicate_key", original)
             continue
         seen.add(original)
-        key = original.replace(".", "_")
+        key = _KEY_BREAKERS.sub("_", original)
         if key != original:
             if key in ids or key in used:  # "a.b" beside an "a_b" of its own, or "a.b_c" beside "a_b.c": apart
                 key += "_" + hashlib.sha1(original.encode()).hexdigest()[:6]
@@ -187,7 +193,7 @@ def record_key(value, fallback: str) -> str:
 
 def read_llava_json(path: Path, skips: SkipLog, image_root: Path | None = None) -> Iterator[dict]:
     try:
-        records = json.loads(path.read_text())
+        records = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Windows editors) too
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not a JSON list of LLaVA records ({error})") from error
     if not isinstance(records, list):
@@ -216,7 +222,7 @@ def read_llava_json(path: Path, skips: SkipLog, image_root: Path | None = None) 
 
 def read_dj_jsonl(path: Path, skips: SkipLog, image_root: Path | None = None) -> Iterator[dict]:
     base = image_root or path.parent
-    with path.open() as lines:
+    with path.open(encoding="utf-8-sig") as lines:  # a byte-order mark lost the first record
         for number, line in enumerate(lines):
             key = f"{path.stem}-{number}"
             if not line.strip():

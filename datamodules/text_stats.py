@@ -10,7 +10,33 @@ depend on corpus size, and on TTR only over equally many tokens.
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
+
+# Scripts written without spaces between words (kana, CJK ideographs): each character counts as a word, as
+# character-level scoring of Chinese and Japanese captions does. Counted as one word, a whole Chinese sentence
+# fitted every stage's word budget.
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = re.compile(rf"[{_UNSPACED}]|[^\W_{_UNSPACED}]+")
+_UNSPACED_CHAR = re.compile(rf"[{_UNSPACED}]")
+
+
+def caption_words(caption: str) -> list[str]:
+    """The caption's words as the metrics compare them: case-folded (after NFKC), punctuation and symbols
+    dropped, letters of every script kept, kana and CJK ideographs one word each: "A red circle." -> a, red,
+    circle. Matching only [a-z0-9] made "café" "caf" and a Russian or Chinese reference no words at all."""
+    return _WORD.findall(unicodedata.normalize("NFKC", caption).casefold())
+
+
+def word_count(text: str) -> int:
+    """Words as word budgets count them: whitespace-separated tokens (a lone "-" too, as the indexes of shards
+    built before this count has always counted), each kana or CJK ideograph one word."""
+    count = 0
+    for token in text.split():
+        unspaced = len(_UNSPACED_CHAR.findall(token))
+        rest = _UNSPACED_CHAR.sub("", token)
+        count += unspaced + (1 if rest and (not unspaced or any(c.isalnum() for c in rest)) else 0)
+    return count
 
 
 def tokens(text: str) -> list[str]:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
+from datamodules.text_stats import word_count
+
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
 COLOURS = {
     "red": (220, 40, 40),
@@ -144,7 +146,7 @@ class Scene:
             "background": self.background,
             "objects": [{"shape": o.shape, "colour": o.colour, "size": o.size, "place": o.place} for o in self.objects],
             "captions": captions,
-            "caption_words": {kind: len(text.split()) for kind, text in captions.items()},
+            "caption_words": {kind: word_count(text) for kind, text in captions.items()},
             "raw_caption": self.raw_caption,
             "questions": self.questions,
         }

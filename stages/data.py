@@ -33,7 +33,7 @@ from datamodules.data_inputs import (
 )
 from datamodules.images import shard_image
 from datamodules.shards import INDEX_NAME, SPLITS, write_shards
-from datamodules.text_stats import corpus_stats, tokens
+from datamodules.text_stats import caption_words, corpus_stats, tokens, word_count
 from datamodules.world import WorldConfig
 from stages.paths import check_own_folder, folder_lock, write_text_atomic
 
@@ -332,7 +332,7 @@ def _shard_sample(row: dict) -> dict:
     record = {
         "key": row["__key__"],
         "captions": variants,
-        "caption_words": {name: len(text.split()) for name, text in variants.items()},
+        "caption_words": {name: word_count(text) for name, text in variants.items()},
         "raw_caption": row["raw_caption"],
         **{k: meta[k] for k in ("objects", "background", "questions", "id") if k in meta},
     }
@@ -397,10 +397,11 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
     check_captions(kept)
     renamed = distinct_keys(kept)
 
-    # A caption op can leave a sample with nothing to train on (an empty generation): counted, not written.
+    # A caption op can leave a sample with nothing to train on (an empty generation), and a record's caption can
+    # hold no word (emoji or punctuation alone), which no text metric can score: counted, not written.
     empty, written = SkipLog(), []
     for row in kept:
-        if any(text.strip() for text in caption_variants(row).values()):
+        if any(caption_words(text) for text in caption_variants(row).values()):
             written.append(row)
         else:
             empty.skip("empty_caption", row["__key__"])
@@ -489,5 +490,6 @@ def report_markdown(report: dict) -> str:
                 f"{t['vocabulary']} | {t['mtld']:.1f} | {t['mattr']:.3f} | {t['ttr_equal_tokens']:.3g} |"
             )
     lines += ["", "Examples (raw -> recaptioned):", ""]
-    lines += [f"- `{e['key']}`: {e['raw']!r} -> {json.dumps(e['captions'])}" for e in report["examples"]]
+    for e in report["examples"]:  # the captions as written: CJK showed as \u4e00 escapes
+        lines.append(f"- `{e['key']}`: {e['raw']!r} -> {json.dumps(e['captions'], ensure_ascii=False)}")
     return "\n".join(lines) + "\n"

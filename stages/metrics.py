@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from torchmetrics.functional.text import bleu_score
 
+from datamodules.text_stats import caption_words, word_count
 from datamodules.world import COLOURS, EXTRA_COLOURS, SHAPES, SIZES
 
 ALL_COLOURS = {**COLOURS, **EXTRA_COLOURS}
@@ -55,11 +56,6 @@ class Mention:
     shape: str
     colour: str | None
     size: str | None
-
-
-def caption_words(caption: str) -> list[str]:
-    """The caption's words, lower-cased, punctuation dropped: "A red circle." -> a, red, circle."""
-    return re.findall(r"[a-z0-9]+", caption.lower())
 
 
 def _world_shape(word: str) -> str | None:
@@ -124,7 +120,7 @@ def hallucination(predictions: list[str], objects: list[list[dict]]) -> dict[str
         "attr_mentions": float(attr_total),
         "recall": gt_found / gt_total if gt_total else 0.0,
         "objects": float(gt_total),
-        "mean_words": sum(len(p.split()) for p in predictions) / n if n else 0.0,
+        "mean_words": sum(map(word_count, predictions)) / n if n else 0.0,
         "images": float(n),
     }
 
@@ -141,7 +137,7 @@ def bucket_name(words: int, edges: tuple[int, ...]) -> str:
 def words_and_images(predictions: list[str], objects: list | None = None) -> dict[str, float]:
     """Mean words and image count: all that is scored of images without object annotations."""
     n = len(predictions)
-    return {"mean_words": sum(len(p.split()) for p in predictions) / n if n else 0.0, "images": float(n)}
+    return {"mean_words": sum(map(word_count, predictions)) / n if n else 0.0, "images": float(n)}
 
 
 def check_buckets(edges, flag: str) -> None:
@@ -156,7 +152,7 @@ def by_length(predictions: list[str], objects: list, edges=DEFAULT_BUCKETS, scor
     scorer = scorer or hallucination
     groups: dict[str, list[int]] = {}
     for i, caption in enumerate(predictions):
-        groups.setdefault(bucket_name(len(caption.split()), tuple(edges)), []).append(i)
+        groups.setdefault(bucket_name(word_count(caption), tuple(edges)), []).append(i)
     return {
         name: scorer([predictions[i] for i in rows], [objects[i] for i in rows])
         for name, rows in sorted(groups.items(), key=lambda item: int(item[0].split("-")[0].rstrip("+")))
@@ -256,7 +252,8 @@ def chair_synonyms(predictions: list[str], objects: list[list[str]], synonyms: d
     `objects` are each image's annotated classes; classes compare lower-cased. As in Rohrbach et al.'s
     CHAIR, every mention counts: CHAIR-i is hallucinated mentions over all mentions, CHAIR-s the share of
     captions with one; recall is the share of an image's annotated classes that its caption names."""
-    phrases = [(w.lower().split(), cls.lower()) for cls, words in synonyms.items() for w in [cls, *words] if w.strip()]
+    phrases = [(caption_words(w), cls.lower()) for cls, words in synonyms.items() for w in [cls, *words]]
+    phrases = [(phrase, cls) for phrase, cls in phrases if phrase]  # a class name of punctuation alone names nothing
     phrases = [(phrase[:-1], noun_forms(phrase[-1]), cls) for phrase, cls in phrases]
     phrases.sort(key=lambda p: -len(p[0]))
     total = bad = with_bad = gt_total = gt_found = 0
@@ -437,8 +434,9 @@ def caption_metrics(
     unreferenced = [key for key, refs in zip(keys, references, strict=True) if not any(map(caption_words, refs))]
     if unreferenced:
         raise ValueError(
-            f"{len(unreferenced)} evaluated samples have no reference caption (no `captions` text), e.g. "
-            f"{unreferenced[:3]}: BLEU, ROUGE-L and CIDEr need one; rebuild their shards with the data stage"
+            f"{len(unreferenced)} evaluated samples have no reference caption with a word (no `captions` text, or "
+            f"emoji or punctuation alone), e.g. {unreferenced[:3]}: BLEU, ROUGE-L and CIDEr need one; rebuild "
+            "their shards with the data stage, which leaves such samples out (counted as empty_caption)"
         )
     kind = object_kind(objects)
     if kind == "world":

@@ -115,3 +115,14 @@ def test_shards_built_before_the_index_listed_object_classes_are_named(caplog):
     with caplog.at_level("WARNING"):  # the synthetic world's objects are records, not class names: no table to miss
         assert class_table(None, {}, [("k", None, {"objects": [{"shape": "circle"}]})]) is None
     assert not caplog.records
+
+
+def test_the_captions_table_keeps_a_row_per_caption():
+    # A "|" or a line break in a caption split its row in TensorBoard's table.
+    import re
+
+    from callbacks.evaluation import markdown_table
+
+    table = markdown_table([("k1", "a cat | a dog", "a cat\non a mat"), ("k2", "x", "y")]).splitlines()
+    assert len(table) == 4 and all(len(re.findall(r"(?<!\\)\|", line)) == 4 for line in table)
+    assert table[2] == "| k1 | a cat \\| a dog | a cat on a mat |"

@@ -287,3 +287,24 @@ def test_text_metrics_ignore_case_and_punctuation():
 def test_an_image_without_a_reference_caption_is_named():
     with pytest.raises(ValueError, match=r"1 evaluated samples have no reference caption .*\['k2'\]"):
         caption_metrics(["a dog", "a cat"], [None, None], [["a dog"], ["", "..."]], keys=["k1", "k2"])
+
+
+def test_words_of_every_script_are_compared_and_cjk_counts_by_character():
+    # Matching [a-z0-9] only, "café" was "caf", and a Russian or Chinese reference had no words: the run
+    # stopped after its first stage ("no reference caption"). A Chinese sentence was one word for budgets.
+    from datamodules.text_stats import caption_words, word_count
+
+    assert caption_words("Un chien à côté du CANAPÉ.") == ["un", "chien", "à", "côté", "du", "canapé"]
+    assert caption_words("Кошка на диване") == ["кошка", "на", "диване"]
+    assert caption_words("一只猫。") == ["一", "只", "猫"] and word_count("一只猫坐在沙发上。") == 8
+    assert word_count("a red circle - left-most.") == len("a red circle - left-most.".split()), "as indexes count"
+    scores = caption_metrics(["кошка на диване"], [None], [["Кошка на диване."]])
+    assert scores["bleu1"] == pytest.approx(1.0) and scores["mean_words"] == 3
+    assert text_metrics(["一只猫"], [["一只猫。"]])["bleu1"] == pytest.approx(1.0)
+
+
+def test_class_names_are_split_into_words_as_captions_are():
+    # "hot-dog" and "café" never matched a caption: the class names split on spaces only, captions on [a-z0-9].
+    table = {"hot-dog": [], "café": []}
+    scores = chair_synonyms(["a hot-dog on a plate", "a café table"], [["hot-dog"], ["café"]], table)
+    assert scores["recall"] == 1.0 and scores["chair_i"] == 0.0

@@ -446,3 +446,28 @@ def test_chair_counts_a_class_of_the_data_set_that_no_evaluated_image_shows(tmp_
     assert score(results, synonyms=class_table(None, data.index))["chair_i"] == 0.5
     assert score(results)["chair_i"] == 0.0  # the evaluated image's classes only: the triangle went unseen
     assert class_table({"dog": ["puppy"]}, data.index) == {"dog": ["puppy"]}  # a given table wins
+
+
+def test_captions_in_other_scripts_build_train_and_evaluate(tmp_path, micro_run):
+    # A JSONL saved with a byte-order mark lost its first record; an id with a NUL made two tar members "k" and
+    # the sample vanished (counted in index.json, never read); emoji-only captions reached the evaluation, which
+    # stopped on them, as on every Russian or Chinese reference ("no reference caption").
+    captions = ["Кошка на диване", "一只猫坐在沙发上", "Un chien à côté du canapé", "🐶🐱", "a red circle"]
+    lines = []
+    for i in range(40):
+        Image.new("RGB", (48, 48), (6 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        ident = "nul\x00key" if i == 1 else f"s{i}"
+        lines.append(json.dumps({"id": ident, "text": captions[i % 5], "images": [f"{i}.png"], "split": "test"}))
+    (tmp_path / "in.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    recipe = RecipeConfig(input=InputSpec(format="dj_jsonl", path=str(tmp_path / "in.jsonl")), process=[])
+    report = run_data_stage(recipe, tmp_path / "out")
+    assert report["input_skips"]["counts"] == {}, "the first record and the NUL key kept"
+    assert report["samples"]["kept"] == 32 and report["output_skips"]["counts"] == {"empty_caption": 8}
+    records = _split_records(tmp_path / "out")
+    assert len(records) == sum(s["count"] for shards in read_index(tmp_path / "out")["splits"].values() for s in shards)
+    assert "s0" in records and "nul_key" in records
+    assert '"caption": "一只猫坐在沙发上"' in (tmp_path / "out" / "report.md").read_text(), "not as \\u escapes"
+    budgets = CaptionDataModule(tmp_path / "out", max_words=60).index["splits"]["test"]
+    assert {words["caption"] for shard in budgets for words in shard["caption_words"]} == {3, 8, 6}
+    result = evaluate_model(micro_run / "sft_long", tmp_path / "out", split="test", max_new_tokens=4)
+    assert result["data"]["images"] == 32 and 0 <= result["metrics"]["bleu1"] <= 1
