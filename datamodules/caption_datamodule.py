@@ -146,6 +146,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.shard_dir, self.max_words = Path(shard_dir), max_words
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self._resumed_epoch: int | None = None  # the epoch a resumed fit started in (`_batches_done_this_epoch`)
+        self._warned_readers = False  # fewer training shards than readers: said once, not every epoch
         self.index = read_index(self.shard_dir)
         self.format: PromptFormat | None = None
         self.processor = None
@@ -196,6 +197,15 @@ class CaptionDataModule(L.LightningDataModule):
                     f"optimizer step ({accumulate} batch(es) of {self.batch_size}) per device"
                 )
             self._check_reloaded(batches)
+            readers = world * max(self.num_workers, 1)
+            if len(urls) < readers and not self._warned_readers:
+                self._warned_readers = True
+                log.warning(
+                    "%s: %d training shards for %d readers (%d rank(s) x %d loader worker(s)): each reader reads "
+                    "every shard and keeps 1 sample in %d, so an epoch reads the data %d times; rebuild the shards "
+                    "with a smaller shard_size (at least %d shards)",
+                    self.shard_dir, len(urls), readers, world, max(self.num_workers, 1), readers, readers, readers,
+                )  # fmt: skip
         elif world > 1:  # every rank validates on as many batches: under ZeRO-3 each forward pass needs them all
             if kept == 0:
                 return []

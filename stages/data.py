@@ -412,14 +412,15 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
     for row in kept:
         key = row.get("split_key") or row["__key__"]
         split = row.get("split") or named.get(key) or split_of(key, recipe.val_share, recipe.test_share)
-        by_split[split].append(_shard_sample(row))
+        by_split[split].append(row)
     index = {"source": recipe.input.format, "splits": {}}
     # Every class annotated anywhere (real data's `objects` lists): CHAIR's table, where no synonyms are given.
     classes = {o for row in kept for o in json.loads(row["meta_json"]).get("objects") or [] if isinstance(o, str)}
     if classes:
         index["object_classes"] = sorted(classes)
     for split in SPLITS:
-        index["splits"][split] = write_shards(by_split[split], out_dir, split, recipe.shard_size)
+        # Each image read as its shard is written: read all first, 1M images of 100 KB held 100 GB at once.
+        index["splits"][split] = write_shards(map(_shard_sample, by_split[split]), out_dir, split, recipe.shard_size)
     (out_dir / IMAGE_FILES_NAME).write_text(json.dumps(dict(sorted(skips.image_files.items()))))
 
     shutil.rmtree(out_dir / "work", ignore_errors=True)  # the images now live in the shards

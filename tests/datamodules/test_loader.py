@@ -150,3 +150,16 @@ def test_an_index_naming_a_command_or_another_folder_is_refused(micro_world, tmp
     with pytest.raises(ShardError, match="they are test-NNNNNN.tar"):
         CaptionDataModule(".", max_words=8)
     assert not marker.exists()
+
+
+def test_fewer_training_shards_than_readers_is_said(micro_world, micro_base, caplog):
+    # Each reader then reads every shard and keeps 1 sample in (ranks x workers): with 8 GPUs x 8 workers and the
+    # default shard_size, a data set under 320k samples was read 64 times an epoch, and nothing said so.
+    datamodule = _datamodule(micro_world, micro_base, 1)
+    datamodule.train_dataloader()
+    assert "readers" not in caplog.text, "3 shards, 1 reader"
+    datamodule.num_workers = 4
+    datamodule.train_dataloader()
+    datamodule.train_dataloader()
+    said = [r.getMessage() for r in caplog.records if "readers" in r.getMessage()]
+    assert len(said) == 1 and "3 training shards for 4 readers (1 rank(s) x 4 loader worker(s))" in said[0]

@@ -415,3 +415,26 @@ def test_a_bad_recipe_leaves_the_earlier_build_and_one_that_keeps_nothing_fails_
     keeps_none = [{"oracle_caption_mapper": {}}, {"words_num_filter": {"min_num": 1000}}]
     with pytest.raises(ValueError, match=r"kept none of 248 samples \(words_num_filter dropped 248\)"):
         run_data_stage(RecipeConfig(process=keeps_none), out, MICRO_WORLD, seed=0)
+
+
+def test_images_are_read_as_their_shard_is_written_not_all_first(tmp_path, monkeypatch):
+    # Every image's bytes were read into one list before the first shard was written: at 8k images of 100 KB
+    # peak RSS was 1.4 GB against 0.65 GB read as written; at 1M images, 100 GB.
+    import stages.data
+    from tests.conftest import MICRO_WORLD
+
+    read, written = [], []
+    real_read, real_write = stages.data.shard_image, stages.data.write_shards
+
+    def reading(path):
+        read.append(path)
+        return real_read(path)
+
+    def writing(samples, out_dir, split, shard_size):
+        written.append(len(read))
+        return real_write(samples, out_dir, split, shard_size)
+
+    monkeypatch.setattr(stages.data, "shard_image", reading)
+    monkeypatch.setattr(stages.data, "write_shards", writing)
+    run_data_stage(load_recipe(SYNTHETIC_RECIPE), tmp_path / "out", MICRO_WORLD, seed=0)
+    assert written[0] == 0 and len(read) == 248, "no image read before the first split's shards start"
