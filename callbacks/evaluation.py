@@ -192,7 +192,7 @@ def load_synonyms(path: str | Path | None, flag: str = "eval.synonyms") -> dict[
     if path is None:
         return None
     try:
-        table = json.loads(Path(path).read_text())
+        table = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"{flag} {path}: not a readable JSON file ({error})") from error
     if not isinstance(table, dict) or not all(

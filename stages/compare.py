@@ -221,6 +221,6 @@ def _compare(cfg: CurriculumConfig, profile: Path, seeds: list[int], root: Path,
         runs["baseline"].append(baseline)
     result = collect(runs)
     (root / "compare.json").write_text(json.dumps({"seeds": seeds, "profile": str(profile), **result}, indent=2))
-    (root / "compare.md").write_text(markdown(result, seeds))
+    (root / "compare.md").write_text(markdown(result, seeds), encoding="utf-8")
     plot(result, root / "compare.png")
     return result

@@ -98,7 +98,7 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
             raise ShardError(f"--data.recipe {recipe_path}: {error}") from error
         images = json.loads((shard_dir / IMAGE_FILES_NAME).read_text())  # as each was when read, not as it is now
         write_text_atomic(stamp, json.dumps({"fingerprint": wanted, "recipe": str(recipe_path), "images": images}))
-    log_data_report(run_dir, report, (shard_dir / "report.md").read_text())
+    log_data_report(run_dir, report, (shard_dir / "report.md").read_text(encoding="utf-8"))
     return shard_dir
 
 

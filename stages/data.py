@@ -426,7 +426,7 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
     shutil.rmtree(out_dir / "work", ignore_errors=True)  # the images now live in the shards
     report = build_report(recipe, rows, kept, accounting, skips, total, empty, renamed)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "report.md").write_text(report_markdown(report))
+    (out_dir / "report.md").write_text(report_markdown(report), encoding="utf-8")
     write_text_atomic(out_dir / INDEX_NAME, json.dumps(index))  # last: the build is whole
     (out_dir / BUILDING_NAME).unlink()
     return report

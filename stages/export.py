@@ -181,7 +181,8 @@ def _write_export(merged, tokenizer, processor, source: StageSource, out_dir: Pa
             vision=type(merged.vision).__name__,
             lm=type(merged.lm).__name__,
             folder=out_dir,
-        )
+        ),
+        encoding="utf-8",  # a folder or run named in any script
     )
     follow_umask(partial)
     shutil.rmtree(out_dir, ignore_errors=True)  # an earlier export (checked above); a kill now leaves `partial` whole

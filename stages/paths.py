@@ -47,7 +47,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.chmod(scratch, 0o666 & ~_UMASK)  # as open() would make it: mkstemp's 0600 hid it from other users
-        with os.fdopen(handle, "w") as out:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
         os.replace(scratch, path)
     except BaseException:

@@ -248,5 +248,5 @@ def write_report(run_dir: Path) -> Path:
             f"{_fmt(r.get('samples_per_s'))} | {_fmt(r.get('peak_rss_gib'))} | {_fmt(r.get('peak_gpu_gib'))} |"
         )
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
+import locale
 import logging
 import os
 import signal
@@ -21,6 +22,14 @@ from pathlib import Path
 # huggingface_hub (it reads HF_HUB_OFFLINE once, at import), unless the caller set it. Here, not in the
 # package: a script that imports the project's modules keeps its own hub settings.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Files are UTF-8 whatever the locale: under a non-UTF-8 one (LANG=en_US.ISO-8859-1, or C with locale coercion
+# off), Python read and wrote text in the locale's encoding, and a data build of Russian captions failed on
+# report.md ("'ascii' codec can't encode"), while jsonargparse and Data-Juicer misread a config or recipe. The
+# command restarts itself in Python's UTF-8 mode; its ranks and workers inherit it.
+if __name__ == "__main__" and not sys.flags.utf8_mode and locale.getpreferredencoding(False).upper() != "UTF-8":
+    os.environ["PYTHONUTF8"] = "1"
+    os.execv(sys.executable, [sys.executable, "-X", "utf8", "-m", "stages.run", *sys.argv[1:]])
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 from jsonargparse.typing import PositiveInt
@@ -310,7 +319,7 @@ def check_config_files(parser: ArgumentParser, argv: tuple[str, ...]) -> None:
         except OSError:  # an inline config longer than a file name may be
             continue
         try:
-            content = yaml.safe_load(path.read_text())
+            content = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
             parser.error(f"--config {path}: not valid YAML: {error}")
         if content is not None and not isinstance(content, dict):

@@ -194,7 +194,7 @@ def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, i
 
 def _synonyms_digest(path: str | None) -> dict:
     """The synonym table's content, for the evaluation's fingerprint: a table edited in place rescores."""
-    return {"synonyms_digest": fingerprint(Path(path).read_text())} if path else {}
+    return {"synonyms_digest": fingerprint(Path(path).read_text(encoding="utf-8"))} if path else {}
 
 
 def _stage_seed(seed: int, name: str) -> int:

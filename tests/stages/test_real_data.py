@@ -471,3 +471,30 @@ def test_captions_in_other_scripts_build_train_and_evaluate(tmp_path, micro_run)
     assert {words["caption"] for shard in budgets for words in shard["caption_words"]} == {3, 8, 6}
     result = evaluate_model(micro_run / "sft_long", tmp_path / "out", split="test", max_new_tokens=4)
     assert result["data"]["images"] == 32 and 0 <= result["metrics"]["bleu1"] <= 1
+
+
+def test_the_command_line_reads_and_writes_utf_8_under_any_locale(tmp_path):
+    # Under a locale whose encoding is not UTF-8 (here C with Python's locale coercion off, the encoding ASCII),
+    # a data build of Russian captions failed writing report.md ("'ascii' codec can't encode").
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, fresh_launch_env
+
+    # jsonargparse read the recipe, naming a folder "données", in the locale's encoding too.
+    turns = [{"from": "gpt", "value": "Кошка на диване, café"}]
+    records, data = [], tmp_path / "données"
+    data.mkdir()
+    for i in range(12):
+        Image.new("RGB", (48, 48), (20 * i, 0, 0)).save(data / f"{i}.png")
+        records.append({"id": f"r{i}", "image": f"{i}.png", "conversations": turns})
+    (data / "in.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"input: {{format: llava, path: {data / 'in.json'}}}\nprocess: []\n", encoding="utf-8")
+    env = fresh_launch_env() | {"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    command = [sys.executable, "-X", "utf8=0", "-m", "stages.run", "data", "--config", str(recipe)]
+    done = subprocess.run(
+        [*command, "--out_dir", str(tmp_path / "out")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Кошка на диване, café" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
