@@ -89,16 +89,16 @@ def check_webhook_url(url: str) -> None:
     thread at the first alert, and a file:// one counted as delivered."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"stability.webhook_url: {url!r} is not an http:// or https:// URL with a host")
+        raise ValueError(f"stability.webhook_url: {shown_url(url)} is not an http:// or https:// URL with a host")
 
 
 def shown_url(url: str) -> str:
     """The URL as logs show it: scheme and host, without a password, the path or the query, where a webhook's
     secret is."""
     parts = urllib.parse.urlsplit(url)
-    if not parts.scheme or not parts.netloc:
-        return "(a URL without a scheme or host)"
-    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/…"
+    if parts.scheme and parts.netloc:
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/…"
+    return f"{url.split('/', 1)[0].rpartition('@')[2]}/…"  # no scheme: "hooks.slack.com/services/..."
 
 
 class AlertSinks(Callback):

@@ -103,16 +103,21 @@ class ShardStream(IterableDataset):
         return iter(wds.DataPipeline(*stages))
 
     def _samples(self, worker: int, workers: int) -> Iterator[dict]:
+        """This reader's kept samples, pass after pass when the stream repeats."""
         epoch = self.epoch
         while True:
             count = 0
             for sample in self._one_pass(epoch, worker, workers):
-                count += 1
-                yield sample
+                if self.keep(sample):
+                    count += 1
+                    yield sample
             if not self.repeat:
                 return
             if count == 0:  # an endless stream of empty passes would spin forever
-                raise RuntimeError(f"no samples reached this reader from {len(self.urls)} shard(s)")
+                raise RuntimeError(
+                    f"no sample of {len(self.urls)} shard(s) reached this reader and fitted its filter (a word budget "
+                    "the index counts otherwise than the samples' own word counts?)"
+                )
             epoch += 1
 
     def __iter__(self) -> Iterator[dict]:
@@ -126,8 +131,7 @@ class ShardStream(IterableDataset):
         workers, index = (info.num_workers, info.id) if info else (1, 0)
         worker = (index + self.skip_batches) % workers
         done = -(-(self.skip_batches - worker) // workers) if self.skip_batches > worker else 0
-        kept = (sample for sample in self._samples(worker, workers) if self.keep(sample))
-        return itertools.islice(kept, done * self.batch_size, None)
+        return itertools.islice(self._samples(worker, workers), done * self.batch_size, None)
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -169,14 +173,15 @@ class CaptionDataModule(L.LightningDataModule):
         keys, images, sequences = [], [], []
         for sample in samples:
             key, image, meta = _decode(sample)
-            text = select_caption(meta["captions"], self.max_words)
+            text = select_caption(meta["captions"], self.max_words, meta.get("caption_words"))
             keys.append(key)
             images.append(image)
             sequences.append(self.format.encode(text))
         return collate_captions(keys, self.pixels(images), sequences, self.format.tokenizer.pad_token_id)
 
     def _fits(self, sample: dict) -> bool:
-        return select_caption(_meta(sample)["captions"], self.max_words) is not None
+        meta = _meta(sample)
+        return select_caption(meta["captions"], self.max_words, meta.get("caption_words")) is not None
 
     def _loader(self, split: str, train: bool) -> wds.WebLoader | list:
         if self.format is None:

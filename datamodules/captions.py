@@ -17,12 +17,15 @@ log = logging.getLogger(__name__)
 _REMOVED: set[str] = set()  # special-token strings already warned about
 
 
-def select_caption(captions: dict[str, str], max_words: int) -> str | None:
-    """The longest caption variant with at most `max_words` words (`word_count`), or None if every one is
-    longer. A stage of the curriculum trains each image on the longest description its word budget allows.
-    """
-    fitting = [text for text in captions.values() if 0 < word_count(text) <= max_words]  # never an empty one
-    return max(fitting, key=word_count) if fitting else None
+def select_caption(captions: dict[str, str], max_words: int, words: dict[str, int] | None = None) -> str | None:
+    """The longest caption variant with at most `max_words` words, or None if every one is longer. A stage of
+    the curriculum trains each image on the longest description its word budget allows. `words`: the counts
+    the data stage stored with the sample, as its index holds them (else `word_count`): the loader must keep
+    what the index counted, or an epoch's length and the budget check disagree with what it reads (shards
+    built before CJK counted by character would have kept no sample, and the stream never ended)."""
+    counts = {name: words[name] if words and name in words else word_count(text) for name, text in captions.items()}
+    fitting = [name for name, text in captions.items() if text.strip() and 0 < counts[name] <= max_words]
+    return captions[max(fitting, key=counts.__getitem__)] if fitting else None
 
 
 def caption_lead(tokenizer) -> str:

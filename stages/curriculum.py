@@ -93,7 +93,7 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
     with folder_lock(shard_dir, "data", purpose="a data build"):
         stamp.unlink(missing_ok=True)  # a build killed midway must not leave the old stamp vouching for its files
         try:
-            report = run_data_stage(recipe, shard_dir, cfg.world, cfg.seed, locked=True)
+            report = run_data_stage(recipe, shard_dir, cfg.world, cfg.seed, in_run=True)
         except ValueError as error:  # a recipe or input that cannot build shards: said as the data command says it
             raise ShardError(f"--data.recipe {recipe_path}: {error}") from error
         images = json.loads((shard_dir / IMAGE_FILES_NAME).read_text())  # as each was when read, not as it is now

@@ -339,6 +339,11 @@ def _shard_sample(row: dict) -> dict:
     return {"__key__": row["__key__"], extension: image_bytes, "json": json.dumps(record, sort_keys=True)}
 
 
+def _shard_files(out_dir: Path) -> list[Path]:
+    """The `<split>-NNNNNN.tar` files in `out_dir`, the shards a build writes (and `clear_build` removes)."""
+    return [path for split in SPLITS for path in out_dir.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")]
+
+
 def clear_build(out_dir: Path) -> None:
     """Removes what an earlier build wrote to `out_dir`, its index first.
 
@@ -347,9 +352,8 @@ def clear_build(out_dir: Path) -> None:
     tars), and a smaller build left the old build's extra shards beside its own (read by a `train-*.tar`
     pattern). Only this stage's own files go: `<split>-NNNNNN.tar`, stats/, work/ and the reports."""
     (out_dir / INDEX_NAME).unlink(missing_ok=True)
-    for split in SPLITS:
-        for shard in out_dir.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
-            shard.unlink()
+    for shard in _shard_files(out_dir):
+        shard.unlink()
     for folder in ("stats", "work"):
         shutil.rmtree(out_dir / folder, ignore_errors=True)
     for name in ("report.json", "report.md", IMAGE_FILES_NAME):
@@ -357,21 +361,22 @@ def clear_build(out_dir: Path) -> None:
 
 
 def run_data_stage(
-    recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None = None, seed: int = 0, locked: bool = False
+    recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None = None, seed: int = 0, in_run: bool = False
 ) -> dict:
     """Runs the recipe into `out_dir` (shards, report.json, report.md, and index.json last, when the build is
-    whole); returns the report. `locked`: the caller holds the folder's lock (`folder_lock`) already."""
+    whole); returns the report. `in_run`: `out_dir` is a curriculum's own data/, whose lock the caller holds,
+    in a run folder it has checked (where a build killed by an older version left work/ without a mark)."""
     check_process(recipe.process)  # before the earlier build is removed: a bad recipe leaves it as it was
     out_dir.mkdir(parents=True, exist_ok=True)
-    if locked:
+    if in_run:
         return _build(recipe, out_dir, world, seed)
     with folder_lock(out_dir, "the shard folder", purpose="a data build"):  # no other build or reader meanwhile
+        shards = [path.name for path in _shard_files(out_dir)]
+        check_own_folder(out_dir, "--out_dir", (INDEX_NAME, BUILDING_NAME), [*BUILD_FILES, *shards])
         return _build(recipe, out_dir, world, seed)
 
 
 def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed: int) -> dict:
-    shards = [path.name for split in SPLITS for path in out_dir.glob(f"{split}-*.tar")]
-    check_own_folder(out_dir, "--out_dir", (INDEX_NAME, BUILDING_NAME), [*BUILD_FILES, *shards])
     if recipe.input.format != "synthetic" and not Path(recipe.input.path or "").is_file():
         # before the earlier build goes: a mistyped path left the folder without its shards
         raise FileNotFoundError(f"input.path: {recipe.input.path} does not exist")

@@ -26,10 +26,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Files are UTF-8 whatever the locale: under a non-UTF-8 one (LANG=en_US.ISO-8859-1, or C with locale coercion
 # off), Python read and wrote text in the locale's encoding, and a data build of Russian captions failed on
 # report.md ("'ascii' codec can't encode"), while jsonargparse and Data-Juicer misread a config or recipe. The
-# command restarts itself in Python's UTF-8 mode; its ranks and workers inherit it.
-if __name__ == "__main__" and not sys.flags.utf8_mode and locale.getpreferredencoding(False).upper() != "UTF-8":
+# command restarts itself in Python's UTF-8 mode, with its interpreter options; its ranks and workers inherit it.
+# Once: a caller's own `-X utf8=0` wins over the restart's, and the command then goes on as it is.
+if (
+    __name__ == "__main__"
+    and not (sys.flags.utf8_mode or os.environ.get("PYTHONUTF8") == "1")
+    and locale.getpreferredencoding(False).upper().replace("-", "") != "UTF8"
+):
     os.environ["PYTHONUTF8"] = "1"
-    os.execv(sys.executable, [sys.executable, "-X", "utf8", "-m", "stages.run", *sys.argv[1:]])
+    os.execv(sys.executable, [sys.executable, "-X", "utf8", *sys.orig_argv[1:]])
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 from jsonargparse.typing import PositiveInt

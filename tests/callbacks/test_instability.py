@@ -413,8 +413,11 @@ def test_a_dead_webhook_is_counted_not_raised():
 def test_a_webhook_url_without_http_and_a_host_is_refused(url):
     # Without its scheme the URL crashed the poster thread at the first alert (every stage end then waited for
     # the queue); a file:// URL counted as delivered.
-    with pytest.raises(ValueError, match="stability.webhook_url: .* is not an http:// or https:// URL with a host"):
+    with pytest.raises(
+        ValueError, match="stability.webhook_url: .* is not an http:// or https:// URL with a host"
+    ) as e:
         AlertSinks("sft_long", webhook_url=url)
+    assert "secret" not in str(e.value)
 
 
 def test_failed_posts_log_the_webhooks_host_not_its_secret(caplog):

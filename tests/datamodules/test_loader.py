@@ -163,3 +163,20 @@ def test_fewer_training_shards_than_readers_is_said(micro_world, micro_base, cap
     datamodule.train_dataloader()
     said = [r.getMessage() for r in caplog.records if "readers" in r.getMessage()]
     assert len(said) == 1 and "3 training shards for 4 readers (1 rank(s) x 4 loader worker(s))" in said[0]
+
+
+def test_the_loader_keeps_what_the_index_counted(micro_world):
+    # Shards built before CJK counted by character hold a Chinese sentence as 1 word in index.json and in each
+    # sample's caption_words: recounted at load time it was 8, the loader kept no sample that the index said
+    # fitted, and the training stream never ended.
+    import webdataset as wds
+
+    from datamodules.caption_datamodule import ShardStream
+    from datamodules.captions import select_caption
+
+    sentence = "一只猫坐在沙发上"
+    assert select_caption({"caption": sentence}, 5, {"caption": 1}) == sentence, "the stored count"
+    assert select_caption({"caption": sentence}, 5) is None, "counted now: 8 words"
+    never = ShardStream(_train_urls(micro_world), 0, 0, True, lambda _: False, batch_size=8, repeat=True)
+    with pytest.raises(RuntimeError, match="fitted its filter"):
+        next(iter(wds.DataPipeline(never)))

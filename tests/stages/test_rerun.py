@@ -375,6 +375,17 @@ def test_a_run_in_a_folder_of_other_files_is_refused_and_deletes_nothing(tmp_pat
     assert all((home / name).read_text() == "mine" for name in ("data/work/marker.txt", "align/notes.txt"))
 
 
+def test_a_data_build_left_by_an_older_version_in_a_run_folder_is_rebuilt(tmp_path):
+    # Older versions wrote work/ and stats/ before any mark; a build they killed blocked the rerun ("not a
+    # folder it made"), though the run folder was the run's own.
+    run = tmp_path / "run"
+    for name in ("stages.json", "data/work/images/0.png", "data/stats/words_num_filter.jsonl"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("{}")
+    assert _run(run, *ALIGN_4) == 0
+    assert not (run / "data" / "work").exists() and (run / "data" / "index.json").is_file()
+
+
 def test_a_damaged_handoff_file_is_named(tmp_path, capsys):
     # safetensors' "incomplete metadata" named no file, and a rerun kept failing on it.
     run = tmp_path / "run"
