@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 from contextlib import ExitStack
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -190,6 +191,17 @@ def check_inputs(cfg: CurriculumConfig) -> None:
         raise FileNotFoundError(
             f"--data.shard_dir: {cfg.data.shard_dir} has no {INDEX_NAME}; build it with the data stage"
         )
+    warn_shadowed_trainer_keys(cfg)
+
+
+def warn_shadowed_trainer_keys(cfg: CurriculumConfig) -> None:
+    """Says which of the run's trainer keys no stage uses, every stage setting its own: `--trainer.max_steps 10`
+    for a quick run was silently ignored, each stage of every profile setting max_steps."""
+    for key in (f.name for f in fields(TrainerConfig)):
+        value = getattr(cfg.trainer, key)
+        if value is not None and all(getattr(spec.trainer, key) is not None for spec in cfg.stages.values()):
+            log.warning("trainer.%s=%r is not used: every stage sets its own (--stages.<name>.trainer.%s)",
+                        key, value, key)  # fmt: skip
 
 
 def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Path]:
@@ -200,10 +212,13 @@ def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Pat
         # A profile's architectures with random weights: config-only folders, read by the usual loaders.
         # A configured folder that exists wins (its config.json is used); missing ones are not an error here.
         written = write_config_folders(model, run_dir / "base" / "random_init", vocabulary_corpus(cfg.world))
-        chosen = [
-            Path(path) if path and is_model_folder(path) else default
-            for path, default in zip((model.vision_path, model.lm_path), written, strict=True)
-        ]
+        paths, archs = (model.vision_path, model.lm_path), (model.vision_arch, model.lm_arch)
+        chosen = []
+        for part, path, arch, default in zip(("vision", "lm"), paths, archs, written, strict=True):
+            chosen.append(Path(path) if path and is_model_folder(path) else default)
+            if arch and chosen[-1] != default:  # a smaller arch for a memory run built the full model, unsaid
+                log.warning("model.%s_arch is not used: model.%s_path %s exists, and its config.json is",
+                            part, part, path)  # fmt: skip
         return chosen[0], chosen[1]
     if model.vision_path is not None and model.lm_path is not None:
         return Path(model.vision_path), Path(model.lm_path)

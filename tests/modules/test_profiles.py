@@ -154,3 +154,17 @@ def test_a_gpu_profile_on_a_machine_without_one_names_the_accelerator_before_the
     err = capsys.readouterr().err
     assert "trainer.accelerator asks for a GPU" in err and "--trainer.accelerator cpu" in err
     assert not (tmp_path / "data").exists(), "nothing should run before the machine is checked"
+
+
+def test_random_init_says_when_a_model_folder_beats_its_arch(tmp_path, micro_base, caplog):
+    # A smaller lm_arch for a memory run built the full model from the profile's folder, silently.
+    from stages.curriculum import prepare_base_models
+    from stages.run import build_parser, curriculum_config
+
+    parser = build_parser()
+    args = parser.parse_args(["curriculum", *TOY_PROFILE_ARGS, f"--model.lm_path={micro_base[1]}"])
+    args.curriculum.pop("config", None)
+    vision, lm = prepare_base_models(curriculum_config(parser.instantiate(args).curriculum), tmp_path)
+    assert lm == micro_base[1] and vision == tmp_path / "base" / "random_init" / "vision"
+    said = [record.getMessage() for record in caplog.records if "_arch" in record.getMessage()]
+    assert said == [f"model.lm_arch is not used: model.lm_path {micro_base[1]} exists, and its config.json is"]

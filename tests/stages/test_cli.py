@@ -523,3 +523,17 @@ def test_transformers_5_17_without_torchvision_is_named_before_any_work(monkeypa
     # A command that loads no model is not stopped: report goes on to its own error.
     assert main(["report", "--run_dir", "/nonexistent/never-written"]) == 2
     assert "torchvision" not in capsys.readouterr().err
+
+
+def test_a_run_trainer_key_that_every_stage_sets_is_said_to_be_unused(caplog):
+    # `--trainer.max_steps 10` for a quick run was silently ignored: every stage of every profile sets its own.
+    from stages.curriculum import warn_shadowed_trainer_keys
+    from stages.run import build_parser, curriculum_config
+
+    parser = build_parser()
+    flags = ["--trainer.max_steps=10", "--stages.align.trainer.accumulate_grad_batches=2"]  # only align: used
+    args = parser.parse_args(["curriculum", *flags])
+    args.curriculum.pop("config", None)
+    warn_shadowed_trainer_keys(curriculum_config(parser.instantiate(args).curriculum))
+    said = [record.getMessage() for record in caplog.records]
+    assert said == ["trainer.max_steps=10 is not used: every stage sets its own (--stages.<name>.trainer.max_steps)"]
