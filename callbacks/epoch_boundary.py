@@ -32,6 +32,7 @@ import lightning as L
 from typing_extensions import override
 
 from callbacks.alerts import Alert, AlertSinks, gather_findings
+from stages.paths import write_text_atomic
 
 
 @dataclass
@@ -210,7 +211,7 @@ class BoundaryCheck(L.Callback):
         """Per-optimizer-step losses of the stage, for the next stage's boundary check and for tests; a
         non-finite loss is written as null (standard JSON has no NaN)."""
         losses = [value if math.isfinite(value) else None for value in self.all_losses]
-        path.write_text(json.dumps({"stage": self.stage, "losses": losses}, allow_nan=False))
+        write_text_atomic(path, json.dumps({"stage": self.stage, "losses": losses}, allow_nan=False))  # whole or none
 
     @override
     def state_dict(self) -> dict:

@@ -385,7 +385,7 @@ class CaptionEvaluation(L.Callback):
         self.out_path.parent.mkdir(parents=True, exist_ok=True)  # the runner makes it; a plain Trainer may not
         write_text_atomic(self.out_path, json.dumps(record, indent=2))
         samples_path = self.out_path.with_name("captions.jsonl")
-        samples_path.write_text("".join(json.dumps({"key": k, "caption": t}) + "\n" for k, _, t in results))
+        write_text_atomic(samples_path, "".join(json.dumps({"key": k, "caption": t}) + "\n" for k, _, t in results))
         log.info("%s evaluation: %s", self.stage, metrics_line(metrics))
 
     def rescore(self, vlm, step: int) -> dict:

@@ -13,7 +13,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps
 
 # The formats a shard keeps as they are (and the trainer decodes); others are re-encoded as PNG.
 SHARD_FORMATS = {"png": "png", "jpg": "jpg", "jpeg": "jpg", "webp": "webp"}
@@ -50,7 +50,11 @@ def image_problem(path: Path) -> str | None:
         open_rgb(path)  # decoded in full, as every reader will
     except Image.DecompressionBombError:
         return "too_large_image"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except OSError as error:
+        if error.errno is not None:  # the disk's error (EIO, EACCES, EMFILE), not the file's: dropped for good
+            raise
+        return "corrupt_image"  # PIL's own errors (unidentified, truncated) carry no errno
+    except (SyntaxError, ValueError):
         return "corrupt_image"
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok

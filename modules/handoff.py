@@ -11,6 +11,7 @@ to bf16 too, which would round them for every later stage.
 
 from __future__ import annotations
 
+import errno
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,6 +127,8 @@ def _read(path: Path) -> dict:
     try:
         return load_file(str(path))
     except Exception as error:
+        if isinstance(error, OSError) and error.errno not in (None, errno.ENOENT):
+            raise  # the disk's error (EIO, EACCES), naming the file: the stage is whole, not to be deleted
         raise ModelFolderError(
             f"{path} cannot be read ({error}); delete its stage folder ({path.parent.parent}) to train that stage again"
         ) from error

@@ -104,13 +104,15 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
 
 
 def _image_stats(paths: list[str]) -> dict[str, list[int] | None]:
-    """Each image file's size and modification time (None: missing), as the shards were built from them."""
+    """Each image file's size and modification time (None: missing), as the shards were built from them. Only
+    a file that is not there counts as missing: one failed stat (an I/O error, a stale NFS handle) rebuilt
+    the shards and retrained every finished stage."""
     stats = {}
     for path in paths:
         try:
             stat = Path(path).stat()
             stats[path] = [stat.st_size, stat.st_mtime_ns]
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             stats[path] = None
     return stats
 
@@ -351,7 +353,7 @@ def check_inputs_unchanged(inputs: RunInputs, stage: str) -> None:
 
 def _run_curriculum(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> list[StageResult]:
     if rank_zero_only.rank == 0:  # the stage order, for a report of a run that has not finished
-        (run_dir / STAGES_FILE).write_text(json.dumps({"stages": list(cfg.stages)}, indent=2))
+        write_text_atomic(run_dir / STAGES_FILE, json.dumps({"stages": list(cfg.stages)}, indent=2))
     check_inputs(cfg)
     vision, lm = prepare_base_models(cfg, run_dir)
     # Before the data: a tokenizer without an image token, or without the chat template asked for

@@ -151,7 +151,11 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
     # export at a time into a folder: two shared the partial folder and deleted each other's files.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(out_dir.with_name(f".{out_dir.name}.lock"), f"--out_dir {out_dir}", purpose="an export"):
-        _write_export(merged, tokenizer, processor, source, out_dir)
+        try:
+            _write_export(merged, tokenizer, processor, source, out_dir)
+        except OSError:  # a full disk: the partial folder would keep it full
+            shutil.rmtree(out_dir.with_name(f".{out_dir.name}.partial"), ignore_errors=True)
+            raise
     return out_dir
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from stages.config import upstream_stage
 from stages.data import report_markdown
-from stages.paths import input_path
+from stages.paths import input_path, write_text_atomic
 
 TABLE = [
     ("chair_i", "CHAIR-i"),
@@ -68,7 +68,14 @@ def stage_problems(run_dir: Path, configs: dict[str, dict]) -> dict[str, str]:
 
 
 def _read_json(path: Path, default=None):
-    return json.loads(path.read_text()) if path.is_file() else default
+    """The file's JSON, `default` if there is none; one that does not parse (a disk that filled up while it
+    was written) fails naming itself."""
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} cannot be read ({error}); rerun the curriculum to write it again") from error
 
 
 def pyplot():
@@ -248,5 +255,5 @@ def write_report(run_dir: Path) -> Path:
             f"{_fmt(r.get('samples_per_s'))} | {_fmt(r.get('peak_rss_gib'))} | {_fmt(r.get('peak_gpu_gib'))} |"
         )
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path

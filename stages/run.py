@@ -383,7 +383,7 @@ def run_report_command(parser: ArgumentParser, args) -> int:
 
     try:
         print(f"wrote {write_report(Path(args.report.run_dir))}")
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -492,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("interrupted by SIGTERM: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except OSError as error:  # the disk's, not the input's (those are named and exit 2): a full disk, an I/O error
+        print(f"error: {error}; once the disk is fixed, rerun the same command to go on", file=sys.stderr)
+        return 74  # sysexits' EX_IOERR
 
 
 if __name__ == "__main__":

@@ -107,8 +107,12 @@ class BesideCheckpointIO(TorchCheckpointIO):
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.partial")
-        with partial.open("wb") as out:
-            torch.save(checkpoint, out)
+        try:
+            with partial.open("wb") as out:
+                torch.save(checkpoint, out)
+        except OSError:  # a full disk: the partial file would keep it full
+            partial.unlink(missing_ok=True)
+            raise
         os.replace(partial, target)
 
 

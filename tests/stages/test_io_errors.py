@@ -1,0 +1,105 @@
+"""I/O errors (a full disk, a failing read) are the disk's: said as such, never taken for bad input or a damaged
+stage, and never leaving a half-written file that a rerun trusts or that keeps the disk full."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from stages.run import main
+from tests.conftest import SYNTHETIC_RECIPE
+
+
+def _eio(*args, **kwargs):
+    raise OSError(errno.EIO, "Input/output error", "the file")
+
+
+def test_a_failed_stat_of_an_input_image_is_not_a_missing_image(tmp_path, monkeypatch):
+    # One EIO (or a stale NFS handle) counted the image as gone: the shards were rebuilt and every finished
+    # stage trained again.
+    from stages.curriculum import _image_stats
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    assert _image_stats([str(image), str(tmp_path / "gone.png")])[str(tmp_path / "gone.png")] is None
+    monkeypatch.setattr(Path, "stat", _eio)
+    with pytest.raises(OSError, match="Input/output error"):
+        _image_stats([str(image)])
+
+
+def test_a_failed_read_of_an_input_image_is_not_a_corrupt_image(tmp_path, monkeypatch):
+    # An EIO dropped the sample for good as corrupt_image (exit 0), and later runs kept those shards.
+    import datamodules.images
+    from datamodules.images import image_problem
+
+    truncated = tmp_path / "t.png"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    assert image_problem(truncated) == "corrupt_image", "PIL's own errors carry no errno"
+    monkeypatch.setattr(datamodules.images, "open_rgb", _eio)
+    with pytest.raises(OSError, match="Input/output error"):
+        image_problem(truncated)
+
+
+def test_a_failed_read_of_a_handoff_file_does_not_call_the_stage_damaged(tmp_path, monkeypatch):
+    # "cannot be read ([Errno 5] ...); delete its stage folder": a good stage, deleted on advice.
+    import modules.handoff
+    from modules.loading import ModelFolderError
+
+    damaged = tmp_path / "stage" / "export" / "projector.safetensors"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"\x08")
+    with pytest.raises(ModelFolderError, match="delete its stage folder"):
+        modules.handoff._read(damaged)
+    monkeypatch.setattr(modules.handoff, "load_file", _eio)
+    with pytest.raises(OSError, match="Input/output error") as raised:
+        modules.handoff._read(damaged)
+    assert not isinstance(raised.value, ModelFolderError)
+
+
+def test_a_full_disk_ends_the_command_with_one_line_and_exit_74(tmp_path, monkeypatch, capsys):
+    import stages.data
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "train-000000.tar"))
+
+    monkeypatch.setattr(stages.data, "write_shards", full)
+    build = ["data", "--config", str(SYNTHETIC_RECIPE), "--out_dir", str(tmp_path / "out"), "--world.train_size=64"]
+    assert main(build) == 74
+    err = capsys.readouterr().err
+    assert f"error: [Errno 28] No space left on device: '{tmp_path / 'out' / 'train-000000.tar'}'" in err
+    assert "rerun the same command" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
+def test_a_checkpoint_save_that_fills_the_disk_leaves_no_partial_file(tmp_path, monkeypatch):
+    import stages.strategies
+    from stages.strategies import BesideCheckpointIO
+
+    target = tmp_path / "last.ckpt"
+    BesideCheckpointIO().save_checkpoint({"step": 1}, target)
+    monkeypatch.setattr(stages.strategies.torch, "save", lambda *args: _raise_enospc())
+    with pytest.raises(OSError, match="No space left"):
+        BesideCheckpointIO().save_checkpoint({"step": 2}, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"], "no .last.ckpt.partial keeps the disk full"
+    assert torch.load(target)["step"] == 1
+
+
+def _raise_enospc():
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_half_written_run_file_is_named_by_report(micro_run, tmp_path, capsys):
+    # A 0-byte losses.json (the disk filled up as it was written) ended `report` in an unnamed JSONDecodeError.
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, symlinks=True)
+    (run / "sft_short" / "done.json").write_text("")
+    assert main(["report", "--run_dir", str(run)]) == 2
+    assert f"{run / 'sft_short' / 'done.json'} cannot be read" in capsys.readouterr().err
+    json.loads((micro_run / "sft_short" / "done.json").read_text())  # the shared run is untouched
