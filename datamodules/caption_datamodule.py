@@ -89,12 +89,17 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.seed}/shards/{self.epoch}").shuffle(urls)
         rank, world, _, _ = wds.utils.pytorch_worker_info()
         readers = world * workers
-        if len(urls) >= readers:  # every reader (rank x worker) gets whole shards of its own
+        if self.train and len(urls) >= readers:  # every reader (rank x worker) gets whole shards of its own
             stages = [wds.SimpleShardList(urls[rank::world][worker::workers]), wds.tarfile_to_samples()]
-        else:  # fewer shards than readers: each reads all shards and keeps every `readers`-th sample
+            stages.append(wds.select(self.keep))
+        else:
+            # Fewer shards than readers, or held-out samples: each reader reads all shards and takes every
+            # `readers`-th sample that fits, so every reader gets its share of what fits (dealt before the word
+            # budget, a rank of a 2-rank validation got only positions where nothing fitted, and crashed).
             stages = [
                 wds.SimpleShardList(urls),
                 wds.tarfile_to_samples(),
+                wds.select(self.keep),
                 wds.select(_every(readers, rank * workers + worker)),
             ]
         if self.train:
@@ -108,15 +113,15 @@ class ShardStream(IterableDataset):
         while True:
             count = 0
             for sample in self._one_pass(epoch, worker, workers):
-                if self.keep(sample):
-                    count += 1
-                    yield sample
+                count += 1
+                yield sample
             if not self.repeat:
                 return
             if count == 0:  # an endless stream of empty passes would spin forever
                 raise RuntimeError(
-                    f"no sample of {len(self.urls)} shard(s) reached this reader and fitted its filter (a word budget "
-                    "the index counts otherwise than the samples' own word counts?)"
+                    f"no sample of {len(self.urls)} shard(s) that fits the word budget reached this reader (a rank "
+                    "or loader worker reads whole shards of its own: the budget left none of its shards' samples); "
+                    "build more, smaller shards (shard_size) or raise the stage's max_words"
                 )
             epoch += 1
 
@@ -212,7 +217,11 @@ class CaptionDataModule(L.LightningDataModule):
                     self.shard_dir, len(urls), readers, world, max(self.num_workers, 1), readers, readers, readers,
                 )  # fmt: skip
         elif world > 1:  # every rank validates on as many batches: under ZeRO-3 each forward pass needs them all
-            if kept == 0:
+            readers = world * max(self.num_workers, 1)
+            if kept < readers:  # a reader with no sample that fits would have none to give its batches
+                if kept:
+                    log.warning("%s: %d %s samples fit max_words=%d, fewer than its %d readers: no validation loss",
+                                self.shard_dir, kept, split, self.max_words, readers)  # fmt: skip
                 return []
             batches = max(kept // (self.batch_size * world), 1)
         skip = self._batches_done_this_epoch() if train else 0

@@ -42,7 +42,7 @@ def word_count(text: str) -> int:
     """Words as word budgets count them: whitespace-separated tokens (a lone "-" too, as the indexes of shards
     built before this count has always counted), each kana or CJK ideograph one word."""
     count = 0
-    for token in text.split():
+    for token in unicodedata.normalize("NFKC", text).split():  # as `caption_words` reads it: half-width kana too
         unspaced = len(_UNSPACED_CHAR.findall(token))
         rest = _UNSPACED_CHAR.sub("", token)
         count += unspaced + (1 if rest and (not unspaced or any(c.isalnum() for c in rest)) else 0)
@@ -52,8 +52,13 @@ def word_count(text: str) -> int:
 def tokens(text: str) -> list[str]:
     """Lower-cased words, without the punctuation around them: "Dog," and "dog" are one word type (raw
     captions are punctuated, generated ones mostly not; counted apart, raw text would look more diverse)."""
-    words = (_strip_punctuation(word) for word in text.lower().split())
-    return [word for word in words if word]
+    words = []
+    for word in (_strip_punctuation(word) for word in text.lower().split()):
+        if _UNSPACED_CHAR.search(word):  # a Chinese sentence was one word type: its characters are
+            words += caption_words(word)
+        elif word:
+            words.append(word)
+    return words
 
 
 def _strip_punctuation(word: str) -> str:

@@ -178,5 +178,30 @@ def test_the_loader_keeps_what_the_index_counted(micro_world):
     assert select_caption({"caption": sentence}, 5, {"caption": 1}) == sentence, "the stored count"
     assert select_caption({"caption": sentence}, 5) is None, "counted now: 8 words"
     never = ShardStream(_train_urls(micro_world), 0, 0, True, lambda _: False, batch_size=8, repeat=True)
-    with pytest.raises(RuntimeError, match="fitted its filter"):
+    with pytest.raises(RuntimeError, match="that fits the word budget reached this reader"):
         next(iter(wds.DataPipeline(never)))
+
+
+def test_each_rank_validates_on_its_share_of_what_fits_the_budget(micro_world, monkeypatch):
+    # The held-out samples were dealt to the ranks before the word budget: with 2 ranks, rank 1 got positions
+    # where nothing fitted, and a 2-rank validation crashed (before that: hung, reading on for ever).
+    import itertools
+
+    from datamodules.caption_datamodule import ShardStream
+
+    urls = [str(micro_world / s["url"]) for s in CaptionDataModule(micro_world, 48).index["splits"]["val"]]
+    position = itertools.count()
+    fits = {}  # every 4th sample of the stream fits: none at odd positions
+
+    def keep(sample):
+        if sample["__key__"] not in fits:
+            fits[sample["__key__"]] = next(position) % 4 == 0
+        return fits[sample["__key__"]]
+
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        stream = ShardStream(urls, 0, 0, False, keep, batch_size=2, repeat=True)
+        shares.append([sample["__key__"] for sample in itertools.islice(iter(stream), 4)])
+    assert all(fits[key] for share in shares for key in share) and not set(shares[0]) & set(shares[1])

@@ -298,6 +298,7 @@ def test_words_of_every_script_are_compared_and_cjk_counts_by_character():
     assert caption_words("Кошка на диване") == ["кошка", "на", "диване"]
     assert caption_words("बिल्ली सोफे पर है") == ["बिल्ली", "सोफे", "पर", "है"], "vowel signs are in the word"
     assert caption_words("一只猫。") == ["一", "只", "猫"] and word_count("一只猫坐在沙发上。") == 8
+    assert word_count("ｶﾒﾗ") == len(caption_words("ｶﾒﾗ")) == 3, "half-width kana, NFKC in both"
     assert word_count("a red circle - left-most.") == len("a red circle - left-most.".split()), "as indexes count"
     scores = caption_metrics(["кошка на диване"], [None], [["Кошка на диване."]])
     assert scores["bleu1"] == pytest.approx(1.0) and scores["mean_words"] == 3

@@ -429,6 +429,7 @@ def test_unicode_punctuation_around_words_is_stripped_in_the_report():
     from datamodules.text_stats import tokens
 
     assert tokens("“Dog” runs… — fast. «chat» ¡hola!") == ["dog", "runs", "fast", "chat", "hola"]
+    assert tokens("一只猫。 a dog's") == ["一", "只", "猫", "a", "dog's"], "a Chinese sentence was one word type"
 
 
 def test_chair_counts_a_class_of_the_data_set_that_no_evaluated_image_shows(tmp_path):
@@ -498,3 +499,23 @@ def test_the_command_line_reads_and_writes_utf_8_under_any_locale(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Кошка на диване, café" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+
+
+def test_captions_the_tokenizer_cannot_read_are_said(tmp_path, micro_base, micro_world, caplog):
+    # The tiny base's word-level tokenizer read each Chinese caption as one <unk>: a run trained on <unk> to the
+    # end (empty captions, BLEU 0), silently.
+    from transformers import AutoTokenizer
+
+    from stages.curriculum import warn_unknown_caption_tokens
+
+    for i in range(12):
+        Image.new("RGB", (48, 48), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    records = [{"id": f"r{i}", "images": [f"{i}.png"], "text": "一只红色的猫坐在沙发上"} for i in range(12)]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n")
+    recipe = RecipeConfig(input=InputSpec(format="dj_jsonl", path=str(tmp_path / "in.jsonl")), process=[])
+    run_data_stage(recipe, tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(micro_base[1])
+    warn_unknown_caption_tokens(tokenizer, micro_world, micro_base[1])
+    assert "unknown to" not in caplog.text, "the world's own captions"
+    warn_unknown_caption_tokens(tokenizer, tmp_path / "out", micro_base[1])
+    assert f"100% of the caption tokens of {tmp_path / 'out'}'s first" in caplog.text
