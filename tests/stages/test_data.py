@@ -209,9 +209,12 @@ def test_the_stock_captioner_with_its_defaults_writes_readable_identical_shards(
         max_skip_share=0.5,
     )
     report = run_data_stage(recipe, tmp_path / "a")
-    assert report["samples"]["kept"] == 8 and report["samples"]["renamed_keys"] == 4
+    # Random weights: a generated caption may hold no word (punctuation alone), left out as empty_caption.
+    dropped = report["output_skips"]["first_keys"].get("empty_caption", [])
+    assert report["samples"]["kept"] == 8 - len(dropped) >= 6 and report["samples"]["renamed_keys"] == 4
     records = _shard_records(tmp_path / "a")
-    assert sorted(r["key"] for r in records) == ["s0", "s0_1", "s1", "s1_1", "s2", "s2_1", "s3", "s3_1"]
+    every = {"s0", "s0_1", "s1", "s1_1", "s2", "s2_1", "s3", "s3_1"}
+    assert sorted(r["key"] for r in records) == sorted(every - set(dropped))
     run_data_stage(recipe, tmp_path / "b")
     tars = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
     assert all((tmp_path / "a" / t).read_bytes() == (tmp_path / "b" / t).read_bytes() for t in tars)
