@@ -50,6 +50,8 @@ def image_problem(path: Path) -> str | None:
         open_rgb(path)  # decoded in full, as every reader will
     except Image.DecompressionBombError:
         return "too_large_image"
+    except FileNotFoundError:  # gone since `is_file`
+        return "missing_image"
     except OSError as error:
         if error.errno is not None:  # the disk's error (EIO, EACCES, EMFILE), not the file's: dropped for good
             raise

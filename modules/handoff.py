@@ -124,11 +124,14 @@ def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) ->
 
 def _read(path: Path) -> dict:
     """A handoff file's tensors; a damaged file fails naming itself (safetensors' own error names no file)."""
+    try:  # opened here first: safetensors reports every failure to open as FileNotFoundError, without errno
+        path.open("rb").close()
+    except OSError as error:
+        if error.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise  # the disk's error (EIO, EACCES), naming the file: the stage is whole, not to be deleted
     try:
         return load_file(str(path))
     except Exception as error:
-        if isinstance(error, OSError) and error.errno not in (None, errno.ENOENT):
-            raise  # the disk's error (EIO, EACCES), naming the file: the stage is whole, not to be deleted
         raise ModelFolderError(
             f"{path} cannot be read ({error}); delete its stage folder ({path.parent.parent}) to train that stage again"
         ) from error

@@ -8,6 +8,7 @@ fully merged configuration, once its values pass their checks, and exits. Unknow
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.metadata
 import importlib.util
 import locale
@@ -47,6 +48,8 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CURRICULUM = CONFIG_DIR / "curriculum" / "tiny.yaml"
+# The errors a command ends on with one line and exit 74: the disk's or the file system's, not the input's.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ESTALE, errno.EACCES, errno.EPERM}
 
 
 def curriculum_parser() -> ArgumentParser:
@@ -493,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted by SIGTERM: rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 128 + signal.SIGTERM
     except OSError as error:  # the disk's, not the input's (those are named and exit 2): a full disk, an I/O error
+        if error.errno not in DISK_ERRORS:
+            raise  # transformers' and PIL's own OSErrors (no errno) are not the disk's, nor a programming error
         print(f"error: {error}; once the disk is fixed, rerun the same command to go on", file=sys.stderr)
         return 74  # sysexits' EX_IOERR
 

@@ -42,6 +42,12 @@ def test_a_failed_read_of_an_input_image_is_not_a_corrupt_image(tmp_path, monkey
     Image.new("RGB", (64, 64), (200, 10, 10)).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:60])
     assert image_problem(truncated) == "corrupt_image", "PIL's own errors carry no errno"
+
+    def vanished(path):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+
+    monkeypatch.setattr(datamodules.images, "open_rgb", vanished)
+    assert image_problem(truncated) == "missing_image", "gone between the check and the read"
     monkeypatch.setattr(datamodules.images, "open_rgb", _eio)
     with pytest.raises(OSError, match="Input/output error"):
         image_problem(truncated)
@@ -57,7 +63,16 @@ def test_a_failed_read_of_a_handoff_file_does_not_call_the_stage_damaged(tmp_pat
     damaged.write_bytes(b"\x08")
     with pytest.raises(ModelFolderError, match="delete its stage folder"):
         modules.handoff._read(damaged)
-    monkeypatch.setattr(modules.handoff, "load_file", _eio)
+    with pytest.raises(ModelFolderError, match="delete its stage folder"):
+        modules.handoff._read(damaged.with_name("gone.safetensors"))
+    # safetensors reports a file it cannot open as FileNotFoundError without errno, whatever the cause: the
+    # file is opened first, where the disk's error shows as such.
+    real_open = Path.open
+
+    def failing(self, *args, **kwargs):
+        return _eio() if self == damaged else real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", failing)
     with pytest.raises(OSError, match="Input/output error") as raised:
         modules.handoff._read(damaged)
     assert not isinstance(raised.value, ModelFolderError)
@@ -76,6 +91,13 @@ def test_a_full_disk_ends_the_command_with_one_line_and_exit_74(tmp_path, monkey
     assert f"error: [Errno 28] No space left on device: '{tmp_path / 'out' / 'train-000000.tar'}'" in err
     assert "rerun the same command" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "index.json").exists()
+
+    def not_the_disks(*args, **kwargs):  # as transformers raises for a folder without its processor config
+        raise OSError("Can't load image processor for 'models/x'")
+
+    monkeypatch.setattr(stages.data, "write_shards", not_the_disks)
+    with pytest.raises(OSError, match="Can't load image processor"):  # its traceback, not "fix the disk"
+        main(build)
 
 
 def test_a_checkpoint_save_that_fills_the_disk_leaves_no_partial_file(tmp_path, monkeypatch):
