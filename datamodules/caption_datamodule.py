@@ -90,8 +90,11 @@ class ShardStream(IterableDataset):
         rank, world, _, _ = wds.utils.pytorch_worker_info()
         readers = world * workers
         if self.train and len(urls) >= readers:  # every reader (rank x worker) gets whole shards of its own
-            stages = [wds.SimpleShardList(urls[rank::world][worker::workers]), wds.tarfile_to_samples()]
-            stages.append(wds.select(self.keep))
+            stages = [
+                wds.SimpleShardList(urls[rank::world][worker::workers]),
+                wds.tarfile_to_samples(),
+                wds.select(self.keep),
+            ]
         else:
             # Fewer shards than readers, or held-out samples: each reader reads all shards and takes every
             # `readers`-th sample that fits, so every reader gets its share of what fits (dealt before the word
