@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from callbacks.evaluation import reference
 from datamodules.caption_datamodule import CaptionDataModule
 from datamodules.shards import INDEX_NAME, ShardError, check_shards_serve, index_digest, read_index
-from datamodules.text_stats import word_count
 from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
 from modules.loading import (
@@ -205,7 +205,7 @@ def warn_unknown_caption_tokens(tokenizer, shard_dir: Path, lm: Path, samples: i
     if tokenizer.unk_token_id is None:  # byte-level: every text has tokens
         return
     held = CaptionDataModule(shard_dir, max_words=1 << 30).eval_samples("train", limit=samples)
-    texts = [max(meta["captions"].values(), key=word_count) for _, _, meta in held]
+    texts = [reference(meta) for _, _, meta in held]
     ids = [i for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in row]
     unknown = sum(i == tokenizer.unk_token_id for i in ids) / len(ids) if ids else 0.0
     if unknown > 0.5:

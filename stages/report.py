@@ -33,7 +33,8 @@ TABLE = [
 
 # The curriculum's stage order, written when a run starts: a stopped or interrupted run has a report too.
 STAGES_FILE = "stages.json"
-REPORT_PLOTS = ("loss_curves.png", "eval_history.png")
+LOSS_PLOT, EVAL_PLOT = "loss_curves.png", "eval_history.png"
+REPORT_PLOTS = (LOSS_PLOT, EVAL_PLOT)
 
 
 def _stages(run_dir: Path) -> list[str]:
@@ -191,8 +192,8 @@ def write_report(run_dir: Path) -> Path:
     lines += ["", "Resolved settings shared by the stages (each stage's full config is its config.yaml):", ""]
     lines += ["```yaml", yaml.safe_dump(shared, sort_keys=False).rstrip(), "```", ""]
 
-    plot_losses(run_dir, stages, run_dir / "loss_curves.png")
-    lines += ["## Training loss", "", "![loss curves](loss_curves.png)", ""]
+    plot_losses(run_dir, stages, run_dir / LOSS_PLOT)
+    lines += ["## Training loss", "", f"![loss curves]({LOSS_PLOT})", ""]
     lines += ["| stage | first loss | last loss | min |", "|---|---|---|---|"]
     for name in stages:
         losses = [v for v in (_read_json(run_dir / name / "losses.json") or {}).get("losses", []) if v is not None]
@@ -217,7 +218,7 @@ def write_report(run_dir: Path) -> Path:
         ]
         lines.append("")
 
-    plot_eval_history(run_dir, stages, run_dir / "eval_history.png")
+    plot_eval_history(run_dir, stages, run_dir / EVAL_PLOT)
     lines += ["## Evaluation", ""]
     metrics = {name: _read_json(run_dir / name / "metrics.json", {}) for name in stages}
     evaluated = [metrics[name] for name in stages if metrics[name]] or [{}]  # a run stopped early: its last one
@@ -233,7 +234,7 @@ def write_report(run_dir: Path) -> Path:
         for bucket, m in metrics[name].get("by_length", {}).items():
             scores = " | ".join(_fmt(m.get(key)) for key in ("chair_i", "chair_s", "recall", "mean_words"))
             lines.append(f"| {name} | {bucket} | {int(m['images'])} | {scores} |")
-    lines += ["", "![evaluation history](eval_history.png)", ""]
+    lines += ["", f"![evaluation history]({EVAL_PLOT})", ""]
 
     lines += ["## Checkpoints", "", "| stage | file | MiB |", "|---|---|---|"]
     for name in stages:
