@@ -18,11 +18,11 @@ from transformers import (
     Blip2Processor,
     Blip2QFormerConfig,
     Blip2VisionConfig,
-    BlipImageProcessor,
     OPTConfig,
 )
 
 from datamodules.world import vocabulary_corpus
+from modules.base_models import processor_class
 from modules.tokenizer import train_world_tokenizer
 
 OPT_IMAGE_TOKEN_ID, OPT_VOCAB = 50265, 50272
@@ -107,7 +107,7 @@ def build_random_blip2(
     model.save_pretrained(out)
     side = dims["vision"]["image_size"]
     processor = Blip2Processor(
-        image_processor=BlipImageProcessor(size={"height": side, "width": side}),
+        image_processor=processor_class("BlipImageProcessor")(size={"height": side, "width": side}),
         tokenizer=tokenizer,
         num_query_tokens=dims["num_query_tokens"],
     )

@@ -88,12 +88,21 @@ class TinyBaseConfig:
             raise ValueError(f"base.lm_context_share must be in [0, 1], got {self.lm_context_share}")
 
 
-def image_processor(image_size: int):
-    """The tiny tower's CLIP image processor. Imported here: without torchvision, transformers warns on import
-    that it falls back to its PIL backend, which every command (even --help) printed."""
-    from transformers import CLIPImageProcessor
+def processor_class(name: str) -> type:
+    """transformers' image processor class `name` ("CLIPImageProcessor"), or its PIL twin (`name` + "Pil") where
+    torchvision is missing. The plain name falls back to that twin by itself, but tells the user to install
+    torchvision, which every run printed. Both save the same preprocessor_config.json."""
+    import transformers
+    from transformers.utils import is_torchvision_available
 
-    return CLIPImageProcessor(
+    if not is_torchvision_available() and hasattr(transformers, f"{name}Pil"):
+        return getattr(transformers, f"{name}Pil")
+    return getattr(transformers, name)
+
+
+def image_processor(image_size: int):
+    """The tiny tower's CLIP image processor."""
+    return processor_class("CLIPImageProcessor")(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         image_mean=[0.5, 0.5, 0.5],

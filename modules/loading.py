@@ -289,8 +289,7 @@ def check_lora_targets(lm_path: str | Path, spec: LoraSpec) -> None:
 def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> tuple[Path, Path]:
     """Folders holding only configs (the tower's with an image processor, the LM's with the synthetic
     world's tokenizer) from `vision_arch` / `lm_arch`: what `random_init` builds models from."""
-    from transformers import CLIPImageProcessor, SiglipImageProcessor
-
+    from modules.base_models import processor_class
     from modules.tokenizer import train_world_tokenizer
 
     for flag, arch in (("--model.vision_arch", config.vision_arch), ("--model.lm_arch", config.lm_arch)):
@@ -302,9 +301,10 @@ def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> t
         AutoConfig.for_model(**config.vision_arch).save_pretrained(vision)
         side = config.image_size
         if config.vision_arch["model_type"].startswith("siglip"):  # SigLIP's: the whole frame resized, mean 0.5
-            processor = SiglipImageProcessor(size={"height": side, "width": side})
+            processor = processor_class("SiglipImageProcessor")(size={"height": side, "width": side})
         else:  # CLIP's: the short side resized, the centre cropped, CLIP's mean
-            processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+            crop = {"height": side, "width": side}
+            processor = processor_class("CLIPImageProcessor")(size={"shortest_edge": side}, crop_size=crop)
         processor.save_pretrained(vision)
         AutoConfig.for_model(**config.lm_arch).save_pretrained(lm)
         train_world_tokenizer([*corpus, config.prompt], lm)
