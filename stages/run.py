@@ -37,6 +37,12 @@ if (
     os.environ["PYTHONUTF8"] = "1"
     os.execv(sys.executable, [sys.executable, "-X", "utf8", *sys.orig_argv[1:]])
 
+# `python -m` puts the working folder first on sys.path, so a `modules/` package or a `callbacks.py` of the user's
+# own project there was imported in place of this project's. The project's root goes first instead (the
+# repository, or site-packages for an installed wheel).
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 from jsonargparse.typing import PositiveInt
 
@@ -312,6 +318,32 @@ def default_run_dir(config_files: list) -> Path:
     return Path("runs") / name
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # an inline config longer than a file name may be
+        return False
+
+
+def with_project_configs(argv: tuple[str, ...]) -> tuple[str, ...]:
+    """`--config configs/...` from any working folder: a relative name that is no file there but is one in the
+    project (the repository, or where a wheel installed configs/) becomes that file, as `data.recipe` and
+    `trainer.deepspeed_config` are found."""
+
+    def found(name: str) -> str:
+        return (
+            str(CONFIG_DIR.parent / name) if not _is_file(Path(name)) and _is_file(CONFIG_DIR.parent / name) else name
+        )
+
+    out = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            out[i + 1] = found(argv[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + found(arg.split("=", 1)[1])
+    return tuple(out)
+
+
 def check_config_files(parser: ArgumentParser, argv: tuple[str, ...]) -> None:
     """A --config file that is not a YAML mapping ends the command naming the file: jsonargparse's message
     named "<unicode string>"."""
@@ -321,11 +353,8 @@ def check_config_files(parser: ArgumentParser, argv: tuple[str, ...]) -> None:
     given += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     for name in given:
         path = Path(name)
-        try:
-            if not path.is_file():
-                continue  # an inline '{seed: 3}', or a missing file, which jsonargparse names itself
-        except OSError:  # an inline config longer than a file name may be
-            continue
+        if not _is_file(path):
+            continue  # an inline '{seed: 3}', or a missing file, which jsonargparse names itself
         try:
             content = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
@@ -463,7 +492,7 @@ def image_processor_problem(transformers_version: str | None = None, has_torchvi
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     parser = build_parser()
-    parser.argv = tuple(sys.argv[1:] if argv is None else argv)
+    parser.argv = with_project_configs(tuple(sys.argv[1:] if argv is None else argv))
     loads_models = parser.argv[:1] in (("curriculum",), ("eval",), ("export",), ("bench",))
     problem = image_processor_problem() if loads_models else None
     if problem:
