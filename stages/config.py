@@ -4,6 +4,7 @@ YAML files and dotted command-line overrides (`--stages.sft_long.trainer.max_epo
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -89,6 +90,9 @@ class TrainerConfig:
         self._check_names(where)
         if self.strategy == "deepspeed" and self.deepspeed_config is None:
             raise ValueError(f"{where}.strategy deepspeed needs {where}.deepspeed_config (configs/deepspeed/*.json)")
+        if self.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+            # Lightning says so only when the stage's Trainer is built: after the data build and the base models.
+            raise ValueError(f"{where}.strategy deepspeed: deepspeed is not installed (pip install -e '.[deepspeed]')")
         if self.strategy not in (None, "deepspeed") and self.strategy.startswith("deepspeed"):
             raise ValueError(
                 f"{where}.strategy {self.strategy}: use strategy deepspeed with {where}.deepspeed_config "

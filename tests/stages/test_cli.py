@@ -207,6 +207,27 @@ def test_a_deepspeed_config_is_read_before_any_work(tmp_path, capsys, content, m
     assert not (tmp_path / "run").exists()
 
 
+def test_deepspeed_not_installed_is_named_before_any_work(tmp_path, capsys, monkeypatch):
+    """Without the deepspeed package, Lightning failed when the first stage's Trainer was built: after the data
+    build and the base models' pretraining, with a traceback."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a)
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        _run(
+            tmp_path / "run",
+            "--stages.sft_long.trainer.strategy=deepspeed",
+            "--stages.sft_long.trainer.deepspeed_config=configs/deepspeed/zero2.json",
+        )
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "stages.sft_long.trainer.strategy deepspeed: deepspeed is not installed" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_only_rank_zero_touches_a_stage_folder(tmp_path):
     """Two ranks both rewrote config.yaml: one read the other's half-written (empty) file, got None from
