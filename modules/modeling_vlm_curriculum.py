@@ -254,8 +254,10 @@ class VLMCurriculumForCaptioning(ImageTokenMixin, PreTrainedModel):
 
     def __init__(self, config: VLMCurriculumConfig) -> None:
         super().__init__(config)
-        self.vision = AutoModel.from_config(config.vision_config)
-        self.lm = AutoModelForCausalLM.from_config(config.text_config)
+        # In the dtype from_pretrained asked for (it sets the default dtype meanwhile): from_config alone builds
+        # in each part's saved dtype, so `dtype=torch.bfloat16` gave a bf16 projector beside a float32 tower and LM.
+        self.vision = AutoModel.from_config(config.vision_config, dtype=torch.get_default_dtype())
+        self.lm = AutoModelForCausalLM.from_config(config.text_config, dtype=torch.get_default_dtype())
         self.projector = MLPProjector(config.vision_width, config.text_config.hidden_size)
         self.image_token_id, self.grid, self.vision_layer = config.image_token_id, config.grid, config.vision_layer
         self.post_init()

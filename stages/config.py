@@ -10,6 +10,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
+import torch
+
 from callbacks.alerts import check_webhook_url
 from callbacks.epoch_boundary import BoundaryConfig
 from callbacks.fault_injection import check_faults
@@ -26,6 +28,23 @@ PRECISIONS = (
     "32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true",
     "transformer-engine", "transformer-engine-float16", "32", "16", "64", "bf16",
 )  # fmt: skip
+
+# Lightning's short precision names: "bf16" and "16" are its mixed precisions, not the "-true" ones.
+PRECISION_ALIASES = {"bf16": "bf16-mixed", "16": "16-mixed", "32": "32-true", "64": "64-true"}
+
+
+def trained_dtype(precision: str | None, strategy: str | None) -> torch.dtype | None:
+    """The dtype Lightning casts the whole model to while it trains (a "-true" precision, or DeepSpeed's bf16 or
+    fp16), which the evaluations during training saw; None for 32-true and the mixed precisions, which leave the
+    model as built."""
+    precision = str(precision or "32-true")
+    precision = PRECISION_ALIASES.get(precision, precision)
+    deepspeed = strategy == "deepspeed"
+    if precision == "bf16-true" or (deepspeed and precision == "bf16-mixed"):
+        return torch.bfloat16
+    if precision == "16-true" or (deepspeed and precision == "16-mixed"):
+        return torch.float16
+    return torch.float64 if precision == "64-true" else None
 
 
 @dataclass
@@ -54,6 +73,9 @@ class TrainerConfig:
     deterministic: bool | Literal["warn"] | None = None
     """true: deterministic kernels, failing on an op that has none; "warn": warn on it instead."""
     enable_progress_bar: bool | None = None
+
+    def trained_dtype(self) -> torch.dtype | None:
+        return trained_dtype(self.precision, self.strategy)
 
     def merged(self, override: TrainerConfig) -> TrainerConfig:
         """This config with every field that `override` sets replaced; a strategy other than deepspeed drops
@@ -88,6 +110,11 @@ class TrainerConfig:
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
             raise ValueError(f"{where}.gradient_clip_val must not be negative, got {self.gradient_clip_val}")
         self._check_names(where)
+        if str(self.precision) == "16-true" and self.strategy != "deepspeed":  # DeepSpeed keeps float32 masters
+            raise ValueError(
+                f"{where}.precision 16-true keeps the optimizer's state in float16, where AdamW's eps (1e-8) is 0: "
+                "its first step turned every weight NaN. Use 16-mixed (on a GPU) or bf16-true"
+            )
         if self.strategy == "deepspeed" and self.deepspeed_config is None:
             raise ValueError(f"{where}.strategy deepspeed needs {where}.deepspeed_config (configs/deepspeed/*.json)")
         if self.strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is None:

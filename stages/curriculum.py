@@ -323,6 +323,9 @@ def check_accelerator(cfg: CurriculumConfig) -> None:
         if on_cpu and (isinstance(devices, list) or (isinstance(devices, str) and "," in devices)):
             key = f"stages.{name}.trainer.devices" if spec.trainer.devices is not None else "trainer.devices"
             raise NoGPU(f"{key} {devices!r}: device indices name GPUs; on the CPU give a number of processes (2)")
+        if on_cpu and str(trainer.precision) in ("16-mixed", "16"):
+            key = f"stages.{name}.trainer.precision" if spec.trainer.precision is not None else "trainer.precision"
+            raise NoGPU(f"{key} {trainer.precision}: float16 autocast needs a GPU (on CPU, Lightning ran bf16-mixed)")
         if accelerator in (None, "auto", "cpu"):
             continue
         key = f"stages.{name}.trainer.accelerator" if spec.trainer.accelerator else "trainer.accelerator"

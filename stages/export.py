@@ -27,6 +27,7 @@ from modules import modeling_vlm_curriculum
 from modules.handoff import has_lora, load_handoff
 from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
+from stages.config import trained_dtype
 from stages.metrics import DEFAULT_BUCKETS, check_buckets
 from stages.paths import file_lock, follow_umask, input_path
 
@@ -97,16 +98,21 @@ def find_stage(run_or_stage: str | Path, stage: str | None = None, flag: str = "
     return StageSource(stage_dir, config, json.loads((stage_dir / "done.json").read_text())["global_steps"])
 
 
-def load_stage_model(source: StageSource, float32: bool = False):
+def stage_dtype(source: StageSource) -> torch.dtype | None:
+    """The dtype the stage trained and was evaluated in (None: as built, for 32-true and mixed precisions)."""
+    trainer = source.config["spec"]["trainer"]
+    return trained_dtype(trainer.get("precision"), trainer.get("strategy"))
+
+
+def load_stage_model(source: StageSource, dtype: torch.dtype | None = None):
     """(VisionLanguageModel with the stage's projector and adapter, tokenizer, processor, ModelConfig);
-    `float32`: upcast before the stage's weights are loaded, which a `model.dtype` model would round."""
+    `dtype`: cast to it before the stage's weights are loaded, which a model of a narrower dtype would round."""
     model = dict(source.config["model"])
     model_config = ModelConfig(**{**model, "lora": LoraSpec(**model["lora"])})
     inputs, run_dir = source.config["inputs"], source.stage_dir.parent
     vision, lm = (input_path(inputs[key], run_dir) for key in ("vision_path", "lm_path"))
     vlm, tokenizer, processor = build_vlm(model_config, vision, lm)
-    if float32:
-        vlm.float()
+    vlm.to(dtype=dtype)
     load_handoff(vlm, source.stage_dir / "export")
     return vlm, tokenizer, processor, model_config
 
@@ -121,8 +127,14 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
     # Merged in float32 whatever the base models' dtype (the base weights as training saw them, then upcast;
     # the stage's float32 weights loaded as they are): a LoRA update is mostly below bf16's resolution of the
     # weights it is added to, so a bf16 merge would lose much of what training learned.
-    vlm, tokenizer, processor, model_config = load_stage_model(source, float32=True)
+    vlm, tokenizer, processor, model_config = load_stage_model(source, torch.float32)
     vlm.eval()
+    diverged = [name for name, t in vlm.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if diverged:  # a run whose alerts only warned (`stability.instability.action: warn`) trains on through NaN
+        raise ValueError(
+            f"{source.stage_dir}: {len(diverged)} of its weights hold NaN or inf ({', '.join(diverged[:3])}, ...): "
+            "the stage diverged (its alerts are in the run's report.md); nothing exported"
+        )
     num_image_tokens = count_image_tokens(vlm, processor)
     if has_lora(vlm):
         vlm.lm = vlm.lm.merge_and_unload()
@@ -174,6 +186,8 @@ def _write_export(merged, tokenizer, processor, source: StageSource, out_dir: Pa
         "shard_dir": str(source.shard_dir.resolve()),
         "fingerprint": source.config.get("fingerprint"),  # the stage's training, to tell a later one from it
         "shards_digest": source.config["inputs"].get("digests", {}).get("shards"),  # the shards it trained on
+        # Saved in float32; `eval` casts to the dtype training evaluated in (bf16-true: bfloat16) to score the same.
+        "trained_dtype": str(stage_dtype(source) or torch.float32).removeprefix("torch."),
     }
     (partial / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
     (partial / "README.md").write_text(
@@ -274,9 +288,12 @@ def evaluate_model(
             source["stale"] = stale
         num_image_tokens, prompt = model.config.num_image_tokens, model.config.prompt
         chat_template = getattr(model.config, "chat_template", False)  # exports before it was a field: off
+        if dtype is None and record.get("trained_dtype") in ("bfloat16", "float16"):
+            dtype = record["trained_dtype"]  # saved in float32; scored as training scored it
+            log.info("%s trained in %s: scoring in it (--dtype float32 to score the saved weights)", path, dtype)
     else:
         stage = find_stage(path, flag="--model")
-        model, tokenizer, processor, model_config = load_stage_model(stage)
+        model, tokenizer, processor, model_config = load_stage_model(stage, stage_dtype(stage))
         model.eval()
         default_shards = stage.shard_dir
         trained_on = stage.config["inputs"].get("digests", {}).get("shards")

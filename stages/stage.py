@@ -43,7 +43,7 @@ from modules.handoff import load_handoff, save_handoff
 from modules.loading import build_vlm, count_image_tokens
 from modules.training_module import AlignModule, LoRASFTModule, OptimSpec, VLMModule
 from modules.vlm import VisionLanguageModel
-from stages.config import CurriculumConfig, StageSpec, TrainerConfig
+from stages.config import CurriculumConfig, StageSpec
 from stages.paths import follow_umask, stored_path, write_text_atomic
 from stages.strategies import BesideCheckpointIO
 from stages.tb_logger import CurriculumTensorBoardLogger, StageStart, StepLearningRateMonitor
@@ -259,19 +259,6 @@ def stage_data_and_evaluation(
     return datamodule, evaluation
 
 
-def trained_dtype(trainer: TrainerConfig) -> torch.dtype | None:
-    """The dtype Lightning casts the whole model to while it trains (a "-true" precision, or DeepSpeed's bf16 or
-    fp16), which the evaluations during training saw; None for 32-true and the mixed precisions, which leave the
-    model as built."""
-    precision = str(trainer.precision or "32-true")
-    deepspeed = trainer.strategy == "deepspeed"
-    if precision in ("bf16-true", "bf16") or (deepspeed and precision.startswith("bf16")):
-        return torch.bfloat16
-    if precision in ("16-true", "16") or (deepspeed and precision.startswith("16")):
-        return torch.float16
-    return torch.float64 if precision in ("64-true", "64") else None
-
-
 def rescore_stage(
     cfg: CurriculumConfig, name: str, inputs: RunInputs, resolved: dict, done: dict, step_offset: int
 ) -> StageResult:
@@ -290,10 +277,10 @@ def rescore_stage(
         raise FileNotFoundError(
             f"stage {name} finished (done.json) but its export/ is missing; delete {stage_dir} to train it again"
         )
-    vlm, tokenizer, processor, _ = load_stage_model(StageSource(stage_dir, resolved, steps))
     trainer = cfg.trainer.merged(cfg.stages[name].trainer)
+    vlm, tokenizer, processor, _ = load_stage_model(StageSource(stage_dir, resolved, steps), trainer.trained_dtype())
     on_gpu = torch.cuda.is_available() and trainer.accelerator not in ("cpu",)
-    vlm.to(device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else None, dtype=trained_dtype(trainer))
+    vlm.to(device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else None)
     eval_print = eval_fingerprint(resolved)
     _, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_print)
     metrics = evaluation.rescore(vlm, steps)
@@ -426,6 +413,8 @@ def run_stage(
     L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)
     vlm, tokenizer, processor = build_vlm(cfg.model, inputs.vision_path, inputs.lm_path)
     if init_dir is not None:
+        # In the dtype Lightning will cast it to: a float64 stage's handoff loaded into float32 lost its low bits.
+        vlm.to(dtype=cfg.trainer.merged(cfg.stages[name].trainer).trained_dtype())
         load_handoff(vlm, init_dir)
     module = make_module(cfg.stages[name], vlm, cfg)
     datamodule, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_print)

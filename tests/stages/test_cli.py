@@ -207,6 +207,28 @@ def test_a_deepspeed_config_is_read_before_any_work(tmp_path, capsys, content, m
     assert not (tmp_path / "run").exists()
 
 
+def test_16_true_is_refused_outside_deepspeed(tmp_path, capsys):
+    """float16 weights and AdamW state: eps (1e-8) is 0 in float16, and the first step turned every weight NaN,
+    while the run exited 0 and exported NaN."""
+    with pytest.raises(SystemExit) as exit_info:
+        _run(tmp_path / "run", "--stages.sft_long.trainer.precision=16-true")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "stages.sft_long.trainer.precision 16-true keeps the optimizer" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_precision_aliases_are_lightnings_mixed_precisions():
+    """`bf16` and `16` are Lightning's bf16-mixed and 16-mixed: a rescore cast a `bf16` stage's model to bfloat16,
+    which its evaluations during training never saw, and its scores changed."""
+    from stages.config import trained_dtype
+
+    assert trained_dtype("bf16", None) is None and trained_dtype("16", "ddp") is None
+    assert trained_dtype("bf16-true", None) == torch.bfloat16 and trained_dtype("64", None) == torch.float64
+    assert trained_dtype("bf16", "deepspeed") == torch.bfloat16
+    assert trained_dtype("16-mixed", "deepspeed") == torch.float16
+    assert trained_dtype(None, None) is None and trained_dtype("32", "deepspeed") is None
+
+
 def test_deepspeed_not_installed_is_named_before_any_work(tmp_path, capsys, monkeypatch):
     """Without the deepspeed package, Lightning failed when the first stage's Trainer was built: after the data
     build and the base models' pretraining, with a traceback."""
@@ -494,6 +516,9 @@ def test_the_data_command_names_a_bad_value_without_a_traceback(tmp_path, capsys
         # int("[0]") failed in a traceback; now a list parses, and is refused on the CPU, as Lightning does late.
         ("--trainer.devices=[0]", "trainer.devices [0]: device indices name GPUs"),
         ("--stages.align.trainer.devices=0,1", "stages.align.trainer.devices '0,1': device indices name GPUs"),
+        # Lightning ran bf16-mixed instead, while config.yaml and the report said 16-mixed.
+        ("--trainer.precision=16-mixed", "trainer.precision 16-mixed: float16 autocast needs a GPU"),
+        ("--stages.sft_long.trainer.precision=16", "stages.sft_long.trainer.precision 16: float16 autocast needs"),
     ],
 )
 def test_a_device_this_machine_lacks_is_named_before_the_data(tmp_path, capsys, flag, message):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.export import EXPORT_RECORD, evaluate_model, export_model, find_stage, load_stage_model
+from stages.export import EXPORT_RECORD, evaluate_model, export_model, find_stage, load_stage_model, stage_dtype
 from stages.run import main
 
 # Run in a fresh interpreter, outside the repository: only transformers, torch and the folder itself.
@@ -251,21 +251,91 @@ def test_a_stage_folder_given_as_dot_finds_its_run(micro_run, monkeypatch, capsy
     assert json.loads(capsys.readouterr().out)["model"]["stage_dir"] == str((micro_run / "sft_long").resolve())
 
 
-def test_a_bf16_base_merges_in_float32(micro_run, tmp_path):
-    # The LoRA update added to bf16-stored weights, as training computed it: base (bf16) + scale * B @ A in
-    # float32. A bf16 merge rounds most of a small update away.
+def _copied_stage(micro_run: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the micro run's sft_long (no checkpoints) whose config.yaml `edit(config)` changed."""
     import yaml
-    from safetensors.torch import load_file
 
     from stages.paths import input_path
 
     stage = tmp_path / "sft_long"
     shutil.copytree(micro_run / "sft_long", stage, ignore=shutil.ignore_patterns("checkpoints"))
     config = yaml.safe_load((stage / "config.yaml").read_text())
-    config["model"]["dtype"] = "bfloat16"
+    edit(config)
     for key in ("shard_dir", "vision_path", "lm_path"):  # recorded relative to the run, which stays behind
         config["inputs"][key] = str(input_path(config["inputs"][key], micro_run))
     (stage / "config.yaml").write_text(yaml.safe_dump(config))
+    return stage
+
+
+def test_a_bf16_true_stage_is_scored_in_bfloat16_from_its_folder_and_its_export(micro_run, tmp_path):
+    """Its evaluations during training ran in bfloat16; `eval` ran it in float32 and got other captions."""
+
+    def bf16_true(config):
+        config["spec"]["trainer"]["precision"] = "bf16-true"
+
+    stage = _copied_stage(micro_run, tmp_path, bf16_true)
+    from_stage = evaluate_model(stage, limit=4, max_new_tokens=8)
+    assert from_stage["device"]["dtype"] == "torch.bfloat16"
+    out = export_model(find_stage(stage), tmp_path / "exported")
+    assert json.loads((out / EXPORT_RECORD).read_text())["trained_dtype"] == "bfloat16"
+    assert evaluate_model(out, limit=4, max_new_tokens=8)["device"]["dtype"] == "torch.bfloat16"
+    saved = evaluate_model(out, limit=4, max_new_tokens=8, dtype="float32")
+    assert saved["device"]["dtype"] == "torch.float32"
+
+
+def test_a_float64_stage_loads_its_handoff_unrounded(micro_run, tmp_path):
+    """A 64-true stage's float64 projector was loaded into the float32 model, then cast back: its low bits lost."""
+    from safetensors.torch import load_file, save_file
+
+    from modules.handoff import PROJECTOR_FILE
+
+    def float64(config):
+        config["spec"]["trainer"]["precision"] = "64-true"
+
+    stage = _copied_stage(micro_run, tmp_path, float64)
+    path = stage / "export" / PROJECTOR_FILE
+    torch.manual_seed(0)
+    wide = {key: value.double() + 1e-12 * torch.randn_like(value.double()) for key, value in load_file(path).items()}
+    save_file(wide, str(path))
+    source = find_stage(stage)
+    vlm = load_stage_model(source, stage_dtype(source))[0]
+    for key, value in vlm.projector.state_dict().items():
+        assert torch.equal(value, wide[key]), key
+
+
+def test_an_export_of_a_diverged_stage_is_refused(micro_run, tmp_path, capsys):
+    """With the default action `warn`, a stage trains on through NaN; its export held NaN weights and exit 0."""
+    from safetensors.torch import load_file, save_file
+
+    from modules.handoff import PROJECTOR_FILE
+
+    stage = _copied_stage(micro_run, tmp_path, lambda config: None)
+    path = stage / "export" / PROJECTOR_FILE
+    save_file({key: torch.full_like(value, float("nan")) for key, value in load_file(path).items()}, str(path))
+    assert main(["export", "--run_dir", str(stage), "--out_dir", str(tmp_path / "exported")]) == 2
+    assert "weights hold NaN or inf" in capsys.readouterr().err
+    assert not (tmp_path / "exported").exists()
+
+
+def test_an_export_loads_whole_in_the_dtype_asked_for(micro_run, tmp_path):
+    """from_pretrained(dtype=bfloat16) built the tower and LM from their float32 sub-configs: only the projector
+    was bf16."""
+    from modules.modeling_vlm_curriculum import VLMCurriculumForCaptioning
+
+    out = export_model(find_stage(micro_run), tmp_path / "exported")
+    model = VLMCurriculumForCaptioning.from_pretrained(out, local_files_only=True, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in VLMCurriculumForCaptioning.from_pretrained(out).parameters()} == {torch.float32}
+
+
+def test_a_bf16_base_merges_in_float32(micro_run, tmp_path):
+    # The LoRA update added to bf16-stored weights, as training computed it: base (bf16) + scale * B @ A in
+    # float32. A bf16 merge rounds most of a small update away.
+    import yaml
+    from safetensors.torch import load_file
+
+    stage = _copied_stage(micro_run, tmp_path, lambda config: config["model"].update(dtype="bfloat16"))
+    config = yaml.safe_load((stage / "config.yaml").read_text())
     out = export_model(find_stage(stage), tmp_path / "exported")
 
     merged = load_file(out / "model.safetensors")
@@ -285,16 +355,9 @@ def test_a_bf16_stage_exports_its_float32_language_model_unrounded(micro_run, tm
     import yaml
     from safetensors.torch import load_file, save_file
 
-    from stages.paths import input_path
-
-    stage = tmp_path / "sft_long"
-    shutil.copytree(micro_run / "sft_long", stage, ignore=shutil.ignore_patterns("checkpoints"))
+    stage = _copied_stage(micro_run, tmp_path, lambda config: config["model"].update(dtype="bfloat16"))
     shutil.rmtree(stage / "export" / "adapter")  # the LM as trained in full, no adapter on it
     config = yaml.safe_load((stage / "config.yaml").read_text())
-    config["model"]["dtype"] = "bfloat16"
-    for key in ("shard_dir", "vision_path", "lm_path"):
-        config["inputs"][key] = str(input_path(config["inputs"][key], micro_run))
-    (stage / "config.yaml").write_text(yaml.safe_dump(config))
     torch.manual_seed(0)
     base = load_file(Path(config["inputs"]["lm_path"]) / "model.safetensors")
     trained = {key: value + 1e-3 * torch.randn_like(value) for key, value in base.items()}  # off bf16's grid
