@@ -6,6 +6,8 @@ import os
 import socket
 import stat
 
+import pytest
+
 from stages.paths import folder_lock, write_text_atomic
 from stages.run import main
 from tests.conftest import MICRO_ARGS, REPO, SYNTHETIC_RECIPE
@@ -78,17 +80,32 @@ def test_a_refused_rebuild_leaves_the_folder_as_it_was(tmp_path, capsys):
     assert (run / "data" / "recipe.json").read_bytes() == stamp
 
 
-def test_a_file_system_without_locks_is_used_unguarded(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("code", ["ENOLCK", "EOPNOTSUPP", "ENOSYS", "EINVAL"])
+def test_a_file_system_without_locks_is_used_unguarded(tmp_path, monkeypatch, caplog, code):
     import errno
     import fcntl
 
     def no_locks(*args):
-        raise OSError(errno.ENOLCK, "No locks available")
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with caplog.at_level("WARNING"), folder_lock(tmp_path, "--out_dir"):
         pass
-    assert "takes no locks (No locks available)" in caplog.text
+    assert f"takes no locks ({os.strerror(getattr(errno, code))})" in caplog.text
+
+
+def test_a_refusal_names_the_last_holder_only(tmp_path):
+    """The holder's line is rewritten, not appended to: a shorter purpose left the end of a longer one."""
+    from stages.paths import FolderBusy, file_lock
+
+    lock = tmp_path / ".lock"
+    with file_lock(lock, "--out_dir", purpose="a long purpose from an earlier holder"):
+        pass
+    with file_lock(lock, "--out_dir", purpose="x"):
+        with pytest.raises(FolderBusy) as refused:
+            with file_lock(lock, "--out_dir", purpose="y"):
+                pass
+    assert str(refused.value).endswith(": x; wait for it to end") and "long purpose" not in str(refused.value)
 
 
 def test_only_rank_0_of_a_multi_device_compare_locks_its_root(tmp_path, monkeypatch):

@@ -378,6 +378,18 @@ def test_a_rebuild_leaves_only_its_own_shards_and_a_killed_one_no_index(tmp_path
     assert read_index(out)
 
 
+@pytest.mark.parametrize("name", ["work/thesis.tex", "train-000000.tar"])
+def test_one_name_a_build_writes_is_enough_to_refuse_a_folder(tmp_path, capsys, name):
+    from stages.run import main
+
+    home = tmp_path / "home"
+    (home / name).parent.mkdir(parents=True, exist_ok=True)
+    (home / name).write_text("mine")
+    assert main(["data", "--config", str(SYNTHETIC_RECIPE), "--out_dir", str(home), "--world.train_size=64"]) == 2
+    assert f"holds {name.split('/')[0]}, which this command writes" in capsys.readouterr().err
+    assert (home / name).read_text() == "mine"
+
+
 def test_a_build_into_a_folder_of_other_files_is_refused_and_deletes_nothing(tmp_path, capsys):
     """Into a home folder, a build deleted its work/ and stats/ (and its report.md) before reading the input;
     with a mistyped input path, an earlier build lost its shards."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.run import main
+from stages.run import DISK_ERRORS, main
 from tests.conftest import SYNTHETIC_RECIPE
 
 
@@ -125,3 +126,52 @@ def test_a_half_written_run_file_is_named_by_report(micro_run, tmp_path, capsys)
     assert main(["report", "--run_dir", str(run)]) == 2
     assert f"{run / 'sft_short' / 'done.json'} cannot be read" in capsys.readouterr().err
     json.loads((micro_run / "sft_short" / "done.json").read_text())  # the shared run is untouched
+
+
+@pytest.mark.parametrize("code", sorted(DISK_ERRORS), ids=lambda code: errno.errorcode[code])
+def test_every_disk_error_ends_the_command_with_exit_74(code, tmp_path, monkeypatch, capsys):
+    import stages.run
+
+    def failing(parser, args):
+        raise OSError(code, os.strerror(code), str(tmp_path / "report.md"))
+
+    monkeypatch.setattr(stages.run, "run_report_command", failing)
+    assert main(["report", "--run_dir", str(tmp_path)]) == 74
+    err = capsys.readouterr().err
+    assert os.strerror(code) in err and "rerun the same command" in err
+
+
+def test_a_missing_file_is_no_disk_error(tmp_path, monkeypatch):
+    import stages.run
+
+    def missing(parser, args):  # a bug or a vanished input: its traceback, not "once the disk is fixed"
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / "x"))
+
+    monkeypatch.setattr(stages.run, "run_report_command", missing)
+    with pytest.raises(FileNotFoundError):
+        main(["report", "--run_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"), OSError(errno.EIO, "I/O")])
+def test_an_unreadable_input_image_or_handoff_is_the_disks_error(error, tmp_path, monkeypatch):
+    """EACCES (a file another user made) is no corrupt image, dropped for good, and no damaged stage to delete."""
+    import datamodules.images
+    import modules.handoff
+    from datamodules.images import image_problem
+    from modules.loading import ModelFolderError
+
+    def failing(*args, **kwargs):
+        raise error
+
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    monkeypatch.setattr(datamodules.images, "open_rgb", failing)
+    with pytest.raises(OSError) as raised:
+        image_problem(image)
+    assert raised.value.errno == error.errno
+    handoff = tmp_path / "projector.safetensors"
+    handoff.write_bytes(b"\x08")
+    monkeypatch.setattr(Path, "open", failing)
+    with pytest.raises(OSError) as raised:
+        modules.handoff._read(handoff)
+    assert raised.value.errno == error.errno and not isinstance(raised.value, ModelFolderError)

@@ -300,6 +300,11 @@ def test_words_of_every_script_are_compared_and_cjk_counts_by_character():
     assert caption_words("一只猫。") == ["一", "只", "猫"] and word_count("一只猫坐在沙发上。") == 8
     assert word_count("ｶﾒﾗ") == len(caption_words("ｶﾒﾗ")) == 3, "half-width kana, NFKC in both"
     assert word_count("a red circle - left-most.") == len("a red circle - left-most.".split()), "as indexes count"
+    # A Latin word run into CJK characters stays a word (report statistics split the same way).
+    from datamodules.text_stats import corpus_stats, tokens
+
+    assert caption_words("iPhone手机") == tokens("iPhone手机") == ["iphone", "手", "机"]
+    assert corpus_stats(["一只猫", "a cat"])["mean_words"] == 2.5
     scores = caption_metrics(["кошка на диване"], [None], [["Кошка на диване."]])
     assert scores["bleu1"] == pytest.approx(1.0) and scores["mean_words"] == 3
     assert text_metrics(["一只猫"], [["一只猫。"]])["bleu1"] == pytest.approx(1.0)

@@ -155,9 +155,29 @@ def test_llava_keys_splits_and_image_lists_are_kept_or_counted(tmp_path):
     assert len({every[f"cap{i}"][0] for i in range(6)}) == 1, "records of one image share its split"
 
 
+def test_input_files_from_windows_editors_and_llava_answers_with_image_tags_are_read(tmp_path):
+    """A byte-order mark before a LLaVA JSON list; blank lines between jsonl records (skipped, not counted as
+    bad); LLaVA-style answers that repeat the `<image>` tag (kept out of the caption)."""
+    from datamodules.data_inputs import SkipLog, read_dj_jsonl, read_llava_json
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
+    turns = [{"from": "human", "value": "<image>\ndescribe"}, {"from": "gpt", "value": "<image>\na red circle"}]
+    (tmp_path / "in.json").write_text("\ufeff" + json.dumps([{"id": "a", "image": "0.png", "conversations": turns}]))
+    skips = SkipLog()
+    (row,) = read_llava_json(tmp_path / "in.json", skips)
+    assert row["text"].endswith(" a red circle") and row["text"].count("image") == 1, row["text"]
+    line = json.dumps({"id": "b", "text": "<__dj__image> a blue star", "images": ["0.png"]})
+    (tmp_path / "in.jsonl").write_text(f"\ufeff{line}\n\n   \n{line.replace('b', 'c', 1)}\n\n")
+    assert [row["__key__"] for row in read_dj_jsonl(tmp_path / "in.jsonl", skips)] == ["b", "c"]
+    assert not skips.counts
+
+
 def test_an_empty_caption_variant_is_never_a_target():
     assert select_caption({"short": "", "detailed": "a red circle"}, 8) == "a red circle"
     assert select_caption({"short": "  "}, 8) is None
+    # The longest that fits, whatever order the variants are listed in.
+    assert select_caption({"long": "a b c d", "short": "a b"}, 10) == "a b c d"
+    assert select_caption({"long": "a b c d", "short": "a b"}, 3) == "a b"
     index = {"splits": {"train": [{"caption_words": [{"short": 0, "detailed": 3}, {"short": 0, "detailed": 12}]}]}}
     assert budget_counts(index, "train", 8) == (1, 1)
 

@@ -375,6 +375,29 @@ def test_a_run_in_a_folder_of_other_files_is_refused_and_deletes_nothing(tmp_pat
     assert all((home / name).read_text() == "mine" for name in ("data/work/marker.txt", "align/notes.txt"))
 
 
+@pytest.mark.parametrize("name", ["data", "report.md", "loss_curves.png"])
+def test_one_name_a_run_writes_is_enough_to_refuse_a_folder(tmp_path, capsys, name):
+    from stages.report import REPORT_PLOTS
+
+    assert name in ("data", "report.md", *REPORT_PLOTS)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / name).write_text("mine")
+    assert _run(home) == 2
+    assert f"holds {name}, which this command writes" in capsys.readouterr().err
+    assert (home / name).read_text() == "mine"
+
+
+def test_a_run_folder_of_an_older_version_is_its_own(tmp_path, capsys):
+    # Runs before stages.json wrote summary.json: such a folder is a run's, not a user's.
+    run = tmp_path / "run"
+    (run / "align").mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    assert _run(run, f"--data.shard_dir={tmp_path / 'missing'}") == 2  # stops at the next check, not this one
+    err = capsys.readouterr().err
+    assert "which this command writes" not in err and "missing" in err
+
+
 def test_a_data_build_left_by_an_older_version_in_a_run_folder_is_rebuilt(tmp_path):
     # Older versions wrote work/ and stats/ before any mark; a build they killed blocked the rerun ("not a
     # folder it made"), though the run folder was the run's own.
