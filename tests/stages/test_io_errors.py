@@ -175,3 +175,18 @@ def test_an_unreadable_input_image_or_handoff_is_the_disks_error(error, tmp_path
     with pytest.raises(OSError) as raised:
         modules.handoff._read(handoff)
     assert raised.value.errno == error.errno and not isinstance(raised.value, ModelFolderError)
+
+
+def test_an_atomic_write_starts_beside_its_file(tmp_path, monkeypatch):
+    """Its scratch file is renamed over the target: made elsewhere (the system's temp folder, another file
+    system), the rename fails with EXDEV, and every write in such a run folder failed."""
+    from stages.paths import write_text_atomic
+
+    renamed = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append(Path(src)), real(src, dst)))
+    target = tmp_path / "run" / "stages.json"
+    target.parent.mkdir()
+    write_text_atomic(target, "{}")
+    assert target.read_text() == "{}" and [path.parent for path in renamed] == [target.parent]
+    assert sorted(p.name for p in target.parent.iterdir()) == ["stages.json"]
