@@ -20,7 +20,7 @@ from datamodules.world import WorldConfig
 from modules.base_models import TinyBaseConfig
 from modules.loading import ModelConfig
 from modules.speed import SpeedSpec
-from modules.training_module import GROUPS, LOSS_WEIGHTINGS, LearningRates
+from modules.training_module import GROUPS, LOSS_WEIGHTINGS, LearningRates, match_norm_statistics
 from stages.metrics import DEFAULT_BUCKETS, check_buckets
 
 # Lightning's precision names (lightning.fabric.connector's _PRECISION_INPUT), its short aliases included.
@@ -45,6 +45,22 @@ def trained_dtype(precision: str | None, strategy: str | None) -> torch.dtype | 
     if precision == "16-true" or (deepspeed and precision == "16-mixed"):
         return torch.float16
     return torch.float64 if precision == "64-true" else None
+
+
+def cast_as_trained(module: torch.nn.Module, precision: str | None, strategy: str | None) -> None:
+    """Casts `module` as the stage's training cast it, so that it is scored as the evaluations during training
+    scored it: a "-true" precision casts parameters and buffers; DeepSpeed's bf16 / fp16 casts the parameters
+    only (buffers such as RoPE's `inv_freq` stay float32), and the project matches BatchNorm statistics to
+    their weights (`match_norm_statistics`)."""
+    dtype = trained_dtype(precision, strategy)
+    if dtype is None:
+        return
+    if strategy == "deepspeed":
+        for param in module.parameters():
+            param.data = param.data.to(dtype)
+        match_norm_statistics(module)
+    else:
+        module.to(dtype=dtype)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from modules import modeling_vlm_curriculum
 from modules.handoff import has_lora, load_handoff
 from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
-from stages.config import trained_dtype
+from stages.config import cast_as_trained, trained_dtype
 from stages.metrics import DEFAULT_BUCKETS, check_buckets
 from stages.paths import file_lock, follow_umask, input_path
 
@@ -98,15 +98,14 @@ def find_stage(run_or_stage: str | Path, stage: str | None = None, flag: str = "
     return StageSource(stage_dir, config, json.loads((stage_dir / "done.json").read_text())["global_steps"])
 
 
-def stage_dtype(source: StageSource) -> torch.dtype | None:
-    """The dtype the stage trained and was evaluated in (None: as built, for 32-true and mixed precisions)."""
-    trainer = source.config["spec"]["trainer"]
-    return trained_dtype(trainer.get("precision"), trainer.get("strategy"))
-
-
-def load_stage_model(source: StageSource, dtype: torch.dtype | None = None):
+def load_stage_model(source: StageSource, dtype: torch.dtype | None = None, as_trained: bool = False):
     """(VisionLanguageModel with the stage's projector and adapter, tokenizer, processor, ModelConfig);
-    `dtype`: cast to it before the stage's weights are loaded, which a model of a narrower dtype would round."""
+    `dtype`: cast to it before the stage's weights are loaded, which a model of a narrower dtype would round;
+    `as_trained`: cast as the stage's training did (`cast_as_trained`; float64 before the weights load)."""
+    trainer = source.config["spec"]["trainer"]
+    precision, strategy = trainer.get("precision"), trainer.get("strategy")
+    if as_trained and trained_dtype(precision, strategy) == torch.float64:
+        dtype = torch.float64
     model = dict(source.config["model"])
     model_config = ModelConfig(**{**model, "lora": LoraSpec(**model["lora"])})
     inputs, run_dir = source.config["inputs"], source.stage_dir.parent
@@ -114,6 +113,8 @@ def load_stage_model(source: StageSource, dtype: torch.dtype | None = None):
     vlm, tokenizer, processor = build_vlm(model_config, vision, lm)
     vlm.to(dtype=dtype)
     load_handoff(vlm, source.stage_dir / "export")
+    if as_trained:
+        cast_as_trained(vlm, precision, strategy)
     return vlm, tokenizer, processor, model_config
 
 
@@ -186,8 +187,9 @@ def _write_export(merged, tokenizer, processor, source: StageSource, out_dir: Pa
         "shard_dir": str(source.shard_dir.resolve()),
         "fingerprint": source.config.get("fingerprint"),  # the stage's training, to tell a later one from it
         "shards_digest": source.config["inputs"].get("digests", {}).get("shards"),  # the shards it trained on
-        # Saved in float32; `eval` casts to the dtype training evaluated in (bf16-true: bfloat16) to score the same.
-        "trained_dtype": str(stage_dtype(source) or torch.float32).removeprefix("torch."),
+        # Saved in float32; `eval` casts it as training did (bf16-true: to bfloat16) to score as training scored.
+        "trained_precision": source.config["spec"]["trainer"].get("precision"),
+        "trained_strategy": source.config["spec"]["trainer"].get("strategy"),
     }
     (partial / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
     (partial / "README.md").write_text(
@@ -288,12 +290,14 @@ def evaluate_model(
             source["stale"] = stale
         num_image_tokens, prompt = model.config.num_image_tokens, model.config.prompt
         chat_template = getattr(model.config, "chat_template", False)  # exports before it was a field: off
-        if dtype is None and record.get("trained_dtype") in ("bfloat16", "float16"):
-            dtype = record["trained_dtype"]  # saved in float32; scored as training scored it
-            log.info("%s trained in %s: scoring in it (--dtype float32 to score the saved weights)", path, dtype)
+        if dtype is None:  # saved in float32; scored as training scored it
+            cast_as_trained(model, record.get("trained_precision"), record.get("trained_strategy"))
+            if next(model.parameters()).dtype != torch.float32:
+                log.info("%s: scored in %s, as it trained (--dtype float32 scores the saved weights)",
+                         path, next(model.parameters()).dtype)  # fmt: skip
     else:
         stage = find_stage(path, flag="--model")
-        model, tokenizer, processor, model_config = load_stage_model(stage, stage_dtype(stage))
+        model, tokenizer, processor, model_config = load_stage_model(stage, DTYPES.get(dtype), as_trained=not dtype)
         model.eval()
         default_shards = stage.shard_dir
         trained_on = stage.config["inputs"].get("digests", {}).get("shards")

@@ -38,10 +38,14 @@ if (
     os.execv(sys.executable, [sys.executable, "-X", "utf8", *sys.orig_argv[1:]])
 
 # `python -m` puts the working folder first on sys.path, so a `modules/` package or a `callbacks.py` of the user's
-# own project there was imported in place of this project's. The project's root goes first instead (the
-# repository, or site-packages for an installed wheel).
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# own project there was imported in place of this project's. That entry gives way to the project's root (the
+# repository), or goes where the root is on the path already (site-packages, after the standard library).
+if __name__ == "__main__" and sys.path and Path(sys.path[0] or ".").resolve() == Path.cwd().resolve():
+    root = Path(__file__).resolve().parents[1]
+    if any(Path(entry or ".").resolve() == root for entry in sys.path[1:]):
+        del sys.path[0]
+    elif Path.cwd().resolve() != root:  # run from the repository, the working folder is the root
+        sys.path[0] = str(root)
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 from jsonargparse.typing import PositiveInt
@@ -141,7 +145,9 @@ def eval_parser() -> ArgumentParser:
     )
     parser.add_argument("--synonyms", type=str, default=None, help="CHAIR synonym table (JSON) for real data")
     parser.add_argument("--device", type=str, default="auto", help="auto (the GPU if there is one), cpu, cuda, cuda:1")
-    parser.add_argument("--dtype", type=str, default=None, help="cast the model: float32, bfloat16, float16")
+    parser.add_argument(
+        "--dtype", type=str, default=None, help="cast the model: float32, bfloat16, float16 (default: as it trained)"
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON (with every caption)")
     return parser
 
@@ -325,16 +331,17 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def project_config(name: str) -> str:
+    """A shipped config named from the repository's root (`configs/curriculum/mgm_2b.yaml`), from any working
+    folder: the project's file (the repository's, or where a wheel installed configs/) when there is no such
+    file here, as `data.recipe` and `trainer.deepspeed_config` are found."""
+    project = CONFIG_DIR.parent / name
+    return str(project) if name.startswith("configs/") and not _is_file(Path(name)) and _is_file(project) else name
+
+
 def with_project_configs(argv: tuple[str, ...]) -> tuple[str, ...]:
-    """`--config configs/...` from any working folder: a relative name that is no file there but is one in the
-    project (the repository, or where a wheel installed configs/) becomes that file, as `data.recipe` and
-    `trainer.deepspeed_config` are found."""
-
-    def found(name: str) -> str:
-        return (
-            str(CONFIG_DIR.parent / name) if not _is_file(Path(name)) and _is_file(CONFIG_DIR.parent / name) else name
-        )
-
+    """The command line with each `--config configs/...` found by `project_config`."""
+    found = project_config
     out = list(argv)
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
@@ -401,7 +408,7 @@ def run_compare_command(parser: ArgumentParser, args) -> int:
         parser.error(f"--seeds must be at least 1, got {options.seeds}")
     seeds = list(range(options.seeds))
     try:
-        result = run_compare(Path(options.profile), seeds, Path(options.root), list(options.override))
+        result = run_compare(Path(project_config(options.profile)), seeds, Path(options.root), list(options.override))
     except (FileNotFoundError, ValueError, FolderBusy, NoGPU, CompareFailed) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -278,7 +278,7 @@ def rescore_stage(
             f"stage {name} finished (done.json) but its export/ is missing; delete {stage_dir} to train it again"
         )
     trainer = cfg.trainer.merged(cfg.stages[name].trainer)
-    vlm, tokenizer, processor, _ = load_stage_model(StageSource(stage_dir, resolved, steps), trainer.trained_dtype())
+    vlm, tokenizer, processor, _ = load_stage_model(StageSource(stage_dir, resolved, steps), as_trained=True)
     on_gpu = torch.cuda.is_available() and trainer.accelerator not in ("cpu",)
     vlm.to(device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else None)
     eval_print = eval_fingerprint(resolved)
@@ -413,8 +413,10 @@ def run_stage(
     L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)
     vlm, tokenizer, processor = build_vlm(cfg.model, inputs.vision_path, inputs.lm_path)
     if init_dir is not None:
-        # In the dtype Lightning will cast it to: a float64 stage's handoff loaded into float32 lost its low bits.
-        vlm.to(dtype=cfg.trainer.merged(cfg.stages[name].trainer).trained_dtype())
+        if cfg.trainer.merged(cfg.stages[name].trainer).trained_dtype() == torch.float64:
+            # Lightning casts to float64 only when the fit starts: loaded into float32 first, a float64 handoff
+            # lost its low bits. (Narrower dtypes are left to Lightning and DeepSpeed, which cast as they do.)
+            vlm.double()
         load_handoff(vlm, init_dir)
     module = make_module(cfg.stages[name], vlm, cfg)
     datamodule, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_print)

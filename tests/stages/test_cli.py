@@ -207,6 +207,21 @@ def test_a_deepspeed_config_is_read_before_any_work(tmp_path, capsys, content, m
     assert not (tmp_path / "run").exists()
 
 
+def test_a_shipped_config_is_found_from_any_folder_and_only_a_shipped_one(tmp_path, monkeypatch):
+    from stages.run import CONFIG_DIR, project_config, with_project_configs
+
+    monkeypatch.chdir(tmp_path)
+    shipped = "configs/curriculum/mgm_2b.yaml"
+    argv = ("curriculum", "--config", shipped, f"--config={shipped}", "--config", "{seed: 3}", "--config", "../x.yaml")
+    assert with_project_configs(argv) == (
+        "curriculum", "--config", str(CONFIG_DIR / "curriculum" / "mgm_2b.yaml"),
+        f"--config={CONFIG_DIR / 'curriculum' / 'mgm_2b.yaml'}", "--config", "{seed: 3}", "--config", "../x.yaml",
+    )  # fmt: skip
+    (tmp_path / shipped).parent.mkdir(parents=True)
+    (tmp_path / shipped).write_text("seed: 1\n")
+    assert project_config(shipped) == shipped, "a file of that name in the working folder is the user's own"
+
+
 def test_16_true_is_refused_outside_deepspeed(tmp_path, capsys):
     """float16 weights and AdamW state: eps (1e-8) is 0 in float16, and the first step turned every weight NaN,
     while the run exited 0 and exported NaN."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.export import EXPORT_RECORD, evaluate_model, export_model, find_stage, load_stage_model, stage_dtype
+from stages.export import EXPORT_RECORD, evaluate_model, export_model, find_stage, load_stage_model
 from stages.run import main
 
 # Run in a fresh interpreter, outside the repository: only transformers, torch and the folder itself.
@@ -277,7 +277,7 @@ def test_a_bf16_true_stage_is_scored_in_bfloat16_from_its_folder_and_its_export(
     from_stage = evaluate_model(stage, limit=4, max_new_tokens=8)
     assert from_stage["device"]["dtype"] == "torch.bfloat16"
     out = export_model(find_stage(stage), tmp_path / "exported")
-    assert json.loads((out / EXPORT_RECORD).read_text())["trained_dtype"] == "bfloat16"
+    assert json.loads((out / EXPORT_RECORD).read_text())["trained_precision"] == "bf16-true"
     assert evaluate_model(out, limit=4, max_new_tokens=8)["device"]["dtype"] == "torch.bfloat16"
     saved = evaluate_model(out, limit=4, max_new_tokens=8, dtype="float32")
     assert saved["device"]["dtype"] == "torch.float32"
@@ -298,7 +298,7 @@ def test_a_float64_stage_loads_its_handoff_unrounded(micro_run, tmp_path):
     wide = {key: value.double() + 1e-12 * torch.randn_like(value.double()) for key, value in load_file(path).items()}
     save_file(wide, str(path))
     source = find_stage(stage)
-    vlm = load_stage_model(source, stage_dtype(source))[0]
+    vlm = load_stage_model(source, as_trained=True)[0]
     for key, value in vlm.projector.state_dict().items():
         assert torch.equal(value, wide[key]), key
 
