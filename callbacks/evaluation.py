@@ -37,17 +37,20 @@ def metrics_line(metrics: dict) -> str:
     return ", ".join(f"{k} {v:.0f}" if k in counts else f"{k} {v:.3f}" for k, v in scalars.items())
 
 
-_WARNED: set[str] = set()  # evaluated sets (by their first unannotated key) already warned about
+_WARNED: set = set()  # said once: evaluated sets (by their first unannotated key), captions cut (by limit)
 
 
 def generate_captions(
     vlm, samples: list, fmt: PromptFormat, processor, batch_size: int, **generate_kwargs
 ) -> list[str]:
-    """Captions for (key, image, metadata) samples. Every prompt has the same length, so no padding."""
+    """Captions for (key, image, metadata) samples. Every prompt has the same length, so no padding. Captions
+    that reach `max_new_tokens` before an end token are counted and said once (budgets are in words, limits in
+    tokens: a subword tokenizer's 48-word caption can take 180)."""
     device = next(vlm.parameters()).device
     prefix = torch.tensor(fmt.prefix(), device=device)
     tokenizer = fmt.tokenizer
     captions: list[str] = []
+    limit, cut = generate_kwargs.get("max_new_tokens"), 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         pixels = processor([as_image(image) for _, image, _ in chunk], return_tensors="pt")["pixel_values"]
@@ -63,6 +66,12 @@ def generate_captions(
             **generate_kwargs,
         )
         captions += [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        if limit is not None and tokens.shape[1] >= limit:
+            cut += sum(not set(row) & set(fmt.stop_ids) for row in tokens.tolist())
+    if cut and ("cut", limit) not in _WARNED:
+        _WARNED.add(("cut", limit))
+        log.warning("%d of %d captions reached max_new_tokens=%d before an end token and were cut short: raise "
+                    "eval.max_new_tokens (eval: --max_new_tokens)", cut, len(samples), limit)  # fmt: skip
     return captions
 
 
@@ -101,7 +110,7 @@ def answer_questions(
     fmt: PromptFormat,
     processor,
     batch_size: int,
-    max_new_tokens: int = 3,
+    max_new_tokens: int | None = None,
     rank: int = 0,
     world_size: int = 1,
     **generate_kwargs,
@@ -110,15 +119,19 @@ def answer_questions(
     this rank's share of them (each rank holds every sample; gather the shares).
 
     Each question replaces the captioning prompt after the image tokens; prompts of equal token length
-    are batched together, so no padding is needed.
+    are batched together, so no padding is needed. `max_new_tokens` unset: as many as the longest reference
+    answer takes with its end token (a fixed 3 cut "yellow" short with a subword tokenizer: no exact match).
     """
     device = next(vlm.parameters()).device
     tokenizer = fmt.tokenizer
     groups: dict[int, list[tuple]] = {}
+    longest = 1
     for key, image, meta in samples:
         for q in meta.get("questions", []):
-            prompt = fmt.asking(q["question"]).prefix()
+            asked = fmt.asking(q["question"])
+            prompt = asked.prefix()
             groups.setdefault(len(prompt), []).append((key, q, image, prompt))
+            longest = max(longest, len(asked.encode(q["answer"])[0]) - len(prompt))
     results = []
     for length in sorted(groups):  # the same groups, in the same order, on every rank
         rows, real = rank_share(groups[length], rank, world_size)
@@ -133,7 +146,7 @@ def answer_questions(
                 torch.ones_like(input_ids),
                 pixels,
                 do_sample=False,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=max_new_tokens or longest,
                 eos_token_id=fmt.stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
                 **generate_kwargs,

@@ -186,16 +186,16 @@ def _some(names: list[str], most: int = 12) -> str:
     return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
-def _tokenizer(folder: Path):
+def _tokenizer(folder: Path, **declared):
     """The folder's tokenizer. One saved as a plain `tokenizers` tokenizer (the world's word-level one, which
     `random_init` writes beside any architecture's config) loads as such: AutoTokenizer would go by the
     config's model type, and for qwen2 rebuilds it as a byte-level BPE without merges (every caption a few
-    "a" tokens)."""
+    "a" tokens). `declared`: special tokens to declare (image_token=...)."""
     settings = folder / "tokenizer_config.json"
     saved_as = json.loads(settings.read_text()).get("tokenizer_class") if settings.is_file() else None
     if saved_as in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
-    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True, **declared)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True, **declared)
 
 
 def load_tokenizer(path: str | Path, image_token: str | None = None):
@@ -229,7 +229,7 @@ def load_tokenizer(path: str | Path, image_token: str | None = None):
             "itself in text; a new token would change the LM's embedding shapes)"
         )
     else:  # declared through the loader, which keeps the tokenizer's other special tokens
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, image_token=image_token)
+        tokenizer = _tokenizer(folder, image_token=image_token)
     if tokenizer.image_token in {tokenizer.bos_token, tokenizer.eos_token}:
         raise ModelFolderError(
             f"--model.image_token {tokenizer.image_token!r} is also {folder}'s bos or eos token: name another"
@@ -242,18 +242,21 @@ def load_tokenizer(path: str | Path, image_token: str | None = None):
     return tokenizer
 
 
-def check_image_token_row(lm_path: str | Path, tokenizer) -> None:
-    """Fails naming the folder when the image token's id is past the LM's embedding rows (`vocab_size` in its
-    config.json): checked before the data is built, which with a captioner can take hours; `build_vlm` checks
-    the loaded embeddings again."""
+def check_token_rows(lm_path: str | Path, tokenizer) -> None:
+    """Fails naming the folder when the id of a token the project feeds the LM (image, pad, bos, eos) is past
+    its embedding rows (`vocab_size` in its config.json), as a pad token added to a Llama tokenizer without
+    resizing the model is: the first step failed with an IndexError. Checked before the data is built, which
+    with a captioner can take hours; `build_vlm` checks the image token in the loaded embeddings again."""
     config = json.loads((Path(lm_path) / "config.json").read_text())
     rows = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-    token_id = tokenizer.convert_tokens_to_ids(tokenizer.image_token)
-    if rows is not None and token_id >= rows:
-        raise ModelFolderError(
-            f"--model.lm_path {lm_path}: the image token {tokenizer.image_token!r} has id {token_id}, past the "
-            f"LM's {rows} embedding rows (vocab_size in its config.json)"
-        )
+    for role in ("image", "pad", "bos", "eos"):
+        token = getattr(tokenizer, f"{role}_token", None)
+        token_id = None if token is None else tokenizer.convert_tokens_to_ids(token)
+        if rows is not None and token_id is not None and token_id >= rows:
+            raise ModelFolderError(
+                f"--model.lm_path {lm_path}: the {role} token {token!r} has id {token_id}, past the LM's {rows} "
+                "embedding rows (vocab_size in its config.json): a token added to the tokenizer but not to the model"
+            )
 
 
 def check_prompt(tokenizer, config: ModelConfig) -> None:

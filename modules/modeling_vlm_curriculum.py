@@ -72,6 +72,11 @@ def prompt_layout(tokenizer, num_image_tokens: int, prompt: str, chat_template: 
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     if not chat_template:
+        if tokenizer.eos_token_id is None:  # every batch failed ("Could not infer dtype of NoneType")
+            raise ValueError(
+                f"--model.lm_path {tokenizer.name_or_path}: the tokenizer has no eos token to end a caption with; "
+                "set eos_token in its tokenizer_config.json, or frame captions with --model.chat_template true"
+            )
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         return bos + [image_id] * num_image_tokens + ids(prompt), [tokenizer.eos_token_id]
     name = tokenizer.name_or_path

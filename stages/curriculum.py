@@ -18,9 +18,9 @@ from datamodules.shards import INDEX_NAME, ShardError, check_shards_serve, index
 from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
 from modules.loading import (
-    check_image_token_row,
     check_lora_targets,
     check_prompt,
+    check_token_rows,
     is_model_folder,
     load_tokenizer,
     write_config_folders,
@@ -380,7 +380,7 @@ def _run_curriculum(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> li
     # Before the data: a tokenizer without an image token, or without the chat template asked for
     tokenizer = load_tokenizer(lm, cfg.model.image_token)
     check_prompt(tokenizer, cfg.model)
-    check_image_token_row(lm, tokenizer)
+    check_token_rows(lm, tokenizer)
     if any("lora" in spec.trainable for spec in cfg.stages.values()):
         check_lora_targets(lm, cfg.model.lora)
     shard_dir = prepare_data(cfg, run_dir)

@@ -332,3 +332,43 @@ def test_pad_to_square_keeps_a_wide_images_sides_that_a_centre_crop_cuts(micro_b
 
     assert isinstance(build_vlm(ModelConfig(pad_to_square=True), *micro_base)[2], SquareImages)
     assert not isinstance(build_vlm(ModelConfig(), *micro_base)[2], SquareImages)
+
+
+def test_declaring_the_image_token_keeps_a_plain_tokenizer_beside_any_config(plain_lm, tmp_path):
+    """`--model.image_token` loaded through AutoTokenizer, which goes by the config's model type: beside a qwen2
+    config, a plain `tokenizers` tokenizer was rebuilt as a byte-level BPE (every caption a few "a" tokens)."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path / "qwen2_lm"
+    shutil.copytree(plain_lm, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
+    tokenizer = load_tokenizer(folder, "<image>")
+    text = "a red circle"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == PreTrainedTokenizerFast.from_pretrained(folder)(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 3 and tokenizer.unk_token_id not in ids, "the world's word-level tokenizer: a token a word"
+
+
+def test_a_pad_token_added_to_the_tokenizer_alone_fails_before_the_data(plain_lm, micro_base, tmp_path, capsys):
+    """A `[PAD]` added to a Llama tokenizer without resizing the model failed at the first step (IndexError)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(plain_lm)
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    tokenizer.save_pretrained(plain_lm)
+    args = ["curriculum", f"--run_dir={tmp_path / 'run'}", f"--model.vision_path={micro_base[0]}"]
+    assert main([*args, f"--model.lm_path={plain_lm}", "--model.image_token=<image>"]) == 2
+    err = capsys.readouterr().err
+    assert f"the pad token '[PAD]' has id {len(tokenizer) - 1}, past the LM's" in err, err
+    assert not (tmp_path / "run" / "data").exists()
+
+
+def test_a_tokenizer_without_an_eos_token_is_named(plain_lm):
+    """Every batch failed with "Could not infer dtype of NoneType": a caption had no end token."""
+    from modules.loading import ModelConfig, check_prompt
+
+    tokenizer = load_tokenizer(plain_lm, "<image>")
+    tokenizer.eos_token = None
+    with pytest.raises(ModelFolderError, match="the tokenizer has no eos token to end a caption with"):
+        check_prompt(tokenizer, ModelConfig())

@@ -210,3 +210,29 @@ def test_a_run_finished_before_stages_json_existed_still_reports(micro_run, tmp_
     shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "base", "*.ckpt", "stages.json"))
     assert main(["report", "--run_dir", str(run)]) == 0
     assert "| sft_long |" in (run / "report.md").read_text()
+
+
+def test_vqa_answers_get_the_tokens_their_references_take_and_cut_captions_are_said(micro_run, caplog):
+    """VQA answers were cut at a fixed 3 tokens ("yellow" takes 7 with a subword tokenizer: no exact match
+    whatever the model); captions cut at max_new_tokens were scored with nothing said."""
+    from callbacks.evaluation import answer_questions, generate_captions
+    from datamodules.caption_datamodule import CaptionDataModule
+    from datamodules.captions import PromptFormat
+    from modules.loading import count_image_tokens
+    from stages.export import find_stage, load_stage_model
+
+    stage = find_stage(micro_run / "sft_long")
+    vlm, tokenizer, processor, config = load_stage_model(stage)
+    vlm.eval()
+    fmt = PromptFormat(tokenizer, count_image_tokens(vlm, processor), config.prompt, config.chat_template)
+    samples = CaptionDataModule(stage.shard_dir, max_words=10**6).eval_samples("test", 2)
+    question = samples[0][2]["questions"][0]
+    samples[0][2]["questions"][0] = {**question, "answer": "a red circle above a blue square"}  # 7 words + end
+    budgets = []
+    generate = vlm.generate
+    vlm.generate = lambda *args, **kwargs: budgets.append(kwargs["max_new_tokens"]) or generate(*args, **kwargs)
+    answer_questions(vlm, samples, fmt, processor, batch_size=8)
+    assert set(budgets) == {8}
+    with caplog.at_level("WARNING"):
+        generate_captions(vlm, samples, fmt, processor, 8, max_new_tokens=1)
+    assert "2 of 2 captions reached max_new_tokens=1 before an end token" in caplog.text
