@@ -120,12 +120,14 @@ def answer_questions(
 
     Each question replaces the captioning prompt after the image tokens; prompts of equal token length
     are batched together, so no padding is needed. `max_new_tokens` unset: as many as the longest reference
-    answer takes with its end token (a fixed 3 cut "yellow" short with a subword tokenizer: no exact match).
+    answer takes with its end token, and one more, so that an answer cut there is longer than every reference
+    and no match ("a red circle" cut to "a red" matched "red"); a fixed 3 cut "yellow" short with a subword
+    tokenizer, 7 tokens.
     """
     device = next(vlm.parameters()).device
     tokenizer = fmt.tokenizer
     groups: dict[int, list[tuple]] = {}
-    longest = 1
+    longest = 0
     for key, image, meta in samples:
         for q in meta.get("questions", []):
             asked = fmt.asking(q["question"])
@@ -146,7 +148,7 @@ def answer_questions(
                 torch.ones_like(input_ids),
                 pixels,
                 do_sample=False,
-                max_new_tokens=max_new_tokens or longest,
+                max_new_tokens=max_new_tokens or longest + 1,
                 eos_token_id=fmt.stop_ids,
                 pad_token_id=tokenizer.pad_token_id,
                 **generate_kwargs,

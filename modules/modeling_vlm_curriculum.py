@@ -135,9 +135,9 @@ class SquareImages:
         return getattr(self.__dict__["processor"], name)
 
 
-def stop_ids(end: list[int], eos_token_id: int) -> list[int]:
-    """The token ids that end generation: the first of `end` (a turn's end), and eos."""
-    return list(dict.fromkeys([end[0], eos_token_id]))
+def stop_ids(end: list[int], eos_token_id: int | None) -> list[int]:
+    """The token ids that end generation: the first of `end` (a turn's end), and eos if the tokenizer has one."""
+    return list(dict.fromkeys(token for token in (end[0], eos_token_id) if token is not None))
 
 
 class MLPProjector(nn.Module):

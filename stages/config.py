@@ -34,9 +34,9 @@ PRECISION_ALIASES = {"bf16": "bf16-mixed", "16": "16-mixed", "32": "32-true", "6
 
 
 def trained_dtype(precision: str | None, strategy: str | None) -> torch.dtype | None:
-    """The dtype Lightning casts the whole model to while it trains (a "-true" precision, or DeepSpeed's bf16 or
-    fp16), which the evaluations during training saw; None for 32-true and the mixed precisions, which leave the
-    model as built."""
+    """The dtype Lightning casts the model to while it trains (a "-true" precision; DeepSpeed's bf16 or fp16: its
+    parameters), which the evaluations during training saw; None for 32-true and the mixed precisions, which
+    leave the model as built."""
     precision = str(precision or "32-true")
     precision = PRECISION_ALIASES.get(precision, precision)
     deepspeed = strategy == "deepspeed"
@@ -49,13 +49,14 @@ def trained_dtype(precision: str | None, strategy: str | None) -> torch.dtype | 
 
 def cast_as_trained(module: torch.nn.Module, precision: str | None, strategy: str | None) -> None:
     """Casts `module` as the stage's training cast it, so that it is scored as the evaluations during training
-    scored it: a "-true" precision casts parameters and buffers; DeepSpeed's bf16 / fp16 casts the parameters
-    only (buffers such as RoPE's `inv_freq` stay float32), and the project matches BatchNorm statistics to
-    their weights (`match_norm_statistics`)."""
+    scored it: a "-true" precision casts parameters and buffers (Lightning, under DeepSpeed too); DeepSpeed's
+    mixed bf16 / fp16 casts the parameters only (since 0.19.8; buffers such as RoPE's `inv_freq` stay float32
+    unless the JSON sets `data_types.buffer_dtype`), and the project matches BatchNorm statistics to their
+    weights (`match_norm_statistics`)."""
     dtype = trained_dtype(precision, strategy)
     if dtype is None:
         return
-    if strategy == "deepspeed":
+    if strategy == "deepspeed" and not str(precision).endswith("-true"):
         for param in module.parameters():
             param.data = param.data.to(dtype)
         match_norm_statistics(module)

@@ -290,8 +290,10 @@ def evaluate_model(
             source["stale"] = stale
         num_image_tokens, prompt = model.config.num_image_tokens, model.config.prompt
         chat_template = getattr(model.config, "chat_template", False)  # exports before it was a field: off
-        if dtype is None:  # saved in float32; scored as training scored it
-            cast_as_trained(model, record.get("trained_precision"), record.get("trained_strategy"))
+        precision, strategy = record.get("trained_precision"), record.get("trained_strategy")
+        # Saved in float32: scored as training scored it, but not upcast (a float64 stage's export is rounded).
+        if dtype is None and trained_dtype(precision, strategy) != torch.float64:
+            cast_as_trained(model, precision, strategy)
             if next(model.parameters()).dtype != torch.float32:
                 log.info("%s: scored in %s, as it trained (--dtype float32 scores the saved weights)",
                          path, next(model.parameters()).dtype)  # fmt: skip

@@ -372,3 +372,6 @@ def test_a_tokenizer_without_an_eos_token_is_named(plain_lm):
     tokenizer.eos_token = None
     with pytest.raises(ModelFolderError, match="the tokenizer has no eos token to end a caption with"):
         check_prompt(tokenizer, ModelConfig())
+    from modules.modeling_vlm_curriculum import stop_ids
+
+    assert stop_ids([7], None) == [7], "a chat template's turn end alone: generate refused [7, None]"
