@@ -341,13 +341,12 @@ def project_config(name: str) -> str:
 
 def with_project_configs(argv: tuple[str, ...]) -> tuple[str, ...]:
     """The command line with each `--config configs/...` found by `project_config`."""
-    found = project_config
     out = list(argv)
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
-            out[i + 1] = found(argv[i + 1])
+            out[i + 1] = project_config(argv[i + 1])
         elif arg.startswith("--config="):
-            out[i] = "--config=" + found(arg.split("=", 1)[1])
+            out[i] = "--config=" + project_config(arg.split("=", 1)[1])
     return tuple(out)
 
 
