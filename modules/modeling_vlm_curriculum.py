@@ -58,6 +58,9 @@ def vision_tokens(tower: nn.Module, pixel_values: torch.Tensor, grid: int | None
 _REPLY = "CAPTION_REPLY_MARK"  # stands for the caption while a chat template is rendered
 
 
+CHAT_DATE = "26 Jul 2024"  # the date Llama-3's chat template falls back to without strftime_now
+
+
 def prompt_layout(tokenizer, num_image_tokens: int, prompt: str, chat_template: bool = False):
     """(prefix, end): the token ids every caption follows, and those that end it.
 
@@ -83,8 +86,11 @@ def prompt_layout(tokenizer, num_image_tokens: int, prompt: str, chat_template: 
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"--model.chat_template: {name}'s tokenizer has no chat template")
     user = [{"role": "user", "content": f"{tokenizer.image_token}\n{prompt}"}]
-    head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-    whole = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": _REPLY}], tokenize=False)
+    # A template that prints today's date (Llama-3's, through strftime_now unless given a date_string) gave a
+    # prompt that changed with the day: training, eval and later inference each saw another one.
+    fixed = {"date_string": CHAT_DATE}
+    head = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False, **fixed)
+    whole = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": _REPLY}], tokenize=False, **fixed)
     if not whole.startswith(head + _REPLY):
         raise ValueError(
             f"--model.chat_template: {name}'s chat template does not write the reply right after its generation "

@@ -375,3 +375,18 @@ def test_a_tokenizer_without_an_eos_token_is_named(plain_lm):
     from modules.modeling_vlm_curriculum import stop_ids
 
     assert stop_ids([7], None) == [7], "a chat template's turn end alone: generate refused [7, None]"
+
+
+def test_a_chat_template_that_prints_the_date_gives_one_layout(plain_lm, tmp_path):
+    """Llama-3's template prints strftime_now's date unless given a date_string: the prompt changed with the
+    day it was rendered (training, eval and later inference disagreed). Here it prints the time to the
+    microsecond, so that without a fixed date two renders always differ."""
+    from modules.modeling_vlm_curriculum import prompt_layout
+
+    dated = (
+        "{% if date_string is not defined %}{% set date_string = strftime_now('%H:%M:%S.%f') %}{% endif %}"
+        "<|im_start|>system\ntoday {{ date_string }}<|im_end|>\n" + CHATML
+    )
+    tokenizer = load_tokenizer(_chat_copy(plain_lm, tmp_path / "dated", dated), "<image>")
+    layouts = [prompt_layout(tokenizer, 3, "describe the image", chat_template=True) for _ in range(3)]
+    assert layouts[0] == layouts[1] == layouts[2]
