@@ -245,6 +245,24 @@ class CaptionDataModule(L.LightningDataModule):
                 loader = loader.with_epoch(batches).with_length(batches)
         return loader
 
+    @staticmethod
+    def _steps_per_epoch(trainer, batches: int) -> int:
+        """Optimizer steps in an epoch of `batches` (before `limit_train_batches`), as Lightning counts them."""
+        limit = trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
+        return -(-batches // trainer.accumulate_grad_batches)  # Lightning steps on a short last window
+
+    def optimizer_steps(self, trainer) -> int:
+        """The optimizer steps of a fit with at most `trainer.max_epochs` epochs (for the learning-rate schedule),
+        counted from the index as the loader counts an epoch. Lightning's `estimated_stepping_batches` built the
+        train loader to count them, before a checkpoint was restored, and kept that loader for the resumed
+        epoch: it started from the epoch's first batch and trained again on those done before the kill."""
+        kept, _ = budget_counts(self.index, "train", self.max_words)
+        batches = kept // (self.batch_size * trainer.world_size)
+        batches -= batches % trainer.accumulate_grad_batches  # as `_loader` keeps whole optimizer steps
+        steps = self._steps_per_epoch(trainer, batches) * max(trainer.max_epochs, 1)
+        return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
+
     def _check_reloaded(self, batches: int) -> None:
         """The loader reads the epoch (its shuffle seed) and the resume position when it is built: a Trainer
         that keeps it for more than one epoch would repeat the first epoch's order. Refused, unless the fit
@@ -252,9 +270,7 @@ class CaptionDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or trainer.reload_dataloaders_every_n_epochs == 1:
             return
-        limit = trainer.limit_train_batches
-        batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
-        steps_per_epoch = -(-batches // trainer.accumulate_grad_batches)  # Lightning steps on a short last window
+        steps_per_epoch = self._steps_per_epoch(trainer, batches)
         epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else float("inf")
         if trainer.max_steps not in (None, -1):
             epochs = min(epochs, -(-trainer.max_steps // steps_per_epoch))

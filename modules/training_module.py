@@ -7,6 +7,7 @@ normalisation statistics do not drift either.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from modules.handoff import attach_lora, has_lora
 from modules.loading import LoraSpec
 from modules.speed import SpeedSpec, apply_speed, caption_loss
 from modules.vlm import VisionLanguageModel
+
+log = logging.getLogger(__name__)
 
 GROUPS = ("projector", "lora", "vision", "lm")
 LOSS_WEIGHTINGS = ("token", "micro_batch")
@@ -40,7 +43,8 @@ class LearningRates:
 class OptimSpec:
     lr: LearningRates = field(default_factory=LearningRates)
     warmup_steps: int = 20
-    """Linear warm-up, then cosine decay to `min_lr_ratio` x peak over the stage's optimizer steps."""
+    """Linear warm-up (over at most half of the stage's optimizer steps), then cosine decay to `min_lr_ratio` x
+    peak over the rest."""
     min_lr_ratio: float = 0.1
     loss_weighting: str = "token"
     """"token": every scored caption token of an optimizer step weighs the same, across its accumulated
@@ -200,14 +204,26 @@ class VLMModule(L.LightningModule):
         self.log("val/loss", self._loss(batch), prog_bar=True, batch_size=len(batch["keys"]), sync_dist=True)
 
     @override
+    def _optimizer_steps(self) -> float:
+        """The fit's optimizer steps, from the DataModule when it counts them without building a loader (the
+        project's does: see CaptionDataModule.optimizer_steps), else Lightning's estimate."""
+        trainer = self.trainer
+        count = getattr(trainer.datamodule, "optimizer_steps", None)
+        if count is None or trainer.max_epochs in (None, -1):  # no epoch bound: Lightning returns max_steps
+            return trainer.estimated_stepping_batches
+        return count(trainer)
+
     def configure_optimizers(self):
         groups = group_parameters(self.vlm)
         param_groups = [
             {"params": groups[name], "lr": getattr(self.optim.lr, name), "name": name} for name in self.trainable
         ]
         optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)  # as LLaVA trains; AdamW's default is 0.01
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, int(self._optimizer_steps()))
         warmup, floor = min(self.optim.warmup_steps, total // 2), self.optim.min_lr_ratio
+        if warmup < self.optim.warmup_steps:
+            log.warning("warmup_steps %d is more than half of the stage's %d optimizer steps: warming up over %d",
+                        self.optim.warmup_steps, total, warmup)  # fmt: skip
 
         def factor(step: int) -> float:
             if step < warmup:

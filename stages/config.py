@@ -85,6 +85,8 @@ class TrainerConfig:
     gradient_clip_val: float | None = None
     log_every_n_steps: int | None = None
     val_check_interval: int | float | None = None
+    """Validate every N training batches (micro-batches: with accumulation 2, every N/2 optimizer steps), or
+    at this share of each epoch."""
     limit_val_batches: int | float | None = None
     num_sanity_val_steps: int | None = None
     deterministic: bool | Literal["warn"] | None = None
@@ -117,7 +119,8 @@ class TrainerConfig:
         interval = self.val_check_interval
         if interval is not None and (interval <= 0 or (isinstance(interval, float) and interval > 1)):
             raise ValueError(
-                f"{where}.val_check_interval must be steps >= 1 or a share of the epoch in (0, 1], got {interval}"
+                f"{where}.val_check_interval must be training batches >= 1 (micro-batches, not optimizer steps) "
+                f"or a share of the epoch in (0, 1], got {interval}"
             )
         limit = self.limit_val_batches
         if limit is not None and (limit < 0 or (isinstance(limit, float) and limit > 1)):
@@ -222,6 +225,7 @@ class StageSpec:
     """Where the projector and adapter come from: "previous" (the stage before), "base" (fresh), or a stage name."""
     lr: LearningRates = field(default_factory=LearningRates)
     warmup_steps: int = 20
+    """Linear warm-up over these optimizer steps (at most half of the stage's: more is cut, with a warning)."""
     min_lr_ratio: float = 0.1
     """The cosine schedule ends at this fraction of each peak rate (0: decays to zero, as LLaVA-1.5's does)."""
     loss_weighting: str = "token"

@@ -159,7 +159,7 @@ def test_model_folder_and_shard_digests_see_a_rebuild_of_the_same_sizes(tmp_path
         # the rest failed after the base models (minutes), most with a traceback naming no flag.
         ("--model.lora.alpha=0", "model.lora.alpha must be positive, got 0"),
         ("--model.lora.target_modules=[]", "model.lora.target_modules must name at least one module"),
-        ("--trainer.val_check_interval=-1", "trainer.val_check_interval must be steps >= 1 or a share"),
+        ("--trainer.val_check_interval=-1", "trainer.val_check_interval must be training batches >= 1"),
         ("--stages.align.trainer.limit_val_batches=1.5", "stages.align.trainer.limit_val_batches must be a count"),
         ("--trainer.devices=x", "trainer.devices must be a count, a list of indices"),
         ("--stability.instability.divergence_ratio=0.5", "divergence_ratio must be 0 (off) or at least 1, got 0.5"),

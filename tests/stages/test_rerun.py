@@ -320,6 +320,26 @@ def test_a_stage_resumed_from_a_checkpoint_at_an_epochs_end_trains_the_next_epoc
     assert resumed == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
 
 
+def test_a_stage_trained_by_epochs_resumes_on_the_batches_it_had_not_trained_on(tmp_path, monkeypatch, caplog):
+    """With max_epochs and no max_steps, Lightning built the train loader to size the learning-rate schedule
+    before the checkpoint was restored, and kept it for the resumed epoch: the stage trained its first batches
+    again and never saw its last ones (losses off from the resumed step on)."""
+    from datamodules.shards import budget_counts, read_index
+
+    epochs = ["--stages.align.trainer.max_steps=-1", "--stages.align.trainer.max_epochs=1"]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    with caplog.at_level("WARNING"):
+        assert _run(reference, *epochs) == 0
+    steps = budget_counts(read_index(reference / "data"), "train", 8)[0] // 8  # align's batches per epoch
+    # The schedule is sized as Lightning sized it (an epoch's batches); its default 20 warm-up steps are cut.
+    assert f"warmup_steps 20 is more than half of the stage's {steps} optimizer steps: warming up over" in caplog.text
+    _run_killed_at_align_step(run, 7, monkeypatch, *epochs)  # its last checkpoint: step 6
+    assert _run(run, *epochs) == 0
+    resumed, uninterrupted = (json.loads((r / "align" / "losses.json").read_text())["losses"] for r in (run, reference))
+    assert len(resumed) == len(uninterrupted) > 7
+    assert resumed == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
+
+
 def test_a_moved_run_killed_again_resumes_from_its_newest_checkpoint(tmp_path, monkeypatch):
     """In a moved run folder Lightning forgot the last.ckpt it wrote (its path changed) and saved beside it as
     last-v1.ckpt; killed again, the rerun read last.ckpt and lost every step since the move."""
