@@ -203,7 +203,6 @@ class VLMModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.log("val/loss", self._loss(batch), prog_bar=True, batch_size=len(batch["keys"]), sync_dist=True)
 
-    @override
     def _optimizer_steps(self) -> float:
         """The fit's optimizer steps, from the DataModule when it counts them without building a loader (the
         project's does: see CaptionDataModule.optimizer_steps), else Lightning's estimate."""
@@ -213,6 +212,7 @@ class VLMModule(L.LightningModule):
             return trainer.estimated_stepping_batches
         return count(trainer)
 
+    @override
     def configure_optimizers(self):
         groups = group_parameters(self.vlm)
         param_groups = [
