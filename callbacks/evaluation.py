@@ -45,7 +45,7 @@ def generate_captions(
 ) -> list[str]:
     """Captions for (key, image, metadata) samples. Every prompt has the same length, so no padding. Captions
     that reach `max_new_tokens` before an end token are counted and said once (budgets are in words, limits in
-    tokens: a subword tokenizer's 48-word caption can take 180)."""
+    tokens: a subword tokenizer's 48-word caption took 187)."""
     device = next(vlm.parameters()).device
     prefix = torch.tensor(fmt.prefix(), device=device)
     tokenizer = fmt.tokenizer
