@@ -108,6 +108,30 @@ def test_a_refusal_names_the_last_holder_only(tmp_path):
     assert str(refused.value).endswith(": x; wait for it to end") and "long purpose" not in str(refused.value)
 
 
+def test_another_users_lock_file_still_guards_the_folder(tmp_path, monkeypatch):
+    """A lock file this user may read but not write (another user's, in a folder both write) is locked through a
+    read-only handle: without that fallback the second writer went on unguarded. The file is left as it was."""
+    import pathlib
+
+    from stages.paths import FolderBusy, file_lock
+
+    lock = tmp_path / ".lock"
+    lock.write_text("pid 1 on elsewhere: another user's build\n")
+    opened = pathlib.Path.open
+
+    def not_writable(self, mode="r", *args, **kwargs):  # tests run as root here, whom chmod does not stop
+        if self == lock and mode != "r":
+            raise PermissionError(13, "Permission denied", str(self))
+        return opened(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "open", not_writable)
+    with file_lock(lock, "--out_dir", purpose="mine"):
+        with pytest.raises(FolderBusy):
+            with file_lock(lock, "--out_dir", purpose="theirs"):
+                pass
+    assert lock.read_text() == "pid 1 on elsewhere: another user's build\n"
+
+
 def test_only_rank_0_of_a_multi_device_compare_locks_its_root(tmp_path, monkeypatch):
     # Lightning's launcher starts the other ranks by running the same command again: they found rank 0's lock,
     # exited 2, and the launcher killed the run.
