@@ -238,14 +238,13 @@ def class_table(
     return None
 
 
-RECORD_KEYS = ("stage", "global_step", "generation", "history", "eval_fingerprint")
-"""What metrics.json holds beside the scores (and the stage's `budget`, which the run's summary leaves out too)."""
+RECORD_KEYS = ("stage", "global_step", "generation", "history", "eval_fingerprint", "budget")
+"""What metrics.json holds beside the scores."""
 
 
 def scores(record: dict) -> dict:
-    """The scores of a metrics.json record, as the final evaluation computed them: a stage skipped or resumed
-    on a rerun gave the run's summary.json its whole record (history included) where a trained stage gave
-    its scores."""
+    """The scores of a metrics.json record, the same keys as the final evaluation's `metrics` (what a stage
+    skipped or resumed on a rerun reports, as a trained one does)."""
     return {k: v for k, v in record.items() if k not in RECORD_KEYS}
 
 
@@ -407,8 +406,8 @@ class CaptionEvaluation(L.Callback):
         """The final evaluation of a stage's trained model outside its training (its evaluation settings
         changed after it finished): scores, VQA if asked, metrics.json and captions.jsonl; the metrics.
 
-        One process; `history` is what the caller sets (the evaluations during training, made with other
-        settings, are not repeated)."""
+        One process; the record's `history` is empty, this callback being new (the evaluations during
+        training, made with other settings, are not repeated)."""
         results = self.caption(vlm)
         metrics = score(results, self.buckets, self.synonyms)
         if self.vqa:

@@ -416,7 +416,7 @@ def _run_curriculum(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> li
         step_offset += result.global_steps
     if rank_zero_only.rank != 0:  # the other ranks of a multi-device run trained; rank 0 scores and reports
         return []
-    summary = {r.name: {k: v for k, v in r.metrics.items() if k != "budget"} for r in results}
+    summary = {r.name: r.metrics for r in results}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     log.info("report: %s", write_report(run_dir))
     return results

@@ -1,7 +1,8 @@
 """The data stage: a Data-Juicer recipe from raw samples to WebDataset shards, with a data report.
 
     raw samples (synthetic | llava | dj_jsonl)  ->  Data-Juicer ops, one at a time (recaption, filters)
-      ->  shards (train/val/test by a stable hash of the key) + index.json  ->  report.json / report.md
+      ->  shards (train/val/test: the split a record names, else a stable hash of the sample's image, so
+          that every caption of one image lands in one split) + index.json  ->  report.json / report.md
 
 `image_files.json` lists every image file the input named, with its size and modification time when the stage
 read it, so that a curriculum can tell when one changed.
@@ -72,7 +73,7 @@ class RecipeConfig:
     """Data-Juicer ops in order, as in a Data-Juicer recipe: [{op_name: {arg: value}}, ...]."""
     val_share: float = 0.0125
     test_share: float = 0.0125
-    """Samples without a split of their own go to val / test by a stable hash of their key."""
+    """Samples without a split of their own go to val / test by a stable hash of their image (`split_key`)."""
     shard_size: int = 5000
     max_skip_share: float = 0.05
     """Fail when more than this share of the input samples is unusable (missing image, ...)."""
@@ -141,7 +142,8 @@ def _raw_rows(recipe: RecipeConfig, world: WorldConfig, seed: int, work_dir: Pat
 
 
 def quiet_data_juicer() -> None:
-    """Data-Juicer logs every op's worker count at INFO through loguru; keep its warnings and errors."""
+    """Data-Juicer logs every op's worker count at INFO through loguru; keep its warnings and errors. This replaces
+    loguru's sinks process-wide (this project logs through `logging`, not loguru)."""
     import sys
 
     from loguru import logger
@@ -244,38 +246,40 @@ def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int =
     dataset = NestedDataset.from_list(rows)
     accounting = []
     stats_dir.mkdir(parents=True, exist_ok=True)
-    start_method = multiprocess.get_start_method(allow_none=True)  # put back after the ops
-    for op in load_ops(process):
-        set_seed(seed)  # an op that samples (the stock captioner does) writes the same shards on every run
-        workers = op.runtime_np()  # None: in this process
-        if workers:  # workers of model ops start fresh, not forked (as Data-Juicer's own executor does)
-            setup_mp(["forkserver", "spawn"] if op.use_cuda() or op._name in UNFORKABLE.modules else None)
-        before, started = len(dataset), time.perf_counter()
-        if isinstance(op, Filter):
-            dataset = op.run(dataset, reduce=False)
-            with (stats_dir / f"{op._name}.jsonl").open("w") as sink:
-                for key, stats in zip(dataset["__key__"], dataset[Fields.stats], strict=True):
-                    sink.write(json.dumps({"key": key, **stats}) + "\n")
-            dataset = dataset.filter(op.process, num_proc=workers, batch_size=op.batch_size)
-        else:
-            dataset = op.run(dataset)
-        args = {k: v for k, v in op._op_cfg[op._name].items() if k not in ("skip_op_error", *in_process)}
-        timed = hasattr(op, "seconds") and not workers
-        accounting.append(
-            {
-                "op": op._name,
-                "args": args,
-                "in": before,
-                "out": len(dataset),
-                "dropped": before - len(dataset),
-                "seconds": round(time.perf_counter() - started, 3),
-                # An op's own phase timings are kept in this process; worker processes (num_proc) keep theirs.
-                **({"phases": {k: round(v, 3) for k, v in op.seconds.items()}} if timed else {}),
-                **({"workers": workers} if workers else {}),
-            }
-        )
-        log.info("data op %s: %d in, %d out", op._name, before, len(dataset))
-    multiprocess.set_start_method(start_method, force=True)
+    start_method = multiprocess.get_start_method(allow_none=True)  # put back after the ops, also when one fails
+    try:
+        for op in load_ops(process):
+            set_seed(seed)  # an op that samples (the stock captioner does) writes the same shards on every run
+            workers = op.runtime_np()  # None: in this process
+            if workers:  # workers of model ops start fresh, not forked (as Data-Juicer's own executor does)
+                setup_mp(["forkserver", "spawn"] if op.use_cuda() or op._name in UNFORKABLE.modules else None)
+            before, started = len(dataset), time.perf_counter()
+            if isinstance(op, Filter):
+                dataset = op.run(dataset, reduce=False)
+                with (stats_dir / f"{op._name}.jsonl").open("w") as sink:
+                    for key, stats in zip(dataset["__key__"], dataset[Fields.stats], strict=True):
+                        sink.write(json.dumps({"key": key, **stats}) + "\n")
+                dataset = dataset.filter(op.process, num_proc=workers, batch_size=op.batch_size)
+            else:
+                dataset = op.run(dataset)
+            args = {k: v for k, v in op._op_cfg[op._name].items() if k not in ("skip_op_error", *in_process)}
+            timed = hasattr(op, "seconds") and not workers
+            accounting.append(
+                {
+                    "op": op._name,
+                    "args": args,
+                    "in": before,
+                    "out": len(dataset),
+                    "dropped": before - len(dataset),
+                    "seconds": round(time.perf_counter() - started, 3),
+                    # An op's own phase timings are kept in this process; worker processes (num_proc) keep theirs.
+                    **({"phases": {k: round(v, 3) for k, v in op.seconds.items()}} if timed else {}),
+                    **({"workers": workers} if workers else {}),
+                }
+            )
+            log.info("data op %s: %d in, %d out", op._name, before, len(dataset))
+    finally:
+        multiprocess.set_start_method(start_method, force=True)
     return dataset.to_list(), accounting
 
 

@@ -7,8 +7,9 @@ colour=red, size=large). In this world an object is identified by its colour and
 - CHAIR-i: mentions whose (colour, shape) is not in the image / all mentions (a mention with no
   colour counts as hallucinated only if no object has that shape);
 - CHAIR-s: captions with at least one such mention / all captions;
-- attribute hallucination: among mentions whose shape is in the image, the share that state a
-  colour or size which no object of that shape has (right shape, wrong colour or size);
+- attribute hallucination: among mentions whose shape is in the image, the share that no single
+  object of that shape matches in both the colour and the size stated ("a large red circle" beside a
+  small red circle and a large blue one is wrong);
 - recall: ground-truth objects whose (colour, shape) some mention names / all ground-truth objects;
 - all of these also per bucket of generated caption length: CHAIR-s rises with length by
   construction, so curricula are compared at matched lengths.

@@ -1,9 +1,12 @@
 """Running one stage of the curriculum: build its model and data, fit, evaluate, hand off.
 
 A stage writes `<run_dir>/<stage>/`:
-    config.yaml     the resolved configuration and inputs; its hash is the stage's fingerprint
-    checkpoints/    Lightning checkpoints (last.ckpt) of the trained parameters only
-    export/         projector.safetensors (+ adapter/), what the next stage starts from
+    config.yaml     the resolved configuration and inputs; the stage's fingerprint hashes it, less the paths as
+                    given, the display-only keys and the evaluation settings (`stage_fingerprint`)
+    checkpoints/    Lightning checkpoints (last.ckpt; stopped.ckpt when the instability callback stopped the
+                    stage) of the trained parameters only
+    export/         what the next stage starts from: projector.safetensors (+ adapter/), and the vision and lm
+                    safetensors of parts trained in full, here or in an earlier stage
     metrics.json    the held-out evaluation
     losses.json     the loss of every optimizer step
     alerts.jsonl    stability alerts, one JSON object a line (absent when there were none)
@@ -160,7 +163,7 @@ def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig
 
 
 def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, init_print: str | None) -> dict:
-    """Everything that decides what this stage computes; its hash is the stage's fingerprint."""
+    """Everything that decides what this stage computes (`stage_fingerprint` hashes what decides its weights)."""
     spec = cfg.stages[name]
     trainer = cfg.trainer.merged(spec.trainer)
     stage = {**asdict(spec), "trainer": asdict(trainer)}

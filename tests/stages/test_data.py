@@ -453,3 +453,27 @@ def test_images_are_read_as_their_shard_is_written_not_all_first(tmp_path, monke
     monkeypatch.setattr(stages.data, "write_shards", writing)
     run_data_stage(load_recipe(SYNTHETIC_RECIPE), tmp_path / "out", MICRO_WORLD, seed=0)
     assert written[0] == 0 and len(read) == 248, "no image read before the first split's shards start"
+
+
+def test_an_op_that_fails_puts_the_start_method_back(tmp_path, monkeypatch):
+    """An op with workers sets the process's multiprocessing start method; it was put back only when every op
+    succeeded, and a failed build left a program that goes on (compare, bench, a notebook) with another one."""
+    import multiprocess
+    from data_juicer.ops.filter.text_length_filter import TextLengthFilter
+
+    from tests.conftest import MICRO_WORLD
+
+    def fails(self, dataset, **kwargs):
+        raise RuntimeError("the op failed")
+
+    monkeypatch.setattr(TextLengthFilter, "run", fails)
+    before = multiprocess.get_start_method(allow_none=True)
+    multiprocess.set_start_method("spawn", force=True)  # not what the op's workers set (fork, on Linux)
+    try:
+        process = [{"text_length_filter": {"min_len": 1, "max_len": 1000, "num_proc": 2}}]
+        recipe = RecipeConfig(input=InputSpec(format="synthetic"), process=process)
+        with pytest.raises(RuntimeError, match="the op failed"):
+            run_data_stage(recipe, tmp_path / "out", MICRO_WORLD, seed=0)
+        assert multiprocess.get_start_method(allow_none=True) == "spawn"
+    finally:
+        multiprocess.set_start_method(before, force=True)

@@ -78,6 +78,15 @@ def test_attribute_hallucination_is_right_shape_wrong_colour_or_size():
     assert m["chair_i"] == pytest.approx(2 / 4)
 
 
+def test_an_attribute_is_right_only_when_one_object_has_both_colour_and_size():
+    # A small red circle and a large blue one: "a large red circle" names a colour and a size that circles
+    # have, but no one circle has both.
+    objects = [{**RED_CIRCLE, "size": "small"}, {**RED_CIRCLE, "colour": "blue"}]
+    m = hallucination(["a large red circle", "a small red circle", "a large blue circle"], [objects] * 3)
+    assert m["attr_halluc"] == pytest.approx(1 / 3)
+    assert m["chair_i"] == 0.0
+
+
 def test_by_length_buckets_split_on_generated_words():
     captions = ["a blue circle", "a large red circle at the top on a gray background"]  # 3 and 11 words
     buckets = by_length(captions, [[RED_CIRCLE]] * 2, (8, 20))
