@@ -51,7 +51,7 @@ def baseline_stages(cfg: CurriculumConfig) -> dict:
         raise ValueError("compare: the curriculum needs an align stage and at least one SFT stage")
     steps = {}
     for name in names:
-        max_steps = cfg.trainer.merged(cfg.stages[name].trainer).max_steps
+        max_steps = cfg.trainer_of(name).max_steps
         if max_steps is None or max_steps < 1:
             raise ValueError(f"compare: stages.{name}.trainer.max_steps must be set to match the optimizer steps")
         steps[name] = max_steps

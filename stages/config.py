@@ -401,6 +401,10 @@ class CurriculumConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stability: StabilityConfig = field(default_factory=StabilityConfig)
 
+    def trainer_of(self, stage: str) -> TrainerConfig:
+        """The trainer settings stage `stage` runs with: the run's, with what the stage sets replacing them."""
+        return self.trainer.merged(self.stages[stage].trainer)
+
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("stages: a curriculum needs at least one stage")
@@ -430,7 +434,7 @@ class CurriculumConfig:
                     upstream,
                     self.stages[upstream].max_words,
                 )
-            stage_trainer = self.trainer.merged(spec.trainer)
+            stage_trainer = self.trainer_of(name)
             stage_trainer.check(f"stages.{name}.trainer")
             if stage_trainer.max_steps in (None, -1) and stage_trainer.max_epochs in (None, -1):
                 logging.getLogger(__name__).warning(

@@ -316,7 +316,7 @@ def check_accelerator(cfg: CurriculumConfig) -> None:
     from lightning.pytorch.accelerators import AcceleratorRegistry
 
     for name, spec in cfg.stages.items():
-        trainer = cfg.trainer.merged(spec.trainer)
+        trainer = cfg.trainer_of(name)
         accelerator, devices = trainer.accelerator, trainer.devices
         gpu_here = torch.cuda.is_available() or torch.backends.mps.is_available()  # what "auto" would pick
         on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not gpu_here)
@@ -388,7 +388,7 @@ def _run_curriculum(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> li
         held.enter_context(folder_lock(shard_dir, "--data.shard_dir" if cfg.data.shard_dir else "data", shared=True))
     budgets = {}
     for name, spec in cfg.stages.items():
-        trainer = cfg.trainer.merged(spec.trainer)
+        trainer = cfg.trainer_of(name)
         budgets[name] = (spec.max_words, ranks(trainer), trainer.accumulate_grad_batches or 1)
     check_shards_serve(read_index(shard_dir), shard_dir, budgets, cfg.data.batch_size, cfg.eval.split)
     if rank_zero_only.rank == 0:

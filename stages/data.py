@@ -358,10 +358,11 @@ def clear_build(out_dir: Path) -> None:
     (out_dir / INDEX_NAME).unlink(missing_ok=True)
     for shard in _shard_files(out_dir):
         shard.unlink()
-    for folder in ("stats", "work"):
-        shutil.rmtree(out_dir / folder, ignore_errors=True)
-    for name in ("report.json", "report.md", IMAGE_FILES_NAME):
-        (out_dir / name).unlink(missing_ok=True)
+    for name in BUILD_FILES:
+        if (out_dir / name).is_dir():
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+        else:
+            (out_dir / name).unlink(missing_ok=True)
 
 
 def run_data_stage(

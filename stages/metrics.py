@@ -121,8 +121,7 @@ def hallucination(predictions: list[str], objects: list[list[dict]]) -> dict[str
         "attr_mentions": float(attr_total),
         "recall": gt_found / gt_total if gt_total else 0.0,
         "objects": float(gt_total),
-        "mean_words": sum(map(word_count, predictions)) / n if n else 0.0,
-        "images": float(n),
+        **words_and_images(predictions),
     }
 
 

@@ -165,7 +165,7 @@ def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig
 def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, init_print: str | None) -> dict:
     """Everything that decides what this stage computes (`stage_fingerprint` hashes what decides its weights)."""
     spec = cfg.stages[name]
-    trainer = cfg.trainer.merged(spec.trainer)
+    trainer = cfg.trainer_of(name)
     stage = {**asdict(spec), "trainer": asdict(trainer)}
     instability = cfg.stability.instability
     acting = instability.enabled and instability.action != "warn"
@@ -280,7 +280,7 @@ def rescore_stage(
         raise FileNotFoundError(
             f"stage {name} finished (done.json) but its export/ is missing; delete {stage_dir} to train it again"
         )
-    trainer = cfg.trainer.merged(cfg.stages[name].trainer)
+    trainer = cfg.trainer_of(name)
     vlm, tokenizer, processor, _ = load_stage_model(StageSource(stage_dir, resolved, steps), as_trained=True)
     on_gpu = torch.cuda.is_available() and trainer.accelerator not in ("cpu",)
     vlm.to(device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else None)
@@ -327,7 +327,7 @@ def stage_trainer(
     )
     sinks, monitor, boundary = stability_callbacks(cfg, name, stage_dir, previous_tail)
     faults = FaultInjection(cfg.stability.faults, cfg.seed) if cfg.stability.faults else None
-    trainer_config = cfg.trainer.merged(cfg.stages[name].trainer)
+    trainer_config = cfg.trainer_of(name)
     throughput = Throughput(log_every=trainer_config.log_every_n_steps or 50)
     # Lightning refuses a progress bar among the callbacks when enable_progress_bar is false.
     bar = stage_progress_bar(name) if trainer_config.enable_progress_bar is not False else None
@@ -416,7 +416,7 @@ def run_stage(
     L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)
     vlm, tokenizer, processor = build_vlm(cfg.model, inputs.vision_path, inputs.lm_path)
     if init_dir is not None:
-        if cfg.trainer.merged(cfg.stages[name].trainer).trained_dtype() == torch.float64:
+        if cfg.trainer_of(name).trained_dtype() == torch.float64:
             # Lightning casts to float64 only when the fit starts: loaded into float32 first, a float64 handoff
             # lost its low bits. (Narrower dtypes are left to Lightning and DeepSpeed, which cast as they do.)
             vlm.double()

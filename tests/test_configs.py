@@ -49,8 +49,8 @@ def test_a_config_that_sets_stages_replaces_the_whole_mapping(tmp_path):
 
 def test_stage_trainer_settings_override_the_run_trainer():
     cfg = _parse("--trainer.max_epochs=3", "--stages.sft_long.trainer.max_epochs=5")
-    assert cfg.trainer.merged(cfg.stages["sft_long"].trainer).max_epochs == 5
-    assert cfg.trainer.merged(cfg.stages["sft_short"].trainer).max_epochs == 3
+    assert cfg.trainer_of("sft_long").max_epochs == 5
+    assert cfg.trainer_of("sft_short").max_epochs == 3
 
 
 @pytest.mark.parametrize("profile", ["llava15_7b", "mgm_2b", "small_siglip_qwen"])

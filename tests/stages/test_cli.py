@@ -367,9 +367,9 @@ def test_a_stage_can_leave_a_deepspeed_run(tmp_path):
     parser = build_parser()
     argv = ["curriculum", "--trainer.strategy=deepspeed", "--trainer.deepspeed_config=configs/deepspeed/zero2.json"]
     cfg, _ = checked_curriculum(parser, parser.parse_args([*argv, "--stages.align.trainer.strategy=auto"]))
-    align = cfg.trainer.merged(cfg.stages["align"].trainer)
+    align = cfg.trainer_of("align")
     assert align.strategy == "auto" and align.deepspeed_config is None
-    assert cfg.trainer.merged(cfg.stages["sft_long"].trainer).deepspeed_config == "configs/deepspeed/zero2.json"
+    assert cfg.trainer_of("sft_long").deepspeed_config == "configs/deepspeed/zero2.json"
 
 
 def test_missing_model_folder_names_the_flag(tmp_path, capsys):
