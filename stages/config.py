@@ -405,6 +405,19 @@ class CurriculumConfig:
         """The trainer settings stage `stage` runs with: the run's, with what the stage sets replacing them."""
         return self.trainer.merged(self.stages[stage].trainer)
 
+    def _check_same_processes(self, name: str, first: str) -> None:
+        """Every stage trains on the processes the first one started: a stage on 1 device after one on 2 ran
+        twice, each process training it as rank 0 into the same folder (two evaluations, one export)."""
+        this, that = self.trainer_of(name), self.trainer_of(first)
+        for key, default in (("devices", "auto"), ("num_nodes", 1)):  # unset: Lightning's defaults
+            mine, theirs = (getattr(t, key) if getattr(t, key) is not None else default for t in (this, that))
+            if str(mine) != str(theirs):
+                where = f"stages.{name}.trainer.{key}" if getattr(self.stages[name].trainer, key) is not None else ""
+                raise ValueError(
+                    f"{where or f'stages.{first}.trainer.{key}'}: stage {name} runs with {key} {mine!r} and stage "
+                    f"{first} with {theirs!r}; every stage of a run trains on the same processes (set it in trainer)"
+                )
+
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("stages: a curriculum needs at least one stage")
@@ -436,6 +449,7 @@ class CurriculumConfig:
                 )
             stage_trainer = self.trainer_of(name)
             stage_trainer.check(f"stages.{name}.trainer")
+            self._check_same_processes(name, names[0])
             if stage_trainer.max_steps in (None, -1) and stage_trainer.max_epochs in (None, -1):
                 logging.getLogger(__name__).warning(
                     "stages.%s: neither trainer.max_steps nor trainer.max_epochs is set (here or in trainer), so "

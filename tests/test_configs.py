@@ -53,6 +53,15 @@ def test_stage_trainer_settings_override_the_run_trainer():
     assert cfg.trainer_of("sft_short").max_epochs == 3
 
 
+def test_every_stage_trains_on_the_processes_of_the_first():
+    # A stage on 1 device after one on 2 ran in both processes, each training it as rank 0 into one folder.
+    with pytest.raises(ValueError, match=r"stages.sft_short.trainer.devices: stage sft_short runs with devices 1 and"):
+        _parse("--trainer.devices=2", "--stages.sft_short.trainer.devices=1")
+    with pytest.raises(ValueError, match=r"stages.align.trainer.num_nodes: stage sft_short runs with num_nodes 1 and"):
+        _parse("--stages.align.trainer.num_nodes=2")
+    assert _parse("--stages.align.trainer.devices=1").trainer_of("sft_long").devices == 1  # tiny.yaml's own
+
+
 @pytest.mark.parametrize("profile", ["llava15_7b", "mgm_2b", "small_siglip_qwen"])
 def test_real_profiles_train_at_llava_rates_not_the_tiny_worlds(profile):
     # mgm_2b and small_siglip_qwen set no stages, so they inherited tiny.yaml's: LoRA at 3e-3 (15x LLaVA's
