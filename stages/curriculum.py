@@ -27,6 +27,7 @@ from modules.loading import (
 )
 from stages.config import RESERVED_STAGE_NAMES, CurriculumConfig, TrainerConfig, upstream_stage
 from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
+from stages.launch import join_launched_ranks, rank_zero_first
 from stages.paths import LOCK_NAME, check_own_folder, folder_lock, follow_umask, write_text_atomic
 from stages.report import REPORT_PLOTS, STAGES_FILE, write_report
 from stages.stage import RunInputs, StageResult, StageStopped, fingerprint, run_stage
@@ -342,13 +343,17 @@ def check_accelerator(cfg: CurriculumConfig) -> None:
 
 
 def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    first = cfg.trainer_of(next(iter(cfg.stages)))  # every stage trains on the same processes
+    join_launched_ranks(first.num_nodes or 1, ranks(first), gpu=first.accelerator not in ("cpu",))
     with ExitStack() as held:
-        if rank_zero_only.rank == 0:  # one run at a time in a folder (the other ranks of this run belong to it)
-            held.enter_context(folder_lock(run_dir, "--run_dir", purpose="a curriculum run"))
-            writes = (*RESERVED_STAGE_NAMES, *cfg.stages, "summary.json", "report.md", *REPORT_PLOTS)
-            check_own_folder(run_dir, "--run_dir", (STAGES_FILE, "summary.json"), writes)  # summary: old runs
-        return _run_curriculum(cfg, run_dir, held)
+        with rank_zero_first("to prepare the run"):  # the others find what it built
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if rank_zero_only.rank == 0:  # one run at a time in a folder (the other ranks of this run belong to it)
+                held.enter_context(folder_lock(run_dir, "--run_dir", purpose="a curriculum run"))
+                writes = (*RESERVED_STAGE_NAMES, *cfg.stages, "summary.json", "report.md", *REPORT_PLOTS)
+                check_own_folder(run_dir, "--run_dir", (STAGES_FILE, "summary.json"), writes)  # summary: old runs
+            inputs = _prepare_run(cfg, run_dir, held)
+        return _run_stages(cfg, inputs)
 
 
 class InputChanged(RuntimeError):
@@ -372,7 +377,8 @@ def check_inputs_unchanged(inputs: RunInputs, stage: str) -> None:
         )
 
 
-def _run_curriculum(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> list[StageResult]:
+def _prepare_run(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> RunInputs:
+    """The run's base models and shards, built unless built before, and checked."""
     if rank_zero_only.rank == 0:  # the stage order, for a report of a run that has not finished
         write_text_atomic(run_dir / STAGES_FILE, json.dumps({"stages": list(cfg.stages)}, indent=2))
     check_inputs(cfg)
@@ -393,7 +399,11 @@ def _run_curriculum(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> li
     check_shards_serve(read_index(shard_dir), shard_dir, budgets, cfg.data.batch_size, cfg.eval.split)
     if rank_zero_only.rank == 0:
         warn_unknown_caption_tokens(tokenizer, shard_dir, lm)
-    inputs = RunInputs(run_dir, shard_dir, vision, lm, input_digests(shard_dir, vision, lm))
+    return RunInputs(run_dir, shard_dir, vision, lm, input_digests(shard_dir, vision, lm))
+
+
+def _run_stages(cfg: CurriculumConfig, inputs: RunInputs) -> list[StageResult]:
+    run_dir = inputs.run_dir
     results: list[StageResult] = []
     names = list(cfg.stages)
     step_offset = 0

@@ -232,21 +232,32 @@ def run_data_command(parser: ArgumentParser, args) -> int:
     return 0
 
 
-def run_model_command(command: str, options) -> int:
-    import json
-
-    from stages.export import evaluate_model, export_model, find_stage, metrics_table
+def run_export_command(parser: ArgumentParser, args) -> int:
+    from stages.export import export_model, find_stage
     from stages.paths import FolderBusy
 
+    options = args.export
     try:
-        if command == "export":
-            source = find_stage(options.run_dir, options.stage)
-            given = Path(options.run_dir)  # a stage's export/ folder stands for its stage folder
-            folder = source.stage_dir if given.resolve() == source.stage_dir / "export" else given
-            out = Path(options.out_dir) if options.out_dir else folder / "export_hf"
-            export_model(source, out)
-            print(f"exported {source.stage_dir} (step {source.global_step}) to {out}; see {out / 'README.md'}")
-            return 0
+        source = find_stage(options.run_dir, options.stage)
+        given = Path(options.run_dir)  # a stage's export/ folder stands for its stage folder
+        folder = source.stage_dir if given.resolve() == source.stage_dir / "export" else given
+        out = Path(options.out_dir) if options.out_dir else folder / "export_hf"
+        export_model(source, out)
+    except (FileNotFoundError, FileExistsError, ValueError, FolderBusy) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {source.stage_dir} (step {source.global_step}) to {out}; see {out / 'README.md'}")
+    return 0
+
+
+def run_eval_command(parser: ArgumentParser, args) -> int:
+    import json
+
+    from stages.export import evaluate_model, metrics_table
+    from stages.paths import FolderBusy
+
+    options = args.eval
+    try:
         result = evaluate_model(
             options.model,
             options.data,
@@ -373,6 +384,7 @@ def run_curriculum_command(parser: ArgumentParser, args) -> int:
     from datamodules.shards import ShardError
     from modules.loading import ModelFolderError
     from stages.curriculum import InputChanged, NoGPU, run_curriculum
+    from stages.launch import LaunchError
     from stages.paths import FolderBusy
     from stages.stage import StageStopped
 
@@ -380,7 +392,16 @@ def run_curriculum_command(parser: ArgumentParser, args) -> int:
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(config_files)
     try:
         results = run_curriculum(cfg, run_dir)
-    except (FileNotFoundError, FileExistsError, ModelFolderError, ShardError, FolderBusy, InputChanged, NoGPU) as error:
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        ModelFolderError,
+        ShardError,
+        FolderBusy,
+        InputChanged,
+        NoGPU,
+        LaunchError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except StageStopped as error:
@@ -516,10 +537,10 @@ def main(argv: list[str] | None = None) -> int:
         "compare": run_compare_command,
         "report": run_report_command,
         "bench": run_bench_command,
+        "export": run_export_command,
+        "eval": run_eval_command,
     }
     try:
-        if args.command in ("export", "eval"):
-            return run_model_command(args.command, args[args.command])
         return handlers[args.command](parser, args)
     except SystemExit as stop:
         # Lightning ends a fit that got SIGTERM (a scheduler's preemption) with SIGTERMException, a SystemExit

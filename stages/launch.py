@@ -1,0 +1,104 @@
+"""Runs whose ranks a launcher starts all at once: torchrun, or srun on a SLURM cluster.
+
+Lightning's own launcher starts a node's other ranks only when the first stage begins, by running the same
+command again: by then the first process has built the run's base models and shards, and the others find them
+built. torchrun and srun start every rank at once, and every rank of a fresh run built the base models into
+the same folder (and refused each other's locks). Such ranks join their process group before any file work
+(`join_launched_ranks`; Lightning then uses it), and rank 0 prepares the run first (`rank_zero_first`).
+
+Lightning's own launcher on several nodes (the same command on each node, with NODE_RANK) has the problem of
+torchrun and srun without their process group: each node's first process took itself for rank 0. Runs on
+several nodes are started with torchrun or srun, and refused otherwise.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+# Rank 0 may build the run's shards (hours of captioning on real data) while the other ranks wait: their
+# messages go through a group of their own that waits that long, leaving the training's collectives the
+# default timeout, which finds a hung rank.
+PREPARE_TIMEOUT = timedelta(days=2)
+_prepare_group = None
+
+
+class LaunchError(RuntimeError):
+    """The ranks of a run were started in a way the run cannot coordinate, or rank 0 failed to prepare it."""
+
+
+def launched_ranks():
+    """The cluster environment of a launcher that started every rank at once (torchrun, srun), with more
+    than one rank; None otherwise (one process, or Lightning's own launcher)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    for environment in (TorchElasticEnvironment, SLURMEnvironment):
+        if environment.detect():
+            found = environment()
+            if found.world_size() > 1:
+                return found
+    return None
+
+
+def join_launched_ranks(num_nodes: int, processes: int, gpu: bool) -> None:
+    """Joins the process group of ranks a launcher started all at once; fails on launches the run cannot
+    coordinate: several nodes without torchrun or srun, or a launcher that started another number of ranks
+    than the stages train on (`processes`: devices x num_nodes)."""
+    global _prepare_group
+    launched = launched_ranks()
+    if launched is None:
+        if num_nodes > 1:
+            raise LaunchError(
+                f"trainer.num_nodes {num_nodes}: start the ranks of a run on several nodes with torchrun or srun, "
+                "which start them all at once (the same command on each node, as Lightning's own launcher runs, "
+                "left every node's first process building the run's models and shards as if it were rank 0)"
+            )
+        return
+    if launched.world_size() != processes:
+        raise LaunchError(
+            f"the launcher started {launched.world_size()} ranks and the stages train on {processes} "
+            f"(trainer.devices x trainer.num_nodes); make them agree"
+        )
+    if dist.is_initialized():
+        return
+    # Lightning would join the group when the first stage starts, with the same address and ranks; the "cpu"
+    # backend carries this module's messages (gloo), the "cuda" one the training's collectives (NCCL).
+    os.environ["MASTER_ADDR"] = launched.main_address
+    os.environ["MASTER_PORT"] = str(launched.main_port)
+    backend = "cpu:gloo,cuda:nccl" if gpu and torch.cuda.is_available() else "gloo"
+    log.info("joining the launcher's %d ranks as rank %d (%s)", launched.world_size(), launched.global_rank(), backend)
+    dist.init_process_group(backend, rank=launched.global_rank(), world_size=launched.world_size())
+    _prepare_group = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
+    atexit.register(dist.destroy_process_group)  # as Lightning does for the groups it starts
+
+
+@contextmanager
+def rank_zero_first(what: str) -> Iterator[None]:
+    """Rank 0 runs the block first and the other ranks wait, then run it themselves (finding what rank 0
+    built); one process, or no process group yet: just the block. When the block fails on rank 0, the other
+    ranks fail too, naming its error, instead of waiting for it until the group's timeout."""
+    if not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    group = _prepare_group  # None (the default group): a group this module did not start
+    if dist.get_rank() != 0:
+        verdict: list = [None]
+        dist.broadcast_object_list(verdict, src=0, group=group)
+        if verdict[0] is not None:
+            raise LaunchError(f"rank 0 failed {what}: {verdict[0]}")
+        yield
+        return
+    try:
+        yield
+    except BaseException as error:
+        dist.broadcast_object_list([f"{type(error).__name__}: {error}"], src=0, group=group)
+        raise
+    dist.broadcast_object_list([None], src=0, group=group)

@@ -1,0 +1,60 @@
+"""Runs whose ranks torchrun or srun start all at once, and launches a run cannot coordinate."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+
+import pytest
+
+from stages.launch import LaunchError, join_launched_ranks
+from stages.run import main
+from tests.conftest import MICRO_ARGS, run_fresh
+
+TWO_RANKS_ON_CPU = ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    return run_fresh([*command, "-m", "stages.run", "curriculum", *args, *MICRO_ARGS, *TWO_RANKS_ON_CPU])
+
+
+@pytest.mark.slow
+def test_a_fresh_run_started_by_torchrun_prepares_once_and_trains(tmp_path):
+    # torchrun starts every rank at once: both built the base models into one folder, and rank 1 was refused
+    # rank 0's lock on the run's data ("in use by pid ..."), which ended the run. Rank 0 now prepares first.
+    run = tmp_path / "run"
+    done = _torchrun(f"--run_dir={run}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("pretraining the tiny vision tower") == 1
+    assert list(json.loads((run / "summary.json").read_text())) == ["align", "sft_short", "sft_medium", "sft_long"]
+    # What fails on rank 0 while it prepares ends rank 1 too, naming the error (it waited until the timeout).
+    failed = _torchrun(f"--run_dir={tmp_path / 'bad'}", "--model.lm_path=/nonexistent/lm")
+    assert failed.returncode != 0
+    assert "rank 0 failed to prepare the run: FileNotFoundError: not model folders" in failed.stderr
+
+
+def test_several_nodes_without_torchrun_or_srun_are_refused(tmp_path, capsys):
+    # The same command on each node, as Lightning's own launcher runs: each node's first process took itself
+    # for rank 0, built the run's inputs, and node 1 was refused node 0's lock while node 0 waited for it.
+    assert main(["curriculum", f"--run_dir={tmp_path / 'run'}", *MICRO_ARGS, "--trainer.num_nodes=2"]) == 2
+    assert "trainer.num_nodes 2: start the ranks of a run on several nodes with torchrun or srun" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "run" / "base").exists()
+
+
+def test_a_launcher_that_started_other_ranks_than_the_stages_train_on_is_refused(monkeypatch):
+    # What torchrun --nproc_per_node=2 sets for its first rank.
+    launched = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "GROUP_RANK": "0"}
+    for key, value in launched.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(LaunchError, match=r"the launcher started 2 ranks and the stages train on 1"):
+        join_launched_ranks(num_nodes=1, processes=1, gpu=False)
