@@ -17,7 +17,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset
 
-from datamodules.captions import PromptFormat, collate_captions, select_caption, tag_step_tokens
+from datamodules.captions import PromptFormat, collate_captions, pad_batches, select_caption, tag_step_tokens
 from datamodules.images import SHARD_FORMATS, EncodedImage, open_rgb
 from datamodules.shards import ShardError, budget_counts, read_index, shard_urls
 
@@ -219,25 +219,30 @@ class CaptionDataModule(L.LightningDataModule):
                     "with a smaller shard_size (at least %d shards)",
                     self.shard_dir, len(urls), readers, world, max(self.num_workers, 1), readers, readers, readers,
                 )  # fmt: skip
-        elif world > 1:  # every rank validates on as many batches: under ZeRO-3 each forward pass needs them all
+        elif world > 1:
+            # Every sample once, and every rank as many batches (under ZeRO-3 each forward pass needs them all):
+            # each reader pads its share with batches that score nothing up to the largest share's batches.
             readers = world * max(self.num_workers, 1)
             if kept < readers:  # a reader with no sample that fits would have none to give its batches
                 if kept:
                     log.warning("%s: %d %s samples fit max_words=%d, fewer than its %d readers: no validation loss",
                                 self.shard_dir, kept, split, self.max_words, readers)  # fmt: skip
                 return []
-            batches = max(kept // (self.batch_size * world), 1)
+            largest_share = -(-kept // readers)
+            per_reader = -(-largest_share // self.batch_size)
+            batches = per_reader * max(self.num_workers, 1)
         skip = self._batches_done_this_epoch() if train else 0
-        # Ranks with fewer samples than others read theirs again rather than stop early.
-        repeat = train or world > 1
+        # Training ranks with fewer samples than others read theirs again rather than stop early.
+        padded = [functools.partial(pad_batches, count=per_reader)] if not train and world > 1 else []
         stream = wds.DataPipeline(
-            ShardStream(urls, self.seed, epoch, train, self._fits, skip, self.batch_size, repeat=repeat),
-            wds.batched(self.batch_size, collation_fn=self._collate, partial=not repeat),
+            ShardStream(urls, self.seed, epoch, train, self._fits, skip, self.batch_size, repeat=train),
+            wds.batched(self.batch_size, collation_fn=self._collate, partial=not train),
+            *padded,
         )
         loader = wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers)
         if train:  # in this process, after the workers' batches are put in order
             loader = loader.compose(functools.partial(tag_step_tokens, accumulate=accumulate, start=skip))
-        if repeat:
+        if train or world > 1:
             # with_epoch makes every rank stop after the same number of batches (unequal counts hang DDP);
             # with_length gives Lightning the epoch length for its schedulers and progress bar.
             with warnings.catch_warnings():  # "with_length only sets __len__": that is all it is for here

@@ -134,6 +134,24 @@ def scored_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[..., 1:] != IGNORE_INDEX).sum()
 
 
+def pad_batches(batches: Iterator[dict], count: int) -> Iterator[dict]:
+    """The batches, then as many one-row padding batches as bring them to `count`: a copy of the first row
+    whose labels are all ignored, so that it scores no token. Ranks that validate on different numbers of
+    samples make the same number of forward passes (under ZeRO-3 each pass needs every rank) and still
+    score every sample once."""
+    first = None
+    given = 0
+    for batch in batches:
+        first = batch if first is None else first
+        given += 1
+        yield batch
+    if given < count and first is None:
+        raise RuntimeError("pad_batches: no batch to pad after (a reader without samples)")
+    for _ in range(count - given):
+        row = {key: value[:1] for key, value in first.items() if key != "labels"}
+        yield row | {"keys": [""], "labels": torch.full_like(first["labels"][:1], IGNORE_INDEX)}
+
+
 def tag_step_tokens(batches: Iterator[dict], accumulate: int, start: int = 0) -> Iterator[dict]:
     """The batches, each with `step_tokens`: the scored tokens of every micro-batch of its optimizer step.
 

@@ -200,8 +200,26 @@ class VLMModule(L.LightningModule):
         return share, self._step_rank_factor
 
     @override
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._val_loss_sum = torch.zeros((), device=self.device)
+        self._val_tokens = torch.zeros((), device=self.device)
+
+    @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log("val/loss", self._loss(batch), prog_bar=True, batch_size=len(batch["keys"]), sync_dist=True)
+        tokens = scored_tokens(batch["labels"])
+        loss = self._loss(batch).detach()  # every rank runs it, padding batches too (ZeRO-3 gathers per pass)
+        self._val_loss_sum += torch.where(tokens > 0, loss.float() * tokens, 0.0)  # a padding batch's mean: nan
+        self._val_tokens += tokens
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        """val/loss: the mean over every scored token of every rank, each held-out sample counted once (the
+        padding batches that even out the ranks' batch counts score none). A mean of per-batch means weighed
+        a short caption's tokens above a long one's, and shifted with the batch size and the number of ranks."""
+        totals = self.trainer.strategy.reduce(torch.stack([self._val_loss_sum, self._val_tokens]), reduce_op="sum")
+        if totals[1] > 0:
+            self.log("val/loss", totals[0] / totals[1], prog_bar=True)
 
     def _optimizer_steps(self) -> float:
         """The fit's optimizer steps, from the DataModule when it counts them without building a loader (the

@@ -205,3 +205,34 @@ def test_each_rank_validates_on_its_share_of_what_fits_the_budget(micro_world, m
         stream = ShardStream(urls, 0, 0, False, keep, batch_size=2, repeat=True)
         shares.append([sample["__key__"] for sample in itertools.islice(iter(stream), 4)])
     assert all(fits[key] for share in shares for key in share) and not set(shares[0]) & set(shares[1])
+
+
+@pytest.mark.parametrize("batch_size", [3, 12])
+def test_two_ranks_validate_every_sample_once_in_as_many_batches(micro_world, micro_base, monkeypatch, batch_size):
+    # Each rank validated max(kept // (batch x ranks), 1) full batches, read again to fill them: 7 samples in
+    # batches of 12 over 2 ranks were 24 rows (17 counted twice), and 32 in batches of 12 left 8 unvalidated.
+    # Now every rank reads its share once and pads to the largest share's batch count with rows that score
+    # nothing. 7 samples (max_words 6): shares of 4 and 3.
+    import types
+
+    from datamodules.captions import scored_tokens
+
+    validated = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))  # as webdataset reads the rank of a process group
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        datamodule = CaptionDataModule(micro_world, max_words=6, batch_size=batch_size)
+        tokenizer = AutoTokenizer.from_pretrained(micro_base[1])
+        datamodule.connect(tokenizer, AutoImageProcessor.from_pretrained(micro_base[0]), 9, "describe the image")
+        datamodule.trainer = types.SimpleNamespace(world_size=2, current_epoch=0, accumulate_grad_batches=1)
+        validated.append(list(datamodule.val_dataloader()))
+    assert len(validated[0]) == len(validated[1]) == (2 if batch_size == 3 else 1)
+    keys = [key for batches in validated for batch in batches for key in batch["keys"] if key]
+    assert len(keys) == len(set(keys)) == 7
+    for batches in validated:
+        for batch in batches:
+            padding = [i for i, key in enumerate(batch["keys"]) if not key]
+            assert all(scored_tokens(batch["labels"][i]) == 0 for i in padding)
+    assert sum(not key for batches in validated for batch in batches for key in batch["keys"]) == (
+        1 if batch_size == 3 else 0
+    )

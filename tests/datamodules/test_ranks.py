@@ -30,3 +30,6 @@ def test_two_ranks_get_equal_batch_counts_from_different_shards(micro_world, mic
     # Validation too: every rank the same number of batches (under ZeRO-3 each forward pass needs every rank).
     validated = [json.loads((tmp_path / f"val{r}.json").read_text()) for r in (0, 1)]
     assert [len(v) for v in validated] == [2 * per_epoch, 2 * per_epoch]
+    for epoch in (0, 1):  # and every validated sample once (padding rows have no key)
+        keys = [k for v in validated for e, batch in v if e == epoch for k in batch if k]
+        assert len(keys) == len(set(keys)) == 192

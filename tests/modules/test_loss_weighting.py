@@ -137,3 +137,35 @@ def test_two_ranks_weigh_each_token_the_same(micro_world, micro_base, tmp_path):
         own_mean = float((means * tokens).sum() / tokens.sum())
         assert rank["monitor_loss"] == pytest.approx([own_mean], rel=1e-5)
         assert rank["boundary_loss"] == pytest.approx([own_mean], rel=1e-5)
+
+
+def test_val_loss_is_the_mean_over_every_scored_token(micro_world, micro_base):
+    # val/loss was a mean of per-batch means weighed by rows: a short caption's tokens weighed more than a long
+    # one's, and the value moved with the batch size (and, with several ranks, with their number).
+    import lightning as L
+
+    from datamodules.caption_datamodule import CaptionDataModule
+    from modules.loading import build_vlm, count_image_tokens
+    from stages.stage import make_module
+    from tests.test_configs import _parse
+
+    cfg = _parse()
+    vlm, tokenizer, processor = build_vlm(cfg.model, *micro_base)
+    module = make_module(cfg.stages["align"], vlm, cfg)
+
+    def validated(batch_size: int) -> float:
+        datamodule = CaptionDataModule(micro_world, max_words=48, batch_size=batch_size)
+        datamodule.connect(tokenizer, processor, count_image_tokens(vlm, processor), cfg.model.prompt)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        return trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/loss"]
+
+    datamodule = CaptionDataModule(micro_world, max_words=48, batch_size=1)
+    datamodule.connect(tokenizer, processor, count_image_tokens(vlm, processor), cfg.model.prompt)
+    module.eval()
+    with torch.no_grad():
+        per_caption = [(module._loss(b) * scored_tokens(b["labels"]), scored_tokens(b["labels"])) for b in
+                       datamodule.val_dataloader()]  # fmt: skip
+    assert len(per_caption) == 32 and len({int(n) for _, n in per_caption}) > 1
+    expected = float(sum(s for s, _ in per_caption) / sum(n for _, n in per_caption))
+    assert validated(5) == pytest.approx(expected, rel=1e-6)
+    assert validated(32) == pytest.approx(expected, rel=1e-6)
