@@ -29,7 +29,11 @@ problem, every rank acts, and rank 0 reports each rank's findings with that rank
 lasting rise (a warm restart, harder data) would be skipped step after step for ever. After
 `max_in_a_row` acted-on steps in a row, the last of them is trained instead, an alert of kind
 `level_shift` says so, and the statistics start again (`warmup` steps before spikes are judged). When
-those steps were non-finite, no new level exists to accept: the stage stops (as with `stop`).
+those steps were non-finite, no new level exists to accept: the stage stops (as with `stop`). Under `warn`
+the same count applies: a lasting rise alerted at every step until the stage ended (a day at one step a
+second: 86,000 alerts, one webhook post each) and, its statistics frozen, never as a divergence; it is a
+`level_shift` after `max_in_a_row` steps. Non-finite steps under `warn` are reported up to `max_in_a_row`
+in a row; the rest of the run of them is not, until a finite step.
 
 Under DeepSpeed, gradients live in the engine's partitioned buffers (`p.grad` is None), so the
 step is judged right after the engine's `step()`, with the engine's global norm (computed before
@@ -91,8 +95,9 @@ class InstabilityConfig:
     snapshot_every: int = 25
     """With action rewind: healthy steps between in-memory snapshots of the trained state."""
     max_in_a_row: int = 10
-    """With skip or rewind: acted-on steps in a row after which a spike is taken as the loss's new level (the
-    step is trained, the statistics restart) and a non-finite step stops the stage. 0: never."""
+    """Steps in a row with a finding after which a spike is taken as the loss's new level (the step is trained,
+    the statistics restart); a non-finite step then stops the stage under skip or rewind, and under warn the
+    rest of the run of non-finite steps is not reported. 0: never."""
     overflow_patience: int = 8
     """fp16 with a loss scaler (16-mixed): steps in a row whose gradients overflow before that is an alert.
     The scaler skips such a step and lowers its scale, routinely at the start of a run; overflow after
@@ -180,7 +185,8 @@ class InstabilityMonitor(L.Callback):
         self._healthy_since_snapshot = 0
         self._judged_step = 0
         self._overflows = 0  # fp16 steps in a row whose gradients overflowed
-        self._in_a_row = 0  # steps in a row that skip or rewind acted on
+        self._in_a_row = 0  # steps in a row with a finding (not counted under stop)
+        self._muted = False  # warn: non-finite steps past max_in_a_row in a row are not reported
         self._step = 0  # the optimizer step being judged (alerts carry it)
 
     @override
@@ -249,15 +255,19 @@ class InstabilityMonitor(L.Callback):
         keys, self._micro_losses, self._keys = self._keys, [], []
         findings = self._findings(loss, self._unless_overflow(trainer, loss, grad))
         every_rank = [(r, f, k) for r, (f, k) in gather_findings(trainer, bool(findings), (findings, keys))]
-        action = self._action(every_rank)
-        for rank, rank_findings, rank_keys in every_rank:
+        was_muted = self._muted
+        action, new_level = self._action(every_rank)
+        detail = "" if was_muted or not self._muted else (
+            f"{self.config.max_in_a_row} non-finite steps in a row: the next ones are not reported until a finite step"
+        )  # fmt: skip
+        for rank, rank_findings, rank_keys in [] if was_muted else every_rank:
             for kind, value, threshold in rank_findings:
-                self._report(trainer, kind, value, threshold, rank_keys, action, rank)
+                self._report(trainer, kind, value, threshold, rank_keys, action, rank, detail=detail)
         if every_rank:
             if action != "warn":
                 self._act(trainer, pl_module, optimizer, action)
                 return
-            if self.config.action == "warn":
+            if not new_level:
                 return  # spikes stay out of the statistics
             self._restart_statistics(trainer, *every_rank[0][1][0], keys)  # a new level: trained
         self.loss_history.append(loss)
@@ -268,21 +278,24 @@ class InstabilityMonitor(L.Callback):
             self._report(trainer, "divergence", diverging[0], diverging[1], keys, "warn")
         self._maybe_snapshot(pl_module, optimizer)
 
-    def _action(self, every_rank: list) -> str:
-        """What to do with this step: the configured action on a finding, else `warn` (train it). Past
-        `max_in_a_row` acted-on steps in a row, a spike is trained (`warn`) and a non-finite step stops."""
+    def _action(self, every_rank: list) -> tuple[str, bool]:
+        """(what to do with this step, whether its loss is a new level): the configured action on a finding,
+        else `warn` (train it). At `max_in_a_row` steps in a row with findings, a spike is trained as a new
+        level; a non-finite step stops the stage under skip or rewind, and under warn mutes the next ones."""
         if not every_rank:
-            self._in_a_row = 0
-            return "warn"
+            self._in_a_row, self._muted = 0, False
+            return "warn", False
         action = self.config.action
-        if action not in ("skip", "rewind"):
-            return action
+        if action == "stop" or self._muted:
+            return action, False
         self._in_a_row += 1
         if not self.config.max_in_a_row or self._in_a_row < self.config.max_in_a_row:
-            return action
+            return action, False
         self._in_a_row = 0
-        non_finite = any(kind == "non_finite" for _, found, _ in every_rank for kind, _, _ in found)
-        return "stop" if non_finite else "warn"
+        if any(kind == "non_finite" for _, found, _ in every_rank for kind, _, _ in found):
+            self._muted = action == "warn"
+            return ("warn" if action == "warn" else "stop"), False
+        return "warn", True
 
     def _restart_statistics(self, trainer, kind: str, value: float, threshold: float, keys: list[str]) -> None:
         """Spikes for `max_in_a_row` steps in a row: their level is accepted as the new one."""
@@ -348,7 +361,17 @@ class InstabilityMonitor(L.Callback):
         if self._snapshot is None or self._healthy_since_snapshot >= self.config.snapshot_every:
             trained = {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters() if p.requires_grad}
             trained |= {n: b.detach().cpu().clone() for n, b in pl_module.named_buffers()}  # BatchNorm statistics
-            self._snapshot = {"model": trained, "optimizer": copy.deepcopy(optimizer.state_dict())}
+            # The optimizer state on the CPU too (load_state_dict moves it back to each parameter's device): a
+            # deepcopy kept Adam's two moments on the GPU, twice the trained parameters' size held for the run.
+            state = optimizer.state_dict()
+            state["state"] = {
+                index: {k: v.detach().cpu().clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in s.items()}
+                for index, s in state["state"].items()
+            }
+            self._snapshot = {
+                "model": trained,
+                "optimizer": {**state, "param_groups": copy.deepcopy(state["param_groups"])},
+            }
             self._healthy_since_snapshot = 0
 
     @override
@@ -375,6 +398,7 @@ class InstabilityMonitor(L.Callback):
             "lowest_median": self.lowest_median,
             "diverged": self.diverged,
             "in_a_row": self._in_a_row,
+            "muted": self._muted,
             "config": asdict(self.config),
             # With rewind, the snapshot a later rewind goes back to (the trained parameters, buffers and optimizer
             # state, once more in the checkpoint): without it a resumed run rewound to its own first step.
@@ -389,6 +413,7 @@ class InstabilityMonitor(L.Callback):
         self.lowest_median = state_dict["lowest_median"]
         self.diverged = state_dict.get("diverged", False)  # reported once, not again after a resume
         self._in_a_row = state_dict.get("in_a_row", 0)
+        self._muted = state_dict.get("muted", False)
         if self.config.action == "rewind":
             self._snapshot = state_dict.get("snapshot")
             self._healthy_since_snapshot = state_dict.get("healthy_since_snapshot", 0)

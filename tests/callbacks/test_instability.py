@@ -119,6 +119,23 @@ def test_rewind_recovers_the_clean_final_loss():
     assert sum(warned.step_losses[-10:]) / 10 > 10 * final  # ...whereas applying the bad update wrecks it
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_rewind_snapshot_holds_no_gpu_memory():
+    # The parameters were copied to the CPU, the optimizer state deep-copied where it was: Adam's two moments
+    # of every trained parameter stayed on the GPU for the whole run. A rewind still restores them.
+    monitor = InstabilityMonitor(InstabilityConfig(action="rewind", snapshot_every=5), AlertSinks("toy"), "toy")
+    weights = WeightTrace()
+    t = L.Trainer(
+        max_steps=40, callbacks=[monitor, weights], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="gpu", devices=1,
+    )  # fmt: skip
+    t.fit(ToyRegression({30: "bad_batch"}), loader(KeyedRegression()))
+    moments = [v for s in monitor._snapshot["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v)]
+    assert moments and all(v.device.type == "cpu" for v in moments)
+    assert ("grad_spike", 30) in _kinds(monitor) and torch.equal(weights.after[30], weights.after[24])
+
+
 def test_a_resumed_rewind_goes_back_to_the_snapshot_the_uninterrupted_run_had(tmp_path):
     """The snapshot was not in the checkpoint: a run resumed at step 48 took a new one at its first step there, so
     the rewind at step 50 went back to step 48 instead of 45, and every weight after it differed from the
@@ -162,6 +179,33 @@ def test_a_lasting_rise_is_taken_as_the_new_level_after_max_in_a_row_steps(actio
     assert not torch.equal(weights.after[34], weights.after[33])  # trained: the new level
     assert all(not torch.equal(a, b) for a, b in zip(weights.after[35:], weights.after[34:], strict=False))
     assert len(monitor.loss_history) == 60 - 34  # the statistics start again at the new level
+
+
+def test_under_warn_a_lasting_rise_is_a_level_shift_not_an_alert_a_step():
+    # With the default action, a loss 10x from step 30 on alerted at every step to the end (300 alerts in a
+    # 400-step probe; a day at one step a second, 86,000 alerts and webhook posts), its statistics frozen.
+    monitor = InstabilityMonitor(InstabilityConfig(action="warn", max_in_a_row=5), AlertSinks("toy"), "toy")
+    trainer([monitor], max_steps=80).fit(ToyRegression({s: "spike" for s in range(30, 80)}), loader(KeyedRegression()))
+    kinds = _kinds(monitor)
+    assert [step for kind, step in kinds if kind == "loss_spike"] == [30, 31, 32, 33, 34]
+    assert max(step for kind, step in kinds if kind.endswith("_spike")) == 34
+    assert ("level_shift", 34) in kinds
+    assert len(monitor.loss_history) == 80 - 34  # judged again at the new level
+    assert [kind for kind, step in kinds if step > 34] == ["divergence"]  # its median, now kept, 10x the lowest
+
+
+def test_under_warn_a_run_of_non_finite_steps_is_reported_up_to_max_in_a_row():
+    monitor = InstabilityMonitor(InstabilityConfig(action="warn", max_in_a_row=4), AlertSinks("toy"), "toy")
+    # A NaN update under warn leaves NaN weights: every later step is non-finite (one alert each, before).
+    trainer([monitor], max_steps=60).fit(ToyRegression({30: "nan"}), loader(KeyedRegression()))
+    assert [(a.kind, a.step) for a in monitor.alerts] == [("non_finite", step) for step in (30, 31, 32, 33)]
+    assert "the next ones are not reported until a finite step" in monitor.alerts[3].detail
+    assert not monitor.alerts[2].detail and not monitor.stopped
+    assert monitor._action([]) == ("warn", False) and not monitor._muted  # a finite step ends the run of them
+    resumed = InstabilityMonitor(InstabilityConfig(action="warn"), AlertSinks("toy"), "toy")
+    monitor._muted = True
+    resumed.load_state_dict(monitor.state_dict())
+    assert resumed._muted
 
 
 def test_non_finite_steps_in_a_row_stop_a_skipping_stage(tmp_path):
