@@ -111,8 +111,10 @@ class StageResult:
     rescored: bool = False  # skipped, but scored again: its evaluation settings changed
 
 
-def write_stage_config(stage_dir: Path, print_: str, resolved: dict) -> None:
-    write_text_atomic(stage_dir / "config.yaml", yaml.safe_dump({"fingerprint": print_, **resolved}, sort_keys=False))
+def write_stage_config(stage_dir: Path, stage_print: str, resolved: dict) -> None:
+    write_text_atomic(
+        stage_dir / "config.yaml", yaml.safe_dump({"fingerprint": stage_print, **resolved}, sort_keys=False)
+    )
 
 
 def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -127,7 +129,7 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def prepare_stage_folder(stage_dir: Path, print_: str, resolved: dict, rank_zero: bool) -> None:
+def prepare_stage_folder(stage_dir: Path, stage_print: str, resolved: dict, rank_zero: bool) -> None:
     """Empties a stage folder whose config or inputs changed, and writes the stage's config.yaml.
 
     Every rank runs each stage, but only rank 0 touches its folder: when two ranks both rewrote
@@ -138,7 +140,7 @@ def prepare_stage_folder(stage_dir: Path, print_: str, resolved: dict, rank_zero
         return
     config_path = stage_dir / "config.yaml"
     before = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else None
-    if before is not None and before.get("fingerprint") != print_:
+    if before is not None and before.get("fingerprint") != stage_print:
         changed = changed_keys({k: v for k, v in before.items() if k != "fingerprint"}, resolved)
         log.warning(
             "stage %s: config or inputs changed since its last run (%s); starting it afresh",
@@ -148,7 +150,7 @@ def prepare_stage_folder(stage_dir: Path, print_: str, resolved: dict, rank_zero
         shutil.rmtree(stage_dir)
         stage_dir.mkdir(parents=True)
     (stage_dir / "done.json").unlink(missing_ok=True)
-    write_stage_config(stage_dir, print_, resolved)
+    write_stage_config(stage_dir, stage_print, resolved)
 
 
 def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig) -> VLMModule:
@@ -272,9 +274,9 @@ def rescore_stage(
     as a text `eval/<stage>/rescored` at the stage's last step)."""
     from stages.export import StageSource, load_stage_model
 
-    stage_dir, steps, print_ = inputs.run_dir / name, done["global_steps"], done["fingerprint"]
+    stage_dir, steps, stage_print = inputs.run_dir / name, done["global_steps"], done["fingerprint"]
     if rank_zero_only.rank != 0:  # rank 0 scores; the next stage's first collective waits for it
-        return StageResult(name, print_, steps, {}, skipped=True)
+        return StageResult(name, stage_print, steps, {}, skipped=True)
     log.info("stage %s: trained before with the same config and inputs; evaluation settings changed, scoring it", name)
     if not (stage_dir / "export").is_dir():
         raise FileNotFoundError(
@@ -287,13 +289,13 @@ def rescore_stage(
     eval_print = eval_fingerprint(resolved)
     _, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_print)
     metrics = evaluation.rescore(vlm, steps)
-    write_stage_config(stage_dir, print_, resolved)
+    write_stage_config(stage_dir, stage_print, resolved)
     write_text_atomic(stage_dir / "done.json", json.dumps({**done, "eval_fingerprint": eval_print}, indent=2))
     logger = CurriculumTensorBoardLogger(str(inputs.run_dir), step_offset)
     text = f"scored again with new evaluation settings: {metrics_line(metrics)}"
     logger.experiment.add_text(f"eval/{name}/rescored", text, global_step=logger.run_step(steps - 1))
     logger.finalize("success")  # closes the writer (and its thread)
-    return StageResult(name, print_, steps, metrics, skipped=True, rescored=True)
+    return StageResult(name, stage_print, steps, metrics, skipped=True, rescored=True)
 
 
 @dataclass
@@ -411,7 +413,7 @@ def run_stage(
     finished = finished_result(cfg, name, inputs, resolved, step_offset)
     if finished is not None:
         return finished
-    print_, eval_print = stage_fingerprint(resolved), eval_fingerprint(resolved)
+    stage_print, eval_print = stage_fingerprint(resolved), eval_fingerprint(resolved)
     started = time.perf_counter()
     L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)
     vlm, tokenizer, processor = build_vlm(cfg.model, inputs.vision_path, inputs.lm_path)
@@ -425,7 +427,7 @@ def run_stage(
     datamodule, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_print)
     trainer, watch = stage_trainer(cfg, name, inputs, evaluation, step_offset, previous_tail or [])
     # Only now, with the stage built: a stage that fails to build leaves the previous run's folder as it was.
-    prepare_stage_folder(stage_dir, print_, resolved, rank_zero_only.rank == 0)
+    prepare_stage_folder(stage_dir, stage_print, resolved, rank_zero_only.rank == 0)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # The ranks already started by an earlier stage wait until rank 0 has emptied a stale stage folder: one that
         # looked before saw the old last.ckpt, resumed from it, and failed once rank 0 had deleted it.
@@ -443,7 +445,7 @@ def run_stage(
     if trainer.is_global_zero:
         follow_umask(stage_dir / "export")
     done = {
-        "fingerprint": print_,
+        "fingerprint": stage_print,
         "eval_fingerprint": scored_with,
         "global_steps": trainer.global_step,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -461,4 +463,4 @@ def run_stage(
         raise SIGTERMException
     if scored_with != eval_print:  # resumed at its last step, scored before with other settings (rank 0 only)
         return rescore_stage(cfg, name, inputs, resolved, done, step_offset)
-    return StageResult(name, print_, trainer.global_step, evaluation.metrics, skipped=False)
+    return StageResult(name, stage_print, trainer.global_step, evaluation.metrics, skipped=False)
