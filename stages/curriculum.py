@@ -27,7 +27,7 @@ from modules.loading import (
 )
 from stages.config import RESERVED_STAGE_NAMES, CurriculumConfig, TrainerConfig, upstream_stage
 from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
-from stages.launch import join_launched_ranks, rank_zero_first
+from stages.launch import check_shared_folder, join_launched_ranks, rank_zero_first
 from stages.paths import LOCK_NAME, check_own_folder, folder_lock, follow_umask, write_text_atomic
 from stages.report import REPORT_PLOTS, STAGES_FILE, write_report
 from stages.stage import RunInputs, StageResult, StageStopped, fingerprint, run_stage
@@ -346,12 +346,14 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     first = cfg.trainer_of(next(iter(cfg.stages)))  # every stage trains on the same processes
     join_launched_ranks(first.num_nodes or 1, ranks(first), gpu=first.accelerator not in ("cpu",))
     with ExitStack() as held:
-        with rank_zero_first("to prepare the run"):  # the others find what it built
+        with rank_zero_first("to start the run"):
             run_dir.mkdir(parents=True, exist_ok=True)
             if rank_zero_only.rank == 0:  # one run at a time in a folder (the other ranks of this run belong to it)
                 held.enter_context(folder_lock(run_dir, "--run_dir", purpose="a curriculum run"))
                 writes = (*RESERVED_STAGE_NAMES, *cfg.stages, "summary.json", "report.md", *REPORT_PLOTS)
                 check_own_folder(run_dir, "--run_dir", (STAGES_FILE, "summary.json"), writes)  # summary: old runs
+        check_shared_folder(run_dir, "--run_dir")
+        with rank_zero_first("to prepare the run"):  # the others find what it built
             inputs = _prepare_run(cfg, run_dir, held)
         return _run_stages(cfg, inputs)
 

@@ -8,7 +8,9 @@ the same folder (and refused each other's locks). Such ranks join their process 
 
 Lightning's own launcher on several nodes (the same command on each node, with NODE_RANK) has the problem of
 torchrun and srun without their process group: each node's first process took itself for rank 0. Runs on
-several nodes are started with torchrun or srun, and refused otherwise.
+several nodes are started with torchrun or srun, and refused otherwise. Every rank must see the run folder
+on one shared file system (`check_shared_folder`): on node-local disks, the other nodes' ranks found no base
+models and shards from rank 0, built their own, and a later stage failed on a handoff only rank 0 had.
 """
 
 from __future__ import annotations
@@ -16,9 +18,13 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import socket
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,6 +34,7 @@ log = logging.getLogger(__name__)
 # messages go through a group of their own that waits that long, leaving the training's collectives the
 # default timeout, which finds a hung rank.
 PREPARE_TIMEOUT = timedelta(days=2)
+SHARED_FOLDER_PATIENCE = 10.0
 _prepare_group = None
 
 
@@ -102,3 +109,29 @@ def rank_zero_first(what: str) -> Iterator[None]:
         dist.broadcast_object_list([f"{type(error).__name__}: {error}"], src=0, group=group)
         raise
     dist.broadcast_object_list([None], src=0, group=group)
+
+
+def check_shared_folder(folder: Path, flag: str) -> None:
+    """Fails unless every rank sees a file that rank 0 writes in `folder`; one process, or no process group
+    yet: nothing to check. A file of a new name each time (no rank has a cached lookup of it), looked for over
+    `SHARED_FOLDER_PATIENCE` seconds, as a shared file system may show another node's new file a little later."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    name = [f".rank0-{uuid.uuid4().hex}" if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(name, src=0, group=_prepare_group)
+    marker = Path(folder) / name[0]
+    if dist.get_rank() == 0:
+        marker.write_text(f"written by rank 0 on {socket.gethostname()}; every rank of the run looks for it\n")
+    deadline = time.monotonic() + SHARED_FOLDER_PATIENCE
+    while not (seen := marker.is_file()) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    verdicts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, (seen, socket.gethostname()), group=_prepare_group)
+    if dist.get_rank() == 0:
+        marker.unlink(missing_ok=True)
+    blind = [f"rank {rank} on {host}" for rank, (found, host) in enumerate(verdicts) if not found]
+    if blind:
+        raise LaunchError(
+            f"{flag} {folder}: {', '.join(blind)} cannot see the file rank 0 wrote there: every rank of a run "
+            "must see the run folder on one shared file system (not a node's own disk)"
+        )

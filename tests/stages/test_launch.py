@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +40,20 @@ def test_a_fresh_run_started_by_torchrun_prepares_once_and_trains(tmp_path):
     failed = _torchrun(f"--run_dir={tmp_path / 'bad'}", "--model.lm_path=/nonexistent/lm")
     assert failed.returncode != 0
     assert "rank 0 failed to prepare the run: FileNotFoundError: not model folders" in failed.stderr
+
+
+@pytest.mark.slow
+def test_ranks_that_do_not_share_the_run_folder_are_refused(tmp_path):
+    # Nodes with the run folder on their own disks: node 1's ranks built their own base models and shards and
+    # failed stages later, on a handoff only rank 0 had written ("has no projector.safetensors").
+    script = str(Path(__file__).with_name("launch_two_folders.py"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    done = run_fresh([*command, script, str(tmp_path), *MICRO_ARGS, *TWO_RANKS_ON_CPU])
+    assert done.returncode != 0
+    assert f"--run_dir {tmp_path / 'rank1'}: rank 1 on {socket.gethostname()} cannot see the file rank 0" in (
+        done.stderr
+    )
+    assert not (tmp_path / "rank0" / "base").exists() and not (tmp_path / "rank1" / "base").exists()
 
 
 def test_several_nodes_without_torchrun_or_srun_are_refused(tmp_path, capsys):
