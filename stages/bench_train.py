@@ -450,9 +450,11 @@ def print_train_report(report: dict) -> None:
 
 
 def sft_targets(report: dict, speedup: float = 2.0, budget_gib: float = 24.0) -> list[str]:
-    """Issue 6's SFT targets, judged on a GPU report: the fastest Lightning variant within the plain loop's
-    peak memory against `speedup` x its tokens/s, and the lowest peak with the CUDA context against
-    `budget_gib`. Peaks are the allocator's reserved memory: what the card must hold, not only live tensors."""
+    """The SFT targets (on one H100, MGM-2B shape: at least 2x the plain PyTorch + PEFT loop's tokens/s at no
+    more peak memory, and a batch-8 configuration within 24 GiB, the card the original recipe ran on), judged
+    on a GPU report: the fastest Lightning variant within the plain loop's peak memory against `speedup` x its
+    tokens/s, and the lowest peak with the CUDA context against `budget_gib`. Peaks are the allocator's
+    reserved memory: what the card must hold, not only live tensors."""
     rows = report.get("sft", {}).get("variants", {})
     gib = {n: r["peak_reserved_gib"] for n, r in rows.items() if "peak_reserved_gib" in r}
     ours = [n for n in gib if not n.startswith("plain")]
