@@ -142,22 +142,30 @@ def _output_transform(lm: nn.Module):
 
 def caption_loss(lm: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, chunk: int):
     """The LM's next-token loss (mean over labelled positions), computed on the labelled positions only,
-    `chunk` of them at a time, each chunk's logits recomputed in backward rather than stored."""
+    `chunk` of them at a time, each chunk's logits recomputed in backward rather than stored. A batch without
+    a labelled position (a validation padding batch) has loss 0.
+
+    Under ZeRO-3 every call of the output layer gathers its partitioned weight from every rank, so every rank
+    makes as many calls: as many chunks as the rank with the most labelled positions (the others' extra
+    chunks are empty). Ranks with different numbers of chunks waited for each other's gathers for ever."""
     model = base_lm(lm)
     decoder = model.get_decoder()
     hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     hidden, targets = hidden[:, :-1][keep], targets[keep]
-    if targets.numel() == 0:
-        raise ValueError("the batch has no labelled caption token: nothing to learn from")
     head, transform = model.get_output_embeddings(), _output_transform(lm)
 
     def chunk_loss(states: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(transform(head(states)).float(), chunk_targets, reduction="sum")
 
+    chunks = -(-targets.numel() // chunk)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        most = torch.tensor(chunks, device=hidden.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        chunks = int(most)
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk):
-        part = slice(start, start + chunk)
+    for start in range(0, chunks * chunk, chunk):
+        part = slice(start, start + chunk)  # past this rank's positions: empty, a call that adds 0
         total = total + checkpoint(chunk_loss, hidden[part], targets[part], use_reentrant=False)
-    return total / targets.numel()
+    return total / max(targets.numel(), 1)

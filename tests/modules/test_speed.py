@@ -200,3 +200,49 @@ def test_chunked_loss_refuses_scaled_logits():
     lm = _tiny_lm("cohere", logit_scale=0.5)
     with pytest.raises(ValueError, match="logit_scale"):
         caption_loss(lm, torch.randn(1, 4, 32), torch.ones(1, 4), torch.tensor([[-100, 1, 2, 3]]), chunk=2)
+
+
+def test_a_batch_without_labelled_tokens_has_loss_zero_with_the_chunked_loss(micro_base):
+    # The validation padding batches (pad_batches) score no token: the chunked loss raised on them, and every
+    # real profile (loss_chunk_tokens 1024) crashed at its first multi-rank validation.
+    from datamodules.captions import pad_batches
+
+    module, batch = _module(micro_base, SpeedSpec(loss_chunk_tokens=4))
+    padding = list(pad_batches(iter([batch]), 2))[1]
+    assert float(module._loss(padding)) == 0.0
+    module.on_validation_epoch_start()
+    module.validation_step(padding, 0)
+    assert float(module._val_tokens) == 0.0
+
+
+def _head_calls_on_two_ranks(rank: int, port: int, micro_base, out: str) -> None:
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    module, batch = _module(micro_base, SpeedSpec(loss_chunk_tokens=4))
+    if rank == 1:  # one caption of three: fewer labelled tokens, fewer chunks of its own
+        batch["labels"][1:] = -100
+    head = module.vlm.lm.get_base_model().get_output_embeddings()
+    calls = []
+    head.register_forward_hook(lambda mod, args, output: calls.append(args[0].shape[0]))
+    module._loss(batch).backward()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(calls))
+    dist.destroy_process_group()
+
+
+def test_every_rank_calls_the_output_layer_as_often_with_the_chunked_loss(micro_base, tmp_path):
+    # Under ZeRO-3 each call of the output layer gathers its weight from every rank: ranks with different
+    # numbers of labelled tokens made different numbers of calls and waited for each other for ever.
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_head_calls_on_two_ranks, args=(port, micro_base, str(tmp_path)), nprocs=2)
+    calls = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(calls[0]) == len(calls[1]) and sum(calls[1]) < sum(calls[0])
+    assert 0 in calls[1]  # rank 1's extra chunks are empty
