@@ -258,9 +258,10 @@ class InstabilityMonitor(L.Callback):
         was_muted = self._muted
         action, new_level = self._action(every_rank)
         detail = "" if was_muted or not self._muted else (
-            f"{self.config.max_in_a_row} non-finite steps in a row: the next ones are not reported until a finite step"
+            f"{self.config.max_in_a_row} steps in a row with alerts, this one non-finite: the next non-finite ones "
+            "are not reported until a finite step"
         )  # fmt: skip
-        for rank, rank_findings, rank_keys in [] if was_muted else every_rank:
+        for rank, rank_findings, rank_keys in [] if was_muted and self._muted else every_rank:
             for kind, value, threshold in rank_findings:
                 self._report(trainer, kind, value, threshold, rank_keys, action, rank, detail=detail)
         if every_rank:
@@ -282,8 +283,11 @@ class InstabilityMonitor(L.Callback):
         """(what to do with this step, whether its loss is a new level): the configured action on a finding,
         else `warn` (train it). At `max_in_a_row` steps in a row with findings, a spike is trained as a new
         level; a non-finite step stops the stage under skip or rewind, and under warn mutes the next ones."""
-        if not every_rank:
+        non_finite = any(kind == "non_finite" for _, found, _ in every_rank for kind, _, _ in found)
+        if not non_finite and self._muted:  # a finite step ends the muted run of non-finite ones
             self._in_a_row, self._muted = 0, False
+        if not every_rank:
+            self._in_a_row = 0
             return "warn", False
         action = self.config.action
         if action == "stop" or self._muted:
@@ -292,7 +296,7 @@ class InstabilityMonitor(L.Callback):
         if not self.config.max_in_a_row or self._in_a_row < self.config.max_in_a_row:
             return action, False
         self._in_a_row = 0
-        if any(kind == "non_finite" for _, found, _ in every_rank for kind, _, _ in found):
+        if non_finite:
             self._muted = action == "warn"
             return ("warn" if action == "warn" else "stop"), False
         return "warn", True
@@ -344,7 +348,9 @@ class InstabilityMonitor(L.Callback):
             pl_module.load_state_dict(self._buffers, strict=False)
         if action == "rewind" and self._snapshot is not None:
             pl_module.load_state_dict(self._snapshot["model"], strict=False)
-            optimizer.load_state_dict(self._snapshot["optimizer"])
+            # A copy: the optimizer keeps tensors it is given on their device (Adam's step count, and on the CPU
+            # the moments too) and updated the snapshot's own in place, so a second rewind to it went elsewhere.
+            optimizer.load_state_dict(copy.deepcopy(self._snapshot["optimizer"]))
         if action == "stop":
             self.stopped = self._stop_checkpoint_due = True
             trainer.should_stop = True

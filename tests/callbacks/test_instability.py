@@ -6,6 +6,7 @@ Latency: every injected fault must be reported at the optimizer step it happens 
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -199,13 +200,37 @@ def test_under_warn_a_run_of_non_finite_steps_is_reported_up_to_max_in_a_row():
     # A NaN update under warn leaves NaN weights: every later step is non-finite (one alert each, before).
     trainer([monitor], max_steps=60).fit(ToyRegression({30: "nan"}), loader(KeyedRegression()))
     assert [(a.kind, a.step) for a in monitor.alerts] == [("non_finite", step) for step in (30, 31, 32, 33)]
-    assert "the next ones are not reported until a finite step" in monitor.alerts[3].detail
+    assert "the next non-finite ones are not reported until a finite step" in monitor.alerts[3].detail
     assert not monitor.alerts[2].detail and not monitor.stopped
     assert monitor._action([]) == ("warn", False) and not monitor._muted  # a finite step ends the run of them
     resumed = InstabilityMonitor(InstabilityConfig(action="warn"), AlertSinks("toy"), "toy")
     monitor._muted = True
     resumed.load_state_dict(monitor.state_dict())
     assert resumed._muted
+
+
+def test_a_finite_step_ends_the_muted_run_of_non_finite_ones():
+    # Muted, a finite spike was neither reported nor counted: a loss that settled higher after a run of NaN
+    # steps (fp16, whose scaler skips them) went silent with frozen statistics for the rest of the stage.
+    monitor = InstabilityMonitor(InstabilityConfig(action="warn", max_in_a_row=3), AlertSinks("toy"), "toy")
+    nan, spike = [(0, [("non_finite", math.nan, math.inf)], [])], [(0, [("loss_spike", 9.0, 3.0)], [])]
+    assert [monitor._action(nan) for _ in range(4)] == [("warn", False)] * 4 and monitor._muted
+    assert [monitor._action(spike) for _ in range(3)] == [("warn", False), ("warn", False), ("warn", True)]
+    assert not monitor._muted
+
+
+def test_a_rewind_leaves_its_snapshot_as_it_was():
+    # The optimizer kept the snapshot's tensors it was given (Adam's step; on the CPU the moments too) and
+    # updated them in place: a second rewind to the same snapshot restored a later state.
+    class AdamRegression(ToyRegression):  # an optimizer with state (the toy's SGD has none)
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=0.01)
+
+    monitor = InstabilityMonitor(InstabilityConfig(action="rewind", snapshot_every=20), AlertSinks("toy"), "toy")
+    trainer([monitor], max_steps=38).fit(AdamRegression({30: "bad_batch"}), loader(KeyedRegression()))
+    assert ("grad_spike", 30) in _kinds(monitor)
+    steps = {float(state["step"]) for state in monitor._snapshot["optimizer"]["state"].values()}
+    assert len(steps) == 1 and 15 <= steps.pop() <= 22  # taken near step 20; trained on since: 7 more
 
 
 def test_non_finite_steps_in_a_row_stop_a_skipping_stage(tmp_path):
