@@ -383,6 +383,16 @@ def upstream_stage(names: list[str], index: int, init_from: str) -> str:
     return names[index - 1] if init_from == "previous" else init_from
 
 
+def _device_count(devices) -> int | str:
+    """How many devices `devices` names, as a count ([0, 1], "0,1" and 2 are 2), or "all" (auto, -1, unset)."""
+    if devices in (None, "auto", -1, "-1"):
+        return "all"
+    if isinstance(devices, list):
+        return len(devices)
+    text = str(devices)
+    return len([d for d in text.split(",") if d.strip()]) if "," in text else int(text)
+
+
 @dataclass
 class CurriculumConfig:
     """A curriculum run: the data, the base models, and the stages in order."""
@@ -409,9 +419,9 @@ class CurriculumConfig:
         """Every stage trains on the processes the first one started: a stage on 1 device after one on 2 ran
         twice, each process training it as rank 0 into the same folder (two evaluations, one export)."""
         this, that = self.trainer_of(name), self.trainer_of(first)
-        for key, default in (("devices", "auto"), ("num_nodes", 1)):  # unset: Lightning's defaults
-            mine, theirs = (getattr(t, key) if getattr(t, key) is not None else default for t in (this, that))
-            if str(mine) != str(theirs):
+        for key, count, unset in (("devices", _device_count, "auto"), ("num_nodes", lambda n: n or 1, 1)):
+            mine, theirs = (unset if getattr(t, key) is None else getattr(t, key) for t in (this, that))
+            if count(mine) != count(theirs):
                 where = f"stages.{name}.trainer.{key}" if getattr(self.stages[name].trainer, key) is not None else ""
                 raise ValueError(
                     f"{where or f'stages.{first}.trainer.{key}'}: stage {name} runs with {key} {mine!r} and stage "

@@ -60,6 +60,8 @@ def test_every_stage_trains_on_the_processes_of_the_first():
     with pytest.raises(ValueError, match=r"stages.align.trainer.num_nodes: stage sft_short runs with num_nodes 1 and"):
         _parse("--stages.align.trainer.num_nodes=2")
     assert _parse("--stages.align.trainer.devices=1").trainer_of("sft_long").devices == 1  # tiny.yaml's own
+    _parse("--trainer.devices=[0, 1]", "--stages.sft_short.trainer.devices=0,1", "--stages.align.trainer.devices=2")
+    _parse("--trainer.devices=auto", "--stages.align.trainer.devices=-1")  # the same processes, written otherwise
 
 
 @pytest.mark.parametrize("profile", ["llava15_7b", "mgm_2b", "small_siglip_qwen"])
