@@ -92,7 +92,7 @@ def rank_zero_first(what: str) -> Iterator[None]:
     """Rank 0 runs the block first and the other ranks wait, then run it themselves (finding what rank 0
     built); one process, or no process group yet: just the block. When the block fails on rank 0, the other
     ranks fail too, naming its error, instead of waiting for it until the group's timeout."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         yield
         return
     group = _prepare_group  # None (the default group): a group this module did not start
@@ -115,7 +115,7 @@ def check_shared_folder(folder: Path, flag: str) -> None:
     """Fails unless every rank sees a file that rank 0 writes in `folder`; one process, or no process group
     yet: nothing to check. A file of a new name each time (no rank has a cached lookup of it), looked for over
     `SHARED_FOLDER_PATIENCE` seconds, as a shared file system may show another node's new file a little later."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     name = [f".rank0-{uuid.uuid4().hex}" if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(name, src=0, group=_prepare_group)
