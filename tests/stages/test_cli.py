@@ -530,7 +530,7 @@ def test_the_data_command_names_a_bad_value_without_a_traceback(tmp_path, capsys
         ("--trainer.accelerator=tpu", "trainer.accelerator tpu: this machine has no such device"),
         # int("[0]") failed in a traceback; now a list parses, and is refused on the CPU, as Lightning does late.
         ("--trainer.devices=[0]", "trainer.devices [0]: device indices name GPUs"),
-        ("--stages.align.trainer.devices=0,1", "stages.align.trainer.devices '0,1': device indices name GPUs"),
+        ("--trainer.devices=0,1", "trainer.devices '0,1': device indices name GPUs"),
         # Lightning ran bf16-mixed instead, while config.yaml and the report said 16-mixed.
         ("--trainer.precision=16-mixed", "trainer.precision 16-mixed: float16 autocast needs a GPU"),
         ("--stages.sft_long.trainer.precision=16", "stages.sft_long.trainer.precision 16: float16 autocast needs"),
