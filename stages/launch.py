@@ -30,12 +30,11 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
-# Rank 0 may build the run's shards (hours of captioning on real data) while the other ranks wait: their
-# messages go through a group of their own that waits that long, leaving the training's collectives the
-# default timeout, which finds a hung rank.
+# Rank 0 may build the run's shards (hours of captioning on real data) while the other ranks wait: they wait
+# on a key of the group's store, leaving the group's collectives their default timeout, which finds a hung
+# rank (a gloo group made with this timeout hung for 13 minutes and more after a torchrun restart).
 PREPARE_TIMEOUT = timedelta(days=2)
 SHARED_FOLDER_PATIENCE = 10.0
-_prepare_group = None
 
 
 class LaunchError(RuntimeError):
@@ -43,15 +42,13 @@ class LaunchError(RuntimeError):
 
 
 def launched_ranks():
-    """The cluster environment of a launcher that started every rank at once (torchrun, srun), with more
-    than one rank; None otherwise (one process, or Lightning's own launcher)."""
+    """The cluster environment of a launcher that starts every rank itself (torchrun, or SLURM, whose tasks
+    srun starts), or None (Lightning's own launcher)."""
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
     for environment in (TorchElasticEnvironment, SLURMEnvironment):
         if environment.detect():
-            found = environment()
-            if found.world_size() > 1:
-                return found
+            return environment()
     return None
 
 
@@ -59,7 +56,6 @@ def join_launched_ranks(num_nodes: int, processes: int, gpu: bool) -> None:
     """Joins the process group of ranks a launcher started all at once; fails on launches the run cannot
     coordinate: several nodes without torchrun or srun, or a launcher that started another number of ranks
     than the stages train on (`processes`: devices x num_nodes)."""
-    global _prepare_group
     launched = launched_ranks()
     if launched is None:
         if num_nodes > 1:
@@ -69,12 +65,13 @@ def join_launched_ranks(num_nodes: int, processes: int, gpu: bool) -> None:
                 "left every node's first process building the run's models and shards as if it were rank 0)"
             )
         return
-    if launched.world_size() != processes:
+    if launched.world_size() != processes:  # Lightning starts no rank of its own under them: it trained on one
         raise LaunchError(
-            f"the launcher started {launched.world_size()} ranks and the stages train on {processes} "
-            f"(trainer.devices x trainer.num_nodes); make them agree"
+            f"the launcher started {launched.world_size()} ranks ({type(launched).__name__}) and the stages train "
+            f"on {processes} (trainer.devices x trainer.num_nodes); make them agree (under SLURM, srun starts "
+            "--ntasks-per-node tasks on each node)"
         )
-    if dist.is_initialized():
+    if processes == 1 or dist.is_initialized():
         return
     # Lightning would join the group when the first stage starts, with the same address and ranks; the "cpu"
     # backend carries this module's messages (gloo), the "cuda" one the training's collectives (NCCL).
@@ -83,7 +80,6 @@ def join_launched_ranks(num_nodes: int, processes: int, gpu: bool) -> None:
     backend = "cpu:gloo,cuda:nccl" if gpu and torch.cuda.is_available() else "gloo"
     log.info("joining the launcher's %d ranks as rank %d (%s)", launched.world_size(), launched.global_rank(), backend)
     dist.init_process_group(backend, rank=launched.global_rank(), world_size=launched.world_size())
-    _prepare_group = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
     atexit.register(dist.destroy_process_group)  # as Lightning does for the groups it starts
 
 
@@ -95,20 +91,20 @@ def rank_zero_first(what: str) -> Iterator[None]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         yield
         return
-    group = _prepare_group  # None (the default group): a group this module did not start
+    store, key = dist.distributed_c10d._get_default_store(), f"vlm_curriculum/rank0/{what}"
     if dist.get_rank() != 0:
-        verdict: list = [None]
-        dist.broadcast_object_list(verdict, src=0, group=group)
-        if verdict[0] is not None:
-            raise LaunchError(f"rank 0 failed {what}: {verdict[0]}")
+        store.wait([key], PREPARE_TIMEOUT)
+        verdict = store.get(key).decode()
+        if verdict:
+            raise LaunchError(f"rank 0 failed {what}: {verdict}")
         yield
         return
     try:
         yield
     except BaseException as error:
-        dist.broadcast_object_list([f"{type(error).__name__}: {error}"], src=0, group=group)
+        store.set(key, f"{type(error).__name__}: {error}")
         raise
-    dist.broadcast_object_list([None], src=0, group=group)
+    store.set(key, "")
 
 
 def check_shared_folder(folder: Path, flag: str) -> None:
@@ -118,7 +114,7 @@ def check_shared_folder(folder: Path, flag: str) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     name = [f".rank0-{uuid.uuid4().hex}" if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(name, src=0, group=_prepare_group)
+    dist.broadcast_object_list(name, src=0)
     marker = Path(folder) / name[0]
     if dist.get_rank() == 0:
         marker.write_text(f"written by rank 0 on {socket.gethostname()}; every rank of the run looks for it\n")
@@ -126,7 +122,7 @@ def check_shared_folder(folder: Path, flag: str) -> None:
     while not (seen := marker.is_file()) and time.monotonic() < deadline:
         time.sleep(1.0)
     verdicts: list = [None] * dist.get_world_size()
-    dist.all_gather_object(verdicts, (seen, socket.gethostname()), group=_prepare_group)
+    dist.all_gather_object(verdicts, (seen, socket.gethostname()))
     if dist.get_rank() == 0:
         marker.unlink(missing_ok=True)
     blind = [f"rank {rank} on {host}" for rank, (found, host) in enumerate(verdicts) if not found]

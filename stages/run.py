@@ -516,8 +516,20 @@ def image_processor_problem(transformers_version: str | None = None, has_torchvi
     return None
 
 
+def stop_on_sigusr1() -> None:
+    """SLURM's warning before a job's time runs out (sbatch --signal=USR1@90) stops the run as SIGTERM does:
+    after the batch it is in, exit 143, and a rerun goes on from the last checkpoint. It killed a run outside
+    a stage (exit 138), and in a stage Lightning saved an "hpc" checkpoint mid-step, which resumed the run to
+    other losses. A handler the program already has is kept."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+        signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    stop_on_sigusr1()
     parser = build_parser()
     parser.argv = with_project_configs(tuple(sys.argv[1:] if argv is None else argv))
     loads_models = parser.argv[:1] in (("curriculum",), ("eval",), ("export",), ("bench",))

@@ -30,6 +30,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -150,6 +151,10 @@ def prepare_stage_folder(stage_dir: Path, stage_print: str, resolved: dict, rank
         shutil.rmtree(stage_dir)
         stage_dir.mkdir(parents=True)
     (stage_dir / "done.json").unlink(missing_ok=True)
+    # Lightning's SLURM "hpc" checkpoints, saved at SIGUSR1 by runs before it was turned off (stage_trainer):
+    # Lightning resumes from one whenever no last.ckpt is given, and a half-written one failed every rerun.
+    for stale in stage_dir.glob("*hpc_ckpt_*"):  # a folder under DeepSpeed
+        shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
     write_stage_config(stage_dir, stage_print, resolved)
 
 
@@ -333,6 +338,11 @@ def stage_trainer(
     throughput = Throughput(log_every=trainer_config.log_every_n_steps or 50)
     # Lightning refuses a progress bar among the callbacks when enable_progress_bar is false.
     bar = stage_progress_bar(name) if trainer_config.enable_progress_bar is not False else None
+    plugins = [] if trainer_config.strategy == "deepspeed" else [BesideCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # No "hpc" checkpoint at SIGUSR1: saved mid-step, it resumed a run to other losses, and Lightning loads
+        # it whenever no last.ckpt is given. SIGUSR1 stops a stage as SIGTERM does (stages.run).
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = L.Trainer(
         **trainer_config.kwargs(),
         logger=CurriculumTensorBoardLogger(str(inputs.run_dir), step_offset),
@@ -341,7 +351,7 @@ def stage_trainer(
         + [StepLearningRateMonitor()],
         default_root_dir=stage_dir,
         reload_dataloaders_every_n_epochs=1,  # a new, seeded shuffle order every epoch
-        plugins=[] if trainer_config.strategy == "deepspeed" else [BesideCheckpointIO()],
+        plugins=plugins,
     )
     # Frozen towers are kept in eval mode on purpose (VLMModule.train); Lightning warns about that.
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")

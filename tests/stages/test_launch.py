@@ -71,5 +71,17 @@ def test_a_launcher_that_started_other_ranks_than_the_stages_train_on_is_refused
     launched = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "GROUP_RANK": "0"}
     for key, value in launched.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(LaunchError, match=r"the launcher started 2 ranks and the stages train on 1"):
+    with pytest.raises(LaunchError, match=r"the launcher started 2 ranks \(TorchElasticEnvironment\) and the stages"):
         join_launched_ranks(num_nodes=1, processes=1, gpu=False)
+
+
+def test_a_slurm_job_of_one_task_is_refused_for_two_devices(monkeypatch):
+    # sbatch --ntasks 1 with --trainer.devices 2: under SLURM Lightning starts no rank of its own, and the run
+    # trained on one process while its config (and fingerprint) said two.
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(LaunchError, match=r"started 1 ranks \(SLURMEnvironment\) and the stages train on 2"):
+        join_launched_ranks(num_nodes=1, processes=2, gpu=False)
+    join_launched_ranks(num_nodes=1, processes=1, gpu=False)  # one task, one device: nothing to join
