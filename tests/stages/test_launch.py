@@ -85,3 +85,33 @@ def test_a_slurm_job_of_one_task_is_refused_for_two_devices(monkeypatch):
     with pytest.raises(LaunchError, match=r"started 1 ranks \(SLURMEnvironment\) and the stages train on 2"):
         join_launched_ranks(num_nodes=1, processes=2, gpu=False)
     join_launched_ranks(num_nodes=1, processes=1, gpu=False)  # one task, one device: nothing to join
+
+
+def _twice_on_two_ranks(rank: int, port: int, out: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from stages.launch import rank_zero_first
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    for run in ("first", "second"):  # a compare runs several curricula in one process
+        with rank_zero_first("to prepare the run"):
+            if rank == 0:
+                time.sleep(0.5)
+                Path(out, run).write_text("built")
+            else:
+                Path(out, f"seen-{run}").write_text(str(Path(out, run).is_file()))
+    dist.destroy_process_group()
+
+
+def test_rank_zero_first_waits_for_rank_0_every_time():
+    # Its store key named only the block: the second curriculum of a compare found the first one's key and
+    # went on without waiting for rank 0.
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as out:
+        torch.multiprocessing.spawn(_twice_on_two_ranks, args=(_free_port(), out), nprocs=2)
+        assert [Path(out, f"seen-{run}").read_text() for run in ("first", "second")] == ["True", "True"]
