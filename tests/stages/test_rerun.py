@@ -536,69 +536,6 @@ def test_checkpoints_are_staged_beside_themselves_not_in_the_temp_folder(tmp_pat
     assert all(source.parent == target.parent for source, target in moves), moves[:2]
 
 
-@pytest.mark.parametrize("when", ["mid_stage", "at_its_end"])
-def test_a_sigterm_exits_143_and_the_rerun_goes_on(tmp_path, monkeypatch, capsys, when):
-    """Lightning ends a fit that got SIGTERM (a scheduler's preemption) with SIGTERMException, a SystemExit
-    without a code: the run exited 0, as if finished. One that came in the stage's last hooks, after Lightning's
-    last look, was dropped: the next stages trained on, and the scheduler had to kill the run."""
-    from callbacks.evaluation import CaptionEvaluation
-
-    run_dir = tmp_path / "run"
-
-    def sigterm(self, trainer, *args):  # what Lightning's SIGTERM handler does: set the flag the loops read
-        if self.stage == "sft_short" and (when == "at_its_end" or trainer.global_step == 2):
-            trainer._signal_connector.received_sigterm = True
-
-    with monkeypatch.context() as patch:
-        hook = "on_train_batch_end" if when == "mid_stage" else "on_train_end"
-        original = getattr(CaptionEvaluation, hook)
-
-        def then_sigterm(self, trainer, *args):
-            original(self, trainer, *args)
-            sigterm(self, trainer)
-
-        patch.setattr(CaptionEvaluation, hook, then_sigterm)
-        assert main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS]) == 143
-    assert "interrupted by SIGTERM" in capsys.readouterr().err
-    assert (run_dir / "sft_short" / "done.json").is_file() == (when == "at_its_end")
-    assert not (run_dir / "sft_medium").exists()
-    assert main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS]) == 0
-    assert json.loads((run_dir / "sft_short" / "done.json").read_text())["global_steps"] == 3
-
-
-def test_slurms_sigusr1_stops_a_stage_as_sigterm_does_and_leaves_no_hpc_checkpoint(tmp_path, monkeypatch, capsys):
-    """Under SLURM Lightning saved an "hpc" checkpoint at SIGUSR1, mid-step, and resumed the rerun from it to
-    other losses (it loads one whenever no last.ckpt is given); outside a stage SIGUSR1 killed the run."""
-    import os
-    import signal
-
-    from callbacks.evaluation import CaptionEvaluation
-
-    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
-             "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
-    for key, value in slurm.items():
-        monkeypatch.setenv(key, value)
-    run_dir = tmp_path / "run"
-    requeue = []
-    with monkeypatch.context() as patch:
-        original = CaptionEvaluation.on_train_batch_end
-
-        def then_sigusr1(self, trainer, *args):
-            original(self, trainer, *args)
-            requeue.append(trainer._accelerator_connector.cluster_environment.auto_requeue)
-            if self.stage == "sft_short" and trainer.global_step == 2:
-                os.kill(os.getpid(), signal.SIGUSR1)
-
-        patch.setattr(CaptionEvaluation, "on_train_batch_end", then_sigusr1)
-        assert main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS]) == 143
-    assert "interrupted by SIGTERM" in capsys.readouterr().err
-    assert not list(run_dir.glob("*/*hpc_ckpt*")) and requeue and not any(requeue)  # Lightning's requeue is off
-    (run_dir / "sft_short" / "hpc_ckpt_1.ckpt").write_bytes((run_dir / "sft_short/checkpoints/last.ckpt").read_bytes())
-    assert main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS]) == 0  # an old run's hpc file: removed
-    assert json.loads((run_dir / "sft_short" / "done.json").read_text())["global_steps"] == 3
-    assert not list(run_dir.glob("*/*hpc_ckpt*"))
-
-
 def test_a_retrained_stage_names_what_changed_and_its_old_export_is_called_out_of_date(tmp_path, caplog, capsys):
     # An upgrade (or a change) that retrained the run left export_hf with the old weights: eval and report.md
     # said nothing. The retrain's message did not say which setting changed.
