@@ -16,7 +16,6 @@ models and shards from rank 0, built their own, and a later stage failed on a ha
 from __future__ import annotations
 
 import atexit
-import itertools
 import logging
 import os
 import socket
@@ -36,7 +35,6 @@ log = logging.getLogger(__name__)
 # rank (a gloo group made with this timeout hung for 13 minutes and more after a torchrun restart).
 PREPARE_TIMEOUT = timedelta(days=2)
 SHARED_FOLDER_PATIENCE = 10.0
-_waits = itertools.count()  # each rank_zero_first its own store key: a compare runs several curricula
 
 
 class LaunchError(RuntimeError):
@@ -93,7 +91,11 @@ def rank_zero_first(what: str) -> Iterator[None]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         yield
         return
-    store, key = dist.distributed_c10d._get_default_store(), f"vlm_curriculum/rank0/{next(_waits)}/{what}"
+    # A key of its own each time: a compare runs several curricula in one process, and torchrun's store keeps
+    # the keys of a restarted attempt (a restart read rank 0's old error, or went on without waiting).
+    fresh = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(fresh, src=0)  # every rank enters together: no long wait here
+    store, key = dist.distributed_c10d._get_default_store(), f"vlm_curriculum/rank0/{fresh[0]}/{what}"
     if dist.get_rank() != 0:
         store.wait([key], PREPARE_TIMEOUT)
         verdict = store.get(key).decode()

@@ -48,6 +48,7 @@ from modules.loading import build_vlm, count_image_tokens
 from modules.training_module import AlignModule, LoRASFTModule, OptimSpec, VLMModule
 from modules.vlm import VisionLanguageModel
 from stages.config import CurriculumConfig, StageSpec
+from stages.launch import launched_ranks
 from stages.paths import follow_umask, stored_path, write_text_atomic
 from stages.strategies import BesideCheckpointIO
 from stages.tb_logger import CurriculumTensorBoardLogger, StageStart, StepLearningRateMonitor
@@ -339,7 +340,7 @@ def stage_trainer(
     # Lightning refuses a progress bar among the callbacks when enable_progress_bar is false.
     bar = stage_progress_bar(name) if trainer_config.enable_progress_bar is not False else None
     plugins = [] if trainer_config.strategy == "deepspeed" else [BesideCheckpointIO()]
-    if SLURMEnvironment.detect():
+    if isinstance(launched_ranks(), SLURMEnvironment):  # not torchrun inside a SLURM job: its ranks are its own
         # No "hpc" checkpoint at SIGUSR1: saved mid-step, it resumed a run to other losses, and Lightning loads
         # it whenever no last.ckpt is given. SIGUSR1 stops a stage as SIGTERM does (stages.run).
         plugins.append(SLURMEnvironment(auto_requeue=False))
