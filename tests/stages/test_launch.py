@@ -115,3 +115,22 @@ def test_rank_zero_first_waits_for_rank_0_every_time():
     with tempfile.TemporaryDirectory() as out:
         torch.multiprocessing.spawn(_twice_on_two_ranks, args=(_free_port(), out), nprocs=2)
         assert [Path(out, f"seen-{run}").read_text() for run in ("first", "second")] == ["True", "True"]
+
+
+def test_torchrun_inside_a_slurm_job_keeps_torchruns_ranks(monkeypatch):
+    # Any sbatch job looks like SLURM's: the stages' Trainer was given SLURM's rank numbering (rank 0 of 1 on
+    # every process) while the process group had torchrun's. The stage Trainer takes the SLURM plugin only when
+    # launched_ranks is SLURM's.
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    from stages.launch import launched_ranks
+
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert isinstance(launched_ranks(), SLURMEnvironment)
+    torchrun = {"TORCHELASTIC_RUN_ID": "x", "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "GROUP_RANK": "0"}
+    for key, value in torchrun.items():
+        monkeypatch.setenv(key, value)
+    assert isinstance(launched_ranks(), TorchElasticEnvironment) and launched_ranks().global_rank() == 1
