@@ -71,3 +71,26 @@ def test_slurms_sigusr1_stops_a_stage_as_sigterm_does_and_leaves_no_hpc_checkpoi
     assert main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS]) == 0  # an old run's hpc file: removed
     assert json.loads((run_dir / "sft_short" / "done.json").read_text())["global_steps"] == 3
     assert not list(run_dir.glob("*/*hpc_ckpt*"))
+
+
+def test_torchrun_inside_a_slurm_job_trains_with_torchruns_ranks(tmp_path, monkeypatch):
+    # The SLURM plugin (auto-requeue off) was given to every stage inside a SLURM job, torchrun's too: the
+    # Trainer took SLURM's rank numbering (rank 0 of 1 on every process) over torchrun's process group.
+    from callbacks.evaluation import CaptionEvaluation
+
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}  # fmt: skip
+    torchrun = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "GROUP_RANK": "0",
+                "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29599"}  # fmt: skip
+    for key, value in {**slurm, **torchrun}.items():
+        monkeypatch.setenv(key, value)
+    environments = []
+    original = CaptionEvaluation.on_train_start
+
+    def record(self, trainer, *args):
+        environments.append(type(trainer._accelerator_connector.cluster_environment).__name__)
+        original(self, trainer, *args)
+
+    monkeypatch.setattr(CaptionEvaluation, "on_train_start", record)
+    assert main(["curriculum", f"--run_dir={tmp_path / 'run'}", *MICRO_ARGS]) == 0
+    assert set(environments) == {"TorchElasticEnvironment"}
