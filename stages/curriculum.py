@@ -27,7 +27,7 @@ from modules.loading import (
 )
 from stages.config import RESERVED_STAGE_NAMES, CurriculumConfig, TrainerConfig, upstream_stage
 from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
-from stages.launch import check_shared_folder, join_launched_ranks, rank_zero_first
+from stages.launch import check_shared_folder, join_launched_ranks, rank_zero_first, rank_zero_verdict
 from stages.paths import LOCK_NAME, check_own_folder, folder_lock, follow_umask, write_text_atomic
 from stages.report import REPORT_PLOTS, STAGES_FILE, write_report
 from stages.stage import RunInputs, StageResult, StageStopped, fingerprint, run_stage
@@ -365,12 +365,12 @@ class InputChanged(RuntimeError):
 def check_inputs_unchanged(inputs: RunInputs, stage: str) -> None:
     """Fails when the shards or base models differ from what the run started with: a rebuild by another run
     (models in another run's base/, which this run cannot lock) gave later stages other inputs, silently."""
-    now = input_digests(inputs.shard_dir, inputs.vision_path, inputs.lm_path)
-    changed = [key for key, digest in now.items() if digest != inputs.digests[key]]
-    if torch.distributed.is_available() and torch.distributed.is_initialized():  # one verdict: rank 0's
-        verdict = [changed]
-        torch.distributed.broadcast_object_list(verdict, src=0)
-        changed = verdict[0]
+
+    def changed_inputs() -> list[str]:
+        now = input_digests(inputs.shard_dir, inputs.vision_path, inputs.lm_path)
+        return [key for key, digest in now.items() if digest != inputs.digests[key]]
+
+    changed = rank_zero_verdict(changed_inputs, f"to check the inputs before stage {stage}")  # one verdict
     if changed:
         folders = {"shards": inputs.shard_dir, "vision": inputs.vision_path, "lm": inputs.lm_path}
         raise InputChanged(

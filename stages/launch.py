@@ -21,15 +21,17 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # Rank 0 may build the run's shards (hours of captioning on real data) while the other ranks wait: they wait
 # on a key of the group's store, leaving the group's collectives their default timeout, which finds a hung
 # rank (a gloo group made with this timeout hung for 13 minutes and more after a torchrun restart).
@@ -135,3 +137,22 @@ def check_shared_folder(folder: Path, flag: str) -> None:
             f"{flag} {folder}: {', '.join(blind)} cannot see the file rank 0 wrote there: every rank of a run "
             "must see the run folder on one shared file system (not a node's own disk)"
         )
+
+
+def rank_zero_verdict(decide: Callable[[], T], what: str) -> T:
+    """`decide()` on rank 0 alone, its answer on every rank; its error, raised on every rank (the others had
+    waited for rank 0 in the broadcast until the group's timeout). One process: just `decide()`."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return decide()
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("answer", decide())]
+        except Exception as error:
+            dist.broadcast_object_list([("error", f"{type(error).__name__}: {error}")], src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise LaunchError(f"rank 0 failed {what}: {value}")
+    return value

@@ -134,3 +134,36 @@ def test_torchrun_inside_a_slurm_job_keeps_torchruns_ranks(monkeypatch):
     for key, value in torchrun.items():
         monkeypatch.setenv(key, value)
     assert isinstance(launched_ranks(), TorchElasticEnvironment) and launched_ranks().global_rank() == 1
+
+
+def _verdicts_on_two_ranks(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from stages.launch import rank_zero_verdict
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    answer = rank_zero_verdict(lambda: f"decided on rank {dist.get_rank()}", "to decide")
+    try:
+        rank_zero_verdict(lambda: 1 / 0, "to check the inputs")
+        failed = "no error"
+    except (LaunchError, ZeroDivisionError) as error:
+        failed = f"{type(error).__name__}: {error}"
+    Path(out, f"rank{rank}").write_text(json.dumps([answer, failed]))
+    dist.destroy_process_group()
+
+
+def test_rank_0s_verdict_and_its_error_reach_every_rank():
+    # The inputs' check computed digests on every rank and broadcast rank 0's: a failure there on rank 0 left
+    # the other ranks in the broadcast until the group's timeout.
+    import tempfile
+
+    import torch
+
+    with tempfile.TemporaryDirectory() as out:
+        torch.multiprocessing.spawn(_verdicts_on_two_ranks, args=(_free_port(), out), nprocs=2)
+        ranks = [json.loads(Path(out, f"rank{rank}").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ["decided on rank 0", "ZeroDivisionError: division by zero"]
+    assert ranks[1] == [
+        "decided on rank 0",
+        "LaunchError: rank 0 failed to check the inputs: ZeroDivisionError: division by zero",
+    ]
