@@ -42,17 +42,41 @@ def input_path(stored: str, run_dir: Path) -> Path:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Writes `path` whole or not at all (a temporary file beside it, then renamed over it): the files a rerun
-    decides by (config.yaml, metrics.json, done.json) are never left half-written by a kill."""
+    decides by (config.yaml, metrics.json, done.json) are never left half-written by a kill, nor, with the
+    file synced before the rename and the folder after it, empty after a power cut."""
     path = Path(path)
     handle, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.chmod(scratch, 0o666 & ~_UMASK)  # as open() would make it: mkstemp's 0600 hid it from other users
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(text)
+            durable(out)
         os.replace(scratch, path)
     except BaseException:
         Path(scratch).unlink(missing_ok=True)
         raise
+    sync_folder(path.parent)
+
+
+def durable(out) -> None:
+    """Flushes an open file to the disk (before it is renamed into place: a rename can reach the disk before
+    the file's data does, leaving an empty file after a power cut)."""
+    out.flush()
+    os.fsync(out.fileno())
+
+
+def sync_folder(folder: Path) -> None:
+    """Makes a rename in `folder` durable; a file system that cannot sync a folder is left as it is."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # EINVAL: some file systems (and platforms) do not sync folders
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def follow_umask(folder: Path) -> None:

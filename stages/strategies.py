@@ -21,6 +21,8 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from typing_extensions import override
 
+from stages.paths import durable, sync_folder
+
 
 class CurriculumDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeed strategy without the double division of the loss under gradient accumulation.
@@ -110,10 +112,12 @@ class BesideCheckpointIO(TorchCheckpointIO):
         try:
             with partial.open("wb") as out:
                 torch.save(checkpoint, out)
+                durable(out)
         except OSError:  # a full disk: the partial file would keep it full
             partial.unlink(missing_ok=True)
             raise
         os.replace(partial, target)
+        sync_folder(target.parent)
 
 
 class CPUDeepSpeedStrategy(CurriculumDeepSpeedStrategy):

@@ -190,3 +190,30 @@ def test_an_atomic_write_starts_beside_its_file(tmp_path, monkeypatch):
     write_text_atomic(target, "{}")
     assert target.read_text() == "{}" and [path.parent for path in renamed] == [target.parent]
     assert sorted(p.name for p in target.parent.iterdir()) == ["stages.json"]
+
+
+def test_decisive_files_and_checkpoints_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
+    # Renamed into place unsynced, a file can be empty after a power cut (the rename reaches the disk before
+    # the data): an empty done.json or last.ckpt failed the rerun that read it.
+    import os
+
+    from stages.paths import write_text_atomic
+    from stages.strategies import BesideCheckpointIO
+
+    synced, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        synced.append(f"rename {Path(target).name}")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_text_atomic(tmp_path / "done.json", "{}")
+    BesideCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+    names = [Path(entry).name if not entry.startswith("rename") else entry for entry in synced]
+    assert names[0].startswith(".done.json.") and names[1:3] == ["rename done.json", tmp_path.name]
+    assert names[3:] == [".last.ckpt.partial", "rename last.ckpt", tmp_path.name]
