@@ -36,7 +36,7 @@ from datamodules.images import shard_image
 from datamodules.shards import INDEX_NAME, SPLITS, write_shards
 from datamodules.text_stats import caption_words, corpus_stats, tokens, word_count
 from datamodules.world import WorldConfig
-from stages.paths import check_own_folder, folder_lock, write_text_atomic
+from stages.paths import check_own_folder, folder_lock, sync_tree, write_text_atomic
 
 log = logging.getLogger(__name__)
 FORMATS = ("synthetic", "llava", "dj_jsonl")
@@ -437,6 +437,9 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
     report = build_report(recipe, rows, kept, accounting, skips, total, empty, renamed)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    for split in SPLITS:  # on the disk before the index vouches for them
+        for shard in index["splits"][split]:
+            sync_tree(out_dir / shard["url"])
     write_text_atomic(out_dir / INDEX_NAME, json.dumps(index))  # last: the build is whole
     (out_dir / BUILDING_NAME).unlink()
     return report

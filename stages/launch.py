@@ -148,7 +148,7 @@ def rank_zero_verdict(decide: Callable[[], T], what: str) -> T:
     if dist.get_rank() == 0:
         try:
             box = [("answer", decide())]
-        except Exception as error:
+        except BaseException as error:
             dist.broadcast_object_list([("error", f"{type(error).__name__}: {error}")], src=0)
             raise
     dist.broadcast_object_list(box, src=0)

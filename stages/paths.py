@@ -66,15 +66,32 @@ def durable(out) -> None:
 
 
 def sync_folder(folder: Path) -> None:
-    """Makes a rename in `folder` durable; a file system that cannot sync a folder is left as it is."""
+    """Makes a rename in `folder` durable; a file system that cannot sync a folder is left as it is (the disk's
+    own errors, EIO or a full NFS quota, are raised)."""
+    _sync(folder)
+
+
+def sync_tree(folder: Path) -> None:
+    """Syncs a file, or every file under a folder and the folders, to the disk: what a marker written after it
+    (done.json after the stage's export/, index.json after the shards) vouches for is on the disk first."""
+    for path in sorted(Path(folder).rglob("*"), reverse=True):  # files before the folders that hold them
+        if not path.is_symlink():
+            _sync(path)
+    _sync(folder)
+
+
+def _sync(path: Path) -> None:
     try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError as error:  # a folder this user may not open: nothing to sync from here
+        if error.errno in (errno.EACCES, errno.EPERM):
+            return
+        raise
     try:
         os.fsync(descriptor)
-    except OSError:  # EINVAL: some file systems (and platforms) do not sync folders
-        pass
+    except OSError as error:  # some file systems (and platforms) sync no folder
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
     finally:
         os.close(descriptor)
 

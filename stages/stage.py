@@ -49,7 +49,7 @@ from modules.training_module import AlignModule, LoRASFTModule, OptimSpec, VLMMo
 from modules.vlm import VisionLanguageModel
 from stages.config import CurriculumConfig, StageSpec
 from stages.launch import launched_ranks
-from stages.paths import follow_umask, stored_path, write_text_atomic
+from stages.paths import follow_umask, stored_path, sync_tree, write_text_atomic
 from stages.strategies import BesideCheckpointIO
 from stages.tb_logger import CurriculumTensorBoardLogger, StageStart, StepLearningRateMonitor
 
@@ -455,6 +455,7 @@ def run_stage(
     save_handoff(module.vlm, stage_dir / "export", write=trainer.is_global_zero)  # every rank: ZeRO-3 gathers
     if trainer.is_global_zero:
         follow_umask(stage_dir / "export")
+        sync_tree(stage_dir / "export")  # on the disk before done.json vouches for it
     done = {
         "fingerprint": stage_print,
         "eval_fingerprint": scored_with,

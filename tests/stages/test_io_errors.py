@@ -192,28 +192,43 @@ def test_an_atomic_write_starts_beside_its_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in target.parent.iterdir()) == ["stages.json"]
 
 
-def test_decisive_files_and_checkpoints_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
+def test_decisive_files_and_what_they_vouch_for_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
     # Renamed into place unsynced, a file can be empty after a power cut (the rename reaches the disk before
-    # the data): an empty done.json or last.ckpt failed the rerun that read it.
-    import os
-
-    from stages.paths import write_text_atomic
+    # the data): an empty done.json or last.ckpt failed the rerun that read it, and an index.json on the disk
+    # could vouch for shards that were not.
+    from stages.data import load_recipe, run_data_stage
+    from stages.paths import sync_tree, write_text_atomic
     from stages.strategies import BesideCheckpointIO
+    from tests.conftest import MICRO_WORLD, SYNTHETIC_RECIPE
 
-    synced, real_fsync, real_replace = [], os.fsync, os.replace
+    events, real_fsync, real_replace = [], os.fsync, os.replace
 
     def fsync(descriptor):
-        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        events.append(("sync", os.fstat(descriptor).st_ino))
         real_fsync(descriptor)
 
     def replace(source, target):
-        synced.append(f"rename {Path(target).name}")
+        events.append(("rename", Path(target).name))
         real_replace(source, target)
+
+    def synced_before(path: Path, renamed: str) -> bool:
+        return events.index(("sync", path.stat().st_ino)) < events.index(("rename", renamed))
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     write_text_atomic(tmp_path / "done.json", "{}")
+    assert synced_before(tmp_path / "done.json", "done.json") and ("sync", tmp_path.stat().st_ino) in events
     BesideCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
-    names = [Path(entry).name if not entry.startswith("rename") else entry for entry in synced]
-    assert names[0].startswith(".done.json.") and names[1:3] == ["rename done.json", tmp_path.name]
-    assert names[3:] == [".last.ckpt.partial", "rename last.ckpt", tmp_path.name]
+    assert synced_before(tmp_path / "last.ckpt", "last.ckpt")
+    (tmp_path / "export" / "adapter").mkdir(parents=True)
+    (tmp_path / "export" / "adapter" / "weights").write_bytes(b"w")
+    events.clear()
+    sync_tree(tmp_path / "export")
+    assert [("sync", p.stat().st_ino) for p in (tmp_path / "export" / "adapter" / "weights", tmp_path / "export")] == [
+        events[0],
+        events[-1],
+    ]
+    events.clear()
+    shards = tmp_path / "shards"
+    run_data_stage(load_recipe(SYNTHETIC_RECIPE, ["--shard_size=64"]), shards, MICRO_WORLD, seed=0)
+    assert all(synced_before(tar, "index.json") for tar in shards.glob("*.tar"))
