@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset
 
 from datamodules.captions import PromptFormat, collate_captions, pad_batches, select_caption, tag_step_tokens
 from datamodules.images import SHARD_FORMATS, EncodedImage, open_rgb
-from datamodules.shards import ShardError, budget_counts, read_index, shard_urls
+from datamodules.shards import ShardError, budget_counts, read_index, shard_fits, shard_urls
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,10 @@ class CaptionDataModule(L.LightningDataModule):
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         kept, _ = budget_counts(self.index, split, self.max_words)
         if train:
+            # Only shards with a caption that fits: a rank or loader worker dealt only shards without one had
+            # nothing to train on and stopped while the others waited for it (a data set grouped by source,
+            # its long detailed captions in shards of their own, under a short budget).
+            urls = [url for url, fits in zip(urls, shard_fits(self.index, split, self.max_words), strict=True) if fits]
             batches = kept // (self.batch_size * world)
             # Whole optimizer steps only. Lightning steps on an epoch's short last window, DeepSpeed's engine
             # does not (it counts micro-batches across epochs): the two paths would update differently.

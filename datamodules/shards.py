@@ -106,12 +106,14 @@ def shortest_caption(words: dict[str, int]) -> int | None:
 
 def budget_counts(index: dict, split: str, max_words: int) -> tuple[int, int]:
     """(samples with a caption of at most `max_words` words, samples with none) in `split`."""
-    fits = skipped = 0
+    fits = sum(shard_fits(index, split, max_words))
+    return fits, sum(len(shard["caption_words"]) for shard in index["splits"][split]) - fits
+
+
+def shard_fits(index: dict, split: str, max_words: int) -> list[int]:
+    """How many samples of each shard of `split` have a caption of at most `max_words` words."""
+    counts = []
     for shard in index["splits"][split]:
-        for words in shard["caption_words"]:
-            shortest = shortest_caption(words)
-            if shortest is not None and shortest <= max_words:
-                fits += 1
-            else:
-                skipped += 1
-    return fits, skipped
+        shortest = (shortest_caption(words) for words in shard["caption_words"])
+        counts.append(sum(1 for n in shortest if n is not None and n <= max_words))
+    return counts

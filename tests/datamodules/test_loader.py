@@ -236,3 +236,41 @@ def test_two_ranks_validate_every_sample_once_in_as_many_batches(micro_world, mi
     assert sum(not key for batches in validated for batch in batches for key in batch["keys"]) == (
         1 if batch_size == 3 else 0
     )
+
+
+def test_a_rank_dealt_only_shards_without_a_fitting_caption_still_trains(tmp_path, micro_base, monkeypatch):
+    # A data set grouped by source: its short captions in one shard, its long ones in three. Under a short budget,
+    # a rank dealt only long-caption shards had nothing to train on and stopped ("no sample ... reached this
+    # reader") while the other ranks waited for it. Shards without a caption that fits are no longer dealt.
+    import json
+    import types
+
+    from PIL import Image
+
+    from stages.data import InputSpec, RecipeConfig, run_data_stage
+
+    short, long = "a red circle on the left side", "a large red circle on the left side next to a small blue square"
+    records = []
+    for i in range(32):
+        Image.new("RGB", (48, 48), (8 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        records.append({"id": f"r{i:02d}", "images": [f"{i}.png"], "text": short if i < 8 else long})
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    recipe = RecipeConfig(
+        input=InputSpec(format="dj_jsonl", path=str(tmp_path / "in.jsonl")), process=[], val_share=0.0,
+        test_share=0.0, shard_size=8,
+    )  # fmt: skip
+    run_data_stage(recipe, tmp_path / "shards")
+    keys = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        datamodule = CaptionDataModule(tmp_path / "shards", max_words=8, batch_size=2)
+        assert [len(shard["caption_words"]) for shard in datamodule.index["splits"]["train"]] == [8, 8, 8, 8]
+        tokenizer = AutoTokenizer.from_pretrained(micro_base[1])
+        datamodule.connect(tokenizer, AutoImageProcessor.from_pretrained(micro_base[0]), 9, "describe the image")
+        datamodule.trainer = types.SimpleNamespace(
+            world_size=2, current_epoch=0, accumulate_grad_batches=1, reload_dataloaders_every_n_epochs=1,
+            fit_loop=types.SimpleNamespace(restarting=False),
+        )  # fmt: skip
+        keys.append({key for batch in datamodule.train_dataloader() for key in batch["keys"]})
+    assert all(keys) and keys[0] | keys[1] <= {f"r{i:02d}" for i in range(8)}
