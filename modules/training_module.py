@@ -200,7 +200,6 @@ class VLMModule(L.LightningModule):
         return share, self._step_rank_factor
 
     @override
-    @override
     def on_validation_epoch_start(self) -> None:
         self._val_loss_sum = torch.zeros((), device=self.device)
         self._val_tokens = torch.zeros((), device=self.device)
