@@ -232,3 +232,35 @@ def test_decisive_files_and_what_they_vouch_for_reach_the_disk_before_their_rena
     shards = tmp_path / "shards"
     run_data_stage(load_recipe(SYNTHETIC_RECIPE, ["--shard_size=64"]), shards, MICRO_WORLD, seed=0)
     assert all(synced_before(tar, "index.json") for tar in shards.glob("*.tar"))
+
+
+def test_a_stage_syncs_its_export_before_done_json(tmp_path, monkeypatch):
+    # done.json vouches for export/: synced after it, a power cut could leave a finished stage with empty weights.
+    import stages.stage
+    from stages.run import main
+    from tests.conftest import MICRO_ARGS
+
+    order, real_sync, real_write = [], stages.stage.sync_tree, stages.stage.write_text_atomic
+
+    def sync_tree(folder):
+        order.append(f"sync {Path(folder).parent.name}/{Path(folder).name}")
+        real_sync(folder)
+
+    def write_text_atomic(path, text):
+        order.append(f"write {Path(path).parent.name}/{Path(path).name}")
+        real_write(path, text)
+
+    monkeypatch.setattr(stages.stage, "sync_tree", sync_tree)
+    monkeypatch.setattr(stages.stage, "write_text_atomic", write_text_atomic)
+    assert (
+        main(
+            [
+                "curriculum",
+                f"--run_dir={tmp_path / 'run'}",
+                *MICRO_ARGS,
+                "--stages={align: {trainable: [projector], max_words: 48, init_from: base, trainer: {max_steps: 2}}}",
+            ]
+        )
+        == 0
+    )
+    assert order.index("sync align/export") < order.index("write align/done.json")
