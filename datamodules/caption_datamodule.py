@@ -198,12 +198,13 @@ class CaptionDataModule(L.LightningDataModule):
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         world = self.trainer.world_size if self.trainer is not None else 1
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        kept, _ = budget_counts(self.index, split, self.max_words)
+        fits = shard_fits(self.index, split, self.max_words)
+        kept = sum(fits)
         if train:
             # Only shards with a caption that fits: a rank or loader worker dealt only shards without one had
             # nothing to train on and stopped while the others waited for it (a data set grouped by source,
             # its long detailed captions in shards of their own, under a short budget).
-            urls = [url for url, fits in zip(urls, shard_fits(self.index, split, self.max_words), strict=True) if fits]
+            urls = [url for url, count in zip(urls, fits, strict=True) if count]
             batches = kept // (self.batch_size * world)
             # Whole optimizer steps only. Lightning steps on an epoch's short last window, DeepSpeed's engine
             # does not (it counts micro-batches across epochs): the two paths would update differently.

@@ -383,7 +383,7 @@ def upstream_stage(names: list[str], index: int, init_from: str) -> str:
     return names[index - 1] if init_from == "previous" else init_from
 
 
-def _device_count(devices) -> int | str:
+def device_count(devices) -> int | str:
     """How many devices `devices` names, as a count ([0, 1], "0,1" and 2 are 2), or "all" (auto, -1, unset)."""
     if devices in (None, "auto", -1, "-1"):
         return "all"
@@ -419,7 +419,7 @@ class CurriculumConfig:
         """Every stage trains on the processes the first one started: a stage on 1 device after one on 2 ran
         twice, each process training it as rank 0 into the same folder (two evaluations, one export)."""
         this, that = self.trainer_of(name), self.trainer_of(first)
-        for key, count, unset in (("devices", _device_count, "auto"), ("num_nodes", lambda n: n or 1, 1)):
+        for key, count, unset in (("devices", device_count, "auto"), ("num_nodes", lambda n: n or 1, 1)):
             mine, theirs = (unset if getattr(t, key) is None else getattr(t, key) for t in (this, that))
             if count(mine) != count(theirs):
                 where = f"stages.{name}.trainer.{key}" if getattr(self.stages[name].trainer, key) is not None else ""

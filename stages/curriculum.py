@@ -25,7 +25,7 @@ from modules.loading import (
     load_tokenizer,
     write_config_folders,
 )
-from stages.config import RESERVED_STAGE_NAMES, CurriculumConfig, TrainerConfig, upstream_stage
+from stages.config import RESERVED_STAGE_NAMES, CurriculumConfig, TrainerConfig, device_count, upstream_stage
 from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
 from stages.launch import check_shared_folder, join_launched_ranks, rank_zero_first, rank_zero_verdict
 from stages.paths import LOCK_NAME, check_own_folder, folder_lock, follow_umask, write_text_atomic
@@ -280,18 +280,9 @@ def boundary_tail(cfg: CurriculumConfig, name: str, source: str | None, run_dir:
 def ranks(trainer: TrainerConfig) -> int:
     """The processes a stage trains on, as Lightning reads `devices` and `num_nodes` ("auto" and -1: every
     visible GPU, or one process on the CPU; "2": two devices; "0,3": those two)."""
-    devices = trainer.devices
-    if devices in (None, "auto", -1, "-1"):
-        gpus = torch.cuda.device_count() if trainer.accelerator != "cpu" else 0
-        count = max(gpus, 1)
-    elif isinstance(devices, int):
-        count = devices
-    elif isinstance(devices, list):
-        count = len(devices)
-    elif "," in devices:
-        count = len([d for d in devices.split(",") if d.strip()])
-    else:
-        count = int(devices)
+    count = device_count(trainer.devices)
+    if count == "all":
+        count = torch.cuda.device_count() if trainer.accelerator != "cpu" else 0
     return max(count, 1) * (trainer.num_nodes or 1)
 
 
@@ -344,7 +335,7 @@ def check_accelerator(cfg: CurriculumConfig) -> None:
 
 def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     first = cfg.trainer_of(next(iter(cfg.stages)))  # every stage trains on the same processes
-    join_launched_ranks(first.num_nodes or 1, ranks(first), gpu=first.accelerator not in ("cpu",))
+    join_launched_ranks(first.num_nodes or 1, ranks(first), gpu=first.accelerator != "cpu")
     with ExitStack() as held:
         with rank_zero_first("to start the run"):
             run_dir.mkdir(parents=True, exist_ok=True)

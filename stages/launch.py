@@ -54,6 +54,11 @@ def launched_ranks():
     return None
 
 
+def several_ranks() -> bool:
+    """Whether this process is one of several in a process group (one process, or no group yet: not)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def join_launched_ranks(num_nodes: int, processes: int, gpu: bool) -> None:
     """Joins the process group of ranks a launcher started all at once; fails on launches the run cannot
     coordinate: several nodes without torchrun or srun, or a launcher that started another number of ranks
@@ -90,7 +95,7 @@ def rank_zero_first(what: str) -> Iterator[None]:
     """Rank 0 runs the block first and the other ranks wait, then run it themselves (finding what rank 0
     built); one process, or no process group yet: just the block. When the block fails on rank 0, the other
     ranks fail too, naming its error, instead of waiting for it until the group's timeout."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not several_ranks():
         yield
         return
     # A key of its own each time: a compare runs several curricula in one process, and torchrun's store keeps
@@ -117,7 +122,7 @@ def check_shared_folder(folder: Path, flag: str) -> None:
     """Fails unless every rank sees a file that rank 0 writes in `folder`; one process, or no process group
     yet: nothing to check. A file of a new name each time (no rank has a cached lookup of it), looked for over
     `SHARED_FOLDER_PATIENCE` seconds, as a shared file system may show another node's new file a little later."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not several_ranks():
         return
     name = [f".rank0-{uuid.uuid4().hex}" if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(name, src=0)
@@ -142,7 +147,7 @@ def check_shared_folder(folder: Path, flag: str) -> None:
 def rank_zero_verdict(decide: Callable[[], T], what: str) -> T:
     """`decide()` on rank 0 alone, its answer on every rank; its error, raised on every rank (the others had
     waited for rank 0 in the broadcast until the group's timeout). One process: just `decide()`."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not several_ranks():
         return decide()
     box: list = [None]
     if dist.get_rank() == 0:

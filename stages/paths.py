@@ -55,7 +55,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(scratch).unlink(missing_ok=True)
         raise
-    sync_folder(path.parent)
+    sync_path(path.parent)
 
 
 def durable(out) -> None:
@@ -65,22 +65,19 @@ def durable(out) -> None:
     os.fsync(out.fileno())
 
 
-def sync_folder(folder: Path) -> None:
-    """Makes a rename in `folder` durable; a file system that cannot sync a folder is left as it is (the disk's
-    own errors, EIO or a full NFS quota, are raised)."""
-    _sync(folder)
-
-
 def sync_tree(folder: Path) -> None:
     """Syncs a file, or every file under a folder and the folders, to the disk: what a marker written after it
     (done.json after the stage's export/, index.json after the shards) vouches for is on the disk first."""
     for path in sorted(Path(folder).rglob("*"), reverse=True):  # files before the folders that hold them
         if not path.is_symlink():
-            _sync(path)
-    _sync(folder)
+            sync_path(path)
+    sync_path(folder)
 
 
-def _sync(path: Path) -> None:
+def sync_path(path: Path) -> None:
+    """Syncs a file, or a folder (which makes a rename in it durable), to the disk. A folder this user may not
+    open, or a file system that syncs no folder, is left as it is; the disk's own errors (EIO, a full NFS
+    quota) are raised."""
     try:
         descriptor = os.open(path, os.O_RDONLY)
     except OSError as error:  # a folder this user may not open: nothing to sync from here

@@ -154,8 +154,11 @@ def prepare_stage_folder(stage_dir: Path, stage_print: str, resolved: dict, rank
     (stage_dir / "done.json").unlink(missing_ok=True)
     # Lightning's SLURM "hpc" checkpoints, saved at SIGUSR1 by runs before it was turned off (stage_trainer):
     # Lightning resumes from one whenever no last.ckpt is given, and a half-written one failed every rerun.
-    for stale in stage_dir.glob("*hpc_ckpt_*"):  # a folder under DeepSpeed
-        shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
+    for stale in stage_dir.glob("*hpc_ckpt_*"):
+        if stale.is_dir() and not stale.is_symlink():  # a folder under DeepSpeed
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
     write_stage_config(stage_dir, stage_print, resolved)
 
 

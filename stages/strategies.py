@@ -21,7 +21,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from typing_extensions import override
 
-from stages.paths import durable, sync_folder
+from stages.paths import durable, sync_path
 
 
 class CurriculumDeepSpeedStrategy(DeepSpeedStrategy):
@@ -117,7 +117,7 @@ class BesideCheckpointIO(TorchCheckpointIO):
             partial.unlink(missing_ok=True)
             raise
         os.replace(partial, target)
-        sync_folder(target.parent)
+        sync_path(target.parent)
 
 
 class CPUDeepSpeedStrategy(CurriculumDeepSpeedStrategy):
