@@ -244,7 +244,12 @@ class CaptionDataModule(L.LightningDataModule):
             wds.batched(self.batch_size, collation_fn=self._collate, partial=not train),
             *padded,
         )
-        loader = wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers)
+        # A generator of its own: each new iterator draws its workers' base seed from the loader's generator, by
+        # default torch's global one, which LoRA dropout also draws from. Validation and each epoch's new loader
+        # then shifted the dropout's stream, and a resume (the global state restored from before the draw)
+        # trained on other dropout masks than an unbroken run. The shards' order has its own seed (ShardStream).
+        generator = torch.Generator().manual_seed(self.seed)
+        loader = wds.WebLoader(stream, batch_size=None, num_workers=self.num_workers, generator=generator)
         if train:  # in this process, after the workers' batches are put in order
             loader = loader.compose(functools.partial(tag_step_tokens, accumulate=accumulate, start=skip))
         if train or world > 1:

@@ -274,3 +274,16 @@ def test_a_rank_dealt_only_shards_without_a_fitting_caption_still_trains(tmp_pat
         )  # fmt: skip
         keys.append({key for batch in datamodule.train_dataloader() for key in batch["keys"]})
     assert all(keys) and keys[0] | keys[1] <= {f"r{i:02d}" for i in range(8)}
+
+
+def test_starting_the_loaders_leaves_torchs_random_state_alone(micro_world, micro_base):
+    """A DataLoader draws its workers' base seed from torch's global generator at each new iterator, the one LoRA
+    dropout draws from: validation, and each epoch's new loader, shifted the dropout's stream, and a resume (the
+    state restored from before the draw) trained on other dropout masks than an unbroken run."""
+    import torch
+
+    datamodule = _datamodule(micro_world, micro_base, 1)
+    state = torch.get_rng_state()
+    for loader in (datamodule.train_dataloader(), datamodule.val_dataloader()):
+        next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), state)

@@ -38,16 +38,16 @@ def _kill_final_evaluation_of(stage: str, monkeypatch) -> None:
     monkeypatch.setattr(CaptionEvaluation, "_run", run)
 
 
-def _run_killed_at_align_step(run_dir: Path, step: int, monkeypatch, *flags: str) -> None:
-    """Runs the curriculum until align has finished optimizer step `step` (and written that step's checkpoint,
+def _run_killed_at_align_step(run_dir: Path, step: int, monkeypatch, *flags: str, stage: str = "align") -> None:
+    """Runs the curriculum until `stage` has finished optimizer step `step` (and written that step's checkpoint,
     if one is due), then kills it."""
     from callbacks.evaluation import CaptionEvaluation
 
     original = CaptionEvaluation.on_train_batch_end
 
     def killed(self, trainer, *args):
-        if self.stage == "align" and trainer.global_step == step:
-            raise Killed(f"killed after align's step {step}")
+        if self.stage == stage and trainer.global_step == step:
+            raise Killed(f"killed after {stage}'s step {step}")
         return original(self, trainer, *args)
 
     with monkeypatch.context() as patch:
@@ -316,6 +316,20 @@ def test_a_stage_resumed_from_a_checkpoint_at_an_epochs_end_trains_the_next_epoc
     assert _run(run, *steps) == 0
     resumed, uninterrupted = (json.loads((r / "align" / "losses.json").read_text())["losses"] for r in (run, reference))
     assert len(resumed) == len(uninterrupted) == epoch + 4
+    assert resumed == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
+
+
+def test_a_resumed_lora_stage_draws_the_dropout_masks_of_an_unbroken_run(tmp_path, monkeypatch):
+    """The validation after step 2 (its checkpoint) drew from torch's global generator, LoRA dropout's, and the
+    resume restored the state from before the draw: from step 3 on the stage trained on other dropout masks."""
+    flags = ["--stages.sft_short.trainer.max_steps=4", "--stages.sft_short.trainer.val_check_interval=2"]
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    assert _run(reference, *flags) == 0
+    _run_killed_at_align_step(run, 3, monkeypatch, *flags, stage="sft_short")  # its last checkpoint: step 2
+    assert _run(run, *flags) == 0
+    losses = (json.loads((r / "sft_short" / "losses.json").read_text())["losses"] for r in (run, reference))
+    resumed, uninterrupted = losses
+    assert len(resumed) == len(uninterrupted) == 4
     assert resumed == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
 
 
