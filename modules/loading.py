@@ -108,6 +108,9 @@ class ModelConfig:
             raise ValueError(f"model.grid must be at least 1, or null to keep every patch, got {self.grid}")
         if self.image_size < 1:
             raise ValueError(f"model.image_size must be at least 1, got {self.image_size}")
+        if self.vision_layer >= 0:  # counted from the output: 0 would be the patch embeddings, 5 a crash mid-run
+            raise ValueError(f"model.vision_layer must be negative (-1: the output, -2: the layer before), got "
+                             f"{self.vision_layer}")  # fmt: skip
 
 
 def is_model_folder(path: str | Path) -> bool:
@@ -265,6 +268,15 @@ def check_prompt(tokenizer, config: ModelConfig) -> None:
     whose prompt and caption the tokenizer cannot keep apart)."""
     from datamodules.captions import caption_lead
 
+    unk = tokenizer.unk_token_id
+    if unk is not None:  # a word-level tokenizer (the tiny base's) read words it lacks as <unk>, unsaid
+        unknown = [w for w in config.prompt.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]
+        if unknown:
+            raise ModelFolderError(
+                f"--model.prompt {config.prompt!r}: {unknown} are unknown to the language model's tokenizer (each "
+                f"would be {tokenizer.unk_token}); the tiny base's tokenizer knows the synthetic world's words and "
+                "base.prompt, which the tiny LM is pretrained with: set base.prompt too, or use its words"
+            )
     try:
         prompt_layout(tokenizer, 1, config.prompt, config.chat_template)
         if config.prompt and not config.chat_template:
@@ -289,29 +301,54 @@ def check_lora_targets(lm_path: str | Path, spec: LoraSpec) -> None:
         )
 
 
-def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> tuple[Path, Path]:
+def check_vision_layer(vision_path: str | Path, layer: int) -> None:
+    """Fails before any work when `model.vision_layer` is deeper than the tower: found in the first stage, after
+    the data and the base models. The tower runs on the meta device: shapes only, no memory."""
+    if layer == -1:
+        return
+    with torch.device("meta"):
+        tower, processor, _ = load_vision_tower(vision_path, random_init=True)
+    try:
+        probe_image_tokens(tower, processor, None, layer)
+    except ValueError as error:
+        raise ModelFolderError(f"--model.vision_path {vision_path}: {error}") from error
+
+
+def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> tuple[Path | None, Path | None]:
     """Folders holding only configs (the tower's with an image processor, the LM's with the synthetic
-    world's tokenizer) from `vision_arch` / `lm_arch`: what `random_init` builds models from."""
+    world's tokenizer) from `vision_arch` / `lm_arch`: what `random_init` builds models from. A part whose
+    `vision_path` / `lm_path` is a model folder is not written (None): its config.json is used."""
     from modules.base_models import processor_class
     from modules.tokenizer import train_world_tokenizer
 
-    for flag, arch in (("--model.vision_arch", config.vision_arch), ("--model.lm_arch", config.lm_arch)):
+    parts = (("vision", config.vision_path, config.vision_arch), ("lm", config.lm_path, config.lm_arch))
+    wanted = {part: arch for part, path, arch in parts if not (path and is_model_folder(path))}
+    for part, arch in wanted.items():
         if not arch or "model_type" not in arch:
-            raise ValueError(f"{flag}: random_init without a model folder needs a config dict with a model_type")
+            raise ModelFolderError(
+                f"--model.{part}_arch: random_init without a model folder in --model.{part}_path needs a config "
+                "dict with a model_type"
+            )
     out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(dir=out) as scratch:
-        vision, lm = Path(scratch) / "vision", Path(scratch) / "lm"
-        AutoConfig.for_model(**config.vision_arch).save_pretrained(vision)
-        side = config.image_size
-        if config.vision_arch["model_type"].startswith("siglip"):  # SigLIP's: the whole frame resized, mean 0.5
-            processor = processor_class("SiglipImageProcessor")(size={"height": side, "width": side})
-        else:  # CLIP's: the short side resized, the centre cropped, CLIP's mean
-            crop = {"height": side, "width": side}
-            processor = processor_class("CLIPImageProcessor")(size={"shortest_edge": side}, crop_size=crop)
-        processor.save_pretrained(vision)
-        AutoConfig.for_model(**config.lm_arch).save_pretrained(lm)
-        train_world_tokenizer([*corpus, config.prompt], lm)
-        return _replace_if_changed(vision, out / "vision"), _replace_if_changed(lm, out / "lm")
+        if "vision" in wanted:
+            vision = Path(scratch) / "vision"
+            AutoConfig.for_model(**config.vision_arch).save_pretrained(vision)
+            side = config.image_size
+            if config.vision_arch["model_type"].startswith("siglip"):  # SigLIP's: the whole frame resized, mean 0.5
+                processor = processor_class("SiglipImageProcessor")(size={"height": side, "width": side})
+            else:  # CLIP's: the short side resized, the centre cropped, CLIP's mean
+                crop = {"height": side, "width": side}
+                processor = processor_class("CLIPImageProcessor")(size={"shortest_edge": side}, crop_size=crop)
+            processor.save_pretrained(vision)
+            written["vision"] = _replace_if_changed(vision, out / "vision")
+        if "lm" in wanted:
+            lm = Path(scratch) / "lm"
+            AutoConfig.for_model(**config.lm_arch).save_pretrained(lm)
+            train_world_tokenizer([*corpus, config.prompt], lm)
+            written["lm"] = _replace_if_changed(lm, out / "lm")
+    return written.get("vision"), written.get("lm")
 
 
 def _files_of(folder: Path) -> dict[str, bytes]:

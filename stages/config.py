@@ -240,6 +240,8 @@ class StageSpec:
         unknown = sorted(set(self.trainable) - set(GROUPS))
         if unknown or not self.trainable:
             raise ValueError(f"{where}.trainable must be a non-empty list of {GROUPS}; unknown: {unknown}")
+        if len(set(self.trainable)) != len(self.trainable):  # AdamW refused the repeat once the stage had started
+            raise ValueError(f"{where}.trainable names a group twice: {self.trainable}")
         if self.max_words < 1:
             raise ValueError(f"{where}.max_words must be positive, got {self.max_words}")
         for group in self.trainable:  # 0 trains nothing, a negative rate ascends the loss: neither is meant
@@ -431,6 +433,8 @@ class CurriculumConfig:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("stages: a curriculum needs at least one stage")
+        if not 0 <= self.seed < 2**32:  # numpy's range: -1 failed after the base models, blamed on data.recipe
+            raise ValueError(f"seed must be within 0 and 2**32 - 1, got {self.seed}")
         self.trainer.check("trainer")
         names = list(self.stages)
         folded = [name.lower() for name in names]

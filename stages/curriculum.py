@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+from jsonargparse import ArgumentError
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.evaluation import reference
@@ -18,15 +19,17 @@ from datamodules.shards import INDEX_NAME, ShardError, check_shards_serve, index
 from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
 from modules.loading import (
+    ModelFolderError,
     check_lora_targets,
     check_prompt,
     check_token_rows,
+    check_vision_layer,
     is_model_folder,
     load_tokenizer,
     write_config_folders,
 )
 from stages.config import RESERVED_STAGE_NAMES, CurriculumConfig, TrainerConfig, device_count, upstream_stage
-from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
+from stages.data import IMAGE_FILES_NAME, check_process, load_recipe, run_data_stage
 from stages.launch import check_shared_folder, join_launched_ranks, rank_zero_first, rank_zero_verdict
 from stages.paths import LOCK_NAME, check_own_folder, folder_lock, follow_umask, write_text_atomic
 from stages.report import REPORT_PLOTS, STAGES_FILE, write_report
@@ -172,13 +175,21 @@ def input_digests(shard_dir: Path, vision: Path, lm: Path) -> dict[str, str]:
 
 
 def check_model_folders(cfg: CurriculumConfig) -> None:
-    """Fails naming every configured model folder that is not one (a random-init profile with its
-    architectures needs none)."""
+    """Fails naming every configured model folder that is not one; under `random_init` with architectures, a
+    part without a folder needs its architecture (`vision_arch` / `lm_arch`)."""
     model = cfg.model
-    if model.random_init and (model.vision_arch or model.lm_arch):
-        return
-    flags = (("--model.vision_path", model.vision_path), ("--model.lm_path", model.lm_path))
-    missing = [f"{flag} {path}" for flag, path in flags if path is not None and not is_model_folder(path)]
+    archs = model.random_init and (model.vision_arch or model.lm_arch)
+    missing = []
+    for part, path, arch in (("vision", model.vision_path, model.vision_arch), ("lm", model.lm_path, model.lm_arch)):
+        if path is not None and is_model_folder(path):
+            continue
+        if archs and (not arch or "model_type" not in arch):  # found after the data, as a traceback
+            raise ModelFolderError(
+                f"--model.{part}_arch: random_init without a model folder in --model.{part}_path ({path}) needs a "
+                "config dict with a model_type"
+            )
+        if path is not None and not archs:
+            missing.append(f"--model.{part}_path {path}")
     if missing:
         raise FileNotFoundError(
             f"not model folders (no config.json): {'; '.join(missing)}. Give local folders saved with "
@@ -196,6 +207,12 @@ def check_inputs(cfg: CurriculumConfig) -> None:
         raise FileNotFoundError(
             f"--data.shard_dir: {cfg.data.shard_dir} has no {INDEX_NAME}; build it with the data stage"
         )
+    if cfg.data.shard_dir is None:  # a recipe's bad value or misspelt key was found after the base models
+        recipe_path = resolve_recipe(cfg.data.recipe)
+        try:
+            check_process(load_recipe(recipe_path).process)
+        except (ValueError, TypeError, ArgumentError) as error:
+            raise ShardError(f"--data.recipe {recipe_path}: {error}") from error
     warn_shadowed_trainer_keys(cfg)
 
 
@@ -236,8 +253,8 @@ def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Pat
         paths, archs = (model.vision_path, model.lm_path), (model.vision_arch, model.lm_arch)
         chosen = []
         for part, path, arch, default in zip(("vision", "lm"), paths, archs, written, strict=True):
-            chosen.append(Path(path) if path and is_model_folder(path) else default)
-            if arch and chosen[-1] != default:  # a smaller arch for a memory run built the full model, unsaid
+            chosen.append(default or Path(path))
+            if arch and default is None:  # a smaller arch for a memory run built the full model, unsaid
                 log.warning("model.%s_arch is not used: model.%s_path %s exists, and its config.json is",
                             part, part, path)  # fmt: skip
         return chosen[0], chosen[1]
@@ -376,6 +393,7 @@ def _prepare_run(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> RunIn
         write_text_atomic(run_dir / STAGES_FILE, json.dumps({"stages": list(cfg.stages)}, indent=2))
     check_inputs(cfg)
     vision, lm = prepare_base_models(cfg, run_dir)
+    check_vision_layer(vision, cfg.model.vision_layer)
     # Before the data: a tokenizer without an image token, or without the chat template asked for
     tokenizer = load_tokenizer(lm, cfg.model.image_token)
     check_prompt(tokenizer, cfg.model)

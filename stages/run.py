@@ -218,6 +218,8 @@ def run_data_command(parser: ArgumentParser, args) -> int:
         values = parser.instantiate(args).data
     except (ValueError, TypeError) as error:  # a value's own check (world, input format): named, no traceback
         parser.error(str(error))
+    if not 0 <= values.seed < 2**32:
+        parser.error(f"--seed must be within 0 and 2**32 - 1, got {values.seed}")
     fields = {k: v for k, v in vars(values).items() if k in RecipeConfig.__dataclass_fields__}
     try:
         recipe = RecipeConfig(**fields)

@@ -1,0 +1,92 @@
+"""Values that failed, or did something else, only after minutes of work (the base models, the data) are
+refused before it, with exit 2 and the key named."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from stages.run import main
+from tests.conftest import MICRO_ARGS, SYNTHETIC_RECIPE, TOY_PROFILE_ARGS
+
+
+def _fails_before_any_work(tmp_path: Path, capsys, *flags: str) -> str:
+    """The error a micro curriculum with `flags` ends on, checked to come before the base models and the data."""
+    with pytest.raises(SystemExit) as exit_info:
+        code = main(["curriculum", f"--run_dir={tmp_path / 'run'}", *MICRO_ARGS, *flags])
+        raise SystemExit(code)
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "run" / "base").exists() or "model.vision_path" in " ".join(flags)
+    assert not (tmp_path / "run" / "data").exists()
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        # numpy refused the world's seed after the base models were pretrained, blaming data.recipe.
+        ("--seed=-1", "seed must be within 0 and 2**32 - 1, got -1"),
+        # AdamW refused the group given twice once the stage had started, after its folder had been emptied.
+        ("--stages.align.trainable=[projector, projector]", "stages.align.trainable names a group twice"),
+        # Counted from the output: 5 crashed in the first stage.
+        ("--model.vision_layer=5", "model.vision_layer must be negative"),
+    ],
+)
+def test_a_bad_value_is_refused_when_the_config_is_read(tmp_path, capsys, flag, message):
+    assert message in _fails_before_any_work(tmp_path, capsys, flag)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [(("shard_size:", "shard_sizes:"), "Option 'shard_sizes' is not accepted"), (("5000", "0"), "shard_size must")],
+)
+def test_a_bad_recipe_is_refused_before_the_base_models(tmp_path, capsys, edit, message):
+    """A misspelt key or a bad value in the data recipe ended the run with a traceback once the base models had
+    been pretrained (minutes), when the data stage read the recipe."""
+    text = SYNTHETIC_RECIPE.read_text()
+    assert edit[0] in text
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text.replace(edit[0], edit[1], 1))
+    err = _fails_before_any_work(tmp_path, capsys, f"--data.recipe={recipe}")
+    assert f"--data.recipe {recipe}:" in err and message in err, err
+
+
+def test_a_prompt_with_words_the_tokenizer_lacks_is_refused(tmp_path, capsys, micro_base):
+    """The tiny base's word-level tokenizer read each word it lacks as <unk>: the run trained on that prompt
+    without a word said."""
+    models = [f"--model.vision_path={micro_base[0]}", f"--model.lm_path={micro_base[1]}"]
+    err = _fails_before_any_work(tmp_path, capsys, *models, "--model.prompt=please describe this photograph")
+    assert "--model.prompt 'please describe this photograph': ['please', 'this', 'photograph'] are unknown" in err
+
+
+def test_a_vision_layer_deeper_than_the_tower_is_refused_before_the_data(tmp_path, capsys, micro_base):
+    models = [f"--model.vision_path={micro_base[0]}", f"--model.lm_path={micro_base[1]}"]
+    depth = len(json.loads((micro_base[0] / "config.json").read_text())["hidden_sizes"]) + 1  # with the stem's
+    err = _fails_before_any_work(tmp_path, capsys, *models, f"--model.vision_layer=-{depth + 1}")
+    assert re.search(rf"model.vision_layer -{depth + 1}: the tower has hidden states -1 to -{depth}\b", err), err
+
+
+def test_random_init_takes_an_architecture_for_one_part_and_a_folder_for_the_other(tmp_path, capsys, micro_base):
+    """The docstring allowed it; the run failed with a traceback, asking for the LM's architecture too."""
+    vision_arch = next(arg for arg in TOY_PROFILE_ARGS if arg.startswith("--model.vision_arch="))
+    profile = ["--model.random_init=true", vision_arch, "--model.image_size=32", "--model.grid=null"]
+    flags = [*profile, f"--model.lm_path={micro_base[1]}"]
+    for name in ("sft_short", "sft_medium", "sft_long"):  # align alone: the point is the models it is built from
+        flags.append(f"--stages.{name}.trainer.max_steps=1")
+    run = tmp_path / "run"
+    assert main(["curriculum", f"--run_dir={run}", *MICRO_ARGS, *flags, "--eval.limit=2"]) == 0
+    assert (run / "base" / "random_init" / "vision" / "config.json").is_file()
+    assert not (run / "base" / "random_init" / "lm").exists()
+    # Without a folder, a part needs its architecture: named before any work.
+    err = _fails_before_any_work(tmp_path / "second", capsys, *profile)
+    assert "--model.lm_arch: random_init without a model folder in --model.lm_path (None)" in err, err
+
+
+def test_the_data_command_refuses_a_seed_numpy_cannot_take(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["data", "--config", str(SYNTHETIC_RECIPE), f"--out_dir={tmp_path / 'shards'}", "--seed=-1"])
+    assert exit_info.value.code == 2 and "--seed must be within 0 and 2**32 - 1" in capsys.readouterr().err
+    assert not (tmp_path / "shards").exists()
