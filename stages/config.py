@@ -85,9 +85,10 @@ class TrainerConfig:
     gradient_clip_val: float | None = None
     log_every_n_steps: int | None = None
     val_check_interval: int | float | None = None
-    """Validate every N training batches (micro-batches: with accumulation 2, every N/2 optimizer steps), or
-    at this share of each epoch."""
+    """Validate every N training batches of an epoch, counted from its start (micro-batches: with accumulation 2,
+    every N/2 optimizer steps; at most an epoch's batches), or at this share of each epoch."""
     limit_val_batches: int | float | None = None
+    """Validation batches per validation: a count, 0 (none) or 1.0 (all)."""
     num_sanity_val_steps: int | None = None
     deterministic: bool | Literal["warn"] | None = None
     """true: deterministic kernels, failing on an op that has none; "warn": warn on it instead."""
@@ -125,11 +126,21 @@ class TrainerConfig:
         limit = self.limit_val_batches
         if limit is not None and (limit < 0 or (isinstance(limit, float) and limit > 1)):
             raise ValueError(f"{where}.limit_val_batches must be a count >= 0 or a share in [0, 1], got {limit}")
+        if isinstance(limit, float) and 0 < limit < 1:  # Lightning refused it at the first stage's start
+            raise ValueError(
+                f"{where}.limit_val_batches {limit}: a share needs the validation set's length in batches, which "
+                "a stream of shards does not have on one device; give a count of batches (or 0: no validation)"
+            )
         if self.num_sanity_val_steps is not None and self.num_sanity_val_steps < -1:
             raise ValueError(f"{where}.num_sanity_val_steps must be -1 (all) or more, got {self.num_sanity_val_steps}")
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
             raise ValueError(f"{where}.gradient_clip_val must not be negative, got {self.gradient_clip_val}")
         self._check_names(where)
+        if str(self.precision).startswith("transformer-engine"):  # it failed when the stage built its Trainer
+            raise ValueError(
+                f"{where}.precision {self.precision}: not supported here (Transformer Engine's FP8 layers would "
+                "replace the LM's Linear layers, LoRA's included, which this project has not run); use bf16-mixed"
+            )
         if str(self.precision) == "16-true" and self.strategy != "deepspeed":  # DeepSpeed keeps float32 masters
             raise ValueError(
                 f"{where}.precision 16-true keeps the optimizer's state in float16, where AdamW's eps (1e-8) is 0: "
@@ -205,6 +216,9 @@ class TrainerConfig:
         """Keyword arguments of `lightning.Trainer`; strategy "deepspeed" becomes the configured DeepSpeed strategy."""
         self.check()
         kwargs = {k: v for k, v in asdict(self).items() if v is not None and k != "deepspeed_config"}
+        # Lightning leaves torch's global switch as it finds it when deterministic is unset: a stage after one
+        # with deterministic true kept deterministic kernels, and lost them on a rerun that skipped that stage.
+        kwargs.setdefault("deterministic", False)
         if self.strategy == "deepspeed":
             from stages.strategies import deepspeed_strategy
 

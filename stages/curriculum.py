@@ -15,7 +15,14 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.evaluation import reference
 from datamodules.caption_datamodule import CaptionDataModule
-from datamodules.shards import INDEX_NAME, ShardError, check_shards_serve, index_digest, read_index
+from datamodules.shards import (
+    INDEX_NAME,
+    ShardError,
+    budget_counts,
+    check_shards_serve,
+    index_digest,
+    read_index,
+)
 from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
 from modules.loading import (
@@ -407,10 +414,34 @@ def _prepare_run(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> RunIn
     for name, spec in cfg.stages.items():
         trainer = cfg.trainer_of(name)
         budgets[name] = (spec.max_words, ranks(trainer), trainer.accumulate_grad_batches or 1)
-    check_shards_serve(read_index(shard_dir), shard_dir, budgets, cfg.data.batch_size, cfg.eval.split)
+    index = read_index(shard_dir)
+    check_shards_serve(index, shard_dir, budgets, cfg.data.batch_size, cfg.eval.split)
+    check_epochs(cfg, index)
     if rank_zero_only.rank == 0:
         warn_unknown_caption_tokens(tokenizer, shard_dir, lm)
     return RunInputs(run_dir, shard_dir, vision, lm, input_digests(shard_dir, vision, lm))
+
+
+def check_epochs(cfg: CurriculumConfig, index: dict) -> None:
+    """What a stage's epoch length decides, from the index as the loader counts an epoch (whole optimizer steps
+    per rank): an integer `val_check_interval` past the epoch's batches, which Lightning refused once the stage
+    had started (after the stage's folder was emptied), and a `max_epochs` that `max_steps` cuts short, unsaid."""
+    for name, spec in cfg.stages.items():
+        trainer = cfg.trainer_of(name)
+        accumulate = trainer.accumulate_grad_batches or 1
+        batches = budget_counts(index, "train", spec.max_words)[0] // (cfg.data.batch_size * ranks(trainer))
+        batches -= batches % accumulate
+        interval = trainer.val_check_interval
+        if isinstance(interval, int) and interval > batches:
+            where = f"stages.{name}.trainer" if spec.trainer.val_check_interval is not None else "trainer"
+            raise ShardError(
+                f"{where}.val_check_interval {interval}: more than the {batches} training batches of an epoch of "
+                f"stage {name} (Lightning validates within each epoch); give at most {batches}, or a share (0.5)"
+            )
+        epochs, steps = trainer.max_epochs, trainer.max_steps
+        if epochs not in (None, -1) and steps not in (None, -1) and steps < epochs * (batches // accumulate):
+            log.warning("stages.%s: max_steps %d ends it before its max_epochs %d (%d optimizer steps each): set "
+                        "max_steps -1 to train by epochs", name, steps, epochs, batches // accumulate)  # fmt: skip
 
 
 def _run_stages(cfg: CurriculumConfig, inputs: RunInputs) -> list[StageResult]:

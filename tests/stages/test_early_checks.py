@@ -33,6 +33,9 @@ def _fails_before_any_work(tmp_path: Path, capsys, *flags: str) -> str:
         ("--stages.align.trainable=[projector, projector]", "stages.align.trainable names a group twice"),
         # Counted from the output: 5 crashed in the first stage.
         ("--model.vision_layer=5", "model.vision_layer must be negative"),
+        # Lightning refused a share of a stream without a length at the first stage's start.
+        ("--trainer.limit_val_batches=0.5", "trainer.limit_val_batches 0.5: a share needs the validation set's"),
+        ("--stages.sft_long.trainer.precision=transformer-engine", "stages.sft_long.trainer.precision transformer-"),
     ],
 )
 def test_a_bad_value_is_refused_when_the_config_is_read(tmp_path, capsys, flag, message):
@@ -90,3 +93,46 @@ def test_the_data_command_refuses_a_seed_numpy_cannot_take(tmp_path, capsys):
         main(["data", "--config", str(SYNTHETIC_RECIPE), f"--out_dir={tmp_path / 'shards'}", "--seed=-1"])
     assert exit_info.value.code == 2 and "--seed must be within 0 and 2**32 - 1" in capsys.readouterr().err
     assert not (tmp_path / "shards").exists()
+
+
+def test_a_validation_interval_past_an_epoch_is_refused_before_any_stage(tmp_path, capsys, micro_world, micro_base):
+    """Lightning refused it once the stage had started, after a finished stage of a rerun had been emptied."""
+    inputs = [f"--data.shard_dir={micro_world}", f"--model.vision_path={micro_base[0]}"]
+    inputs.append(f"--model.lm_path={micro_base[1]}")
+    run = tmp_path / "run"
+    code = main(
+        ["curriculum", f"--run_dir={run}", *MICRO_ARGS, *inputs, "--stages.sft_short.trainer.val_check_interval=25"]
+    )
+    err = capsys.readouterr().err
+    # The micro world's 192 training images in batches of 8: 24 batches an epoch.
+    assert code == 2 and "stages.sft_short.trainer.val_check_interval 25: more than the 24 training batches" in err
+    assert not (run / "align").exists()
+
+
+def test_max_epochs_cut_short_by_max_steps_is_said(micro_world, caplog):
+    from datamodules.shards import read_index
+    from stages.curriculum import check_epochs
+    from tests.test_configs import _parse
+
+    cfg = _parse(*MICRO_ARGS, "--stages.align.trainer.max_epochs=2")
+    with caplog.at_level("WARNING"):
+        check_epochs(cfg, read_index(micro_world))
+    assert "stages.align: max_steps 3 ends it before its max_epochs 2 (24 optimizer steps each)" in caplog.text
+    assert "sft_short" not in caplog.text  # max_epochs unset: the steps decide, as meant
+
+
+def test_deterministic_kernels_end_with_the_stage_that_asked_for_them():
+    """Lightning leaves torch's global switch as it is when `deterministic` is unset: the stage after one with
+    deterministic true kept its kernels, and a rerun that skipped that stage trained without them."""
+    import lightning as L
+    import torch
+
+    from stages.config import TrainerConfig
+
+    try:
+        L.Trainer(**TrainerConfig(accelerator="cpu", deterministic=True).kwargs(), logger=False)
+        assert torch.are_deterministic_algorithms_enabled()
+        L.Trainer(**TrainerConfig(accelerator="cpu").kwargs(), logger=False)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
