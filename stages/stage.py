@@ -80,6 +80,16 @@ def stage_fingerprint(resolved: dict) -> str:
     for *sections, key in AS_GIVEN + DISPLAY_ONLY:
         functools.reduce(dict.__getitem__, sections, hashed).pop(key)
     hashed.pop("eval")
+    # Nor what this stage does not read (a new LoRA rank retrained the projector-only align stage, hours on real
+    # data): the rates of groups it does not train; model.lora unless it trains LoRA (an adapter handed in keeps
+    # the config it was saved with, in its stage's fingerprint); the architectures unless it builds from them.
+    spec, model = hashed["spec"], hashed["model"]
+    spec["lr"] = {group: rate for group, rate in spec["lr"].items() if group in spec["trainable"]}
+    if "lora" not in spec["trainable"]:
+        model.pop("lora")
+    if not model["random_init"]:
+        for key in ("vision_arch", "lm_arch", "image_size"):
+            model.pop(key)
     return fingerprint(hashed)
 
 
