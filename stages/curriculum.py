@@ -68,7 +68,7 @@ def _data_inputs(recipe, cfg: CurriculumConfig) -> dict:
             for arg, value in (args or {}).items():
                 # A model folder holds a config.json; other folders (an op's save_dir) are outputs, not inputs.
                 if isinstance(value, str) and value and (Path(value) / "config.json").is_file():
-                    models[f"{op}.{arg}"] = _folder_digest(Path(value))
+                    models[f"{op}.{arg}"] = folder_digest(Path(value))
     if recipe.input.format == "synthetic":
         return {"world": cfg.world, "seed": cfg.seed, "models": models}
     path = Path(recipe.input.path)
@@ -159,7 +159,7 @@ def _files(folder: Path) -> list[tuple[str, int, int]]:
     return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
-def _folder_digest(folder: Path) -> str:
+def folder_digest(folder: Path) -> str:
     """Cheap identity of a model folder: its config, and every file's name, size and modification time (a
     retrained or replaced checkpoint of the same shapes has the same sizes)."""
     config = (folder / "config.json").read_text() if (folder / "config.json").is_file() else ""
@@ -176,8 +176,8 @@ def input_digests(shard_dir: Path, vision: Path, lm: Path) -> dict[str, str]:
     """The digests of a run's inputs, as its stages' fingerprints record them."""
     return {
         "shards": shards_digest(shard_dir),
-        "vision": _folder_digest(vision) if vision.is_dir() else "missing",
-        "lm": _folder_digest(lm) if lm.is_dir() else "missing",
+        "vision": folder_digest(vision) if vision.is_dir() else "missing",
+        "lm": folder_digest(lm) if lm.is_dir() else "missing",
     }
 
 

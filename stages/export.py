@@ -25,15 +25,18 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from modules import modeling_vlm_curriculum
 from modules.handoff import has_lora, load_handoff
-from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens
+from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens, is_model_folder
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
 from stages.config import cast_as_trained, trained_dtype
 from stages.metrics import DEFAULT_BUCKETS, check_buckets
 from stages.paths import file_lock, follow_umask, input_path
+from stages.report import STAGES_FILE, read_json, stage_configs, stage_problems
 
 log = logging.getLogger(__name__)
 
 EXPORT_RECORD = "vlm_export.json"
+# What an export cannot load without (the tokenizer's other files depend on its kind).
+EXPORT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json")
 README = """# {name}
 
 A vision-language model trained with vlm-curriculum (run `{run}`, stage `{stage}`, step {step}):
@@ -75,27 +78,46 @@ class StageSource:
 
 def find_stage(run_or_stage: str | Path, stage: str | None = None, flag: str = "--run_dir") -> StageSource:
     """The stage folder named by a run folder (its last stage, or `stage`) or by a stage folder itself;
-    `flag` is the command's option that named it, for the errors."""
+    `flag` is the command's option that named it, for the errors. A stage whose run has moved on since it
+    trained (a rerun changed a stage it starts from) is refused when the run folder chose it, said when named."""
     path = Path(run_or_stage).resolve()  # "." inside a stage folder: its run is the parent folder
     if not path.is_dir():
         raise FileNotFoundError(f"{flag}: {path} is no folder")
-    if path.name == "export" and (path.parent / "done.json").is_file():  # a stage's export/: that stage
+    if path.name == "export" and (path.parent / "config.yaml").is_file():  # a stage's export/: that stage
         path = path.parent
-    summary = path / "summary.json"
-    if stage is None and (path / "done.json").is_file():
+    chosen = stage is None and not (path / "config.yaml").is_file()  # not a stage folder: the run's last stage
+    if stage is None and not chosen:
         stage_dir = path
     else:
-        named = list(json.loads(summary.read_text())) if summary.is_file() else []
+        # The curriculum's stages (stages.json), else those of a run finished before it was written.
+        named = read_json(path / STAGES_FILE, {}).get("stages") or list(read_json(path / "summary.json", {}))
         if stage is None and not named:
-            raise FileNotFoundError(f"{flag}: {path} has no summary.json; has its curriculum finished?")
+            kind = "a model folder without vlm_export.json, " if (path / "config.json").is_file() else ""
+            raise FileNotFoundError(
+                f"{flag}: {path} is {kind}not a run folder (no {STAGES_FILE}), a stage folder (no done.json) or "
+                "an export (no vlm_export.json)"
+            )
         stage_dir = path / (stage or named[-1])
         if not stage_dir.is_dir():
             listed = f" (its stages: {', '.join(named)})" if named else ""
             raise FileNotFoundError(f"{'--stage' if stage else flag}: no folder {stage_dir}{listed}")
-    if not (stage_dir / "done.json").is_file():
-        raise FileNotFoundError(f"{stage_dir}: no done.json there; that stage has not finished")
-    config = yaml.safe_load((stage_dir / "config.yaml").read_text())
-    return StageSource(stage_dir, config, json.loads((stage_dir / "done.json").read_text())["global_steps"])
+    done = read_json(stage_dir / "done.json")
+    if done is None:
+        stopped = (stage_dir / "checkpoints" / "stopped.ckpt").exists()
+        why = "was stopped by a stability alert (its alerts.jsonl)" if stopped else "has not finished"
+        raise FileNotFoundError(f"{stage_dir}: no done.json there; that stage {why}")
+    run_dir = stage_dir.parent
+    configs = stage_configs(run_dir) if (run_dir / STAGES_FILE).is_file() else {}
+    problem = stage_problems(run_dir, configs).get(stage_dir.name) if stage_dir.name in configs else None
+    if problem and chosen:
+        raise ValueError(
+            f"{flag}: {path}'s last stage, {stage_dir.name}, is out of date: {problem}. Rerun the curriculum to "
+            f"train it again, or name {stage_dir} itself (export: --stage) to take it as it is"
+        )
+    if problem:
+        log.warning("%s is out of date: %s", stage_dir, problem)
+    config = configs.get(stage_dir.name) or yaml.safe_load((stage_dir / "config.yaml").read_text())
+    return StageSource(stage_dir, config, done["global_steps"])
 
 
 def load_stage_model(source: StageSource, dtype: torch.dtype | None = None, as_trained: bool = False):
@@ -110,12 +132,33 @@ def load_stage_model(source: StageSource, dtype: torch.dtype | None = None, as_t
     model_config = ModelConfig(**{**model, "lora": LoraSpec(**model["lora"])})
     inputs, run_dir = source.config["inputs"], source.stage_dir.parent
     vision, lm = (input_path(inputs[key], run_dir) for key in ("vision_path", "lm_path"))
+    for folder, key in ((vision, "vision_path"), (lm, "lm_path")):
+        if not is_model_folder(folder):  # named as the stage recorded it: eval and export have no such flag
+            raise FileNotFoundError(f"{source.stage_dir}: the {key} it trained on, {folder}, is no model folder")
+    changed = changed_base_models(source, vision, lm)
+    if changed:  # a rebuilt tiny base (another base.*) under the same run: other weights, scored without a word
+        log.warning("%s: %s changed since the stage trained on it: its projector and adapter are loaded on other "
+                    "base weights (or the same ones, copied without their files' times)", source.stage_dir,
+                    " and ".join(str(folder) for folder in changed))  # fmt: skip
     vlm, tokenizer, processor = build_vlm(model_config, vision, lm)
     vlm.to(dtype=dtype)
     load_handoff(vlm, source.stage_dir / "export")
     if as_trained:
         cast_as_trained(vlm, precision, strategy)
     return vlm, tokenizer, processor, model_config
+
+
+def changed_base_models(source: StageSource, vision: Path, lm: Path) -> list[Path]:
+    """The base model folders whose digest (files' names, sizes, times) differs from the one the stage
+    recorded when it trained (runs before the digests were recorded: none)."""
+    from stages.curriculum import folder_digest
+
+    recorded = source.config["inputs"].get("digests", {})
+    return [
+        folder
+        for folder, key in ((vision, "vision"), (lm, "lm"))
+        if recorded.get(key) and recorded[key] != folder_digest(folder)
+    ]
 
 
 def export_model(source: StageSource, out_dir: Path) -> Path:
@@ -229,6 +272,9 @@ def load_exported(folder: Path):
     before pad_to_square have no such key and never padded."""
     if not (folder / EXPORT_RECORD).is_file():
         raise FileNotFoundError(f"--model: {folder} is not an exported model (no {EXPORT_RECORD})")
+    missing = [name for name in EXPORT_FILES if not (folder / name).is_file()]
+    if missing:  # a traceback, or transformers' list of every config class, named none
+        raise FileNotFoundError(f"--model: {folder} is an incomplete export, without {', '.join(missing)}")
     # The tokenizer and image processor read config.json too: without the type registered, transformers asked
     # on stdin whether to run the folder's code.
     AutoConfig.register(VLMCurriculumConfig.model_type, VLMCurriculumConfig, exist_ok=True)
@@ -273,16 +319,31 @@ def evaluate_model(
     from callbacks.evaluation import answer_questions, class_table, generate_captions, load_synonyms, score, vqa_scores
     from datamodules.caption_datamodule import CaptionDataModule
     from datamodules.captions import PromptFormat
+    from datamodules.shards import INDEX_NAME
 
     target = eval_device(device)  # bad flags fail before the model loads
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     check_buckets(buckets, "--length_buckets")
+    synonym_table = load_synonyms(synonyms, "--synonyms")
     path = Path(model_path)
-    if (path / EXPORT_RECORD).is_file():
+    exported = (path / EXPORT_RECORD).is_file()
+    if exported:
+        record = read_json(path / EXPORT_RECORD)
+        default_shards = Path(record["shard_dir"])
+    else:
+        stage = find_stage(path, flag="--model")
+        default_shards = stage.shard_dir
+    shards = Path(shard_dir) if shard_dir else default_shards
+    if not (shards / INDEX_NAME).is_file():  # before the model loads (minutes for a real one)
+        raise FileNotFoundError(
+            f"--data: {shards} has no {INDEX_NAME}"
+            if shard_dir
+            else f"{shards}, the shards {path} trained on, has no {INDEX_NAME} (moved or deleted?); give --data"
+        )
+    if exported:
         model, tokenizer, processor = load_exported(path)
-        record = json.loads((path / EXPORT_RECORD).read_text())
-        default_shards, source = Path(record["shard_dir"]), {"exported": str(path), **record}
+        source = {"exported": str(path), **record}
         trained_on = record.get("shards_digest")
         stale = stale_export(record)
         if stale:
@@ -298,16 +359,13 @@ def evaluate_model(
                 log.info("%s: scored in %s, as it trained (--dtype float32 scores the saved weights)",
                          path, next(model.parameters()).dtype)  # fmt: skip
     else:
-        stage = find_stage(path, flag="--model")
         model, tokenizer, processor, model_config = load_stage_model(stage, DTYPES.get(dtype), as_trained=not dtype)
         model.eval()
-        default_shards = stage.shard_dir
         trained_on = stage.config["inputs"].get("digests", {}).get("shards")
         source = {"stage_dir": str(stage.stage_dir), "global_step": stage.global_step}
         num_image_tokens, prompt = count_image_tokens(model, processor), model_config.prompt
         chat_template = model_config.chat_template
     model.to(device=target, dtype=None if dtype is None else DTYPES[dtype])
-    shards = Path(shard_dir) if shard_dir else default_shards
     data = CaptionDataModule(shards, max_words=10**6)
     if not shard_dir and trained_on and default_shards.is_dir():
         from datamodules.shards import index_digest
@@ -325,7 +383,7 @@ def evaluate_model(
         model, samples, fmt, processor, batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams
     )
     results = [(key, meta, text) for (key, _, meta), text in zip(samples, captions, strict=True)]
-    table = class_table(load_synonyms(synonyms, "--synonyms"), data.index, samples, shards)
+    table = class_table(synonym_table, data.index, samples, shards)
     metrics = score(sorted(results, key=lambda r: r[0]), buckets, table)
     if vqa:
         answers = answer_questions(model, samples, fmt, processor, batch_size)

@@ -40,7 +40,7 @@ REPORT_PLOTS = (LOSS_PLOT, EVAL_PLOT)
 def _stages(run_dir: Path) -> list[str]:
     """The run's stages that have started (have a config.yaml), in curriculum order."""
     # A run finished before stages.json was written lists its stages in summary.json.
-    listed = _read_json(run_dir / STAGES_FILE, {}).get("stages") or list(_read_json(run_dir / "summary.json", {}))
+    listed = read_json(run_dir / STAGES_FILE, {}).get("stages") or list(read_json(run_dir / "summary.json", {}))
     if not listed:
         raise FileNotFoundError(f"--run_dir: {run_dir} has no {STAGES_FILE}; is it a curriculum run folder?")
     started = [name for name in listed if (run_dir / name / "config.yaml").is_file()]
@@ -55,7 +55,7 @@ def stage_problems(run_dir: Path, configs: dict[str, dict]) -> dict[str, str]:
     problems = {}
     names = list(configs)
     for index, (name, config) in enumerate(configs.items()):
-        done = _read_json(run_dir / name / "done.json")
+        done = read_json(run_dir / name / "done.json")
         upstream = upstream_stage(names, index, config["spec"]["init_from"])
         if done is None and (run_dir / name / "checkpoints" / "stopped.ckpt").exists():
             problems[name] = "stopped by a stability alert (see Alerts); its checkpoints/stopped.ckpt is kept"
@@ -65,10 +65,24 @@ def stage_problems(run_dir: Path, configs: dict[str, dict]) -> dict[str, str]:
             problems[name] = "its config changed after it finished; the results shown are of the older config"
         elif upstream in configs and configs[upstream]["fingerprint"] != config["inputs"]["init_from"]:
             problems[name] = f"trained from an earlier {upstream}, which has been rerun since"
+        elif upstream in problems:  # the last stage of a rerun killed two stages before it looked current
+            problems[name] = f"trained from {upstream}, which is out of date itself"
     return problems
 
 
-def _read_json(path: Path, default=None):
+def stage_configs(run_dir: Path) -> dict[str, dict]:
+    """The config.yaml of each stage of the run that has started, in curriculum order."""
+    configs = {}
+    for name in _stages(run_dir):
+        path = run_dir / name / "config.yaml"
+        try:
+            configs[name] = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} cannot be read ({error}); rerun the curriculum to write it again") from error
+    return configs
+
+
+def read_json(path: Path, default=None):
     """The file's JSON, `default` if there is none; one that does not parse (a disk that filled up while it
     was written) fails naming itself."""
     if not path.is_file():
@@ -106,7 +120,7 @@ def plot_losses(run_dir: Path, stages: list[str], out: Path) -> dict[str, tuple[
     fig, ax = pyplot().subplots(figsize=(8, 3.5))
     offset = 0
     for name in stages:
-        losses = [nan if v is None else v for v in (_read_json(run_dir / name / "losses.json") or {}).get("losses", [])]
+        losses = [nan if v is None else v for v in (read_json(run_dir / name / "losses.json") or {}).get("losses", [])]
         ax.plot(range(offset, offset + len(losses)), losses, label=name, linewidth=1)  # TensorBoard's steps
         offset += len(losses)
     ax.set_xlabel("optimizer step (whole curriculum)")
@@ -122,7 +136,7 @@ def plot_eval_history(run_dir: Path, stages: list[str], out: Path) -> dict[str, 
     """CHAIR-i and recall (BLEU-4 and CIDEr-D for data without object annotations) at every evaluation
     (periodic and end of stage), on the global step axis; returns the plotted {metric: {stage: (steps, values)}}."""
     fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.2))
-    records = [_read_json(run_dir / name / "metrics.json") or {} for name in stages]
+    records = [read_json(run_dir / name / "metrics.json") or {} for name in stages]
     annotated = all("chair_i" in h for r in records for h in r.get("history", []))
     keys = ("chair_i", "recall") if annotated else ("bleu4", "cider_d")
     offset = 0
@@ -152,10 +166,10 @@ def write_report(run_dir: Path) -> Path:
     stages = _stages(run_dir)
     lines = [f"# Training report: {run_dir.name}", ""]
 
-    configs = {name: yaml.safe_load((run_dir / name / "config.yaml").read_text()) for name in stages}
+    configs = stage_configs(run_dir)
     shard_dir = input_path(configs[stages[0]]["inputs"]["shard_dir"], run_dir)
     lines += ["## Data", "", f"Shards: `{shard_dir}`."]
-    data = _read_json(shard_dir / "report.json")
+    data = read_json(shard_dir / "report.json")
     if data is None:
         lines += ["No data report beside the shards (they were not built by `stages.run data`).", ""]
     else:
@@ -166,7 +180,7 @@ def write_report(run_dir: Path) -> Path:
     lines += ["|---|---|---|---|---|---|---|"]
     for name, config in configs.items():
         spec = config["spec"]
-        steps = _read_json(run_dir / name / "done.json", {}).get("global_steps")
+        steps = read_json(run_dir / name / "done.json", {}).get("global_steps")
         lines.append(
             f"| {name} | {', '.join(spec['trainable'])} | {spec['max_words']} | {_fmt(steps)} | "
             f"{json.dumps({g: spec['lr'][g] for g in spec['trainable']})} | {spec['init_from']} | "
@@ -179,7 +193,7 @@ def write_report(run_dir: Path) -> Path:
             "**Not every stage's results are current** (rerun the curriculum command to bring them up to date):",
         ]
         lines += [f"- {name}: {problem}" for name, problem in problems.items()]
-    record = _read_json(run_dir / "export_hf" / "vlm_export.json")
+    record = read_json(run_dir / "export_hf" / "vlm_export.json")
     if record is not None:
         from stages.export import stale_export  # imports transformers: only for a run with an export
 
@@ -196,7 +210,7 @@ def write_report(run_dir: Path) -> Path:
     lines += ["## Training loss", "", f"![loss curves]({LOSS_PLOT})", ""]
     lines += ["| stage | first loss | last loss | min |", "|---|---|---|---|"]
     for name in stages:
-        losses = [v for v in (_read_json(run_dir / name / "losses.json") or {}).get("losses", []) if v is not None]
+        losses = [v for v in (read_json(run_dir / name / "losses.json") or {}).get("losses", []) if v is not None]
         if losses:
             lines.append(f"| {name} | {losses[0]:.4f} | {losses[-1]:.4f} | {min(losses):.4f} |")
 
@@ -220,14 +234,15 @@ def write_report(run_dir: Path) -> Path:
 
     plot_eval_history(run_dir, stages, run_dir / EVAL_PLOT)
     lines += ["## Evaluation", ""]
-    metrics = {name: _read_json(run_dir / name / "metrics.json", {}) for name in stages}
+    metrics = {name: read_json(run_dir / name / "metrics.json", {}) for name in stages}
     evaluated = [metrics[name] for name in stages if metrics[name]] or [{}]  # a run stopped early: its last one
     generation = evaluated[-1].get("generation", {})
     images = int(evaluated[-1].get("images", 0))
     lines += [f"Held-out images: {images}; generation: `{json.dumps(generation)}`.", ""]
-    lines += ["| stage | " + " | ".join(label for _, label in TABLE) + " |", "|---" * (len(TABLE) + 1) + "|"]
+    table = TABLE + ([("vqa_exact", "VQA")] if any("vqa_exact" in metrics[name] for name in stages) else [])
+    lines += ["| stage | " + " | ".join(label for _, label in table) + " |", "|---" * (len(table) + 1) + "|"]
     for name in stages:
-        lines.append(f"| {name} | " + " | ".join(_fmt(metrics[name].get(key)) for key, _ in TABLE) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(metrics[name].get(key)) for key, _ in table) + " |")
     lines += ["", "Hallucination by generated caption length (compare stages within a row of equal length):", ""]
     lines += ["| stage | bucket | images | CHAIR-i | CHAIR-s | recall | words |", "|---" * 7 + "|"]
     for name in stages:
@@ -249,7 +264,7 @@ def write_report(run_dir: Path) -> Path:
     lines += ["", "## Resources", ""]
     lines += ["| stage | wall s | train s | tokens/s | samples/s | peak RSS GiB | peak GPU GiB |", "|---" * 7 + "|"]
     for name in stages:
-        done = _read_json(run_dir / name / "done.json", {})
+        done = read_json(run_dir / name / "done.json", {})
         r = done.get("resources", {})
         lines.append(
             f"| {name} | {_fmt(done.get('wall_s'))} | {_fmt(r.get('train_s'))} | {_fmt(r.get('tokens_per_s'))} | "

@@ -50,17 +50,17 @@ def test_random_init_folders_are_rewritten_only_when_they_change(tmp_path):
     profile started every stage afresh (and deleted the checkpoint an interrupted stage would resume from)."""
     from dataclasses import replace
 
-    from stages.curriculum import _folder_digest
+    from stages.curriculum import folder_digest
 
     config = _model_config("small_siglip_qwen")
     folders = write_config_folders(config, tmp_path, ["a red circle"])
-    digests = [_folder_digest(folder) for folder in folders]
+    digests = [folder_digest(folder) for folder in folders]
     assert write_config_folders(config, tmp_path, ["a red circle"]) == folders
-    assert [_folder_digest(folder) for folder in folders] == digests
+    assert [folder_digest(folder) for folder in folders] == digests
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm", "vision"], "no scratch folder is left behind"
     wider = replace(config, lm_arch={**config.lm_arch, "hidden_size": 64, "num_attention_heads": 2})
     write_config_folders(wider, tmp_path, ["a red circle"])
-    assert _folder_digest(folders[0]) == digests[0] and _folder_digest(folders[1]) != digests[1]
+    assert folder_digest(folders[0]) == digests[0] and folder_digest(folders[1]) != digests[1]
 
 
 def test_profile_without_its_folders_names_them(tmp_path, capsys):

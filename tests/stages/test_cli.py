@@ -103,15 +103,15 @@ def test_a_changed_stage_config_reruns_that_stage_and_the_ones_after(tmp_path, c
 def test_model_folder_and_shard_digests_see_a_rebuild_of_the_same_sizes(tmp_path):
     import os
 
-    from stages.curriculum import _folder_digest, shards_digest
+    from stages.curriculum import folder_digest, shards_digest
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "index.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"1234")
-    before = _folder_digest(tmp_path), shards_digest(tmp_path)
+    before = folder_digest(tmp_path), shards_digest(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"5678")  # retrained: same shapes, same size
     os.utime(tmp_path / "model.safetensors", ns=(1, 1))
-    after = _folder_digest(tmp_path), shards_digest(tmp_path)
+    after = folder_digest(tmp_path), shards_digest(tmp_path)
     assert before[0] != after[0] and before[1] != after[1]
 
 

@@ -189,7 +189,7 @@ def test_eval_and_export_name_what_is_missing(micro_run, tmp_path, capsys):
     assert str(tmp_path) in err and "--model:" in err, "eval has no --run_dir to name"
     assert main(["export", "--run_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--run_dir:" in err and "summary.json" in err
+    assert "--run_dir:" in err and "is not a run folder (no stages.json)" in err
     assert main(["eval", "--model", str(tmp_path / "nowhere")]) == 2
     assert f"--model: {tmp_path / 'nowhere'} is no folder" in capsys.readouterr().err
     # A misspelt stage was reported as a stage that had not finished.

@@ -34,6 +34,8 @@ def test_report_is_written_from_the_runs_files(micro_run, capsys):
     assert (micro_run / "eval_history.png").stat().st_size > 1000
     sft_long = json.loads((micro_run / "sft_long" / "metrics.json").read_text())
     assert f"| sft_long | {sft_long['chair_i']:.3f} | {sft_long['chair_s']:.3f} |" in report
+    # The run asked its questions too (eval.vqa): the accuracy, in metrics.json and TensorBoard, was not here.
+    assert f"| {sft_long['cider_d']:.3f} | {sft_long['vqa_exact']:.3f} |" in report
     losses = json.loads((micro_run / "align" / "losses.json").read_text())["losses"]
     assert f"| align | {losses[0]:.4f} | {losses[-1]:.4f} |" in report
     done = json.loads((micro_run / "align" / "done.json").read_text())
