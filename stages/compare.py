@@ -51,9 +51,14 @@ def baseline_stages(cfg: CurriculumConfig) -> dict:
         raise ValueError("compare: the curriculum needs an align stage and at least one SFT stage")
     steps = {}
     for name in names:
-        max_steps = cfg.trainer_of(name).max_steps
+        max_steps, max_epochs = cfg.trainer_of(name).max_steps, cfg.trainer_of(name).max_epochs
         if max_steps is None or max_steps < 1:
             raise ValueError(f"compare: stages.{name}.trainer.max_steps must be set to match the optimizer steps")
+        if max_epochs not in (None, -1):  # an epoch ended the curriculum's stages early, not the baseline's one
+            raise ValueError(
+                f"compare: stages.{name}.trainer.max_epochs {max_epochs}: the arms are matched by optimizer steps, "
+                "which max_epochs would cut short in one arm and not the other; leave it unset"
+            )
         steps[name] = max_steps
     first, last = cfg.stages[names[0]], cfg.stages[names[-1]]
 
@@ -102,9 +107,9 @@ def collect(runs: dict[str, list[Path]]) -> dict:
     for arm, run_dirs in runs.items():
         stages = list(json.loads((run_dirs[0] / "summary.json").read_text()))
         per_stage = {}
-        for stage in stages:
+        for stage in stages:  # the metrics the data allows: real data without object classes has no CHAIR
             records = [json.loads((run / stage / "metrics.json").read_text()) for run in run_dirs]
-            per_stage[stage] = {m: _mean_spread([r[m] for r in records]) for m in METRICS}
+            per_stage[stage] = {m: _mean_spread([r[m] for r in records]) for m in METRICS if _in_all(records, m)}
         last = [json.loads((run / stages[-1] / "metrics.json").read_text())["by_length"] for run in run_dirs]
         buckets = sorted({b for record in last for b in record}, key=lambda b: int(b.split("-")[0].rstrip("+")))
         by_length = {}
@@ -112,27 +117,34 @@ def collect(runs: dict[str, list[Path]]) -> dict:
             records = [r[bucket] for r in last if bucket in r]
             by_length[bucket] = {
                 "images": sum(int(r["images"]) for r in records),
-                **{m: _pooled(records, m) for m in DENOMINATORS},
+                **{m: _pooled(records, m) for m in DENOMINATORS if _in_all(records, m)},
             }
         result[arm] = {"stages": per_stage, "last_stage_by_length": by_length}
     return result
 
 
+def _in_all(records: list[dict], metric: str) -> bool:
+    return all(metric in record for record in records)
+
+
+def _cell(values: dict, key: str, centre: str) -> str:
+    return f"{values[key][centre]:.3f} +- {values[key]['std']:.3f}" if key in values else "-"
+
+
 def markdown(result: dict, seeds: list[int]) -> str:
     lines = [f"# Curriculum vs single-stage baseline ({len(seeds)} seeds: {seeds})", ""]
     lines += ["Mean +- standard deviation over seeds, on the held-out split after each stage.", ""]
-    lines += ["| arm | stage | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
+    scored = [m for m in METRICS if any(m in s for data in result.values() for s in data["stages"].values())]
+    lines += ["| arm | stage | " + " | ".join(scored) + " |", "|---" * (len(scored) + 2) + "|"]
     for arm, data in result.items():
         for stage, metrics in data["stages"].items():
-            cells = [f"{metrics[m]['mean']:.3f} +- {metrics[m]['std']:.3f}" for m in METRICS]
-            lines.append(f"| {arm} | {stage} | " + " | ".join(cells) + " |")
+            lines.append(f"| {arm} | {stage} | " + " | ".join(_cell(metrics, m, "mean") for m in scored) + " |")
     lines += ["", "Final stage, by generated caption length (matched lengths), the seeds pooled: each rate over all"]
     lines += ["seeds' images in the bucket, +- the standard deviation of the per-seed rates.", ""]
     lines += ["| arm | bucket | images | chair_i | chair_s | recall | attr_halluc |", "|---" * 7 + "|"]
     for arm, data in result.items():
         for bucket, m in data["last_stage_by_length"].items():
-            keys = ("chair_i", "chair_s", "recall", "attr_halluc")
-            cells = [f"{m[k]['pooled']:.3f} +- {m[k]['std']:.3f}" for k in keys]
+            cells = [_cell(m, k, "pooled") for k in ("chair_i", "chair_s", "recall", "attr_halluc")]
             lines.append(f"| {arm} | {bucket} | {m['images']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -143,6 +155,8 @@ def plot(result: dict, out: Path) -> None:
         stages = result[arm]["stages"]
         words = [s["mean_words"]["mean"] for s in stages.values()]
         for ax, key in zip(axes, ("chair_i", "recall"), strict=True):
+            if not all(key in s for s in stages.values()):  # data without object classes
+                continue
             ax.errorbar(
                 words,
                 [s[key]["mean"] for s in stages.values()],
@@ -161,6 +175,12 @@ def plot(result: dict, out: Path) -> None:
     save_figure(fig, out)
 
 
+def curriculum_argv(profile: Path, run_dir: Path, seed: int, overrides: list[str]) -> list[str]:
+    """The curriculum arm's command line: run folder and seed after the overrides, whose --config files may set a
+    seed (every copy of tiny.yaml does): every "seed" of a compare was the same run."""
+    return ["curriculum", "--config", str(profile), *overrides, f"--run_dir={run_dir}", f"--seed={seed}"]
+
+
 def baseline_argv(
     profile: Path, baseline_config: Path, run_dir: Path, seed: int, overrides: list[str], folders: dict[str, Path]
 ) -> list[str]:
@@ -176,9 +196,9 @@ def baseline_argv(
             dropping = "=" not in token
         else:
             rest.append(token)
-    # The same order as the curriculum arm's (profile, run folder, seed, overrides), then the baseline's stages.
+    # The same order as the curriculum arm's (profile, overrides, run folder, seed), then the baseline's stages.
     return [
-        "curriculum", "--config", str(profile), f"--run_dir={run_dir}", f"--seed={seed}", *rest,
+        "curriculum", "--config", str(profile), *rest, f"--run_dir={run_dir}", f"--seed={seed}",
         "--config", str(baseline_config), f"--data.shard_dir={folders['shard_dir']}",
         f"--model.vision_path={folders['vision_path']}", f"--model.lm_path={folders['lm_path']}",
     ]  # fmt: skip
@@ -190,10 +210,21 @@ class CompareFailed(RuntimeError):
 
 def run_compare(profile: Path, seeds: list[int], root: Path, overrides: list[str]) -> dict:
     """Runs both arms for every seed (finished stages are skipped on a rerun) and writes the comparison."""
-    from stages.run import curriculum_config, curriculum_parser
+    from stages.run import curriculum_config, curriculum_parser, not_a_mapping, with_project_configs
 
+    overrides = list(with_project_configs(tuple(overrides)))  # configs/... from any folder, as on the command line
+    for token in overrides:
+        if token.split("=", 1)[0] in ("--seed", "--run_dir"):  # every "seed" was the same run, or trained elsewhere
+            raise ValueError(f"--override: {token.split('=', 1)[0]} is compare's own (--seeds, --root)")
     parser = curriculum_parser()
-    cfg = curriculum_config(parser.instantiate(parser.parse_args(["--config", str(profile), *overrides])))
+    namespace = parser.parse_args(["--config", str(profile), *overrides])
+    misplaced = not_a_mapping(CurriculumConfig, namespace)
+    if misplaced:
+        raise ValueError(f"--override: {misplaced[0]} must be a mapping of its keys, got {misplaced[1]!r}")
+    try:
+        cfg = curriculum_config(parser.instantiate(namespace))
+    except TypeError as error:
+        raise ValueError(f"--override: {error}") from error
     root.mkdir(parents=True, exist_ok=True)
     # One compare at a time in a root: a second one rewrote the baseline's stages under the first one's runs.
     # Rank 0's: the other ranks of a multi-device run re-run this command and belong to it.
@@ -209,7 +240,7 @@ def _compare(cfg: CurriculumConfig, profile: Path, seeds: list[int], root: Path,
     runs: dict[str, list[Path]] = {"curriculum": [], "baseline": []}
     for seed in seeds:
         curriculum = root / f"curriculum-{seed}"
-        if main(["curriculum", "--config", str(profile), f"--run_dir={curriculum}", f"--seed={seed}", *overrides]):
+        if main(curriculum_argv(profile, curriculum, seed, overrides)):
             raise CompareFailed(f"compare: the curriculum run {curriculum} failed")
         # The baseline reads the very shards and base models the curriculum trained from.
         inputs = yaml.safe_load((curriculum / next(iter(cfg.stages)) / "config.yaml").read_text())["inputs"]

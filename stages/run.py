@@ -48,7 +48,7 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0] or ".").resolve() ==
         sys.path[0] = str(root)
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from stages.config import CurriculumConfig
 from stages.metrics import DEFAULT_BUCKETS
@@ -85,11 +85,18 @@ def stability_bench_parser() -> ArgumentParser:
 
 def blip2_bench_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Images/s of BLIP-2 recaptioning through Data-Juicer: ours vs the stock op.")
-    parser.add_argument("--images", type=int, default=512, help="images for blip2_caption_mapper")
-    parser.add_argument("--stock_images", type=int, default=64, help="images for the (slow) stock op; 0 skips it")
-    parser.add_argument("--shape", type=str, default="opt-2.7b", help="opt-2.7b (Salesforce's shapes) or tiny")
-    parser.add_argument("--batch_size", type=int, default=64, help="batch of blip2_caption_mapper")
-    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--images", type=PositiveInt, default=512, help="images for blip2_caption_mapper")
+    parser.add_argument(
+        "--stock_images",
+        type=NonNegativeInt,
+        default=64,
+        help="images for the (slow) stock op, at most --images; 0 skips it",
+    )
+    parser.add_argument(
+        "--shape", type=str, default="opt-2.7b", choices=["opt-2.7b", "tiny"], help="opt-2.7b (Salesforce's) or tiny"
+    )
+    parser.add_argument("--batch_size", type=PositiveInt, default=64, help="batch of blip2_caption_mapper")
+    parser.add_argument("--max_new_tokens", type=PositiveInt, default=32)
     parser.add_argument("--root", type=str, default="runs/bench-blip2", help="model, images and shards go here")
     return parser
 
@@ -194,10 +201,14 @@ def build_parser() -> ArgumentParser:
     benches.add_subcommand("blip2", blip2_bench_parser())
     train = curriculum_parser()
     train.description = "Training tokens/s, MFU and peak memory of a profile: our Lightning path vs a plain loop."
-    train.add_argument("--steps", type=int, default=20, help="optimizer steps per path and step kind")
-    train.add_argument("--warmup", type=int, default=5, help="steps not timed (compilation, allocator warm-up)")
-    train.add_argument("--batch", type=int, default=8, help="samples per step")
-    train.add_argument("--text_tokens", type=int, default=256, help="text tokens per sample, after the image tokens")
+    train.add_argument("--steps", type=PositiveInt, default=20, help="optimizer steps per path and step kind")
+    train.add_argument(
+        "--warmup", type=NonNegativeInt, default=5, help="steps not timed (compilation, allocator warm-up)"
+    )
+    train.add_argument("--batch", type=PositiveInt, default=8, help="samples per step")
+    train.add_argument(
+        "--text_tokens", type=PositiveInt, default=256, help="text tokens per sample, after the image tokens"
+    )
     train.add_argument(
         "--variants",
         type=list[str],
@@ -456,6 +467,8 @@ def run_bench_train(parser: ArgumentParser, args) -> int:
     sub = args.bench.train
     config_files = [str(p) for p in (sub.pop("config", None) or [])]
     options = {k: sub.pop(k) for k in ("steps", "warmup", "batch", "text_tokens", "variants", "kinds")}
+    if options["variants"] == []:  # measured every default variant
+        parser.error("--variants: name at least one variant, or leave it out for the default ones")
     try:
         cfg = curriculum_config(parser.instantiate(args).bench.train)
         run_dir = (
@@ -498,6 +511,8 @@ def run_bench_command(parser: ArgumentParser, args) -> int:
     from stages.bench import bench_blip2, print_blip2_report
 
     o = args.bench.blip2
+    if o.stock_images > o.images:  # the stock op read the --images rendered and reported --stock_images of them
+        parser.error(f"--stock_images must be at most --images ({o.images}), got {o.stock_images}")
     print_blip2_report(bench_blip2(Path(o.root), o.images, o.shape, o.batch_size, o.stock_images, o.max_new_tokens))
     return 0
 

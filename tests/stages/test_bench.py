@@ -233,3 +233,22 @@ def test_blip2_bench_keeps_what_it_measured_when_a_later_op_dies(tmp_path, monke
         bench_blip2(tmp_path, images=4, shape="tiny", batch_size=4, stock_images=2, max_new_tokens=4)
     result = json.loads((tmp_path / "blip2_bench.json").read_text())
     assert list(result["runs"]) == ["blip2_caption_mapper"] and result["runs"]["blip2_caption_mapper"]["kept"] == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # The stock op read only the --images rendered and reported --stock_images of them: a wrong rate.
+        (["blip2", "--images=4", "--stock_images=8"], "--stock_images must be at most --images (4), got 8"),
+        (["blip2", "--shape=foo"], "--shape"),
+        (["blip2", "--max_new_tokens=0"], "--max_new_tokens"),
+        (["blip2", "--batch_size=0"], "--batch_size"),
+        (["train", "--text_tokens=0"], "--text_tokens"),
+        (["train", "--variants=[]"], "--variants: name at least one variant"),  # it ran every default one
+    ],
+)
+def test_bench_flags_are_checked_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv, f"--root={tmp_path}"] if argv[0] == "blip2" else ["bench", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

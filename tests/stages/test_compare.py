@@ -142,3 +142,63 @@ def curriculum_config_of(parser, argv):
     from stages.run import curriculum_config
 
     return curriculum_config(parser.instantiate(parser.parse_args(argv)).curriculum)
+
+
+def test_each_seed_is_its_own_whatever_the_override_configs_set(tmp_path):
+    """`--seed` came before the overrides, and a --config among them that set a seed (every copy of tiny.yaml
+    does) made every "seed" the same run: identical arms, a spread of 0, under the heading "2 seeds"."""
+    from stages.compare import curriculum_argv
+    from stages.run import build_parser
+
+    tiny = "configs/curriculum/tiny.yaml"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("seed: 0\n")
+    folders = {key: tmp_path / key for key in ("shard_dir", "vision_path", "lm_path")}
+    baseline_config = tmp_path / "baseline_stages.yaml"
+    cfg = curriculum_config_of(build_parser(), ["curriculum", "--config", tiny])
+    baseline_config.write_text(yaml.safe_dump({"stages": baseline_stages(cfg)}))
+    for seed in (1, 2):
+        for argv in (
+            curriculum_argv(tiny, tmp_path / "c", seed, [f"--config={mine}"]),
+            baseline_argv(tiny, baseline_config, tmp_path / "b", seed, [f"--config={mine}"], folders),
+        ):
+            assert curriculum_config_of(build_parser(), argv).seed == seed
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--seed=7", "--override: --seed is compare's own (--seeds, --root)"),
+        ("--run_dir=/tmp/x", "--override: --run_dir is compare's own"),
+        # A traceback ("argument after ** must be a mapping"), and --run_dir failed after a whole arm had trained.
+        ("--stages.align.trainer=[1]", "--override: stages.align.trainer must be a mapping of its keys"),
+        # An epoch ended the curriculum's stages before their steps; the baseline's one stage trained on.
+        ("--trainer.max_epochs=1", "compare: stages.align.trainer.max_epochs 1: the arms are matched by optimizer"),
+    ],
+)
+def test_overrides_compare_cannot_honour_are_refused_before_any_run(tmp_path, capsys, override, message):
+    assert main(["compare", "--seeds=1", f"--root={tmp_path / 'c'}", f"--override={json.dumps([override])}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not list((tmp_path / "c").glob("*-0"))
+
+
+def test_data_without_object_classes_is_compared_on_the_metrics_it_has(tmp_path):
+    """Real data without object annotations has no CHAIR, POPE or attribute scores: compare ended with a KeyError
+    after every run had trained."""
+    from stages.compare import markdown, plot
+
+    runs = []
+    for seed in (0, 1):
+        run = tmp_path / f"baseline-{seed}"
+        (run / "sft").mkdir(parents=True)
+        (run / "summary.json").write_text(json.dumps({"sft": {}}))
+        text = {"mean_words": 9.0 + seed, "bleu4": 0.1 * seed, "cider_d": 0.5}
+        by_length = {"0-8": {"images": 3, "mean_words": 6.0}, "9-20": {"images": 5, "mean_words": 12.0}}
+        (run / "sft" / "metrics.json").write_text(json.dumps({**text, "by_length": by_length}))
+        runs.append(run)
+    result = collect({"baseline": runs})
+    assert set(result["baseline"]["stages"]["sft"]) == {"mean_words", "bleu4", "cider_d"}
+    table = markdown(result, [0, 1])
+    assert "| arm | stage | mean_words | bleu4 | cider_d |" in table and "| baseline | sft | 9.500 +- 0.707 |" in table
+    assert "| baseline | 0-8 | 6 | - | - | - | - |" in table
+    plot(result, tmp_path / "compare.png")
