@@ -74,12 +74,15 @@ DISPLAY_ONLY = (("spec", "trainer", "enable_progress_bar"), ("spec", "trainer", 
 EVAL_NOT_SCORED = ("table_rows", "grid_images", "every_n_steps")
 
 
-def stage_fingerprint(resolved: dict) -> str:
-    """The hash of what decides a stage's trained weights."""
+def stage_fingerprint(resolved: dict, prune: bool = True) -> str:
+    """The hash of what decides a stage's trained weights. `prune=False`: as versions before the pruning below
+    hashed it, so that their finished and interrupted stages are still taken for what they are."""
     hashed = copy.deepcopy(resolved)
     for *sections, key in AS_GIVEN + DISPLAY_ONLY:
         functools.reduce(dict.__getitem__, sections, hashed).pop(key)
     hashed.pop("eval")
+    if not prune:
+        return fingerprint(hashed)
     # Nor what this stage does not read (a new LoRA rank retrained the projector-only align stage, hours on real
     # data): the rates of groups it does not train; model.lora unless it trains LoRA (an adapter handed in keeps
     # the config it was saved with, in its stage's fingerprint); the architectures unless it builds from them.
@@ -152,8 +155,9 @@ def prepare_stage_folder(stage_dir: Path, stage_print: str, resolved: dict, rank
         return
     config_path = stage_dir / "config.yaml"
     before = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else None
-    if before is not None and before.get("fingerprint") != stage_print:
+    if before is not None and before.get("fingerprint") not in (stage_print, stage_fingerprint(resolved, False)):
         changed = changed_keys({k: v for k, v in before.items() if k != "fingerprint"}, resolved)
+        changed = changed or ["the fingerprint's rules, of an older vlm-curriculum"]
         log.warning(
             "stage %s: config or inputs changed since its last run (%s); starting it afresh",
             stage_dir.name,
@@ -384,7 +388,9 @@ def finished_result(
     if not done_path.is_file():
         return None
     done = json.loads(done_path.read_text())
-    if done["fingerprint"] != stage_fingerprint(resolved):
+    # A stage finished by a version before the fingerprint left out what a stage does not read is finished too;
+    # it keeps its fingerprint, which the stages after it recorded as theirs to start from.
+    if done["fingerprint"] not in (stage_fingerprint(resolved), stage_fingerprint(resolved, prune=False)):
         return None
     if done.get("eval_fingerprint") == eval_fingerprint(resolved) and (stage_dir / "metrics.json").is_file():
         log.info("stage %s: finished before with the same config and inputs, skipped", name)

@@ -163,34 +163,6 @@ def test_settings_that_only_change_what_is_shown_are_not_in_the_fingerprint(tmp_
     assert scored[0] == prints()[0] and scored[1] != prints()[1]
 
 
-def test_settings_a_stage_does_not_read_are_not_in_its_fingerprint(tmp_path):
-    """A new LoRA rank, a rate for a group align does not train, or a random-init image size without random_init
-    retrained the projector-only align stage (on real data: hours) and every stage after it."""
-    from modules.loading import LoraSpec, ModelConfig
-    from modules.training_module import LearningRates
-    from stages.config import CurriculumConfig, StageSpec
-    from stages.stage import RunInputs, resolved_stage_config, stage_fingerprint
-
-    inputs = RunInputs(tmp_path, tmp_path / "data", tmp_path / "vision", tmp_path / "lm", {})
-
-    def prints(model: ModelConfig, lora_rate: float = 2e-3) -> tuple[str, str]:
-        rates = LearningRates(lora=lora_rate)
-        stages = {
-            "align": StageSpec(["projector"], 8, "base", rates),
-            "sft": StageSpec(["projector", "lora"], 8, lr=rates),
-        }
-        cfg = CurriculumConfig(stages=stages, model=model)
-        return tuple(stage_fingerprint(resolved_stage_config(cfg, name, inputs, None)) for name in stages)
-
-    align, sft = prints(ModelConfig())
-    assert prints(ModelConfig(image_size=224)) == (align, sft)  # without random_init no stage reads it
-    rank, rate = prints(ModelConfig(lora=LoraSpec(r=4))), prints(ModelConfig(), lora_rate=1e-4)
-    assert rank[0] == rate[0] == align
-    assert rank[1] != sft and rate[1] != sft  # the stage that attaches and trains the adapter reads both
-    random_init = prints(ModelConfig(random_init=True))[0]
-    assert random_init != align and prints(ModelConfig(random_init=True, image_size=224))[0] != random_init
-
-
 def _micro_config(seed: int):
     from stages.config import CurriculumConfig, StageSpec
     from tests.conftest import MICRO_BASE, MICRO_WORLD

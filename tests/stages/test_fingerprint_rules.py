@@ -1,0 +1,50 @@
+"""What a stage's fingerprint holds: what decides its weights, and nothing it does not read; and the stages of
+a run written under the rules of an older version."""
+
+from __future__ import annotations
+
+from tests.conftest import MICRO_ARGS
+
+
+def test_settings_a_stage_does_not_read_are_not_in_its_fingerprint(tmp_path):
+    """A new LoRA rank, a rate for a group align does not train, or a random-init image size without random_init
+    retrained the projector-only align stage (on real data: hours) and every stage after it."""
+    from modules.loading import LoraSpec, ModelConfig
+    from modules.training_module import LearningRates
+    from stages.config import CurriculumConfig, StageSpec
+    from stages.stage import RunInputs, resolved_stage_config, stage_fingerprint
+
+    inputs = RunInputs(tmp_path, tmp_path / "data", tmp_path / "vision", tmp_path / "lm", {})
+
+    def prints(model: ModelConfig, lora_rate: float = 2e-3) -> tuple[str, str]:
+        rates = LearningRates(lora=lora_rate)
+        stages = {
+            "align": StageSpec(["projector"], 8, "base", rates),
+            "sft": StageSpec(["projector", "lora"], 8, lr=rates),
+        }
+        cfg = CurriculumConfig(stages=stages, model=model)
+        return tuple(stage_fingerprint(resolved_stage_config(cfg, name, inputs, None)) for name in stages)
+
+    align, sft = prints(ModelConfig())
+    assert prints(ModelConfig(image_size=224)) == (align, sft)  # without random_init no stage reads it
+    rank, rate = prints(ModelConfig(lora=LoraSpec(r=4))), prints(ModelConfig(), lora_rate=1e-4)
+    assert rank[0] == rate[0] == align
+    assert rank[1] != sft and rate[1] != sft  # the stage that attaches and trains the adapter reads both
+    random_init = prints(ModelConfig(random_init=True))[0]
+    assert random_init != align and prints(ModelConfig(random_init=True, image_size=224))[0] != random_init
+
+
+def test_a_run_finished_under_the_older_fingerprint_rules_is_still_finished(tmp_path, monkeypatch, capsys):
+    """Leaving out what a stage does not read changed every stage's fingerprint: a run finished (or interrupted)
+    under the older version retrained every stage, its log naming no changed key."""
+    import stages.stage
+    from stages.run import main
+
+    run = ["curriculum", f"--run_dir={tmp_path / 'run'}", *MICRO_ARGS]
+    current = stages.stage.stage_fingerprint
+    with monkeypatch.context() as older:
+        older.setattr(stages.stage, "stage_fingerprint", lambda resolved, prune=True: current(resolved, prune=False))
+        assert main(run) == 0
+    capsys.readouterr()
+    assert main(run) == 0
+    assert capsys.readouterr().out.count("skipped: done before") == 4
