@@ -311,7 +311,7 @@ def check_vision_layer(vision_path: str | Path, layer: int) -> None:
     try:
         probe_image_tokens(tower, processor, None, layer)
     except ValueError as error:
-        raise ModelFolderError(f"--model.vision_path {vision_path}: {error}") from error
+        raise ModelFolderError(f"--{error} (the tower in {vision_path})") from error
 
 
 def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> tuple[Path | None, Path | None]:

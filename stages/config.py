@@ -88,7 +88,8 @@ class TrainerConfig:
     """Validate every N training batches of an epoch, counted from its start (micro-batches: with accumulation 2,
     every N/2 optimizer steps; at most an epoch's batches), or at this share of each epoch."""
     limit_val_batches: int | float | None = None
-    """Validation batches per validation: a count, 0 (none) or 1.0 (all)."""
+    """Validation batches per validation: a count, 0 (none), 1.0 (all), or a share on several devices (one
+    device's validation stream has no length to take a share of)."""
     num_sanity_val_steps: int | None = None
     deterministic: bool | Literal["warn"] | None = None
     """true: deterministic kernels, failing on an op that has none; "warn": warn on it instead."""
@@ -126,11 +127,6 @@ class TrainerConfig:
         limit = self.limit_val_batches
         if limit is not None and (limit < 0 or (isinstance(limit, float) and limit > 1)):
             raise ValueError(f"{where}.limit_val_batches must be a count >= 0 or a share in [0, 1], got {limit}")
-        if isinstance(limit, float) and 0 < limit < 1:  # Lightning refused it at the first stage's start
-            raise ValueError(
-                f"{where}.limit_val_batches {limit}: a share needs the validation set's length in batches, which "
-                "a stream of shards does not have on one device; give a count of batches (or 0: no validation)"
-            )
         if self.num_sanity_val_steps is not None and self.num_sanity_val_steps < -1:
             raise ValueError(f"{where}.num_sanity_val_steps must be -1 (all) or more, got {self.num_sanity_val_steps}")
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:

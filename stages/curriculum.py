@@ -422,6 +422,11 @@ def _prepare_run(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> RunIn
     return RunInputs(run_dir, shard_dir, vision, lm, input_digests(shard_dir, vision, lm))
 
 
+def trainer_key(cfg: CurriculumConfig, stage: str, key: str) -> str:
+    """The flag that sets `key` of the stage's trainer: the stage's own, or the run's."""
+    return f"stages.{stage}.trainer.{key}" if getattr(cfg.stages[stage].trainer, key) is not None else f"trainer.{key}"
+
+
 def check_epochs(cfg: CurriculumConfig, index: dict) -> None:
     """What a stage's epoch length decides, from the index as the loader counts an epoch (whole optimizer steps
     per rank): an integer `val_check_interval` past the epoch's batches, which Lightning refused once the stage
@@ -431,12 +436,18 @@ def check_epochs(cfg: CurriculumConfig, index: dict) -> None:
         accumulate = trainer.accumulate_grad_batches or 1
         batches = budget_counts(index, "train", spec.max_words)[0] // (cfg.data.batch_size * ranks(trainer))
         batches -= batches % accumulate
+        limit = trainer.limit_val_batches
+        if isinstance(limit, float) and 0 < limit < 1 and ranks(trainer) == 1:  # Lightning refused it at the start
+            raise ShardError(
+                f"{trainer_key(cfg, name, 'limit_val_batches')} {limit}: a share needs the validation set's length in "
+                "batches, which a stream of shards has only on several devices; give a count of batches (0: none)"
+            )
         interval = trainer.val_check_interval
         if isinstance(interval, int) and interval > batches:
-            where = f"stages.{name}.trainer" if spec.trainer.val_check_interval is not None else "trainer"
             raise ShardError(
-                f"{where}.val_check_interval {interval}: more than the {batches} training batches of an epoch of "
-                f"stage {name} (Lightning validates within each epoch); give at most {batches}, or a share (0.5)"
+                f"{trainer_key(cfg, name, 'val_check_interval')} {interval}: more than the {batches} training batches "
+                f"of an epoch of stage {name} (Lightning validates within each epoch); give at most {batches}, or a "
+                "share (0.5)"
             )
         epochs, steps = trainer.max_epochs, trainer.max_steps
         if epochs not in (None, -1) and steps not in (None, -1) and steps < epochs * (batches // accumulate):

@@ -35,8 +35,9 @@ from stages.report import STAGES_FILE, read_json, stage_configs, stage_problems
 log = logging.getLogger(__name__)
 
 EXPORT_RECORD = "vlm_export.json"
-# What an export cannot load without (the tokenizer's other files depend on its kind).
-EXPORT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json")
+# What an export cannot load without (the tokenizer's other files depend on its kind; the weights may be sharded).
+EXPORT_FILES = ("config.json", "preprocessor_config.json", "tokenizer_config.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 README = """# {name}
 
 A vision-language model trained with vlm-curriculum (run `{run}`, stage `{stage}`, step {step}):
@@ -94,7 +95,7 @@ def find_stage(run_or_stage: str | Path, stage: str | None = None, flag: str = "
         if stage is None and not named:
             kind = "a model folder without vlm_export.json, " if (path / "config.json").is_file() else ""
             raise FileNotFoundError(
-                f"{flag}: {path} is {kind}not a run folder (no {STAGES_FILE}), a stage folder (no done.json) or "
+                f"{flag}: {path} is {kind}not a run folder (no {STAGES_FILE}), a stage folder (no config.yaml) or "
                 "an export (no vlm_export.json)"
             )
         stage_dir = path / (stage or named[-1])
@@ -273,6 +274,7 @@ def load_exported(folder: Path):
     if not (folder / EXPORT_RECORD).is_file():
         raise FileNotFoundError(f"--model: {folder} is not an exported model (no {EXPORT_RECORD})")
     missing = [name for name in EXPORT_FILES if not (folder / name).is_file()]
+    missing += [] if any((folder / name).is_file() for name in WEIGHT_FILES) else [WEIGHT_FILES[0]]
     if missing:  # a traceback, or transformers' list of every config class, named none
         raise FileNotFoundError(f"--model: {folder} is an incomplete export, without {', '.join(missing)}")
     # The tokenizer and image processor read config.json too: without the type registered, transformers asked

@@ -173,7 +173,7 @@ def test_each_seed_is_its_own_whatever_the_override_configs_set(tmp_path):
         # A traceback ("argument after ** must be a mapping"), and --run_dir failed after a whole arm had trained.
         ("--stages.align.trainer=[1]", "--override: stages.align.trainer must be a mapping of its keys"),
         # An epoch ended the curriculum's stages before their steps; the baseline's one stage trained on.
-        ("--trainer.max_epochs=1", "compare: stages.align.trainer.max_epochs 1: the arms are matched by optimizer"),
+        ("--trainer.max_epochs=1", "compare: trainer.max_epochs 1: the arms are matched by optimizer steps"),
     ],
 )
 def test_overrides_compare_cannot_honour_are_refused_before_any_run(tmp_path, capsys, override, message):

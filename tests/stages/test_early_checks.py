@@ -33,8 +33,6 @@ def _fails_before_any_work(tmp_path: Path, capsys, *flags: str) -> str:
         ("--stages.align.trainable=[projector, projector]", "stages.align.trainable names a group twice"),
         # Counted from the output: 5 crashed in the first stage.
         ("--model.vision_layer=5", "model.vision_layer must be negative"),
-        # Lightning refused a share of a stream without a length at the first stage's start.
-        ("--trainer.limit_val_batches=0.5", "trainer.limit_val_batches 0.5: a share needs the validation set's"),
         ("--stages.sft_long.trainer.precision=transformer-engine", "stages.sft_long.trainer.precision transformer-"),
     ],
 )
@@ -69,7 +67,7 @@ def test_a_vision_layer_deeper_than_the_tower_is_refused_before_the_data(tmp_pat
     models = [f"--model.vision_path={micro_base[0]}", f"--model.lm_path={micro_base[1]}"]
     depth = len(json.loads((micro_base[0] / "config.json").read_text())["hidden_sizes"]) + 1  # with the stem's
     err = _fails_before_any_work(tmp_path, capsys, *models, f"--model.vision_layer=-{depth + 1}")
-    assert re.search(rf"model.vision_layer -{depth + 1}: the tower has hidden states -1 to -{depth}\b", err), err
+    assert re.search(rf"--model.vision_layer -{depth + 1}: the tower has hidden states -1 to -{depth}\b", err), err
 
 
 def test_random_init_takes_an_architecture_for_one_part_and_a_folder_for_the_other(tmp_path, capsys, micro_base):
@@ -136,3 +134,17 @@ def test_deterministic_kernels_end_with_the_stage_that_asked_for_them():
         assert not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_a_share_of_the_validation_batches_is_refused_on_one_device_only(micro_world):
+    """Lightning refused a share of a stream without a length at the first stage's start; on several devices the
+    validation loader has a length, and a share works."""
+    from datamodules.shards import ShardError, read_index
+    from stages.curriculum import check_epochs
+    from tests.test_configs import _parse
+
+    index = read_index(micro_world)
+    with pytest.raises(ShardError, match=r"trainer.limit_val_batches 0.5: a share needs the validation set's length"):
+        check_epochs(_parse(*MICRO_ARGS, "--trainer.limit_val_batches=0.5"), index)
+    two = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    check_epochs(_parse(*MICRO_ARGS, *two, "--stages.align.trainer.limit_val_batches=0.5"), index)

@@ -90,9 +90,17 @@ def test_inputs_eval_cannot_use_are_named_before_the_model_loads(run_copy, micro
     )
 
 
-def test_an_incomplete_export_names_the_missing_file(micro_run, tmp_path, capsys):
+def test_an_incomplete_export_names_the_missing_file_and_a_sharded_one_loads(micro_run, tmp_path, capsys):
+    from stages.export import load_exported
+
     out = tmp_path / "export"
     assert main(["export", "--run_dir", str(micro_run), "--out_dir", str(out)]) == 0
+    sharded = tmp_path / "sharded"
+    shutil.copytree(out, sharded)
+    (sharded / "model.safetensors").unlink()
+    load_exported(out)[0].save_pretrained(sharded, max_shard_size="20KB")  # as an upload in parts holds it
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    assert main(["eval", "--model", str(sharded), "--limit=2", "--max_new_tokens=2"]) == 0
     (out / "model.safetensors").unlink()
     assert main(["eval", "--model", str(out)]) == 2
     assert f"--model: {out} is an incomplete export, without model.safetensors" in capsys.readouterr().err
