@@ -134,6 +134,13 @@ class AlertSinks(Callback):
         return path.read_text().splitlines(keepends=True) if path is not None and path.is_file() else []
 
     @override
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # A fresh fit (no checkpoint to resume): an earlier fit's file, of a script run again, held alerts that
+        # its counts, restarted at 0, did not. A resumed one trims the file to its checkpoint (load_state_dict).
+        if trainer.ckpt_path is None and trainer.is_global_zero and self.jsonl_path is not None:
+            self.jsonl_path.unlink(missing_ok=True)
+
+    @override
     def state_dict(self) -> dict:
         return {"alerts": len(self._lines())}
 

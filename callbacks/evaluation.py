@@ -328,6 +328,8 @@ class CaptionEvaluation(L.Callback):
         self.vqa, self.synonyms = vqa, synonyms
         if vqa and not any(meta.get("questions") for _, _, meta in samples):  # before training, on every rank
             raise ValueError("eval.vqa: the evaluated shards hold no questions (rebuild them with the data stage)")
+        if fmt is None:  # found after the whole fit, at the first evaluation
+            raise ValueError("CaptionEvaluation: fmt is None; call data.connect(...) before passing data.format")
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "num_beams": num_beams}
         self.extra = extra or {}
         self.metrics: dict | None = None
@@ -376,6 +378,8 @@ class CaptionEvaluation(L.Callback):
         if answers is not None:  # before logging: the final VQA scores belong in TensorBoard too
             metrics.update(vqa_scores(answers))
         step = trainer.global_step
+        if self.history and self.history[-1]["global_step"] == step:  # a fit resumed from its last step scores it
+            self.history.pop()  # again (Lightning ends it at once): one entry per step
         self.history.append({"global_step": step, **{k: v for k, v in metrics.items() if k != "by_length"}})
         for logger in trainer.loggers:  # at the index of the step the evaluation follows, as Lightning logs val/loss
             logger.log_metrics(scalars(metrics), step=step - 1)

@@ -200,6 +200,12 @@ class CaptionDataModule(L.LightningDataModule):
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         fits = shard_fits(self.index, split, self.max_words)
         kept = sum(fits)
+        if train and self.trainer is None:  # built for one epoch of a fit: its epoch, ranks, accumulation, resume
+            raise RuntimeError(
+                "CaptionDataModule: pass it to trainer.fit(datamodule=...): its training loader is built by the "
+                "Trainer each epoch (passed as train_dataloaders, every epoch repeated the first's order, and the "
+                "loss ignored the accumulation)"
+            )
         if train:
             # Only shards with a caption that fits: a rank or loader worker dealt only shards without one had
             # nothing to train on and stopped while the others waited for it (a data set grouped by source,
@@ -215,6 +221,7 @@ class CaptionDataModule(L.LightningDataModule):
                     f"optimizer step ({accumulate} batch(es) of {self.batch_size}) per device"
                 )
             self._check_reloaded(batches)
+            self._check_limit(batches)
             readers = world * max(self.num_workers, 1)
             if len(urls) < readers and not self._warned_readers:
                 self._warned_readers = True
@@ -277,6 +284,17 @@ class CaptionDataModule(L.LightningDataModule):
         batches -= batches % trainer.accumulate_grad_batches  # as `_loader` keeps whole optimizer steps
         steps = self._steps_per_epoch(trainer, batches) * max(trainer.max_epochs, 1)
         return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
+
+    def _check_limit(self, batches: int) -> None:
+        """Refuses a `limit_train_batches` that cuts an epoch inside an optimizer step: the short step's loss was
+        logged into the next epoch's first, and its token weights counted a batch it never trained on."""
+        limit, accumulate = self.trainer.limit_train_batches, self.trainer.accumulate_grad_batches
+        limited = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        if limited < batches and limited % accumulate:
+            raise ValueError(
+                f"CaptionDataModule: limit_train_batches {limit} leaves {limited} of an epoch's {batches} batches, "
+                f"not whole optimizer steps of accumulate_grad_batches={accumulate} batches"
+            )
 
     def _check_reloaded(self, batches: int) -> None:
         """The loader reads the epoch (its shuffle seed) and the resume position when it is built: a Trainer

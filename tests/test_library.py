@@ -117,9 +117,13 @@ def test_a_trainer_that_keeps_the_loader_for_a_second_epoch_is_refused(micro_wor
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
         _trainer(tmp_path, [], max_steps=40, enable_checkpointing=False).fit(module, datamodule=data)  # 12 a epoch
     _trainer(tmp_path, [], max_steps=3, enable_checkpointing=False).fit(module, datamodule=data)  # within one epoch
-    # 5 batches with accumulation 2 are 3 steps: Lightning steps on the short last window too.
-    one_epoch = {"max_steps": 3, "limit_train_batches": 5, "accumulate_grad_batches": 2, "enable_checkpointing": False}
+    # A limit of whole optimizer steps trains within one epoch. 5 batches with accumulation 2 (Lightning steps on
+    # the short last window) are refused: that step's loss was logged into the next step's, 6.11 for 4.08, and
+    # its tokens' weights counted a batch it never trained on.
+    one_epoch = {"max_steps": 2, "limit_train_batches": 4, "accumulate_grad_batches": 2, "enable_checkpointing": False}
     _trainer(tmp_path, [], **one_epoch).fit(module, datamodule=data)
+    with pytest.raises(ValueError, match="limit_train_batches 5 leaves 5 of an epoch's 12 batches, not whole"):
+        _trainer(tmp_path, [], **{**one_epoch, "limit_train_batches": 5}).fit(module, datamodule=data)
 
 
 def test_a_checkpoint_loads_only_into_a_module_like_the_one_that_wrote_it(micro_world, micro_base, tmp_path):
@@ -143,3 +147,58 @@ def test_a_checkpoint_loads_only_into_a_module_like_the_one_that_wrote_it(micro_
             _trainer(tmp_path, [], max_steps=2).fit(module, datamodule=data, ckpt_path=last)
     with pytest.raises(ValueError, match="trainable must name 'lora'"):
         LoRASFTModule(vlm, LoraSpec(), OptimSpec(LearningRates()), ["projector"])
+
+
+def test_the_training_loader_is_built_by_the_trainer_it_trains_for(micro_world, micro_base, tmp_path):
+    """Passed as train_dataloaders, the loader was built without the Trainer: every epoch repeated the first one's
+    order, and the loss ignored the accumulation (train/loss 16.3 for 4.08 with accumulation 4)."""
+    _, _, data = _parts(micro_world, micro_base)
+    with pytest.raises(RuntimeError, match=r"pass it to trainer.fit\(datamodule=...\)"):
+        data.train_dataloader()
+
+
+def test_callbacks_used_out_of_order_or_too_early_are_refused(micro_world, micro_base, tmp_path):
+    from callbacks.throughput import Throughput
+
+    vlm, processor, data = _parts(micro_world, micro_base)
+    samples = data.eval_samples("test", 2)
+    # Built before data.connect(): it failed at the first evaluation, after the whole fit.
+    with pytest.raises(ValueError, match=r"fmt is None; call data.connect\(...\) before passing data.format"):
+        CaptionEvaluation("sft", samples, None, processor, tmp_path / "metrics.json")
+    # After the evaluation, the throughput timed its evaluations as training: 957 tokens/s for 33,688.
+    evaluation = CaptionEvaluation("sft", samples, data.format, processor, tmp_path / "metrics.json", max_new_tokens=2)
+    module = AlignModule(vlm, OptimSpec(LearningRates()))
+    with pytest.raises(ValueError, match="Throughput must come before CaptionEvaluation"):
+        _trainer(tmp_path, [evaluation, Throughput()], max_steps=1).fit(module, datamodule=data)
+
+
+def test_a_fit_resumed_at_its_end_scores_its_last_step_once(micro_world, micro_base, tmp_path):
+    """Resumed from the checkpoint of its last step, a fit that ended by its epochs evaluated that step again: its
+    history (and metrics.json) held it twice."""
+    vlm, processor, data = _parts(micro_world, micro_base)
+    samples = data.eval_samples("test", 2)
+
+    def fit(ckpt_path=None) -> CaptionEvaluation:
+        evaluation = CaptionEvaluation(
+            "align", samples, data.format, processor, tmp_path / "metrics.json", max_new_tokens=2, every_n_steps=2
+        )
+        saver = ModelCheckpoint(tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=2)
+        epoch = {"max_steps": -1, "max_epochs": 1, "limit_train_batches": 4, "reload_dataloaders_every_n_epochs": 1}
+        _trainer(tmp_path, [evaluation, saver], **epoch).fit(AlignModule(vlm, OptimSpec()), data, ckpt_path=ckpt_path)
+        return evaluation
+
+    assert [h["global_step"] for h in fit().history] == [2, 4]
+    assert [h["global_step"] for h in fit(tmp_path / "ckpt" / "last.ckpt").history] == [2, 4]
+
+
+def test_a_fresh_fit_starts_a_fresh_alerts_file(micro_world, micro_base, tmp_path):
+    """A script run again appended to the last run's alerts.jsonl, while its counts restarted at 0."""
+    vlm, _, data = _parts(micro_world, micro_base)
+    for _ in range(2):  # the same script twice
+        sinks = AlertSinks("sft", tmp_path / "alerts.jsonl")
+        monitor = InstabilityMonitor(InstabilityConfig(), sinks, "sft")
+        _trainer(tmp_path, [FaultInjection({1: "nan"}), monitor, sinks], max_steps=2).fit(
+            AlignModule(vlm, OptimSpec()), datamodule=data
+        )
+        lines = (tmp_path / "alerts.jsonl").read_text().splitlines()
+        assert len(lines) == sum(sinks.counts.values()) == len(monitor.alerts)

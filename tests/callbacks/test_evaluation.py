@@ -9,12 +9,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from callbacks.evaluation import CaptionEvaluation, rank_share
 from tests.callbacks.toy import KeyedRegression, ToyRegression, loader
 
+FORMAT = object()  # stands for a PromptFormat where no caption is generated
+
 
 class Schedule(CaptionEvaluation):
     """The callback's scheduling, with each evaluation recorded instead of run."""
 
     def __init__(self, tmp_path, every_n_steps: int = 4) -> None:
-        super().__init__("toy", [("k", None, {})], None, None, tmp_path / "metrics.json", every_n_steps=every_n_steps)
+        # A stand-in prompt format: never used, _run is replaced.
+        super().__init__("toy", [("k", None, {})], FORMAT, None, tmp_path / "metrics.json", every_n_steps=every_n_steps)
         self.calls: list[tuple[int, bool]] = []
 
     def _run(self, trainer, pl_module, final: bool) -> None:
@@ -89,7 +92,7 @@ def test_a_resume_under_other_evaluation_settings_drops_the_earlier_history(tmp_
 
     def evaluation(eval_print: str) -> CaptionEvaluation:
         return CaptionEvaluation(
-            "toy", samples, None, None, tmp_path / "m.json", extra={"eval_fingerprint": eval_print}
+            "toy", samples, FORMAT, None, tmp_path / "m.json", extra={"eval_fingerprint": eval_print}
         )
 
     before = evaluation("a")

@@ -270,7 +270,7 @@ def test_a_rank_dealt_only_shards_without_a_fitting_caption_still_trains(tmp_pat
         datamodule.connect(tokenizer, AutoImageProcessor.from_pretrained(micro_base[0]), 9, "describe the image")
         datamodule.trainer = types.SimpleNamespace(
             world_size=2, current_epoch=0, accumulate_grad_batches=1, reload_dataloaders_every_n_epochs=1,
-            fit_loop=types.SimpleNamespace(restarting=False),
+            limit_train_batches=1.0, fit_loop=types.SimpleNamespace(restarting=False),
         )  # fmt: skip
         keys.append({key for batch in datamodule.train_dataloader() for key in batch["keys"]})
     assert all(keys) and keys[0] | keys[1] <= {f"r{i:02d}" for i in range(8)}
