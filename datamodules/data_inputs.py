@@ -36,6 +36,19 @@ DJ_IMAGE_TOKEN = "<__dj__image>"
 DJ_CHUNK_END = "<|__dj__eoc|>"
 
 
+# The role markers of Data-Juicer's multi-turn text (its llava_to_dj conversion): "[[human]]: <image>\nDescribe
+# the image. [[gpt]]: A dog ...". The caption is the first reply; the prompt and the image token are not.
+DJ_HUMAN, DJ_GPT = "[[human]]:", "[[gpt]]:"
+
+
+def dj_caption(text: str) -> str:
+    """The caption of a Data-Juicer text: the text itself, or the first reply of a conversation in its role
+    markers (the prompt and <image> had stayed in the caption the model trained on)."""
+    if DJ_GPT in text:
+        text = text.split(DJ_GPT, 1)[1].split(DJ_HUMAN, 1)[0].replace("<image>", " ")
+    return strip_dj_tokens(text)
+
+
 def strip_dj_tokens(text: str) -> str:
     """`text` without Data-Juicer's image and chunk-end tokens, whitespace collapsed."""
     for token in (DJ_IMAGE_TOKEN, DJ_CHUNK_END):
@@ -120,6 +133,11 @@ def _annotations(record: dict, key: str, skips: SkipLog) -> dict | None:
 def _record_row(record: dict, key: str, caption: str, images, base: Path, skips: SkipLog) -> dict | None:
     """A llava / dj_jsonl record as a raw row, or None when it cannot be used (skipped and counted): its
     object classes, its own split (train / val / test) if it names one, and exactly one readable image."""
+    try:
+        caption.encode("utf-8")
+    except UnicodeEncodeError:  # half an emoji (an unpaired surrogate) ended the build, naming no record
+        skips.skip("bad_record", key)
+        return None
     meta = _annotations(record, key, skips)
     if meta is None:
         return None
@@ -239,6 +257,6 @@ def read_dj_jsonl(path: Path, skips: SkipLog, image_root: Path | None = None) ->
             if not isinstance(record.get("text", ""), str):
                 skips.skip("bad_record", key)
                 continue
-            row = _record_row(record, key, strip_dj_tokens(record.get("text", "")), record.get("images"), base, skips)
+            row = _record_row(record, key, dj_caption(record.get("text", "")), record.get("images"), base, skips)
             if row is not None:
                 yield row

@@ -30,7 +30,10 @@ def write_shards(samples: Iterable[dict], out_dir: Path, split: str, shard_size:
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     entries: list[dict] = []
-    with wds.ShardWriter(str(out_dir / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0) as sink:
+    # No byte limit (WebDataset's default: 3 GB): a shard cut by its bytes went on in a file the index did not
+    # list, and the samples in it were never trained on (5000 images of 600 KB make 3 GB).
+    pattern = str(out_dir / f"{split}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), verbose=0, mtime=0) as sink:
         for sample in samples:
             if not entries or entries[-1]["count"] >= shard_size:
                 entries.append({"url": f"{split}-{len(entries):06d}.tar", "count": 0, "caption_words": []})

@@ -186,6 +186,21 @@ def check_stock_captioner(args: dict) -> None:
         )
 
 
+def forbid_installs() -> None:
+    """Data-Juicer pip- or uv-installs a package an op lacks when the op first needs it: a recipe with
+    image_deduplicator put a torchvision that did not match torch into the environment mid-build, and every
+    later command failed at import. Installing is refused, naming the package."""
+    from data_juicer.utils.lazy_loader import LazyLoader
+
+    def refuse(cls, package_spec, pip_args=None):
+        raise ImportError(
+            f"recipe process: an op needs {package_spec}, which is not installed, and Data-Juicer would install it "
+            f"now; nothing is installed at run time: pip install {package_spec}, or leave the op out"
+        )
+
+    LazyLoader._install_package = classmethod(refuse)
+
+
 def check_process(process: list[dict]) -> None:
     """Fails before any op runs on what the recipe's `process` would get silently wrong: unknown ops and
     misspelt op arguments (Data-Juicer's preflight check), and ops that cannot follow a caption op."""
@@ -193,6 +208,7 @@ def check_process(process: list[dict]) -> None:
 
     import datamodules.recaption_ops  # noqa: F401  (registers the project's ops)
 
+    forbid_installs()
     try:
         pre_instantiation_check(process)
     except PipelineConfigError as error:

@@ -1,0 +1,87 @@
+"""Real inputs as data sets bring them, and what the data stage must not do with them: lose samples in shards the
+index does not list, keep a conversation's prompt in a caption, end on one bad character, install packages."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from datamodules.data_inputs import SkipLog, read_dj_jsonl, read_llava_json
+from datamodules.shards import write_shards
+
+
+def test_a_shard_is_cut_by_its_samples_only_never_by_its_bytes(tmp_path, monkeypatch):
+    """WebDataset's writer also starts a new file at 3 GB: the index listed one shard, the samples past 3 GB went to
+    a file it did not list, and the trainer never read them (5000 images of 600 KB cross it). Here the writer's byte
+    limit is scaled down 1.5 million times, to 2 KB, where a limit given as infinite stays infinite."""
+    original = wds.ShardWriter.__init__
+
+    def scaled(self, pattern, maxcount=100000, maxsize=3e9, **kwargs):
+        original(self, pattern, maxcount=maxcount, maxsize=maxsize / 1.5e6, **kwargs)
+
+    monkeypatch.setattr(wds.ShardWriter, "__init__", scaled)
+    samples = [
+        {"__key__": f"k{i}", "png": bytes(1000), "json": json.dumps({"caption_words": {"caption": 3}}).encode()}
+        for i in range(8)
+    ]
+    entries = write_shards(iter(samples), tmp_path, "train", shard_size=5)
+    assert [e["url"] for e in entries] == sorted(p.name for p in tmp_path.glob("train-*.tar"))
+    for entry in entries:  # every sample in a listed shard, as many as the index says
+        with tarfile.open(tmp_path / entry["url"]) as tar:
+            assert len({member.name.split(".")[0] for member in tar.getmembers()}) == entry["count"]
+    assert sum(e["count"] for e in entries) == 8
+
+
+def test_a_data_juicer_conversation_gives_its_reply_as_the_caption(tmp_path):
+    """Data-Juicer's llava_to_dj writes a conversation in role markers: the prompt and <image> stayed in the
+    caption ("[[human]]: <image> Describe the image briefly. [[gpt]]: a large brown dog ...")."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    text = "[[human]]: <image>\nDescribe the image briefly.\n[[gpt]]: a large brown dog on the grass <|__dj__eoc|>"
+    record = {"text": text, "images": ["a.png"]}
+    plain = {"text": "<__dj__image> a small cat <|__dj__eoc|>", "images": ["a.png"]}
+    (tmp_path / "in.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(plain) + "\n")
+    rows = list(read_dj_jsonl(tmp_path / "in.jsonl", SkipLog()))
+    captions = [
+        " ".join(row["text"].replace("<__dj__image>", " ").replace("<|__dj__eoc|>", " ").split()) for row in rows
+    ]
+    assert captions == ["a large brown dog on the grass", "a small cat"]
+
+
+def test_half_an_emoji_skips_its_record_and_names_it(tmp_path):
+    """An unpaired surrogate (an emoji cut in half) ended the whole build: "'utf-8' codec can't encode character
+    '\\ud83d' ... surrogates not allowed", naming no file, record or key."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    turns = [{"from": "gpt", "value": "a red circle under the sun \ud83d"}]
+    good = [{"from": "gpt", "value": "a red circle"}]
+    records = [
+        {"id": "cut", "image": "a.png", "conversations": turns},
+        {"id": "ok", "image": "a.png", "conversations": good},
+    ]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    skips = SkipLog()
+    assert [row["__key__"] for row in read_llava_json(tmp_path / "in.json", skips)] == ["ok"]
+    assert skips.counts == {"bad_record": 1} and skips.examples == {"bad_record": ["cut"]}
+
+
+def test_data_juicer_installs_nothing_while_a_recipe_runs(monkeypatch):
+    """Its lazy loader pip- or uv-installed a package an op lacked, mid-build: image_deduplicator put a torchvision
+    that did not match torch into the environment, and every later command failed at import."""
+    import subprocess
+
+    from data_juicer.utils.lazy_loader import LazyLoader
+
+    from stages.data import check_process
+
+    def installed(*args, **kwargs):
+        raise AssertionError(f"a package install was started: {args}")
+
+    monkeypatch.setattr(subprocess, "check_call", installed)
+    monkeypatch.setattr(LazyLoader, "_install_package", LazyLoader._install_package)  # put back after the test
+    check_process([])
+    missing = LazyLoader("vlm_curriculum_no_such_package")
+    with pytest.raises(ImportError, match="an op needs vlm.curriculum.no.such.package, which is not installed"):
+        missing.anything  # noqa: B018  (the first use imports it)
