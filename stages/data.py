@@ -469,6 +469,13 @@ def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int, emp
         {"key": r["__key__"], "raw": r["raw_caption"], "captions": caption_variants(r)}
         for r in kept[: recipe.report_examples]
     ]
+    # Each caption variant on its own (short, detailed, ...): the early stages' word budgets pick the short ones,
+    # which the recaptioned row (each sample's `text`, the longest variant) does not show.
+    by_variant: dict[str, list[str]] = defaultdict(list)
+    for row in kept:
+        for name, text in caption_variants(row).items():
+            by_variant[name].append(text)
+    variants = {f"variant {name}": corpus_stats(texts, equal) for name, texts in by_variant.items()}
     return {
         "recipe": asdict(recipe),
         "samples": {
@@ -481,7 +488,11 @@ def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int, emp
         "input_skips": {"counts": dict(skips.counts), "first_keys": skips.examples},
         "output_skips": {"counts": dict(empty.counts), "first_keys": empty.examples},
         "ops": accounting,
-        "text": {"raw": corpus_stats(raw, equal), "recaptioned": corpus_stats(new, equal)},
+        "text": {
+            "raw": corpus_stats(raw, equal),
+            "recaptioned": corpus_stats(new, equal),
+            **(variants if len(variants) > 1 else {}),
+        },
         "examples": examples,
     }
 

@@ -85,3 +85,19 @@ def test_data_juicer_installs_nothing_while_a_recipe_runs(monkeypatch):
     missing = LazyLoader("vlm_curriculum_no_such_package")
     with pytest.raises(ImportError, match="an op needs vlm.curriculum.no.such.package, which is not installed"):
         missing.anything  # noqa: B018  (the first use imports it)
+
+
+def test_the_report_describes_each_caption_variant(tmp_path):
+    """Its recaptioned row is each sample's longest variant: with a short and a detailed BLIP-2 prompt the report gave
+    a vocabulary of 1 (the detailed captions') where the shards held 3 word types, and the early stages train on
+    the short ones."""
+    from stages.data import RecipeConfig, build_report, report_markdown
+
+    raw = {"__key__": "k", "raw_caption": "a photo", "text": "left left green"}
+    kept = [{**raw, "caption_variants": json.dumps({"short": "red red", "detailed": "left left green"})}]
+    report = build_report(RecipeConfig(), [raw], kept, [], SkipLog(), 1, SkipLog())
+    text = report["text"]
+    assert text["variant short"]["vocabulary"] == 1 and text["variant detailed"]["vocabulary"] == 2
+    assert text["variant short"]["mean_words"] == 2 and "| variant short | 1 | 2.0 |" in report_markdown(report)
+    single = [{**raw, "caption_variants": json.dumps({"caption": "left left green"})}]
+    assert "variant caption" not in build_report(RecipeConfig(), [raw], single, [], SkipLog(), 1, SkipLog())["text"]
