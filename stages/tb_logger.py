@@ -2,20 +2,23 @@
 
 The step of every value is the index (from 0, counted across stages) of the optimizer step it belongs to,
 or, for an evaluation, of the step it follows: as Lightning logs `train/loss` and `val/loss`. A stage
-that starts or resumes at its step s marks the log so that TensorBoard hides whatever an earlier attempt
-wrote from s on (a killed run's steps after its checkpoint, a changed stage's old curves), which this
-attempt writes again.
+that starts or resumes at its step s removes from the log whatever an earlier attempt wrote from s on (a
+killed run's steps after its checkpoint, a changed stage's old curves), which this attempt writes again.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+from tensorboard.summary.writer.record_writer import RecordWriter
 from typing_extensions import override
 
 
@@ -53,6 +56,30 @@ class CurriculumTensorBoardLogger(TensorBoardLogger):
         writer = self.experiment.file_writer
         writer.add_event(Event(step=step, file_version="brain.Event:2"))
         writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+        mine = getattr(writer.event_writer, "_file_name", None)
+        if mine is not None:
+            purge_events(Path(self.log_dir), Path(mine), step)
+
+
+def purge_events(tb_dir: Path, keep: Path, step: int) -> None:
+    """Rewrites the event files of `tb_dir`, but `keep` (the one being written), without their events at `step`
+    and after. TensorBoard's default reader (its Rust data server) ignores the purge marks: a stage trained again
+    showed its earlier attempt's evaluation between the new ones, where a tag was not logged again at that step."""
+    for path in sorted(tb_dir.glob("events.out.tfevents.*")):
+        if path.resolve() == keep.resolve():
+            continue
+        records = list(RawEventFileLoader(str(path)).Load())  # as written: a parsed loader migrates summaries
+        kept = [
+            raw for raw in records if (event := Event.FromString(raw)).HasField("file_version") or event.step < step
+        ]
+        if len(kept) == len(records):
+            continue
+        partial = path.with_name(f".{path.name}.partial")
+        with partial.open("wb") as sink:
+            writer = RecordWriter(sink)
+            for raw in kept:
+                writer.write(raw)
+        os.replace(partial, path)
 
 
 def text_writers(loggers) -> list[tuple]:

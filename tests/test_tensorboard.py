@@ -57,6 +57,17 @@ def test_a_stage_trained_again_replaces_its_curves_and_the_later_stages(tmp_path
     assert [e.step for e in events.Scalars("lr-AdamW/projector")] == list(range(11))
 
 
+def test_an_earlier_attempts_events_are_removed_not_only_hidden(tmp_path):
+    """TensorBoard's default reader (its Rust data server) ignores the purge marks: after sft_medium was trained
+    again with 5 steps, it showed the old attempt's evaluation at step 8 between the new ones. Each file read
+    alone, as that reader reads them, holds this attempt's points only."""
+    run_dir = tmp_path / "run"
+    _run(run_dir)
+    _run(run_dir, "--stages.sft_medium.trainer.max_steps=5")
+    assert [e.step for e in RunEvents(run_dir / "tb").Scalars("eval/recall")] == [2, 5, 10, 13]
+    assert [e.step for e in RunEvents(run_dir / "tb").Scalars("train/loss")] == list(range(14))
+
+
 def test_a_resumed_stage_writes_each_step_once(tmp_path, monkeypatch):
     """Killed after align's 7th step (its checkpoint after the 4th), the rerun trains steps 4 to 6 again, whose
     losses the killed run had logged: TensorBoard shows each step once, as losses.json has it."""
