@@ -48,7 +48,8 @@ class Alert:
     stage: str
     step: int
     """Index (from 0) of the stage's optimizer step that raised it: the step judged, or for a boundary check
-    the k-th step after the boundary. TensorBoard and report.md put it on the run's step axis."""
+    the k-th step after the boundary. TensorBoard puts it on the run's step axis; alerts.jsonl and report.md's
+    Alerts table keep the stage's own step, beside the stage's name."""
     epoch: int
     kind: str
     """loss_spike, grad_spike, non_finite, divergence, level_shift (instability.py); epoch_boundary,

@@ -137,11 +137,11 @@ def plot_eval_history(run_dir: Path, stages: list[str], out: Path) -> dict[str, 
     (periodic and end of stage), on the global step axis; returns the plotted {metric: {stage: (steps, values)}}."""
     fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.2))
     records = [read_json(run_dir / name / "metrics.json") or {} for name in stages]
-    annotated = all("chair_i" in h for r in records for h in r.get("history", []))
+    histories = [_history(record) for record in records]
+    annotated = all("chair_i" in h for history in histories for h in history)
     keys = ("chair_i", "recall") if annotated else ("bleu4", "cider_d")
     offset = 0
-    for name, metrics in zip(stages, records, strict=True):
-        history = metrics.get("history", [])
+    for name, metrics, history in zip(stages, records, histories, strict=True):
         steps = [offset + h["global_step"] - 1 for h in history]  # the step each evaluation follows
         for ax, key in zip(axes, keys, strict=True):
             ax.plot(steps, [h[key] for h in history], marker="o", markersize=3, label=name)
@@ -153,6 +153,16 @@ def plot_eval_history(run_dir: Path, stages: list[str], out: Path) -> dict[str, 
     lines = {key: plotted(ax) for ax, key in zip(axes, keys, strict=True)}
     save_figure(fig, out)
     return lines
+
+
+def _history(record: dict) -> list[dict]:
+    """A stage's evaluations by step, its final scores included: a stage scored again has an empty history (its
+    evaluations during training are not redone), and the plot showed no point at all."""
+    history = list(record.get("history", []))
+    step = record.get("global_step")
+    if step is not None and (not history or history[-1]["global_step"] != step):
+        history.append({key: value for key, value in record.items() if key != "history"})
+    return history
 
 
 def _fmt(value) -> str:

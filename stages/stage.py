@@ -464,6 +464,8 @@ def run_stage(
         torch.distributed.barrier()
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_point(stage_dir, name))
     if watch.monitor is not None and watch.monitor.stopped:
+        if trainer.is_global_zero:  # the report's loss curve and table of the stopped stage
+            watch.boundary.write_losses(stage_dir / "losses.json")
         raise StageStopped(
             f"stage {name} stopped by a stability alert at step {trainer.global_step}; see {stage_dir / 'alerts.jsonl'}"
             f" and {stage_dir / 'checkpoints' / 'stopped.ckpt'}"

@@ -238,3 +238,28 @@ def test_vqa_answers_get_the_tokens_their_references_take_and_cut_captions_are_s
     with caplog.at_level("WARNING"):
         generate_captions(vlm, samples, fmt, processor, 8, max_new_tokens=1)
     assert "2 of 2 captions reached max_new_tokens=1 before an end token" in caplog.text
+
+
+def test_a_stage_scored_again_keeps_its_point_in_the_evaluation_plot(micro_run, tmp_path):
+    """A rescore empties a stage's history (its evaluations during training are not redone): eval_history.png
+    showed no point for it, though metrics.json held its new scores."""
+    from stages.report import plot_eval_history
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "base", "export", "*.ckpt"))
+    metrics = json.loads((run / "align" / "metrics.json").read_text())
+    (run / "align" / "metrics.json").write_text(json.dumps({**metrics, "history": []}))
+    lines = plot_eval_history(run, ["align", "sft_short"], tmp_path / "plot.png")
+    assert lines["chair_i"]["align"] == ([metrics["global_step"] - 1], [metrics["chair_i"]])
+    assert len(lines["chair_i"]["sft_short"][0]) > 1  # its history, the final scores at its end once
+
+
+def test_a_stage_stopped_by_an_alert_has_its_loss_curve_in_the_report(tmp_path):
+    """The stop was raised before losses.json was written: report.md's loss table and plot had no line for it."""
+    from tests.conftest import MICRO_ARGS
+
+    run = tmp_path / "run"
+    stop = ["--stability.faults={2: nan}", "--stability.instability.action=stop"]
+    assert main(["curriculum", f"--run_dir={run}", *MICRO_ARGS, *stop]) == 3
+    losses = json.loads((run / "align" / "losses.json").read_text())["losses"]
+    assert len(losses) == 3 and f"| align | {losses[0]:.4f} |" in (run / "report.md").read_text()
