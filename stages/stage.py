@@ -144,8 +144,11 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def prepare_stage_folder(stage_dir: Path, stage_print: str, resolved: dict, rank_zero: bool) -> None:
-    """Empties a stage folder whose config or inputs changed, and writes the stage's config.yaml.
+def prepare_stage_folder(
+    stage_dir: Path, stage_print: str, resolved: dict, rank_zero: bool, older_print: str | None = None
+) -> None:
+    """Empties a stage folder whose config or inputs changed, and writes the stage's config.yaml. `older_print`:
+    the stage's fingerprint under an older version's rules, which an interrupted stage of that version has.
 
     Every rank runs each stage, but only rank 0 touches its folder: when two ranks both rewrote
     config.yaml, one could read it half-written (empty) and fail, and both deleted the same folder.
@@ -155,7 +158,8 @@ def prepare_stage_folder(stage_dir: Path, stage_print: str, resolved: dict, rank
         return
     config_path = stage_dir / "config.yaml"
     before = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else None
-    if before is not None and before.get("fingerprint") not in (stage_print, stage_fingerprint(resolved, False)):
+    accepted = {stage_print, older_print} - {None}  # an empty config.yaml has none: the folder is stale
+    if before is not None and before.get("fingerprint") not in accepted:
         changed = changed_keys({k: v for k, v in before.items() if k != "fingerprint"}, resolved)
         changed = changed or ["the fingerprint's rules, of an older vlm-curriculum"]
         log.warning(
@@ -457,7 +461,7 @@ def run_stage(
     datamodule, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_print)
     trainer, watch = stage_trainer(cfg, name, inputs, evaluation, step_offset, previous_tail or [])
     # Only now, with the stage built: a stage that fails to build leaves the previous run's folder as it was.
-    prepare_stage_folder(stage_dir, stage_print, resolved, rank_zero_only.rank == 0)
+    prepare_stage_folder(stage_dir, stage_print, resolved, rank_zero_only.rank == 0, stage_fingerprint(resolved, False))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # The ranks already started by an earlier stage wait until rank 0 has emptied a stale stage folder: one that
         # looked before saw the old last.ckpt, resumed from it, and failed once rank 0 had deleted it.

@@ -48,3 +48,17 @@ def test_a_run_finished_under_the_older_fingerprint_rules_is_still_finished(tmp_
     capsys.readouterr()
     assert main(run) == 0
     assert capsys.readouterr().out.count("skipped: done before") == 4
+
+
+def test_a_stage_interrupted_under_the_older_rules_resumes_from_its_checkpoint(tmp_path, monkeypatch, caplog):
+    import stages.stage
+    from stages.run import main
+    from tests.stages.test_rerun import _run_killed_at_align_step
+
+    current = stages.stage.stage_fingerprint
+    with monkeypatch.context() as older:
+        older.setattr(stages.stage, "stage_fingerprint", lambda resolved, prune=True: current(resolved, prune=False))
+        _run_killed_at_align_step(tmp_path / "run", 3, monkeypatch)  # its checkpoint: step 2
+    with caplog.at_level("INFO"):
+        assert main(["curriculum", f"--run_dir={tmp_path / 'run'}", *MICRO_ARGS]) == 0
+    assert "stage align: resuming from" in caplog.text and "starting it afresh" not in caplog.text
