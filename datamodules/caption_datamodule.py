@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset
 
 from datamodules.captions import PromptFormat, collate_captions, pad_batches, select_caption, tag_step_tokens
 from datamodules.images import SHARD_FORMATS, EncodedImage, open_rgb
-from datamodules.shards import ShardError, budget_counts, read_index, shard_fits, shard_urls
+from datamodules.shards import ShardError, budget_counts, epoch_batches, read_index, shard_fits, shard_urls
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +211,7 @@ class CaptionDataModule(L.LightningDataModule):
             # nothing to train on and stopped while the others waited for it (a data set grouped by source,
             # its long detailed captions in shards of their own, under a short budget).
             urls = [url for url, count in zip(urls, fits, strict=True) if count]
-            batches = kept // (self.batch_size * world)
-            # Whole optimizer steps only. Lightning steps on an epoch's short last window, DeepSpeed's engine
-            # does not (it counts micro-batches across epochs): the two paths would update differently.
-            batches -= batches % accumulate
+            batches = epoch_batches(kept, self.batch_size, world, accumulate)
             if batches == 0:
                 raise ShardError(
                     f"{self.shard_dir}: only {kept} training images fit max_words={self.max_words}, fewer than one "
@@ -268,10 +265,15 @@ class CaptionDataModule(L.LightningDataModule):
         return loader
 
     @staticmethod
+    def _limited(trainer, batches: int) -> int:
+        """An epoch's batches after Lightning's `limit_train_batches` (a count, or a share)."""
+        limit = trainer.limit_train_batches
+        return min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
+
+    @staticmethod
     def _steps_per_epoch(trainer, batches: int) -> int:
         """Optimizer steps in an epoch of `batches` (before `limit_train_batches`), as Lightning counts them."""
-        limit = trainer.limit_train_batches
-        batches = min(batches, limit) if isinstance(limit, int) else max(1, int(batches * limit))
+        batches = CaptionDataModule._limited(trainer, batches)
         return -(-batches // trainer.accumulate_grad_batches)  # Lightning steps on a short last window
 
     def optimizer_steps(self, trainer) -> int:
@@ -280,8 +282,7 @@ class CaptionDataModule(L.LightningDataModule):
         train loader to count them, before a checkpoint was restored, and kept that loader for the resumed
         epoch: it started from the epoch's first batch and trained again on those done before the kill."""
         kept, _ = budget_counts(self.index, "train", self.max_words)
-        batches = kept // (self.batch_size * trainer.world_size)
-        batches -= batches % trainer.accumulate_grad_batches  # as `_loader` keeps whole optimizer steps
+        batches = epoch_batches(kept, self.batch_size, trainer.world_size, trainer.accumulate_grad_batches)
         steps = self._steps_per_epoch(trainer, batches) * max(trainer.max_epochs, 1)
         return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
 
@@ -289,7 +290,7 @@ class CaptionDataModule(L.LightningDataModule):
         """Refuses a `limit_train_batches` that cuts an epoch inside an optimizer step: the short step's loss was
         logged into the next epoch's first, and its token weights counted a batch it never trained on."""
         limit, accumulate = self.trainer.limit_train_batches, self.trainer.accumulate_grad_batches
-        limited = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        limited = self._limited(self.trainer, batches)
         if limited < batches and limited % accumulate:
             raise ValueError(
                 f"CaptionDataModule: limit_train_batches {limit} leaves {limited} of an epoch's {batches} batches, "

@@ -113,6 +113,14 @@ def budget_counts(index: dict, split: str, max_words: int) -> tuple[int, int]:
     return fits, sum(len(shard["caption_words"]) for shard in index["splits"][split]) - fits
 
 
+def epoch_batches(kept: int, batch_size: int, ranks: int, accumulate: int) -> int:
+    """Training batches of an epoch on each rank, as the loader deals them: whole optimizer steps only.
+    Lightning steps on an epoch's short last window, DeepSpeed's engine does not (it counts micro-batches across
+    epochs): the two paths would update differently."""
+    batches = kept // (batch_size * ranks)
+    return batches - batches % accumulate
+
+
 def shard_fits(index: dict, split: str, max_words: int) -> list[int]:
     """How many samples of each shard of `split` have a caption of at most `max_words` words."""
     counts = []

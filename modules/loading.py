@@ -314,6 +314,20 @@ def check_vision_layer(vision_path: str | Path, layer: int) -> None:
         raise ModelFolderError(f"--{error} (the tower in {vision_path})") from error
 
 
+def random_init_parts(config: ModelConfig) -> dict[str, dict]:
+    """{part: architecture} of the parts ("vision", "lm") that `random_init` builds from their architecture:
+    those without a model folder. Fails naming the architecture a part lacks."""
+    parts = (("vision", config.vision_path, config.vision_arch), ("lm", config.lm_path, config.lm_arch))
+    wanted = {part: (arch, path) for part, path, arch in parts if not (path and is_model_folder(path))}
+    for part, (arch, path) in wanted.items():
+        if not arch or "model_type" not in arch:
+            raise ModelFolderError(
+                f"--model.{part}_arch: random_init without a model folder in --model.{part}_path ({path}) needs a "
+                "config dict with a model_type"
+            )
+    return {part: arch for part, (arch, _) in wanted.items()}
+
+
 def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> tuple[Path | None, Path | None]:
     """Folders holding only configs (the tower's with an image processor, the LM's with the synthetic
     world's tokenizer) from `vision_arch` / `lm_arch`: what `random_init` builds models from. A part whose
@@ -321,14 +335,7 @@ def write_config_folders(config: ModelConfig, out: Path, corpus: list[str]) -> t
     from modules.base_models import processor_class
     from modules.tokenizer import train_world_tokenizer
 
-    parts = (("vision", config.vision_path, config.vision_arch), ("lm", config.lm_path, config.lm_arch))
-    wanted = {part: arch for part, path, arch in parts if not (path and is_model_folder(path))}
-    for part, arch in wanted.items():
-        if not arch or "model_type" not in arch:
-            raise ModelFolderError(
-                f"--model.{part}_arch: random_init without a model folder in --model.{part}_path needs a config "
-                "dict with a model_type"
-            )
+    wanted = random_init_parts(config)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(dir=out) as scratch:

@@ -390,6 +390,12 @@ def check_stage_name(name: str) -> None:
         raise ValueError(f"stages: stage name {name!r} is taken by the run folder; none of {RESERVED_STAGE_NAMES}")
 
 
+def check_seed(seed: int, flag: str) -> None:
+    """numpy's range: a seed of -1 failed after the base models, in the world's drawing, blamed on data.recipe."""
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"{flag} must be within 0 and 2**32 - 1, got {seed}")
+
+
 def upstream_stage(names: list[str], index: int, init_from: str) -> str:
     """The stage that stage number `index` of `names` starts from ("previous": the one before it), or "base"."""
     return names[index - 1] if init_from == "previous" else init_from
@@ -443,8 +449,7 @@ class CurriculumConfig:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("stages: a curriculum needs at least one stage")
-        if not 0 <= self.seed < 2**32:  # numpy's range: -1 failed after the base models, blamed on data.recipe
-            raise ValueError(f"seed must be within 0 and 2**32 - 1, got {self.seed}")
+        check_seed(self.seed, "seed")
         self.trainer.check("trainer")
         names = list(self.stages)
         folded = [name.lower() for name in names]

@@ -20,19 +20,20 @@ from datamodules.shards import (
     ShardError,
     budget_counts,
     check_shards_serve,
+    epoch_batches,
     index_digest,
     read_index,
 )
 from datamodules.world import vocabulary_corpus
 from modules.base_models import pretrain_lm, pretrain_vision
 from modules.loading import (
-    ModelFolderError,
     check_lora_targets,
     check_prompt,
     check_token_rows,
     check_vision_layer,
     is_model_folder,
     load_tokenizer,
+    random_init_parts,
     write_config_folders,
 )
 from stages.config import RESERVED_STAGE_NAMES, CurriculumConfig, TrainerConfig, device_count, upstream_stage
@@ -185,18 +186,11 @@ def check_model_folders(cfg: CurriculumConfig) -> None:
     """Fails naming every configured model folder that is not one; under `random_init` with architectures, a
     part without a folder needs its architecture (`vision_arch` / `lm_arch`)."""
     model = cfg.model
-    archs = model.random_init and (model.vision_arch or model.lm_arch)
-    missing = []
-    for part, path, arch in (("vision", model.vision_path, model.vision_arch), ("lm", model.lm_path, model.lm_arch)):
-        if path is not None and is_model_folder(path):
-            continue
-        if archs and (not arch or "model_type" not in arch):  # found after the data, as a traceback
-            raise ModelFolderError(
-                f"--model.{part}_arch: random_init without a model folder in --model.{part}_path ({path}) needs a "
-                "config dict with a model_type"
-            )
-        if path is not None and not archs:
-            missing.append(f"--model.{part}_path {path}")
+    if model.random_init and (model.vision_arch or model.lm_arch):
+        random_init_parts(model)  # a part without a folder or an architecture: found after the data, before
+        return
+    flags = (("--model.vision_path", model.vision_path), ("--model.lm_path", model.lm_path))
+    missing = [f"{flag} {path}" for flag, path in flags if path is not None and not is_model_folder(path)]
     if missing:
         raise FileNotFoundError(
             f"not model folders (no config.json): {'; '.join(missing)}. Give local folders saved with "
@@ -434,8 +428,8 @@ def check_epochs(cfg: CurriculumConfig, index: dict) -> None:
     for name, spec in cfg.stages.items():
         trainer = cfg.trainer_of(name)
         accumulate = trainer.accumulate_grad_batches or 1
-        batches = budget_counts(index, "train", spec.max_words)[0] // (cfg.data.batch_size * ranks(trainer))
-        batches -= batches % accumulate
+        kept = budget_counts(index, "train", spec.max_words)[0]
+        batches = epoch_batches(kept, cfg.data.batch_size, ranks(trainer), accumulate)
         limit = trainer.limit_val_batches
         if isinstance(limit, float) and 0 < limit < 1 and ranks(trainer) == 1:  # Lightning refused it at the start
             raise ShardError(

@@ -475,7 +475,8 @@ def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int, emp
     for row in kept:
         for name, text in caption_variants(row).items():
             by_variant[name].append(text)
-    variants = {f"variant {name}": corpus_stats(texts, equal) for name, texts in by_variant.items()}
+    several = len(by_variant) > 1  # one variant is the recaptioned row
+    variants = {f"variant {name}": corpus_stats(texts, equal) for name, texts in by_variant.items() if several}
     return {
         "recipe": asdict(recipe),
         "samples": {
@@ -491,7 +492,7 @@ def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int, emp
         "text": {
             "raw": corpus_stats(raw, equal),
             "recaptioned": corpus_stats(new, equal),
-            **(variants if len(variants) > 1 else {}),
+            **variants,
         },
         "examples": examples,
     }

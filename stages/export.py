@@ -30,7 +30,7 @@ from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumFo
 from stages.config import cast_as_trained, trained_dtype
 from stages.metrics import DEFAULT_BUCKETS, check_buckets
 from stages.paths import file_lock, follow_umask, input_path
-from stages.report import STAGES_FILE, read_json, stage_configs, stage_problems
+from stages.report import STAGES_FILE, listed_stages, read_json, stage_configs, stage_problems
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,7 @@ def find_stage(run_or_stage: str | Path, stage: str | None = None, flag: str = "
     if stage is None and not chosen:
         stage_dir = path
     else:
-        # The curriculum's stages (stages.json), else those of a run finished before it was written.
-        named = read_json(path / STAGES_FILE, {}).get("stages") or list(read_json(path / "summary.json", {}))
+        named = listed_stages(path)
         if stage is None and not named:
             kind = "a model folder without vlm_export.json, " if (path / "config.json").is_file() else ""
             raise FileNotFoundError(

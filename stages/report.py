@@ -37,10 +37,15 @@ LOSS_PLOT, EVAL_PLOT = "loss_curves.png", "eval_history.png"
 REPORT_PLOTS = (LOSS_PLOT, EVAL_PLOT)
 
 
+def listed_stages(run_dir: Path) -> list[str]:
+    """The curriculum's stages, in order (stages.json); a run finished before it was written lists them in
+    summary.json. None listed: []."""
+    return read_json(run_dir / STAGES_FILE, {}).get("stages") or list(read_json(run_dir / "summary.json", {}))
+
+
 def _stages(run_dir: Path) -> list[str]:
     """The run's stages that have started (have a config.yaml), in curriculum order."""
-    # A run finished before stages.json was written lists its stages in summary.json.
-    listed = read_json(run_dir / STAGES_FILE, {}).get("stages") or list(read_json(run_dir / "summary.json", {}))
+    listed = listed_stages(run_dir)
     if not listed:
         raise FileNotFoundError(f"--run_dir: {run_dir} has no {STAGES_FILE}; is it a curriculum run folder?")
     started = [name for name in listed if (run_dir / name / "config.yaml").is_file()]

@@ -50,7 +50,7 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0] or ".").resolve() ==
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from stages.config import CurriculumConfig
+from stages.config import CurriculumConfig, check_seed
 from stages.metrics import DEFAULT_BUCKETS
 
 # `--help` shows each config field's docstring (the text under it in stages/config.py and the dataclasses).
@@ -227,10 +227,9 @@ def run_data_command(parser: ArgumentParser, args) -> int:
 
     try:
         values = parser.instantiate(args).data
+        check_seed(values.seed, "--seed")
     except (ValueError, TypeError) as error:  # a value's own check (world, input format): named, no traceback
         parser.error(str(error))
-    if not 0 <= values.seed < 2**32:
-        parser.error(f"--seed must be within 0 and 2**32 - 1, got {values.seed}")
     fields = {k: v for k, v in vars(values).items() if k in RecipeConfig.__dataclass_fields__}
     try:
         recipe = RecipeConfig(**fields)
