@@ -129,6 +129,8 @@ class AlertSinks(Callback):
         self._posts: queue.Queue[bytes | None] = queue.Queue(maxsize=webhook_queue)
         self._poster: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._step_lines: tuple[int, list[str]] = (-1, [])
+        """The step of the last alert and the lines of every alert at that step (see `emit`)."""
 
     def _lines(self) -> list[str]:
         path = self.jsonl_path
@@ -163,8 +165,13 @@ class AlertSinks(Callback):
         for logger in loggers:
             logger.log_metrics({f"alerts/{alert.kind}": float(self.counts[alert.kind])}, step=alert.step)
         # The text goes to the writer itself: on the curriculum's logger, at the run-wide step as the scalar.
+        # TensorBoard's reader keeps one text per tag and step, the last written: a second alert at a step
+        # (a loss spike and a gradient spike, or two ranks' spikes) rewrites the step's text with both.
+        step, lines = self._step_lines
+        lines = [*lines, alert.line()] if step == alert.step else [alert.line()]
+        self._step_lines = (alert.step, lines)
         for _, writer, run_step in text_writers(loggers):
-            writer.add_text(f"alerts/{self.stage}", alert.line(), global_step=run_step(alert.step))
+            writer.add_text(f"alerts/{self.stage}", "\n\n".join(lines), global_step=run_step(alert.step))
         if self.webhook_url:
             self._enqueue(alert)
 

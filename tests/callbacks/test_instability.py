@@ -421,6 +421,24 @@ def test_alert_records_are_standard_json_and_text_lands_at_the_run_wide_step(tmp
     assert [e.step for e in events.Tensors("alerts/sft/text_summary")] == [1005]
 
 
+def test_two_alerts_at_one_step_both_show_in_the_text_tensorboard_keeps(tmp_path):
+    # TensorBoard's reader keeps the last text written at a tag and step: the second alert hid the first.
+    from stages.tb_logger import CurriculumTensorBoardLogger
+    from tests.tensorboard import RunEvents
+
+    logger = CurriculumTensorBoardLogger(str(tmp_path))
+    sinks = AlertSinks("sft", tmp_path / "alerts.jsonl")
+    for kind, step in (("loss_spike", 5), ("grad_spike", 5), ("loss_spike", 6)):
+        sinks.emit(Alert("sft", step, 0, kind, 9.0, 3.0, "warn"), [logger])
+    logger.experiment.flush()
+    last_at = {
+        e.step: e.tensor_proto.string_val[0].decode()
+        for e in RunEvents(tmp_path / "tb").Tensors("alerts/sft/text_summary")
+    }
+    assert last_at[5].count("[") == 2 and "[loss_spike]" in last_at[5] and "[grad_spike]" in last_at[5]
+    assert last_at[6].startswith("[loss_spike] stage sft step 6") and last_at[6].count("[") == 1
+
+
 class _Hook(BaseHTTPRequestHandler):
     """Records each post, then holds its response until `release` is set (a slow endpoint)."""
 
