@@ -40,6 +40,8 @@ def write_shards(samples: Iterable[dict], out_dir: Path, split: str, shard_size:
             sink.write(sample)
             entries[-1]["count"] += 1
             entries[-1]["caption_words"].append(json.loads(sample["json"])["caption_words"])
+    if not entries:  # the writer opens its first file before any sample: an empty split left a tar no index lists
+        Path(pattern % 0).unlink(missing_ok=True)
     return entries
 
 

@@ -14,7 +14,7 @@ from datamodules.data_inputs import SkipLog, read_dj_jsonl, read_llava_json
 from datamodules.shards import write_shards
 
 
-def test_a_shard_is_cut_by_its_samples_only_never_by_its_bytes(tmp_path, monkeypatch):
+def test_the_index_lists_every_shard_file_cut_by_samples_only_and_none_for_an_empty_split(tmp_path, monkeypatch):
     """WebDataset's writer also starts a new file at 3 GB: the index listed one shard, the samples past 3 GB went to
     a file it did not list, and the trainer never read them (5000 images of 600 KB cross it). Here the writer's byte
     limit is scaled down 1.5 million times, to 2 KB, where a limit given as infinite stays infinite."""
@@ -34,6 +34,7 @@ def test_a_shard_is_cut_by_its_samples_only_never_by_its_bytes(tmp_path, monkeyp
         with tarfile.open(tmp_path / entry["url"]) as tar:
             assert len({member.name.split(".")[0] for member in tar.getmembers()}) == entry["count"]
     assert sum(e["count"] for e in entries) == 8
+    assert write_shards(iter([]), tmp_path, "val", shard_size=5) == [] and not list(tmp_path.glob("val-*"))
 
 
 def test_a_data_juicer_conversation_gives_its_reply_as_the_caption(tmp_path):
