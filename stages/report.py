@@ -179,19 +179,36 @@ def _fmt(value) -> str:
 def write_report(run_dir: Path) -> Path:
     """Writes report.md, loss_curves.png and eval_history.png into `run_dir`; returns the report's path."""
     stages = _stages(run_dir)
-    lines = [f"# Training report: {run_dir.name}", ""]
-
     configs = stage_configs(run_dir)
-    shard_dir = input_path(configs[stages[0]]["inputs"]["shard_dir"], run_dir)
-    lines += ["## Data", "", f"Shards: `{shard_dir}`."]
+    lines = [f"# Training report: {run_dir.name}", ""]
+    lines += _data_section(run_dir, configs[stages[0]])
+    lines += _stages_section(run_dir, configs)
+    plot_losses(run_dir, stages, run_dir / LOSS_PLOT)
+    lines += _loss_section(run_dir, stages)
+    lines += _alerts_section(run_dir, stages)
+    plot_eval_history(run_dir, stages, run_dir / EVAL_PLOT)
+    lines += _evaluation_section(run_dir, stages)
+    lines += _checkpoints_section(run_dir, stages)
+    lines += _resources_section(run_dir, stages)
+    path = run_dir / "report.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _data_section(run_dir: Path, first: dict) -> list[str]:
+    """The shards the run trained on, and their data report where `stages.run data` wrote one."""
+    shard_dir = input_path(first["inputs"]["shard_dir"], run_dir)
+    lines = ["## Data", "", f"Shards: `{shard_dir}`."]
     data = read_json(shard_dir / "report.json")
     if data is None:
-        lines += ["No data report beside the shards (they were not built by `stages.run data`).", ""]
-    else:
-        lines += [line.replace("# Data report", "").strip("\n") for line in report_markdown(data).splitlines()[1:]]
-        lines.append("")
+        return [*lines, "No data report beside the shards (they were not built by `stages.run data`).", ""]
+    lines += [line.replace("# Data report", "").strip("\n") for line in report_markdown(data).splitlines()[1:]]
+    return [*lines, ""]
 
-    lines += ["## Stages", "", "| stage | trainable | max words | steps | lr | init from | fingerprint |"]
+
+def _stages_section(run_dir: Path, configs: dict[str, dict]) -> list[str]:
+    """Each stage's spec, the stages whose results are out of date, the export, and the settings they share."""
+    lines = ["## Stages", "", "| stage | trainable | max words | steps | lr | init from | fingerprint |"]
     lines += ["|---|---|---|---|---|---|---|"]
     for name, config in configs.items():
         spec = config["spec"]
@@ -214,22 +231,26 @@ def write_report(run_dir: Path) -> Path:
 
         stale = stale_export(record)
         lines += ["", f"**`export_hf` is out of date**: {stale}." if stale else f"`export_hf` holds {record['stage']}."]
-    first = configs[stages[0]]
+    first = next(iter(configs.values()))
     shared = {key: first[key] for key in ("seed", "model", "data", "eval", "stability")}
     if shared["stability"]["instability"] is None:  # the fingerprint's placeholder for the `warn` action
         shared["stability"] = {**shared["stability"], "instability": "action warn: alerts only, the weights unchanged"}
     lines += ["", "Resolved settings shared by the stages (each stage's full config is its config.yaml):", ""]
-    lines += ["```yaml", yaml.safe_dump(shared, sort_keys=False).rstrip(), "```", ""]
+    return [*lines, "```yaml", yaml.safe_dump(shared, sort_keys=False).rstrip(), "```", ""]
 
-    plot_losses(run_dir, stages, run_dir / LOSS_PLOT)
-    lines += ["## Training loss", "", f"![loss curves]({LOSS_PLOT})", ""]
+
+def _loss_section(run_dir: Path, stages: list[str]) -> list[str]:
+    lines = ["## Training loss", "", f"![loss curves]({LOSS_PLOT})", ""]
     lines += ["| stage | first loss | last loss | min |", "|---|---|---|---|"]
     for name in stages:
         losses = [v for v in (read_json(run_dir / name / "losses.json") or {}).get("losses", []) if v is not None]
         if losses:
             lines.append(f"| {name} | {losses[0]:.4f} | {losses[-1]:.4f} | {min(losses):.4f} |")
+    return lines
 
-    lines += ["", "## Alerts", ""]
+
+def _alerts_section(run_dir: Path, stages: list[str]) -> list[str]:
+    lines = ["", "## Alerts", ""]
     alerts = [
         json.loads(line)
         for name in stages
@@ -237,18 +258,19 @@ def write_report(run_dir: Path) -> Path:
         for line in (run_dir / name / "alerts.jsonl").read_text().splitlines()
     ]
     if not alerts:
-        lines += ["None: no loss, gradient or boundary alert fired.", ""]
-    else:
-        lines += ["| stage | step | kind | value | threshold | action | causes |", "|---|---|---|---|---|---|---|"]
-        lines += [
-            f"| {a['stage']} | {a['step']} | {a['kind']} | {float(a['value']):.4g} | {float(a['threshold']):.4g} | "
-            f"{a['action']} | {', '.join(a.get('causes', []))} |"
-            for a in alerts
-        ]
-        lines.append("")
+        return [*lines, "None: no loss, gradient or boundary alert fired.", ""]
+    lines += ["| stage | step | kind | value | threshold | action | causes |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        f"| {a['stage']} | {a['step']} | {a['kind']} | {float(a['value']):.4g} | {float(a['threshold']):.4g} | "
+        f"{a['action']} | {', '.join(a.get('causes', []))} |"
+        for a in alerts
+    ]
+    return [*lines, ""]
 
-    plot_eval_history(run_dir, stages, run_dir / EVAL_PLOT)
-    lines += ["## Evaluation", ""]
+
+def _evaluation_section(run_dir: Path, stages: list[str]) -> list[str]:
+    """Every stage's scores, then its hallucination by generated caption length."""
+    lines = ["## Evaluation", ""]
     metrics = {name: read_json(run_dir / name / "metrics.json", {}) for name in stages}
     evaluated = [metrics[name] for name in stages if metrics[name]] or [{}]  # a run stopped early: its last one
     generation = evaluated[-1].get("generation", {})
@@ -264,19 +286,24 @@ def write_report(run_dir: Path) -> Path:
         for bucket, m in metrics[name].get("by_length", {}).items():
             scores = " | ".join(_fmt(m.get(key)) for key in ("chair_i", "chair_s", "recall", "mean_words"))
             lines.append(f"| {name} | {bucket} | {int(m['images'])} | {scores} |")
-    lines += ["", f"![evaluation history]({EVAL_PLOT})", ""]
+    return [*lines, "", f"![evaluation history]({EVAL_PLOT})", ""]
 
-    lines += ["## Checkpoints", "", "| stage | file | MiB |", "|---|---|---|"]
+
+def _checkpoints_section(run_dir: Path, stages: list[str]) -> list[str]:
+    lines = ["## Checkpoints", "", "| stage | file | MiB |", "|---|---|---|"]
     for name in stages:
         for path in sorted((run_dir / name / "checkpoints").glob("*.ckpt")):
-            size = (
-                sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+            files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]  # DeepSpeed's: a folder
+            lines.append(
+                f"| {name} | {path.relative_to(run_dir)} | {sum(f.stat().st_size for f in files) / 2**20:.2f} |"
             )
-            lines.append(f"| {name} | {path.relative_to(run_dir)} | {size / 2**20:.2f} |")
         if (run_dir / name / "export").is_dir():
             lines.append(f"| {name} | {name}/export/ (projector + adapter for the next stage) | |")
+    return lines
 
-    lines += ["", "## Resources", ""]
+
+def _resources_section(run_dir: Path, stages: list[str]) -> list[str]:
+    lines = ["", "## Resources", ""]
     lines += ["| stage | wall s | train s | tokens/s | samples/s | peak RSS GiB | peak GPU GiB |", "|---" * 7 + "|"]
     for name in stages:
         done = read_json(run_dir / name / "done.json", {})
@@ -285,6 +312,4 @@ def write_report(run_dir: Path) -> Path:
             f"| {name} | {_fmt(done.get('wall_s'))} | {_fmt(r.get('train_s'))} | {_fmt(r.get('tokens_per_s'))} | "
             f"{_fmt(r.get('samples_per_s'))} | {_fmt(r.get('peak_rss_gib'))} | {_fmt(r.get('peak_gpu_gib'))} |"
         )
-    path = run_dir / "report.md"
-    write_text_atomic(path, "\n".join(lines) + "\n")
-    return path
+    return lines
