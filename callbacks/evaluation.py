@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import textwrap
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing_extensions import override
 from datamodules.captions import PromptFormat
 from datamodules.images import as_image
 from datamodules.text_stats import word_count
-from stages.metrics import DEFAULT_BUCKETS, DENOMINATORS, caption_metrics, vqa_exact
+from stages.metrics import DEFAULT_BUCKETS, DENOMINATORS, caption_metrics, vqa_accuracy, vqa_exact
 from stages.paths import write_text_atomic
 from stages.tb_logger import text_writers
 
@@ -115,13 +116,14 @@ def answer_questions(
     world_size: int = 1,
     **generate_kwargs,
 ):
-    """(key, question type, answer, generated answer) for every question the samples' metadata holds, or for
-    this rank's share of them (each rank holds every sample; gather the shares).
+    """(key, question type, answer, generated answer, human answers) for every question the samples' metadata
+    holds, or for this rank's share of them (each rank holds every sample; gather the shares). The synthetic
+    world's questions have one answer; a real data set's may have several (`answer` the most given one).
 
     Each question replaces the captioning prompt after the image tokens; prompts of equal token length
     are batched together, so no padding is needed. `max_new_tokens` unset: as many as the longest reference
     answer takes with its end token, and one more, so that an answer cut there is longer than every reference
-    and no match ("a red circle" cut to "a red" matched "red"); a fixed 3 cut "yellow" short with a subword
+    and matches none ("a red circle" cut to "a red" matched "red"); a fixed 3 cut "yellow" short with a subword
     tokenizer, 7 tokens.
     """
     device = next(vlm.parameters()).device
@@ -133,7 +135,8 @@ def answer_questions(
             asked = fmt.asking(q["question"])
             prompt = asked.prefix()
             groups.setdefault(len(prompt), []).append((key, q, image, prompt))
-            longest = max(longest, len(asked.encode(q["answer"])[0]) - len(prompt))
+            for answer in q.get("answers", [q["answer"]]):
+                longest = max(longest, len(asked.encode(answer)[0]) - len(prompt))
     results = []
     for length in sorted(groups):  # the same groups, in the same order, on every rank
         rows, real = rank_share(groups[length], rank, world_size)
@@ -155,18 +158,25 @@ def answer_questions(
             )
             answers = tokenizer.batch_decode(tokens, skip_special_tokens=True)
             answered += [
-                (key, q["type"], q["answer"], a.strip()) for (key, q, _, _), a in zip(chunk, answers, strict=True)
+                (key, q["type"], q["answer"], a.strip(), q.get("answers", [q["answer"]]))
+                for (key, q, _, _), a in zip(chunk, answers, strict=True)
             ]
         results += answered[:real]
     return results
 
 
-def vqa_scores(answers: list[tuple[str, str, str, str]]) -> dict[str, float]:
-    """Exact-match VQA accuracy overall and per question type, and the number of questions."""
+def vqa_scores(answers: list[tuple[str, str, str, str, list[str]]]) -> dict[str, float]:
+    """Exact-match VQA accuracy overall and per question type, and the number of questions; where some question
+    has several human answers (real VQA data), also the VQAv2 accuracy (`vqa_accuracy`) overall and per type."""
     scores = {"vqa_exact": vqa_exact([a[3] for a in answers], [a[2] for a in answers]), "vqa_questions": len(answers)}
+    several = any(len(a[4]) > 1 for a in answers)
+    if several:
+        scores["vqa_accuracy"] = statistics.fmean(vqa_accuracy(a[3], a[4]) for a in answers)
     for kind in sorted({a[1] for a in answers}):
         rows = [a for a in answers if a[1] == kind]
         scores[f"vqa_exact_{kind}"] = vqa_exact([a[3] for a in rows], [a[2] for a in rows])
+        if several:
+            scores[f"vqa_accuracy_{kind}"] = statistics.fmean(vqa_accuracy(a[3], a[4]) for a in rows)
     return scores
 
 

@@ -120,14 +120,49 @@ def _checked(key: str, image: str | None, base: Path, skips: SkipLog) -> Path | 
 
 
 def _annotations(record: dict, key: str, skips: SkipLog) -> dict | None:
-    """The record's object classes as metadata ({} without any); None (skipped, counted) when malformed."""
-    if "objects" not in record:
-        return {}
-    objects = record["objects"]
-    if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
-        skips.skip("bad_objects", key)
+    """The record's object classes and questions as metadata ({} without any); None (skipped, counted) when
+    either is malformed."""
+    meta = {}
+    if "objects" in record:
+        objects = record["objects"]
+        if not isinstance(objects, list) or not all(isinstance(o, str) for o in objects):
+            skips.skip("bad_objects", key)
+            return None
+        meta["objects"] = objects
+    if "questions" in record:
+        questions = _questions(record["questions"])
+        if questions is None:
+            skips.skip("bad_questions", key)
+            return None
+        meta["questions"] = questions
+    return meta
+
+
+def _questions(questions) -> list[dict] | None:
+    """A record's `questions` ([{"question", "answers": [human answers, ten in VQAv2] or "answer", "type"}]) as
+    the evaluation asks them: `answer` the most given one (exact match), `answers` all of them (VQA accuracy),
+    `type` a name for the per-type scores ("yes/no" becomes "yes_no"; unset: "other"). None when malformed."""
+    if not isinstance(questions, list):
         return None
-    return {"objects": objects}
+    parsed = []
+    for q in questions:
+        if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
+            return None
+        answers = q.get("answers", [q["answer"]] if isinstance(q.get("answer"), str) else None)
+        if not _strings(answers) or not answers or not all(a.strip() for a in answers):
+            return None
+        kind = q.get("type", "other")
+        if not isinstance(kind, str) or not re.sub(r"\W+", "", kind):
+            return None
+        parsed.append(
+            {
+                "question": q["question"].strip(),
+                "answer": Counter(answers).most_common(1)[0][0],
+                "answers": answers,
+                "type": re.sub(r"\W+", "_", kind).strip("_"),
+            }
+        )
+    return parsed
 
 
 def _record_row(record: dict, key: str, caption: str, images, base: Path, skips: SkipLog) -> dict | None:

@@ -323,8 +323,9 @@ class EvalConfig:
     grid_images: int = 8
     """Images in the TensorBoard grid of images with their generated captions (0: no grid)."""
     vqa: bool = False
-    """Also ask the held-out images' questions (yes/no, counting, colour) at each stage's end: exact-match VQA
-    accuracy overall and per type. Off by default: the tiny curriculum trains captioning only."""
+    """Also ask the held-out images' questions (the world's yes/no, counting, colour; a real record's own) at each
+    stage's end: exact-match accuracy overall and per type, and VQAv2's accuracy where a question has several
+    human answers. Off by default: the tiny curriculum trains captioning only."""
     length_buckets: list[int] = field(default_factory=lambda: list(DEFAULT_BUCKETS))
     """Upper edges (words) of the generated-caption length buckets that hallucination is also reported by."""
     synonyms: str | None = None

@@ -22,7 +22,8 @@ model answers from its caption: "yes" when the caption names the object.
 Real data: shards whose samples carry object class names (COCO-style annotations) are scored with
 `chair_synonyms` (CHAIR-i / CHAIR-s and recall, by a synonym table); without annotations only the
 text metrics and caption lengths are computed. `vqa_exact` (the world's questions) is exact match
-after the official VQAv2 answer normalisation (`normalize_answer`).
+after the official VQAv2 answer normalisation (`normalize_answer`); `vqa_accuracy` is the VQAv2 /
+TextVQA accuracy for questions with several human answers (real data).
 
 Text metrics, on lower-cased words with punctuation dropped (`caption_words`): BLEU-1..4 (torchmetrics,
 corpus level: it returns 0 whenever one n-gram order has no match, so the lower orders are reported
@@ -333,6 +334,21 @@ def vqa_exact(predictions: list[str], answers: list[str]) -> float:
     """Exact-match accuracy after normalisation (the synthetic world has one right answer)."""
     hits = [normalize_answer(p) == normalize_answer(a) for p, a in zip(predictions, answers, strict=True)]
     return sum(hits) / len(hits) if hits else 0.0
+
+
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """The VQAv2 / TextVQA accuracy of one answer against the human answers (ten in VQAv2): min(#matches / 3, 1)
+    over the answers less one, averaged over which one is left out ("yes" against two "yes" of ten: 0.6).
+    Both sides normalised (`normalize_answer`); the official script normalises only where the human answers
+    disagree, so an answer that differs from unanimous references in case or articles alone scores 1 here."""
+    if not answers:
+        raise ValueError("vqa_accuracy: no reference answers")
+    guess = normalize_answer(prediction)
+    matches = [normalize_answer(answer) == guess for answer in answers]
+    hits = sum(matches)
+    if len(answers) == 1:  # nothing to leave out: one reference is exact match
+        return float(hits)
+    return sum(min((hits - match) / 3, 1.0) for match in matches) / len(answers)
 
 
 def _lcs(a: list[str], b: list[str]) -> int:

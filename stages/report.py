@@ -276,7 +276,8 @@ def _evaluation_section(run_dir: Path, stages: list[str]) -> list[str]:
     generation = evaluated[-1].get("generation", {})
     images = int(evaluated[-1].get("images", 0))
     lines += [f"Held-out images: {images}; generation: `{json.dumps(generation)}`.", ""]
-    table = TABLE + ([("vqa_exact", "VQA")] if any("vqa_exact" in metrics[name] for name in stages) else [])
+    vqa = [("vqa_exact", "VQA"), ("vqa_accuracy", "VQA acc")]  # exact match; VQAv2's, for several human answers
+    table = TABLE + [(key, label) for key, label in vqa if any(key in metrics[name] for name in stages)]
     lines += ["| stage | " + " | ".join(label for _, label in table) + " |", "|---" * (len(table) + 1) + "|"]
     for name in stages:
         lines.append(f"| {name} | " + " | ".join(_fmt(metrics[name].get(key)) for key, _ in table) + " |")

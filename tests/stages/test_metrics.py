@@ -17,6 +17,7 @@ from stages.metrics import (
     pope_probes,
     rouge_l,
     text_metrics,
+    vqa_accuracy,
     vqa_exact,
 )
 
@@ -151,6 +152,17 @@ def test_pope_answers_from_the_caption():
         [[RED_CIRCLE]],
     )
     assert greedy["adversarial"]["yes_ratio"] == 1.0 and greedy["adversarial"]["precision"] == 0.5
+
+
+def test_vqa_accuracy_counts_the_human_answers_that_agree_leaving_each_out_in_turn():
+    # min(#matches / 3, 1) over the ten answers less one, averaged: worked by hand.
+    assert vqa_accuracy("yes", ["yes"] * 2 + ["no"] * 8) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)  # 0.6
+    assert vqa_accuracy("yes", ["yes"] * 3 + ["no"] * 7) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)  # 0.9
+    assert vqa_accuracy("Two.", ["2"] * 4 + ["3"] * 6) == 1.0  # normalised; four matches leave at least three
+    assert vqa_accuracy("cat", ["dog"] * 10) == 0.0
+    assert vqa_accuracy("a dog", ["dog"]) == 1.0  # one reference: exact match after normalisation
+    with pytest.raises(ValueError, match="no reference answers"):
+        vqa_accuracy("dog", [])
 
 
 def test_vqa_exact_match_after_the_official_normalisation():

@@ -494,6 +494,37 @@ def test_captions_in_other_scripts_build_train_and_evaluate(tmp_path, micro_run)
     assert result["data"]["images"] == 32 and 0 <= result["metrics"]["bleu1"] <= 1
 
 
+def test_real_vqa_questions_are_built_into_the_shards_and_scored_by_vqa_accuracy(tmp_path, micro_run):
+    # A record's questions were dropped by the data stage: `eval --vqa` on real data said the shards held none,
+    # and VQAv2's accuracy (ten human answers a question) was computed nowhere.
+    lines = []
+    for i in range(12):
+        Image.new("RGB", (48, 48), (20 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        question = {"question": "is there a red circle ?", "answers": ["yes"] * 7 + ["no"] * 3, "type": "yes/no"}
+        if i % 3 == 1:
+            question = {"question": "what color is the circle ?", "answer": "red"}  # one answer, type unset
+        record = {"id": f"q{i}", "text": "a red circle", "images": [f"{i}.png"], "split": "test"}
+        lines.append(json.dumps({**record, "questions": [question]}))
+    bad = [{"question": "?", "answers": []}, [{"question": "", "answer": "x"}], [{"question": "q"}], "what ?"]
+    for i, questions in enumerate(bad):
+        lines.append(json.dumps({"id": f"bad{i}", "text": "a red circle", "images": ["0.png"], "questions": questions}))
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    jsonl = InputSpec(format="dj_jsonl", path=str(tmp_path / "in.jsonl"))
+    report = run_data_stage(RecipeConfig(input=jsonl, process=[], max_skip_share=0.5), tmp_path / "out")
+    assert report["input_skips"]["counts"] == {"bad_questions": 4}
+    meta = {key: m for key, _, m in CaptionDataModule(tmp_path / "out", max_words=60).eval_samples("test")}
+    assert meta["q0"]["questions"] == [
+        {"question": "is there a red circle ?", "answer": "yes", "answers": ["yes"] * 7 + ["no"] * 3, "type": "yes_no"}
+    ]
+    assert meta["q1"]["questions"] == [
+        {"question": "what color is the circle ?", "answer": "red", "answers": ["red"], "type": "other"}
+    ]
+    metrics = evaluate_model(micro_run / "sft_long", tmp_path / "out", vqa=True, max_new_tokens=4)["metrics"]
+    assert metrics["vqa_questions"] == 12
+    assert {"vqa_accuracy", "vqa_accuracy_yes_no", "vqa_accuracy_other", "vqa_exact_other"} <= metrics.keys()
+    assert 0 <= metrics["vqa_accuracy"] <= 1
+
+
 def test_the_command_line_reads_and_writes_utf_8_under_any_locale(tmp_path):
     # Under a locale whose encoding is not UTF-8 (here C with Python's locale coercion off, the encoding ASCII),
     # a data build of Russian captions failed writing report.md ("'ascii' codec can't encode").

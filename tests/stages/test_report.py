@@ -95,11 +95,18 @@ def test_vqa_at_each_stage_end_and_from_the_eval_command(micro_run):
     assert [e.step for e in logged] == [2, 5, 8, 11] and logged[-1].value == pytest.approx(metrics["vqa_exact"])
     result = evaluate_model(micro_run / "sft_long", limit=8, max_new_tokens=12, vqa=True)
     assert result["metrics"]["vqa_exact"] == metrics["vqa_exact"]
-    # (key, type, answer, generated): 2 of 3 right overall, yes/no 1 of 2
-    answers = [("a", "yes_no", "yes", "yes"), ("a", "yes_no", "no", "yes"), ("b", "count", "two", "2")]
+    # (key, type, answer, generated, human answers): 2 of 3 right overall, yes/no 1 of 2
+    answers = [
+        ("a", "yes_no", "yes", "yes", ["yes"]), ("a", "yes_no", "no", "yes", ["no"]), ("b", "count", "two", "2", ["2"]),
+    ]  # fmt: skip
     assert vqa_scores(answers) == {
         "vqa_exact": 2 / 3, "vqa_questions": 3, "vqa_exact_count": 1.0, "vqa_exact_yes_no": 0.5,
     }  # fmt: skip
+    # Real VQA data: ten human answers a question, and VQAv2's accuracy beside exact match (on the most given).
+    answers = [("a", "yes_no", "no", "yes", ["yes"] * 2 + ["no"] * 8), ("b", "count", "2", "2", ["2"] * 10)]
+    scores = vqa_scores(answers)
+    assert scores["vqa_exact"] == 0.5 and scores["vqa_accuracy"] == pytest.approx((0.6 + 1.0) / 2)
+    assert scores["vqa_accuracy_yes_no"] == pytest.approx(0.6) and scores["vqa_accuracy_count"] == 1.0
 
 
 def test_each_question_is_answered_from_its_own_prompt(micro_run):
@@ -133,7 +140,7 @@ def test_each_question_is_answered_from_its_own_prompt(micro_run):
                     eos_token_id=fmt.stop_ids, pad_token_id=tokenizer.pad_token_id,
                 )  # fmt: skip
             answer = tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
-            expected.append((key, q["type"], q["answer"], answer))
+            expected.append((key, q["type"], q["answer"], answer, [q["answer"]]))
     assert sorted(answers) == sorted(expected) and len(answers) == 8
 
 
