@@ -143,7 +143,11 @@ def eval_parser() -> ArgumentParser:
     parser.add_argument("--max_new_tokens", type=PositiveInt, default=64)
     parser.add_argument("--num_beams", type=PositiveInt, default=1)
     parser.add_argument("--batch_size", type=PositiveInt, default=64)
-    parser.add_argument("--vqa", action="store_true", help="also ask the images' questions: exact-match VQA accuracy")
+    parser.add_argument(
+        "--vqa",
+        action="store_true",
+        help="also ask the images' questions: exact match, and VQAv2 accuracy where there are several answers",
+    )
     parser.add_argument(
         "--length_buckets",
         type=list[int],
@@ -543,6 +547,12 @@ def stop_on_sigusr1() -> None:
         signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
 
 
+def interrupted() -> int:
+    """Ctrl-C, wherever it comes: the shell's code for SIGINT (130), never 0 nor an error's 1."""
+    print("interrupted (Ctrl-C): rerun the same command to go on", file=sys.stderr)
+    return 128 + signal.SIGINT
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     stop_on_sigusr1()
@@ -570,11 +580,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](parser, args)
+    except KeyboardInterrupt:
+        return interrupted()
     except SystemExit as stop:
         # Lightning ends a fit that got SIGTERM (a scheduler's preemption) with SIGTERMException, a SystemExit
         # without a code: the run ended with exit code 0, as if it had finished.
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+        if isinstance(stop.__context__, KeyboardInterrupt):  # Lightning turns Ctrl-C in a fit into exit code 1
+            return interrupted()
         if not isinstance(stop, SIGTERMException):
             raise
         print("interrupted by SIGTERM: rerun the same command to resume from the last checkpoint", file=sys.stderr)

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,26 @@ def test_every_disk_error_ends_the_command_with_exit_74(code, tmp_path, monkeypa
     assert main(["report", "--run_dir", str(tmp_path)]) == 74
     err = capsys.readouterr().err
     assert os.strerror(code) in err and "rerun the same command" in err
+
+
+def test_ctrl_c_ends_any_command_with_exit_130(tmp_path, monkeypatch, capsys):
+    # Outside a fit Ctrl-C ended a command with 1 (an error's code) once Lightning was imported, and Lightning
+    # ends an interrupted fit with 1 itself (`sys.exit(1)` while it handles the KeyboardInterrupt).
+    import stages.run
+
+    def pressed(parser, args):
+        raise KeyboardInterrupt
+
+    def lightning_fit(parser, args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit(1)
+
+    for handler in (pressed, lightning_fit):
+        monkeypatch.setattr(stages.run, "run_report_command", handler)
+        assert main(["report", "--run_dir", str(tmp_path)]) == 130
+        assert "interrupted (Ctrl-C): rerun the same command" in capsys.readouterr().err
 
 
 def test_a_missing_file_is_no_disk_error(tmp_path, monkeypatch):
