@@ -1,4 +1,4 @@
-"""`stages.run compare`: the curriculum against a single-stage baseline, over several seeds.
+"""`stages.run compare`: the curriculum against a one-SFT-stage baseline, over several seeds.
 
 For each seed the curriculum runs as configured; the baseline then runs on the same shards and the
 same base models with the same total optimizer steps: the curriculum's first (align) stage as it
@@ -134,7 +134,7 @@ def _cell(values: dict, key: str, centre: str) -> str:
 
 
 def markdown(result: dict, seeds: list[int]) -> str:
-    lines = [f"# Curriculum vs single-stage baseline ({len(seeds)} seeds: {seeds})", ""]
+    lines = [f"# Curriculum vs one-SFT-stage baseline ({len(seeds)} seeds: {seeds})", ""]
     lines += ["Mean +- standard deviation over seeds, on the held-out split after each stage.", ""]
     scored = [m for m in METRICS if any(m in s for data in result.values() for s in data["stages"].values())]
     lines += ["| arm | stage | " + " | ".join(scored) + " |", "|---" * (len(scored) + 2) + "|"]
