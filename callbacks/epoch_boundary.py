@@ -32,6 +32,7 @@ import lightning as L
 from typing_extensions import override
 
 from callbacks.alerts import Alert, AlertSinks, gather_findings
+from stages.launch import every_rank_state, own_rank_state
 from stages.paths import write_text_atomic
 
 
@@ -216,11 +217,13 @@ class BoundaryCheck(L.Callback):
     @override
     def state_dict(self) -> dict:
         # The epochs' traces too: a stage resumed before an epoch's k-th loss checks that epoch as if never stopped.
+        # Every rank's (rank 0 writes the checkpoint): each checks its own losses.
         epochs = [asdict(trace) for trace in self.epochs]
-        return {"all_losses": self.all_losses, "checked": sorted(self._checked), "epochs": epochs}
+        return every_rank_state({"all_losses": self.all_losses, "checked": sorted(self._checked), "epochs": epochs})
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
-        self.all_losses = list(state_dict["all_losses"])
-        self._checked = set(state_dict["checked"])
-        self.epochs = [_EpochTrace(**trace) for trace in state_dict.get("epochs", [])]
+        mine = own_rank_state(state_dict)
+        self.all_losses = list(mine["all_losses"])
+        self._checked = set(mine["checked"])
+        self.epochs = [_EpochTrace(**trace) for trace in mine.get("epochs", [])]

@@ -58,6 +58,7 @@ from typing_extensions import override
 
 from callbacks.alerts import Alert, AlertSinks, gather_findings
 from callbacks.epoch_boundary import spread
+from stages.launch import every_rank_state, own_rank_state
 
 ACTIONS = ("warn", "skip", "rewind", "stop")
 
@@ -398,13 +399,17 @@ class InstabilityMonitor(L.Callback):
 
     @override
     def state_dict(self) -> dict:
-        return {
+        # Each rank judges its own losses: every rank's statistics go into the checkpoint (rank 0 writes it).
+        history = {
             "loss_history": list(self.loss_history),
             "grad_history": list(self.grad_history),
             "lowest_median": self.lowest_median,
             "diverged": self.diverged,
             "in_a_row": self._in_a_row,
             "muted": self._muted,
+        }
+        return {
+            **every_rank_state(history),
             "config": asdict(self.config),
             # With rewind, the snapshot a later rewind goes back to (the trained parameters, buffers and optimizer
             # state, once more in the checkpoint): without it a resumed run rewound to its own first step.
@@ -414,12 +419,13 @@ class InstabilityMonitor(L.Callback):
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
-        self.loss_history.extend(state_dict["loss_history"])
-        self.grad_history.extend(state_dict["grad_history"])
-        self.lowest_median = state_dict["lowest_median"]
-        self.diverged = state_dict.get("diverged", False)  # reported once, not again after a resume
-        self._in_a_row = state_dict.get("in_a_row", 0)
-        self._muted = state_dict.get("muted", False)
+        mine = own_rank_state(state_dict)
+        self.loss_history.extend(mine["loss_history"])
+        self.grad_history.extend(mine["grad_history"])
+        self.lowest_median = mine["lowest_median"]
+        self.diverged = mine.get("diverged", False)  # reported once, not again after a resume
+        self._in_a_row = mine.get("in_a_row", 0)
+        self._muted = mine.get("muted", False)
         if self.config.action == "rewind":
             self._snapshot = state_dict.get("snapshot")
             self._healthy_since_snapshot = state_dict.get("healthy_since_snapshot", 0)

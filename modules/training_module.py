@@ -22,6 +22,7 @@ from modules.handoff import attach_lora, has_lora
 from modules.loading import LoraSpec
 from modules.speed import SpeedSpec, apply_speed, caption_loss
 from modules.vlm import VisionLanguageModel
+from stages.launch import every_rank_state, own_rank_state
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,8 @@ class VLMModule(L.LightningModule):
         checkpoint["state_dict"] = {
             k: v for k, v in checkpoint["state_dict"].items() if k in trained or (whole and k.startswith(whole))
         }
-        # LoRA dropout draws from these: a resumed run must continue the same random stream.
-        checkpoint["rng_states"] = rng_states()
+        # LoRA dropout draws from these: a resumed run must continue the same random stream, each rank its own.
+        checkpoint["rng_states"] = every_rank_state(rng_states())
         checkpoint["vlm_module"] = self._identity()
 
     def _identity(self) -> dict:
@@ -299,7 +300,7 @@ class VLMModule(L.LightningModule):
     @override
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if getattr(self, "_resume_rng", None) is not None:
-            set_rng_states(self._resume_rng)
+            set_rng_states(own_rank_state(self._resume_rng))
             self._resume_rng = None
 
 

@@ -161,3 +161,29 @@ def rank_zero_verdict(decide: Callable[[], T], what: str) -> T:
     if kind == "error":
         raise LaunchError(f"rank 0 failed {what}: {value}")
     return value
+
+
+def every_rank_state(state: dict) -> dict:
+    """`state` with every rank's own beside it (`"ranks"`), for a checkpoint that rank 0 alone writes: a rank's
+    random generators and loss histories are its own, and a resumed rank restored rank 0's (its dropout masks,
+    and the losses it judges spikes against, changed at the resume). One process: `state` as it is. Every rank
+    must call it, as every rank builds the checkpoint that Lightning saves."""
+    if not several_ranks():
+        return state
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, state)
+    return {**state, "ranks": gathered}
+
+
+def own_rank_state(state: dict) -> dict:
+    """This rank's part of an `every_rank_state` state; the state as saved (rank 0's) from a checkpoint of one
+    rank, or of another number of ranks."""
+    ranks = state.get("ranks")
+    if ranks is None or not several_ranks():
+        return state
+    if len(ranks) != dist.get_world_size():
+        log.warning(
+            "a checkpoint of %d ranks resumed on %d: every rank takes rank 0's state", len(ranks), dist.get_world_size()
+        )
+        return state
+    return ranks[dist.get_rank()]

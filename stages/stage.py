@@ -40,6 +40,7 @@ from callbacks.epoch_boundary import BoundaryCheck
 from callbacks.evaluation import CaptionEvaluation, class_table, load_synonyms, metrics_line, scores
 from callbacks.fault_injection import FaultInjection
 from callbacks.instability import InstabilityMonitor
+from callbacks.preemption import StopOnSigterm
 from callbacks.progress import stage_progress_bar
 from callbacks.throughput import Throughput
 from datamodules.caption_datamodule import CaptionDataModule
@@ -333,6 +334,7 @@ class StageWatch:
     monitor: InstabilityMonitor | None
     boundary: BoundaryCheck
     throughput: Throughput
+    preemption: StopOnSigterm
 
 
 def stage_trainer(
@@ -358,6 +360,7 @@ def stage_trainer(
     faults = FaultInjection(cfg.stability.faults, cfg.seed) if cfg.stability.faults else None
     trainer_config = cfg.trainer_of(name)
     throughput = Throughput(log_every=trainer_config.log_every_n_steps or 50)
+    preemption = StopOnSigterm()
     # Lightning refuses a progress bar among the callbacks when enable_progress_bar is false.
     bar = stage_progress_bar(name) if trainer_config.enable_progress_bar is not False else None
     plugins = [] if trainer_config.strategy == "deepspeed" else [BesideCheckpointIO()]
@@ -370,7 +373,7 @@ def stage_trainer(
         logger=CurriculumTensorBoardLogger(str(inputs.run_dir), step_offset),
         callbacks=[StageStart()]  # first: it marks where the stage's TensorBoard events start
         + [c for c in (faults, monitor, boundary, sinks, throughput, evaluation, checkpoint, bar) if c is not None]
-        + [StepLearningRateMonitor()],
+        + [StepLearningRateMonitor(), preemption],
         default_root_dir=stage_dir,
         reload_dataloaders_every_n_epochs=1,  # a new, seeded shuffle order every epoch
         plugins=plugins,
@@ -379,7 +382,7 @@ def stage_trainer(
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
     # The caption DataModule resumes mid-epoch itself (it skips the batches already trained on).
     warnings.filterwarnings("ignore", message=r".*your dataloader is not resumable.*")
-    return trainer, StageWatch(sinks, monitor, boundary, throughput)
+    return trainer, StageWatch(sinks, monitor, boundary, throughput, preemption)
 
 
 def finished_result(
@@ -496,7 +499,7 @@ def run_stage(
     # The other ranks go on to the next stage, which reads this stage's export: wait until rank 0 wrote it.
     trainer.strategy.barrier("stage_written")
     # A SIGTERM after Lightning's last look (in on_train_end): the stage is done; stop, on every rank if any got it.
-    if trainer.strategy.reduce_boolean_decision(trainer.received_sigterm, all=False):
+    if trainer.strategy.reduce_boolean_decision(trainer.received_sigterm or watch.preemption.signalled, all=False):
         raise SIGTERMException
     if scored_with != eval_print:  # resumed at its last step, scored before with other settings (rank 0 only)
         return rescore_stage(cfg, name, inputs, resolved, done, step_offset)

@@ -1,0 +1,47 @@
+"""Stopping on SIGTERM (a scheduler's preemption) after the same training batch on every rank.
+
+Lightning 2.6's SIGTERM handler broadcasts a tensor from inside the signal handler: with several ranks, that
+broadcast pairs with whatever collective another rank is in at that moment (DDP's buffer broadcast, a
+gradient all-reduce), and a two-rank CPU run hung, or died of a gloo size mismatch, instead of stopping (5 of
+5 tries). Lightning's own check after each batch is also each rank's alone, so a rank that got the signal a
+moment later stopped a batch later, in a collective the others had left.
+
+`StopOnSigterm` replaces that handler once Lightning has set it (at the start of training; Lightning puts
+back the handler from before the fit when it ends) with one that only takes note. After each training batch
+the ranks agree, in one all-reduce, whether any of them was signalled; if so, every rank raises Lightning's
+flag at that same batch, and Lightning stops them all after it, its checkpoint saved, with `SIGTERMException`
+(`stages.run` exits 143; nothing is saved at the signal, and a rerun resumes from the last checkpoint). A
+signal during validation is acted on after the next training batch; one after the last (`signalled`) is for
+the caller to act on.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import lightning as L
+from typing_extensions import override
+
+log = logging.getLogger(__name__)
+
+
+class StopOnSigterm(L.Callback):
+    def __init__(self) -> None:
+        self.signalled = False
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signalled = False
+        if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
+            signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum, frame) -> None:
+        log.info("SIGTERM: stopping after this training batch")
+        self.signalled = True
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+            trainer._signal_connector.received_sigterm = True  # read after the batch's last hook, on every rank
