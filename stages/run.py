@@ -397,6 +397,8 @@ def check_config_files(parser: ArgumentParser, argv: tuple[str, ...]) -> None:
 
 
 def run_curriculum_command(parser: ArgumentParser, args) -> int:
+    from lightning.pytorch.utilities import rank_zero_only
+
     from datamodules.shards import ShardError
     from modules.loading import ModelFolderError
     from stages.curriculum import InputChanged, NoGPU, run_curriculum
@@ -421,8 +423,11 @@ def run_curriculum_command(parser: ArgumentParser, args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except StageStopped as error:
-        print(f"stopped: {error}; the run so far: {run_dir / 'report.md'}", file=sys.stderr)
+        if rank_zero_only.rank == 0:  # every rank stops; one says so
+            print(f"stopped: {error}; the run so far: {run_dir / 'report.md'}", file=sys.stderr)
         return 3
+    if rank_zero_only.rank != 0:  # the summary is rank 0's (the others' lacks the stages rank 0 alone rescored)
+        return 0
     for result in results:
         m = result.metrics
         keys = [k for k in ("recall", "chair_i", "chair_s", "mean_words", "bleu4") if k in m]

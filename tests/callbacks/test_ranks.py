@@ -33,3 +33,23 @@ def test_a_resumed_rank_gets_its_own_random_stream_and_loss_statistics(tmp_path,
         got = json.loads((tmp_path / f"states{rank}.json").read_text())
         assert got["draws"] == got["expected"], rank
         assert got["loss_history"] == [float(rank)] * 3 and got["all_losses"] == [10.0 + rank]
+
+
+def test_only_rank_zero_prints_the_run_summary(micro_run, tmp_path, monkeypatch, capsys):
+    # Every rank printed the summary table and the run folder; after a rerun that rescored a stage (rank 0 alone
+    # rescores) the other ranks' tables lacked that stage.
+    import shutil
+
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from stages.run import main
+    from tests.conftest import MICRO_ARGS
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, copy_function=shutil.copy2)  # times kept: finished
+    args = ["curriculum", f"--run_dir={run}", *MICRO_ARGS, "--eval.every_n_steps=2", "--eval.vqa=true"]
+    assert main(args) == 0
+    assert "run folder:" in capsys.readouterr().out
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert main(args) == 0
+    assert "run folder:" not in capsys.readouterr().out
