@@ -33,7 +33,9 @@ those steps were non-finite, no new level exists to accept: the stage stops (as 
 the same count applies: a lasting rise alerted at every step until the stage ended (a day at one step a
 second: 86,000 alerts, one webhook post each) and, its statistics frozen, never as a divergence; it is a
 `level_shift` after `max_in_a_row` steps. Non-finite steps under `warn` are reported up to `max_in_a_row`
-in a row; the rest of the run of them is not, until a finite step.
+in a row; then, if the trained weights are no longer finite (one NaN update in float32 or bf16 does that),
+the stage stops as with `stop`; else (fp16, whose scaler skips such updates) the rest of the run of them is
+not reported, until a finite step.
 
 Under DeepSpeed, gradients live in the engine's partitioned buffers (`p.grad` is None), so the
 step is judged right after the engine's `step()`, with the engine's global norm (computed before
@@ -61,6 +63,13 @@ from callbacks.epoch_boundary import spread
 from stages.launch import every_rank_state, own_rank_state
 
 ACTIONS = ("warn", "skip", "rewind", "stop")
+
+
+def weights_lost(trainer, pl_module) -> bool:
+    """Whether some trained parameter holds a NaN or infinity, on any rank (every rank must call it). Under
+    ZeRO-3 a rank holds no whole parameter here: it finds none lost."""
+    lost = any(p.numel() and not torch.isfinite(p).all() for p in pl_module.parameters() if p.requires_grad)
+    return trainer.strategy.reduce_boolean_decision(bool(lost), all=False)
 
 
 def check_action_under_deepspeed(action: str, where: str = "") -> None:
@@ -262,6 +271,14 @@ class InstabilityMonitor(L.Callback):
             f"{self.config.max_in_a_row} steps in a row with alerts, this one non-finite: the next non-finite ones "
             "are not reported until a finite step"
         )  # fmt: skip
+        if self._muted and not was_muted and weights_lost(trainer, pl_module):
+            # One NaN update in float32 or bf16 makes every later step NaN: training on for the rest of the run,
+            # to exit 0 at its end, helped nobody. (fp16's scaler skips such updates: there a run of them can end.)
+            action, self._muted = "stop", False
+            detail = (
+                f"{self.config.max_in_a_row} steps in a row non-finite and the trained weights are no longer "
+                "finite: nothing after can train, the stage stops"
+            )
         for rank, rank_findings, rank_keys in [] if was_muted and self._muted else every_rank:
             for kind, value, threshold in rank_findings:
                 self._report(trainer, kind, value, threshold, rank_keys, action, rank, detail=detail)
