@@ -129,6 +129,27 @@ def folder_lock(folder: Path, flag: str, shared: bool = False, purpose: str = ""
         yield
 
 
+_HELD_LOCKS: set[int] = set()
+"""The descriptors of the lock files this process holds (`file_lock`)."""
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker, a Data-Juicer worker): an flock belongs to the open file, which
+    the child's copy of the descriptor shares, so the run's lock stayed held by orphaned workers for seconds
+    after the run itself was killed, and a rerun then was refused. The child's copies are pointed at /dev/null
+    (not closed: the parent's file objects, copied into the child, may close their descriptor numbers)."""
+    if not _HELD_LOCKS:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    for fd in _HELD_LOCKS:
+        os.dup2(null, fd)
+    os.close(null)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextmanager
 def file_lock(path: Path, subject: str, shared: bool = False, purpose: str = "") -> Iterator[None]:
     """Holds an flock on `path` (made if missing), refusing with `FolderBusy` what another process holds. An
@@ -161,9 +182,11 @@ def file_lock(path: Path, subject: str, shared: bool = False, purpose: str = "")
             handle.truncate()
             handle.write(f"pid {os.getpid()} on {socket.gethostname()}" + (f": {purpose}" if purpose else "") + "\n")
             handle.flush()
+        _HELD_LOCKS.add(handle.fileno())
         try:
             yield
         finally:
+            _HELD_LOCKS.discard(handle.fileno())
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

@@ -154,3 +154,37 @@ def test_an_empty_stage_config_is_taken_for_a_changed_one(tmp_path):
     (tmp_path / "config.yaml").write_text("")
     prepare_stage_folder(tmp_path, "abc", {"spec": {}}, rank_zero=True)
     assert not (tmp_path / "checkpoints").exists()
+
+
+_KILLED_WITH_A_WORKER = """
+import multiprocessing, os, sys, time
+from pathlib import Path
+from stages.paths import file_lock
+with file_lock(Path(sys.argv[1]), "--run_dir run"):
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))  # a DataLoader worker
+    worker.start()
+    print(worker.pid, flush=True)
+    os._exit(0)  # as a killed run: nothing unwinds
+"""
+
+
+def test_a_killed_runs_forked_workers_do_not_keep_its_lock(tmp_path):
+    # flock belongs to the open file, which forked workers share: after `kill -9` of a run with DataLoader
+    # workers, its orphaned workers held the run's lock for seconds (until torch's watchdog ended them), and a
+    # rerun then was refused.
+    import fcntl
+    import signal
+    import subprocess
+    import sys
+
+    lock = tmp_path / ".lock"
+    run = subprocess.Popen([sys.executable, "-c", _KILLED_WITH_A_WORKER, str(lock)], cwd=REPO, stdout=subprocess.PIPE)
+    worker = int(run.stdout.readline())  # not read to its end: the worker holds the pipe too
+    run.wait(timeout=60)
+    try:
+        os.kill(worker, 0)  # the worker lives on
+        with lock.open() as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while the worker held it
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        run.stdout.close()
