@@ -162,6 +162,29 @@ def test_ctrl_c_ends_any_command_with_exit_130(tmp_path, monkeypatch, capsys):
         assert "interrupted (Ctrl-C): rerun the same command" in capsys.readouterr().err
 
 
+def test_ctrl_c_in_a_finalizer_between_stages_is_not_lost():
+    # The garbage collection between stages runs finalizers (a profiler's, a DataLoader's); Ctrl-C raised inside
+    # one was printed as "Exception ignored" and dropped, and the run trained on to its end.
+    import gc
+    import signal
+
+    from stages.curriculum import free_stage_memory
+
+    class PressedWhileFreed:
+        def __init__(self) -> None:
+            self.cycle = self  # freed by the collector, not by reference counting
+
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # Python runs the handler here, inside the finalizer
+                pass
+
+    gc.collect()
+    PressedWhileFreed()
+    with pytest.raises(KeyboardInterrupt):
+        free_stage_memory()
+
+
 def test_a_missing_file_is_no_disk_error(tmp_path, monkeypatch):
     import stages.run
 
