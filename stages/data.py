@@ -394,7 +394,11 @@ def run_data_stage(
     with folder_lock(out_dir, "the shard folder", purpose="a data build"):  # no other build or reader meanwhile
         shards = [path.name for path in _shard_files(out_dir)]
         check_own_folder(out_dir, "--out_dir", (INDEX_NAME, BUILDING_NAME), [*BUILD_FILES, *shards])
-        return _build(recipe, out_dir, world, seed)
+        try:
+            return _build(recipe, out_dir, world, seed)
+        except BaseException:  # the work/ images are copies (86 MB for the default world); stats/ stay to read
+            shutil.rmtree(out_dir / "work", ignore_errors=True)
+            raise
 
 
 def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed: int) -> dict:
