@@ -416,6 +416,13 @@ def _prepare_run(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> RunIn
     """The run's base models and shards, built unless built before, and checked."""
     if rank_zero_only.rank == 0:  # the stage order, for a report of a run that has not finished
         write_text_atomic(run_dir / STAGES_FILE, json.dumps({"stages": list(cfg.stages)}, indent=2))
+        former = sorted(p.parent.name for p in run_dir.glob("*/config.yaml") if p.parent.name not in cfg.stages)
+        if former:  # a renamed or removed stage: its checkpoints and export stay, and nothing lists them
+            log.warning(
+                "%s holds stages this curriculum has not (%s): left as they are, and out of report.md and "
+                "summary.json; delete their folders to free the space",
+                run_dir, ", ".join(former),
+            )  # fmt: skip
     check_inputs(cfg)
     vision, lm = prepare_base_models(cfg, run_dir)
     check_vision_layer(vision, cfg.model.vision_layer)

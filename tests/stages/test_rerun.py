@@ -570,3 +570,16 @@ def test_a_retrained_stage_names_what_changed_and_its_old_export_is_called_out_o
     assert "shards_changed" not in evaluate_model(run / "sft_long", limit=2, max_new_tokens=4)["model"]
     os.utime(next((run / "data").glob("test-*.tar")), ns=(0, 0))
     assert "was rebuilt after" in evaluate_model(run / "sft_long", limit=2, max_new_tokens=4)["model"]["shards_changed"]
+
+
+def test_a_rerun_names_the_stage_folders_its_curriculum_has_not(micro_run, tmp_path, caplog):
+    # A stage renamed or removed kept its folder, checkpoints and export, with no word, out of every report.
+    import logging
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, copy_function=shutil.copy2)  # times kept: finished
+    (run / "sft_all").mkdir()
+    (run / "sft_all" / "config.yaml").write_text("fingerprint: abc\n")
+    with caplog.at_level(logging.WARNING, logger="stages.curriculum"):
+        assert main(["curriculum", f"--run_dir={run}", *MICRO_ARGS, "--eval.every_n_steps=2", "--eval.vqa=true"]) == 0
+    assert "holds stages this curriculum has not (sft_all)" in caplog.text
