@@ -63,15 +63,22 @@ class CurriculumTensorBoardLogger(TensorBoardLogger):
 
 def purge_events(tb_dir: Path, keep: Path, step: int) -> None:
     """Rewrites the event files of `tb_dir`, but `keep` (the one being written), without their events at `step`
-    and after. TensorBoard's default reader (its Rust data server) ignores the purge marks: a stage trained again
-    showed its earlier attempt's evaluation between the new ones, where a tag was not logged again at that step."""
+    and after; one left without any value is removed (each rerun of a stage left one more). TensorBoard's default
+    reader (its Rust data server) ignores the purge marks: a stage trained again showed its earlier attempt's
+    evaluation between the new ones, where a tag was not logged again at that step."""
     for path in sorted(tb_dir.glob("events.out.tfevents.*")):
         if path.resolve() == keep.resolve():
             continue
         records = list(RawEventFileLoader(str(path)).Load())  # as written: a parsed loader migrates summaries
+        events = [Event.FromString(raw) for raw in records]
         kept = [
-            raw for raw in records if (event := Event.FromString(raw)).HasField("file_version") or event.step < step
+            raw
+            for raw, event in zip(records, events, strict=True)
+            if event.HasField("file_version") or event.step < step
         ]
+        if not any(event.HasField("summary") and event.step < step for event in events):
+            path.unlink()
+            continue
         if len(kept) == len(records):
             continue
         partial = path.with_name(f".{path.name}.partial")

@@ -66,6 +66,8 @@ def test_an_earlier_attempts_events_are_removed_not_only_hidden(tmp_path):
     _run(run_dir, "--stages.sft_medium.trainer.max_steps=5")
     assert [e.step for e in RunEvents(run_dir / "tb").Scalars("eval/recall")] == [2, 5, 10, 13]
     assert [e.step for e in RunEvents(run_dir / "tb").Scalars("train/loss")] == list(range(14))
+    # The old attempt's files of sft_medium and sft_long, left without a value, are gone (one more each rerun).
+    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == len(STAGES)
 
 
 def test_a_resumed_stage_writes_each_step_once(tmp_path, monkeypatch):
