@@ -18,6 +18,7 @@ the caller to act on.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -45,3 +46,12 @@ class StopOnSigterm(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
             trainer._signal_connector.received_sigterm = True  # read after the batch's last hook, on every rank
+
+
+def stop_on_sigusr1() -> None:
+    """SLURM's warning before a job's time runs out (sbatch --signal=USR1@90) stops the run as SIGTERM does:
+    after the batch it is in, exit 143, and a rerun goes on from the last checkpoint. It killed a run outside
+    a stage (exit 138), and in a stage Lightning saved an "hpc" checkpoint mid-step, which resumed the run to
+    other losses. A handler the program already has is kept."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
+        signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))

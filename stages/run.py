@@ -50,6 +50,7 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0] or ".").resolve() ==
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from callbacks.preemption import stop_on_sigusr1
 from stages.config import CurriculumConfig, check_seed
 from stages.metrics import DEFAULT_BUCKETS
 
@@ -539,17 +540,6 @@ def image_processor_problem(transformers_version: str | None = None, has_torchvi
             "install torchvision (matching your torch), or transformers>=5.18"
         )
     return None
-
-
-def stop_on_sigusr1() -> None:
-    """SLURM's warning before a job's time runs out (sbatch --signal=USR1@90) stops the run as SIGTERM does:
-    after the batch it is in, exit 143, and a rerun goes on from the last checkpoint. It killed a run outside
-    a stage (exit 138), and in a stage Lightning saved an "hpc" checkpoint mid-step, which resumed the run to
-    other losses. A handler the program already has is kept."""
-    import threading
-
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
-        signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
 
 
 def interrupted() -> int:
