@@ -12,7 +12,7 @@ the ranks agree, in one all-reduce, whether any of them was signalled; if so, ev
 flag at that same batch, and Lightning stops them all after it, its checkpoint saved, with `SIGTERMException`
 (`stages.run` exits 143; nothing is saved at the signal, and a rerun resumes from the last checkpoint). A
 signal during validation is acted on after the next training batch; one after the last (`signalled`) is for
-the caller to act on.
+the caller to act on. `stop_on_sigusr1` makes SLURM's warning signal stop a run as SIGTERM does.
 """
 
 from __future__ import annotations
