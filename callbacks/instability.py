@@ -271,9 +271,10 @@ class InstabilityMonitor(L.Callback):
             f"{self.config.max_in_a_row} steps in a row with alerts, this one non-finite: the next non-finite ones "
             "are not reported until a finite step"
         )  # fmt: skip
-        if self._muted and not was_muted and weights_lost(trainer, pl_module):
+        if self._muted and weights_lost(trainer, pl_module):  # muted: this step is non-finite, as every rank knows
             # One NaN update in float32 or bf16 makes every later step NaN: training on for the rest of the run,
             # to exit 0 at its end, helped nobody. (fp16's scaler skips such updates: there a run of them can end.)
+            # Checked at every muted step: the step that mutes is judged before its own update is applied.
             action, self._muted = "stop", False
             detail = (
                 f"{self.config.max_in_a_row} steps in a row non-finite and the trained weights are no longer "

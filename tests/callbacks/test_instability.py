@@ -205,6 +205,19 @@ def test_under_warn_non_finite_steps_that_left_the_weights_non_finite_stop_the_s
     assert monitor.stopped and t.global_step <= 34 and (tmp_path / "checkpoints" / "stopped.ckpt").is_file()
 
 
+@pytest.mark.parametrize(
+    ("max_in_a_row", "faults"), [(1, {30: "nan"}), (4, {27: "spike", 28: "spike", 29: "spike", 30: "nan"})]
+)
+def test_under_warn_the_weights_are_checked_at_every_muted_step(tmp_path, max_in_a_row, faults):
+    # Checked only at the step that muted, judged before its own update: a NaN that was the max_in_a_row-th
+    # alerted step in a row (the first one, or after spikes) found the weights still finite, and the run went on.
+    monitor = InstabilityMonitor(InstabilityConfig(action="warn", max_in_a_row=max_in_a_row), AlertSinks("t"), "t")
+    t = trainer([monitor], max_steps=60, default_root_dir=tmp_path)
+    t.fit(ToyRegression(faults), loader(KeyedRegression()))
+    assert monitor.stopped and t.global_step <= 32
+    assert monitor.alerts[-1].action == "stop" and "no longer finite" in monitor.alerts[-1].detail
+
+
 def test_under_warn_a_run_of_non_finite_steps_the_weights_survive_is_reported_up_to_max_in_a_row():
     class SkipsNonFinite(ToyRegression):  # as fp16's loss scaler does: a non-finite update is not applied
         def on_before_optimizer_step(self, optimizer) -> None:

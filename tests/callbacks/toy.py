@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import random
+import tempfile
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -99,6 +101,9 @@ def loader(dataset: Dataset, batch_size: int = 32, shuffle: bool = True, seed: i
 
 
 def trainer(callbacks: list, max_steps: int = 60, max_epochs: int = -1, **kwargs) -> L.Trainer:
+    """A quiet CPU Trainer; what it saves (a stop alert's stopped.ckpt) goes to the temporary folder, not to the
+    working folder (the repository), unless `default_root_dir` is given."""
+    kwargs.setdefault("default_root_dir", Path(tempfile.gettempdir()) / "vlm-curriculum-toy-trainer")
     return L.Trainer(
         max_steps=max_steps,
         max_epochs=max_epochs,
