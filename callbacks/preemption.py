@@ -6,13 +6,13 @@ gradient all-reduce), and a two-rank CPU run hung, or died of a gloo size mismat
 5 tries). Lightning's own check after each batch is also each rank's alone, so a rank that got the signal a
 moment later stopped a batch later, in a collective the others had left.
 
-`StopOnSigterm` replaces that handler once Lightning has set it (at the start of training; Lightning puts
-back the handler from before the fit when it ends) with one that only takes note. After each training batch
+`StopOnSigterm` puts its own note-taking handler in the place of Lightning's (at `setup`, before Lightning
+registers it for the fit, and puts back the handler from before when the fit ends). After each training batch
 the ranks agree, in one all-reduce, whether any of them was signalled; if so, every rank raises Lightning's
-flag at that same batch, and Lightning stops them all after it, its checkpoint saved, with `SIGTERMException`
-(`stages.run` exits 143; nothing is saved at the signal, and a rerun resumes from the last checkpoint). A
-signal during validation is acted on after the next training batch; one after the last (`signalled`) is for
-the caller to act on. `stop_on_sigusr1` makes SLURM's warning signal stop a run as SIGTERM does.
+flag at that same batch, and Lightning stops them all after it with `SIGTERMException` (`stages.run` exits
+143; nothing is saved at the signal, and a rerun resumes from the last checkpoint). A signal during the
+sanity check or validation is acted on after the next training batch; one after the last (`signalled`) is
+for the caller to act on. `stop_on_sigusr1` makes SLURM's warning signal stop a run as SIGTERM does.
 """
 
 from __future__ import annotations
@@ -29,22 +29,28 @@ log = logging.getLogger(__name__)
 
 
 class StopOnSigterm(L.Callback):
+    """Stops every rank after the same training batch once any rank got SIGTERM (see the module's docstring)."""
+
     def __init__(self) -> None:
         self.signalled = False
 
     @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.signalled = False
-        if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
-            signal.signal(signal.SIGTERM, self._note)
+        # Lightning registers the connector's notifier as the fit's SIGTERM handler after `setup`, from this
+        # attribute (a private one: checked against lightning 2.6).
+        connector = trainer._signal_connector
+        if not hasattr(connector, "_sigterm_notifier_fn"):
+            log.warning("this Lightning has no _sigterm_notifier_fn: its own SIGTERM handler, which hangs ranks, stays")
+        connector._sigterm_notifier_fn = self._note
 
     def _note(self, signum, frame) -> None:
-        log.info("SIGTERM: stopping after this training batch")
+        log.info("SIGTERM: stopping after the next training batch")
         self.signalled = True
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if trainer.strategy.reduce_boolean_decision(self.signalled, all=False):
+        if trainer.strategy.reduce_boolean_decision(self.signalled or trainer.received_sigterm, all=False):
             trainer._signal_connector.received_sigterm = True  # read after the batch's last hook, on every rank
 
 

@@ -1,7 +1,8 @@
 """Run by the tests as a script: two CPU ranks, each with state of its own.
 
 `ddp_ranks.py OUT sigterm`: Lightning DDP over gloo; rank 0 alone gets SIGTERM at step 20, and both ranks must
-stop after the same batch (each writes the step it stopped at to OUT/stopped<rank>.json).
+stop after the same batch (each writes the step it stopped at to OUT/stopped<rank>.json). `sigterm_early`: rank 1
+alone gets it before the first batch.
 
 `ddp_ranks.py OUT states VISION LM`: two processes in a gloo group, without Lightning: the checkpoint state of
 the training module's random generators, the instability monitor and the epoch-boundary check, saved as rank 0
@@ -34,13 +35,22 @@ class SignalledOnRankZero(ToyRegression):
         return super().training_step(batch, batch_idx)
 
 
-def sigterm(out: Path) -> None:
+class SignalRankOneBeforeTraining(L.Callback):
+    """Before the first batch, ahead of StopOnSigterm's own hooks: Lightning's handler hung the ranks there."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def sigterm(out: Path, early: bool) -> None:
+    callbacks = [SignalRankOneBeforeTraining()] if early else []
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=60, callbacks=[StopOnSigterm()], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=60, callbacks=[*callbacks, StopOnSigterm()],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     try:
-        trainer.fit(SignalledOnRankZero(), loader(KeyedRegression(), seed=0))
+        trainer.fit(ToyRegression() if early else SignalledOnRankZero(), loader(KeyedRegression(), seed=0))
     except SIGTERMException:
         (out / f"stopped{trainer.global_rank}.json").write_text(json.dumps(trainer.global_step))
         sys.exit(143)
@@ -89,7 +99,7 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    if sys.argv[2] == "sigterm":
-        sigterm(out)
+    if sys.argv[2] in ("sigterm", "sigterm_early"):
+        sigterm(out, early=sys.argv[2] == "sigterm_early")
     else:
         torch.multiprocessing.spawn(states, args=(out, sys.argv[3], sys.argv[4]), nprocs=2)

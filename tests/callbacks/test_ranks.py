@@ -15,13 +15,15 @@ SCRIPT = str(Path(__file__).with_name("ddp_ranks.py"))
 
 
 @pytest.mark.slow
-def test_a_sigterm_on_one_rank_stops_every_rank_after_the_same_batch(tmp_path):
+@pytest.mark.parametrize(("mode", "step"), [("sigterm", 21), ("sigterm_early", 1)])
+def test_a_sigterm_on_one_rank_stops_every_rank_after_the_same_batch(tmp_path, mode, step):
     # Lightning's SIGTERM handler broadcast from inside the handler, into another rank's collective: a two-rank
-    # run hung (3 of 5 tries) or died of a gloo size mismatch (2 of 5) instead of exiting 143.
-    done = run_fresh([sys.executable, SCRIPT, str(tmp_path), "sigterm"], timeout=180)
+    # run hung (3 of 5 tries) or died of a gloo size mismatch (2 of 5) instead of exiting 143; also with the
+    # signal before the first batch.
+    done = run_fresh([sys.executable, SCRIPT, str(tmp_path), mode], timeout=180)
     assert done.returncode == 143, done.stderr[-3000:]
     stopped = [json.loads((tmp_path / f"stopped{rank}.json").read_text()) for rank in (0, 1)]
-    assert stopped[0] == stopped[1] == 21, stopped  # the step signalled, finished, then no other
+    assert stopped[0] == stopped[1] == step, stopped  # the batch it came in (or the first), then no other
 
 
 def test_a_resumed_rank_gets_its_own_random_stream_and_loss_statistics(tmp_path, micro_base):
