@@ -139,9 +139,10 @@ def _annotations(record: dict, key: str, skips: SkipLog) -> dict | None:
 
 
 def _questions(questions) -> list[dict] | None:
-    """A record's `questions` ([{"question", "answers": [human answers, ten in VQAv2] or "answer", "type"}]) as
-    the evaluation asks them: `answer` the most given one (exact match), `answers` all of them (VQA accuracy),
-    `type` a name for the per-type scores ("yes/no" becomes "yes_no"; unset: "other"). None when malformed."""
+    """A record's `questions` ([{"question", "answers": [human answers, ten in VQAv2: strings, or VQAv2's own
+    {"answer": ...} records] or "answer", "type"}]) as the evaluation asks them: `answer` the most given one,
+    case aside (exact match), `answers` all of them (VQA accuracy), `type` a name for the per-type scores
+    ("yes/no" becomes "yes_no"; unset: "other"). None when malformed."""
     if not isinstance(questions, list):
         return None
     parsed = []
@@ -149,15 +150,18 @@ def _questions(questions) -> list[dict] | None:
         if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not q["question"].strip():
             return None
         answers = q.get("answers", [q["answer"]] if isinstance(q.get("answer"), str) else None)
+        if isinstance(answers, list):
+            answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
         if not _strings(answers) or not answers or not all(a.strip() for a in answers):
             return None
+        most = Counter(a.strip().lower() for a in answers).most_common(1)[0][0]
         kind = q.get("type", "other")
         if not isinstance(kind, str) or not re.sub(r"\W+", "", kind):
             return None
         parsed.append(
             {
                 "question": q["question"].strip(),
-                "answer": Counter(answers).most_common(1)[0][0],
+                "answer": next(a for a in answers if a.strip().lower() == most),
                 "answers": answers,
                 "type": re.sub(r"\W+", "_", kind).strip("_"),
             }

@@ -503,6 +503,12 @@ def test_real_vqa_questions_are_built_into_the_shards_and_scored_by_vqa_accuracy
         question = {"question": "is there a red circle ?", "answers": ["yes"] * 7 + ["no"] * 3, "type": "yes/no"}
         if i % 3 == 1:
             question = {"question": "what color is the circle ?", "answer": "red"}  # one answer, type unset
+        if i % 3 == 2:  # VQAv2's own answer records; "Blue" and "blue" are one answer, given most
+            answers = ["red", "red", "Blue", "blue", "blue"]
+            question = {
+                "question": "what color ?",
+                "answers": [{"answer": a, "answer_id": n} for n, a in enumerate(answers)],
+            }
         record = {"id": f"q{i}", "text": "a red circle", "images": [f"{i}.png"], "split": "test"}
         lines.append(json.dumps({**record, "questions": [question]}))
     bad = [{"question": "?", "answers": []}, [{"question": "", "answer": "x"}], [{"question": "q"}], "what ?"]
@@ -519,6 +525,7 @@ def test_real_vqa_questions_are_built_into_the_shards_and_scored_by_vqa_accuracy
     assert meta["q1"]["questions"] == [
         {"question": "what color is the circle ?", "answer": "red", "answers": ["red"], "type": "other"}
     ]
+    assert meta["q2"]["questions"][0]["answer"] == "Blue" and len(meta["q2"]["questions"][0]["answers"]) == 5
     metrics = evaluate_model(micro_run / "sft_long", tmp_path / "out", vqa=True, max_new_tokens=4)["metrics"]
     assert metrics["vqa_questions"] == 12
     assert {"vqa_accuracy", "vqa_accuracy_yes_no", "vqa_accuracy_other", "vqa_exact_other"} <= metrics.keys()
