@@ -396,7 +396,7 @@ def run_data_stage(
         check_own_folder(out_dir, "--out_dir", (INDEX_NAME, BUILDING_NAME), [*BUILD_FILES, *shards])
         try:
             return _build(recipe, out_dir, world, seed)
-        except BaseException:  # the work/ images are copies (86 MB for the default world); stats/ stay to read
+        except BaseException:  # the work/ images are copies (1.6 MB for 384 images of 64 px); stats/ stay to read
             shutil.rmtree(out_dir / "work", ignore_errors=True)
             raise
 
