@@ -34,8 +34,8 @@ the same count applies: a lasting rise alerted at every step until the stage end
 second: 86,000 alerts, one webhook post each) and, its statistics frozen, never as a divergence; it is a
 `level_shift` after `max_in_a_row` steps. Non-finite steps under `warn` are reported up to `max_in_a_row`
 in a row; then, if the trained weights are no longer finite (one NaN update in float32 or bf16 does that),
-the stage stops as with `stop`; else (fp16, whose scaler skips such updates) the rest of the run of them is
-not reported, until a finite step.
+the stage stops as with `stop`; else (fp16, whose scaler skips such updates, and DeepSpeed, whose engine
+does in every precision) the rest of the run of them is not reported, until a finite step.
 
 Under DeepSpeed, gradients live in the engine's partitioned buffers (`p.grad` is None), so the
 step is judged right after the engine's `step()`, with the engine's global norm (computed before
@@ -67,8 +67,14 @@ ACTIONS = ("warn", "skip", "rewind", "stop")
 
 def weights_lost(trainer, pl_module) -> bool:
     """Whether some trained parameter holds a NaN or infinity, on any rank (every rank must call it). Under
-    ZeRO-3 a rank holds no whole parameter here: it finds none lost."""
-    lost = any(p.numel() and not torch.isfinite(p).all() for p in pl_module.parameters() if p.requires_grad)
+    ZeRO-3 each rank checks its own partition of every parameter (`ds_tensor`): outside the forward pass the
+    parameter itself is an empty placeholder there."""
+
+    def held(p: torch.Tensor) -> torch.Tensor:
+        part = getattr(p, "ds_tensor", None)
+        return p if part is None else part
+
+    lost = any(not torch.isfinite(held(p)).all() for p in pl_module.parameters() if p.requires_grad)
     return trainer.strategy.reduce_boolean_decision(bool(lost), all=False)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -231,6 +233,49 @@ def test_skip_and_rewind_are_refused_under_deepspeed(tmp_path, capsys, micro_wor
         main(argv)
     assert exit_info.value.code == 2 and "action 'rewind' is not available under DeepSpeed" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_under_deepspeed_a_nan_step_is_not_applied_and_the_run_goes_on_under_warn(
+    tmp_path, capsys, micro_world, micro_base
+):
+    """DeepSpeed's engine skips an update whose gradients are not finite, in every precision (as fp16's loss
+    scaler does): under warn the weights stay finite, the weights check finds them so (on ZeRO-3's
+    partitions), and the stage trains on."""
+    argv = [
+        "curriculum", f"--run_dir={tmp_path / 'run'}", *_shared_args(tmp_path, micro_world, micro_base),
+        *_deepspeed_args(tmp_path, "zero3"), "--stability.faults={1: nan}", "--stability.instability.action=warn",
+        "--stability.instability.max_in_a_row=1",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    for stage in ("align", "sft_short"):
+        alerts = [json.loads(line) for line in (tmp_path / "run" / stage / "alerts.jsonl").read_text().splitlines()]
+        assert [(a["kind"], a["step"], a["action"]) for a in alerts] == [("non_finite", 1, "warn")], stage
+        losses = json.loads((tmp_path / "run" / stage / "losses.json").read_text())["losses"]
+        assert losses[1] is None and all(math.isfinite(loss) for loss in losses[2:]), (stage, losses)
+
+
+def test_the_weights_check_reads_zero3_partitions(tmp_path):
+    """Under ZeRO-3 a parameter outside the forward pass is an empty placeholder: the check read those and
+    found nothing lost whatever the partitions held."""
+    from callbacks.instability import weights_lost
+    from stages.strategies import CPUDeepSpeedStrategy
+    from tests.callbacks.toy import KeyedRegression, ToyRegression, loader, trainer
+
+    found = []
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            weight = pl_module.net.weight
+            assert weight.numel() == 0 and weight.ds_tensor.numel() > 0  # partitioned, as the check meets it
+            found.append(weights_lost(trainer, pl_module))
+            if trainer.global_step == 2:
+                weight.ds_tensor.view(-1)[0] = math.nan
+
+    strategy = CPUDeepSpeedStrategy(config=ZERO3_TINY)
+    trainer([Probe()], max_steps=4, strategy=strategy, default_root_dir=tmp_path).fit(
+        ToyRegression(), loader(KeyedRegression())
+    )
+    assert found == [False, False, True, True]
 
 
 def test_deepspeed_runs_on_a_machine_without_cuda_when_the_accelerator_is_auto():
