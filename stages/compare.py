@@ -46,8 +46,6 @@ METRICS = [
 
 def baseline_stages(cfg: CurriculumConfig) -> dict:
     """The baseline's stages for a curriculum: its first stage, then one SFT stage with the same steps."""
-    from stages.curriculum import trainer_key
-
     names = list(cfg.stages)
     if len(names) < 2:
         raise ValueError("compare: the curriculum needs an align stage and at least one SFT stage")
@@ -58,7 +56,7 @@ def baseline_stages(cfg: CurriculumConfig) -> dict:
             raise ValueError(f"compare: stages.{name}.trainer.max_steps must be set to match the optimizer steps")
         if max_epochs not in (None, -1):  # an epoch ended the curriculum's stages early, not the baseline's one
             raise ValueError(
-                f"compare: {trainer_key(cfg, name, 'max_epochs')} {max_epochs}: the arms are matched by optimizer "
+                f"compare: {cfg.trainer_flag(name, 'max_epochs')} {max_epochs}: the arms are matched by optimizer "
                 "steps, which max_epochs would cut short in one arm and not the other; leave it unset"
             )
         steps[name] = max_steps

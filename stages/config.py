@@ -434,6 +434,14 @@ class CurriculumConfig:
         """The trainer settings stage `stage` runs with: the run's, with what the stage sets replacing them."""
         return self.trainer.merged(self.stages[stage].trainer)
 
+    def trainer_flag(self, stage: str, key: str) -> str:
+        """The flag that sets `key` of the stage's trainer, for messages: the stage's own, or the run's."""
+        return (
+            f"stages.{stage}.trainer.{key}"
+            if getattr(self.stages[stage].trainer, key) is not None
+            else f"trainer.{key}"
+        )
+
     def _check_same_processes(self, name: str, first: str) -> None:
         """Every stage trains on the processes the first one started: a stage on 1 device after one on 2 ran
         twice, each process training it as rank 0 into the same folder (two evaluations, one export)."""

@@ -349,20 +349,20 @@ def check_accelerator(cfg: CurriculumConfig) -> None:
     once the first stage built its Trainer, after the data stage."""
     from lightning.pytorch.accelerators import AcceleratorRegistry
 
-    for name, spec in cfg.stages.items():
+    for name in cfg.stages:
         trainer = cfg.trainer_of(name)
         accelerator, devices = trainer.accelerator, trainer.devices
         gpu_here = torch.cuda.is_available() or torch.backends.mps.is_available()  # what "auto" would pick
         on_cpu = accelerator == "cpu" or (accelerator in (None, "auto") and not gpu_here)
         if on_cpu and (isinstance(devices, list) or (isinstance(devices, str) and "," in devices)):
-            key = f"stages.{name}.trainer.devices" if spec.trainer.devices is not None else "trainer.devices"
+            key = cfg.trainer_flag(name, "devices")
             raise NoGPU(f"{key} {devices!r}: device indices name GPUs; on the CPU give a number of processes (2)")
         if on_cpu and str(trainer.precision) in ("16-mixed", "16"):
-            key = f"stages.{name}.trainer.precision" if spec.trainer.precision is not None else "trainer.precision"
+            key = cfg.trainer_flag(name, "precision")
             raise NoGPU(f"{key} {trainer.precision}: float16 autocast needs a GPU (on CPU, Lightning ran bf16-mixed)")
         if accelerator in (None, "auto", "cpu"):
             continue
-        key = f"stages.{name}.trainer.accelerator" if spec.trainer.accelerator else "trainer.accelerator"
+        key = cfg.trainer_flag(name, "accelerator")
         if accelerator in ("gpu", "cuda"):
             if torch.cuda.is_available():
                 continue
@@ -447,11 +447,6 @@ def _prepare_run(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> RunIn
     return RunInputs(run_dir, shard_dir, vision, lm, input_digests(shard_dir, vision, lm))
 
 
-def trainer_key(cfg: CurriculumConfig, stage: str, key: str) -> str:
-    """The flag that sets `key` of the stage's trainer: the stage's own, or the run's."""
-    return f"stages.{stage}.trainer.{key}" if getattr(cfg.stages[stage].trainer, key) is not None else f"trainer.{key}"
-
-
 def check_epochs(cfg: CurriculumConfig, index: dict) -> None:
     """What a stage's epoch length decides, from the index as the loader counts an epoch (whole optimizer steps
     per rank): an integer `val_check_interval` past the epoch's batches, which Lightning refused once the stage
@@ -464,13 +459,13 @@ def check_epochs(cfg: CurriculumConfig, index: dict) -> None:
         limit = trainer.limit_val_batches
         if isinstance(limit, float) and 0 < limit < 1 and ranks(trainer) == 1:  # Lightning refused it at the start
             raise ShardError(
-                f"{trainer_key(cfg, name, 'limit_val_batches')} {limit}: a share needs the validation set's length in "
+                f"{cfg.trainer_flag(name, 'limit_val_batches')} {limit}: a share needs the validation set's length in "
                 "batches, which a stream of shards has only on several devices; give a count of batches (0: none)"
             )
         interval = trainer.val_check_interval
         if isinstance(interval, int) and interval > batches:
             raise ShardError(
-                f"{trainer_key(cfg, name, 'val_check_interval')} {interval}: more than the {batches} training batches "
+                f"{cfg.trainer_flag(name, 'val_check_interval')} {interval}: more than the {batches} training batches "
                 f"of an epoch of stage {name} (Lightning validates within each epoch); give at most {batches}, or a "
                 "share (0.5)"
             )
