@@ -91,7 +91,8 @@ def _optimizer_step_count(trainer) -> int | None:
 
 
 class BoundaryCheck(L.Callback):
-    """Compares losses across epoch boundaries (and the stage boundary, given `previous_tail`)."""
+    """Compares losses across epoch boundaries (and the stage boundary, given `previous_tail`), and records the
+    loss of every optimizer step (`write_losses`: the stage's losses.json), with its alerts enabled or not."""
 
     def __init__(
         self,
@@ -151,7 +152,7 @@ class BoundaryCheck(L.Callback):
             trace.losses.append(value)
         # At the epoch's k-th step, on every rank at once (the check gathers the ranks' findings): counting
         # finite losses instead would check a rank that had a NaN step later than the others.
-        if trace.steps == self.config.k and trainer.current_epoch not in self._checked:
+        if self.config.enabled and trace.steps == self.config.k and trainer.current_epoch not in self._checked:
             self._checked.add(trainer.current_epoch)
             finding = self._finding(trainer)
             for rank, record in gather_findings(trainer, finding is not None, finding):

@@ -24,7 +24,7 @@ import shutil
 import time
 import warnings
 import zlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
@@ -242,8 +242,7 @@ def stability_callbacks(
     sinks = AlertSinks(name, stage_dir / "alerts.jsonl", stability.webhook_url)
     monitor = InstabilityMonitor(stability.instability, sinks, name) if stability.instability.enabled else None
     # The boundary check also records the per-step losses, so it runs even when its alerts are off.
-    boundary_config = stability.boundary if stability.boundary.enabled else replace(stability.boundary, z=float("inf"))
-    return sinks, monitor, BoundaryCheck(boundary_config, sinks, name, previous_tail)
+    return sinks, monitor, BoundaryCheck(stability.boundary, sinks, name, previous_tail)
 
 
 def stage_data_and_evaluation(

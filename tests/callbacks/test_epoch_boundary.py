@@ -15,8 +15,8 @@ from tests.callbacks.toy import KeyedRegression, ToyRegression, loader, trainer
 STEPS_PER_EPOCH = 2048 // 64
 
 
-def _fit(module, dataset, shuffle=True, epochs=4) -> BoundaryCheck:
-    check = BoundaryCheck(BoundaryConfig(), AlertSinks("toy"), "toy")
+def _fit(module, dataset, shuffle=True, epochs=4, config=None) -> BoundaryCheck:
+    check = BoundaryCheck(config or BoundaryConfig(), AlertSinks("toy"), "toy")
     data = loader(dataset, batch_size=64, shuffle=shuffle)
     trainer([check], max_steps=-1, max_epochs=epochs).fit(module, data)
     return check
@@ -42,6 +42,12 @@ def test_learning_rate_restart_at_every_epoch_is_named():
     assert all(a.kind == "epoch_boundary" for a in check.alerts)
     assert all(any(c.startswith("lr_jump") for c in a.causes) for a in check.alerts)
     assert not any(c.startswith("repeated_order") for a in check.alerts for c in a.causes)
+
+
+def test_a_disabled_check_raises_nothing_and_still_records_every_loss():
+    module = ToyRegression(lr=0.005, lr_restart_every=STEPS_PER_EPOCH, restart_lr=1.7)  # alerts when enabled
+    check = _fit(module, KeyedRegression(size=2048), config=BoundaryConfig(enabled=False))
+    assert check.alerts == [] and len(check.all_losses) == 4 * STEPS_PER_EPOCH
 
 
 def test_no_reshuffle_is_named():
