@@ -194,56 +194,29 @@ class CaptionDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> wds.WebLoader | list:
         if self.format is None:
             raise RuntimeError("CaptionDataModule.connect(...) must be called before its dataloaders are used")
-        urls = shard_urls(self.shard_dir, self.index, split)
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        world = self.trainer.world_size if self.trainer is not None else 1
-        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
-        fits = shard_fits(self.index, split, self.max_words)
-        kept = sum(fits)
         if train and self.trainer is None:  # built for one epoch of a fit: its epoch, ranks, accumulation, resume
             raise RuntimeError(
                 "CaptionDataModule: pass it to trainer.fit(datamodule=...): its training loader is built by the "
                 "Trainer each epoch (passed as train_dataloaders, every epoch repeated the first's order, and the "
                 "loss ignored the accumulation)"
             )
+        urls = shard_urls(self.shard_dir, self.index, split)
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        world = self.trainer.world_size if self.trainer is not None else 1
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        fits = shard_fits(self.index, split, self.max_words)
+        padded = []
         if train:
-            # Only shards with a caption that fits: a rank or loader worker dealt only shards without one had
-            # nothing to train on and stopped while the others waited for it (a data set grouped by source,
-            # its long detailed captions in shards of their own, under a short budget).
-            urls = [url for url, count in zip(urls, fits, strict=True) if count]
-            batches = epoch_batches(kept, self.batch_size, world, accumulate)
-            if batches == 0:
-                raise ShardError(
-                    f"{self.shard_dir}: only {kept} training images fit max_words={self.max_words}, fewer than one "
-                    f"optimizer step ({accumulate} batch(es) of {self.batch_size}) per device"
-                )
-            self._check_reloaded(batches)
-            self._check_limit(batches)
-            readers = world * max(self.num_workers, 1)
-            if len(urls) < readers and not self._warned_readers:
-                self._warned_readers = True
-                log.warning(
-                    "%s: %d training shards for %d readers (%d rank(s) x %d loader worker(s)): each reader reads "
-                    "every shard and keeps 1 sample in %d, so an epoch reads the data %d times; rebuild the shards "
-                    "with a smaller shard_size (at least %d shards)",
-                    self.shard_dir, len(urls), readers, world, max(self.num_workers, 1), readers, readers, readers,
-                )  # fmt: skip
+            urls, batches = self._training_plan(urls, fits, world, accumulate)
         elif world > 1:
-            # Every sample once, and every rank as many batches (under ZeRO-3 each forward pass needs them all):
-            # each reader pads its share with batches that score nothing up to the largest share's batches.
-            readers = world * max(self.num_workers, 1)
-            if kept < readers:  # a reader with no sample that fits would have none to give its batches
-                if kept:
-                    log.warning("%s: %d %s samples fit max_words=%d, fewer than its %d readers: no validation loss",
-                                self.shard_dir, kept, split, self.max_words, readers)  # fmt: skip
+            per_reader = self._batches_per_eval_reader(split, sum(fits), world)
+            if per_reader is None:
                 return []
-            largest_share = -(-kept // readers)
-            per_reader = -(-largest_share // self.batch_size)
             batches = per_reader * max(self.num_workers, 1)
+            padded = [functools.partial(pad_batches, count=per_reader)]
         skip = self._batches_done_this_epoch() if train else 0
-        # Training ranks with fewer samples than others read theirs again rather than stop early.
-        padded = [functools.partial(pad_batches, count=per_reader)] if not train and world > 1 else []
         stream = wds.DataPipeline(
+            # repeat: a training rank with fewer samples than the others reads its own again rather than stop early
             ShardStream(urls, self.seed, epoch, train, self._fits, skip, self.batch_size, repeat=train),
             wds.batched(self.batch_size, collation_fn=self._collate, partial=not train),
             *padded,
@@ -263,6 +236,45 @@ class CaptionDataModule(L.LightningDataModule):
                 warnings.simplefilter("ignore", UserWarning)
                 loader = loader.with_epoch(batches).with_length(batches)
         return loader
+
+    def _training_plan(self, urls: list[str], fits: list[int], world: int, accumulate: int) -> tuple[list[str], int]:
+        """The training shards to read and each rank's batches in an epoch."""
+        # Only shards with a caption that fits: a rank or loader worker dealt only shards without one had
+        # nothing to train on and stopped while the others waited for it (a data set grouped by source,
+        # its long detailed captions in shards of their own, under a short budget).
+        urls = [url for url, count in zip(urls, fits, strict=True) if count]
+        kept = sum(fits)
+        batches = epoch_batches(kept, self.batch_size, world, accumulate)
+        if batches == 0:
+            raise ShardError(
+                f"{self.shard_dir}: only {kept} training images fit max_words={self.max_words}, fewer than one "
+                f"optimizer step ({accumulate} batch(es) of {self.batch_size}) per device"
+            )
+        self._check_reloaded(batches)
+        self._check_limit(batches)
+        readers = world * max(self.num_workers, 1)
+        if len(urls) < readers and not self._warned_readers:
+            self._warned_readers = True
+            log.warning(
+                "%s: %d training shards for %d readers (%d rank(s) x %d loader worker(s)): each reader reads "
+                "every shard and keeps 1 sample in %d, so an epoch reads the data %d times; rebuild the shards "
+                "with a smaller shard_size (at least %d shards)",
+                self.shard_dir, len(urls), readers, world, max(self.num_workers, 1), readers, readers, readers,
+            )  # fmt: skip
+        return urls, batches
+
+    def _batches_per_eval_reader(self, split: str, kept: int, world: int) -> int | None:
+        """Under several ranks, the batches each reader of `split` gives (None: too few samples for its readers).
+        Every sample once, and every rank as many batches (under ZeRO-3 each forward pass needs them all): each
+        reader pads its share with batches that score nothing up to the largest share's batches."""
+        readers = world * max(self.num_workers, 1)
+        if kept < readers:  # a reader with no sample that fits would have none to give its batches
+            if kept:
+                log.warning("%s: %d %s samples fit max_words=%d, fewer than its %d readers: no validation loss",
+                            self.shard_dir, kept, split, self.max_words, readers)  # fmt: skip
+            return None
+        largest_share = -(-kept // readers)
+        return -(-largest_share // self.batch_size)
 
     @staticmethod
     def _limited(trainer, batches: int) -> int:

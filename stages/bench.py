@@ -185,7 +185,8 @@ def bench_blip2(
             "outside_op_s": round(wall - op_report["seconds"], 2),
             "kept": report["samples"]["kept"],
         }
-        if half_wall is not None:  # None: the run on all images was no slower, the timing noise larger
+        if half_wall is not None:  # None: a single image, no half run
+            # None: the run on all images was no slower than the half run, the timing noise larger
             marginal = (count - count // 2) / (wall - half_wall) if wall > half_wall else None
             results["runs"][name]["half_wall_s"] = round(half_wall, 4)
             results["runs"][name]["marginal_images_per_s"] = None if marginal is None else round(marginal, 2)
