@@ -252,7 +252,7 @@ RECORD_KEYS = ("stage", "global_step", "generation", "history", "eval_fingerprin
 """What metrics.json holds beside the scores."""
 
 
-def scores(record: dict) -> dict:
+def scores_of_record(record: dict) -> dict:
     """The scores of a metrics.json record, the same keys as the final evaluation's `metrics` (what a stage
     skipped or resumed on a rerun reports, as a trained one does)."""
     return {k: v for k, v in record.items() if k not in RECORD_KEYS}

@@ -37,7 +37,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from callbacks.alerts import AlertSinks
 from callbacks.epoch_boundary import BoundaryCheck
-from callbacks.evaluation import CaptionEvaluation, class_table, load_synonyms, metrics_line, scores
+from callbacks.evaluation import CaptionEvaluation, class_table, load_synonyms, metrics_line, scores_of_record
 from callbacks.fault_injection import FaultInjection
 from callbacks.instability import InstabilityMonitor
 from callbacks.preemption import StopOnSigterm
@@ -127,9 +127,9 @@ class StageResult:
     rescored: bool = False  # skipped, but scored again: its evaluation settings changed
 
 
-def write_stage_config(stage_dir: Path, stage_print: str, resolved: dict) -> None:
+def write_stage_config(stage_dir: Path, stage_hash: str, resolved: dict) -> None:
     write_text_atomic(
-        stage_dir / "config.yaml", yaml.safe_dump({"fingerprint": stage_print, **resolved}, sort_keys=False)
+        stage_dir / "config.yaml", yaml.safe_dump({"fingerprint": stage_hash, **resolved}, sort_keys=False)
     )
 
 
@@ -146,9 +146,9 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def prepare_stage_folder(
-    stage_dir: Path, stage_print: str, resolved: dict, rank_zero: bool, older_print: str | None = None
+    stage_dir: Path, stage_hash: str, resolved: dict, rank_zero: bool, older_hash: str | None = None
 ) -> None:
-    """Empties a stage folder whose config or inputs changed, and writes the stage's config.yaml. `older_print`:
+    """Empties a stage folder whose config or inputs changed, and writes the stage's config.yaml. `older_hash`:
     the stage's fingerprint under an older version's rules, which an interrupted stage of that version has.
 
     Every rank runs each stage, but only rank 0 touches its folder: when two ranks both rewrote
@@ -159,7 +159,7 @@ def prepare_stage_folder(
         return
     config_path = stage_dir / "config.yaml"
     before = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else None
-    accepted = {stage_print, older_print} - {None}  # an empty config.yaml has none: the folder is stale
+    accepted = {stage_hash, older_hash} - {None}  # an empty config.yaml has none: the folder is stale
     if before is not None and before.get("fingerprint") not in accepted:
         changed = changed_keys({k: v for k, v in before.items() if k != "fingerprint"}, resolved)
         changed = changed or ["the fingerprint's rules, of an older vlm-curriculum"]
@@ -178,7 +178,7 @@ def prepare_stage_folder(
             shutil.rmtree(stale)
         else:
             stale.unlink()
-    write_stage_config(stage_dir, stage_print, resolved)
+    write_stage_config(stage_dir, stage_hash, resolved)
 
 
 def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig) -> VLMModule:
@@ -192,7 +192,7 @@ def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig
     return VLMModule(vlm, spec.trainable, optim, cfg.model.speed)
 
 
-def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, init_print: str | None) -> dict:
+def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, init_hash: str | None) -> dict:
     """Everything that decides what this stage computes (`stage_fingerprint` hashes what decides its weights)."""
     spec = cfg.stages[name]
     trainer = cfg.trainer_of(name)
@@ -220,7 +220,7 @@ def resolved_stage_config(cfg: CurriculumConfig, name: str, inputs: RunInputs, i
             "vision_path": stored_path(inputs.vision_path, inputs.run_dir),
             "lm_path": stored_path(inputs.lm_path, inputs.run_dir),
             "digests": inputs.digests,
-            "init_from": init_print,
+            "init_from": init_hash,
         },
     }
 
@@ -252,9 +252,9 @@ def stage_data_and_evaluation(
     vlm: VisionLanguageModel,
     tokenizer,
     processor,
-    eval_print: str,
+    eval_hash: str,
 ) -> tuple[CaptionDataModule, CaptionEvaluation]:
-    """The stage's training data (its word budget) and its evaluation on the held-out split; `eval_print`, the
+    """The stage's training data (its word budget) and its evaluation on the held-out split; `eval_hash`, the
     evaluation settings' fingerprint, is recorded with the scores in metrics.json."""
     spec = cfg.stages[name]
     datamodule = CaptionDataModule(
@@ -285,7 +285,7 @@ def stage_data_and_evaluation(
         grid_images=cfg.eval.grid_images,
         buckets=tuple(cfg.eval.length_buckets),
         vqa=cfg.eval.vqa,
-        extra={"budget": budget, "eval_fingerprint": eval_print},
+        extra={"budget": budget, "eval_fingerprint": eval_hash},
         synonyms=class_table(load_synonyms(cfg.eval.synonyms), datamodule.index, samples, datamodule.shard_dir),
     )
     return datamodule, evaluation
@@ -301,9 +301,9 @@ def rescore_stage(
     as a text `eval/<stage>/rescored` at the stage's last step)."""
     from stages.export import StageSource, load_stage_model
 
-    stage_dir, steps, stage_print = inputs.run_dir / name, done["global_steps"], done["fingerprint"]
+    stage_dir, steps, stage_hash = inputs.run_dir / name, done["global_steps"], done["fingerprint"]
     if rank_zero_only.rank != 0:  # rank 0 scores; the next stage's first collective waits for it
-        return StageResult(name, stage_print, steps, {}, skipped=True)
+        return StageResult(name, stage_hash, steps, {}, skipped=True)
     log.info("stage %s: trained before with the same config and inputs; evaluation settings changed, scoring it", name)
     if not (stage_dir / "export").is_dir():
         raise FileNotFoundError(
@@ -313,16 +313,16 @@ def rescore_stage(
     vlm, tokenizer, processor, _ = load_stage_model(StageSource(stage_dir, resolved, steps), as_trained=True)
     on_gpu = torch.cuda.is_available() and trainer.accelerator not in ("cpu",)
     vlm.to(device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else None)
-    eval_print = eval_fingerprint(resolved)
-    _, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_print)
+    eval_hash = eval_fingerprint(resolved)
+    _, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_hash)
     metrics = evaluation.rescore(vlm, steps)
-    write_stage_config(stage_dir, stage_print, resolved)
-    write_text_atomic(stage_dir / "done.json", json.dumps({**done, "eval_fingerprint": eval_print}, indent=2))
+    write_stage_config(stage_dir, stage_hash, resolved)
+    write_text_atomic(stage_dir / "done.json", json.dumps({**done, "eval_fingerprint": eval_hash}, indent=2))
     logger = CurriculumTensorBoardLogger(str(inputs.run_dir), step_offset)
     text = f"scored again with new evaluation settings: {metrics_line(metrics)}"
     logger.experiment.add_text(f"eval/{name}/rescored", text, global_step=logger.run_step(steps - 1))
     logger.finalize("success")  # closes the writer (and its thread)
-    return StageResult(name, stage_print, steps, metrics, skipped=True, rescored=True)
+    return StageResult(name, stage_hash, steps, metrics, skipped=True, rescored=True)
 
 
 @dataclass
@@ -400,7 +400,7 @@ def finished_result(
         return None
     if done.get("eval_fingerprint") == eval_fingerprint(resolved) and (stage_dir / "metrics.json").is_file():
         log.info("stage %s: finished before with the same config and inputs, skipped", name)
-        metrics = scores(json.loads((stage_dir / "metrics.json").read_text()))
+        metrics = scores_of_record(json.loads((stage_dir / "metrics.json").read_text()))
         return StageResult(name, done["fingerprint"], done["global_steps"], metrics, skipped=True)
     return rescore_stage(cfg, name, inputs, resolved, done, step_offset)
 
@@ -430,7 +430,7 @@ def scores_of_a_resumed_end(stage_dir: Path, name: str, evaluation: CaptionEvalu
             "steps again"
         )
     record = json.loads(metrics_path.read_text())
-    evaluation.metrics = scores(record)
+    evaluation.metrics = scores_of_record(record)
     return record.get("eval_fingerprint")
 
 
@@ -439,17 +439,17 @@ def run_stage(
     name: str,
     inputs: RunInputs,
     init_dir: Path | None,
-    init_print: str | None,
+    init_hash: str | None,
     step_offset: int,
     previous_tail: list[float] | None = None,
 ) -> StageResult:
     """Runs stage `name` unless it already finished with the same fingerprint; resumes from last.ckpt."""
     stage_dir = inputs.run_dir / name
-    resolved = resolved_stage_config(cfg, name, inputs, init_print)
+    resolved = resolved_stage_config(cfg, name, inputs, init_hash)
     finished = finished_result(cfg, name, inputs, resolved, step_offset)
     if finished is not None:
         return finished
-    stage_print, eval_print = stage_fingerprint(resolved), eval_fingerprint(resolved)
+    stage_hash, eval_hash = stage_fingerprint(resolved), eval_fingerprint(resolved)
     started = time.perf_counter()
     L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)
     vlm, tokenizer, processor = build_vlm(cfg.model, inputs.vision_path, inputs.lm_path)
@@ -460,10 +460,10 @@ def run_stage(
             vlm.double()
         load_handoff(vlm, init_dir)
     module = make_module(cfg.stages[name], vlm, cfg)
-    datamodule, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_print)
+    datamodule, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_hash)
     trainer, watch = stage_trainer(cfg, name, inputs, evaluation, step_offset, previous_tail or [])
     # Only now, with the stage built: a stage that fails to build leaves the previous run's folder as it was.
-    prepare_stage_folder(stage_dir, stage_print, resolved, rank_zero_only.rank == 0, stage_fingerprint(resolved, False))
+    prepare_stage_folder(stage_dir, stage_hash, resolved, rank_zero_only.rank == 0, stage_fingerprint(resolved, False))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # The ranks already started by an earlier stage wait until rank 0 has emptied a stale stage folder: one that
         # looked before saw the old last.ckpt, resumed from it, and failed once rank 0 had deleted it.
@@ -476,7 +476,7 @@ def run_stage(
             f"stage {name} stopped by a stability alert at step {trainer.global_step}; see {stage_dir / 'alerts.jsonl'}"
             f" and {stage_dir / 'checkpoints' / 'stopped.ckpt'}"
         )
-    scored_with = eval_print  # the evaluation settings of the scores in metrics.json
+    scored_with = eval_hash  # the evaluation settings of the scores in metrics.json
     if trainer.is_global_zero and not evaluation.final_done:
         scored_with = scores_of_a_resumed_end(stage_dir, name, evaluation)
     save_handoff(module.vlm, stage_dir / "export", write=trainer.is_global_zero)  # every rank: ZeRO-3 gathers
@@ -484,7 +484,7 @@ def run_stage(
         follow_umask(stage_dir / "export")
         sync_tree(stage_dir / "export")  # on the disk before done.json vouches for it
     done = {
-        "fingerprint": stage_print,
+        "fingerprint": stage_hash,
         "eval_fingerprint": scored_with,
         "global_steps": trainer.global_step,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -500,6 +500,6 @@ def run_stage(
     # A SIGTERM after Lightning's last look (in on_train_end): the stage is done; stop, on every rank if any got it.
     if trainer.strategy.reduce_boolean_decision(trainer.received_sigterm or watch.preemption.signalled, all=False):
         raise SIGTERMException
-    if scored_with != eval_print:  # resumed at its last step, scored before with other settings (rank 0 only)
+    if scored_with != eval_hash:  # resumed at its last step, scored before with other settings (rank 0 only)
         return rescore_stage(cfg, name, inputs, resolved, done, step_offset)
-    return StageResult(name, stage_print, trainer.global_step, evaluation.metrics, skipped=False)
+    return StageResult(name, stage_hash, trainer.global_step, evaluation.metrics, skipped=False)

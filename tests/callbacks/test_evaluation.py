@@ -90,9 +90,9 @@ def test_a_resume_under_other_evaluation_settings_drops_the_earlier_history(tmp_
     # A stage resumed after its evaluation settings changed mixed scores of both settings in its history.
     samples = [("k", None, {"captions": {}})]
 
-    def evaluation(eval_print: str) -> CaptionEvaluation:
+    def evaluation(eval_hash: str) -> CaptionEvaluation:
         return CaptionEvaluation(
-            "toy", samples, FORMAT, None, tmp_path / "m.json", extra={"eval_fingerprint": eval_print}
+            "toy", samples, FORMAT, None, tmp_path / "m.json", extra={"eval_fingerprint": eval_hash}
         )
 
     before = evaluation("a")

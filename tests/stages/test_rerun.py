@@ -130,15 +130,15 @@ def test_stability_settings_are_in_the_fingerprint_where_they_change_the_weights
     inputs = RunInputs(tmp_path, tmp_path / "data", tmp_path / "vision", tmp_path / "lm", {})
     stages = {"align": StageSpec(["projector"], 8, init_from="base")}
 
-    def print_(**instability) -> str:
+    def hash_of(**instability) -> str:
         cfg = CurriculumConfig(stages=stages, stability=StabilityConfig(InstabilityConfig(**instability)))
         return stage_fingerprint(resolved_stage_config(cfg, "align", inputs, None))
 
-    warn = print_(action="warn")
-    assert print_(action="warn", z=3.0) == print_(action="warn", enabled=False) == warn  # reporting only
-    skip = print_(action="skip")
-    assert len({warn, skip, print_(action="skip", z=3.0), print_(action="skip", enabled=False)}) == 3
-    assert print_(action="skip", enabled=False) == warn  # no monitor: nothing is skipped
+    warn = hash_of(action="warn")
+    assert hash_of(action="warn", z=3.0) == hash_of(action="warn", enabled=False) == warn  # reporting only
+    skip = hash_of(action="skip")
+    assert len({warn, skip, hash_of(action="skip", z=3.0), hash_of(action="skip", enabled=False)}) == 3
+    assert hash_of(action="skip", enabled=False) == warn  # no monitor: nothing is skipped
 
 
 def test_settings_that_only_change_what_is_shown_are_not_in_the_fingerprint(tmp_path):
@@ -219,7 +219,7 @@ def test_the_stage_boundary_check_compares_with_the_stage_started_from(tmp_path,
     }
     tails = {}
 
-    def run_stage(cfg, name, inputs, init_dir, init_print, step_offset, previous_tail):
+    def run_stage(cfg, name, inputs, init_dir, init_hash, step_offset, previous_tail):
         tails[name] = previous_tail  # instead of training: record the tail, and leave losses of its own
         (inputs.run_dir / name).mkdir()
         (inputs.run_dir / name / "losses.json").write_text(json.dumps({"losses": [float(len(tails))]}))
