@@ -27,7 +27,7 @@ from modules import modeling_vlm_curriculum
 from modules.handoff import has_lora, load_handoff
 from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens, is_model_folder
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
-from stages.config import cast_as_trained, trained_dtype
+from stages.config import EvalConfig, cast_as_trained, trained_dtype
 from stages.metrics import DEFAULT_BUCKETS, check_buckets
 from stages.paths import file_lock, follow_umask, input_path
 from stages.report import STAGES_FILE, listed_stages, read_json, stage_configs, stage_problems
@@ -301,14 +301,69 @@ def eval_device(name: str) -> torch.device:
     return device
 
 
+@dataclass
+class EvalTarget:
+    """A model loaded to be scored, how it prompts, and what it trained on."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    processor: object
+    num_image_tokens: int
+    prompt: str
+    chat_template: bool
+    source: dict
+    """Where it came from, for the result: an export's record, or a stage folder and its step."""
+    trained_on: str | None
+    """The digest of the shards it trained on, when recorded."""
+
+
+def _load_exported_target(path: Path, record: dict, dtype: str | None) -> EvalTarget:
+    model, tokenizer, processor = load_exported(path)
+    source = {"exported": str(path), **record}
+    stale = stale_export(record)
+    if stale:
+        log.warning("%s is out of date: %s", path, stale)
+        source["stale"] = stale
+    precision, strategy = record.get("trained_precision"), record.get("trained_strategy")
+    # Saved in float32: scored as training scored it, but not upcast (a float64 stage's export is rounded).
+    if dtype is None and trained_dtype(precision, strategy) != torch.float64:
+        cast_as_trained(model, precision, strategy)
+        if next(model.parameters()).dtype != torch.float32:
+            log.info("%s: scored in %s, as it trained (--dtype float32 scores the saved weights)",
+                     path, next(model.parameters()).dtype)  # fmt: skip
+    chat_template = getattr(model.config, "chat_template", False)  # exports before it was a field: off
+    return EvalTarget(model, tokenizer, processor, model.config.num_image_tokens, model.config.prompt,
+                      chat_template, source, record.get("shards_digest"))  # fmt: skip
+
+
+def _load_stage_target(stage: StageSource, dtype: str | None) -> EvalTarget:
+    model, tokenizer, processor, model_config = load_stage_model(stage, DTYPES.get(dtype), as_trained=not dtype)
+    model.eval()
+    source = {"stage_dir": str(stage.stage_dir), "global_step": stage.global_step}
+    trained_on = stage.config["inputs"].get("digests", {}).get("shards")
+    return EvalTarget(model, tokenizer, processor, count_image_tokens(model, processor), model_config.prompt,
+                      model_config.chat_template, source, trained_on)  # fmt: skip
+
+
+def _note_rebuilt_shards(target: EvalTarget, shards: Path) -> None:
+    """Says so, in the result and the log, when the shards the model trained on were rebuilt since."""
+    from datamodules.shards import index_digest
+    from stages.curriculum import shards_digest
+
+    # Runs before the digest took in the files recorded the index's digest alone.
+    if target.trained_on and target.trained_on not in (shards_digest(shards), index_digest(shards)):
+        target.source["shards_changed"] = f"{shards} was rebuilt after the model trained on it"
+        log.warning("%s: scoring on shards other than those it trained on", target.source["shards_changed"])
+
+
 def evaluate_model(
     model_path: str | Path,
     shard_dir: str | Path | None = None,
-    split: str = "test",
+    split: str = EvalConfig.split,
     limit: int | None = None,
-    max_new_tokens: int = 64,
-    num_beams: int = 1,
-    batch_size: int = 64,
+    max_new_tokens: int = EvalConfig.max_new_tokens,
+    num_beams: int = EvalConfig.num_beams,
+    batch_size: int = EvalConfig.batch_size,
     buckets: tuple[int, ...] = DEFAULT_BUCKETS,
     vqa: bool = False,
     synonyms: str | Path | None = None,
@@ -322,77 +377,44 @@ def evaluate_model(
     from datamodules.captions import PromptFormat
     from datamodules.shards import INDEX_NAME
 
-    target = eval_device(device)  # bad flags fail before the model loads
+    on = eval_device(device)  # bad flags fail before the model loads
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     check_buckets(buckets, "--length_buckets")
     synonym_table = load_synonyms(synonyms, "--synonyms")
     path = Path(model_path)
-    exported = (path / EXPORT_RECORD).is_file()
-    if exported:
-        record = read_json(path / EXPORT_RECORD)
-        default_shards = Path(record["shard_dir"])
-    else:
-        stage = find_stage(path, flag="--model")
-        default_shards = stage.shard_dir
-    shards = Path(shard_dir) if shard_dir else default_shards
+    record = read_json(path / EXPORT_RECORD) if (path / EXPORT_RECORD).is_file() else None
+    stage = None if record else find_stage(path, flag="--model")
+    trained_shards = Path(record["shard_dir"]) if record else stage.shard_dir
+    shards = Path(shard_dir) if shard_dir else trained_shards
     if not (shards / INDEX_NAME).is_file():  # before the model loads (minutes for a real one)
         raise FileNotFoundError(
             f"--data: {shards} has no {INDEX_NAME}"
             if shard_dir
             else f"{shards}, the shards {path} trained on, has no {INDEX_NAME} (moved or deleted?); give --data"
         )
-    if exported:
-        model, tokenizer, processor = load_exported(path)
-        source = {"exported": str(path), **record}
-        trained_on = record.get("shards_digest")
-        stale = stale_export(record)
-        if stale:
-            log.warning("%s is out of date: %s", path, stale)
-            source["stale"] = stale
-        num_image_tokens, prompt = model.config.num_image_tokens, model.config.prompt
-        chat_template = getattr(model.config, "chat_template", False)  # exports before it was a field: off
-        precision, strategy = record.get("trained_precision"), record.get("trained_strategy")
-        # Saved in float32: scored as training scored it, but not upcast (a float64 stage's export is rounded).
-        if dtype is None and trained_dtype(precision, strategy) != torch.float64:
-            cast_as_trained(model, precision, strategy)
-            if next(model.parameters()).dtype != torch.float32:
-                log.info("%s: scored in %s, as it trained (--dtype float32 scores the saved weights)",
-                         path, next(model.parameters()).dtype)  # fmt: skip
-    else:
-        model, tokenizer, processor, model_config = load_stage_model(stage, DTYPES.get(dtype), as_trained=not dtype)
-        model.eval()
-        trained_on = stage.config["inputs"].get("digests", {}).get("shards")
-        source = {"stage_dir": str(stage.stage_dir), "global_step": stage.global_step}
-        num_image_tokens, prompt = count_image_tokens(model, processor), model_config.prompt
-        chat_template = model_config.chat_template
-    model.to(device=target, dtype=None if dtype is None else DTYPES[dtype])
+    target = _load_exported_target(path, record, dtype) if record else _load_stage_target(stage, dtype)
+    model = target.model.to(device=on, dtype=None if dtype is None else DTYPES[dtype])
+    if not shard_dir and trained_shards.is_dir():
+        _note_rebuilt_shards(target, trained_shards)
     data = CaptionDataModule(shards, max_words=10**6)
-    if not shard_dir and trained_on and default_shards.is_dir():
-        from datamodules.shards import index_digest
-        from stages.curriculum import shards_digest
-
-        # Runs before the digest took in the files recorded the index's digest alone.
-        if trained_on not in (shards_digest(default_shards), index_digest(default_shards)):
-            source["shards_changed"] = f"{default_shards} was rebuilt after the model trained on it"
-            log.warning("%s: scoring on shards other than those it trained on", source["shards_changed"])
     samples = data.eval_samples(split, limit)
     if not samples:
         raise ValueError(f"--data: {shards} has no {split!r} samples")
-    fmt = PromptFormat(tokenizer, num_image_tokens, prompt, chat_template)
+    fmt = PromptFormat(target.tokenizer, target.num_image_tokens, target.prompt, target.chat_template)
     captions = generate_captions(
-        model, samples, fmt, processor, batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams
+        model, samples, fmt, target.processor, batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams
     )
     results = [(key, meta, text) for (key, _, meta), text in zip(samples, captions, strict=True)]
     table = class_table(synonym_table, data.index, samples, shards)
     metrics = score(sorted(results, key=lambda r: r[0]), buckets, table)
     if vqa:
-        answers = answer_questions(model, samples, fmt, processor, batch_size)
+        answers = answer_questions(model, samples, fmt, target.processor, batch_size)
         if not answers:
             raise ValueError(f"--vqa: {shards} holds no questions (rebuild the shards with the data stage)")
         metrics.update(vqa_scores(answers))
     return {
-        "model": source,
+        "model": target.source,
         "data": {"shard_dir": str(shards), "split": split, "images": len(samples)},
         "generation": {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False},
         "device": {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)},

@@ -51,7 +51,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsin
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from callbacks.preemption import stop_on_sigusr1
-from stages.config import CurriculumConfig, check_seed
+from stages.config import CurriculumConfig, EvalConfig, check_seed
 from stages.metrics import DEFAULT_BUCKETS
 
 # `--help` shows each config field's docstring (the text under it in stages/config.py and the dataclasses).
@@ -131,19 +131,15 @@ def export_parser() -> ArgumentParser:
 
 def eval_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Caption a held-out split with a model and print its scores.")
-    parser.add_argument(
-        "--model",
-        "--ckpt",
-        type=str,
-        required=True,
-        help="an exported folder, or a finished stage's folder (or its export/)",
-    )
+    model_help = "an exported folder, or a finished stage's folder (or its export/)"
+    parser.add_argument("--model", "--ckpt", type=str, required=True, help=model_help)
     parser.add_argument("--data", type=str, default=None, help="shard folder; default: the shards it trained on")
-    parser.add_argument("--split", type=str, default="test", choices=["train", "val", "test"])
-    parser.add_argument("--limit", type=PositiveInt, default=256, help="images evaluated (the first of the split)")
-    parser.add_argument("--max_new_tokens", type=PositiveInt, default=64)
-    parser.add_argument("--num_beams", type=PositiveInt, default=1)
-    parser.add_argument("--batch_size", type=PositiveInt, default=64)
+    # The defaults of the evaluation after every stage (EvalConfig): the same scores for the same model.
+    parser.add_argument("--split", type=str, default=EvalConfig.split, choices=["train", "val", "test"])
+    parser.add_argument("--limit", type=PositiveInt, default=EvalConfig.limit, help="images (the split's first)")
+    parser.add_argument("--max_new_tokens", type=PositiveInt, default=EvalConfig.max_new_tokens)
+    parser.add_argument("--num_beams", type=PositiveInt, default=EvalConfig.num_beams)
+    parser.add_argument("--batch_size", type=PositiveInt, default=EvalConfig.batch_size)
     parser.add_argument(
         "--vqa",
         action="store_true",
