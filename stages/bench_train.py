@@ -316,7 +316,7 @@ def bench_train(
     """Runs every variant for both step kinds on the profile `cfg` (a CurriculumConfig); returns the figures."""
     from datamodules.captions import PromptFormat, scored_tokens
     from modules.loading import build_vlm, count_image_tokens
-    from modules.training_module import AlignModule, LoRASFTModule, OptimSpec
+    from modules.training_module import AlignModule, LoRASFTModule
     from stages.config import check_speed
     from stages.curriculum import prepare_base_models
 
@@ -344,7 +344,7 @@ def bench_train(
     batch = synthetic_batch(tokenizer, fmt, processor, batch_size, text_tokens, cfg.model.image_size)
     tokens = int(batch["attention_mask"][0].sum())
     labelled = int(scored_tokens(batch["labels"][0]))
-    optim = OptimSpec(lr=sft_spec.lr, warmup_steps=0)
+    optim = replace(sft_spec.optim(), warmup_steps=0)  # every timed step at the peak rate
 
     def save() -> None:
         (run_dir / "bench_train.json").write_text(json.dumps(report, indent=2))

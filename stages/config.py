@@ -20,7 +20,7 @@ from datamodules.world import WorldConfig
 from modules.base_models import TinyBaseConfig
 from modules.loading import ModelConfig
 from modules.speed import SpeedSpec
-from modules.training_module import GROUPS, LOSS_WEIGHTINGS, LearningRates, match_norm_statistics
+from modules.training_module import GROUPS, LOSS_WEIGHTINGS, LearningRates, OptimSpec, match_norm_statistics
 from stages.metrics import DEFAULT_BUCKETS, check_buckets
 
 # Lightning's precision names (lightning.fabric.connector's _PRECISION_INPUT), its short aliases included.
@@ -243,6 +243,10 @@ class StageSpec:
     (as one big batch); "micro_batch": each micro-batch's mean weighs the same (the original LLaVA / MGM
     scripts, HF Trainer before 4.46). The same without accumulation."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def optim(self) -> OptimSpec:
+        """The optimizer and schedule settings the stage's LightningModule takes."""
+        return OptimSpec(self.lr, self.warmup_steps, self.min_lr_ratio, self.loss_weighting)
 
     def check(self, where: str) -> None:
         """Fails on a value no stage can run with, naming the field as `<where>.<field>` (stages.<name>.*):

@@ -46,7 +46,7 @@ from callbacks.throughput import Throughput
 from datamodules.caption_datamodule import CaptionDataModule
 from modules.handoff import load_handoff, save_handoff
 from modules.loading import build_vlm, count_image_tokens
-from modules.training_module import AlignModule, LoRASFTModule, OptimSpec, VLMModule
+from modules.training_module import AlignModule, LoRASFTModule, VLMModule
 from modules.vlm import VisionLanguageModel
 from stages.config import CurriculumConfig, StageSpec
 from stages.launch import launched_ranks
@@ -182,9 +182,7 @@ def prepare_stage_folder(
 
 
 def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig) -> VLMModule:
-    optim = OptimSpec(
-        lr=spec.lr, warmup_steps=spec.warmup_steps, min_lr_ratio=spec.min_lr_ratio, loss_weighting=spec.loss_weighting
-    )
+    optim = spec.optim()
     if "lora" in spec.trainable:
         return LoRASFTModule(vlm, cfg.model.lora, optim, spec.trainable, cfg.model.speed)
     if spec.trainable == ["projector"]:
