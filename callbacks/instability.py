@@ -177,6 +177,52 @@ def global_grad_norm(pl_module: L.LightningModule) -> float | None:
     return torch.linalg.vector_norm(torch.stack(norms), 2).item()
 
 
+@dataclass(frozen=True)
+class Streak:
+    """The run of judged steps with findings that ends at the last one."""
+
+    in_a_row: int = 0
+    """Steps in a row with a finding (not counted under stop)."""
+    muted: bool = False
+    """warn: past `max_in_a_row` non-finite steps in a row, the next ones are not reported until a finite step."""
+
+
+MUTING = (
+    "steps in a row with alerts, this one non-finite: the next non-finite ones are not reported until a finite step"
+)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str
+    """What to do with the step: the configured action on a finding, else warn (train it)."""
+    new_level: bool = False
+    """A spike trained as the loss's new level (the statistics start again)."""
+    report: bool = True
+    """Whether the step's findings are reported (not while muted)."""
+    detail: str = ""
+
+
+def decide(config: InstabilityConfig, streak: Streak, found: bool, non_finite: bool) -> tuple[Decision, Streak]:
+    """What to do with a judged step, from its findings on every rank (`found`: any; `non_finite`: any NaN/Inf)
+    and the streak before it; the streak after it. At `max_in_a_row` steps in a row with findings, a spike is
+    trained as a new level; a non-finite step stops the stage under skip or rewind, and under warn mutes the
+    next non-finite ones."""
+    in_a_row, muted = streak.in_a_row, streak.muted and non_finite  # a finite step ends a muted run
+    if not found:
+        return Decision("warn"), Streak()
+    if config.action == "stop" or muted:
+        return Decision(config.action, report=not muted), Streak(in_a_row, muted)
+    in_a_row += 1
+    if not config.max_in_a_row or in_a_row < config.max_in_a_row:
+        return Decision(config.action), Streak(in_a_row)
+    if not non_finite:
+        return Decision("warn", new_level=True), Streak()
+    if config.action == "warn":
+        return Decision("warn", detail=f"{config.max_in_a_row} {MUTING}"), Streak(muted=True)
+    return Decision("stop"), Streak()
+
+
 class InstabilityMonitor(L.Callback):
     """Alerts on loss and gradient-norm spikes, NaN/Inf and divergence; acts as configured."""
 
@@ -201,8 +247,7 @@ class InstabilityMonitor(L.Callback):
         self._healthy_since_snapshot = 0
         self._judged_step = 0
         self._overflows = 0  # fp16 steps in a row whose gradients overflowed
-        self._in_a_row = 0  # steps in a row with a finding (not counted under stop)
-        self._muted = False  # warn: non-finite steps past max_in_a_row in a row are not reported
+        self._streak = Streak()
         self._step = 0  # the optimizer step being judged (alerts carry it)
 
     @override
@@ -271,29 +316,25 @@ class InstabilityMonitor(L.Callback):
         keys, self._micro_losses, self._keys = self._keys, [], []
         findings = self._findings(loss, self._unless_overflow(trainer, loss, grad))
         every_rank = [(r, f, k) for r, (f, k) in gather_findings(trainer, bool(findings), (findings, keys))]
-        was_muted = self._muted
-        action, new_level = self._action(every_rank)
-        detail = "" if was_muted or not self._muted else (
-            f"{self.config.max_in_a_row} steps in a row with alerts, this one non-finite: the next non-finite ones "
-            "are not reported until a finite step"
-        )  # fmt: skip
-        if self._muted and weights_lost(trainer, pl_module):  # muted: this step is non-finite, as every rank knows
+        non_finite = any(kind == "non_finite" for _, found, _ in every_rank for kind, _, _ in found)
+        decision, self._streak = decide(self.config, self._streak, bool(every_rank), non_finite)
+        if self._streak.muted and weights_lost(trainer, pl_module):  # muted: every rank knows this step non-finite
             # One NaN update in float32 or bf16 makes every later step NaN: training on for the rest of the run,
             # to exit 0 at its end, helped nobody. (fp16's scaler skips such updates: there a run of them can end.)
             # Checked at every muted step: the step that mutes is judged before its own update is applied.
-            action, self._muted = "stop", False
-            detail = (
+            self._streak = Streak()
+            decision = Decision("stop", detail=(
                 f"{self.config.max_in_a_row} steps in a row non-finite and the trained weights are no longer "
                 "finite: nothing after can train, the stage stops"
-            )
-        for rank, rank_findings, rank_keys in [] if was_muted and self._muted else every_rank:
+            ))  # fmt: skip
+        for rank, rank_findings, rank_keys in every_rank if decision.report else []:
             for kind, value, threshold in rank_findings:
-                self._report(trainer, kind, value, threshold, rank_keys, action, rank, detail=detail)
+                self._report(trainer, kind, value, threshold, rank_keys, decision.action, rank, detail=decision.detail)
         if every_rank:
-            if action != "warn":
-                self._act(trainer, pl_module, optimizer, action)
+            if decision.action != "warn":
+                self._act(trainer, pl_module, optimizer, decision.action)
                 return
-            if not new_level:
+            if not decision.new_level:
                 return  # spikes stay out of the statistics
             self._restart_statistics(trainer, *every_rank[0][1][0], keys)  # a new level: trained
         self.loss_history.append(loss)
@@ -303,28 +344,6 @@ class InstabilityMonitor(L.Callback):
         if diverging is not None:  # a trend, not a batch: reported, never acted on
             self._report(trainer, "divergence", diverging[0], diverging[1], keys, "warn")
         self._maybe_snapshot(pl_module, optimizer)
-
-    def _action(self, every_rank: list) -> tuple[str, bool]:
-        """(what to do with this step, whether its loss is a new level): the configured action on a finding,
-        else `warn` (train it). At `max_in_a_row` steps in a row with findings, a spike is trained as a new
-        level; a non-finite step stops the stage under skip or rewind, and under warn mutes the next ones."""
-        non_finite = any(kind == "non_finite" for _, found, _ in every_rank for kind, _, _ in found)
-        if not non_finite and self._muted:  # a finite step ends the muted run of non-finite ones
-            self._in_a_row, self._muted = 0, False
-        if not every_rank:
-            self._in_a_row = 0
-            return "warn", False
-        action = self.config.action
-        if action == "stop" or self._muted:
-            return action, False
-        self._in_a_row += 1
-        if not self.config.max_in_a_row or self._in_a_row < self.config.max_in_a_row:
-            return action, False
-        self._in_a_row = 0
-        if non_finite:
-            self._muted = action == "warn"
-            return ("warn" if action == "warn" else "stop"), False
-        return "warn", True
 
     def _restart_statistics(self, trainer, kind: str, value: float, threshold: float, keys: list[str]) -> None:
         """Spikes for `max_in_a_row` steps in a row: their level is accepted as the new one."""
@@ -429,8 +448,8 @@ class InstabilityMonitor(L.Callback):
             "grad_history": list(self.grad_history),
             "lowest_median": self.lowest_median,
             "diverged": self.diverged,
-            "in_a_row": self._in_a_row,
-            "muted": self._muted,
+            "in_a_row": self._streak.in_a_row,
+            "muted": self._streak.muted,
         }
         return {
             **every_rank_state(history),
@@ -448,8 +467,7 @@ class InstabilityMonitor(L.Callback):
         self.grad_history.extend(mine["grad_history"])
         self.lowest_median = mine["lowest_median"]
         self.diverged = mine.get("diverged", False)  # reported once, not again after a resume
-        self._in_a_row = mine.get("in_a_row", 0)
-        self._muted = mine.get("muted", False)
+        self._streak = Streak(mine.get("in_a_row", 0), mine.get("muted", False))
         if self.config.action == "rewind":
             self._snapshot = state_dict.get("snapshot")
             self._healthy_since_snapshot = state_dict.get("healthy_since_snapshot", 0)

@@ -6,14 +6,21 @@ Latency: every injected fault must be reported at the optimizer step it happens 
 from __future__ import annotations
 
 import json
-import math
 
 import lightning as L
 import pytest
 import torch
 
 from callbacks.alerts import AlertSinks
-from callbacks.instability import InstabilityConfig, InstabilityMonitor, judge, spike_threshold
+from callbacks.instability import (
+    Decision,
+    InstabilityConfig,
+    InstabilityMonitor,
+    Streak,
+    decide,
+    judge,
+    spike_threshold,
+)
 from tests.callbacks.toy import KeyedRegression, ToyRegression, loader, trainer
 
 
@@ -229,21 +236,35 @@ def test_under_warn_a_run_of_non_finite_steps_the_weights_survive_is_reported_up
     assert [(a.kind, a.step) for a in monitor.alerts] == [("non_finite", step) for step in (30, 31, 32, 33)]
     assert "the next non-finite ones are not reported until a finite step" in monitor.alerts[3].detail
     assert not monitor.alerts[2].detail and not monitor.stopped
-    assert monitor._action([]) == ("warn", False) and not monitor._muted  # a finite step ends the run of them
+    assert monitor._streak == Streak()  # the finite steps after ended the run of them
     resumed = InstabilityMonitor(InstabilityConfig(action="warn"), AlertSinks("toy"), "toy")
-    monitor._muted = True
+    monitor._streak = Streak(muted=True)
     resumed.load_state_dict(monitor.state_dict())
-    assert resumed._muted
+    assert resumed._streak.muted
 
 
 def test_a_finite_step_ends_the_muted_run_of_non_finite_ones():
     # Muted, a finite spike was neither reported nor counted: a loss that settled higher after a run of NaN
     # steps (fp16, whose scaler skips them) went silent with frozen statistics for the rest of the stage.
-    monitor = InstabilityMonitor(InstabilityConfig(action="warn", max_in_a_row=3), AlertSinks("toy"), "toy")
-    nan, spike = [(0, [("non_finite", math.nan, math.inf)], [])], [(0, [("loss_spike", 9.0, 3.0)], [])]
-    assert [monitor._action(nan) for _ in range(4)] == [("warn", False)] * 4 and monitor._muted
-    assert [monitor._action(spike) for _ in range(3)] == [("warn", False), ("warn", False), ("warn", True)]
-    assert not monitor._muted
+    config, streak, decisions = InstabilityConfig(action="warn", max_in_a_row=3), Streak(), []
+    for non_finite in [True] * 4 + [False] * 3:
+        decision, streak = decide(config, streak, found=True, non_finite=non_finite)
+        decisions.append((decision.action, decision.new_level, decision.report, streak.muted))
+    assert decisions == [
+        ("warn", False, True, False), ("warn", False, True, False), ("warn", False, True, True),  # the 3rd mutes
+        ("warn", False, False, True),  # not reported
+        ("warn", False, True, False), ("warn", False, True, False), ("warn", True, True, False),  # a new level
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("action", ["skip", "rewind"])
+def test_non_finite_steps_past_max_in_a_row_stop_an_undoing_action_and_a_finding_free_step_resets(action):
+    config = InstabilityConfig(action=action, max_in_a_row=2)
+    decision, streak = decide(config, Streak(), found=True, non_finite=True)
+    assert (decision.action, streak) == (action, Streak(1))
+    assert decide(config, streak, found=False, non_finite=False) == (Decision("warn"), Streak())
+    decision, streak = decide(config, streak, found=True, non_finite=True)
+    assert (decision.action, streak) == ("stop", Streak())
 
 
 def test_a_rewind_leaves_its_snapshot_as_it_was():
@@ -275,10 +296,10 @@ def test_max_in_a_row_is_checked_and_kept_across_a_resume():
     with pytest.raises(ValueError, match="max_in_a_row"):
         InstabilityConfig(max_in_a_row=-1)
     monitor = InstabilityMonitor(InstabilityConfig(action="skip"), AlertSinks("toy"), "toy")
-    monitor._in_a_row = 3
+    monitor._streak = Streak(3)
     resumed = InstabilityMonitor(InstabilityConfig(action="skip"), AlertSinks("toy"), "toy")
     resumed.load_state_dict(monitor.state_dict())
-    assert resumed._in_a_row == 3
+    assert resumed._streak == Streak(3)
 
 
 def test_stop_ends_training_at_the_alert(tmp_path):
