@@ -40,9 +40,10 @@ from modules.loading import (
     write_config_folders,
 )
 from stages.config import RESERVED_STAGE_NAMES, CurriculumConfig, TrainerConfig, device_count, upstream_stage
-from stages.data import IMAGE_FILES_NAME, check_process, load_recipe, run_data_stage
+from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
 from stages.launch import check_shared_folder, join_launched_ranks, rank_zero_first, rank_zero_verdict
 from stages.paths import LOCK_NAME, check_own_folder, folder_lock, follow_umask, write_text_atomic
+from stages.recipe_ops import check_process
 from stages.report import REPORT_PLOTS, STAGES_FILE, write_report
 from stages.stage import RunInputs, StageResult, StageStopped, fingerprint, run_stage
 

@@ -7,10 +7,8 @@
 `image_files.json` lists every image file the input named, with its size and modification time when the stage
 read it, so that a curriculum can tell when one changed.
 
-Ops run one at a time so that the report can say how many samples each one took in and let out.
-Filters first compute their stats for every sample (written to `stats/<op>.jsonl`), then filter.
-Data-Juicer's own `skip_op_error` is forced off: a failing op fails the stage with its name,
-instead of dropping a batch with one log line.
+Ops run one at a time (`stages/recipe_ops.py`) so that the report can say how many samples each one took in and
+let out; filters write the stats of every sample they judged to `stats/<op>.jsonl`.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +34,7 @@ from datamodules.shards import INDEX_NAME, SPLITS, write_shards
 from datamodules.text_stats import caption_words, corpus_stats, tokens, word_count
 from datamodules.world import WorldConfig
 from stages.paths import check_own_folder, folder_lock, sync_tree, write_text_atomic
+from stages.recipe_ops import check_process, run_ops, setup_ops
 
 log = logging.getLogger(__name__)
 FORMATS = ("synthetic", "llava", "dj_jsonl")
@@ -139,164 +137,6 @@ def _raw_rows(recipe: RecipeConfig, world: WorldConfig, seed: int, work_dir: Pat
     path = Path(spec.path)  # checked by `_build`
     reader = read_llava_json if spec.format == "llava" else read_dj_jsonl
     return unique_keys(list(reader(path, skips, root)), skips)
-
-
-def quiet_data_juicer() -> None:
-    """Data-Juicer logs every op's worker count at INFO through loguru; keep its warnings and errors. This replaces
-    loguru's sinks process-wide (this project logs through `logging`, not loguru)."""
-    import sys
-
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-
-
-# The project's caption ops: they write `caption_variants`, which the shards take their captions from, and
-# set `text` to the longest variant without Data-Juicer's `<__dj__image>` token (so that text filters judge
-# the caption alone).
-CAPTION_OPS = ("oracle_caption_mapper", "blip2_caption_mapper")
-# Data-Juicer ops that find a sample's image through that token in its text: after a caption op they see none.
-IMAGE_TOKEN_OPS = (
-    "image_text_matching_filter", "image_text_similarity_filter", "phrase_grounding_recall_filter",
-    "image_captioning_mapper", "image_diffusion_mapper", "detect_character_locations_mapper",
-)  # fmt: skip
-
-
-def check_stock_captioner(args: dict) -> None:
-    """Data-Juicer's image_captioning_mapper takes a local folder or a hub id (its default, Salesforce/blip2-opt-2.7b).
-    Offline (stages.run sets HF_HUB_OFFLINE=1 unless the caller set it), a hub id works only from the Hugging Face
-    cache; otherwise transformers failed at the op's first batch with "couldn't connect to huggingface.co", even for a
-    misspelt local folder."""
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    name = args.get("hf_img2seq", "Salesforce/blip2-opt-2.7b")
-    if (Path(name) / "config.json").is_file() or not constants.HF_HUB_OFFLINE:
-        return
-    try:
-        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except ValueError:  # not a repository id: a path
-        cached = False
-    if not cached:
-        given = "" if "hf_img2seq" in args else " (Data-Juicer's default)"
-        raise ValueError(
-            f"recipe process: image_captioning_mapper.hf_img2seq {name}{given} is no model folder (no config.json "
-            "there) and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 downloads nothing: give a local folder "
-            "saved with save_pretrained (relative paths from the working folder)"
-        )
-
-
-def forbid_installs() -> None:
-    """Data-Juicer pip- or uv-installs a package an op lacks when the op first needs it: a recipe with
-    image_deduplicator put a torchvision that did not match torch into the environment mid-build, and every
-    later command failed at import. Installing is refused, naming the package."""
-    from data_juicer.utils.lazy_loader import LazyLoader
-
-    def refuse(cls, package_spec, pip_args=None):
-        raise ImportError(
-            f"recipe process: an op needs {package_spec}, which is not installed, and Data-Juicer would install it "
-            f"now; nothing is installed at run time: pip install {package_spec}, or leave the op out"
-        )
-
-    LazyLoader._install_package = classmethod(refuse)
-
-
-def check_process(process: list[dict]) -> None:
-    """Fails before any op runs on what the recipe's `process` would get silently wrong: unknown ops and
-    misspelt op arguments (Data-Juicer's preflight check), and ops that cannot follow a caption op."""
-    from data_juicer.core.preflight import PipelineConfigError, pre_instantiation_check
-
-    import datamodules.recaption_ops  # noqa: F401  (registers the project's ops)
-
-    forbid_installs()
-    try:
-        pre_instantiation_check(process)
-    except PipelineConfigError as error:
-        raise ValueError(f"recipe process: {error}") from error
-    except Exception as error:  # the check itself failed on a value the op accepts (max_num: .inf)
-        log.warning("recipe process: Data-Juicer's preflight check could not run (%r); op arguments unchecked", error)
-    for item in process:
-        path = (item.get("blip2_caption_mapper") or {}).get("model_path")
-        if path and not (Path(path) / "config.json").is_file():
-            # Found only at the first batch before, after every image was read, as a hub id error or an OSError.
-            raise ValueError(
-                f"recipe process: blip2_caption_mapper.model_path {path} is no model folder (no config.json there; "
-                "a local folder saved with save_pretrained, relative paths from the working folder)"
-            )
-        if "image_captioning_mapper" in item:
-            check_stock_captioner(item["image_captioning_mapper"] or {})
-    names = [name for item in process for name in item]
-    first = next((name for name in names if name in CAPTION_OPS), None)
-    if first is not None:
-        after = [name for name in names[names.index(first) + 1 :] if name in IMAGE_TOKEN_OPS]
-        if after:
-            raise ValueError(
-                f"recipe process: {', '.join(after)} after {first} would judge no image (they find images through "
-                f"Data-Juicer's <__dj__image> token, which {first} leaves out of the new caption); run them before it"
-            )
-
-
-def _run_ops(rows: list[dict], process: list[dict], stats_dir: Path, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(surviving rows, per-op accounting) after running the recipe's ops one at a time."""
-    import datasets
-    import multiprocess
-    from data_juicer.core.data import NestedDataset
-    from data_juicer.ops import load_ops
-    from data_juicer.ops.base_op import UNFORKABLE, Filter
-    from data_juicer.utils.constant import Fields
-    from data_juicer.utils.process_utils import setup_mp
-    from transformers import set_seed
-
-    quiet_data_juicer()
-    datasets.disable_progress_bars()
-    # Ops run in this process unless the recipe sets num_proc: a forked worker that runs torch after this
-    # process started its OpenMP threads can hang (seen in CI with the BLIP-2 op), so model ops' workers start
-    # fresh (below). Data-Juicer picks a worker count itself unless auto_op_parallelism is off, and `datasets`
-    # forks a pool for any num_proc >= 1, so the in-process default is num_proc None with auto parallelism off.
-    in_process = {"auto_op_parallelism": False, "num_proc": None}
-    process = [
-        {name: {**in_process, **(args or {}), "skip_op_error": False}}
-        for item in process
-        for name, args in item.items()
-    ]
-    dataset = NestedDataset.from_list(rows)
-    accounting = []
-    stats_dir.mkdir(parents=True, exist_ok=True)
-    start_method = multiprocess.get_start_method(allow_none=True)  # put back after the ops, also when one fails
-    try:
-        for op in load_ops(process):
-            set_seed(seed)  # an op that samples (the stock captioner does) writes the same shards on every run
-            workers = op.runtime_np()  # None: in this process
-            if workers:  # workers of model ops start fresh, not forked (as Data-Juicer's own executor does)
-                setup_mp(["forkserver", "spawn"] if op.use_cuda() or op._name in UNFORKABLE.modules else None)
-            before, started = len(dataset), time.perf_counter()
-            if isinstance(op, Filter):
-                dataset = op.run(dataset, reduce=False)
-                with (stats_dir / f"{op._name}.jsonl").open("w") as sink:
-                    for key, stats in zip(dataset["__key__"], dataset[Fields.stats], strict=True):
-                        sink.write(json.dumps({"key": key, **stats}) + "\n")
-                dataset = dataset.filter(op.process, num_proc=workers, batch_size=op.batch_size)
-            else:
-                dataset = op.run(dataset)
-            args = {k: v for k, v in op._op_cfg[op._name].items() if k not in ("skip_op_error", *in_process)}
-            timed = hasattr(op, "seconds") and not workers
-            accounting.append(
-                {
-                    "op": op._name,
-                    "args": args,
-                    "in": before,
-                    "out": len(dataset),
-                    "dropped": before - len(dataset),
-                    "seconds": round(time.perf_counter() - started, 3),
-                    # An op's own phase timings are kept in this process; worker processes (num_proc) keep theirs.
-                    **({"phases": {k: round(v, 3) for k, v in op.seconds.items()}} if timed else {}),
-                    **({"workers": workers} if workers else {}),
-                }
-            )
-            log.info("data op %s: %d in, %d out", op._name, before, len(dataset))
-    finally:
-        multiprocess.set_start_method(start_method, force=True)
-    return dataset.to_list(), accounting
 
 
 def check_captions(rows: list[dict]) -> None:
@@ -405,6 +245,7 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
     if recipe.input.format != "synthetic" and not Path(recipe.input.path or "").is_file():
         # before the earlier build goes: a mistyped path left the folder without its shards
         raise FileNotFoundError(f"input.path: {recipe.input.path} does not exist")
+    ops = setup_ops(recipe.process)  # before the earlier build goes too: an op that cannot set up leaves it
     (out_dir / BUILDING_NAME).touch()  # before anything is deleted; gone when index.json marks the build whole
     clear_build(out_dir)
     skips = SkipLog()
@@ -420,7 +261,7 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
         )
     for row in rows:
         row["raw_caption"] = strip_dj_tokens(row["text"])
-    kept, accounting = _run_ops(rows, recipe.process, out_dir / "stats", seed)
+    kept, accounting = run_ops(rows, ops, out_dir / "stats", seed)
     if not kept:  # an index of empty splits failed later, blaming the evaluated split's share
         drops = ", ".join(f"{op['op']} dropped {op['dropped']}" for op in accounting if op["dropped"])
         raise ValueError(f"recipe process: its ops kept none of {len(rows)} samples ({drops})")
@@ -517,9 +358,9 @@ def report_markdown(report: dict) -> str:
         "| op | in | out | dropped | args |",
         "|---|---|---|---|---|",
     ]
-    lines += [
-        f"| {o['op']} | {o['in']} | {o['out']} | {o['dropped']} | `{json.dumps(o['args'])}` |" for o in report["ops"]
-    ]
+    for o in report["ops"]:  # an op may also make samples (one per caption, a text chunker)
+        dropped = f"{o['dropped']}" + (f" (made {o['added']})" if o.get("added") else "")
+        lines.append(f"| {o['op']} | {o['in']} | {o['out']} | {dropped} | `{json.dumps(o['args'])}` |")
     if report["input_skips"]["counts"]:
         lines += ["", "Unusable at input: " + ", ".join(f"{k} {v}" for k, v in report["input_skips"]["counts"].items())]
         lines += [f"- {reason}: {', '.join(keys)}" for reason, keys in report["input_skips"]["first_keys"].items()]

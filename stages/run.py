@@ -239,7 +239,7 @@ def run_data_command(parser: ArgumentParser, args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     samples = report["samples"]
-    print(f"{samples['kept']} of {samples['input']} samples kept; shards and report.md in {values.out_dir}")
+    print(f"{samples['kept']} samples kept from {samples['input']} input; shards and report.md in {values.out_dir}")
     for op in report["ops"]:
         print(f"  {op['op']:>28}: {op['in']} in, {op['out']} out")
     return 0

@@ -258,7 +258,7 @@ def test_the_stock_captioner_takes_a_hub_id_from_the_cache_offline(tmp_path, mon
     """Offline, a hub id in the Hugging Face cache is as good as a folder; one missing from it fails by name."""
     from huggingface_hub import constants
 
-    from stages.data import check_stock_captioner
+    from stages.recipe_ops import check_stock_captioner
 
     snapshot = tmp_path / "hub" / "models--someone--blip2-small" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
@@ -301,7 +301,7 @@ def test_punctuation_does_not_make_new_word_types():
 
 
 def test_a_value_the_preflight_check_cannot_read_does_not_stop_the_recipe():
-    from stages.data import check_process
+    from stages.recipe_ops import check_process
 
     check_process([{"words_num_filter": {"min_num": 6, "max_num": float("inf")}}])  # the op itself takes it
 

@@ -75,7 +75,7 @@ def test_data_juicer_installs_nothing_while_a_recipe_runs(monkeypatch):
 
     from data_juicer.utils.lazy_loader import LazyLoader
 
-    from stages.data import check_process
+    from stages.recipe_ops import check_process
 
     def installed(*args, **kwargs):
         raise AssertionError(f"a package install was started: {args}")

@@ -1,0 +1,102 @@
+"""Stock Data-Juicer ops in a recipe: fresh stats for every filter, nothing downloaded, set-up failures named
+before an earlier build goes, and ops that make samples counted as such."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from datamodules.shards import read_index
+from stages.data import RecipeConfig, report_markdown, run_data_stage
+from tests.conftest import MICRO_WORLD
+
+
+def _records(out) -> list[dict]:
+    import webdataset as wds
+
+    urls = [str(out / shard["url"]) for split in ("train", "val", "test") for shard in read_index(out)["splits"][split]]
+    return [json.loads(sample["json"]) for sample in wds.WebDataset(urls, shardshuffle=False)]
+
+
+def test_a_filter_used_again_after_the_caption_op_judges_the_new_captions(tmp_path):
+    """Data-Juicer's filters keep a stat already in the sample: the second words_num_filter judged the raw captions'
+    counts, kept captions of 23 words on average under max_num 12, and its stats file replaced the first's."""
+    process = [
+        {"words_num_filter": {"min_num": 1, "max_num": 1000}},
+        {"oracle_caption_mapper": {}},
+        {"words_num_filter": {"min_num": 6, "max_num": 12}},
+    ]
+    report = run_data_stage(RecipeConfig(process=process), tmp_path / "out", MICRO_WORLD, seed=0)
+    second = report["ops"][2]
+    assert 0 < second["out"] < second["in"] == 248
+    longest = [max(record["caption_words"].values()) for record in _records(tmp_path / "out")]
+    assert len(longest) == second["out"] and max(longest) <= 12
+    assert [op.get("stats") for op in report["ops"]] == [
+        "stats/words_num_filter.jsonl", None, "stats/words_num_filter-2.jsonl",
+    ]  # fmt: skip
+    raw = [json.loads(line) for line in (tmp_path / "out" / "stats" / "words_num_filter.jsonl").open()]
+    again = [json.loads(line) for line in (tmp_path / "out" / "stats" / "words_num_filter-2.jsonl").open()]
+    assert len(raw) == len(again) == 248  # every sample judged, dropped ones too
+    assert sum(r["num_words"] for r in raw) < sum(a["num_words"] for a in again)  # the raw, then the new captions
+
+
+@pytest.mark.parametrize(
+    ("op", "file"),
+    [("stopwords_filter", "stopwords.json"), ("flagged_words_filter", "flagged_words.json")],
+)
+def test_a_word_list_an_op_lacks_is_not_downloaded_and_the_earlier_build_stays(tmp_path, monkeypatch, op, file):
+    """Data-Juicer fetched the list from its server with no timeout (a proxy that never answered hung the build),
+    and only once the earlier build's shards were deleted."""
+    from data_juicer.utils import asset_utils
+
+    out = tmp_path / "out"
+    run_data_stage(RecipeConfig(), out, MICRO_WORLD, seed=0)
+    index = (out / "index.json").read_bytes()
+    monkeypatch.setattr(asset_utils, "requests", asset_utils.requests)  # put back after the test
+    words = "stopwords_dir" if op == "stopwords_filter" else "flagged_words_dir"
+    recipe = RecipeConfig(process=[{op: {words: str(tmp_path / "no-lists")}}])
+    with pytest.raises(ValueError, match=f"recipe process: {op} could not be set up: an op needs the word list {file}"):
+        run_data_stage(recipe, out, MICRO_WORLD, seed=0)
+    assert (out / "index.json").read_bytes() == index and len(list(out.glob("train-*.tar"))) > 0
+
+
+def test_a_model_file_an_op_lacks_is_not_downloaded(tmp_path, monkeypatch):
+    """Data-Juicer's loaders (fasttext, kenlm, sentencepiece, ...) fetch a missing model file with wget, which has
+    no timeout either."""
+    import wget
+    from data_juicer.utils import model_utils
+
+    from stages.recipe_ops import forbid_downloads
+
+    def downloading(*args, **kwargs):
+        raise AssertionError(f"a download was started: {args}")
+
+    monkeypatch.setattr(wget, "download", downloading)
+    monkeypatch.setattr(model_utils, "check_model", model_utils.check_model)  # put back after the test
+    monkeypatch.setattr(model_utils, "DJMC", str(tmp_path / "models"))
+    forbid_downloads()
+    with pytest.raises(ValueError, match=r"the model file lid\.176\.bin, which is not in .*models"):
+        model_utils.check_model("lid.176.bin")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "lid.176.bin").write_bytes(b"model")
+    assert model_utils.check_model("lid.176.bin") == str(tmp_path / "models" / "lid.176.bin")
+    with pytest.raises(ValueError, match="could not be loaded from"):  # damaged: Data-Juicer downloads it again
+        model_utils.check_model("lid.176.bin", force=True)
+
+
+def test_an_op_that_makes_samples_is_counted_as_making_them(tmp_path):
+    """text_chunk_mapper makes a sample per chunk: the report said it dropped -970."""
+    report = run_data_stage(
+        RecipeConfig(process=[{"text_chunk_mapper": {"max_len": 10}}]), tmp_path / "out", MICRO_WORLD, seed=0
+    )
+    op = report["ops"][0]
+    assert op["dropped"] == 0 and op["added"] == op["out"] - op["in"] > 0
+    assert f"| text_chunk_mapper | {op['in']} | {op['out']} | 0 (made {op['added']}) |" in report_markdown(report)
+    assert all(len(record["captions"]["caption"]) <= 10 for record in _records(tmp_path / "out"))  # characters
+
+
+def test_an_unknown_op_is_named_without_data_juicers_hint_for_its_own_runner(tmp_path):
+    with pytest.raises(ValueError, match="Unknown operator 'word_num_filter'") as error:
+        run_data_stage(RecipeConfig(process=[{"word_num_filter": {}}]), tmp_path / "out", MICRO_WORLD)
+    assert "strict_preflight" not in str(error.value)  # the data stage has no such option
