@@ -261,7 +261,7 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
         )
     for row in rows:
         row["raw_caption"] = strip_dj_tokens(row["text"])
-    kept, accounting = run_ops(rows, ops, out_dir / "stats", seed)
+    kept, accounting = run_ops(rows, ops, out_dir / "stats", out_dir / "work" / "produced", seed)
     if not kept:  # an index of empty splits failed later, blaming the evaluated split's share
         drops = ", ".join(f"{op['op']} dropped {op['dropped']}" for op in accounting if op["dropped"])
         raise ValueError(f"recipe process: its ops kept none of {len(rows)} samples ({drops})")

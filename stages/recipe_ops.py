@@ -184,8 +184,12 @@ def setup_ops(process: list[dict]) -> list:
     return ops
 
 
-def run_ops(rows: list[dict], ops: list, stats_dir: Path, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """(surviving rows, per-op accounting) after running the ops one at a time."""
+def run_ops(
+    rows: list[dict], ops: list, stats_dir: Path, produced_dir: Path, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """(surviving rows, per-op accounting) after running the ops one at a time. Images an op writes (an image
+    mapper's blurred copy) go to `produced_dir` unless DJ_PRODUCED_DATA_DIR says where: Data-Juicer's default put
+    them beside the input images, in the user's data folder, a new set for every change of the op's arguments."""
     import datasets
     import multiprocess
     from data_juicer.core.data import NestedDataset
@@ -201,6 +205,8 @@ def run_ops(rows: list[dict], ops: list, stats_dir: Path, seed: int = 0) -> tupl
     stats_dir.mkdir(parents=True, exist_ok=True)
     uses: dict[str, int] = {}
     start_method = multiprocess.get_start_method(allow_none=True)  # put back after the ops, also when one fails
+    given_dir = os.environ.get("DJ_PRODUCED_DATA_DIR")
+    os.environ["DJ_PRODUCED_DATA_DIR"] = given_dir or str(produced_dir)
     try:
         for op in ops:
             set_seed(seed)  # an op that samples (the stock captioner does) writes the same shards on every run
@@ -244,4 +250,6 @@ def run_ops(rows: list[dict], ops: list, stats_dir: Path, seed: int = 0) -> tupl
             log.info("data op %s: %d in, %d out", op._name, before, len(dataset))
     finally:
         multiprocess.set_start_method(start_method, force=True)
+        if given_dir is None:
+            del os.environ["DJ_PRODUCED_DATA_DIR"]
     return dataset.to_list(), accounting

@@ -4,6 +4,7 @@ before an earlier build goes, and ops that make samples counted as such."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -100,3 +101,30 @@ def test_an_unknown_op_is_named_without_data_juicers_hint_for_its_own_runner(tmp
     with pytest.raises(ValueError, match="Unknown operator 'word_num_filter'") as error:
         run_data_stage(RecipeConfig(process=[{"word_num_filter": {}}]), tmp_path / "out", MICRO_WORLD)
     assert "strict_preflight" not in str(error.value)  # the data stage has no such option
+
+
+def test_images_an_op_writes_go_to_the_build_not_beside_the_input_images(tmp_path, monkeypatch):
+    """Data-Juicer's default put image_blur_mapper's copies in the user's image folder, under
+    __dj__produced_data__, a new set for every change of its arguments, and nothing removed them."""
+    from PIL import Image
+
+    from stages.data import InputSpec
+
+    monkeypatch.delenv("DJ_PRODUCED_DATA_DIR", raising=False)
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    records = []
+    for i in range(3):
+        Image.new("RGB", (32, 32), (40 * i, 200, 90)).save(images / f"{i}.png")
+        records.append({"text": f"<__dj__image> a caption with number {i}", "images": [f"images/{i}.png"]})
+    (tmp_path / "data" / "in.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*"))
+    recipe = RecipeConfig(
+        input=InputSpec(format="dj_jsonl", path=str(tmp_path / "data" / "in.jsonl")),
+        process=[{"image_blur_mapper": {"p": 1.0, "radius": 4}}],
+    )
+    report = run_data_stage(recipe, tmp_path / "out")
+    assert report["samples"]["kept"] == 3
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*")) == before
+    assert not (tmp_path / "out" / "work").exists()  # the blurred copies now live in the shards
+    assert "DJ_PRODUCED_DATA_DIR" not in os.environ
