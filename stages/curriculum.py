@@ -62,18 +62,29 @@ def resolve_recipe(path: str) -> Path:
 SHARD_FORMAT = 2
 
 
+# An op argument that names a folder is an input of the build (a word list's folder), unless its name says it is
+# where the op writes (an image mapper's save_dir): every build changes that one.
+OUTPUT_ARGS = ("save", "output", "export", "cache")
+
+
 def _data_inputs(recipe, cfg: CurriculumConfig) -> dict:
     """What the shards are made from besides the recipe: the synthetic world and seed, or the input file
     (its path, size and modification time: an edited file rebuilds the shards; a changed world does not),
-    and the model folders the recipe's ops load (a retrained captioner rebuilds them). The image files the
-    input names are checked apart, against the build's stamp (`_changed_images`)."""
-    models = {}
+    and the files and folders the recipe's ops read (a retrained captioner, an edited word list rebuild them).
+    The image files the input names are checked apart, against the build's stamp (`_changed_images`)."""
+    models = {}  # (named for the model folders it held first: the name is in every run's stamp)
     for item in recipe.process:
         for op, args in item.items():
             for arg, value in (args or {}).items():
-                # A model folder holds a config.json; other folders (an op's save_dir) are outputs, not inputs.
-                if isinstance(value, str) and value and (Path(value) / "config.json").is_file():
-                    models[f"{op}.{arg}"] = folder_digest(Path(value))
+                path = Path(value) if isinstance(value, str) and value else None
+                if path is None:
+                    continue
+                if (path / "config.json").is_file():  # a model folder
+                    models[f"{op}.{arg}"] = folder_digest(path)
+                elif path.is_file():
+                    models[f"{op}.{arg}"] = [path.stat().st_size, path.stat().st_mtime_ns]
+                elif path.is_dir() and not any(word in arg for word in OUTPUT_ARGS):
+                    models[f"{op}.{arg}"] = folder_digest(path)
     if recipe.input.format == "synthetic":
         return {"world": cfg.world, "seed": cfg.seed, "models": models}
     path = Path(recipe.input.path)

@@ -128,3 +128,25 @@ def test_images_an_op_writes_go_to_the_build_not_beside_the_input_images(tmp_pat
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*")) == before
     assert not (tmp_path / "out" / "work").exists()  # the blurred copies now live in the shards
     assert "DJ_PRODUCED_DATA_DIR" not in os.environ
+
+
+def test_shards_rebuild_when_a_file_an_op_reads_changes(tmp_path):
+    """An edited stopwords list left the shards as they were (only model folders were watched), although a fresh
+    build with it kept none."""
+    from stages.config import CurriculumConfig, StageSpec
+    from stages.curriculum import _data_inputs
+    from stages.data import InputSpec as Input
+
+    words, table = tmp_path / "words", tmp_path / "table.json"
+    words.mkdir()
+    (words / "stopwords.json").write_text('{"en": ["a"]}')
+    table.write_text("{}")
+    ops = [{"stopwords_filter": {"stopwords_dir": str(words)}}, {"some_mapper": {"mapping_file": str(table)}}]
+    recipe = RecipeConfig(input=Input(), process=ops)
+    cfg = CurriculumConfig(stages={"align": StageSpec(["projector"], 8, init_from="base")})
+    before = _data_inputs(recipe, cfg)
+    (words / "stopwords.json").write_text('{"en": ["zzz"]}')
+    assert _data_inputs(recipe, cfg) != before
+    before = _data_inputs(recipe, cfg)
+    table.write_text('{"a": "b"}')
+    assert _data_inputs(recipe, cfg) != before
