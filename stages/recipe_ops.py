@@ -119,6 +119,29 @@ def forbid_downloads() -> None:
     model_utils.check_model = check_model  # its loaders look it up in the module when they run
 
 
+def check_op_shapes(process: list[dict]) -> None:
+    """Each op as `{name: {argument: value}}` (or no arguments), and none that merges samples: a list of
+    arguments failed with a TypeError traceback, and a grouper alone with "unhashable type: 'list'"."""
+    from data_juicer.ops.base_op import OPERATORS, Aggregator, Grouper
+
+    for position, item in enumerate(process):
+        if not isinstance(item, dict) or not item:
+            raise ValueError(f"recipe process[{position}]: an op is a mapping {{op_name: {{argument: value}}}}, "
+                             f"got {item!r}")  # fmt: skip
+        for name, args in item.items():
+            if args is not None and not isinstance(args, dict):
+                raise ValueError(
+                    f"recipe process[{position}]: {name}'s arguments are a mapping (argument: value), got "
+                    f"{type(args).__name__} {args!r}"
+                )
+            op = OPERATORS.modules.get(name)
+            if isinstance(op, type) and issubclass(op, (Grouper, Aggregator)):
+                raise ValueError(
+                    f"recipe process[{position}]: {name} merges samples into groups, which no shard sample can "
+                    "hold (one image and its captions each); leave it out"
+                )
+
+
 def check_process(process: list[dict]) -> None:
     """Fails before any op runs on what the recipe's `process` would get silently wrong: unknown ops and
     misspelt op arguments (Data-Juicer's preflight check), and ops that cannot follow a caption op."""
@@ -128,6 +151,7 @@ def check_process(process: list[dict]) -> None:
 
     forbid_installs()
     forbid_downloads()
+    check_op_shapes(process)
     try:
         pre_instantiation_check(process)
     except PipelineConfigError as error:  # its hint to set strict_preflight is for Data-Juicer's own runner

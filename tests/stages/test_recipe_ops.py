@@ -150,3 +150,20 @@ def test_shards_rebuild_when_a_file_an_op_reads_changes(tmp_path):
     before = _data_inputs(recipe, cfg)
     table.write_text('{"a": "b"}')
     assert _data_inputs(recipe, cfg) != before
+
+
+@pytest.mark.parametrize(
+    ("process", "message"),
+    [
+        ([{"words_num_filter": [6, 60]}], r"process\[0\]: words_num_filter's arguments are a mapping .* got list"),
+        (["words_num_filter"], r"process\[0\]: an op is a mapping"),
+        ([{"naive_grouper": {}}, {"naive_reverse_grouper": {}}], r"naive_grouper merges samples into groups"),
+    ],
+)
+def test_an_op_of_the_wrong_shape_is_named_before_any_work(tmp_path, process, message):
+    """A list of arguments failed with "'list' object is not a mapping", a grouper with "unhashable type: 'list'",
+    both as tracebacks after the earlier build had gone."""
+    from stages.recipe_ops import check_process
+
+    with pytest.raises(ValueError, match=message):
+        check_process(process)
