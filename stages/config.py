@@ -22,6 +22,7 @@ from modules.loading import ModelConfig
 from modules.speed import SpeedSpec
 from modules.training_module import GROUPS, LOSS_WEIGHTINGS, LearningRates, OptimSpec, match_norm_statistics
 from stages.metrics import DEFAULT_BUCKETS, check_buckets
+from stages.paths import project_file
 
 # Lightning's precision names (lightning.fabric.connector's _PRECISION_INPUT), its short aliases included.
 PRECISIONS = (
@@ -304,9 +305,7 @@ class DataConfig:
             )
         # Here, not when the data is prepared: that comes after the base models (minutes of pretraining). The
         # shard folder is checked when a run starts (`check_inputs`): compare names one it has yet to build.
-        from stages.curriculum import resolve_recipe
-
-        if self.shard_dir is None and not resolve_recipe(self.recipe).is_file():
+        if self.shard_dir is None and not project_file(self.recipe).is_file():
             raise ValueError(f"data.recipe: {self.recipe} is no file (from the working folder or the repository)")
 
 

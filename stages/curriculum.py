@@ -42,20 +42,12 @@ from modules.loading import (
 from stages.config import RESERVED_STAGE_NAMES, CurriculumConfig, TrainerConfig, device_count, upstream_stage
 from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
 from stages.launch import check_shared_folder, join_launched_ranks, rank_zero_first, rank_zero_verdict
-from stages.paths import LOCK_NAME, check_own_folder, folder_lock, follow_umask, write_text_atomic
+from stages.paths import LOCK_NAME, check_own_folder, folder_lock, follow_umask, project_file, write_text_atomic
 from stages.recipe_ops import check_process
 from stages.report import REPORT_PLOTS, STAGES_FILE, write_report
 from stages.stage import RunInputs, StageResult, StageStopped, fingerprint, run_stage
 
 log = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def resolve_recipe(path: str) -> Path:
-    candidate = Path(path)
-    if candidate.is_file() or candidate.is_absolute():
-        return candidate
-    return REPO_ROOT / candidate
 
 
 # Bumped when what the shards hold changes (2: the world's questions), so older shards are rebuilt.
@@ -102,7 +94,7 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
         if not (shard_dir / INDEX_NAME).is_file():
             raise FileNotFoundError(f"--data.shard_dir: {shard_dir} has no {INDEX_NAME}; build it with the data stage")
         return shard_dir
-    recipe_path = resolve_recipe(cfg.data.recipe)
+    recipe_path = project_file(cfg.data.recipe)
     if not recipe_path.is_file():
         raise FileNotFoundError(f"--data.recipe: {recipe_path} does not exist")
     recipe = load_recipe(recipe_path)
@@ -224,7 +216,7 @@ def check_inputs(cfg: CurriculumConfig) -> None:
             f"--data.shard_dir: {cfg.data.shard_dir} has no {INDEX_NAME}; build it with the data stage"
         )
     if cfg.data.shard_dir is None:  # a recipe's bad value or misspelt key was found after the base models
-        recipe_path = resolve_recipe(cfg.data.recipe)
+        recipe_path = project_file(cfg.data.recipe)
         try:
             check_process(load_recipe(recipe_path).process)
         except (ValueError, TypeError, ArgumentError) as error:

@@ -19,6 +19,27 @@ _UMASK = os.umask(0)  # read once, at import: setting it to read it later would 
 os.umask(_UMASK)
 
 LOCK_NAME = ".lock"
+# The project's root: the repository, or where `pip install .` put configs/ beside the packages.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_file(path: str | Path) -> Path:
+    """A relative file name that is no file in the working folder, taken from the project's root: the shipped
+    recipes and DeepSpeed configs (`configs/...`) work from any folder. Other names are returned as given."""
+    candidate = Path(path)
+    if candidate.is_absolute() or names_a_file(candidate):
+        return candidate
+    return PROJECT_ROOT / candidate
+
+
+def names_a_file(path: Path) -> bool:
+    """Whether `path` is a file; False, not an OSError, for a string too long to be a file name."""
+    try:
+        return path.is_file()
+    except OSError:  # a name longer than the file system takes (an inline config): no file
+        return False
+
+
 """The lock file of a folder the project writes (a run, shards, a compare root); left out of folder digests."""
 
 

@@ -53,6 +53,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from callbacks.preemption import stop_on_sigusr1
 from stages.config import CurriculumConfig, EvalConfig, check_seed
 from stages.metrics import DEFAULT_BUCKETS
+from stages.paths import names_a_file, project_file
 
 # `--help` shows each config field's docstring (the text under it in stages/config.py and the dataclasses).
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -348,19 +349,12 @@ def default_run_dir(config_files: list) -> Path:
     return Path("runs") / name
 
 
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except OSError:  # an inline config longer than a file name may be
-        return False
-
-
 def project_config(name: str) -> str:
     """A shipped config named from the repository's root (`configs/curriculum/mgm_2b.yaml`), from any working
     folder: the project's file (the repository's, or where a wheel installed configs/) when there is no such
     file here, as `data.recipe` and `trainer.deepspeed_config` are found."""
-    project = CONFIG_DIR.parent / name
-    return str(project) if name.startswith("configs/") and not _is_file(Path(name)) and _is_file(project) else name
+    found = project_file(name)
+    return str(found) if name.startswith("configs/") and found.is_file() else name
 
 
 def with_project_configs(argv: tuple[str, ...]) -> tuple[str, ...]:
@@ -383,7 +377,7 @@ def check_config_files(parser: ArgumentParser, argv: tuple[str, ...]) -> None:
     given += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     for name in given:
         path = Path(name)
-        if not _is_file(path):
+        if not names_a_file(path):
             continue  # an inline '{seed: 3}', or a missing file, which jsonargparse names itself
         try:
             content = yaml.safe_load(path.read_text(encoding="utf-8"))

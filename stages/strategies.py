@@ -21,7 +21,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from typing_extensions import override
 
-from stages.paths import durable, sync_path
+from stages.paths import durable, project_file, sync_path
 
 
 class CurriculumDeepSpeedStrategy(DeepSpeedStrategy):
@@ -142,9 +142,7 @@ class CPUDeepSpeedStrategy(CurriculumDeepSpeedStrategy):
 
 
 def resolve_config_path(path: str) -> Path:
-    candidate = Path(path)
-    if not candidate.is_file():
-        candidate = Path(__file__).resolve().parents[1] / path
+    candidate = project_file(path)
     if not candidate.is_file():
         raise FileNotFoundError(f"--trainer.deepspeed_config: {path} does not exist")
     return candidate
