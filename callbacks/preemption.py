@@ -13,6 +13,10 @@ flag at that same batch, and Lightning stops them all after it with `SIGTERMExce
 143; nothing is saved at the signal, and a rerun resumes from the last checkpoint). A signal during the
 sanity check or validation is acted on after the next training batch; one after the last (`signalled`) is
 for the caller to act on. `stop_on_sigusr1` makes SLURM's warning signal stop a run as SIGTERM does.
+
+Outside a stage's training (the data stage, the base models, an evaluation, between stages) SIGTERM killed the
+process at once without a word; `sigterm_raises` makes it raise `Terminated` where the program is, so that what
+cleans up on the way out runs and `stages.run` says how to go on (exit 143). Within a fit it is `StopOnSigterm`'s.
 """
 
 from __future__ import annotations
@@ -21,11 +25,23 @@ import logging
 import os
 import signal
 import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import lightning as L
 from typing_extensions import override
 
 log = logging.getLogger(__name__)
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a stage's training. A BaseException, as KeyboardInterrupt is: no `except Exception` keeps
+    the program going."""
+
+
+_fitting: list[StopOnSigterm] = []  # the callback of the fit under way, if any
+_held: list[bool] = []  # inside `signals_held`: a SIGTERM that came meanwhile
 
 
 class StopOnSigterm(L.Callback):
@@ -43,9 +59,24 @@ class StopOnSigterm(L.Callback):
         if not hasattr(connector, "_sigterm_notifier_fn"):
             log.warning("this Lightning has no _sigterm_notifier_fn: its own SIGTERM handler, which hangs ranks, stays")
         connector._sigterm_notifier_fn = self._note
+        self._trainer = weakref.ref(trainer)  # not the trainer itself: it would keep the stage's model alive
+        _fitting.append(self)  # until Lightning's own handler takes over, `sigterm_raises`' sends SIGTERM here
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self in _fitting:
+            _fitting.remove(self)
+
+    def fitting(self) -> bool:
+        """Whether its fit is under way (a fit that raised calls no `teardown`)."""
+        from lightning.pytorch.trainer.states import TrainerStatus
+
+        trainer = self._trainer()
+        return trainer is not None and trainer.state.status == TrainerStatus.RUNNING
 
     def _note(self, signum, frame) -> None:
-        log.info("SIGTERM: stopping after the next training batch")
+        if not self.signalled:
+            log.info("SIGTERM: stopping after the next training batch")
         self.signalled = True
 
     @override
@@ -61,3 +92,52 @@ def stop_on_sigusr1() -> None:
     other losses. A handler the program already has is kept."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL:
         signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+
+
+def _on_sigterm(signum, frame) -> None:
+    _fitting[:] = [callback for callback in _fitting if callback.fitting()]
+    if _fitting:  # Lightning calls it too, after its own handler: the fit stops after the batch
+        _fitting[-1]._note(signum, frame)
+    elif _held:
+        _held[-1] = True
+    else:
+        raise Terminated
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises `Terminated` while the block runs (see the module's docstring); the handler from before
+    is put back after it. Only in the main thread, and only where SIGTERM has its default action."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Holds Ctrl-C and SIGTERM back until the block ends, then raises them: raised inside a finalizer, which the
+    garbage collector runs (a profiler's, a DataLoader's), an exception is printed as "Exception ignored" and
+    dropped, and the run went on to its end (2 of 8 Ctrl-C presses timed at a stage's end). Only where Python's
+    own Ctrl-C handler is set."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not (
+        signal.default_int_handler
+    ):
+        yield
+        return
+    pressed: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    _held.append(False)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        terminated = _held.pop()
+    if terminated:
+        raise Terminated
+    if pressed:
+        raise KeyboardInterrupt

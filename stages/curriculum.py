@@ -5,10 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import fields
 from pathlib import Path
 
@@ -17,6 +14,7 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.evaluation import reference
+from callbacks.preemption import signals_held
 from datamodules.caption_datamodule import CaptionDataModule
 from datamodules.shards import (
     INDEX_NAME,
@@ -311,33 +309,13 @@ def ranks(trainer: TrainerConfig) -> int:
     return max(count, 1) * (trainer.num_nodes or 1)
 
 
-@contextmanager
-def sigint_held() -> Iterator[None]:
-    """Holds Ctrl-C back until the block ends, then raises it: raised inside a finalizer, which the garbage
-    collector runs (a profiler's, a DataLoader's), it is printed as "Exception ignored" and dropped, and the run
-    went on to its end (2 of 8 presses timed at a stage's end). Only where Python's own handler is set."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not (
-        signal.default_int_handler
-    ):
-        yield
-        return
-    pressed: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if pressed:
-        raise KeyboardInterrupt
-
-
 def free_stage_memory() -> None:
     """Frees the finished stage's model before the next stage builds its own. Lightning's trainer and
     module refer to each other, so the model outlives the stage until the garbage collector's next full
     pass, which tensor memory does not trigger: without this, a real LM's weights piled up stage by stage
     (Qwen2.5-0.5B's shape, fp32 on CPU: peak RSS 3.8, 5.7, 8.8, 11.1 GiB over the four stages; freed
     here, 3.7, 5.1, 5.9, 5.9 GiB)."""
-    with sigint_held():
+    with signals_held():
         gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

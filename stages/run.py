@@ -50,7 +50,7 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0] or ".").resolve() ==
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from callbacks.preemption import stop_on_sigusr1
+from callbacks.preemption import Terminated, sigterm_raises, stop_on_sigusr1
 from stages.config import CurriculumConfig, EvalConfig, check_seed
 from stages.metrics import DEFAULT_BUCKETS
 from stages.paths import names_a_file, project_file
@@ -564,9 +564,13 @@ def main(argv: list[str] | None = None) -> int:
         "eval": run_eval_command,
     }
     try:
-        return handlers[args.command](parser, args)
+        with sigterm_raises():
+            return handlers[args.command](parser, args)
     except KeyboardInterrupt:
         return interrupted()
+    except Terminated:  # outside a stage's training (in one, Lightning's SIGTERMException below)
+        print("interrupted by SIGTERM: rerun the same command to go on", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except SystemExit as stop:
         # Lightning ends a fit that got SIGTERM (a scheduler's preemption) with SIGTERMException, a SystemExit
         # without a code: the run ended with exit code 0, as if it had finished.

@@ -94,3 +94,54 @@ def test_torchrun_inside_a_slurm_job_trains_with_torchruns_ranks(tmp_path, monke
     monkeypatch.setattr(CaptionEvaluation, "on_train_start", record)
     assert main(["curriculum", f"--run_dir={tmp_path / 'run'}", *MICRO_ARGS]) == 0
     assert set(environments) == {"TorchElasticEnvironment"}
+
+
+def test_a_sigterm_outside_a_stages_training_exits_143_and_cleans_up(tmp_path):
+    """Outside a fit (here the data stage) SIGTERM killed the process at once: no word, and the build's rendered
+    images left in work/."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, fresh_launch_env
+
+    out = tmp_path / "shards"
+    args = [sys.executable, "-m", "stages.run", "data", "--config", "configs/data/synthetic.yaml",
+            f"--out_dir={out}", "--world.train_size=20000"]  # fmt: skip
+    child = subprocess.Popen(args, cwd=REPO, env=fresh_launch_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "work" / "images").is_dir() and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.05)
+        assert child.poll() is None, "the build ended before the signal"
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 143, err[-2000:]
+    assert "interrupted by SIGTERM: rerun the same command to go on" in err
+    assert not (out / "work").exists() and not (out / "index.json").exists()
+
+
+def test_a_sigterm_during_garbage_collection_is_raised_after_it_not_dropped():
+    """Raised inside a finalizer that the collector runs, an exception is printed as "Exception ignored" and
+    dropped: the run went on."""
+    import gc
+    import os
+    import signal
+
+    from callbacks.preemption import Terminated, signals_held, sigterm_raises
+
+    class SignalsWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with sigterm_raises():
+        with pytest.raises(Terminated):
+            with signals_held():
+                cycle = [SignalsWhenCollected()]
+                cycle.append(cycle)
+                del cycle
+                gc.collect()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
