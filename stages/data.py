@@ -18,6 +18,7 @@ import json
 import logging
 import shutil
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -229,11 +230,11 @@ def run_data_stage(
     in a run folder it has checked (where a build killed by an older version left work/ without a mark)."""
     check_process(recipe.process)  # before the earlier build is removed: a bad recipe leaves it as it was
     out_dir.mkdir(parents=True, exist_ok=True)
-    if in_run:
-        return _build(recipe, out_dir, world, seed)
-    with folder_lock(out_dir, "the shard folder", purpose="a data build"):  # no other build or reader meanwhile
-        shards = [path.name for path in _shard_files(out_dir)]
-        check_own_folder(out_dir, "--out_dir", (INDEX_NAME, BUILDING_NAME), [*BUILD_FILES, *shards])
+    # No other build or reader meanwhile (in a run, the caller holds the lock).
+    with nullcontext() if in_run else folder_lock(out_dir, "the shard folder", purpose="a data build"):
+        if not in_run:
+            shards = [path.name for path in _shard_files(out_dir)]
+            check_own_folder(out_dir, "--out_dir", (INDEX_NAME, BUILDING_NAME), [*BUILD_FILES, *shards])
         try:
             return _build(recipe, out_dir, world, seed)
         except BaseException:  # the work/ images are copies (1.6 MB for 384 images of 64 px); stats/ stay to read

@@ -6,9 +6,12 @@ naming what is missing and where it goes. An op that fails to set up fails the s
 earlier build's shards are deleted.
 
 Filters first compute their stats for every sample (written to `stats/<op>.jsonl`, `stats/<op>-2.jsonl` for its
-second use), then filter. Each filter computes its own: Data-Juicer's filters keep a stat already in the sample,
-so a filter used again after a caption op judged the old caption. Data-Juicer's own `skip_op_error` is forced
-off: a failing op fails the stage with its name, instead of dropping a batch with one log line.
+second use), then filter. The stats go once a mapper has run, as they describe the samples before it changed them:
+Data-Juicer's filters keep a stat already in the sample, so a filter used again after a caption op judged the old
+caption. Ops between two mappers (a selector on `__dj__stats__.perplexity`) read the stats of the filters before.
+
+Data-Juicer's own `skip_op_error` is forced off: a failing op fails the stage with its name, instead of dropping a
+batch with one log line.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,8 +29,6 @@ log = logging.getLogger(__name__)
 def quiet_data_juicer() -> None:
     """Data-Juicer logs every op's worker count at INFO through loguru; keep its warnings and errors. This replaces
     loguru's sinks process-wide (this project logs through `logging`, not loguru)."""
-    import sys
-
     from loguru import logger
 
     logger.remove()
@@ -117,6 +119,11 @@ def forbid_downloads() -> None:
 
     check_model.local_only = True
     model_utils.check_model = check_model  # its loaders look it up in the module when they run
+    import data_juicer.ops  # noqa: F401  (every op module: some import check_model by name)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("data_juicer.") and getattr(module, "check_model", None) is downloading:
+            module.check_model = check_model
 
 
 def check_op_shapes(process: list[dict]) -> None:
@@ -217,7 +224,7 @@ def run_ops(
     import datasets
     import multiprocess
     from data_juicer.core.data import NestedDataset
-    from data_juicer.ops.base_op import UNFORKABLE, Filter
+    from data_juicer.ops.base_op import UNFORKABLE, Filter, Mapper
     from data_juicer.utils.constant import Fields
     from data_juicer.utils.process_utils import setup_mp
     from transformers import set_seed
@@ -248,12 +255,17 @@ def run_ops(
                         for key, sample_stats in zip(dataset["__key__"], dataset[Fields.stats], strict=True):
                             sink.write(json.dumps({"key": key, **sample_stats}) + "\n")
                     dataset = dataset.filter(op.process, num_proc=workers, batch_size=op.batch_size)
-                    # Written out: the next filter computes its own (Data-Juicer's keep a stat already there).
-                    dataset = dataset.remove_columns([Fields.stats])
                 else:
                     dataset = op.run(dataset)
+                if isinstance(op, Mapper) and Fields.stats in dataset.column_names:
+                    # The stats describe the samples before the mapper changed them, and Data-Juicer's filters keep
+                    # a stat already there: a filter used again after a caption op judged the old caption.
+                    dataset = dataset.remove_columns([Fields.stats])
             except (ValueError, ImportError) as error:  # a refused download or install, at the op's first use
                 raise ValueError(f"recipe process: {op._name}: {error}") from error
+            except Exception:
+                log.error("data op %s failed", op._name)
+                raise
             args = {k: v for k, v in op._op_cfg[op._name].items() if k not in (*FORCED, *IN_PROCESS)}
             timed = hasattr(op, "seconds") and not workers
             accounting.append(

@@ -76,7 +76,12 @@ def test_a_model_file_an_op_lacks_is_not_downloaded(tmp_path, monkeypatch):
     monkeypatch.setattr(wget, "download", downloading)
     monkeypatch.setattr(model_utils, "check_model", model_utils.check_model)  # put back after the test
     monkeypatch.setattr(model_utils, "DJMC", str(tmp_path / "models"))
+    from data_juicer.ops.mapper import detect_character_locations_mapper as by_name  # imports check_model by name
+
+    monkeypatch.setattr(by_name, "check_model", by_name.check_model)
     forbid_downloads()
+    with pytest.raises(ValueError, match="the model file yoloe-11l-seg.pt"):
+        by_name.check_model("yoloe-11l-seg.pt")
     with pytest.raises(ValueError, match=r"the model file lid\.176\.bin, which is not in .*models"):
         model_utils.check_model("lid.176.bin")
     (tmp_path / "models").mkdir()
@@ -152,6 +157,21 @@ def test_shards_rebuild_when_a_file_an_op_reads_changes(tmp_path):
     assert _data_inputs(recipe, cfg) != before
 
 
+def test_an_op_argument_that_is_no_path_is_no_input_even_when_a_folder_has_its_name(tmp_path, monkeypatch):
+    """chars_to_remove "." named the working folder: a run's log file written there changed the data fingerprint,
+    and every run rebuilt the shards and retrained every stage."""
+    from stages.config import CurriculumConfig, StageSpec
+    from stages.curriculum import _data_inputs
+    from stages.data import InputSpec as Input
+
+    monkeypatch.chdir(tmp_path)
+    recipe = RecipeConfig(input=Input(), process=[{"remove_specific_chars_mapper": {"chars_to_remove": "."}}])
+    cfg = CurriculumConfig(stages={"align": StageSpec(["projector"], 8, init_from="base")})
+    before = _data_inputs(recipe, cfg)
+    (tmp_path / "train.log").write_text("a line")
+    assert _data_inputs(recipe, cfg) == before
+
+
 @pytest.mark.parametrize(
     ("process", "message"),
     [
@@ -167,3 +187,31 @@ def test_an_op_of_the_wrong_shape_is_named_before_any_work(tmp_path, process, me
 
     with pytest.raises(ValueError, match=message):
         check_process(process)
+
+
+def test_ops_after_a_filter_read_its_stats_until_a_mapper_changes_the_samples(tmp_path):
+    """Data-Juicer's selectors and field filters read the stats earlier filters wrote (a first fix for stale stats
+    dropped them after every filter, and these ops failed with an AssertionError)."""
+    process = [
+        {"words_num_filter": {"min_num": 1, "max_num": 1000}},
+        {"topk_specified_field_selector": {"field_key": "__dj__stats__.num_words", "topk": 10}},
+    ]
+    report = run_data_stage(RecipeConfig(process=process), tmp_path / "out", MICRO_WORLD, seed=0)
+    assert [(op["op"], op["out"]) for op in report["ops"]] == [
+        ("words_num_filter", 248),
+        ("topk_specified_field_selector", 10),
+    ]
+
+
+def test_a_build_inside_a_run_that_fails_removes_its_rendered_images(tmp_path, monkeypatch):
+    """Only the data command cleaned up: a curriculum's build that failed (or got SIGTERM) left work/ behind."""
+    from data_juicer.ops.filter.text_length_filter import TextLengthFilter
+
+    def fails(self, dataset, **kwargs):
+        raise RuntimeError("the op failed")
+
+    monkeypatch.setattr(TextLengthFilter, "run", fails)
+    recipe = RecipeConfig(process=[{"text_length_filter": {"min_len": 1, "max_len": 1000}}])
+    with pytest.raises(RuntimeError, match="the op failed"):
+        run_data_stage(recipe, tmp_path / "data", MICRO_WORLD, seed=0, in_run=True)
+    assert not (tmp_path / "data" / "work").exists() and (tmp_path / "data" / "stats").is_dir()
