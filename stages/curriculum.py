@@ -52,8 +52,11 @@ log = logging.getLogger(__name__)
 SHARD_FORMAT = 2
 
 
-# An op argument that names a folder is an input of the build (a word list's folder), unless its name says it is
-# where the op writes (an image mapper's save_dir): every build changes that one.
+# An op argument whose name says it holds a path (stopwords_dir, mapping_file, model_path) and that names a file or
+# folder is an input of the build, unless its name says the op writes there (an image mapper's save_dir: every build
+# changes it). Other arguments are no paths even when a folder has their name (remove_specific_chars_mapper's
+# chars_to_remove "." is the working folder, which a run's log file changes).
+PATH_ARGS = ("dir", "path", "file", "model", "hf_")
 OUTPUT_ARGS = ("save", "output", "export", "cache")
 
 
@@ -71,9 +74,11 @@ def _data_inputs(recipe, cfg: CurriculumConfig) -> dict:
                     continue
                 if (path / "config.json").is_file():  # a model folder
                     models[f"{op}.{arg}"] = folder_digest(path)
+                elif not any(word in arg for word in PATH_ARGS) or any(word in arg for word in OUTPUT_ARGS):
+                    continue
                 elif path.is_file():
                     models[f"{op}.{arg}"] = [path.stat().st_size, path.stat().st_mtime_ns]
-                elif path.is_dir() and not any(word in arg for word in OUTPUT_ARGS):
+                elif path.is_dir():
                     models[f"{op}.{arg}"] = folder_digest(path)
     if recipe.input.format == "synthetic":
         return {"world": cfg.world, "seed": cfg.seed, "models": models}
