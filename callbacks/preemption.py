@@ -122,20 +122,21 @@ def sigterm_raises() -> Iterator[None]:
 def signals_held() -> Iterator[None]:
     """Holds Ctrl-C and SIGTERM back until the block ends, then raises them: raised inside a finalizer, which the
     garbage collector runs (a profiler's, a DataLoader's), an exception is printed as "Exception ignored" and
-    dropped, and the run went on to its end (2 of 8 Ctrl-C presses timed at a stage's end). Only where Python's
-    own Ctrl-C handler is set."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not (
-        signal.default_int_handler
-    ):
+    dropped, and the run went on to its end (2 of 8 Ctrl-C presses timed at a stage's end). Ctrl-C only where
+    Python's own handler is set (a job started with `&` from a script ignores it)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     pressed: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    own_sigint = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if own_sigint:
+        signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
     _held.append(False)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if own_sigint:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         terminated = _held.pop()
     if terminated:
         raise Terminated

@@ -19,6 +19,7 @@ _UMASK = os.umask(0)  # read once, at import: setting it to read it later would 
 os.umask(_UMASK)
 
 LOCK_NAME = ".lock"
+"""The lock file of a folder the project writes (a run, shards, a compare root); left out of folder digests."""
 # The project's root: the repository, or where `pip install .` put configs/ beside the packages.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,9 +39,6 @@ def names_a_file(path: Path) -> bool:
         return path.is_file()
     except OSError:  # a name longer than the file system takes (an inline config): no file
         return False
-
-
-"""The lock file of a folder the project writes (a run, shards, a compare root); left out of folder digests."""
 
 
 def stored_path(path: Path, run_dir: Path) -> str:

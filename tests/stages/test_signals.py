@@ -124,24 +124,31 @@ def test_a_sigterm_outside_a_stages_training_exits_143_and_cleans_up(tmp_path):
     assert not (out / "work").exists() and not (out / "index.json").exists()
 
 
-def test_a_sigterm_during_garbage_collection_is_raised_after_it_not_dropped():
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_a_sigterm_during_garbage_collection_is_raised_after_it_not_dropped(sigint):
     """Raised inside a finalizer that the collector runs, an exception is printed as "Exception ignored" and
-    dropped: the run went on."""
+    dropped: the run went on. Also where SIGINT is ignored (a job started with `&` from a script), where the
+    holding was skipped at first."""
     import gc
     import os
     import signal
 
     from callbacks.preemption import Terminated, signals_held, sigterm_raises
 
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.default_int_handler)
+
     class SignalsWhenCollected:
         def __del__(self):
             os.kill(os.getpid(), signal.SIGTERM)
 
-    with sigterm_raises():
-        with pytest.raises(Terminated):
-            with signals_held():
-                cycle = [SignalsWhenCollected()]
-                cycle.append(cycle)
-                del cycle
-                gc.collect()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+    try:
+        with sigterm_raises():
+            with pytest.raises(Terminated):
+                with signals_held():
+                    cycle = [SignalsWhenCollected()]
+                    cycle.append(cycle)
+                    del cycle
+                    gc.collect()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+    finally:
+        signal.signal(signal.SIGINT, previous)
