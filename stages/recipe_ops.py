@@ -244,6 +244,9 @@ def run_ops(
             workers = op.runtime_np()  # None: in this process
             if workers:  # workers of model ops start fresh, not forked (as Data-Juicer's own executor does)
                 setup_mp(["forkserver", "spawn"] if op.use_cuda() or op._name in UNFORKABLE.modules else None)
+                # Forked from a server that imported the guard first: they refuse installs and downloads too
+                # (workers that Python spawns, the start method where forkserver is missing, do not).
+                multiprocess.set_forkserver_preload(["__main__", "stages.fetch_guard"])
             before, started = len(dataset), time.perf_counter()
             uses[op._name] = uses.get(op._name, 0) + 1
             stats = None

@@ -215,3 +215,19 @@ def test_a_build_inside_a_run_that_fails_removes_its_rendered_images(tmp_path, m
     with pytest.raises(RuntimeError, match="the op failed"):
         run_data_stage(recipe, tmp_path / "data", MICRO_WORLD, seed=0, in_run=True)
     assert not (tmp_path / "data" / "work").exists() and (tmp_path / "data" / "stats").is_dir()
+
+
+def test_workers_that_start_fresh_refuse_installs_too(tmp_path):
+    """The refusal was set up in the stage's process only: an op's forkserver workers (model ops, num_proc) start
+    from a fresh interpreter, and there Data-Juicer would pip-install what the op lacked."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, fresh_launch_env
+
+    script = REPO / "tests" / "stages" / "fetching_workers.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], cwd=REPO, env=fresh_launch_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    error = json.loads(done.stdout.strip().splitlines()[-1])
+    assert error and "needs_a_package_mapper: an op needs vlm_curriculum_no_such_package, which is not" in error
