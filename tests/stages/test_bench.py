@@ -32,12 +32,16 @@ def test_blip2_bench_runs_both_ops_and_splits_the_time(tmp_path, capsys):
         kept = (images // 2, 4) if run is ours else (0, 0)
         assert (half["samples"]["kept"], warmup["samples"]["kept"]) == kept
         assert half["samples"]["processed"] == images // 2
+        # From the times as written (4 decimals, so the difference within 1e-4 of the one the bench divided by:
+        # 1.3% of a difference of 4 ms on a fast machine) and the rate's own rounding.
         gained = run["wall_s"] - run["half_wall_s"]
-        expected = round(images // 2 / gained, 2) if gained > 0 else None
-        if expected is None:  # a loaded machine ran the whole no slower than the half: no marginal rate
-            assert run["marginal_images_per_s"] is None
+        marginal = run["marginal_images_per_s"]
+        if marginal is None:  # a loaded machine ran the whole no slower than the half: no marginal rate
+            assert gained <= 1e-4
         else:
-            assert run["marginal_images_per_s"] == pytest.approx(expected, rel=0.01)
+            low = images // 2 / (gained + 1e-4) - 0.005
+            high = images // 2 / (gained - 1e-4) + 0.005 if gained > 1e-4 else float("inf")
+            assert low <= marginal <= high, (marginal, gained)
     if ours["marginal_images_per_s"] and stock["marginal_images_per_s"]:
         assert result["marginal_speedup"] == round(ours["marginal_images_per_s"] / stock["marginal_images_per_s"], 2)
     shard = json.loads((tmp_path / "out-blip2_caption_mapper" / "report.json").read_text())
