@@ -38,7 +38,7 @@ import gc
 import json
 import logging
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import lightning as L
@@ -46,7 +46,9 @@ import torch
 from typing_extensions import override
 
 from callbacks.throughput import peak_rss_gib
+from modules.loading import LoraSpec
 from modules.speed import SpeedSpec, set_checkpointing
+from modules.training_module import AlignModule, LoRASFTModule, OptimSpec
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +305,64 @@ def _plain_step(vlm, kind: str, lora, checkpointing: bool, batch: dict, device, 
     return (time.perf_counter() - started) / (steps - warmup)
 
 
+@dataclass
+class Setup:
+    """What every variant is measured with: the profile, its model and batch, and the timing."""
+
+    cfg: object
+    base: torch.nn.Module
+    batch: dict
+    device: torch.device
+    steps: int
+    warmup: int
+    optim: OptimSpec
+    sft_trainable: list[str]
+    peak_flops: float
+
+
+@dataclass
+class Step:
+    """One variant of one step kind: align or sft, the plain loop or the Lightning module, its levers."""
+
+    name: str
+    kind: str
+    path: str
+    speed: SpeedSpec
+    lora: LoraSpec
+
+
+def _measure(step: Step, setup: Setup, flops: float) -> dict:
+    """The variant's figures on a fresh copy of the model, or the error that stopped it."""
+    vlm, device = copy.deepcopy(setup.base), setup.device
+    start, graphs = _start_variant(device), _compile_counts()
+    try:
+        if step.path == "plain":
+            checkpointing = bool(step.speed.checkpoint_every)
+            seconds = _plain_step(vlm, step.kind, step.lora, checkpointing, setup.batch, device, setup.steps,
+                                  setup.warmup)  # fmt: skip
+        else:
+            module = (
+                AlignModule(vlm, setup.optim, step.speed)
+                if step.kind == "align"
+                else LoRASFTModule(vlm, step.lora, setup.optim, setup.sft_trainable, step.speed)
+            )
+            seconds = _lightning_step(module, setup.batch, setup.cfg, setup.steps, setup.warmup)
+    except torch.cuda.OutOfMemoryError:
+        log.warning("bench train: %s %s ran out of GPU memory", step.kind, step.name)
+        return {"error": "out of GPU memory"}
+    except Exception as error:  # one broken variant (a compiler missing, say) must not lose the rest
+        log.exception("bench train: %s %s failed", step.kind, step.name)
+        return {"error": f"failed: {type(error).__name__}: {error}"[:500]}
+    result = _result(setup.batch, seconds, flops, _peak(device, start), device, setup.peak_flops)
+    if step.speed.compile:
+        # One graph should serve every decoder layer; more, or layers past dynamo's recompile limit (which then
+        # run eagerly), would make the figure something else than it says.
+        after = _compile_counts()
+        result["compiled_graphs"] = after[0] - graphs[0]
+        result["recompile_limit_hits"] = after[1] - graphs[1]
+    return result
+
+
 def bench_train(
     cfg,
     run_dir: Path,
@@ -316,7 +376,6 @@ def bench_train(
     """Runs every variant for both step kinds on the profile `cfg` (a CurriculumConfig); returns the figures."""
     from datamodules.captions import PromptFormat, scored_tokens
     from modules.loading import build_vlm, count_image_tokens
-    from modules.training_module import AlignModule, LoRASFTModule
     from stages.config import check_speed
     from stages.curriculum import prepare_base_models
 
@@ -345,6 +404,7 @@ def bench_train(
     tokens = int(batch["attention_mask"][0].sum())
     labelled = int(scored_tokens(batch["labels"][0]))
     optim = replace(sft_spec.optim(), warmup_steps=0)  # every timed step at the peak rate
+    setup = Setup(cfg, base, batch, device, steps, warmup, optim, sft_spec.trainable, peak_flops)
 
     def save() -> None:
         (run_dir / "bench_train.json").write_text(json.dumps(report, indent=2))
@@ -369,38 +429,9 @@ def bench_train(
             except ValueError as error:
                 results[name] = {"error": f"refused: {error}", "levers": levers}
                 continue
-            vlm, lora = copy.deepcopy(base), replace(cfg.model.lora, dropout=dropout)
-            start, graphs = _start_variant(device), _compile_counts()
-            try:
-                if path == "plain":
-                    seconds = _plain_step(vlm, kind, lora, bool(speed.checkpoint_every), batch, device, steps, warmup)
-                else:
-                    module = (
-                        AlignModule(vlm, optim, speed)
-                        if kind == "align"
-                        else LoRASFTModule(vlm, lora, optim, sft_spec.trainable, speed)
-                    )
-                    seconds = _lightning_step(module, batch, cfg, steps, warmup)
-            except torch.cuda.OutOfMemoryError:
-                results[name] = {"error": "out of GPU memory", "levers": levers}
-                log.warning("bench train: %s %s ran out of GPU memory", kind, name)
-            except Exception as error:  # one broken variant (a compiler missing, say) must not lose the rest
-                log.exception("bench train: %s %s failed", kind, name)
-                results[name] = {"error": f"failed: {type(error).__name__}: {error}"[:500], "levers": levers}
-            else:
-                results[name] = {
-                    **_result(batch, seconds, flops, _peak(device, start), device, peak_flops),
-                    "levers": levers,
-                }
-                if speed.compile:
-                    # One graph should serve every decoder layer; more, or layers past dynamo's recompile
-                    # limit (which then run eagerly), would make the figure something else than it says.
-                    after = _compile_counts()
-                    results[name]["compiled_graphs"] = after[0] - graphs[0]
-                    results[name]["recompile_limit_hits"] = after[1] - graphs[1]
-                log.info("bench train: %s %s: %s", kind, name, results[name])
-            finally:
-                module = vlm = None  # noqa: F841 (drop the references before the next variant)
+            step = Step(name, kind, path, speed, replace(cfg.model.lora, dropout=dropout))
+            results[name] = {**_measure(step, setup, flops), "levers": levers}
+            log.info("bench train: %s %s: %s", kind, name, results[name])
             save()  # what is measured so far survives a run stopped by a time limit
         reference = results.get("plain", {}).get("tokens_per_s")
         for result in results.values():
