@@ -113,6 +113,56 @@ def print_report(report: dict) -> None:
     print(f"wall time {report['wall_s']} s")
 
 
+def _blip2_bench_inputs(root: Path, images: int, shape: str) -> tuple[Path, list[dict]]:
+    """The random-weight BLIP-2 of `shape` (bf16 on CUDA, fp32 on CPU) and LLaVA-style records of `images`
+    224-pixel renders of the synthetic world (BLIP-2's processor resizes anyway), made once under `root`."""
+    import torch
+
+    from datamodules.blip2_random import build_random_blip2
+    from datamodules.world import WorldConfig, make_scene, render
+
+    root.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    model_dir = root / f"blip2-{shape}"
+    if not (model_dir / "config.json").is_file():
+        dtype = torch.bfloat16 if cuda else torch.float32
+        build_random_blip2(model_dir, shape, opt_image_token=True, device="cuda" if cuda else "cpu", dtype=dtype)
+    image_dir, records = root / "images", []
+    image_dir.mkdir(exist_ok=True)
+    world = WorldConfig(image_size=224)
+    for index in range(images):
+        path = image_dir / f"{index:06d}.png"
+        if not path.is_file():
+            render(make_scene(world, 0, "bench", index), 224, 0, world).save(path)
+        turns = [{"from": "human", "value": "<image>\ndescribe"}, {"from": "gpt", "value": "shapes"}]
+        records.append({"id": f"img-{index:06d}", "image": f"images/{path.name}", "conversations": turns})
+    return model_dir, records
+
+
+def _run_figures(count: int, wall: float, half_wall: float | None, report: dict) -> dict:
+    """One op's figures from its run on `count` images (`wall` seconds, the data stage's `report`) and on the
+    first half of them (`half_wall`; None: a single image, no half run)."""
+    op_report = report["ops"][0]
+    figures = {
+        "images": count,
+        "wall_s": round(wall, 4),
+        "images_per_s": round(count / wall, 2),
+        "op_s": op_report["seconds"],
+        "op_phases_s": op_report.get("phases"),
+        "outside_op_s": round(wall - op_report["seconds"], 2),
+        "kept": report["samples"]["kept"],
+    }
+    if half_wall is not None:
+        # None: the run on all images was no slower than the half run, the timing noise larger
+        marginal = (count - count // 2) / (wall - half_wall) if wall > half_wall else None
+        figures["half_wall_s"] = round(half_wall, 4)
+        figures["marginal_images_per_s"] = None if marginal is None else round(marginal, 2)
+    load = (op_report.get("phases") or {}).get("load_model")
+    if load is not None:  # a one-off per worker: at 512 images on a GPU it can outweigh the captioning
+        figures["images_per_s_after_load"] = round(count / (wall - load), 2)
+    return figures
+
+
 def bench_blip2(
     root: Path, images: int, shape: str, batch_size: int, stock_images: int, max_new_tokens: int = 32
 ) -> dict:
@@ -128,26 +178,10 @@ def bench_blip2(
     loaded and tuned, lazy imports), which would otherwise fall on the half run alone."""
     import torch
 
-    from datamodules.blip2_random import build_random_blip2
-    from datamodules.world import WorldConfig, make_scene, render
     from stages.data import InputSpec, RecipeConfig, run_data_stage
 
-    root.mkdir(parents=True, exist_ok=True)
+    model_dir, records = _blip2_bench_inputs(root, images, shape)
     cuda = torch.cuda.is_available()
-    model_dir = root / f"blip2-{shape}"
-    if not (model_dir / "config.json").is_file():
-        dtype = torch.bfloat16 if cuda else torch.float32
-        build_random_blip2(model_dir, shape, opt_image_token=True, device="cuda" if cuda else "cpu", dtype=dtype)
-    # LLaVA-style input: 224-pixel renders of the synthetic world (BLIP-2's processor resizes anyway).
-    image_dir, records = root / "images", []
-    image_dir.mkdir(exist_ok=True)
-    world = WorldConfig(image_size=224)
-    for index in range(images):
-        path = image_dir / f"{index:06d}.png"
-        if not path.is_file():
-            render(make_scene(world, 0, "bench", index), 224, 0, world).save(path)
-        turns = [{"from": "human", "value": "<image>\ndescribe"}, {"from": "gpt", "value": "shapes"}]
-        records.append({"id": f"img-{index:06d}", "image": f"images/{path.name}", "conversations": turns})
     results = {"shape": shape, "device": torch.cuda.get_device_name() if cuda else "cpu", "runs": {}}
     ours = {
         "blip2_caption_mapper": {
@@ -175,24 +209,7 @@ def bench_blip2(
         timed_run(op, min(count, 4), root / f"out-{name}-warmup")
         half_wall = timed_run(op, count // 2, root / f"out-{name}-half")[0] if count >= 2 else None
         wall, report = timed_run(op, count, root / f"out-{name}")
-        op_report = report["ops"][0]
-        results["runs"][name] = {
-            "images": count,
-            "wall_s": round(wall, 4),
-            "images_per_s": round(count / wall, 2),
-            "op_s": op_report["seconds"],
-            "op_phases_s": op_report.get("phases"),
-            "outside_op_s": round(wall - op_report["seconds"], 2),
-            "kept": report["samples"]["kept"],
-        }
-        if half_wall is not None:  # None: a single image, no half run
-            # None: the run on all images was no slower than the half run, the timing noise larger
-            marginal = (count - count // 2) / (wall - half_wall) if wall > half_wall else None
-            results["runs"][name]["half_wall_s"] = round(half_wall, 4)
-            results["runs"][name]["marginal_images_per_s"] = None if marginal is None else round(marginal, 2)
-        load = (op_report.get("phases") or {}).get("load_model")
-        if load is not None:  # a one-off per worker: at 512 images on a GPU it can outweigh the captioning
-            results["runs"][name]["images_per_s_after_load"] = round(count / (wall - load), 2)
+        results["runs"][name] = _run_figures(count, wall, half_wall, report)
         # Written after each op: what was measured survives a device time limit that kills the rest.
         (root / "blip2_bench.json").write_text(json.dumps(results, indent=2))
     runs = results["runs"]
