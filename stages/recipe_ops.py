@@ -224,8 +224,7 @@ def run_ops(
     import datasets
     import multiprocess
     from data_juicer.core.data import NestedDataset
-    from data_juicer.ops.base_op import UNFORKABLE, Filter, Mapper
-    from data_juicer.utils.constant import Fields
+    from data_juicer.ops.base_op import UNFORKABLE, Filter
     from data_juicer.utils.process_utils import setup_mp
     from transformers import set_seed
 
@@ -250,20 +249,10 @@ def run_ops(
             before, started = len(dataset), time.perf_counter()
             uses[op._name] = uses.get(op._name, 0) + 1
             stats = None
+            if isinstance(op, Filter):
+                stats = f"{op._name}.jsonl" if uses[op._name] == 1 else f"{op._name}-{uses[op._name]}.jsonl"
             try:
-                if isinstance(op, Filter):
-                    dataset = op.run(dataset, reduce=False)
-                    stats = f"{op._name}.jsonl" if uses[op._name] == 1 else f"{op._name}-{uses[op._name]}.jsonl"
-                    with (stats_dir / stats).open("w") as sink:
-                        for key, sample_stats in zip(dataset["__key__"], dataset[Fields.stats], strict=True):
-                            sink.write(json.dumps({"key": key, **sample_stats}) + "\n")
-                    dataset = dataset.filter(op.process, num_proc=workers, batch_size=op.batch_size)
-                else:
-                    dataset = op.run(dataset)
-                if isinstance(op, Mapper) and Fields.stats in dataset.column_names:
-                    # The stats describe the samples before the mapper changed them, and Data-Juicer's filters keep
-                    # a stat already there: a filter used again after a caption op judged the old caption.
-                    dataset = dataset.remove_columns([Fields.stats])
+                dataset = _run_op(op, dataset, workers, stats_dir / stats if stats else None)
             except (ValueError, ImportError) as error:  # a refused download or install, at the op's first use
                 raise ValueError(f"recipe process: {op._name}: {error}") from error
             except Exception:
@@ -292,3 +281,23 @@ def run_ops(
         if given_dir is None:
             del os.environ["DJ_PRODUCED_DATA_DIR"]
     return dataset.to_list(), accounting
+
+
+def _run_op(op, dataset, workers: int | None, stats_file: Path | None):
+    """The dataset after one op; a filter writes the stats of every sample it judged to `stats_file` first."""
+    from data_juicer.ops.base_op import Filter, Mapper
+    from data_juicer.utils.constant import Fields
+
+    if isinstance(op, Filter):
+        dataset = op.run(dataset, reduce=False)
+        with stats_file.open("w") as sink:
+            for key, sample_stats in zip(dataset["__key__"], dataset[Fields.stats], strict=True):
+                sink.write(json.dumps({"key": key, **sample_stats}) + "\n")
+        dataset = dataset.filter(op.process, num_proc=workers, batch_size=op.batch_size)
+    else:
+        dataset = op.run(dataset)
+    if isinstance(op, Mapper) and Fields.stats in dataset.column_names:
+        # The stats describe the samples before the mapper changed them, and Data-Juicer's filters keep a stat
+        # already there: a filter used again after a caption op judged the old caption.
+        dataset = dataset.remove_columns([Fields.stats])
+    return dataset
