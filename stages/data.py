@@ -205,17 +205,20 @@ def _shard_files(out_dir: Path) -> list[Path]:
     return [path for split in SPLITS for path in out_dir.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")]
 
 
-def clear_build(out_dir: Path) -> None:
+def clear_build(out_dir: Path, keep: tuple[str, ...] = ()) -> None:
     """Removes what an earlier build wrote to `out_dir`, its index first.
 
     The index is what marks a shard folder as built: a rebuild killed half-way left the old index over
     new shards, which trained as if whole (the index's counts and word counts no longer matching the
     tars), and a smaller build left the old build's extra shards beside its own (read by a `train-*.tar`
-    pattern). Only this stage's own files go: `<split>-NNNNNN.tar`, stats/, work/ and the reports."""
+    pattern). Only this stage's own files go: `<split>-NNNNNN.tar`, stats/, work/ and the reports (not those in
+    `keep`)."""
     (out_dir / INDEX_NAME).unlink(missing_ok=True)
     for shard in _shard_files(out_dir):
         shard.unlink()
     for name in BUILD_FILES:
+        if name in keep:
+            continue
         if (out_dir / name).is_dir():
             shutil.rmtree(out_dir / name, ignore_errors=True)
         else:
@@ -237,9 +240,22 @@ def run_data_stage(
             check_own_folder(out_dir, "--out_dir", (INDEX_NAME, BUILDING_NAME), [*BUILD_FILES, *shards])
         try:
             return _build(recipe, out_dir, world, seed)
-        except BaseException:  # the work/ images are copies (1.6 MB for 384 images of 64 px); stats/ stay to read
-            shutil.rmtree(out_dir / "work", ignore_errors=True)
+        except BaseException:
+            _drop_work(out_dir / "work")
             raise
+
+
+def _drop_work(work: Path) -> None:
+    """After a failed build: its copies of images go (1.6 MB for 384 images of 64 px), its ops' stats stay to
+    read (work/stats)."""
+    if work.is_dir():
+        for child in work.iterdir():
+            if child.is_dir() and child.name != "stats":
+                shutil.rmtree(child, ignore_errors=True)
+            elif not child.is_dir():
+                child.unlink(missing_ok=True)
+        if not any(work.iterdir()):
+            work.rmdir()
 
 
 def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed: int) -> dict:
@@ -247,10 +263,11 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
         # before the earlier build goes: a mistyped path left the folder without its shards
         raise FileNotFoundError(f"input.path: {recipe.input.path} does not exist")
     ops = setup_ops(recipe.process)  # before the earlier build goes too: an op that cannot set up leaves it
-    (out_dir / BUILDING_NAME).touch()  # before anything is deleted; gone when index.json marks the build whole
-    clear_build(out_dir)
+    (out_dir / BUILDING_NAME).touch()  # the folder is a build's; gone when index.json marks the build whole
+    work = out_dir / "work"
+    shutil.rmtree(work, ignore_errors=True)  # a killed build's
     skips = SkipLog()
-    rows = _raw_rows(recipe, world or WorldConfig(), seed, out_dir / "work", skips)
+    rows = _raw_rows(recipe, world or WorldConfig(), seed, work, skips)
     rows, named = named_splits(rows, skips)
     total = len(rows) + skips.total
     if total == 0:
@@ -262,22 +279,46 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
         )
     for row in rows:
         row["raw_caption"] = strip_dj_tokens(row["text"])
-    kept, accounting = run_ops(rows, ops, out_dir / "stats", out_dir / "work" / "produced", seed)
+    kept, accounting = run_ops(rows, ops, work / "stats", work / "produced", seed)
     if not kept:  # an index of empty splits failed later, blaming the evaluated split's share
         drops = ", ".join(f"{op['op']} dropped {op['dropped']}" for op in accounting if op["dropped"])
-        raise ValueError(f"recipe process: its ops kept none of {len(rows)} samples ({drops})")
+        raise ValueError(f"recipe process: its ops kept none of {len(rows)} samples ({drops}; stats in {work})")
     check_captions(kept)
     renamed = distinct_keys(kept)
+    kept, empty = _with_words(kept)
+    # Only now, the ops done, the earlier build goes: an op that failed at its first use (a package it imports
+    # then), or ops that kept nothing, left the folder without its shards.
+    clear_build(out_dir, keep=("work",))
+    (work / "stats").rename(out_dir / "stats")
+    index = _write_shards(recipe, kept, named, out_dir)
+    (out_dir / IMAGE_FILES_NAME).write_text(json.dumps(dict(sorted(skips.image_files.items()))))
+    shutil.rmtree(work, ignore_errors=True)  # the images now live in the shards
+    report = build_report(recipe, rows, kept, accounting, skips, total, empty, renamed)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (out_dir / "report.md").write_text(report_markdown(report), encoding="utf-8")
+    for split in SPLITS:  # on the disk before the index vouches for them
+        for shard in index["splits"][split]:
+            sync_tree(out_dir / shard["url"])
+    write_text_atomic(out_dir / INDEX_NAME, json.dumps(index))  # last: the build is whole
+    (out_dir / BUILDING_NAME).unlink()
+    return report
 
-    # A caption op can leave a sample with nothing to train on (an empty generation), and a record's caption can
-    # hold no word (emoji or punctuation alone), which no text metric can score: counted, not written.
+
+def _with_words(kept: list[dict]) -> tuple[list[dict], SkipLog]:
+    """The samples with a word in some caption variant, and those without, counted as `empty_caption`: a caption
+    op can leave a sample with nothing to train on (an empty generation), and a record's caption can hold no word
+    (emoji or punctuation alone), which no text metric can score."""
     empty, written = SkipLog(), []
     for row in kept:
         if any(caption_words(text) for text in caption_variants(row).values()):
             written.append(row)
         else:
             empty.skip("empty_caption", row["__key__"])
-    kept = written
+    return written, empty
+
+
+def _write_shards(recipe: RecipeConfig, kept: list[dict], named: dict[str, str], out_dir: Path) -> dict:
+    """The shards of every split, and the index that lists them (not written yet)."""
     # A split a record names holds for every record of its image, filtered out or not (`named_splits`); the
     # others follow a hash of the image.
     by_split: dict[str, list[dict]] = defaultdict(list)
@@ -293,18 +334,7 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
     for split in SPLITS:
         # Each image read as its shard is written: read all first, 1M images of 100 KB held 100 GB at once.
         index["splits"][split] = write_shards(map(_shard_sample, by_split[split]), out_dir, split, recipe.shard_size)
-    (out_dir / IMAGE_FILES_NAME).write_text(json.dumps(dict(sorted(skips.image_files.items()))))
-
-    shutil.rmtree(out_dir / "work", ignore_errors=True)  # the images now live in the shards
-    report = build_report(recipe, rows, kept, accounting, skips, total, empty, renamed)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (out_dir / "report.md").write_text(report_markdown(report), encoding="utf-8")
-    for split in SPLITS:  # on the disk before the index vouches for them
-        for shard in index["splits"][split]:
-            sync_tree(out_dir / shard["url"])
-    write_text_atomic(out_dir / INDEX_NAME, json.dumps(index))  # last: the build is whole
-    (out_dir / BUILDING_NAME).unlink()
-    return report
+    return index
 
 
 def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int, empty: SkipLog, renamed: int = 0) -> dict:

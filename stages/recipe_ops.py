@@ -129,8 +129,10 @@ def forbid_downloads() -> None:
 def check_op_shapes(process: list[dict]) -> None:
     """Each op as `{name: {argument: value}}` (or no arguments), and none that merges samples: a list of
     arguments failed with a TypeError traceback, and a grouper alone with "unhashable type: 'list'"."""
-    from data_juicer.ops.base_op import OPERATORS, Aggregator, Grouper
+    from data_juicer.ops.base_op import OPERATORS, Aggregator, Filter, Grouper, Mapper
+    from data_juicer.utils.constant import Fields
 
+    stats_from, last_mapper = None, None  # the filter since the last mapper whose stats the samples hold
     for position, item in enumerate(process):
         if not isinstance(item, dict) or not item:
             raise ValueError(f"recipe process[{position}]: an op is a mapping {{op_name: {{argument: value}}}}, "
@@ -147,6 +149,17 @@ def check_op_shapes(process: list[dict]) -> None:
                     f"recipe process[{position}]: {name} merges samples into groups, which no shard sample can "
                     "hold (one image and its captions each); leave it out"
                 )
+            reads = [v for k, v in (args or {}).items() if k.endswith("field_key") and str(v).startswith(Fields.stats)]
+            if reads and stats_from is None:  # it failed at its first sample with a bare AssertionError
+                where = f"after {last_mapper} (the stats go once a mapper changed the samples)" if last_mapper else ""
+                raise ValueError(
+                    f"recipe process[{position}]: {name} reads {reads[0]}, which no filter {where or 'before it'} "
+                    f"computed; put the filter that computes it {'after ' + last_mapper if last_mapper else 'first'}"
+                )
+            if isinstance(op, type) and issubclass(op, Filter):
+                stats_from = name
+            elif isinstance(op, type) and issubclass(op, Mapper):
+                stats_from, last_mapper = None, name
 
 
 def check_process(process: list[dict]) -> None:
@@ -193,6 +206,8 @@ def check_process(process: list[dict]) -> None:
 # `datasets` forks a pool for any num_proc >= 1, so the in-process default is num_proc None with auto parallelism
 # off. skip_op_error off: a failing op fails the stage, named.
 IN_PROCESS = {"auto_op_parallelism": False, "num_proc": None}
+# Data-Juicer's per-sample hashes (HashKeys), computed by its deduplicators: stale once a mapper changed the sample.
+HASHES = ("hash", "minhash", "simhash", "line_hashes", "imagehash", "videohash", "is_unique")
 FORCED = {"skip_op_error": False}
 
 
@@ -280,13 +295,16 @@ def run_ops(
         multiprocess.set_start_method(start_method, force=True)
         if given_dir is None:
             del os.environ["DJ_PRODUCED_DATA_DIR"]
+        else:
+            os.environ["DJ_PRODUCED_DATA_DIR"] = given_dir
+        _stop_forkserver()
     return dataset.to_list(), accounting
 
 
 def _run_op(op, dataset, workers: int | None, stats_file: Path | None):
     """The dataset after one op; a filter writes the stats of every sample it judged to `stats_file` first."""
     from data_juicer.ops.base_op import Filter, Mapper
-    from data_juicer.utils.constant import Fields
+    from data_juicer.utils.constant import Fields, HashKeys
 
     if isinstance(op, Filter):
         dataset = op.run(dataset, reduce=False)
@@ -296,8 +314,21 @@ def _run_op(op, dataset, workers: int | None, stats_file: Path | None):
         dataset = dataset.filter(op.process, num_proc=workers, batch_size=op.batch_size)
     else:
         dataset = op.run(dataset)
-    if isinstance(op, Mapper) and Fields.stats in dataset.column_names:
-        # The stats describe the samples before the mapper changed them, and Data-Juicer's filters keep a stat
-        # already there: a filter used again after a caption op judged the old caption.
-        dataset = dataset.remove_columns([Fields.stats])
+    stale = [Fields.stats, *(getattr(HashKeys, key) for key in HASHES)]
+    if isinstance(op, Mapper) and set(stale) & set(dataset.column_names):
+        # The stats and hashes describe the samples before the mapper changed them, and Data-Juicer's filters and
+        # deduplicators keep one already there: a filter used again after a caption op judged the old caption, a
+        # deduplicator kept the duplicates that a text mapper made.
+        dataset = dataset.remove_columns([name for name in stale if name in dataset.column_names])
     return dataset
+
+
+def _stop_forkserver() -> None:
+    """Stops the forkserver the ops' workers came from: it keeps the environment it started with, and the next
+    build's workers wrote their images (DJ_PRODUCED_DATA_DIR) into the build before's work/. (A private call of
+    multiprocess's, as its own tests make; none if no server runs.)"""
+    from multiprocess import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if server is not None and getattr(server, "_forkserver_pid", None) is not None:
+        server._stop()

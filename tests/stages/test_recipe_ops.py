@@ -178,7 +178,20 @@ def test_an_op_argument_that_is_no_path_is_no_input_even_when_a_folder_has_its_n
         ([{"words_num_filter": [6, 60]}], r"process\[0\]: words_num_filter's arguments are a mapping .* got list"),
         (["words_num_filter"], r"process\[0\]: an op is a mapping"),
         ([{"naive_grouper": {}}, {"naive_reverse_grouper": {}}], r"naive_grouper merges samples into groups"),
-    ],
+        (
+            [
+                {"words_num_filter": {}},
+                {"oracle_caption_mapper": {}},
+                {"topk_specified_field_selector": {"field_key": "__dj__stats__.num_words", "topk": 3}},
+            ],
+            r"process\[2\]: topk_specified_field_selector reads __dj__stats__.num_words, which no filter after "
+            r"oracle_caption_mapper",
+        ),
+        (
+            [{"specified_numeric_field_filter": {"field_key": "__dj__stats__.num_words", "min_value": 1}}],
+            r"which no filter before it computed; put the filter that computes it first",
+        ),
+    ],  # fmt: skip
 )
 def test_an_op_of_the_wrong_shape_is_named_before_any_work(tmp_path, process, message):
     """A list of arguments failed with "'list' object is not a mapping", a grouper with "unhashable type: 'list'",
@@ -204,7 +217,7 @@ def test_ops_after_a_filter_read_its_stats_until_a_mapper_changes_the_samples(tm
 
 
 def test_a_build_inside_a_run_that_fails_removes_its_rendered_images(tmp_path, monkeypatch):
-    """Only the data command cleaned up: a curriculum's build that failed (or got SIGTERM) left work/ behind."""
+    """Only the data command cleaned up: a curriculum's build that failed (or got SIGTERM) left its images."""
     from data_juicer.ops.filter.text_length_filter import TextLengthFilter
 
     def fails(self, dataset, **kwargs):
@@ -214,7 +227,7 @@ def test_a_build_inside_a_run_that_fails_removes_its_rendered_images(tmp_path, m
     recipe = RecipeConfig(process=[{"text_length_filter": {"min_len": 1, "max_len": 1000}}])
     with pytest.raises(RuntimeError, match="the op failed"):
         run_data_stage(recipe, tmp_path / "data", MICRO_WORLD, seed=0, in_run=True)
-    assert not (tmp_path / "data" / "work").exists() and (tmp_path / "data" / "stats").is_dir()
+    assert sorted(p.name for p in (tmp_path / "data" / "work").iterdir()) == ["stats"]  # no rendered images
 
 
 def test_workers_that_start_fresh_refuse_installs_too(tmp_path):
@@ -231,3 +244,72 @@ def test_workers_that_start_fresh_refuse_installs_too(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     error = json.loads(done.stdout.strip().splitlines()[-1])
     assert error and "needs_a_package_mapper: an op needs vlm_curriculum_no_such_package, which is not" in error
+
+
+def test_an_op_that_fails_at_its_first_use_leaves_the_earlier_build_whole(tmp_path, monkeypatch):
+    """document_simhash_deduplicator imports simhash only when it first hashes: refused then (nothing is installed),
+    after the earlier build had been deleted. The ops now run before it goes."""
+    from data_juicer.ops.filter.text_length_filter import TextLengthFilter
+
+    out = tmp_path / "shards"
+    run_data_stage(RecipeConfig(), out, MICRO_WORLD, seed=0)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+
+    def needs_a_package(self, dataset, **kwargs):
+        raise ImportError("an op needs simhash-pybind, which is not installed")
+
+    monkeypatch.setattr(TextLengthFilter, "run", needs_a_package)
+    recipe = RecipeConfig(process=[{"text_length_filter": {"min_len": 1, "max_len": 1000}}])
+    with pytest.raises(ValueError, match="text_length_filter: an op needs simhash-pybind"):
+        run_data_stage(recipe, out, MICRO_WORLD, seed=0)
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name not in (".lock", ".building")}
+    assert after == before and (out / "stats").is_dir()  # index, shards and reports of the earlier build
+
+
+def test_a_deduplicator_after_a_text_mapper_judges_the_changed_text(tmp_path):
+    """Data-Juicer's deduplicators keep a hash already in the sample: after a mapper made two captions the same,
+    a second document_deduplicator kept both (6 in, 6 out; 4 without the first deduplicator)."""
+    from stages.data import InputSpec
+
+    captions = ["a red cat on a mat", "a red cat on a mat!", "a blue dog in a park", "a blue dog in a park!",
+                "three green birds", "one yellow fish"]  # fmt: skip
+    (tmp_path / "images").mkdir()
+    lines = []
+    for i, caption in enumerate(captions):
+        _png(tmp_path / "images" / f"{i}.png", i)
+        lines.append(json.dumps({"text": f"<__dj__image> {caption}", "images": [f"images/{i}.png"]}))
+    (tmp_path / "in.jsonl").write_text("\n".join(lines))
+    process = [
+        {"document_deduplicator": {}},
+        {"remove_specific_chars_mapper": {"chars_to_remove": "!"}},
+        {"document_deduplicator": {}},
+    ]
+    recipe = RecipeConfig(input=InputSpec(format="dj_jsonl", path=str(tmp_path / "in.jsonl")), process=process)
+    report = run_data_stage(recipe, tmp_path / "out")
+    assert [(op["in"], op["out"]) for op in report["ops"]] == [(6, 6), (6, 6), (6, 4)]
+
+
+def _png(path, seed: int) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (30 * seed, 120, 200)).save(path)
+
+
+def test_a_second_build_in_one_process_writes_its_workers_images_into_its_own_folder(tmp_path):
+    """The forkserver the ops' workers come from keeps the environment it started with: a second build's workers
+    wrote their images into the first build's work/ (DJ_PRODUCED_DATA_DIR). An empty DJ_PRODUCED_DATA_DIR came
+    back from a build as the build's deleted work/produced."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, fresh_launch_env
+
+    script = REPO / "tests" / "stages" / "fetching_workers.py"
+    env = {**fresh_launch_env(), "DJ_PRODUCED_DATA_DIR": ""}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), "two_builds"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["env_after"] == ""
+    assert seen["first"] == [str(tmp_path / "first" / "work" / "produced")] * 2
+    assert seen["second"] == [str(tmp_path / "second" / "work" / "produced")] * 2
