@@ -35,7 +35,7 @@ second: 86,000 alerts, one webhook post each) and, its statistics frozen, never 
 `level_shift` after `max_in_a_row` steps. Non-finite steps under `warn` are reported up to `max_in_a_row`
 in a row; then, if the trained weights are no longer finite (one NaN update in float32 or bf16 does that),
 the stage stops as with `stop`; else (fp16, whose scaler skips such updates, and DeepSpeed, whose engine
-does in every precision) the rest of the run of them is not reported, until a finite step.
+does, also in fp32) the rest of the run of them is not reported, until a finite step.
 
 Under DeepSpeed, gradients live in the engine's partitioned buffers (`p.grad` is None), so the
 step is judged right after the engine's `step()`, with the engine's global norm (computed before

@@ -250,9 +250,11 @@ def _drop_work(work: Path) -> None:
     read (work/stats)."""
     if work.is_dir():
         for child in work.iterdir():
-            if child.is_dir() and child.name != "stats":
+            if child.name == "stats":
+                continue
+            if child.is_dir():
                 shutil.rmtree(child, ignore_errors=True)
-            elif not child.is_dir():
+            else:
                 child.unlink(missing_ok=True)
         if not any(work.iterdir()):
             work.rmdir()

@@ -132,7 +132,7 @@ def check_op_shapes(process: list[dict]) -> None:
     from data_juicer.ops.base_op import OPERATORS, Aggregator, Filter, Grouper, Mapper
     from data_juicer.utils.constant import Fields
 
-    stats_from, last_mapper = None, None  # the filter since the last mapper whose stats the samples hold
+    has_stats, last_mapper = False, None  # whether a filter ran since the last mapper: the samples hold its stats
     for position, item in enumerate(process):
         if not isinstance(item, dict) or not item:
             raise ValueError(f"recipe process[{position}]: an op is a mapping {{op_name: {{argument: value}}}}, "
@@ -150,16 +150,16 @@ def check_op_shapes(process: list[dict]) -> None:
                     "hold (one image and its captions each); leave it out"
                 )
             reads = [v for k, v in (args or {}).items() if k.endswith("field_key") and str(v).startswith(Fields.stats)]
-            if reads and stats_from is None:  # it failed at its first sample with a bare AssertionError
+            if reads and not has_stats:  # it failed at its first sample with a bare AssertionError
                 where = f"after {last_mapper} (the stats go once a mapper changed the samples)" if last_mapper else ""
                 raise ValueError(
                     f"recipe process[{position}]: {name} reads {reads[0]}, which no filter {where or 'before it'} "
                     f"computed; put the filter that computes it {'after ' + last_mapper if last_mapper else 'first'}"
                 )
             if isinstance(op, type) and issubclass(op, Filter):
-                stats_from = name
+                has_stats = True
             elif isinstance(op, type) and issubclass(op, Mapper):
-                stats_from, last_mapper = None, name
+                has_stats, last_mapper = False, name
 
 
 def check_process(process: list[dict]) -> None:

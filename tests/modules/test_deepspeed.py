@@ -238,7 +238,7 @@ def test_skip_and_rewind_are_refused_under_deepspeed(tmp_path, capsys, micro_wor
 def test_under_deepspeed_a_nan_step_is_not_applied_and_the_run_goes_on_under_warn(
     tmp_path, capsys, micro_world, micro_base
 ):
-    """DeepSpeed's engine skips an update whose gradients are not finite, in every precision (as fp16's loss
+    """DeepSpeed's engine skips an update whose gradients are not finite, in fp32 too (as fp16's loss
     scaler does): under warn the weights stay finite, the weights check finds them so (on ZeRO-3's
     partitions), and the stage trains on."""
     argv = [
