@@ -209,7 +209,7 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
     with file_lock(out_dir.with_name(f".{out_dir.name}.lock"), f"--out_dir {out_dir}", purpose="an export"):
         try:
             _write_export(merged, tokenizer, processor, source, out_dir)
-        except OSError:  # a full disk: the partial folder would keep it full
+        except BaseException:  # a full disk (the partial folder would keep it full), Ctrl-C, SIGTERM
             shutil.rmtree(out_dir.with_name(f".{out_dir.name}.partial"), ignore_errors=True)
             raise
     return out_dir
