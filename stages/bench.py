@@ -40,9 +40,9 @@ def _alerts(run_dir: Path) -> list[dict]:
 def _curriculum(args: list[str], fault: bool = False) -> None:
     """Runs a curriculum; a fault run may end with exit 3, stopped by its alert (under `warn`, once a NaN or
     infinite update has left the weights non-finite)."""
-    from stages.run import main
+    from stages.run import run_command
 
-    if main(["curriculum", *args]) not in ((0, 3) if fault else (0,)):
+    if run_command(["curriculum", *args]) not in ((0, 3) if fault else (0,)):
         raise RuntimeError(f"benchmark run failed: {args}")
 
 

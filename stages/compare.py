@@ -233,20 +233,20 @@ def run_compare(profile: Path, seeds: list[int], root: Path, overrides: list[str
 
 
 def _compare(cfg: CurriculumConfig, profile: Path, seeds: list[int], root: Path, overrides: list[str]) -> dict:
-    from stages.run import main
+    from stages.run import run_command
 
     baseline_config = root / "baseline_stages.yaml"
     baseline_config.write_text(yaml.safe_dump({"stages": baseline_stages(cfg)}, sort_keys=False))
     runs: dict[str, list[Path]] = {"curriculum": [], "baseline": []}
     for seed in seeds:
         curriculum = root / f"curriculum-{seed}"
-        if main(curriculum_argv(profile, curriculum, seed, overrides)):
+        if run_command(curriculum_argv(profile, curriculum, seed, overrides)):
             raise CompareFailed(f"compare: the curriculum run {curriculum} failed")
         # The baseline reads the very shards and base models the curriculum trained from.
         inputs = yaml.safe_load((curriculum / next(iter(cfg.stages)) / "config.yaml").read_text())["inputs"]
         folders = {key: input_path(inputs[key], curriculum) for key in ("shard_dir", "vision_path", "lm_path")}
         baseline = root / f"baseline-{seed}"
-        if main(baseline_argv(profile, baseline_config, baseline, seed, overrides, folders)):
+        if run_command(baseline_argv(profile, baseline_config, baseline, seed, overrides, folders)):
             raise CompareFailed(f"compare: the baseline run {baseline} failed")
         runs["curriculum"].append(curriculum)
         runs["baseline"].append(baseline)

@@ -18,7 +18,10 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -29,6 +32,7 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver  # lightning 2.6's
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,6 +41,10 @@ T = TypeVar("T")
 # rank (a gloo group made with this timeout hung for 13 minutes and more after a torchrun restart).
 PREPARE_TIMEOUT = timedelta(days=2)
 SHARED_FOLDER_PATIENCE = 10.0
+# How long the first process has to stop on its own once a rank it started ended by SIGTERM.
+SIGTERM_GRACE = 15.0
+SIGTERM_CODES = (-signal.SIGTERM, 128 + signal.SIGTERM)  # ended by the signal, or by `stages.run` after it
+_started: list[subprocess.Popen] = []  # the ranks Lightning's launcher started from this process
 
 
 class LaunchError(RuntimeError):
@@ -187,3 +195,55 @@ def own_rank_state(state: dict) -> dict:
         )
         return state
     return ranks[dist.get_rank()]
+
+
+def watch_started_ranks() -> None:
+    """Puts `_RankWatcher` in the place of Lightning's watcher of the ranks its launcher starts (a private
+    function: checked against lightning 2.6)."""
+    from lightning.pytorch.strategies.launchers import subprocess_script
+
+    if not hasattr(subprocess_script, "_launch_process_observer"):
+        log.warning("this Lightning has no _launch_process_observer: a rank ended by SIGTERM ends the run with 137")
+        return
+    subprocess_script._launch_process_observer = _watch
+
+
+def _watch(child_processes: list[subprocess.Popen]) -> None:
+    _started[:] = child_processes
+    _RankWatcher(main_pid=os.getpid(), child_processes=child_processes).start()
+
+
+def _ended_by_sigterm(processes: list[subprocess.Popen]) -> str | None:
+    ended = [f"rank {rank}" for rank, proc in enumerate(processes, 1) if proc.poll() in SIGTERM_CODES]
+    return ", ".join(ended) or None
+
+
+def rank_ended_by_sigterm(wait: float) -> str | None:
+    """The ranks Lightning's launcher started from this process that ended by SIGTERM ("rank 1"), waiting up to
+    `wait` seconds for one that is still running; None when none did (or none was started)."""
+    deadline = time.monotonic() + wait
+    while any(proc.poll() is None for proc in _started) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _ended_by_sigterm(_started)
+
+
+class _RankWatcher(_ChildProcessObserver):
+    """Lightning's watcher, except for a rank ended by SIGTERM: the first process gets `SIGTERM_GRACE` seconds
+    to stop on its own (it was signalled too, or its next collective fails and `stages.run` says why), then it
+    stops the ranks still running and ends with 143."""
+
+    def _run(self) -> bool:
+        ended = _ended_by_sigterm(self._child_processes)
+        if ended is None:
+            return super()._run()  # all ended well: done; one failed: SIGKILL all, as Lightning does
+        time.sleep(SIGTERM_GRACE)  # a daemon thread: gone if the process ends meanwhile
+        for proc in self._child_processes:
+            if proc.poll() is None:
+                proc.kill()
+        print(
+            f"interrupted by SIGTERM on {ended}: rerun the same command to go on (this process had not stopped "
+            f"{SIGTERM_GRACE:.0f} s later)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(SIGTERM_CODES[1])

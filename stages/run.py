@@ -8,13 +8,11 @@ fully merged configuration, once its values pass their checks, and exits. Unknow
 from __future__ import annotations
 
 import dataclasses
-import errno
 import importlib.metadata
 import importlib.util
 import locale
 import logging
 import os
-import signal
 import sys
 import typing
 from pathlib import Path
@@ -50,8 +48,10 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0] or ".").resolve() ==
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from callbacks.preemption import Terminated, sigterm_raises, stop_on_sigusr1
+from callbacks.preemption import sigterm_raises, stop_on_sigusr1
 from stages.config import CurriculumConfig, EvalConfig, check_seed
+from stages.exits import exit_code
+from stages.launch import LaunchError, watch_started_ranks
 from stages.metrics import DEFAULT_BUCKETS
 from stages.paths import names_a_file, project_file
 
@@ -61,7 +61,6 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CURRICULUM = CONFIG_DIR / "curriculum" / "tiny.yaml"
 # The errors a command ends on with one line and exit 74: the disk's or the file system's, not the input's.
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ESTALE, errno.EACCES, errno.EPERM}
 
 
 def curriculum_parser() -> ArgumentParser:
@@ -393,7 +392,6 @@ def run_curriculum_command(parser: ArgumentParser, args) -> int:
     from datamodules.shards import ShardError
     from modules.loading import ModelFolderError
     from stages.curriculum import InputChanged, NoGPU, run_curriculum
-    from stages.launch import LaunchError
     from stages.paths import FolderBusy
     from stages.stage import StageStopped
 
@@ -532,15 +530,9 @@ def image_processor_problem(transformers_version: str | None = None, has_torchvi
     return None
 
 
-def interrupted() -> int:
-    """Ctrl-C, wherever it comes: the shell's code for SIGINT (130), never 0 nor an error's 1."""
-    print("interrupted (Ctrl-C): rerun the same command to go on", file=sys.stderr)
-    return 128 + signal.SIGINT
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    stop_on_sigusr1()
+def run_command(argv: list[str] | None = None) -> int:
+    """The command `argv` names, run; what stops it (a signal, a full disk) is raised, for `main` to end on.
+    A command that runs others in its process (`compare`, `bench stability`) runs them with this."""
     parser = build_parser()
     parser.argv = with_project_configs(tuple(sys.argv[1:] if argv is None else argv))
     loads_models = parser.argv[:1] in (("curriculum",), ("eval",), ("export",), ("bench",))
@@ -563,30 +555,21 @@ def main(argv: list[str] | None = None) -> int:
         "export": run_export_command,
         "eval": run_eval_command,
     }
+    return handlers[args.command](parser, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    stop_on_sigusr1()
+    watch_started_ranks()
     try:
         with sigterm_raises():
-            return handlers[args.command](parser, args)
-    except KeyboardInterrupt:
-        return interrupted()
-    except Terminated:  # outside a stage's training (in one, Lightning's SIGTERMException below)
-        print("interrupted by SIGTERM: rerun the same command to go on", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except SystemExit as stop:
-        # Lightning ends a fit that got SIGTERM (a scheduler's preemption) with SIGTERMException, a SystemExit
-        # without a code: the run ended with exit code 0, as if it had finished.
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-        if isinstance(stop.__context__, KeyboardInterrupt):  # Lightning turns Ctrl-C in a fit into exit code 1
-            return interrupted()
-        if not isinstance(stop, SIGTERMException):
+            return run_command(argv)
+    except BaseException as error:
+        code = exit_code(error)  # prints how to go on
+        if code is None:
             raise
-        print("interrupted by SIGTERM: rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except OSError as error:  # the disk's, not the input's (those are named and exit 2): a full disk, an I/O error
-        if error.errno not in DISK_ERRORS:
-            raise  # transformers' and PIL's own OSErrors (no errno) are not the disk's, nor a programming error
-        print(f"error: {error}; once the disk is fixed, rerun the same command to go on", file=sys.stderr)
-        return 74  # sysexits' EX_IOERR
+        return code
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.run import DISK_ERRORS, main
+from stages.exits import DISK_ERRORS
+from stages.run import main
 from tests.conftest import SYNTHETIC_RECIPE
 
 
