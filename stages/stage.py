@@ -75,14 +75,26 @@ DISPLAY_ONLY = (("spec", "trainer", "enable_progress_bar"), ("spec", "trainer", 
 EVAL_NOT_SCORED = ("table_rows", "grid_images", "every_n_steps")
 
 
-def stage_fingerprint(resolved: dict, prune: bool = True) -> str:
-    """The hash of what decides a stage's trained weights. `prune=False`: as versions before the pruning below
-    hashed it, so that their finished and interrupted stages are still taken for what they are."""
+# What only changes the validation loss's curve, never the weights (checked: a micro curriculum's projectors and
+# adapters are bitwise the same validating after every batch, on 1 batch, or with no sanity check); changing
+# them (a validation cut short on real data) retrained every finished stage.
+VALIDATION_ONLY = tuple(
+    ("spec", "trainer", key) for key in ("val_check_interval", "limit_val_batches", "num_sanity_val_steps")
+)
+# The rules by which a stage's fingerprint is made, numbered by version: 0 leaves out AS_GIVEN, DISPLAY_ONLY and
+# the evaluation settings; 1 also what the stage does not read; 2 also VALIDATION_ONLY. A stage finished or
+# interrupted under older rules is taken for what it is and keeps its fingerprint, which the stages after it
+# recorded as theirs to start from.
+RULES = 2
+
+
+def stage_fingerprint(resolved: dict, rules: int = RULES) -> str:
+    """The hash of what decides a stage's trained weights, by the `rules` of that number (above)."""
     hashed = copy.deepcopy(resolved)
-    for *sections, key in AS_GIVEN + DISPLAY_ONLY:
+    for *sections, key in AS_GIVEN + DISPLAY_ONLY + (VALIDATION_ONLY if rules >= 2 else ()):
         functools.reduce(dict.__getitem__, sections, hashed).pop(key)
     hashed.pop("eval")
-    if not prune:
+    if rules == 0:
         return fingerprint(hashed)
     # Nor what this stage does not read (a new LoRA rank retrained the projector-only align stage, hours on real
     # data): the rates of groups it does not train; model.lora unless it trains LoRA (an adapter handed in keeps
@@ -95,6 +107,11 @@ def stage_fingerprint(resolved: dict, prune: bool = True) -> str:
         for key in ("vision_arch", "lm_arch", "image_size"):
             model.pop(key)
     return fingerprint(hashed)
+
+
+def accepted_fingerprints(resolved: dict) -> list[str]:
+    """The stage's fingerprints under every version's rules, the current rules' first."""
+    return [stage_fingerprint(resolved, rules) for rules in range(RULES, -1, -1)]
 
 
 def eval_fingerprint(resolved: dict) -> str:
@@ -145,11 +162,10 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def prepare_stage_folder(
-    stage_dir: Path, stage_hash: str, resolved: dict, rank_zero: bool, older_hash: str | None = None
-) -> None:
-    """Empties a stage folder whose config or inputs changed, and writes the stage's config.yaml. `older_hash`:
-    the stage's fingerprint under an older version's rules, which an interrupted stage of that version has.
+def prepare_stage_folder(stage_dir: Path, accepted: list[str], resolved: dict, rank_zero: bool) -> None:
+    """Empties a stage folder whose config or inputs changed, and writes the stage's config.yaml with its
+    fingerprint, `accepted[0]`; `accepted`: its fingerprints under every version's rules (a stage interrupted
+    by an older version has one of those).
 
     Every rank runs each stage, but only rank 0 touches its folder: when two ranks both rewrote
     config.yaml, one could read it half-written (empty) and fail, and both deleted the same folder.
@@ -159,8 +175,7 @@ def prepare_stage_folder(
         return
     config_path = stage_dir / "config.yaml"
     before = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else None
-    accepted = {stage_hash, older_hash} - {None}  # an empty config.yaml has none: the folder is stale
-    if before is not None and before.get("fingerprint") not in accepted:
+    if before is not None and before.get("fingerprint") not in accepted:  # an empty config.yaml has none: stale
         changed = changed_keys({k: v for k, v in before.items() if k != "fingerprint"}, resolved)
         changed = changed or ["the fingerprint's rules, of an older vlm-curriculum"]
         log.warning(
@@ -178,7 +193,7 @@ def prepare_stage_folder(
             shutil.rmtree(stale)
         else:
             stale.unlink()
-    write_stage_config(stage_dir, stage_hash, resolved)
+    write_stage_config(stage_dir, accepted[0], resolved)
 
 
 def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig) -> VLMModule:
@@ -392,9 +407,7 @@ def finished_result(
     if not done_path.is_file():
         return None
     done = json.loads(done_path.read_text())
-    # A stage finished by a version before the fingerprint left out what a stage does not read is finished too;
-    # it keeps its fingerprint, which the stages after it recorded as theirs to start from.
-    if done["fingerprint"] not in (stage_fingerprint(resolved), stage_fingerprint(resolved, prune=False)):
+    if done["fingerprint"] not in accepted_fingerprints(resolved):  # finished under older rules too (RULES)
         return None
     if done.get("eval_fingerprint") == eval_fingerprint(resolved) and (stage_dir / "metrics.json").is_file():
         log.info("stage %s: finished before with the same config and inputs, skipped", name)
@@ -461,7 +474,7 @@ def run_stage(
     datamodule, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_hash)
     trainer, watch = stage_trainer(cfg, name, inputs, evaluation, step_offset, previous_tail or [])
     # Only now, with the stage built: a stage that fails to build leaves the previous run's folder as it was.
-    prepare_stage_folder(stage_dir, stage_hash, resolved, rank_zero_only.rank == 0, stage_fingerprint(resolved, False))
+    prepare_stage_folder(stage_dir, accepted_fingerprints(resolved), resolved, rank_zero_only.rank == 0)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # The ranks already started by an earlier stage wait until rank 0 has emptied a stale stage folder: one that
         # looked before saw the old last.ckpt, resumed from it, and failed once rank 0 had deleted it.

@@ -3,6 +3,8 @@ a run written under the rules of an older version."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import MICRO_ARGS
 
 
@@ -34,16 +36,18 @@ def test_settings_a_stage_does_not_read_are_not_in_its_fingerprint(tmp_path):
     assert random_init != align and prints(ModelConfig(random_init=True, image_size=224))[0] != random_init
 
 
-def test_a_run_finished_under_the_older_fingerprint_rules_is_still_finished(tmp_path, monkeypatch, capsys):
-    """Leaving out what a stage does not read changed every stage's fingerprint: a run finished (or interrupted)
-    under the older version retrained every stage, its log naming no changed key."""
+@pytest.mark.parametrize("rules", [0, 1])
+def test_a_run_finished_under_the_older_fingerprint_rules_is_still_finished(tmp_path, monkeypatch, capsys, rules):
+    """Leaving out what a stage does not read (rules 1), and then the validation settings (rules 2), changed every
+    stage's fingerprint: a run finished (or interrupted) under the older version retrained every stage, its log
+    naming no changed key."""
     import stages.stage
     from stages.run import main
 
     run = ["curriculum", f"--run_dir={tmp_path / 'run'}", *MICRO_ARGS]
     current = stages.stage.stage_fingerprint
     with monkeypatch.context() as older:
-        older.setattr(stages.stage, "stage_fingerprint", lambda resolved, prune=True: current(resolved, prune=False))
+        older.setattr(stages.stage, "stage_fingerprint", lambda resolved, _rules=2: current(resolved, rules))
         assert main(run) == 0
     capsys.readouterr()
     assert main(run) == 0
@@ -57,8 +61,25 @@ def test_a_stage_interrupted_under_the_older_rules_resumes_from_its_checkpoint(t
 
     current = stages.stage.stage_fingerprint
     with monkeypatch.context() as older:
-        older.setattr(stages.stage, "stage_fingerprint", lambda resolved, prune=True: current(resolved, prune=False))
+        older.setattr(stages.stage, "stage_fingerprint", lambda resolved, rules=2: current(resolved, 0))
         _run_killed_at_align_step(tmp_path / "run", 3, monkeypatch)  # its checkpoint: step 2
     with caplog.at_level("INFO"):
         assert main(["curriculum", f"--run_dir={tmp_path / 'run'}", *MICRO_ARGS]) == 0
     assert "stage align: resuming from" in caplog.text and "starting it afresh" not in caplog.text
+
+
+def test_validation_settings_are_not_in_a_stages_fingerprint(tmp_path):
+    """They change only the validation loss's curve (a micro curriculum's weights are bitwise the same validating
+    after every batch, on one batch, or with no sanity check): cutting a validation short retrained every stage."""
+    from stages.config import CurriculumConfig, StageSpec, TrainerConfig
+    from stages.stage import RunInputs, resolved_stage_config, stage_fingerprint
+
+    inputs = RunInputs(tmp_path, tmp_path / "data", tmp_path / "vision", tmp_path / "lm", {})
+
+    def print_of(**trainer) -> str:
+        stage = StageSpec(["projector", "lora"], 8, "base", trainer=TrainerConfig(**trainer))
+        return stage_fingerprint(resolved_stage_config(CurriculumConfig(stages={"sft": stage}), "sft", inputs, None))
+
+    plain = print_of()
+    assert print_of(val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0) == plain
+    assert print_of(max_steps=7) != plain and print_of(accumulate_grad_batches=2) != plain
