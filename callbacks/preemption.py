@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import weakref
 from collections.abc import Iterator
@@ -100,21 +101,22 @@ def _on_sigterm(signum, frame) -> None:
         _fitting[-1]._note(signum, frame)
     elif _held:
         _held[-1] = True
+    elif _stopping():
+        # The program is on its way out, cleaning up (a scheduler may signal again, or each process of a group):
+        # raised there, a second SIGTERM cut the cleanup short (a data build's copies of images stayed, for two
+        # signals 5-40 ms apart). Judged by the exception in flight, not by a flag: a Terminated that a
+        # finalizer swallowed ("Exception ignored") left the program running, and a flag would ignore the rest.
+        log.info("SIGTERM again: already stopping")
     else:
-        _raise_terminated()
+        raise Terminated
 
 
-def _raise_terminated() -> None:
-    """Raises `Terminated`; a SIGTERM that comes after it, while the program cleans up on its way out (a
-    scheduler may signal again, or each process of a group), is let pass: raised in the cleanup, it left a data
-    build's copies of images behind (two signals 5-40 ms apart)."""
-    if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-        signal.signal(signal.SIGTERM, _again)
-    raise Terminated
-
-
-def _again(signum, frame) -> None:
-    log.info("SIGTERM again: already stopping")
+def _stopping() -> bool:
+    """Whether a `Terminated` is being handled (in an `except`, a `finally` or an `__exit__` on its way up)."""
+    error = sys.exc_info()[1]
+    while error is not None and not isinstance(error, Terminated):
+        error = error.__context__
+    return error is not None
 
 
 @contextmanager
@@ -152,6 +154,6 @@ def signals_held() -> Iterator[None]:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         terminated = _held.pop()
     if terminated:
-        _raise_terminated()
+        raise Terminated
     if pressed:
         raise KeyboardInterrupt

@@ -207,16 +207,19 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
     # export at a time into a folder: two shared the partial folder and deleted each other's files.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(out_dir.with_name(f".{out_dir.name}.lock"), f"--out_dir {out_dir}", purpose="an export"):
+        partial = out_dir.with_name(f".{out_dir.name}.partial")
         try:
-            _write_export(merged, tokenizer, processor, source, out_dir)
+            _write_export(merged, tokenizer, processor, source, out_dir, partial)
         except BaseException:  # a full disk (the partial folder would keep it full), Ctrl-C, SIGTERM
-            shutil.rmtree(out_dir.with_name(f".{out_dir.name}.partial"), ignore_errors=True)
+            shutil.rmtree(partial, ignore_errors=True)
             raise
+        shutil.rmtree(out_dir, ignore_errors=True)  # the earlier one: a kill now keeps the new one whole in `partial`
+        partial.rename(out_dir)
     return out_dir
 
 
-def _write_export(merged, tokenizer, processor, source: StageSource, out_dir: Path) -> None:
-    partial = out_dir.with_name(f".{out_dir.name}.partial")
+def _write_export(merged, tokenizer, processor, source: StageSource, out_dir: Path, partial: Path) -> None:
+    """The export for `out_dir`, written whole into `partial`."""
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     merged.save_pretrained(partial)
@@ -248,8 +251,6 @@ def _write_export(merged, tokenizer, processor, source: StageSource, out_dir: Pa
         encoding="utf-8",  # a folder or run named in any script
     )
     follow_umask(partial)
-    shutil.rmtree(out_dir, ignore_errors=True)  # an earlier export (checked above); a kill now leaves `partial` whole
-    partial.rename(out_dir)
 
 
 def stale_export(record: dict) -> str | None:
