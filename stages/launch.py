@@ -41,9 +41,9 @@ T = TypeVar("T")
 # rank (a gloo group made with this timeout hung for 13 minutes and more after a torchrun restart).
 PREPARE_TIMEOUT = timedelta(days=2)
 SHARED_FOLDER_PATIENCE = 10.0
-# How long the first process has to stop on its own once a rank it started ended by SIGTERM.
-SIGTERM_GRACE = 15.0
-SIGTERM_CODES = (-signal.SIGTERM, 128 + signal.SIGTERM)  # ended by the signal, or by `stages.run` after it
+# How long the first process has to stop on its own once a rank it started ended by one of these signals.
+STOP_GRACE = 15.0
+STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
 _started: list[subprocess.Popen] = []  # the ranks Lightning's launcher started from this process
 
 
@@ -203,7 +203,7 @@ def watch_started_ranks() -> None:
     from lightning.pytorch.strategies.launchers import subprocess_script
 
     if not hasattr(subprocess_script, "_launch_process_observer"):
-        log.warning("this Lightning has no _launch_process_observer: a rank ended by SIGTERM ends the run with 137")
+        log.warning("this Lightning has no _launch_process_observer: a rank stopped by a signal ends the run with 137")
         return
     subprocess_script._launch_process_observer = _watch
 
@@ -213,37 +213,46 @@ def _watch(child_processes: list[subprocess.Popen]) -> None:
     _RankWatcher(main_pid=os.getpid(), child_processes=child_processes).start()
 
 
-def _ended_by_sigterm(processes: list[subprocess.Popen]) -> str | None:
-    ended = [f"rank {rank}" for rank, proc in enumerate(processes, 1) if proc.poll() in SIGTERM_CODES]
-    return ", ".join(ended) or None
+def _stopped(processes: list[subprocess.Popen]) -> tuple[int, int] | None:
+    """(rank, signal) of the first of `processes` (ranks 1, 2, ...) that SIGTERM or SIGINT ended, by the
+    signal itself (-n) or by `stages.run` after it (128 + n); None when none did."""
+    for rank, proc in enumerate(processes, 1):
+        for signum in STOP_SIGNALS:
+            if proc.poll() in (-signum, 128 + signum):
+                return rank, signum
+    return None
 
 
-def rank_ended_by_sigterm(wait: float) -> str | None:
-    """The ranks Lightning's launcher started from this process that ended by SIGTERM ("rank 1"), waiting up to
-    `wait` seconds for one that is still running; None when none did (or none was started)."""
+def rank_stopped_by_a_signal(wait: float) -> tuple[int, int] | None:
+    """(rank, signal) of a rank that Lightning's launcher started from this process and that SIGTERM or SIGINT
+    ended, waiting up to `wait` seconds for those still running to end; None when none did (or none was started)."""
     deadline = time.monotonic() + wait
     while any(proc.poll() is None for proc in _started) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return _ended_by_sigterm(_started)
+    return _stopped(_started)
 
 
 class _RankWatcher(_ChildProcessObserver):
-    """Lightning's watcher, except for a rank ended by SIGTERM: the first process gets `SIGTERM_GRACE` seconds
-    to stop on its own (it was signalled too, or its next collective fails and `stages.run` says why), then it
-    stops the ranks still running and ends with 143."""
+    """Lightning's watcher (a look every 5 s), except for a rank that SIGTERM or Ctrl-C ended: the first
+    process gets `STOP_GRACE` seconds to stop on its own (it was signalled too, or its next collective fails and
+    `stages.run` says why); then it gets the signal once more, so that what cleans up on the way out runs where
+    Python code runs, and 5 s later the ranks still running are killed and it ends with the signal's code."""
 
     def _run(self) -> bool:
-        ended = _ended_by_sigterm(self._child_processes)
-        if ended is None:
+        stopped = _stopped(self._child_processes)
+        if stopped is None:
             return super()._run()  # all ended well: done; one failed: SIGKILL all, as Lightning does
-        time.sleep(SIGTERM_GRACE)  # a daemon thread: gone if the process ends meanwhile
+        rank, signum = stopped
+        time.sleep(STOP_GRACE)  # a daemon thread: gone with the process if it ends meanwhile
+        os.kill(self._main_pid, signum)
+        time.sleep(5.0)
         for proc in self._child_processes:
             if proc.poll() is None:
                 proc.kill()
         print(
-            f"interrupted by SIGTERM on {ended}: rerun the same command to go on (this process had not stopped "
-            f"{SIGTERM_GRACE:.0f} s later)",
+            f"interrupted by {STOP_SIGNALS[signum]} on rank {rank}: rerun the same command to go on (this process, "
+            "waiting for it where no signal handler runs, did not stop on its own)",
             file=sys.stderr,
             flush=True,
         )
-        os._exit(SIGTERM_CODES[1])
+        os._exit(128 + signum)

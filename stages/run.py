@@ -60,7 +60,6 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CURRICULUM = CONFIG_DIR / "curriculum" / "tiny.yaml"
-# The errors a command ends on with one line and exit 74: the disk's or the file system's, not the input's.
 
 
 def curriculum_parser() -> ArgumentParser:

@@ -160,7 +160,7 @@ def test_ctrl_c_ends_any_command_with_exit_130(tmp_path, monkeypatch, capsys):
     for handler in (pressed, lightning_fit):
         monkeypatch.setattr(stages.run, "run_report_command", handler)
         assert main(["report", "--run_dir", str(tmp_path)]) == 130
-        assert "interrupted (Ctrl-C): rerun the same command" in capsys.readouterr().err
+        assert "interrupted by Ctrl-C: rerun the same command" in capsys.readouterr().err
 
 
 def test_ctrl_c_in_a_finalizer_between_stages_is_not_lost():

@@ -256,9 +256,9 @@ def test_an_export_stopped_midway_leaves_no_partial_folder(micro_run, tmp_path, 
     assert (tmp_path / ".hf.partial" / "model.safetensors").is_file()
 
 
-def _two_ranks_signalled(run: Path, marker: str, whom: str, delay: float = 0.0) -> tuple[int, str]:
-    """A two-rank micro curriculum (Lightning's own launcher starts rank 1) that gets SIGTERM once `marker` is in
-    its output: on every process (`whom="group"`, as a scheduler signals a job) or on rank 1 alone."""
+def _two_ranks_signalled(run: Path, marker: str, whom: str, delay: float = 0.0, signum: int = 15) -> tuple[int, str]:
+    """A two-rank micro curriculum (Lightning's own launcher starts rank 1) that gets `signum` once `marker` is in
+    its output: on every process (`whom="group"`, as a scheduler or Ctrl-C signals a job) or on rank 1 alone."""
     import os
     import signal
     import subprocess
@@ -279,10 +279,10 @@ def _two_ranks_signalled(run: Path, marker: str, whom: str, delay: float = 0.0) 
             if marker in line:
                 time.sleep(delay)
                 if whom == "group":
-                    os.killpg(child.pid, signal.SIGTERM)
+                    os.killpg(child.pid, signum)
                 else:
                     rank1 = subprocess.run(["pgrep", "-P", str(child.pid)], capture_output=True, text=True)
-                    os.kill(int(rank1.stdout.split()[0]), signal.SIGTERM)
+                    os.kill(int(rank1.stdout.split()[0]), signum)
                 lines.append(child.stderr.read())
                 break
         return child.wait(timeout=120), "".join(lines)
@@ -292,12 +292,14 @@ def _two_ranks_signalled(run: Path, marker: str, whom: str, delay: float = 0.0) 
 
 
 @pytest.mark.slow
-def test_a_preempted_two_rank_run_ends_with_143_while_rank_zero_waits_for_rank_one(tmp_path):
+@pytest.mark.parametrize(("signum", "code", "name"), [(15, 143, "SIGTERM"), (2, 130, "Ctrl-C")])
+def test_a_two_rank_run_stopped_while_rank_zero_waits_for_rank_one_says_so(tmp_path, signum, code, name):
     # Signalled as rank 1 starts, rank 1 ended by the signal and rank 0, waiting for it in the group's setup (in
     # C++, where no signal handler runs), was SIGKILLed by Lightning's watcher of the ranks: exit 137, no word.
-    code, err = _two_ranks_signalled(tmp_path / "run", "Initializing distributed: GLOBAL_RANK: 0", "group", 1.0)
-    assert code == 143, err[-3000:]
-    assert "interrupted by SIGTERM on rank 1: rerun the same command to go on" in err
+    marker = "Initializing distributed: GLOBAL_RANK: 0"
+    got, err = _two_ranks_signalled(tmp_path / "run", marker, "group", 1.0, signum)
+    assert got == code, err[-3000:]
+    assert f"interrupted by {name} on rank 1: rerun the same command to go on" in err
 
 
 @pytest.mark.slow
