@@ -19,6 +19,7 @@ by reason, with its key; nothing is dropped silently.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import posixpath
@@ -110,7 +111,13 @@ def _checked(key: str, image: str | None, base: Path, skips: SkipLog) -> Path | 
     try:  # before it is read: an image replaced while the data stage runs is then seen as changed next time
         stat = path.stat()
         skips.image_files[str(path.absolute())] = [stat.st_size, stat.st_mtime_ns]
-    except OSError:
+    except ValueError:  # a NUL byte in the name ("embedded null byte" ended the build, naming no record)
+        skips.skip("bad_image_path", key)
+        return None
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:  # past the file system's limit (a traceback, and exit 1)
+            skips.skip("bad_image_path", key)
+            return None
         skips.image_files[str(path.absolute())] = None
     problem = image_problem(path)
     if problem:
@@ -253,6 +260,8 @@ def read_llava_json(path: Path, skips: SkipLog, image_root: Path | None = None) 
         records = json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Windows editors) too
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not a JSON list of LLaVA records ({error})") from error
+    except UnicodeDecodeError as error:  # one document: no record to skip alone (the error named no file)
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from error
     if not isinstance(records, list):
         raise ValueError(f"{path}: not a JSON list of LLaVA records (a {type(records).__name__})")
     base = image_root or path.parent
@@ -279,9 +288,16 @@ def read_llava_json(path: Path, skips: SkipLog, image_root: Path | None = None) 
 
 def read_dj_jsonl(path: Path, skips: SkipLog, image_root: Path | None = None) -> Iterator[dict]:
     base = image_root or path.parent
-    with path.open(encoding="utf-8-sig") as lines:  # a byte-order mark lost the first record
-        for number, line in enumerate(lines):
+    # Decoded line by line: a line that is not UTF-8 is one unreadable line (decoded as a whole, the file's one
+    # bad byte ended the build, naming neither file nor line).
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines):
             key = f"{path.stem}-{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 0 else "utf-8")  # a byte-order mark lost the first record
+            except UnicodeDecodeError:
+                skips.skip("unreadable_line", key)
+                continue
             if not line.strip():
                 continue
             try:

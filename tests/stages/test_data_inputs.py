@@ -68,6 +68,38 @@ def test_half_an_emoji_skips_its_record_and_names_it(tmp_path):
     assert skips.counts == {"bad_record": 1} and skips.examples == {"bad_record": ["cut"]}
 
 
+def test_a_line_that_is_not_utf8_is_one_unreadable_line(tmp_path):
+    """One Latin-1 byte in a jsonl file ended the build: "'utf-8' codec can't decode byte 0xe9 in position 2845",
+    naming neither file nor line. In a LLaVA JSON file (one document) it fails, naming the file."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    line = json.dumps({"text": "<__dj__image> a small cat", "images": ["a.png"]}).encode()
+    latin1 = (
+        json.dumps({"text": "<__dj__image> a caf\u00e9", "images": ["a.png"]}).encode().replace(b"\\u00e9", b"\xe9")
+    )
+    (tmp_path / "in.jsonl").write_bytes(b"\xef\xbb\xbf" + line + b"\r\n" + latin1 + b"\n" + line + b"\n")
+    skips = SkipLog()
+    assert [row["__key__"] for row in read_dj_jsonl(tmp_path / "in.jsonl", skips)] == ["in-0", "in-2"]
+    assert skips.counts == {"unreadable_line": 1} and skips.examples == {"unreadable_line": ["in-1"]}
+    (tmp_path / "in.json").write_bytes(b'[{"id": "caf\xe9"}]')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'in.json'}: not UTF-8 text"):
+        list(read_llava_json(tmp_path / "in.json", SkipLog()))
+
+
+def test_an_image_name_no_file_can_have_skips_its_record_and_names_it(tmp_path):
+    """A NUL byte ended the build with "embedded null byte" (no record named); a name past the file system's
+    limit of 255 bytes with a traceback (ENAMETOOLONG) and exit 1."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    records = [
+        {"id": "nul", "image": "a\u0000.png", "conversations": [{"from": "gpt", "value": "a cat"}]},
+        {"id": "long", "image": "x" * 300 + ".png", "conversations": [{"from": "gpt", "value": "a cat"}]},
+        {"id": "ok", "image": "a.png", "conversations": [{"from": "gpt", "value": "a cat"}]},
+    ]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    skips = SkipLog()
+    assert [row["__key__"] for row in read_llava_json(tmp_path / "in.json", skips)] == ["ok"]
+    assert skips.counts == {"bad_image_path": 2} and skips.examples == {"bad_image_path": ["nul", "long"]}
+
+
 def test_data_juicer_installs_nothing_while_a_recipe_runs(monkeypatch):
     """Its lazy loader pip- or uv-installed a package an op lacked, mid-build: image_deduplicator put a torchvision
     that did not match torch into the environment, and every later command failed at import."""
