@@ -381,7 +381,11 @@ def check_config_files(parser: ArgumentParser, argv: tuple[str, ...]) -> None:
             content = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as error:
             parser.error(f"--config {path}: not valid YAML: {error}")
-        if content is not None and not isinstance(content, dict):
+        except UnicodeDecodeError as error:  # a traceback
+            parser.error(f"--config {path}: not UTF-8 text ({error})")
+        if content is None:  # jsonargparse's message named nothing: "Unexpected config: "
+            parser.error(f"--config {path}: holds no config keys (empty, or only comments)")
+        if not isinstance(content, dict):
             parser.error(f"--config {path}: holds a {type(content).__name__}, not a mapping of config keys")
 
 

@@ -148,3 +148,33 @@ def test_a_share_of_the_validation_batches_is_refused_on_one_device_only(micro_w
         check_epochs(_parse(*MICRO_ARGS, "--trainer.limit_val_batches=0.5"), index)
     two = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
     check_epochs(_parse(*MICRO_ARGS, *two, "--stages.align.trainer.limit_val_batches=0.5"), index)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "holds no config keys (empty, or only comments)"),  # jsonargparse: "Unexpected config: "
+        (b"# only a comment\n", "holds no config keys (empty, or only comments)"),
+        (b"seed: 3  # caf\xe9\n", "not UTF-8 text"),  # a UnicodeDecodeError's traceback
+    ],
+)
+@pytest.mark.parametrize("command", ["curriculum", "data"])
+def test_a_config_file_without_keys_or_not_utf8_fails_naming_it(tmp_path, capsys, content, message, command):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--config", str(path), "--print_config"])
+    assert exit_info.value.code == 2 and f"--config {path}: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_an_output_folder_that_is_a_file_or_under_one_is_named(tmp_path, capsys, under):
+    # mkdir's "[Errno 17] File exists" named no flag; a file on the way gave NotADirectoryError's traceback.
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    out = afile / "sub" if under else afile
+    assert main(["data", "--config", str(SYNTHETIC_RECIPE), f"--out_dir={out}"]) == 2
+    assert f"error: --out_dir: {afile} is a file, not a folder" in capsys.readouterr().err
+    assert main(["curriculum", f"--run_dir={out}", *MICRO_ARGS]) == 2
+    assert f"error: --run_dir: {afile} is a file, not a folder" in capsys.readouterr().err
+    assert afile.read_text() == "not a folder"
