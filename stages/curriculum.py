@@ -40,7 +40,15 @@ from modules.loading import (
 from stages.config import RESERVED_STAGE_NAMES, CurriculumConfig, TrainerConfig, device_count, upstream_stage
 from stages.data import IMAGE_FILES_NAME, load_recipe, run_data_stage
 from stages.launch import check_shared_folder, join_launched_ranks, rank_zero_first, rank_zero_verdict
-from stages.paths import LOCK_NAME, check_own_folder, folder_lock, follow_umask, project_file, write_text_atomic
+from stages.paths import (
+    LOCK_NAME,
+    check_own_folder,
+    folder_lock,
+    follow_umask,
+    make_folder,
+    project_file,
+    write_text_atomic,
+)
 from stages.recipe_ops import check_process
 from stages.report import REPORT_PLOTS, STAGES_FILE, write_report
 from stages.stage import RunInputs, StageResult, StageStopped, fingerprint, run_stage
@@ -367,7 +375,7 @@ def run_curriculum(cfg: CurriculumConfig, run_dir: Path) -> list[StageResult]:
     join_launched_ranks(first.num_nodes or 1, ranks(first), gpu=first.accelerator != "cpu")
     with ExitStack() as held:
         with rank_zero_first("to start the run"):
-            run_dir.mkdir(parents=True, exist_ok=True)
+            make_folder(run_dir, "--run_dir")
             if rank_zero_only.rank == 0:  # one run at a time in a folder (the other ranks of this run belong to it)
                 held.enter_context(folder_lock(run_dir, "--run_dir", purpose="a curriculum run"))
                 writes = (*RESERVED_STAGE_NAMES, *cfg.stages, "summary.json", "report.md", *REPORT_PLOTS)

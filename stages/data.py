@@ -34,7 +34,7 @@ from datamodules.images import shard_image
 from datamodules.shards import INDEX_NAME, SPLITS, write_shards
 from datamodules.text_stats import caption_words, corpus_stats, tokens, word_count
 from datamodules.world import WorldConfig
-from stages.paths import check_own_folder, folder_lock, sync_tree, write_text_atomic
+from stages.paths import check_own_folder, folder_lock, make_folder, sync_tree, write_text_atomic
 from stages.recipe_ops import check_process, run_ops, setup_ops
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def run_data_stage(
     whole); returns the report. `in_run`: `out_dir` is a curriculum's own data/, whose lock the caller holds,
     in a run folder it has checked (where a build killed by an older version left work/ without a mark)."""
     check_process(recipe.process)  # before the earlier build is removed: a bad recipe leaves it as it was
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir, "--run_dir" if in_run else "--out_dir")
     # No other build or reader meanwhile (in a run, the caller holds the lock).
     with nullcontext() if in_run else folder_lock(out_dir, "the shard folder", purpose="a data build"):
         if not in_run:

@@ -29,7 +29,7 @@ from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
 from stages.config import EvalConfig, cast_as_trained, trained_dtype
 from stages.metrics import DEFAULT_BUCKETS, check_buckets
-from stages.paths import file_lock, follow_umask, input_path
+from stages.paths import file_lock, follow_umask, input_path, make_folder
 from stages.report import STAGES_FILE, listed_stages, read_json, stage_configs, stage_problems
 
 log = logging.getLogger(__name__)
@@ -205,7 +205,7 @@ def export_model(source: StageSource, out_dir: Path) -> Path:
     # Written beside it, then put in its place: an export interrupted midway into the folder of an earlier one
     # left that one's record (stage, step) beside the new weights, and `eval` reported the wrong stage. One
     # export at a time into a folder: two shared the partial folder and deleted each other's files.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir.parent, "--out_dir")
     with file_lock(out_dir.with_name(f".{out_dir.name}.lock"), f"--out_dir {out_dir}", purpose="an export"):
         partial = out_dir.with_name(f".{out_dir.name}.partial")
         try:

@@ -120,6 +120,17 @@ def follow_umask(folder: Path) -> None:
             os.chmod(path, 0o666 & ~_UMASK)
 
 
+def make_folder(folder: Path, flag: str) -> None:
+    """`folder`, made with its parents; a file in its place or on its way there ends the command naming the
+    flag (mkdir's "[Errno 17] File exists" named none; a file on the way gave NotADirectoryError's traceback)."""
+    for path in (folder, *folder.parents):  # the nearest one that exists decides
+        if path.exists():
+            if not path.is_dir():
+                raise FileExistsError(f"{flag}: {path} is a file, not a folder")
+            break
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 def check_own_folder(folder: Path, flag: str, markers: tuple[str, ...], writes: Iterable[str]) -> None:
     """Refuses a folder that holds none of `markers` (what a build or run of this project writes first) and
     something under a name it `writes`, before anything there is replaced: a data build into a home folder

@@ -391,3 +391,9 @@ def test_weights_are_as_readable_as_the_other_files(micro_run, tmp_path):
     for folder in (out, micro_run / "sft_long" / "export", micro_run / "base"):
         modes = {path.name: oct(path.stat().st_mode & 0o777) for path in folder.rglob("*.safetensors")}
         assert modes and set(modes.values()) == {oct(0o666 & ~_UMASK)}, (folder, modes)
+
+
+def test_an_export_under_a_file_is_named(micro_run, tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")  # "[Errno 17] File exists", naming no flag
+    assert main(["export", "--run_dir", str(micro_run), "--out_dir", str(tmp_path / "afile" / "sub")]) == 2
+    assert f"error: --out_dir: {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
