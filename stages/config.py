@@ -298,6 +298,8 @@ class DataConfig:
     """DataLoader worker processes per device."""
 
     def __post_init__(self) -> None:
+        if self.shard_dir is not None and not self.shard_dir.strip():  # "--data.shard_dir:  has no index.json"
+            raise ValueError("data.shard_dir: empty; name a shard folder, or leave it unset to build the shards")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError(
                 f"data.batch_size must be at least 1 and data.num_workers at least 0, got {self.batch_size}, "
@@ -461,6 +463,8 @@ class CurriculumConfig:
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("stages: a curriculum needs at least one stage")
+        if self.run_dir is not None and not self.run_dir.strip():  # it ran in runs/<config name>, unsaid
+            raise ValueError("run_dir: empty; name a folder, or leave it unset for runs/<name of the config>")
         check_seed(self.seed, "seed")
         self.trainer.check("trainer")
         names = list(self.stages)
@@ -472,7 +476,10 @@ class CurriculumConfig:
             spec.check(f"stages.{name}")
             source = spec.init_from
             if source == "previous" and index == 0:
-                raise ValueError(f"stages.{name}.init_from: 'previous' but {name} is the first stage; use 'base'")
+                raise ValueError(
+                    f"stages.{name}.init_from: 'previous' but {name} is the first stage; use 'base' (a config file's "
+                    "`stages` replaces the whole list: to change one stage's value give --stages.<name>.<key>)"
+                )
             if source not in ("previous", "base") and source not in names[:index]:
                 raise ValueError(
                     f"stages.{name}.init_from: {source!r} is not 'previous', 'base' "

@@ -86,6 +86,7 @@ VALIDATION_ONLY = tuple(
 # interrupted under older rules is taken for what it is and keeps its fingerprint, which the stages after it
 # recorded as theirs to start from.
 RULES = 2
+NOT_IN_FINGERPRINT = {".".join(key) for key in AS_GIVEN + DISPLAY_ONLY + VALIDATION_ONLY}
 
 
 def stage_fingerprint(resolved: dict, rules: int = RULES) -> str:
@@ -177,6 +178,8 @@ def prepare_stage_folder(stage_dir: Path, accepted: list[str], resolved: dict, r
     before = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else None
     if before is not None and before.get("fingerprint") not in accepted:  # an empty config.yaml has none: stale
         changed = changed_keys({k: v for k, v in before.items() if k != "fingerprint"}, resolved)
+        # What changed the fingerprint, not what changed beside it (an eval.limit named beside the real cause)
+        changed = [key for key in changed if key not in NOT_IN_FINGERPRINT and not key.startswith("eval.")]
         changed = changed or ["the fingerprint's rules, of an older vlm-curriculum"]
         log.warning(
             "stage %s: config or inputs changed since its last run (%s); starting it afresh",

@@ -34,6 +34,11 @@ def _fails_before_any_work(tmp_path: Path, capsys, *flags: str) -> str:
         # Counted from the output: 5 crashed in the first stage.
         ("--model.vision_layer=5", "model.vision_layer must be negative"),
         ("--stages.sft_long.trainer.precision=transformer-engine", "stages.sft_long.trainer.precision transformer-"),
+        # An empty folder ran in runs/tiny without a word; an empty shard folder said "--data.shard_dir:  has no".
+        ("--run_dir=", "run_dir: empty; name a folder"),
+        ("--data.shard_dir=", "data.shard_dir: empty; name a shard folder"),
+        # Meant as one stage's change, a file's stages replace the curriculum's: the error did not say so.
+        ("--stages={sft: {trainable: [projector], max_words: 8}}", "a config file's `stages` replaces the whole"),
     ],
 )
 def test_a_bad_value_is_refused_when_the_config_is_read(tmp_path, capsys, flag, message):

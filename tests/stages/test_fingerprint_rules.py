@@ -83,3 +83,17 @@ def test_validation_settings_are_not_in_a_stages_fingerprint(tmp_path):
     plain = print_of()
     assert print_of(val_check_interval=1, limit_val_batches=1, num_sanity_val_steps=0) == plain
     assert print_of(max_steps=7) != plain and print_of(accumulate_grad_batches=2) != plain
+
+
+def test_a_stage_started_afresh_names_what_changed_its_fingerprint_only(tmp_path, caplog):
+    # The evaluation settings that changed beside the real cause were named too ("eval.limit, spec.lr").
+    import yaml
+
+    from stages.stage import prepare_stage_folder
+
+    old = {"spec": {"lr": 1, "trainer": {"log_every_n_steps": 5}}, "eval": {"limit": 8}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"fingerprint": "old", **old}))
+    new = {"spec": {"lr": 2, "trainer": {"log_every_n_steps": 1}}, "eval": {"limit": 16}}
+    with caplog.at_level("WARNING"):
+        prepare_stage_folder(tmp_path, ["new"], new, rank_zero=True)
+    assert "config or inputs changed since its last run (spec.lr); starting it afresh" in caplog.text
