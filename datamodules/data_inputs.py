@@ -288,13 +288,14 @@ def read_llava_json(path: Path, skips: SkipLog, image_root: Path | None = None) 
 
 def read_dj_jsonl(path: Path, skips: SkipLog, image_root: Path | None = None) -> Iterator[dict]:
     base = image_root or path.parent
-    # Decoded line by line: a line that is not UTF-8 is one unreadable line (decoded as a whole, the file's one
-    # bad byte ended the build, naming neither file nor line).
-    with path.open("rb") as lines:
-        for number, raw in enumerate(lines):
+    # Read as Latin-1, which keeps every byte as it is, and split as text is (at \n, \r\n or a lone \r: no byte of a
+    # UTF-8 character is either), then decoded line by line: a line that is not UTF-8 is one unreadable line
+    # (decoded as a whole, the file's one bad byte ended the build, naming neither file nor line).
+    with path.open(encoding="latin-1", newline=None) as lines:
+        for number, text in enumerate(lines):
             key = f"{path.stem}-{number}"
-            try:
-                line = raw.decode("utf-8-sig" if number == 0 else "utf-8")  # a byte-order mark lost the first record
+            try:  # "-sig": a byte-order mark (at the start of the file, or of a file joined on) lost its record
+                line = text.encode("latin-1").decode("utf-8-sig")
             except UnicodeDecodeError:
                 skips.skip("unreadable_line", key)
                 continue

@@ -76,10 +76,14 @@ def test_a_line_that_is_not_utf8_is_one_unreadable_line(tmp_path):
     latin1 = (
         json.dumps({"text": "<__dj__image> a caf\u00e9", "images": ["a.png"]}).encode().replace(b"\\u00e9", b"\xe9")
     )
-    (tmp_path / "in.jsonl").write_bytes(b"\xef\xbb\xbf" + line + b"\r\n" + latin1 + b"\n" + line + b"\n")
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "in.jsonl").write_bytes(bom + line + b"\r\n" + latin1 + b"\n" + bom + line + b"\n")
     skips = SkipLog()
     assert [row["__key__"] for row in read_dj_jsonl(tmp_path / "in.jsonl", skips)] == ["in-0", "in-2"]
     assert skips.counts == {"unreadable_line": 1} and skips.examples == {"unreadable_line": ["in-1"]}
+    # Lines split as text is split: at a lone \r too (a first fix read a CR-only file as one unreadable line).
+    (tmp_path / "cr.jsonl").write_bytes(line + b"\r" + line + b"\r\r\n" + line)
+    assert [row["__key__"] for row in read_dj_jsonl(tmp_path / "cr.jsonl", SkipLog())] == ["cr-0", "cr-1", "cr-3"]
     (tmp_path / "in.json").write_bytes(b'[{"id": "caf\xe9"}]')
     with pytest.raises(ValueError, match=f"{tmp_path / 'in.json'}: not UTF-8 text"):
         list(read_llava_json(tmp_path / "in.json", SkipLog()))
