@@ -76,27 +76,21 @@ EVAL_NOT_SCORED = ("table_rows", "grid_images", "every_n_steps")
 
 
 # What only changes the validation loss's curve, never the weights (checked: a micro curriculum's projectors and
-# adapters are bitwise the same validating after every batch, on 1 batch, or with no sanity check); changing
+# adapters are bitwise the same validating after every batch, on 1 batch, or with no sanity check; the sanity
+# check runs under Lightning's isolate_rng and the validation loader draws from its own generator); changing
 # them (a validation cut short on real data) retrained every finished stage.
 VALIDATION_ONLY = tuple(
     ("spec", "trainer", key) for key in ("val_check_interval", "limit_val_batches", "num_sanity_val_steps")
 )
-# The rules by which a stage's fingerprint is made, numbered by version: 0 leaves out AS_GIVEN, DISPLAY_ONLY and
-# the evaluation settings; 1 also what the stage does not read; 2 also VALIDATION_ONLY. A stage finished or
-# interrupted under older rules is taken for what it is and keeps its fingerprint, which the stages after it
-# recorded as theirs to start from.
-RULES = 2
-NOT_IN_FINGERPRINT = {".".join(key) for key in AS_GIVEN + DISPLAY_ONLY + VALIDATION_ONLY}
 
 
-def stage_fingerprint(resolved: dict, rules: int = RULES) -> str:
-    """The hash of what decides a stage's trained weights, by the `rules` of that number (above)."""
+def stage_fingerprint(resolved: dict) -> str:
+    """The hash of what decides a stage's trained weights. A stage folder's config.yaml keeps the whole config
+    beside it, so that a stage recorded under other rules (an older version's) is judged by these (`same_stage`)."""
     hashed = copy.deepcopy(resolved)
-    for *sections, key in AS_GIVEN + DISPLAY_ONLY + (VALIDATION_ONLY if rules >= 2 else ()):
+    for *sections, key in AS_GIVEN + DISPLAY_ONLY + VALIDATION_ONLY:
         functools.reduce(dict.__getitem__, sections, hashed).pop(key)
     hashed.pop("eval")
-    if rules == 0:
-        return fingerprint(hashed)
     # Nor what this stage does not read (a new LoRA rank retrained the projector-only align stage, hours on real
     # data): the rates of groups it does not train; model.lora unless it trains LoRA (an adapter handed in keeps
     # the config it was saved with, in its stage's fingerprint); the architectures unless it builds from them.
@@ -110,9 +104,36 @@ def stage_fingerprint(resolved: dict, rules: int = RULES) -> str:
     return fingerprint(hashed)
 
 
-def accepted_fingerprints(resolved: dict) -> list[str]:
-    """The stage's fingerprints under every version's rules, the current rules' first."""
-    return [stage_fingerprint(resolved, rules) for rules in range(RULES, -1, -1)]
+def recorded_fingerprint(recorded: dict | None) -> str | None:
+    """The fingerprint of a stage folder's config.yaml (`recorded`) by today's rules; None for one that has
+    none, or whose keys are not today's."""
+    if not recorded or "fingerprint" not in recorded:  # an empty config.yaml: a write cut short
+        return None
+    try:
+        return stage_fingerprint({k: v for k, v in recorded.items() if k != "fingerprint"})
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
+def fingerprint_changes(recorded: dict, resolved: dict) -> list[str]:
+    """The keys whose change alone changes the stage's fingerprint from config.yaml's (`recorded`): the cause
+    of a retrain, not what changed beside it (an eval.limit, a LoRA rank the stage does not read); all changed
+    keys when none does alone."""
+    before = {k: v for k, v in recorded.items() if k != "fingerprint"}
+    changed = changed_keys(before, resolved)
+    causes = []
+    for key in changed:
+        *sections, last = key.split(".")
+        one = copy.deepcopy(before)
+        try:
+            parent = functools.reduce(lambda d, k: d.setdefault(k, {}), sections, one)
+            new = functools.reduce(dict.get, key.split("."), resolved)
+            parent[last] = new
+            if recorded_fingerprint({"fingerprint": "", **one}) != recorded_fingerprint(recorded):
+                causes.append(key)
+        except (AttributeError, TypeError):
+            causes.append(key)
+    return causes or changed
 
 
 def eval_fingerprint(resolved: dict) -> str:
@@ -163,10 +184,9 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def prepare_stage_folder(stage_dir: Path, accepted: list[str], resolved: dict, rank_zero: bool) -> None:
-    """Empties a stage folder whose config or inputs changed, and writes the stage's config.yaml with its
-    fingerprint, `accepted[0]`; `accepted`: its fingerprints under every version's rules (a stage interrupted
-    by an older version has one of those).
+def prepare_stage_folder(stage_dir: Path, stage_hash: str, resolved: dict, rank_zero: bool) -> None:
+    """Empties a stage folder whose config or inputs changed (judged by today's fingerprint of its config.yaml,
+    which a stage interrupted by an older version has too), and writes the stage's config.yaml.
 
     Every rank runs each stage, but only rank 0 touches its folder: when two ranks both rewrote
     config.yaml, one could read it half-written (empty) and fail, and both deleted the same folder.
@@ -176,11 +196,9 @@ def prepare_stage_folder(stage_dir: Path, accepted: list[str], resolved: dict, r
         return
     config_path = stage_dir / "config.yaml"
     before = (yaml.safe_load(config_path.read_text()) or {}) if config_path.is_file() else None
-    if before is not None and before.get("fingerprint") not in accepted:  # an empty config.yaml has none: stale
-        changed = changed_keys({k: v for k, v in before.items() if k != "fingerprint"}, resolved)
-        # What changed the fingerprint, not what changed beside it (an eval.limit named beside the real cause)
-        changed = [key for key in changed if key not in NOT_IN_FINGERPRINT and not key.startswith("eval.")]
-        changed = changed or ["the fingerprint's rules, of an older vlm-curriculum"]
+    if before is not None and recorded_fingerprint(before) != stage_hash:  # an empty config.yaml has none: stale
+        changed = fingerprint_changes(before, resolved) if before else []
+        changed = changed or ["a config.yaml that is empty, or of an older vlm-curriculum"]
         log.warning(
             "stage %s: config or inputs changed since its last run (%s); starting it afresh",
             stage_dir.name,
@@ -196,7 +214,7 @@ def prepare_stage_folder(stage_dir: Path, accepted: list[str], resolved: dict, r
             shutil.rmtree(stale)
         else:
             stale.unlink()
-    write_stage_config(stage_dir, accepted[0], resolved)
+    write_stage_config(stage_dir, stage_hash, resolved)
 
 
 def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig) -> VLMModule:
@@ -410,7 +428,11 @@ def finished_result(
     if not done_path.is_file():
         return None
     done = json.loads(done_path.read_text())
-    if done["fingerprint"] not in accepted_fingerprints(resolved):  # finished under older rules too (RULES)
+    config_path = stage_dir / "config.yaml"
+    recorded = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
+    # Judged by today's rules on the config it was trained with: one finished under an older version's rules is
+    # finished too, and keeps its fingerprint, which the stages after it recorded as theirs to start from.
+    if recorded_fingerprint(recorded) != stage_fingerprint(resolved) or recorded["fingerprint"] != done["fingerprint"]:
         return None
     if done.get("eval_fingerprint") == eval_fingerprint(resolved) and (stage_dir / "metrics.json").is_file():
         log.info("stage %s: finished before with the same config and inputs, skipped", name)
@@ -477,7 +499,7 @@ def run_stage(
     datamodule, evaluation = stage_data_and_evaluation(cfg, name, inputs, vlm, tokenizer, processor, eval_hash)
     trainer, watch = stage_trainer(cfg, name, inputs, evaluation, step_offset, previous_tail or [])
     # Only now, with the stage built: a stage that fails to build leaves the previous run's folder as it was.
-    prepare_stage_folder(stage_dir, accepted_fingerprints(resolved), resolved, rank_zero_only.rank == 0)
+    prepare_stage_folder(stage_dir, stage_hash, resolved, rank_zero_only.rank == 0)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # The ranks already started by an earlier stage wait until rank 0 has emptied a stale stage folder: one that
         # looked before saw the old last.ckpt, resumed from it, and failed once rank 0 had deleted it.

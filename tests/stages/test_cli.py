@@ -275,10 +275,10 @@ def test_only_rank_zero_touches_a_stage_folder(tmp_path):
     stage_dir.mkdir()
     (stage_dir / "config.yaml").write_text("")  # rank 0 is writing it
     (stage_dir / "checkpoints").mkdir()
-    prepare_stage_folder(stage_dir, ["new"], {"lr": 1}, rank_zero=False)
+    prepare_stage_folder(stage_dir, "new", {"lr": 1}, rank_zero=False)
     assert (stage_dir / "config.yaml").read_text() == "" and (stage_dir / "checkpoints").is_dir()
     (stage_dir / "config.yaml").write_text("fingerprint: old\n")
-    prepare_stage_folder(stage_dir, ["new"], {"lr": 1}, rank_zero=True)
+    prepare_stage_folder(stage_dir, "new", {"lr": 1}, rank_zero=True)
     assert not (stage_dir / "checkpoints").exists()  # a changed config starts the stage afresh
     assert (stage_dir / "config.yaml").read_text() == "fingerprint: new\nlr: 1\n"
 

@@ -152,7 +152,7 @@ def test_an_empty_stage_config_is_taken_for_a_changed_one(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_text("stale")
     (tmp_path / "config.yaml").write_text("")
-    prepare_stage_folder(tmp_path, ["abc"], {"spec": {}}, rank_zero=True)
+    prepare_stage_folder(tmp_path, "abc", {"spec": {}}, rank_zero=True)
     assert not (tmp_path / "checkpoints").exists()
 
 
