@@ -124,6 +124,8 @@ def make_folder(folder: Path, flag: str) -> None:
     """`folder`, made with its parents; a file in its place or on its way there ends the command naming the
     flag (mkdir's "[Errno 17] File exists" named none; a file on the way gave NotADirectoryError's traceback)."""
     for path in (folder, *folder.parents):  # the nearest one that exists decides
+        if path.is_symlink() and not path.exists():
+            raise FileExistsError(f"{flag}: {path} is a link to {os.readlink(path)}, which does not exist")
         if path.exists():
             if not path.is_dir():
                 raise FileExistsError(f"{flag}: {path} is a file, not a folder")

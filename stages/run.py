@@ -230,6 +230,8 @@ def run_data_command(parser: ArgumentParser, args) -> int:
         check_seed(values.seed, "--seed")
     except (ValueError, TypeError) as error:  # a value's own check (world, input format): named, no traceback
         parser.error(str(error))
+    if not values.out_dir.strip():  # the working folder
+        parser.error("--out_dir: empty; name the folder the shards go to")
     fields = {k: v for k, v in vars(values).items() if k in RecipeConfig.__dataclass_fields__}
     try:
         recipe = RecipeConfig(**fields)
@@ -384,7 +386,7 @@ def check_config_files(parser: ArgumentParser, argv: tuple[str, ...]) -> None:
         except UnicodeDecodeError as error:  # a traceback
             parser.error(f"--config {path}: not UTF-8 text ({error})")
         if content is None:  # jsonargparse's message named nothing: "Unexpected config: "
-            parser.error(f"--config {path}: holds no config keys (empty, or only comments)")
+            parser.error(f"--config {path}: holds no config keys (empty, only comments, or null)")
         if not isinstance(content, dict):
             parser.error(f"--config {path}: holds a {type(content).__name__}, not a mapping of config keys")
 

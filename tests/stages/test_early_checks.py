@@ -158,8 +158,8 @@ def test_a_share_of_the_validation_batches_is_refused_on_one_device_only(micro_w
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"", "holds no config keys (empty, or only comments)"),  # jsonargparse: "Unexpected config: "
-        (b"# only a comment\n", "holds no config keys (empty, or only comments)"),
+        (b"", "holds no config keys (empty, only comments, or null)"),  # jsonargparse: "Unexpected config: "
+        (b"# only a comment\n", "holds no config keys (empty, only comments, or null)"),
         (b"seed: 3  # caf\xe9\n", "not UTF-8 text"),  # a UnicodeDecodeError's traceback
     ],
 )
@@ -183,3 +183,10 @@ def test_an_output_folder_that_is_a_file_or_under_one_is_named(tmp_path, capsys,
     assert main(["curriculum", f"--run_dir={out}", *MICRO_ARGS]) == 2
     assert f"error: --run_dir: {afile} is a file, not a folder" in capsys.readouterr().err
     assert afile.read_text() == "not a folder"
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # "[Errno 17] File exists"
+    assert main(["data", "--config", str(SYNTHETIC_RECIPE), f"--out_dir={tmp_path / 'dangling'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out_dir: {tmp_path / 'dangling'} is a link to {tmp_path / 'gone'}, which does not" in err
+    with pytest.raises(SystemExit):  # the working folder
+        main(["data", "--config", str(SYNTHETIC_RECIPE), "--out_dir="])
+    assert "--out_dir: empty" in capsys.readouterr().err
