@@ -508,8 +508,10 @@ def run_stage(
     if watch.monitor is not None and watch.monitor.stopped:
         if trainer.is_global_zero:  # the report's loss curve and table of the stopped stage
             watch.boundary.write_losses(stage_dir / "losses.json")
+        # The alert's step, as alerts.jsonl numbers it (trainer.global_step counts the steps done: one more).
+        step = watch.monitor.alerts[-1].step if watch.monitor.alerts else trainer.global_step - 1
         raise StageStopped(
-            f"stage {name} stopped by a stability alert at step {trainer.global_step}; see {stage_dir / 'alerts.jsonl'}"
+            f"stage {name} stopped by a stability alert at step {step}; see {stage_dir / 'alerts.jsonl'}"
             f" and {stage_dir / 'checkpoints' / 'stopped.ckpt'}"
         )
     scored_with = eval_hash  # the evaluation settings of the scores in metrics.json

@@ -435,7 +435,7 @@ def test_an_injected_nan_is_alerted_in_every_stage_and_skipped(tmp_path):
 def test_action_stop_ends_the_run_with_a_checkpoint_and_a_nonzero_exit(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert _run(run_dir, "--stability.faults={1: nan}", "--stability.instability.action=stop") == 3
-    assert "stopped by a stability alert" in capsys.readouterr().err
+    assert "stopped by a stability alert at step 1;" in capsys.readouterr().err  # alerts.jsonl's step (it said 2)
     assert (run_dir / "align" / "checkpoints" / "stopped.ckpt").is_file()
     assert not (run_dir / "align" / "done.json").exists()
     # The stopped run has its report: the alert that stopped it, and the stage named as stopped.
