@@ -95,11 +95,12 @@ def _carried(vlm: VisionLanguageModel, part: str) -> Path | None:
     return vlm.handed_from.get(part) if frozen else None
 
 
-def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) -> None:
+def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) -> list[str]:
     """Writes the projector, the adapter, and the parts in `vlm.full_groups`. Every rank calls it under
     DeepSpeed (`write` on rank 0 only): ZeRO-3 weights are gathered first, or the files would hold empty
     partitions, and master copies are assembled across ranks. A part carried but frozen here is copied from
-    its file, neither gathered nor assembled."""
+    its file, neither gathered nor assembled. Returns the names of the trained tensors that hold NaN or inf
+    (rank 0; a run whose alerts only warn trains on through them)."""
     files = {"projector": PROJECTOR_FILE, **{group: FULL_FILES[group] for group in sorted(vlm.full_groups)}}
     carried = {part: _carried(vlm, part) for part in files}
     trained = [part for part in files if carried[part] is None]
@@ -111,7 +112,7 @@ def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) ->
         }
         adapter = _cpu(lora)
         if not write:
-            return
+            return []
         out_dir.mkdir(parents=True, exist_ok=True)
         for part, source in carried.items():
             if source is not None:
@@ -120,6 +121,8 @@ def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) ->
             save_file(state, str(out_dir / files[part]))
         if has_lora(vlm):
             vlm.lm.save_pretrained(out_dir / ADAPTER_DIR, state_dict=adapter)
+    tensors = {**adapter, **{f"{part}.{name}": t for part, state in states.items() for name, t in state.items()}}
+    return [name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
 
 
 def _read(path: Path) -> dict:

@@ -66,6 +66,9 @@ def stage_problems(run_dir: Path, configs: dict[str, dict]) -> dict[str, str]:
             problems[name] = "stopped by a stability alert (see Alerts); its checkpoints/stopped.ckpt is kept"
         elif done is None:
             problems[name] = "unfinished (no done.json): its metrics and checkpoints may be missing or partial"
+        elif done.get("non_finite_weights"):
+            count = done["non_finite_weights"]
+            problems[name] = f"{count} of its trained tensors hold NaN or inf: its scores mean nothing"
         elif done["fingerprint"] != config["fingerprint"]:
             problems[name] = "its config changed after it finished; the results shown are of the older config"
         elif upstream in configs and configs[upstream]["fingerprint"] != config["inputs"]["init_from"]:

@@ -428,6 +428,8 @@ def run_curriculum_command(parser: ArgumentParser, args) -> int:
         scores = "  ".join(f"{k} {m[k]:.3f}" for k in keys)
         note = "  (scored again: evaluation settings changed)" if result.rescored else ""
         note = note or ("  (skipped: done before)" if result.skipped else "")
+        if result.non_finite_weights:  # CHAIR 0 of captions with no objects read as the best of runs
+            note += f"  ({result.non_finite_weights} trained tensors hold NaN or inf: these scores mean nothing)"
         print(f"{result.name:>12}  steps {result.global_steps:5d}  {scores}{note}")
     print(f"run folder: {run_dir}   TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     return 0

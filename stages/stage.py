@@ -164,6 +164,7 @@ class StageResult:
     metrics: dict
     skipped: bool
     rescored: bool = False  # skipped, but scored again: its evaluation settings changed
+    non_finite_weights: int = 0  # trained tensors that hold NaN or inf: its scores mean nothing
 
 
 def write_stage_config(stage_dir: Path, stage_hash: str, resolved: dict) -> None:
@@ -356,7 +357,7 @@ def rescore_stage(
     text = f"scored again with new evaluation settings: {metrics_line(metrics)}"
     logger.experiment.add_text(f"eval/{name}/rescored", text, global_step=logger.run_step(steps - 1))
     logger.finalize("success")  # closes the writer (and its thread)
-    return StageResult(name, stage_hash, steps, metrics, skipped=True, rescored=True)
+    return StageResult(name, stage_hash, steps, metrics, True, True, done.get("non_finite_weights", 0))
 
 
 @dataclass
@@ -437,7 +438,8 @@ def finished_result(
     if done.get("eval_fingerprint") == eval_fingerprint(resolved) and (stage_dir / "metrics.json").is_file():
         log.info("stage %s: finished before with the same config and inputs, skipped", name)
         metrics = scores_of_record(json.loads((stage_dir / "metrics.json").read_text()))
-        return StageResult(name, done["fingerprint"], done["global_steps"], metrics, skipped=True)
+        diverged = done.get("non_finite_weights", 0)
+        return StageResult(name, done["fingerprint"], done["global_steps"], metrics, True, False, diverged)
     return rescore_stage(cfg, name, inputs, resolved, done, step_offset)
 
 
@@ -517,7 +519,10 @@ def run_stage(
     scored_with = eval_hash  # the evaluation settings of the scores in metrics.json
     if trainer.is_global_zero and not evaluation.final_done:
         scored_with = scores_of_a_resumed_end(stage_dir, name, evaluation)
-    save_handoff(module.vlm, stage_dir / "export", write=trainer.is_global_zero)  # every rank: ZeRO-3 gathers
+    diverged = save_handoff(module.vlm, stage_dir / "export", write=trainer.is_global_zero)  # all ranks: ZeRO-3 gathers
+    if diverged:  # trained on through NaN or inf (`action: warn`): a caption with no objects scores CHAIR 0
+        log.warning("stage %s: %d trained tensors hold NaN or inf (%s, ...): its scores mean nothing; see alerts.jsonl",
+                    name, len(diverged), ", ".join(diverged[:2]))  # fmt: skip
     if trainer.is_global_zero:
         follow_umask(stage_dir / "export")
         sync_tree(stage_dir / "export")  # on the disk before done.json vouches for it
@@ -530,6 +535,8 @@ def run_stage(
     }
     if cfg.stability.webhook_url:
         done["webhook_failures"] = watch.sinks.webhook_failures
+    if diverged:
+        done["non_finite_weights"] = len(diverged)
     if trainer.is_global_zero:
         watch.boundary.write_losses(stage_dir / "losses.json")
         write_text_atomic(stage_dir / "done.json", json.dumps(done, indent=2))
@@ -540,4 +547,4 @@ def run_stage(
         raise SIGTERMException
     if scored_with != eval_hash:  # resumed at its last step, scored before with other settings (rank 0 only)
         return rescore_stage(cfg, name, inputs, resolved, done, step_offset)
-    return StageResult(name, stage_hash, trainer.global_step, evaluation.metrics, skipped=False)
+    return StageResult(name, stage_hash, trainer.global_step, evaluation.metrics, False, False, len(diverged))

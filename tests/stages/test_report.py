@@ -270,3 +270,18 @@ def test_a_stage_stopped_by_an_alert_has_its_loss_curve_in_the_report(tmp_path):
     assert main(["curriculum", f"--run_dir={run}", *MICRO_ARGS, *stop]) == 3
     losses = json.loads((run / "align" / "losses.json").read_text())["losses"]
     assert len(losses) == 3 and f"| align | {losses[0]:.4f} |" in (run / "report.md").read_text()
+
+
+def test_a_stage_trained_on_through_nan_says_its_scores_mean_nothing(tmp_path, capsys):
+    # Under `action: warn` a NaN at step 1 left every stage's weights NaN: their captions named no object, and
+    # the summary and report showed CHAIR 0.000, the best scores of any run, without a word.
+    from tests.conftest import MICRO_ARGS
+
+    run = tmp_path / "run"
+    assert main(["curriculum", f"--run_dir={run}", *MICRO_ARGS, "--stability.faults={1: nan}"]) == 0
+    summary = [line for line in capsys.readouterr().out.splitlines() if "steps" in line]
+    assert len(summary) == 4 and all("trained tensors hold NaN or inf: these scores mean nothing" in s for s in summary)
+    assert json.loads((run / "sft_long" / "done.json").read_text())["non_finite_weights"] > 0
+    assert "- sft_long: " in (report := (run / "report.md").read_text()) and "hold NaN or inf: its scores" in report
+    assert main(["curriculum", f"--run_dir={run}", *MICRO_ARGS, "--stability.faults={1: nan}"]) == 0  # skipped
+    assert "skipped: done before)  (" in capsys.readouterr().out
