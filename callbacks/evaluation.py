@@ -217,8 +217,8 @@ def load_synonyms(path: str | Path | None, flag: str = "eval.synonyms") -> dict[
     if path is None:
         return None
     try:
-        table = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
+        table = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # a byte-order mark was refused
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:  # the last named no file
         raise ValueError(f"{flag} {path}: not a readable JSON file ({error})") from error
     if not isinstance(table, dict) or not all(
         isinstance(words, list) and all(isinstance(w, str) for w in words) for words in table.values()

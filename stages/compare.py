@@ -132,7 +132,7 @@ def _cell(values: dict, key: str, centre: str) -> str:
 
 
 def markdown(result: dict, seeds: list[int]) -> str:
-    lines = [f"# Curriculum vs one-SFT-stage baseline ({len(seeds)} seeds: {seeds})", ""]
+    lines = [f"# Curriculum vs one-SFT-stage baseline ({len(seeds)} seed{'s' * (len(seeds) > 1)}: {seeds})", ""]
     lines += ["Mean +- standard deviation over seeds, on the held-out split after each stage.", ""]
     scored = [m for m in METRICS if any(m in s for data in result.values() for s in data["stages"].values())]
     lines += ["| arm | stage | " + " | ".join(scored) + " |", "|---" * (len(scored) + 2) + "|"]

@@ -134,7 +134,8 @@ def eval_parser() -> ArgumentParser:
     parser.add_argument("--model", "--ckpt", type=str, required=True, help=model_help)
     parser.add_argument("--data", type=str, default=None, help="shard folder; default: the shards it trained on")
     # The defaults of the evaluation after every stage (EvalConfig): the same scores for the same model.
-    parser.add_argument("--split", type=str, default=EvalConfig.split, choices=["train", "val", "test"])
+    # A Literal, not choices: jsonargparse's help showed choices' type as "<function <locals>.<lambda> at 0x...>".
+    parser.add_argument("--split", type=typing.Literal["train", "val", "test"], default=EvalConfig.split)
     parser.add_argument("--limit", type=PositiveInt, default=EvalConfig.limit, help="images (the split's first)")
     parser.add_argument("--max_new_tokens", type=PositiveInt, default=EvalConfig.max_new_tokens)
     parser.add_argument("--num_beams", type=PositiveInt, default=EvalConfig.num_beams)

@@ -129,3 +129,14 @@ def test_the_captions_table_keeps_a_row_per_caption():
     table = markdown_table([("k1", "a cat | a dog", "a cat\non a mat"), ("k2", "x", "y")]).splitlines()
     assert len(table) == 4 and all(len(re.findall(r"(?<!\\)\|", line)) == 4 for line in table)
     assert table[2] == "| k1 | a cat \\| a dog | a cat on a mat |"
+
+
+def test_a_synonym_table_with_a_byte_order_mark_is_read_and_one_not_utf8_is_named(tmp_path):
+    # "Unexpected UTF-8 BOM" refused a table saved by a Windows editor; a Latin-1 one failed naming no file.
+    from callbacks.evaluation import load_synonyms
+
+    (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf{"dog": ["puppy"]}')
+    assert load_synonyms(tmp_path / "bom.json") == {"dog": ["puppy"]}
+    (tmp_path / "latin1.json").write_bytes(b'{"caf\xe9": ["bar"]}')
+    with pytest.raises(ValueError, match=f"eval.synonyms {tmp_path / 'latin1.json'}: not a readable JSON file"):
+        load_synonyms(tmp_path / "latin1.json")

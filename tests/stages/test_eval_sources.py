@@ -104,3 +104,10 @@ def test_an_incomplete_export_names_the_missing_file_and_a_sharded_one_loads(mic
     (out / "model.safetensors").unlink()
     assert main(["eval", "--model", str(out)]) == 2
     assert f"--model: {out} is an incomplete export, without model.safetensors" in capsys.readouterr().err
+
+
+def test_eval_help_names_the_splits_type(capsys):
+    # Given as choices, jsonargparse's help showed its type as "<function <locals>.<lambda> at 0x7f...>".
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "<lambda>" not in (out := capsys.readouterr().out) and "Literal['train', 'val', 'test']" in out
