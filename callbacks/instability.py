@@ -265,15 +265,16 @@ class InstabilityMonitor(L.Callback):
         rank_factor = getattr(pl_module, "rank_factor", 1.0)
         self._micro_losses.append(loss.detach().float() * trainer.accumulate_grad_batches / rank_factor)
 
-    def _findings(self, loss: float, grad: float | None) -> list[tuple[str, float, float]]:
+    def _findings(self, loss: float, grad: float | None) -> list[tuple[str, float, float, str]]:
+        """(kind, value, threshold, what the value is) of each alert the step raises."""
         found = []
         kind, threshold = judge(loss, list(self.loss_history), self.config, "loss_spike")
         if kind:
-            found.append((kind, loss, threshold))
+            found.append((kind, loss, threshold, "the loss"))
         if grad is not None and self.config.check_grad_norm:
             kind, threshold = judge(grad, list(self.grad_history), self.config, "grad_spike")
-            if kind and kind not in {k for k, _, _ in found}:  # a NaN loss gives NaN gradients: one alert
-                found.append((kind, grad, threshold))
+            if kind and kind not in {k for k, *_ in found}:  # a NaN loss gives NaN gradients: one alert
+                found.append((kind, grad, threshold, "the gradient norm"))
         return found
 
     def _divergence(self, loss: float) -> tuple[float, float] | None:
@@ -316,7 +317,7 @@ class InstabilityMonitor(L.Callback):
         keys, self._micro_losses, self._keys = self._keys, [], []
         findings = self._findings(loss, self._unless_overflow(trainer, loss, grad))
         every_rank = [(r, f, k) for r, (f, k) in gather_findings(trainer, bool(findings), (findings, keys))]
-        non_finite = any(kind == "non_finite" for _, found, _ in every_rank for kind, _, _ in found)
+        non_finite = any(kind == "non_finite" for _, found, _ in every_rank for kind, *_ in found)
         decision, self._streak = decide(self.config, self._streak, bool(every_rank), non_finite)
         if self._streak.muted and weights_lost(trainer, pl_module):  # muted: every rank knows this step non-finite
             # One NaN update in float32 or bf16 makes every later step NaN: training on for the rest of the run,
@@ -328,15 +329,17 @@ class InstabilityMonitor(L.Callback):
                 "finite: nothing after can train, the stage stops"
             ))  # fmt: skip
         for rank, rank_findings, rank_keys in every_rank if decision.report else []:
-            for kind, value, threshold in rank_findings:
-                self._report(trainer, kind, value, threshold, rank_keys, decision.action, rank, detail=decision.detail)
+            for kind, value, threshold, what in rank_findings:
+                # A non-finite value says which (an infinite gradient norm read "value inf vs threshold inf").
+                detail = " ".join([f"Non-finite: {what}."] * (kind == "non_finite") + [decision.detail]).strip()
+                self._report(trainer, kind, value, threshold, rank_keys, decision.action, rank, detail=detail)
         if every_rank:
             if decision.action != "warn":
                 self._act(trainer, pl_module, optimizer, decision.action)
                 return
             if not decision.new_level:
                 return  # spikes stay out of the statistics
-            self._restart_statistics(trainer, *every_rank[0][1][0], keys)  # a new level: trained
+            self._restart_statistics(trainer, *every_rank[0][1][0][:3], keys)  # a new level: trained
         self.loss_history.append(loss)
         if grad is not None and math.isfinite(grad):
             self.grad_history.append(grad)

@@ -77,12 +77,15 @@ def test_nan_loss_is_reported_at_its_step_and_skip_leaves_the_weights(tmp_path):
     assert torch.isfinite(weights.after[-1]).all()
     lines = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
     assert lines[0]["kind"] == "non_finite" and lines[0]["stage"] == "toy" and len(lines[0]["keys"]) == 32
+    assert lines[0]["detail"] == "Non-finite: the loss."
 
 
 def test_inf_gradient_is_reported_and_skipped():
     monitor, _, weights = _run({25: "inf_grad"}, action="skip")
     assert [k for k in _kinds(monitor) if k[0] != "loss_spike"] == [("non_finite", 25)]
     assert torch.equal(weights.after[25], weights.after[24])
+    # It read "value inf vs threshold inf", not saying whether the loss or the gradient norm.
+    assert [a.detail for a in monitor.alerts if a.kind == "non_finite"] == ["Non-finite: the gradient norm."]
 
 
 def test_ten_x_loss_spike():
@@ -235,7 +238,7 @@ def test_under_warn_a_run_of_non_finite_steps_the_weights_survive_is_reported_up
     trainer([monitor], max_steps=60).fit(SkipsNonFinite(dict.fromkeys(range(30, 40), "nan")), loader(KeyedRegression()))
     assert [(a.kind, a.step) for a in monitor.alerts] == [("non_finite", step) for step in (30, 31, 32, 33)]
     assert "the next non-finite ones are not reported until a finite step" in monitor.alerts[3].detail
-    assert not monitor.alerts[2].detail and not monitor.stopped
+    assert monitor.alerts[2].detail == "Non-finite: the loss." and not monitor.stopped
     assert monitor._streak == Streak()  # the finite steps after ended the run of them
     resumed = InstabilityMonitor(InstabilityConfig(action="warn"), AlertSinks("toy"), "toy")
     monitor._streak = Streak(muted=True)
