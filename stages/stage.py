@@ -106,12 +106,16 @@ def stage_fingerprint(resolved: dict) -> str:
 
 def recorded_fingerprint(recorded: dict | None) -> str | None:
     """The fingerprint of a stage folder's config.yaml (`recorded`) by today's rules; None for one that has
-    none, or whose keys are not today's."""
-    if not recorded or "fingerprint" not in recorded:  # an empty config.yaml: a write cut short
+    none (an empty config.yaml: a write cut short), or whose keys are not today's."""
+    if not recorded or "fingerprint" not in recorded:
         return None
+    return _fingerprint_or_none({k: v for k, v in recorded.items() if k != "fingerprint"})
+
+
+def _fingerprint_or_none(config: dict) -> str | None:
     try:
-        return stage_fingerprint({k: v for k, v in recorded.items() if k != "fingerprint"})
-    except (KeyError, TypeError, AttributeError):
+        return stage_fingerprint(config)
+    except (KeyError, TypeError, AttributeError):  # keys of another version
         return None
 
 
@@ -121,19 +125,25 @@ def fingerprint_changes(recorded: dict, resolved: dict) -> list[str]:
     keys when none does alone."""
     before = {k: v for k, v in recorded.items() if k != "fingerprint"}
     changed = changed_keys(before, resolved)
-    causes = []
-    for key in changed:
-        *sections, last = key.split(".")
-        one = copy.deepcopy(before)
-        try:
-            parent = functools.reduce(lambda d, k: d.setdefault(k, {}), sections, one)
-            new = functools.reduce(dict.get, key.split("."), resolved)
-            parent[last] = new
-            if recorded_fingerprint({"fingerprint": "", **one}) != recorded_fingerprint(recorded):
-                causes.append(key)
-        except (AttributeError, TypeError):
-            causes.append(key)
+    causes = [
+        key
+        for key in changed
+        if _fingerprint_or_none(_changed(before, key, resolved)) != recorded_fingerprint(recorded)
+    ]
     return causes or changed
+
+
+def _changed(config: dict, key: str, source: dict) -> dict:
+    """A copy of `config` with the value of the dotted `key` that `source` holds (None where it has none)."""
+    copied = copy.deepcopy(config)
+    *sections, last = key.split(".")
+    target, value = copied, source
+    for section in sections:
+        target = target.setdefault(section, {}) if isinstance(target, dict) else {}
+        value = value.get(section) if isinstance(value, dict) else None
+    if isinstance(target, dict):
+        target[last] = value.get(last) if isinstance(value, dict) else None
+    return copied
 
 
 def eval_fingerprint(resolved: dict) -> str:
