@@ -13,6 +13,7 @@ import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -87,9 +88,11 @@ class ModelConfig:
     random_init: bool = False
     """Random weights from the folders' config.json, or from `vision_arch` / `lm_arch` when no folder is
     given: for throughput and memory runs of a real profile without its weights."""
-    vision_arch: dict | None = None
+    # dict[str, Any], not dict: a plain dict kept a dotted flag's value as text (--model.lm_arch.num_hidden_layers 1
+    # gave '1', and transformers failed with a traceback); these values are read as YAML, as every flag's is.
+    vision_arch: dict[str, Any] | None = None
     """The tower's transformers config (with `model_type`), used with `random_init` when `vision_path` is unset."""
-    lm_arch: dict | None = None
+    lm_arch: dict[str, Any] | None = None
     """The language model's transformers config (with `model_type`), as `vision_arch`."""
     image_size: int = 336
     """Input side of the image processor written for a random-init tower."""

@@ -168,3 +168,11 @@ def test_random_init_says_when_a_model_folder_beats_its_arch(tmp_path, micro_bas
     assert lm == micro_base[1] and vision == tmp_path / "base" / "random_init" / "vision"
     said = [record.getMessage() for record in caplog.records if "_arch" in record.getMessage()]
     assert said == [f"model.lm_arch is not used: model.lm_path {micro_base[1]} exists, and its config.json is"]
+
+
+def test_a_dotted_flag_into_an_architecture_keeps_its_type(capsys):
+    # --model.lm_arch.num_hidden_layers 1 was kept as the text '1', and transformers failed with a traceback.
+    with pytest.raises(SystemExit):
+        main(["curriculum", *TOY_PROFILE_ARGS, "--model.lm_arch.num_hidden_layers=2", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["lm_arch"]["num_hidden_layers"] == 2 and printed["model"]["lm_arch"]["vocab_size"] == 128
