@@ -293,6 +293,13 @@ class InstabilityMonitor(L.Callback):
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:
+        if len(trainer.optimizers) > 1:
+            # Each optimizer's step was judged as a training step of its own: the losses of all of them went into
+            # one history, whose spread hid a 40x spike of one (a user module with two optimizers).
+            raise ValueError(
+                f"InstabilityMonitor judges one optimizer step per training step; this module has "
+                f"{len(trainer.optimizers)} optimizers (use one, with parameter groups)"
+            )
         self._judged_step = trainer.global_step  # a resumed run's first step is not a finished one
 
     @override

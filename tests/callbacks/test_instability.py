@@ -500,3 +500,29 @@ def test_skip_and_rewind_undo_a_bad_batchs_batchnorm_statistics(action):
     assert torch.isfinite(norm.running_mean).all() and torch.isfinite(norm.running_var).all()
     with torch.no_grad():
         assert torch.isfinite(module.eval().net(KeyedRegression().x[:8])).all()
+
+
+def test_a_module_with_two_optimizers_is_refused():
+    # Each optimizer's step was judged as a training step: their losses (0.3 and 100) went into one history, and a
+    # 40x spike of the first raised no loss_spike.
+    class TwoOptimizers(ToyRegression):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            for optimizer in self.optimizers():
+                optimizer.zero_grad()
+                self.manual_backward(super().training_step(batch, batch_idx))
+                optimizer.step()
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.parameters(), lr=self.lr), torch.optim.SGD(self.parameters(), lr=self.lr)]
+
+    monitor = InstabilityMonitor(InstabilityConfig(), AlertSinks("toy"), "toy")
+    t = L.Trainer(
+        max_steps=4, callbacks=[monitor], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="InstabilityMonitor judges one optimizer step per training step; this"):
+        t.fit(TwoOptimizers(), loader(KeyedRegression()))
