@@ -350,9 +350,12 @@ class InstabilityMonitor(L.Callback):
         self.loss_history.append(loss)
         if grad is not None and math.isfinite(grad):
             self.grad_history.append(grad)
+        # A trend, not a batch: reported, never acted on. Judged on each rank's own losses, so gathered as the
+        # spikes are: rank 0 alone reported, and a divergence on another rank never was.
         diverging = self._divergence(loss)
-        if diverging is not None:  # a trend, not a batch: reported, never acted on
-            self._report(trainer, "divergence", diverging[0], diverging[1], keys, "warn")
+        every_rank = gather_findings(trainer, diverging is not None, (diverging, keys))
+        for rank, ((median, threshold), rank_keys) in every_rank:
+            self._report(trainer, "divergence", median, threshold, rank_keys, "warn", rank)
         self._maybe_snapshot(pl_module, optimizer)
 
     def _restart_statistics(self, trainer, kind: str, value: float, threshold: float, keys: list[str]) -> None:

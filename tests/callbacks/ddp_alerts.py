@@ -1,7 +1,8 @@
 """Run by the callback tests as a script: two CPU ranks (Lightning DDP over gloo), a fault on rank 1 only.
 
-`ddp_alerts.py OUT`: a loss spike at one step (the instability monitor); `ddp_alerts.py OUT boundary`: the
-loss of rank 1 three times higher over the first steps of epoch 1 (the epoch-boundary check)."""
+`ddp_alerts.py OUT`: a loss spike at one step (the instability monitor); `ddp_alerts.py OUT divergence`: the
+loss of rank 1 climbing 8% a step from step 25 (the monitor's divergence check); `ddp_alerts.py OUT boundary`:
+the loss of rank 1 three times higher over the first steps of epoch 1 (the epoch-boundary check)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ class SpikeOnRankOne(ToyRegression):
             if self.global_rank == 1:
                 loss = loss * 10
         return loss
+
+
+class ClimbOnRankOne(ToyRegression):
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1.08 ** max(0, self.global_step - 25) if self.global_rank == 1 else loss
 
 
 class BoundaryJumpOnRankOne(ToyRegression):
@@ -57,7 +64,7 @@ if __name__ == "__main__":
         sys.exit(0)
     config = InstabilityConfig(check_grad_norm=False)
     monitor = InstabilityMonitor(config, AlertSinks("toy", out / "alerts.jsonl"), "toy")
-    module = SpikeOnRankOne()
+    module = ClimbOnRankOne() if sys.argv[2:] == ["divergence"] else SpikeOnRankOne()
     module.out = out
     trainer = L.Trainer(
         accelerator="cpu",

@@ -470,6 +470,20 @@ def test_each_rank_s_finding_is_reported_with_its_own_kind_value_and_keys(tmp_pa
     assert alerts[0]["keys"] == keys[1] != keys[0]
 
 
+@pytest.mark.slow
+def test_a_divergence_on_one_rank_is_reported(tmp_path):
+    # A divergence, judged on each rank's own losses, was reported by rank 0 alone: one on rank 1 never was.
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import run_fresh
+
+    done = run_fresh([sys.executable, str(Path(__file__).with_name("ddp_alerts.py")), str(tmp_path), "divergence"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    alerts = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert [a["rank"] for a in alerts if a["kind"] == "divergence"] == [1], alerts
+
+
 class _BatchNormToy(L.LightningModule):
     """A trained layer with BatchNorm (as a ResNet tower with trainable: [vision]); NaN inputs at step 30."""
 
