@@ -459,7 +459,7 @@ def test_a_shrinking_word_budget_is_warned_about(caplog):
 
 @pytest.mark.parametrize(
     ("flags", "message"),
-    [(["--split", "validation"], "argument --split: invalid choice"), (["--limit", "0"], 'key "limit"')],
+    [(["--split", "validation"], 'key "split"'), (["--limit", "0"], 'key "limit"')],
 )
 def test_eval_refuses_an_unknown_split_and_a_limit_below_one(flags, message, capsys):
     """An unknown split crashed with a KeyError; --limit 0 or -3 evaluated one image."""
