@@ -346,7 +346,8 @@ class InstabilityMonitor(L.Callback):
                 return
             if not decision.new_level:
                 return  # spikes stay out of the statistics
-            self._restart_statistics(trainer, *every_rank[0][1][0][:3], keys)  # a new level: trained
+            kind, value, threshold, _ = every_rank[0][1][0]
+            self._restart_statistics(trainer, kind, value, threshold, keys)  # a new level: trained
         self.loss_history.append(loss)
         if grad is not None and math.isfinite(grad):
             self.grad_history.append(grad)

@@ -86,7 +86,8 @@ VALIDATION_ONLY = tuple(
 
 def stage_fingerprint(resolved: dict) -> str:
     """The hash of what decides a stage's trained weights. A stage folder's config.yaml keeps the whole config
-    beside it, so that a stage recorded under other rules (an older version's) is judged by these (`same_stage`)."""
+    beside it, so that a stage recorded under other rules (an older version's) is judged by these
+    (`recorded_fingerprint`)."""
     hashed = copy.deepcopy(resolved)
     for *sections, key in AS_GIVEN + DISPLAY_ONLY + VALIDATION_ONLY:
         functools.reduce(dict.__getitem__, sections, hashed).pop(key)
@@ -124,12 +125,8 @@ def fingerprint_changes(recorded: dict, resolved: dict) -> list[str]:
     of a retrain, not what changed beside it (an eval.limit, a LoRA rank the stage does not read); all changed
     keys when none does alone."""
     before = {k: v for k, v in recorded.items() if k != "fingerprint"}
-    changed = changed_keys(before, resolved)
-    causes = [
-        key
-        for key in changed
-        if _fingerprint_or_none(_changed(before, key, resolved)) != recorded_fingerprint(recorded)
-    ]
+    changed, was = changed_keys(before, resolved), recorded_fingerprint(recorded)
+    causes = [key for key in changed if _fingerprint_or_none(_changed(before, key, resolved)) != was]
     return causes or changed
 
 
@@ -367,7 +364,8 @@ def rescore_stage(
     text = f"scored again with new evaluation settings: {metrics_line(metrics)}"
     logger.experiment.add_text(f"eval/{name}/rescored", text, global_step=logger.run_step(steps - 1))
     logger.finalize("success")  # closes the writer (and its thread)
-    return StageResult(name, stage_hash, steps, metrics, True, True, done.get("non_finite_weights", 0))
+    diverged = done.get("non_finite_weights", 0)
+    return StageResult(name, stage_hash, steps, metrics, skipped=True, rescored=True, non_finite_weights=diverged)
 
 
 @dataclass
@@ -449,7 +447,8 @@ def finished_result(
         log.info("stage %s: finished before with the same config and inputs, skipped", name)
         metrics = scores_of_record(json.loads((stage_dir / "metrics.json").read_text()))
         diverged = done.get("non_finite_weights", 0)
-        return StageResult(name, done["fingerprint"], done["global_steps"], metrics, True, False, diverged)
+        steps = done["global_steps"]
+        return StageResult(name, done["fingerprint"], steps, metrics, skipped=True, non_finite_weights=diverged)
     return rescore_stage(cfg, name, inputs, resolved, done, step_offset)
 
 
@@ -557,4 +556,5 @@ def run_stage(
         raise SIGTERMException
     if scored_with != eval_hash:  # resumed at its last step, scored before with other settings (rank 0 only)
         return rescore_stage(cfg, name, inputs, resolved, done, step_offset)
-    return StageResult(name, stage_hash, trainer.global_step, evaluation.metrics, False, False, len(diverged))
+    metrics, steps = evaluation.metrics, trainer.global_step
+    return StageResult(name, stage_hash, steps, metrics, skipped=False, non_finite_weights=len(diverged))
