@@ -57,6 +57,15 @@ def _every(step: int, offset: int) -> Callable[[dict], bool]:
     return lambda _sample: next(position) % step == offset
 
 
+def _read(urls: list[str], keep: Callable[[dict], bool], share: Callable[[dict], bool] | None = None) -> Iterator:
+    """The samples of `urls` that `keep` fits, in order; with `share`, only those of the reader's share (applied
+    after `keep`, so that every reader gets its share of what fits)."""
+    if not urls:
+        return iter(())
+    stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.select(keep)]
+    return iter(wds.DataPipeline(*stages, *([wds.select(share)] if share else [])))
+
+
 class ShardStream(IterableDataset):
     """Samples of some shards, split by node and worker; in `train` mode shuffled and endless.
 
@@ -88,27 +97,27 @@ class ShardStream(IterableDataset):
         if self.train:
             random.Random(f"{self.seed}/shards/{self.epoch}").shuffle(urls)
         rank, world, _, _ = wds.utils.pytorch_worker_info()
-        readers = world * workers
-        if self.train and len(urls) >= readers:  # every reader (rank x worker) gets whole shards of its own
-            stages = [
-                wds.SimpleShardList(urls[rank::world][worker::workers]),
-                wds.tarfile_to_samples(),
-                wds.select(self.keep),
-            ]
+        if self.train and len(urls) >= world:
+            # Every rank gets whole shards of its own. Its loader workers share them evenly: whole shards as far
+            # as they go round, and the rank's last few shards sample by sample (each worker reads them and keeps
+            # 1 in `workers`). Dealt as whole shards only, 3 shards over 2 workers gave one worker twice the
+            # other's samples: the loader takes batches from its workers in turn, so in an epoch the other read
+            # its shard again while a sixth of the images went unseen.
+            mine = urls[rank::world]
+            whole = len(mine) - len(mine) % workers
+            samples = itertools.chain(
+                _read(mine[:whole][worker::workers], self.keep),
+                _read(mine[whole:], self.keep, _every(workers, worker)),
+            )
         else:
-            # Fewer shards than readers, or held-out samples: each reader reads all shards and takes every
+            # Fewer shards than ranks, or held-out samples: each reader reads all shards and takes every
             # `readers`-th sample that fits, so every reader gets its share of what fits (dealt before the word
             # budget, a rank of a 2-rank validation got only positions where nothing fitted, and crashed).
-            stages = [
-                wds.SimpleShardList(urls),
-                wds.tarfile_to_samples(),
-                wds.select(self.keep),
-                wds.select(_every(readers, rank * workers + worker)),
-            ]
+            samples = _read(urls, self.keep, _every(world * workers, rank * workers + worker))
         if self.train:
             rng = random.Random(f"{self.seed}/samples/{epoch}/{worker}")
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng))
-        return iter(wds.DataPipeline(*stages))
+            samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+        return samples
 
     def _samples(self, worker: int, workers: int) -> Iterator[dict]:
         """This reader's kept samples, pass after pass when the stream repeats."""
@@ -252,14 +261,17 @@ class CaptionDataModule(L.LightningDataModule):
             )
         self._check_reloaded(batches)
         self._check_limit(batches)
-        readers = world * max(self.num_workers, 1)
+        workers = max(self.num_workers, 1)
+        readers = world * workers
         if len(urls) < readers and not self._warned_readers:
             self._warned_readers = True
+            # Fewer shards than ranks: every reader reads them all; else a rank's workers read all its shards.
+            sharing = readers if len(urls) < world else workers
             log.warning(
-                "%s: %d training shards for %d readers (%d rank(s) x %d loader worker(s)): each reader reads "
-                "every shard and keeps 1 sample in %d, so an epoch reads the data %d times; rebuild the shards "
-                "with a smaller shard_size (at least %d shards)",
-                self.shard_dir, len(urls), readers, world, max(self.num_workers, 1), readers, readers, readers,
+                "%s: %d training shards for %d readers (%d rank(s) x %d loader worker(s)): readers that share a "
+                "shard each read it whole and keep their share of its samples, so an epoch reads the data %d "
+                "times; rebuild the shards with a smaller shard_size (at least %d shards)",
+                self.shard_dir, len(urls), readers, world, workers, sharing, readers,
             )  # fmt: skip
         return urls, batches
 

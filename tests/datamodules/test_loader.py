@@ -97,6 +97,22 @@ def test_ranks_read_no_shared_sample_in_an_epoch_when_shards_split_unevenly(micr
         assert not seen[0] & seen[1], epoch
 
 
+def test_a_ranks_loader_workers_share_its_shards_evenly(micro_world):
+    # 3 shards of 64 over 2 loader workers were dealt whole: one worker got 128 samples, the other 64, and as the
+    # loader takes batches from its workers in turn, an epoch of 192 saw 32 images twice and 32 not at all.
+    import webdataset as wds
+
+    from datamodules.caption_datamodule import ShardStream
+
+    for epoch in range(2):
+        stream = wds.DataPipeline(
+            ShardStream(_train_urls(micro_world), 0, epoch, True, lambda _: True, shuffle_buffer=16),
+            wds.batched(8, collation_fn=lambda samples: [s["__key__"] for s in samples], partial=False),
+        )
+        keys = [key for batch in wds.WebLoader(stream, batch_size=None, num_workers=2).with_epoch(24) for key in batch]
+        assert len(keys) == len(set(keys)) == 192, epoch
+
+
 @pytest.mark.parametrize(
     ("json_bytes", "message"),
     [
