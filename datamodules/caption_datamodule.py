@@ -132,7 +132,7 @@ class ShardStream(IterableDataset):
             if count == 0:  # an endless stream of empty passes would spin forever
                 raise RuntimeError(
                     f"no sample of {len(self.urls)} shard(s) that fits the word budget reached this reader (a rank "
-                    "or loader worker reads whole shards of its own: the budget left none of its shards' samples); "
+                    "reads whole shards of its own, shared by its loader workers: the budget left this one none); "
                     "build more, smaller shards (shard_size) or raise the stage's max_words"
                 )
             epoch += 1
