@@ -51,10 +51,17 @@ def _decode(sample: dict) -> tuple[str, Image.Image, dict]:
     return sample["__key__"], open_rgb(_image_bytes(sample)), _meta(sample)
 
 
-def _every(step: int, offset: int) -> Callable[[dict], bool]:
-    """A predicate keeping the samples at positions offset, offset + step, ... of a stream."""
+def _turns(ranks: int, rank: int, workers: int, worker: int, run: int = 1) -> Callable[[dict], bool]:
+    """A predicate keeping one reader's turns of a stream dealt out `run` samples at a time: the turns go round
+    the ranks, and each rank's round its loader workers, so that the ranks' shares differ by a turn at most, and
+    so do the shares of a rank's workers."""
     position = itertools.count()
-    return lambda _sample: next(position) % step == offset
+
+    def mine(_sample: dict) -> bool:
+        turn = next(position) // run
+        return turn % ranks == rank and turn // ranks % workers == worker
+
+    return mine
 
 
 def _read(urls: list[str], keep: Callable[[dict], bool], share: Callable[[dict], bool] | None = None) -> Iterator:
@@ -64,6 +71,15 @@ def _read(urls: list[str], keep: Callable[[dict], bool], share: Callable[[dict],
         return iter(())
     stages = [wds.SimpleShardList(urls), wds.tarfile_to_samples(), wds.select(keep)]
     return iter(wds.DataPipeline(*stages, *([wds.select(share)] if share else [])))
+
+
+def shard_reads(shards: int, world: int, workers: int) -> int:
+    """How many shards an epoch of training reads in all, as ShardStream deals them out: each once when they go
+    round every rank's workers evenly, a shard shared by several readers once by each of them."""
+    if shards < world * workers:
+        return shards * world * workers
+    mine = [len(range(rank, shards, world)) for rank in range(world)]
+    return sum(count - count % workers + count % workers * workers for count in mine)
 
 
 class ShardStream(IterableDataset):
@@ -97,23 +113,26 @@ class ShardStream(IterableDataset):
         if self.train:
             random.Random(f"{self.seed}/shards/{self.epoch}").shuffle(urls)
         rank, world, _, _ = wds.utils.pytorch_worker_info()
-        if self.train and len(urls) >= world:
+        readers = world * workers
+        if self.train and len(urls) >= readers:
             # Every rank gets whole shards of its own. Its loader workers share them evenly: whole shards as far
-            # as they go round, and the rank's last few shards sample by sample (each worker reads them and keeps
-            # 1 in `workers`). Dealt as whole shards only, 3 shards over 2 workers gave one worker twice the
-            # other's samples: the loader takes batches from its workers in turn, so in an epoch the other read
-            # its shard again while a sixth of the images went unseen.
+            # as they go round, and the rank's last few shards a batch's worth at a time (each worker reads them
+            # and keeps its turns): the loader takes whole batches from its workers in turn. Dealt as whole
+            # shards only, 3 shards over 2 workers gave one worker twice the other's samples, and in an epoch
+            # the other read its shard again while a sixth of the images went unseen.
             mine = urls[rank::world]
             whole = len(mine) - len(mine) % workers
             samples = itertools.chain(
                 _read(mine[:whole][worker::workers], self.keep),
-                _read(mine[whole:], self.keep, _every(workers, worker)),
+                _read(mine[whole:], self.keep, _turns(1, 0, workers, worker, self.batch_size)),
             )
         else:
-            # Fewer shards than ranks, or held-out samples: each reader reads all shards and takes every
-            # `readers`-th sample that fits, so every reader gets its share of what fits (dealt before the word
-            # budget, a rank of a 2-rank validation got only positions where nothing fitted, and crashed).
-            samples = _read(urls, self.keep, _every(world * workers, rank * workers + worker))
+            # Fewer shards than readers, or held-out samples: each reader reads all shards and takes its turns
+            # of what fits (dealt before the word budget, a rank of a 2-rank validation got only positions where
+            # nothing fitted, and crashed): a training batch's worth at a time, held-out samples one at a time
+            # (the ranks' validation batches are counted so, `_batches_per_eval_reader`).
+            run = self.batch_size if self.train else 1
+            samples = _read(urls, self.keep, _turns(world, rank, workers, worker, run))
         if self.train:
             rng = random.Random(f"{self.seed}/samples/{epoch}/{worker}")
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
@@ -263,15 +282,14 @@ class CaptionDataModule(L.LightningDataModule):
         self._check_limit(batches)
         workers = max(self.num_workers, 1)
         readers = world * workers
-        if len(urls) < readers and not self._warned_readers:
+        reads = shard_reads(len(urls), world, workers)
+        if reads >= 1.1 * len(urls) and not self._warned_readers:
             self._warned_readers = True
-            # Fewer shards than ranks: every reader reads them all; else a rank's workers read all its shards.
-            sharing = readers if len(urls) < world else workers
             log.warning(
                 "%s: %d training shards for %d readers (%d rank(s) x %d loader worker(s)): readers that share a "
-                "shard each read it whole and keep their share of its samples, so an epoch reads the data %d "
-                "times; rebuild the shards with a smaller shard_size (at least %d shards)",
-                self.shard_dir, len(urls), readers, world, workers, sharing, readers,
+                "shard each read it whole and keep their turns of its samples, so an epoch reads %d shards; "
+                "with a multiple of %d shards (a smaller shard_size) each is read once",
+                self.shard_dir, len(urls), readers, world, workers, reads, readers,
             )  # fmt: skip
         return urls, batches
 

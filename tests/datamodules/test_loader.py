@@ -97,20 +97,52 @@ def test_ranks_read_no_shared_sample_in_an_epoch_when_shards_split_unevenly(micr
         assert not seen[0] & seen[1], epoch
 
 
-def test_a_ranks_loader_workers_share_its_shards_evenly(micro_world):
+def _key_shards(folder, shards: int, size: int) -> list[str]:
+    """`shards` tar files of `size` samples each, holding only keys (a loader test needs no images)."""
+    import webdataset as wds
+
+    urls = []
+    for shard in range(shards):
+        urls.append(str(folder / f"train-{shard:06d}.tar"))
+        with wds.TarWriter(urls[-1]) as sink:
+            for index in range(size):
+                sink.write({"__key__": f"{shard}-{index}", "txt": "x"})
+    return urls
+
+
+@pytest.mark.parametrize(
+    ("shards", "workers", "ranks"), [(3, 2, 1), (4, 3, 1), (5, 3, 1), (2, 3, 1), (3, 5, 1), (5, 3, 2)]
+)
+def test_a_ranks_loader_workers_share_its_shards_evenly(tmp_path, monkeypatch, shards, workers, ranks):
     # 3 shards of 64 over 2 loader workers were dealt whole: one worker got 128 samples, the other 64, and as the
-    # loader takes batches from its workers in turn, an epoch of 192 saw 32 images twice and 32 not at all.
+    # loader takes batches from its workers in turn, an epoch of 192 saw 32 images twice and 32 not at all. Shared
+    # a sample at a time, 4 shards over 3 workers still left 5 of 256 unseen: each worker must hold its batches.
     import webdataset as wds
 
     from datamodules.caption_datamodule import ShardStream
 
+    urls = _key_shards(tmp_path, shards, 64)
+    monkeypatch.setenv("WORLD_SIZE", str(ranks))
     for epoch in range(2):
-        stream = wds.DataPipeline(
-            ShardStream(_train_urls(micro_world), 0, epoch, True, lambda _: True, shuffle_buffer=16),
-            wds.batched(8, collation_fn=lambda samples: [s["__key__"] for s in samples], partial=False),
-        )
-        keys = [key for batch in wds.WebLoader(stream, batch_size=None, num_workers=2).with_epoch(24) for key in batch]
-        assert len(keys) == len(set(keys)) == 192, epoch
+        keys = []
+        for rank in range(ranks):
+            monkeypatch.setenv("RANK", str(rank))
+            stream = wds.DataPipeline(
+                ShardStream(urls, 0, epoch, True, lambda _: True, batch_size=8, shuffle_buffer=16),
+                wds.batched(8, collation_fn=lambda samples: [s["__key__"] for s in samples], partial=False),
+            )
+            loader = wds.WebLoader(stream, batch_size=None, num_workers=workers).with_epoch(shards * 8 // ranks)
+            keys += [key for batch in loader for key in batch]
+        assert len(keys) == len(set(keys)) == shards * 64, epoch
+
+
+def test_how_often_an_epoch_reads_its_shards():
+    from datamodules.caption_datamodule import shard_reads
+
+    assert shard_reads(6, 1, 3) == 6 and shard_reads(8, 2, 2) == 8, "dealt evenly: each once"
+    assert shard_reads(3, 1, 2) == 4, "2 whole, the third read by both workers"
+    assert shard_reads(20, 1, 8) == 48 and shard_reads(7, 2, 2) == 8
+    assert shard_reads(3, 2, 2) == 12, "fewer shards than readers: every reader reads every shard"
 
 
 @pytest.mark.parametrize(
@@ -179,6 +211,7 @@ def test_fewer_training_shards_than_readers_is_said(micro_world, micro_base, cap
     datamodule.train_dataloader()
     said = [r.getMessage() for r in caplog.records if "readers" in r.getMessage()]
     assert len(said) == 1 and "3 training shards for 4 readers (1 rank(s) x 4 loader worker(s))" in said[0]
+    assert "an epoch reads 12 shards; with a multiple of 4 shards" in said[0]
 
 
 def test_the_loader_keeps_what_the_index_counted(micro_world):
