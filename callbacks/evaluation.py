@@ -347,6 +347,10 @@ class CaptionEvaluation(L.Callback):
         self.history: list[dict] = []
         self._last_step: int | None = None
         self._final_step: float = float("inf")
+        # The step of this fit's last evaluation during training, and (rank 0) its scores and captions: a stage
+        # that stops on that step (an alert, max_time) makes them its final ones, not captioned and logged twice.
+        self._scored_step: int | None = None
+        self._scored: tuple[dict, list] | None = None
 
     @override
     def state_dict(self) -> dict:
@@ -388,6 +392,7 @@ class CaptionEvaluation(L.Callback):
         if answers is not None:  # before logging: the final VQA scores belong in TensorBoard too
             metrics.update(vqa_scores(answers))
         step = trainer.global_step
+        self._scored = (metrics, results)
         if self.history and self.history[-1]["global_step"] == step:  # a fit resumed from its last step scores it
             self.history.pop()  # again (Lightning ends it at once): one entry per step
         self.history.append({"global_step": step, **{k: v for k, v in metrics.items() if k != "by_length"}})
@@ -458,11 +463,28 @@ class CaptionEvaluation(L.Callback):
             self._last_step, self.final_done = step, True
             self._run(trainer, pl_module, final=True)
         elif self.every_n_steps and step and step % self.every_n_steps == 0:
-            self._last_step = step
+            self._last_step = self._scored_step = step
             self._run(trainer, pl_module, final=False)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.final_done:  # training ended before its last step: a stop alert, max_time
-            self.final_done = True
+        if self.final_done:
+            return
+        self.final_done = True  # training ended before its last step: a stop alert, max_time
+        if self._scored_step != trainer.global_step:
             self._run(trainer, pl_module, final=True)
+            return
+        # Evaluated at this very step during training: those scores are final (once more, every value was logged
+        # twice at one step and the captions generated again), with the VQA answers a final evaluation adds.
+        synced = {"synced_gpus": True} if _zero3(trainer) and trainer.world_size > 1 else {}
+        answers = self._answers(trainer, pl_module, **synced) if self.vqa else None
+        if not trainer.is_global_zero:
+            return
+        metrics, results = self._scored
+        if answers is not None:
+            vqa = vqa_scores(answers)
+            metrics.update(vqa)
+            self.history[-1].update(vqa)
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars(vqa), step=trainer.global_step - 1)
+        self._write_final(trainer.global_step, metrics, results)

@@ -52,6 +52,7 @@ from stages.paths import (
 from stages.recipe_ops import check_process
 from stages.report import REPORT_PLOTS, STAGES_FILE, write_report
 from stages.stage import RunInputs, StageResult, StageStopped, fingerprint, run_stage
+from stages.tb_logger import purge_events
 
 log = logging.getLogger(__name__)
 
@@ -411,11 +412,12 @@ def _prepare_run(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> RunIn
     """The run's base models and shards, built unless built before, and checked."""
     if rank_zero_only.rank == 0:  # the stage order, for a report of a run that has not finished
         write_text_atomic(run_dir / STAGES_FILE, json.dumps({"stages": list(cfg.stages)}, indent=2))
+        (run_dir / "summary.json").unlink(missing_ok=True)  # the final metrics of a run that has finished
         former = sorted(p.parent.name for p in run_dir.glob("*/config.yaml") if p.parent.name not in cfg.stages)
         if former:  # a renamed or removed stage: its checkpoints and export stay, and nothing lists them
             log.warning(
-                "%s holds stages this curriculum has not (%s): left as they are, and out of report.md and "
-                "summary.json; delete their folders to free the space",
+                "%s holds stages this curriculum has not (%s): left as they are, and out of report.md, "
+                "summary.json and TensorBoard; delete their folders to free the space",
                 run_dir, ", ".join(former),
             )  # fmt: skip
     check_inputs(cfg)
@@ -496,5 +498,7 @@ def _run_stages(cfg: CurriculumConfig, inputs: RunInputs) -> list[StageResult]:
         return []
     summary = {r.name: r.metrics for r in results}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    if (run_dir / "tb").is_dir():  # the curves of stages removed from the end of the curriculum since they ran
+        purge_events(run_dir / "tb", None, step_offset)
     log.info("report: %s", write_report(run_dir))
     return results

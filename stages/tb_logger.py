@@ -61,13 +61,13 @@ class CurriculumTensorBoardLogger(TensorBoardLogger):
             purge_events(Path(self.log_dir), Path(mine), step)
 
 
-def purge_events(tb_dir: Path, keep: Path, step: int) -> None:
-    """Rewrites the event files of `tb_dir`, but `keep` (the one being written), without their events at `step`
-    and after; one left without any value is removed (each rerun of a stage left one more). TensorBoard's default
+def purge_events(tb_dir: Path, keep: Path | None, step: int) -> None:
+    """Rewrites the event files of `tb_dir`, but `keep` (the one being written, if any), without their events at
+    `step` and after; one left without any value is removed (each rerun of a stage left one more). TensorBoard's default
     reader (its Rust data server) ignores the purge marks: a stage trained again showed its earlier attempt's
     evaluation between the new ones, where a tag was not logged again at that step."""
     for path in sorted(tb_dir.glob("events.out.tfevents.*")):
-        if path.resolve() == keep.resolve():
+        if keep is not None and path.resolve() == keep.resolve():
             continue
         records = list(RawEventFileLoader(str(path)).Load())  # as written: a parsed loader migrates summaries
         events = [Event.FromString(raw) for raw in records]

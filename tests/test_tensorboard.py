@@ -106,3 +106,43 @@ def test_gradient_norms_share_the_steps_of_the_loss_and_each_rate_is_logged_once
     assert [e.step for e in events.Scalars("lr-AdamW/projector")] == steps
     losses = _losses(run_dir)
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([losses[s] for s in steps], rel=1e-6)
+
+
+def test_a_stage_stopped_on_an_evaluated_step_is_scored_there_once(tmp_path):
+    """Stopped by an alert at the step `every_n_steps` had just evaluated, the stage was evaluated again as its
+    final scores: every eval value twice at one step, and the captions generated twice."""
+    run_dir = tmp_path / "run"
+    stop = ["--stability.faults={1: nan}", "--stability.instability.action=stop", "--eval.every_n_steps=2"]
+    assert main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS, *stop, "--eval.vqa=true"]) == 3
+    events = RunEvents(run_dir / "tb")
+    for tag in ("eval/chair_i", "eval_length/0-8/mean_words", "eval/vqa_exact"):
+        assert [e.step for e in events.Scalars(tag)] == [1], tag
+    assert [e.step for e in events.Tensors("eval/align/captions/text_summary")] == [1]
+    metrics = json.loads((run_dir / "align" / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and [h["global_step"] for h in metrics["history"]] == [2]
+    assert metrics["vqa_exact"] == metrics["history"][0]["vqa_exact"] == events.Scalars("eval/vqa_exact")[0].value
+
+
+def test_stages_removed_from_the_end_leave_tensorboard_and_the_summary(tmp_path):
+    """A curriculum rerun without its last stage kept that stage's curves past the new end in TensorBoard; a rerun
+    that stopped kept the summary.json of the run before, whose scores no longer matched the stages' files."""
+    import yaml
+
+    run_dir = tmp_path / "run"
+    _run(run_dir)
+    stages = yaml.safe_load((Path(__file__).parents[1] / "configs/curriculum/tiny.yaml").read_text())["stages"]
+    del stages["sft_long"]
+    three = tmp_path / "three.yaml"
+    three.write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    micro = [flag for flag in MICRO_ARGS if "sft_long" not in flag]
+    assert (
+        main(["curriculum", f"--config={three}", f"--run_dir={run_dir}", *micro, "--trainer.log_every_n_steps=1"]) == 0
+    )
+    events = RunEvents(run_dir / "tb")
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(9))
+    assert "eval/sft_long/captions/text_summary" not in events.Tags()["tensors"]
+    assert "eval/sft_short/captions/text_summary" in events.Tags()["tensors"]
+    assert set(json.loads((run_dir / "summary.json").read_text())) == {"align", "sft_short", "sft_medium"}
+    stop = ["--stability.faults={1: nan}", "--stability.instability.action=stop", "--seed=1"]
+    assert main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS, *stop]) == 3
+    assert not (run_dir / "summary.json").exists()
