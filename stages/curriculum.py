@@ -412,7 +412,6 @@ def _prepare_run(cfg: CurriculumConfig, run_dir: Path, held: ExitStack) -> RunIn
     """The run's base models and shards, built unless built before, and checked."""
     if rank_zero_only.rank == 0:  # the stage order, for a report of a run that has not finished
         write_text_atomic(run_dir / STAGES_FILE, json.dumps({"stages": list(cfg.stages)}, indent=2))
-        (run_dir / "summary.json").unlink(missing_ok=True)  # the final metrics of a run that has finished
         former = sorted(p.parent.name for p in run_dir.glob("*/config.yaml") if p.parent.name not in cfg.stages)
         if former:  # a renamed or removed stage: its checkpoints and export stay, and nothing lists them
             log.warning(
@@ -477,6 +476,8 @@ def _run_stages(cfg: CurriculumConfig, inputs: RunInputs) -> list[StageResult]:
     results: list[StageResult] = []
     names = list(cfg.stages)
     step_offset = 0
+    if rank_zero_only.rank == 0:  # the final metrics of a run that has finished; removed once the checks passed
+        (run_dir / "summary.json").unlink(missing_ok=True)
     for index, name in enumerate(names):
         source = upstream_stage(names, index, cfg.stages[name].init_from)
         init = None if source == "base" else next(r for r in results if r.name == source)
