@@ -125,10 +125,13 @@ class AlertSinks(Callback):
         self.close_timeout = close_timeout
         """Seconds the end of a stage waits for queued webhook posts."""
         self.webhook_failures = 0
-        """Posts that failed, were dropped from a full queue, or were still queued when the stage closed."""
+        """Posts that failed, were dropped from a full queue, or were still queued or being sent when the stage
+        closed (kept in checkpoints: a resumed stage counts those of the steps before its checkpoint too)."""
         self._posts: queue.Queue[bytes | None] = queue.Queue(maxsize=webhook_queue)
         self._poster: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._sending = False  # a post is being sent (under _lock)
+        self._closed = False  # close() counted the post being sent as failed: its outcome is not counted again
         self._step_lines: tuple[int, list[str]] = (-1, [])
         """The step of the last alert and the lines of every alert at that step (see `emit`)."""
 
@@ -145,11 +148,12 @@ class AlertSinks(Callback):
 
     @override
     def state_dict(self) -> dict:
-        return {"alerts": len(self._lines())}
+        return {"alerts": len(self._lines()), "webhook_failures": self.webhook_failures}
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
         kept = self._lines()[: state_dict["alerts"]]
+        self.webhook_failures = state_dict.get("webhook_failures", 0)  # a checkpoint from before it was kept: 0
         self.counts = Counter(json.loads(line)["kind"] for line in kept)
         if rank_zero_only.rank == 0 and self.jsonl_path is not None and self.jsonl_path.is_file():
             self.jsonl_path.write_text("".join(kept))
@@ -179,6 +183,7 @@ class AlertSinks(Callback):
         """A Slack-compatible body (`text` for chat, `alert` for machines), queued for the poster thread."""
         body = json.dumps({"text": f"vlm-curriculum: {alert.line()}", "alert": alert.record()}, allow_nan=False)
         if self._poster is None:
+            self._closed = False
             self._poster = threading.Thread(target=self._deliver, name="alert-webhook", daemon=True)
             self._poster.start()
         try:
@@ -186,22 +191,30 @@ class AlertSinks(Callback):
         except queue.Full:  # an alert every step against a dead endpoint: the file keeps them all
             self._failed(f"its queue is full ({self._posts.maxsize} posts)")
 
-    def _failed(self, why: str) -> None:
-        with self._lock:
-            self.webhook_failures += 1
+    def _failed(self, why: str, counted: bool = False) -> None:
+        if not counted:
+            with self._lock:
+                self.webhook_failures += 1
         url = shown_url(self.webhook_url)
         log.error("alert webhook %s: a post failed (%s); the alert is in alerts.jsonl", url, why)
 
     def _deliver(self) -> None:
         while (body := self._posts.get()) is not None:
             headers = {"Content-Type": "application/json"}
+            with self._lock:
+                self._sending = True
+            failure = None
             try:  # the Request too: a value it refuses must not end the thread, leaving the queue unserved
                 request = urllib.request.Request(self.webhook_url, body, headers, method="POST")
                 with urllib.request.urlopen(request, timeout=5) as response:
                     response.read()
             except Exception as error:  # delivery must never end a training run
-                self._failed(str(error))
+                failure = str(error)
             finally:
+                with self._lock:
+                    self._sending, counted = False, self._closed
+                if failure is not None:
+                    self._failed(failure, counted)
                 self._posts.task_done()
         self._posts.task_done()
 
@@ -221,15 +234,16 @@ class AlertSinks(Callback):
                 break
             self._posts.task_done()
             unsent += 1
-        if unsent:
-            with self._lock:
-                self.webhook_failures += unsent
+        with self._lock:  # the post being sent now, if any, may fail after the stage's done.json is written
+            in_flight = int(self._sending)
+            self.webhook_failures += unsent + in_flight
+            self._closed = True
+        if unsent or in_flight:
             log.error(
-                "alert webhook %s: %d posts still queued after %g s were not sent; the alerts are in alerts.jsonl",
-                shown_url(self.webhook_url),
-                unsent,
-                self.close_timeout,
-            )
+                "alert webhook %s: after %g s, %d posts still queued were not sent and %d still being sent is "
+                "counted as failed; the alerts are in alerts.jsonl",
+                shown_url(self.webhook_url), self.close_timeout, unsent, in_flight,
+            )  # fmt: skip
         self._posts.put(None)
         self._poster = None
 

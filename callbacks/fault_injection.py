@@ -34,7 +34,15 @@ class FaultInjection(L.Callback):
     def __init__(self, faults: dict[int, str], seed: int = 0) -> None:
         check_faults(faults)
         self.faults = {int(step): kind for step, kind in faults.items()}
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self._noise: tuple[int, torch.Generator] | None = None  # (step, its generator)
+
+    def _generator(self, step: int) -> torch.Generator:
+        """The random tokens' generator of `step`, seeded by the seed and the step: one seeded once per fit drew
+        other tokens after a resume than the uninterrupted run (it is in no checkpoint), and the losses parted."""
+        if self._noise is None or self._noise[0] != step:
+            self._noise = (step, torch.Generator().manual_seed(self.seed * 1_000_003 + step))
+        return self._noise[1]
 
     @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -47,7 +55,8 @@ class FaultInjection(L.Callback):
             labels = batch["labels"]
             targets = labels != -100
             vocab = pl_module.vlm.lm.get_input_embeddings().num_embeddings
-            noise = torch.randint(0, vocab, (int(targets.sum()),), generator=self.generator).to(labels.device)
+            generator = self._generator(trainer.global_step)
+            noise = torch.randint(0, vocab, (int(targets.sum()),), generator=generator).to(labels.device)
             labels[targets] = noise
 
     @override

@@ -243,7 +243,7 @@ class InstabilityMonitor(L.Callback):
         self._micro_losses: list[torch.Tensor] = []
         self._keys: list[str] = []
         self._snapshot: dict | None = None
-        self._buffers: dict[str, torch.Tensor] = {}  # `skip`: the buffers before the step being judged
+        self._buffers: dict[str, torch.Tensor] = {}  # `skip`, `rewind`: the buffers before the step being judged
         self._healthy_since_snapshot = 0
         self._judged_step = 0
         self._overflows = 0  # fp16 steps in a row whose gradients overflowed
@@ -254,9 +254,10 @@ class InstabilityMonitor(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if isinstance(batch, dict) and "keys" in batch:
             self._keys += list(batch["keys"])
-        if self.config.action == "skip" and not self._micro_losses:  # an optimizer step's first micro-batch
+        if self.config.action in ("skip", "rewind") and not self._micro_losses:  # a step's first micro-batch
             # Buffers as they were before this step's forward passes: a skipped step's batch must not leave
-            # its trace in BatchNorm statistics either (a NaN batch makes them NaN).
+            # its trace in BatchNorm statistics either (a NaN batch makes them NaN); nor a rewound one's before
+            # the first snapshot, which then took the NaN statistics in and every later rewind restored them.
             self._buffers = {name: b.detach().clone() for name, b in pl_module.named_buffers()}
 
     @override
@@ -402,8 +403,8 @@ class InstabilityMonitor(L.Callback):
         for group in [] if optimizer is None else optimizer.param_groups:
             for param in group["params"]:
                 param.grad = None
-        if action == "skip" and self._buffers:
-            pl_module.load_state_dict(self._buffers, strict=False)
+        if (action == "skip" or action == "rewind" and self._snapshot is None) and self._buffers:
+            pl_module.load_state_dict(self._buffers, strict=False)  # no snapshot yet: the step is skipped
         if action == "rewind" and self._snapshot is not None:
             pl_module.load_state_dict(self._snapshot["model"], strict=False)
             # A copy: the optimizer keeps tensors it is given on their device (Adam's step count, and on the CPU

@@ -468,17 +468,23 @@ def test_a_stage_resumed_at_its_last_step_with_new_evaluation_settings_is_scored
     assert summary["align"]["mean_words"] == record["mean_words"] and "eval_fingerprint" not in summary["align"]
 
 
-def test_failed_webhook_posts_are_counted_in_done_json(tmp_path):
+@pytest.mark.parametrize("killed", [False, True])
+def test_failed_webhook_posts_are_counted_in_done_json(tmp_path, monkeypatch, killed):
+    # Killed after the checkpoint at step 2, the resumed stage counted only the post of the step it replayed: the
+    # failed post of step 0 was in no checkpoint.
     import socket
 
     with socket.socket() as probe:  # a port that refuses connections once closed
         probe.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{probe.getsockname()[1]}/hook"
     run = tmp_path / "run"
-    faults = ["--stability.faults={2: nan}", "--stability.instability.action=skip", f"--stability.webhook_url={dead}"]
+    faults = ["--stability.faults={0: nan, 2: nan}", "--stability.instability.action=skip"]
+    faults.append(f"--stability.webhook_url={dead}")
+    if killed:
+        _run_killed_at_align_step(run, 3, monkeypatch, *ALIGN_4, *faults)
     assert _run(run, *ALIGN_4, *faults) == 0
     alerts = (run / "align" / "alerts.jsonl").read_text().splitlines()
-    assert alerts and json.loads((run / "align" / "done.json").read_text())["webhook_failures"] == len(alerts)
+    assert len(alerts) == 2 and json.loads((run / "align" / "done.json").read_text())["webhook_failures"] == 2
 
 
 def test_lora_targets_the_lm_lacks_fail_before_any_stage_trains(tmp_path, capsys):
