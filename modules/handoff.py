@@ -20,7 +20,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from modules.loading import LoraSpec, ModelFolderError
+from modules.loading import TIED, LoraSpec, ModelFolderError, tied_embedding_targets
 from modules.vlm import VisionLanguageModel
 
 PROJECTOR_FILE = "projector.safetensors"
@@ -38,6 +38,9 @@ def attach_lora(vlm: VisionLanguageModel, spec: LoraSpec) -> None:
     missing = sorted(set(spec.target_modules) - names)
     if missing:
         raise ValueError(f"model.lora.target_modules: {missing} are not modules of the language model")
+    tied = tied_embedding_targets(vlm.lm, spec.target_modules)
+    if tied:
+        raise ValueError(f"model.lora.target_modules: {tied}: {TIED}")
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules)
     vlm.lm = get_peft_model(vlm.lm, config)
 

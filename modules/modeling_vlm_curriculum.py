@@ -98,7 +98,12 @@ def prompt_layout(tokenizer, num_image_tokens: int, prompt: str, chat_template: 
         )
     prefix = ids(head)
     if prefix.count(image_id) != 1:
-        raise ValueError(f"--model.chat_template: {name}'s chat template does not keep the image token once")
+        count = prefix.count(image_id)
+        why = (
+            f"holds the image token {tokenizer.image_token!r} {count} times (is it one of the template's own tokens? "
+            "set --model.image_token to a token of its own)" if count > 1 else "does not keep the image token"
+        )  # fmt: skip
+        raise ValueError(f"--model.chat_template: {name}'s chat template {why}")
     at = prefix.index(image_id)
     end = ids(whole[len(head) + len(_REPLY) :].rstrip()) or [tokenizer.eos_token_id]
     return prefix[:at] + [image_id] * num_image_tokens + prefix[at + 1 :], end

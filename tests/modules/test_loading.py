@@ -149,18 +149,20 @@ def test_chat_template_frames_prompt_and_caption_as_a_turn(plain_lm, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("template", "message"),
+    ("template", "message", "image_token"),
     [
-        (None, "--model.chat_template: .* has no chat template"),
-        (CHATML.replace("assistant\n{% endif %}", "reply: {% endif %}"), "does not write the reply right after"),
-        (CHATML.replace("{{ m['content'] }}", "{{ m['content'] | replace('<image>', '') }}"), "image token once"),
+        (None, "--model.chat_template: .* has no chat template", "<image>"),
+        (CHATML.replace("assistant\n{% endif %}", "reply: {% endif %}"), "not write the reply right after", "<image>"),
+        (CHATML.replace("{{ m['content'] }}", "{{ m['content'] | replace('<image>', '') }}"), "not keep", "<image>"),
+        # The template's own end of turn taken for the image token: it said the template did not keep it once.
+        (CHATML, r"holds the image token '<\|im_end\|>' 2 times \(is it one of the template's own", "<|im_end|>"),
     ],
-)
-def test_a_chat_template_that_cannot_frame_captions_is_named(plain_lm, tmp_path, template, message):
+)  # fmt: skip
+def test_a_chat_template_that_cannot_frame_captions_is_named(plain_lm, tmp_path, template, message, image_token):
     from modules.loading import ModelConfig, check_prompt
 
     folder = _chat_copy(plain_lm, tmp_path / "instruct", template) if template else plain_lm
-    tokenizer = load_tokenizer(folder, "<image>")
+    tokenizer = load_tokenizer(folder, image_token)
     check_prompt(tokenizer, ModelConfig())  # the plain layout needs no template
     with pytest.raises(ModelFolderError, match=message):
         check_prompt(tokenizer, ModelConfig(chat_template=True))
@@ -390,3 +392,29 @@ def test_a_chat_template_that_prints_the_date_gives_one_layout(plain_lm, tmp_pat
     tokenizer = load_tokenizer(_chat_copy(plain_lm, tmp_path / "dated", dated), "<image>")
     layouts = [prompt_layout(tokenizer, 3, "describe the image", chat_template=True) for _ in range(3)]
     assert layouts[0] == layouts[1] == layouts[2]
+
+
+def test_lora_on_a_tied_embedding_is_refused_before_any_work(tmp_path):
+    # Qwen2.5-0.5B and Gemma tie lm_head to embed_tokens: merged for the export, an lm_head adapter changed the
+    # input embeddings too, and the export generated other captions than the trained model (8 of 8).
+    from types import SimpleNamespace
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from modules.handoff import attach_lora
+    from modules.loading import LoraSpec, check_lora_targets
+
+    for tied in (True, False):
+        config = Qwen2Config(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, tie_word_embeddings=tied,
+        )  # fmt: skip
+        Qwen2ForCausalLM(config).save_pretrained(tmp_path / str(tied))
+    spec = LoraSpec(target_modules=["q_proj", "lm_head"])
+    with pytest.raises(ModelFolderError, match=r"--model.lora.target_modules: \['lm_head'\] of .*share one weight"):
+        check_lora_targets(tmp_path / "True", spec)
+    check_lora_targets(tmp_path / "True", LoraSpec(target_modules=["q_proj", "v_proj"]))
+    check_lora_targets(tmp_path / "False", spec)  # untied: an lm_head adapter merges into lm_head alone
+    with pytest.raises(ValueError, match=r"\['embed_tokens', 'lm_head'\]: its input and output embeddings"):
+        lm = Qwen2ForCausalLM.from_pretrained(tmp_path / "True")
+        attach_lora(SimpleNamespace(lm=lm), LoraSpec(target_modules=["embed_tokens", "lm_head"]))
