@@ -127,11 +127,12 @@ class AlertSinks(Callback):
         self.webhook_failures = 0
         """Posts that failed, were dropped from a full queue, or were still queued or being sent when the stage
         closed (kept in checkpoints: a resumed stage counts those of the steps before its checkpoint too)."""
+        # Each poster thread (one per fit) has a queue and a `closed` event of its own: close() counts the post
+        # it is still sending as failed and sets the event, so that the post's outcome is not counted again.
         self._posts: queue.Queue[bytes | None] = queue.Queue(maxsize=webhook_queue)
         self._poster: threading.Thread | None = None
+        self._closed = threading.Event()
         self._lock = threading.Lock()
-        self._sending = False  # a post is being sent (under _lock)
-        self._closed = False  # close() counted the post being sent as failed: its outcome is not counted again
         self._step_lines: tuple[int, list[str]] = (-1, [])
         """The step of the last alert and the lines of every alert at that step (see `emit`)."""
 
@@ -183,9 +184,11 @@ class AlertSinks(Callback):
         """A Slack-compatible body (`text` for chat, `alert` for machines), queued for the poster thread."""
         body = json.dumps({"text": f"vlm-curriculum: {alert.line()}", "alert": alert.record()}, allow_nan=False)
         if self._poster is None:
-            self._closed = False
-            self._poster = threading.Thread(target=self._deliver, name="alert-webhook", daemon=True)
-            self._poster.start()
+            self._posts, self._closed = queue.Queue(maxsize=self._posts.maxsize), threading.Event()
+            poster = threading.Thread(target=self._deliver, args=(self._posts, self._closed), name="alert-webhook")
+            self._poster = poster
+            poster.daemon = True
+            poster.start()
         try:
             self._posts.put_nowait(body.encode())
         except queue.Full:  # an alert every step against a dead endpoint: the file keeps them all
@@ -198,11 +201,9 @@ class AlertSinks(Callback):
         url = shown_url(self.webhook_url)
         log.error("alert webhook %s: a post failed (%s); the alert is in alerts.jsonl", url, why)
 
-    def _deliver(self) -> None:
-        while (body := self._posts.get()) is not None:
+    def _deliver(self, posts: queue.Queue, closed: threading.Event) -> None:
+        while (body := posts.get()) is not None:
             headers = {"Content-Type": "application/json"}
-            with self._lock:
-                self._sending = True
             failure = None
             try:  # the Request too: a value it refuses must not end the thread, leaving the queue unserved
                 request = urllib.request.Request(self.webhook_url, body, headers, method="POST")
@@ -211,12 +212,14 @@ class AlertSinks(Callback):
             except Exception as error:  # delivery must never end a training run
                 failure = str(error)
             finally:
-                with self._lock:
-                    self._sending, counted = False, self._closed
+                with self._lock:  # counted here, or by close() once it has set `closed`: never both, never neither
+                    counted = closed.is_set()
+                    if failure is not None and not counted:
+                        self.webhook_failures += 1
+                    posts.task_done()
                 if failure is not None:
-                    self._failed(failure, counted)
-                self._posts.task_done()
-        self._posts.task_done()
+                    self._failed(failure, counted=True)
+        posts.task_done()
 
     def close(self) -> None:
         """Waits up to `close_timeout` seconds for the queued posts, counts those still queued as failed, and
@@ -235,9 +238,9 @@ class AlertSinks(Callback):
             self._posts.task_done()
             unsent += 1
         with self._lock:  # the post being sent now, if any, may fail after the stage's done.json is written
-            in_flight = int(self._sending)
+            in_flight = self._posts.unfinished_tasks  # taken from the queue and not yet done: 0 or 1
             self.webhook_failures += unsent + in_flight
-            self._closed = True
+            self._closed.set()
         if unsent or in_flight:
             log.error(
                 "alert webhook %s: after %g s, %d posts still queued were not sent and %d still being sent is "

@@ -45,6 +45,10 @@ class FaultInjection(L.Callback):
         return self._noise[1]
 
     @override
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._noise = None  # a second fit's first spike at the step of the first fit's last starts afresh
+
+    @override
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         kind = self.faults.get(trainer.global_step)
         if kind == "nan":

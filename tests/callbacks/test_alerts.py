@@ -160,6 +160,24 @@ def test_posts_beyond_the_queue_or_the_close_timeout_are_counted_as_failed(hook,
     assert sinks.counts["loss_spike"] == 5  # every alert was still counted (and written, with a jsonl path)
 
 
+def test_a_second_fit_with_the_same_sinks_counts_each_failed_post_once(hook, caplog):
+    # The first fit's post, counted as failed at its close, was counted again when it failed later: the second
+    # fit's poster had reset the flag that said so. Each fit's poster has its own queue and flag now.
+    _Hook.hang_up = True
+    sinks = AlertSinks("sft_long", webhook_url=hook, close_timeout=0.2)
+    posters = []
+    for step in (0, 1):
+        sinks.emit(Alert("sft_long", step, 0, "loss_spike", 12.0, 3.0, "warn"))
+        posters.append(sinks._poster)
+        assert _Hook.arrived.wait(timeout=10)
+        sinks.close()  # the endpoint holds the first post; the second waits to be served
+    assert sinks.webhook_failures == 2
+    _Hook.release.set()
+    for poster in posters:
+        poster.join(timeout=10)
+    assert sinks.webhook_failures == 2 and len(_Hook.received) == 2
+
+
 def test_the_end_of_a_fit_delivers_the_queued_posts(hook):
     _Hook.release.set()  # a prompt endpoint
     sinks = AlertSinks("toy", webhook_url=hook)

@@ -26,4 +26,6 @@ def test_a_spike_draws_the_same_tokens_after_a_resume(micro_base):
     uninterrupted = FaultInjection(faults, seed=0)
     at_2, at_3 = targets(uninterrupted, 2), targets(uninterrupted, 3)
     assert torch.equal(targets(FaultInjection(faults, seed=0), 3), at_3), "resumed at step 3"
+    uninterrupted.on_fit_start(None, None)  # a second fit with the same callback: step 3 first again
+    assert torch.equal(targets(uninterrupted, 3), at_3)
     assert not torch.equal(at_2, at_3) and not torch.equal(targets(FaultInjection(faults, seed=1), 3), at_3)
