@@ -212,13 +212,12 @@ class AlertSinks(Callback):
             except Exception as error:  # delivery must never end a training run
                 failure = str(error)
             finally:
+                if failure is not None:
+                    self._failed(failure, counted=True)  # logged before the task is done: join() waits for it
                 with self._lock:  # counted here, or by close() once it has set `closed`: never both, never neither
-                    counted = closed.is_set()
-                    if failure is not None and not counted:
+                    if failure is not None and not closed.is_set():
                         self.webhook_failures += 1
                     posts.task_done()
-                if failure is not None:
-                    self._failed(failure, counted=True)
         posts.task_done()
 
     def close(self) -> None:
