@@ -2,8 +2,9 @@
 
 Counts the non-padding tokens (attention mask) and samples of every training batch, and the wall
 time spent inside training batches (evaluation and checkpointing excluded). Logs `perf/*` to
-TensorBoard every `log_every` optimizer steps; `summary()` goes into the stage's done.json and the
-run's report.md.
+TensorBoard every `log_every` optimizer steps (the logging rank's own rates: per device); `summary()`, with
+every rank's tokens and samples summed at the end of training, goes into the stage's done.json and the run's
+report.md.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Throughput(L.Callback):
         self.log_every = log_every
         self.tokens = self.samples = 0
         self.train_s = 0.0
+        self.ranks = 1  # the processes whose counts summary() adds up
         self._started: float | None = None
         self._logged_step: int | None = None
         self.device = torch.device("cpu")
@@ -77,10 +79,25 @@ class Throughput(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics(rates, step=step - 1)  # the index of the step just done
 
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size == 1:
+            return
+        # Every rank's tokens and samples over the slowest rank's time: the run's rate. Rank 0's alone, labelled
+        # as the stage's, showed half the samples a 2-rank stage trained.
+        counts = torch.tensor([self.tokens, self.samples], dtype=torch.float64, device=pl_module.device)
+        tokens, samples = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        seconds = torch.tensor(self.train_s, dtype=torch.float64, device=pl_module.device)
+        self.tokens, self.samples = int(tokens), int(samples)
+        self.train_s = float(trainer.strategy.reduce(seconds, reduce_op="max"))
+        self.ranks = trainer.world_size
+
     def summary(self) -> dict:
-        """Totals of this process's training batches (a resumed stage counts from the resume), and peak
-        memory: the process's resident set, and on a GPU the most allocated there since training started."""
+        """Totals of the training batches of every rank (a resumed stage counts from the resume) over the slowest
+        rank's time in them, and this process's peak memory: its resident set, and on a GPU the most allocated
+        there since training started."""
         result = {
+            "ranks": self.ranks,
             "train_tokens": self.tokens,
             "train_samples": self.samples,
             "train_s": round(self.train_s, 2),

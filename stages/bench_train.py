@@ -4,8 +4,9 @@ For the align step (projector only) and the SFT step (projector + LoRA), on one 
 the profile's shapes (`batch` images, their image tokens plus `text_tokens` text tokens each), in
 one process, one variant after another on a copy of the same base model:
 
-- `plain`: the loop LLaVA-style scripts write: PEFT LoRA on the same VLM, AdamW, bf16 autocast on
-  CUDA, forward / backward / step; `plain+ckpt` adds transformers' gradient checkpointing;
+- `plain`: the loop LLaVA-style scripts write: PEFT LoRA on the same VLM, AdamW, forward / backward /
+  step under autocast to the profile's half precision (bf16 for `bf16-*`, fp16 for `16-*`; none for
+  32 and 64, the model's own dtype); `plain+ckpt` adds transformers' gradient checkpointing;
 - `none`: the project's LightningModule under the profile's Trainer settings (strategy, precision,
   DeepSpeed config), as `stages.run curriculum` trains, with every lever off;
 - one variant per lever (modules/speed.py): `chunked_ce`, `ckpt`, `ckpt2` (every other layer),
@@ -49,6 +50,7 @@ from callbacks.throughput import peak_rss_gib
 from modules.loading import LoraSpec
 from modules.speed import SpeedSpec, set_checkpointing
 from modules.training_module import AlignModule, LoRASFTModule, OptimSpec
+from stages.config import PRECISION_ALIASES
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +272,17 @@ def _lightning_step(module, batch: dict, cfg, steps: int, warmup: int) -> float:
     return timer.elapsed / timer.timed_steps
 
 
-def _plain_step(vlm, kind: str, lora, checkpointing: bool, batch: dict, device, steps: int, warmup: int) -> float:
-    """Seconds per timed step of the plain PyTorch + PEFT loop."""
+def plain_autocast(precision) -> torch.dtype | None:
+    """The autocast dtype of the plain loop for the profile's precision: its half precision type, as a LLaVA-style
+    script's `--bf16` / `--fp16` trains (float32 weights, half-precision compute); None for 32 and 64. It took bf16
+    on CUDA and none on the CPU whatever the profile said, and a bf16 run was timed against a float32 loop."""
+    precision = str(precision or "32-true")
+    precision = PRECISION_ALIASES.get(precision, precision)
+    return {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+
+
+def _plain_step(vlm, kind: str, lora, checkpointing: bool, batch: dict, device, steps: int, warmup: int, half) -> float:
+    """Seconds per timed step of the plain PyTorch + PEFT loop, autocast to `half` (None: off)."""
     from modules.handoff import attach_lora
     from modules.training_module import group_parameters
 
@@ -289,16 +300,18 @@ def _plain_step(vlm, kind: str, lora, checkpointing: bool, batch: dict, device, 
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     cuda = device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=half == torch.float16)  # fp16 needs loss scaling
     for step in range(steps):
         if step == warmup:
             if cuda:
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None):
             inputs = on_device["input_ids"], on_device["attention_mask"], on_device["pixel_values"]
             loss = vlm(*inputs, on_device["labels"]).loss
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize(device)
@@ -339,7 +352,7 @@ def _measure(step: Step, setup: Setup, flops: float) -> dict:
         if step.path == "plain":
             checkpointing = bool(step.speed.checkpoint_every)
             seconds = _plain_step(vlm, step.kind, step.lora, checkpointing, setup.batch, device, setup.steps,
-                                  setup.warmup)  # fmt: skip
+                                  setup.warmup, plain_autocast(setup.cfg.trainer.precision))  # fmt: skip
         else:
             module = (
                 AlignModule(vlm, setup.optim, step.speed)
@@ -377,8 +390,13 @@ def bench_train(
     from datamodules.captions import PromptFormat, scored_tokens
     from modules.loading import build_vlm, count_image_tokens
     from stages.config import check_speed
-    from stages.curriculum import prepare_base_models
+    from stages.curriculum import prepare_base_models, ranks
 
+    if ranks(cfg.trainer) != 1:  # Lightning's launcher ran the whole bench again on every rank, each timing both
+        raise ValueError(
+            f"--trainer.devices {cfg.trainer.devices} (num_nodes {cfg.trainer.num_nodes}): bench train measures one "
+            "device; set --trainer.devices 1"
+        )
     if steps <= warmup or warmup < 1:
         # The timer starts at the end of the last warm-up step: with none, Lightning variants had no start.
         raise ValueError(f"--warmup ({warmup}) must be at least 1 and below --steps ({steps})")

@@ -308,7 +308,8 @@ def _checkpoints_section(run_dir: Path, stages: list[str]) -> list[str]:
 
 def _resources_section(run_dir: Path, stages: list[str]) -> list[str]:
     lines = ["", "## Resources", ""]
-    lines += ["| stage | wall s | train s | tokens/s | samples/s | peak RSS GiB | peak GPU GiB |", "|---" * 7 + "|"]
+    header = "| stage | wall s | train s | tokens/s | samples/s | process peak RSS GiB | peak GPU GiB |"
+    lines += [header, "|---" * 7 + "|"]
     for name in stages:
         done = read_json(run_dir / name / "done.json", {})
         r = done.get("resources", {})

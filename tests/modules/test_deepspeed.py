@@ -395,6 +395,11 @@ def test_two_ranks_under_zero3_train_the_same_model_as_two_ranks_under_ddp(tmp_p
     assert ddp.returncode == 0, _errors(ddp)
     zero3 = _two_rank_run(tmp_path / "zero3", tmp_path, [*_deepspeed_args(tmp_path, "zero3"), *evaluation])
     assert zero3.returncode == 0, _errors(zero3)
+    resources = [
+        json.loads((tmp_path / run / "align" / "done.json").read_text())["resources"] for run in ("ddp", "zero3")
+    ]
+    assert resources[0]["ranks"] == resources[1]["ranks"] == 2, "every rank's batches counted, under DeepSpeed too"
+    assert resources[0]["train_samples"] == resources[1]["train_samples"]
     for stage in ("align", "sft_short"):
         torch.testing.assert_close(
             _losses(tmp_path / "zero3", stage), _losses(tmp_path / "ddp", stage), rtol=1e-4, atol=1e-6

@@ -175,6 +175,39 @@ def test_bench_train_needs_a_warmup_step(tmp_path, capsys):
     assert "--warmup (0) must be at least 1" in capsys.readouterr().err
 
 
+def test_bench_train_measures_one_device(tmp_path, capsys):
+    # Lightning's launcher ran the whole bench again on the second rank: the report twice, and each rank's plain
+    # loop timed while the other rank's Lightning variant ran (its ratio moved with the variants' order).
+    argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
+    assert main([*argv, "--trainer.devices=2"]) == 2
+    assert "bench train measures one device; set --trainer.devices 1" in capsys.readouterr().err
+    assert not (tmp_path / "bench_train.json").exists()
+
+
+def test_the_plain_loop_computes_in_the_profiles_precision(tmp_path, monkeypatch):
+    # It autocast to bf16 on CUDA only: a bf16-mixed profile on the CPU was timed against a float32 plain loop.
+    from modules.vlm import VisionLanguageModel
+    from stages.bench_train import plain_autocast
+
+    assert [plain_autocast(p) for p in ("bf16-mixed", "bf16-true", "bf16", "16-mixed", "16")] == [
+        torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float16, torch.float16
+    ]  # fmt: skip
+    assert {plain_autocast(p) for p in ("32-true", "32", "64-true", None)} == {None}
+    forward, seen = VisionLanguageModel.forward, []
+
+    def recorded(self, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(VisionLanguageModel, "forward", recorded)
+    argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
+    argv += ["--steps=2", "--warmup=1", "--batch=2", "--text_tokens=8", "--kinds=[align]", "--variants=[plain, none]"]
+    for precision, expected in (("bf16-mixed", torch.bfloat16), ("32-true", False)):
+        seen.clear()
+        assert main([*argv, f"--trainer.precision={precision}"]) == 0
+        assert len(seen) == 4 and set(seen) == {expected}, precision  # 2 plain steps, 2 of the Lightning module
+
+
 def test_mfu_flops_match_torch_flop_counter():
     """The MFU numerator's formulas against torch's FLOP counter on small CLIP and Qwen2 models (eager
     attention, whose matmuls the counter sees). They left attention out before: 2.4% of the FLOPs of an

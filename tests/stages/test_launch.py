@@ -36,6 +36,9 @@ def test_a_fresh_run_started_by_torchrun_prepares_once_and_trains(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("pretraining the tiny vision tower") == 1
     assert list(json.loads((run / "summary.json").read_text())) == ["align", "sft_short", "sft_medium", "sft_long"]
+    # The stage's figures count both ranks' batches (rank 0's alone showed half): 3 steps of 8 on each of 2 ranks.
+    resources = json.loads((run / "align" / "done.json").read_text())["resources"]
+    assert resources["ranks"] == 2 and resources["train_samples"] == 48
     # What fails on rank 0 while it prepares ends rank 1 too, naming the error (it waited until the timeout).
     failed = _torchrun(f"--run_dir={tmp_path / 'bad'}", "--model.lm_path=/nonexistent/lm")
     assert failed.returncode != 0
