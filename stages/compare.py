@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
-from stages.config import CurriculumConfig
+from stages.config import CurriculumConfig, upstream_stage
 from stages.metrics import DENOMINATORS
 from stages.paths import folder_lock, input_path
 from stages.report import pyplot, save_figure
@@ -44,11 +44,33 @@ METRICS = [
 ]
 
 
+def _final_chain(cfg: CurriculumConfig) -> list[str]:
+    """The stages the curriculum's final model was trained through, first to last (`init_from` followed back
+    from the last stage): a stage off that chain trains nothing the final model holds."""
+    names, chain = list(cfg.stages), [list(cfg.stages)[-1]]
+    while (source := upstream_stage(names, names.index(chain[0]), cfg.stages[chain[0]].init_from)) != "base":
+        chain.insert(0, source)
+    return chain
+
+
 def baseline_stages(cfg: CurriculumConfig) -> dict:
-    """The baseline's stages for a curriculum: its first stage, then one SFT stage with the same steps."""
+    """The baseline's stages for a curriculum: its first stage, then one SFT stage with the steps the curriculum's
+    final model had after the first stage."""
     names = list(cfg.stages)
     if len(names) < 2:
         raise ValueError("compare: the curriculum needs an align stage and at least one SFT stage")
+    sft_groups = sorted({"lora", "lm"} & set(cfg.stages[names[0]].trainable))
+    if sft_groups:  # kept as it is in the baseline, it would make the baseline a curriculum too
+        raise ValueError(
+            f"compare: the first stage, {names[0]}, trains {sft_groups}: the baseline keeps it as it is, before its "
+            "one SFT stage; make the first stage an align stage (trainable [projector])"
+        )
+    chain = _final_chain(cfg)
+    if chain[0] != names[0]:  # the baseline's SFT stage starts from the first stage
+        raise ValueError(
+            f"compare: the last stage, {names[-1]}, does not start from the first, {names[0]}, through init_from "
+            f"(it is trained through {' -> '.join(chain)} from base); the baseline's SFT stage starts from the first"
+        )
     steps = {}
     for name in names:
         max_steps, max_epochs = cfg.trainer_of(name).max_steps, cfg.trainer_of(name).max_epochs
@@ -60,33 +82,36 @@ def baseline_stages(cfg: CurriculumConfig) -> dict:
                 "steps, which max_epochs would cut short in one arm and not the other; leave it unset"
             )
         steps[name] = max_steps
-    first, last = cfg.stages[names[0]], cfg.stages[names[-1]]
+    first, last, sft_stages = cfg.stages[names[0]], cfg.stages[names[-1]], chain[1:]
 
     def plain(spec) -> dict:
         return {k: v for k, v in asdict(spec).items() if v is not None}
 
     sft = plain(last)
     sft.update(
-        max_words=max(cfg.stages[n].max_words for n in names[1:]),
+        max_words=max(cfg.stages[n].max_words for n in sft_stages),
         init_from="previous",
-        trainer={**sft.get("trainer", {}), "max_steps": sum(steps[n] for n in names[1:])},
+        trainer={**sft.get("trainer", {}), "max_steps": sum(steps[n] for n in sft_stages)},
     )
     align = plain(first)
     align["trainer"] = {**align.get("trainer", {}), "max_steps": steps[names[0]]}
-    return {names[0]: align, "sft": sft}
+    # A name of its own: a first stage named "sft" took the baseline's key, and the baseline lost its align stage.
+    return {names[0]: align, "sft" if names[0] != "sft" else "sft_baseline": sft}
+
+
+def _sample_std(values: list[float]) -> float | None:
+    """The sample standard deviation (n - 1); None, undefined, for fewer than 2 values (it read +- 0.000)."""
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
 def _mean_spread(values: list[float]) -> dict:
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "values": values,
-    }
+    return {"mean": statistics.fmean(values), "std": _sample_std(values), "values": values}
 
 
 def _pooled(records: list[dict], metric: str) -> dict:
     """A bucket's rate over seeds as one sample: the seeds' rates weighted by their denominators (summed
-    numerators over summed denominators), with the spread of the per-seed rates."""
+    numerators over summed denominators), with the spread of the per-seed rates of the seeds that have any (a
+    seed with no mention in the bucket reads CHAIR 0.0, which is no rate: it widened the spread)."""
     values = [r[metric] for r in records]
     key = DENOMINATORS[metric]
     weights = [r.get(key) for r in records]
@@ -96,7 +121,7 @@ def _pooled(records: list[dict], metric: str) -> dict:
     total = sum(weights)
     return {
         "pooled": sum(v * w for v, w in zip(values, weights, strict=True)) / total if total else 0.0,
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "std": _sample_std([v for v, w in zip(values, weights, strict=True) if w > 0]),
         "values": values,
     }
 
@@ -128,19 +153,25 @@ def _in_all(records: list[dict], metric: str) -> bool:
 
 
 def _cell(values: dict, key: str, centre: str) -> str:
-    return f"{values[key][centre]:.3f} +- {values[key]['std']:.3f}" if key in values else "-"
+    if key not in values:
+        return "-"
+    std = values[key]["std"]
+    return f"{values[key][centre]:.3f}" + ("" if std is None else f" +- {std:.3f}")
 
 
 def markdown(result: dict, seeds: list[int]) -> str:
     lines = [f"# Curriculum vs one-SFT-stage baseline ({len(seeds)} seed{'s' * (len(seeds) > 1)}: {seeds})", ""]
-    lines += ["Mean +- standard deviation over seeds, on the held-out split after each stage.", ""]
+    lines += ["Mean +- sample standard deviation over seeds (none with 1 seed), on the held-out split after each "]
+    lines += ["stage.", ""]
     scored = [m for m in METRICS if any(m in s for data in result.values() for s in data["stages"].values())]
     lines += ["| arm | stage | " + " | ".join(scored) + " |", "|---" * (len(scored) + 2) + "|"]
     for arm, data in result.items():
         for stage, metrics in data["stages"].items():
             lines.append(f"| {arm} | {stage} | " + " | ".join(_cell(metrics, m, "mean") for m in scored) + " |")
     lines += ["", "Final stage, by generated caption length (matched lengths), the seeds pooled: each rate over all"]
-    lines += ["seeds' images in the bucket, +- the standard deviation of the per-seed rates.", ""]
+    lines += ["seeds' images in the bucket, +- the sample standard deviation of the per-seed rates (of the seeds"]
+    lines += ["with a denominator in the bucket: mentions for CHAIR-i and attr, images for CHAIR-s, objects for"]
+    lines += ["recall).", ""]
     lines += ["| arm | bucket | images | chair_i | chair_s | recall | attr_halluc |", "|---" * 7 + "|"]
     for arm, data in result.items():
         for bucket, m in data["last_stage_by_length"].items():
@@ -160,8 +191,8 @@ def plot(result: dict, out: Path) -> None:
             ax.errorbar(
                 words,
                 [s[key]["mean"] for s in stages.values()],
-                xerr=[s["mean_words"]["std"] for s in stages.values()],
-                yerr=[s[key]["std"] for s in stages.values()],
+                xerr=[s["mean_words"]["std"] or 0.0 for s in stages.values()],  # none with 1 seed
+                yerr=[s[key]["std"] or 0.0 for s in stages.values()],
                 marker=marker,
                 capsize=3,
                 label=arm,

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from modules.training_module import LearningRates
-from stages.compare import METRICS, baseline_argv, baseline_stages, collect
+from stages.compare import METRICS, _pooled, baseline_argv, baseline_stages, collect
 from stages.config import CurriculumConfig, StageSpec, TrainerConfig
 from stages.metrics import by_length, hallucination
 from stages.run import main
@@ -28,6 +28,35 @@ def test_baseline_has_the_curriculums_steps_on_its_longest_captions():
     assert baseline["align"]["trainer"]["max_steps"] == 40
     assert baseline["sft"]["trainer"]["max_steps"] == 80 and baseline["sft"]["max_words"] == 48
     assert baseline["sft"]["lr"]["lora"] == 2e-3 and baseline["sft"]["init_from"] == "previous"
+
+
+def test_baseline_follows_the_chain_the_final_model_was_trained_through():
+    # A last stage starting from sft_a trained the final model 30 + 70 steps after align; the baseline had all 150.
+    sft, steps = ["projector", "lora"], {"align": 40, "sft_a": 30, "sft_b": 50, "sft_c": 70}
+    inits = {"align": "base", "sft_a": "previous", "sft_b": "previous", "sft_c": "sft_a"}
+    stages = {
+        name: StageSpec(["projector"] if name == "align" else sft, 8 if name == "sft_a" else 48,
+                        init_from=inits[name], trainer=TrainerConfig(max_steps=steps[name]))
+        for name in steps
+    }  # fmt: skip
+    assert baseline_stages(CurriculumConfig(stages=stages))["sft"]["trainer"]["max_steps"] == 100
+    stages["sft_c"] = StageSpec(sft, 48, init_from="base", trainer=TrainerConfig(max_steps=70))
+    with pytest.raises(ValueError, match="the last stage, sft_c, does not start from the first, align"):
+        baseline_stages(CurriculumConfig(stages=stages))
+
+
+def test_a_first_stage_named_sft_or_training_lora_is_handled_before_any_run():
+    # A first stage named "sft" shared the baseline's key: the baseline lost its align stage and failed after the
+    # curriculum arm had trained. A first stage that trains LoRA made the "one-SFT-stage" baseline a curriculum.
+    sft = ["projector", "lora"]
+    stages = {
+        "sft": StageSpec(["projector"], 8, init_from="base", trainer=TrainerConfig(max_steps=3)),
+        "sft_long": StageSpec(sft, 48, trainer=TrainerConfig(max_steps=5)),
+    }
+    assert list(baseline_stages(CurriculumConfig(stages=stages))) == ["sft", "sft_baseline"]
+    stages["sft"] = StageSpec(sft, 8, init_from="base", trainer=TrainerConfig(max_steps=3))
+    with pytest.raises(ValueError, match=r"the first stage, sft, trains \['lora'\]: the baseline keeps it"):
+        baseline_stages(CurriculumConfig(stages=stages))
 
 
 def test_baseline_needs_max_steps():
@@ -63,6 +92,11 @@ def test_length_buckets_pool_the_seeds_as_if_scored_together(tmp_path):
         assert bucket[metric]["pooled"] == pytest.approx(together[metric]), metric
     assert bucket["chair_s"]["pooled"] == pytest.approx(1 / 4) and bucket["chair_s"]["values"] == [1.0, 0.0]
     assert bucket["chair_s"]["std"] == pytest.approx(statistics.stdev([1.0, 0.0]))
+    # A bucket where one seed has no mention: its CHAIR-i of 0.0 is no rate. The spread is over the seeds that
+    # have mentions; with one such seed it is undefined, not 0.
+    one = {"images": 1, "chair_i": 0.5, "mentions": 2}
+    none = {"images": 1, "chair_i": 0.0, "mentions": 0}
+    assert _pooled([one, none], "chair_i") == {"pooled": 0.5, "std": None, "values": [0.5, 0.0]}
 
 
 @pytest.mark.slow
@@ -201,4 +235,8 @@ def test_data_without_object_classes_is_compared_on_the_metrics_it_has(tmp_path)
     table = markdown(result, [0, 1])
     assert "| arm | stage | mean_words | bleu4 | cider_d |" in table and "| baseline | sft | 9.500 +- 0.707 |" in table
     assert "| baseline | 0-8 | 6 | - | - | - | - |" in table
+    one_seed = collect({"baseline": runs[:1]})
+    assert one_seed["baseline"]["stages"]["sft"]["bleu4"]["std"] is None, "1 seed: no spread (it read +- 0.000)"
+    assert "| baseline | sft | 9.000 | 0.000 | 0.500 |" in markdown(one_seed, [0])
+    plot(one_seed, tmp_path / "one_seed.png")
     plot(result, tmp_path / "compare.png")
