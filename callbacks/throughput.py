@@ -46,6 +46,10 @@ class Throughput(L.Callback):
                              "evaluations are timed as training")  # fmt: skip
 
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.ranks = trainer.world_size  # also where no batch is trained (a fit resumed at its last step)
+
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Kept for summary(): after fit, Lightning's teardown has moved the module back to the CPU.
         self.device = pl_module.device
@@ -90,7 +94,6 @@ class Throughput(L.Callback):
         seconds = torch.tensor(self.train_s, dtype=torch.float64, device=pl_module.device)
         self.tokens, self.samples = int(tokens), int(samples)
         self.train_s = float(trainer.strategy.reduce(seconds, reduce_op="max"))
-        self.ranks = trainer.world_size
 
     def summary(self) -> dict:
         """Totals of the training batches of every rank (a resumed stage counts from the resume) over the slowest

@@ -390,13 +390,14 @@ def bench_train(
     from datamodules.captions import PromptFormat, scored_tokens
     from modules.loading import build_vlm, count_image_tokens
     from stages.config import check_speed
-    from stages.curriculum import prepare_base_models, ranks
+    from stages.curriculum import check_accelerator, prepare_base_models, ranks
 
     if ranks(cfg.trainer) != 1:  # Lightning's launcher ran the whole bench again on every rank, each timing both
         raise ValueError(
             f"--trainer.devices {cfg.trainer.devices} (num_nodes {cfg.trainer.num_nodes}): bench train measures one "
             "device; set --trainer.devices 1"
         )
+    check_accelerator(cfg)  # as a curriculum: 16-mixed on the CPU, which Lightning ran as bf16 beside fp16 plain
     if steps <= warmup or warmup < 1:
         # The timer starts at the end of the last warm-up step: with none, Lightning variants had no start.
         raise ValueError(f"--warmup ({warmup}) must be at least 1 and below --steps ({steps})")

@@ -468,6 +468,7 @@ def run_report_command(parser: ArgumentParser, args) -> int:
 
 def run_bench_train(parser: ArgumentParser, args) -> int:
     from stages.bench_train import bench_train, failed_variants, print_train_report
+    from stages.curriculum import NoGPU
 
     sub = args.bench.train
     config_files = [str(p) for p in (sub.pop("config", None) or [])]
@@ -490,7 +491,7 @@ def run_bench_train(parser: ArgumentParser, args) -> int:
             options["variants"],
             tuple(options["kinds"]),
         )
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, NoGPU) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print_train_report(report)

@@ -78,3 +78,12 @@ def test_a_resumed_run_does_not_log_the_step_it_resumed_at_again(tmp_path):
 
     assert fit(5) == [4]
     assert fit(10, ckpt_path=tmp_path / "step5.ckpt") == [9]
+
+
+def test_a_fit_that_trains_no_batch_still_says_how_many_ranks_it_had():
+    # Resumed at its last step, a fit skips its loop and on_train_end: a 2-rank stage's done.json said ranks 1.
+    from types import SimpleNamespace
+
+    throughput = Throughput()
+    throughput.setup(SimpleNamespace(world_size=2), None, "fit")
+    assert throughput.summary()["ranks"] == 2 and throughput.summary()["train_samples"] == 0

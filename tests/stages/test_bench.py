@@ -181,6 +181,9 @@ def test_bench_train_measures_one_device(tmp_path, capsys):
     argv = ["bench", "train", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu", f"--run_dir={tmp_path}"]
     assert main([*argv, "--trainer.devices=2"]) == 2
     assert "bench train measures one device; set --trainer.devices 1" in capsys.readouterr().err
+    # 16-mixed on the CPU: Lightning ran its variants in bf16 beside an fp16 plain loop.
+    assert main([*argv, "--trainer.precision=16-mixed"]) == 2
+    assert "trainer.precision 16-mixed: float16 autocast needs a GPU" in capsys.readouterr().err
     assert not (tmp_path / "bench_train.json").exists()
 
 
