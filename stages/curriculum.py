@@ -6,7 +6,7 @@ import gc
 import json
 import logging
 from contextlib import ExitStack
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -99,6 +99,12 @@ def _data_inputs(recipe, cfg: CurriculumConfig) -> dict:
     }  # fmt: skip
 
 
+def data_fingerprint(recipe, cfg: CurriculumConfig) -> str:
+    """What the shards are built from: the recipe as a mapping (its repr kept an op's arguments in the order
+    written: reordered, they rebuilt the shards and retrained every stage), its inputs, the shard format."""
+    return fingerprint({"recipe": asdict(recipe), **_data_inputs(recipe, cfg), "format": SHARD_FORMAT})
+
+
 def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
     """The shard folder: `data.shard_dir` if given, else built (once) by the `data.recipe` in <run_dir>/data."""
     if cfg.data.shard_dir is not None:
@@ -111,7 +117,7 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
         raise FileNotFoundError(f"--data.recipe: {recipe_path} does not exist")
     recipe = load_recipe(recipe_path)
     shard_dir = run_dir / "data"
-    wanted = fingerprint({"recipe": recipe, **_data_inputs(recipe, cfg), "format": SHARD_FORMAT})
+    wanted = data_fingerprint(recipe, cfg)
     stamp = shard_dir / "recipe.json"
     if stamp.is_file():
         built = json.loads(stamp.read_text())

@@ -288,6 +288,11 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
     check_captions(kept)
     renamed = distinct_keys(kept)
     kept, empty = _with_words(kept)
+    if not kept:  # all of them captions without a word: an empty index, which failed later naming a split's share
+        raise ValueError(
+            f"recipe process: its ops kept {empty.total} of {len(rows)} samples, and none has a word in a caption "
+            f"(empty_caption; first keys {empty.examples.get('empty_caption')})"
+        )
     # Only now, the ops done, the earlier build goes: an op that failed at its first use (a package it imports
     # then), or ops that kept nothing, left the folder without its shards.
     clear_build(out_dir, keep=("work",))

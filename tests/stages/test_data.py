@@ -156,6 +156,27 @@ def test_samples_left_without_a_caption_are_counted_not_written(tmp_path):
     assert report["samples"]["kept"] == 1
     assert [r["captions"] for r in _shard_records(tmp_path / "out")] == [{"caption": "a red circle"}]
     assert "empty_caption 1" in (tmp_path / "out" / "report.md").read_text()
+    # Every caption without a word: the build wrote an empty index (exit 0), and the curriculum then blamed the
+    # evaluated split's share.
+    (tmp_path / "data.jsonl").write_text(lines[1] + "\n" + lines[1].replace("<__dj__image>", "<__dj__image> 🐶 !!"))
+    with pytest.raises(ValueError, match=r"kept 2 of 2 samples, and none has a word in a caption \(empty_caption"):
+        run_data_stage(recipe, tmp_path / "empty")
+    assert not (tmp_path / "empty" / "index.json").exists()
+
+
+def test_the_recipe_fingerprint_is_its_content_not_its_argument_order():
+    # Its repr kept an op's arguments in the order written: reordered, the shards were rebuilt and every finished
+    # stage trained again.
+    from stages.config import CurriculumConfig, StageSpec
+    from stages.curriculum import data_fingerprint
+
+    cfg = CurriculumConfig(stages={"align": StageSpec(["projector"], 8, init_from="base")})
+
+    def wanted(args: dict) -> str:
+        return data_fingerprint(RecipeConfig(process=[{"words_num_filter": args}]), cfg)
+
+    assert wanted({"min_num": 3, "max_num": 100}) == wanted({"max_num": 100, "min_num": 3})
+    assert wanted({"min_num": 3, "max_num": 100}) != wanted({"min_num": 4, "max_num": 100})
 
 
 def test_the_same_recipe_and_inputs_give_byte_identical_shards(tmp_path):
