@@ -99,10 +99,12 @@ def _data_inputs(recipe, cfg: CurriculumConfig) -> dict:
     }  # fmt: skip
 
 
-def data_fingerprint(recipe, cfg: CurriculumConfig) -> str:
+def data_fingerprint(recipe, cfg: CurriculumConfig, as_before: bool = False) -> str:
     """What the shards are built from: the recipe as a mapping (its repr kept an op's arguments in the order
-    written: reordered, they rebuilt the shards and retrained every stage), its inputs, the shard format."""
-    return fingerprint({"recipe": asdict(recipe), **_data_inputs(recipe, cfg), "format": SHARD_FORMAT})
+    written: reordered, they rebuilt the shards and retrained every stage), its inputs, the shard format.
+    `as_before`: by the recipe's repr, as builds before 2026-12-07 were stamped, which stay valid."""
+    recipe_record = str(recipe) if as_before else asdict(recipe)
+    return fingerprint({"recipe": recipe_record, **_data_inputs(recipe, cfg), "format": SHARD_FORMAT})
 
 
 def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
@@ -121,7 +123,7 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
     stamp = shard_dir / "recipe.json"
     if stamp.is_file():
         built = json.loads(stamp.read_text())
-        if built["fingerprint"] == wanted:
+        if built["fingerprint"] in (wanted, data_fingerprint(recipe, cfg, as_before=True)):
             changed = _changed_images(built)
             if not changed:
                 return shard_dir

@@ -177,6 +177,13 @@ def test_the_recipe_fingerprint_is_its_content_not_its_argument_order():
 
     assert wanted({"min_num": 3, "max_num": 100}) == wanted({"max_num": 100, "min_num": 3})
     assert wanted({"min_num": 3, "max_num": 100}) != wanted({"min_num": 4, "max_num": 100})
+    # A build stamped as before (by the recipe's repr) is still taken for its recipe: no forced rebuild.
+    from stages.curriculum import SHARD_FORMAT, _data_inputs
+    from stages.stage import fingerprint
+
+    recipe = RecipeConfig(process=[{"words_num_filter": {"min_num": 3}}])
+    old_stamp = fingerprint({"recipe": recipe, **_data_inputs(recipe, cfg), "format": SHARD_FORMAT})  # as written
+    assert data_fingerprint(recipe, cfg, as_before=True) == old_stamp
 
 
 def test_the_same_recipe_and_inputs_give_byte_identical_shards(tmp_path):
