@@ -129,7 +129,8 @@ class AlertSinks(Callback):
         closed (kept in checkpoints: a resumed stage counts those of the steps before its checkpoint too)."""
         # Each poster thread (one per fit) has a queue and a `closed` event of its own: close() counts the post
         # it is still sending as failed and sets the event, so that the post's outcome is not counted again.
-        self._posts: queue.Queue[bytes | None] = queue.Queue(maxsize=webhook_queue)
+        self._queue_size = webhook_queue
+        self._posts: queue.Queue[bytes | None] = queue.Queue(maxsize=webhook_queue)  # the running poster's
         self._poster: threading.Thread | None = None
         self._closed = threading.Event()
         self._lock = threading.Lock()
@@ -184,7 +185,7 @@ class AlertSinks(Callback):
         """A Slack-compatible body (`text` for chat, `alert` for machines), queued for the poster thread."""
         body = json.dumps({"text": f"vlm-curriculum: {alert.line()}", "alert": alert.record()}, allow_nan=False)
         if self._poster is None:
-            self._posts, self._closed = queue.Queue(maxsize=self._posts.maxsize), threading.Event()
+            self._posts, self._closed = queue.Queue(maxsize=self._queue_size), threading.Event()
             poster = threading.Thread(target=self._deliver, args=(self._posts, self._closed), name="alert-webhook")
             self._poster = poster
             poster.daemon = True
@@ -192,12 +193,11 @@ class AlertSinks(Callback):
         try:
             self._posts.put_nowait(body.encode())
         except queue.Full:  # an alert every step against a dead endpoint: the file keeps them all
-            self._failed(f"its queue is full ({self._posts.maxsize} posts)")
-
-    def _failed(self, why: str, counted: bool = False) -> None:
-        if not counted:
             with self._lock:
                 self.webhook_failures += 1
+            self._log_failure(f"its queue is full ({self._queue_size} posts)")
+
+    def _log_failure(self, why: str) -> None:
         url = shown_url(self.webhook_url)
         log.error("alert webhook %s: a post failed (%s); the alert is in alerts.jsonl", url, why)
 
@@ -213,7 +213,7 @@ class AlertSinks(Callback):
                 failure = str(error)
             finally:
                 if failure is not None:
-                    self._failed(failure, counted=True)  # logged before the task is done: join() waits for it
+                    self._log_failure(failure)  # before the task is done: a join() on the queue sees the line
                 with self._lock:  # counted here, or by close() once it has set `closed`: never both, never neither
                     if failure is not None and not closed.is_set():
                         self.webhook_failures += 1
@@ -221,8 +221,8 @@ class AlertSinks(Callback):
         posts.task_done()
 
     def close(self) -> None:
-        """Waits up to `close_timeout` seconds for the queued posts, counts those still queued as failed, and
-        ends the poster thread (after the post in flight, if any)."""
+        """Waits up to `close_timeout` seconds for the queued posts, counts those still queued and the one still
+        being sent (if any) as failed, and ends the poster thread (after that post)."""
         if self._poster is None:
             return
         deadline = time.monotonic() + self.close_timeout

@@ -382,23 +382,34 @@ class CaptionEvaluation(L.Callback):
         # One process's own call (a stage scored again on rank 0 alone) gathers nothing, even in a process group.
         return sorted(_gather(results) if world_size > 1 else results, key=lambda r: r[0])
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool) -> None:
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool, again: bool = False) -> None:
+        """Captions the held-out images (each rank a share) and, on rank 0, scores them, logs the scores, a table
+        and a grid at this step, and writes metrics.json when `final`. `again`: this step's evaluation during
+        training becomes the final one (a stage stopped on it): its captions and scores are reused, and only the
+        VQA scores a final evaluation adds are new (captioned and logged once more, every value stood twice)."""
         synced = {"synced_gpus": True} if _zero3(trainer) and trainer.world_size > 1 else {}  # ranks in step
-        results = self.caption(pl_module.vlm, trainer.global_rank, trainer.world_size, pl_module, **synced)
+        if not again:
+            results = self.caption(pl_module.vlm, trainer.global_rank, trainer.world_size, pl_module, **synced)
         answers = self._answers(trainer, pl_module, **synced) if final and self.vqa else None  # every rank: ZeRO-3
         if not trainer.is_global_zero:
             return
-        metrics = score(results, self.buckets, self.synonyms)
+        if again:
+            metrics, results = self._scored
+            new = {}
+        else:
+            metrics = new = score(results, self.buckets, self.synonyms)
         if answers is not None:  # before logging: the final VQA scores belong in TensorBoard too
-            metrics.update(vqa_scores(answers))
+            vqa = vqa_scores(answers)
+            metrics.update(vqa)
+            new = new or vqa
         step = trainer.global_step
         self._scored = (metrics, results)
         if self.history and self.history[-1]["global_step"] == step:  # a fit resumed from its last step scores it
-            self.history.pop()  # again (Lightning ends it at once): one entry per step
+            self.history.pop()  # again (Lightning ends it at once), or a stopped step's becomes final: one entry
         self.history.append({"global_step": step, **{k: v for k, v in metrics.items() if k != "by_length"}})
-        for logger in trainer.loggers:  # at the index of the step the evaluation follows, as Lightning logs val/loss
-            logger.log_metrics(scalars(metrics), step=step - 1)
-        for _, writer, run_step in text_writers(trainer.loggers):
+        for logger in trainer.loggers if new else []:  # at the index of the step it follows, as Lightning's val/loss
+            logger.log_metrics(scalars(new), step=step - 1)
+        for _, writer, run_step in [] if again else text_writers(trainer.loggers):
             rows = [(key, reference(meta), text) for key, meta, text in results[: self.table_rows]]
             writer.add_text(f"eval/{self.stage}/captions", markdown_table(rows), global_step=run_step(step - 1))
             if self.grid_images:
@@ -468,23 +479,6 @@ class CaptionEvaluation(L.Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.final_done:
-            return
-        self.final_done = True  # training ended before its last step: a stop alert, max_time
-        if self._scored_step != trainer.global_step:
-            self._run(trainer, pl_module, final=True)
-            return
-        # Evaluated at this very step during training: those scores are final (once more, every value was logged
-        # twice at one step and the captions generated again), with the VQA answers a final evaluation adds.
-        synced = {"synced_gpus": True} if _zero3(trainer) and trainer.world_size > 1 else {}
-        answers = self._answers(trainer, pl_module, **synced) if self.vqa else None
-        if not trainer.is_global_zero:
-            return
-        metrics, results = self._scored
-        if answers is not None:
-            vqa = vqa_scores(answers)
-            metrics.update(vqa)
-            self.history[-1].update(vqa)
-            for logger in trainer.loggers:
-                logger.log_metrics(scalars(vqa), step=trainer.global_step - 1)
-        self._write_final(trainer.global_step, metrics, results)
+        if not self.final_done:  # training ended before its last step: a stop alert, max_time
+            self.final_done = True
+            self._run(trainer, pl_module, final=True, again=self._scored_step == trainer.global_step)

@@ -254,7 +254,8 @@ class InstabilityMonitor(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if isinstance(batch, dict) and "keys" in batch:
             self._keys += list(batch["keys"])
-        if self.config.action in ("skip", "rewind") and not self._micro_losses:  # a step's first micro-batch
+        undo_buffers = self.config.action == "skip" or (self.config.action == "rewind" and self._snapshot is None)
+        if undo_buffers and not self._micro_losses:  # a step's first micro-batch
             # Buffers as they were before this step's forward passes: a skipped step's batch must not leave
             # its trace in BatchNorm statistics either (a NaN batch makes them NaN); nor a rewound one's before
             # the first snapshot, which then took the NaN statistics in and every later rewind restored them.
@@ -403,8 +404,8 @@ class InstabilityMonitor(L.Callback):
         for group in [] if optimizer is None else optimizer.param_groups:
             for param in group["params"]:
                 param.grad = None
-        if (action == "skip" or action == "rewind" and self._snapshot is None) and self._buffers:
-            pl_module.load_state_dict(self._buffers, strict=False)  # no snapshot yet: the step is skipped
+        if (action == "skip" or (action == "rewind" and self._snapshot is None)) and self._buffers:
+            pl_module.load_state_dict(self._buffers, strict=False)  # a rewind with no snapshot yet skips the step
         if action == "rewind" and self._snapshot is not None:
             pl_module.load_state_dict(self._snapshot["model"], strict=False)
             # A copy: the optimizer keeps tensors it is given on their device (Adam's step count, and on the CPU

@@ -73,13 +73,25 @@ def _read(urls: list[str], keep: Callable[[dict], bool], share: Callable[[dict],
     return iter(wds.DataPipeline(*stages, *([wds.select(share)] if share else [])))
 
 
+def rank_deal(urls: list, rank: int, world: int, workers: int) -> tuple[list, list]:
+    """A rank's training shards, when there are at least as many as readers (ranks x workers): (those its loader
+    workers read whole, dealt among them in turn; the few left over, which every worker of the rank reads and
+    takes its turns of)."""
+    mine = urls[rank::world]
+    whole = len(mine) - len(mine) % workers
+    return mine[:whole], mine[whole:]
+
+
 def shard_reads(shards: int, world: int, workers: int) -> int:
     """How many shards an epoch of training reads in all, as ShardStream deals them out: each once when they go
     round every rank's workers evenly, a shard shared by several readers once by each of them."""
-    if shards < world * workers:
+    if shards < world * workers:  # every reader reads every shard
         return shards * world * workers
-    mine = [len(range(rank, shards, world)) for rank in range(world)]
-    return sum(count - count % workers + count % workers * workers for count in mine)
+    reads = 0
+    for rank in range(world):
+        whole, shared = rank_deal(list(range(shards)), rank, world, workers)
+        reads += len(whole) + len(shared) * workers
+    return reads
 
 
 class ShardStream(IterableDataset):
@@ -120,11 +132,10 @@ class ShardStream(IterableDataset):
             # and keeps its turns): the loader takes whole batches from its workers in turn. Dealt as whole
             # shards only, 3 shards over 2 workers gave one worker twice the other's samples, and in an epoch
             # the other read its shard again while a sixth of the images went unseen.
-            mine = urls[rank::world]
-            whole = len(mine) - len(mine) % workers
+            whole, shared = rank_deal(urls, rank, world, workers)
             samples = itertools.chain(
-                _read(mine[:whole][worker::workers], self.keep),
-                _read(mine[whole:], self.keep, _turns(1, 0, workers, worker, self.batch_size)),
+                _read(whole[worker::workers], self.keep),
+                _read(shared, self.keep, _turns(1, 0, workers, worker, self.batch_size)),
             )
         else:
             # Fewer shards than readers, or held-out samples: each reader reads all shards and takes its turns

@@ -393,9 +393,10 @@ def bench_train(
     from stages.curriculum import check_accelerator, prepare_base_models, ranks
 
     if ranks(cfg.trainer) != 1:  # Lightning's launcher ran the whole bench again on every rank, each timing both
+        flag = "--trainer.num_nodes" if (cfg.trainer.num_nodes or 1) > 1 else "--trainer.devices"
         raise ValueError(
             f"--trainer.devices {cfg.trainer.devices} (num_nodes {cfg.trainer.num_nodes}): bench train measures one "
-            "device; set --trainer.devices 1"
+            f"device; set {flag} 1"
         )
     check_accelerator(cfg)  # as a curriculum: 16-mixed on the CPU, which Lightning ran as bf16 beside fp16 plain
     if steps <= warmup or warmup < 1:

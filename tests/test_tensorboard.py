@@ -143,7 +143,8 @@ def test_stages_removed_from_the_end_leave_tensorboard_and_the_summary(tmp_path)
     assert "eval/sft_long/captions/text_summary" not in events.Tags()["tensors"]
     assert "eval/sft_short/captions/text_summary" in events.Tags()["tensors"]
     assert set(json.loads((run_dir / "summary.json").read_text())) == {"align", "sft_short", "sft_medium"}
-    refused = main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS, "--trainer.accelerator=gpu"])
+    refused_everywhere = ["--trainer.accelerator=cpu", "--trainer.precision=16-mixed"]
+    refused = main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS, *refused_everywhere])
     assert refused == 2 and (run_dir / "summary.json").exists(), "a rerun refused by its checks changed nothing"
     stop = ["--stability.faults={1: nan}", "--stability.instability.action=stop", "--seed=1"]
     assert main(["curriculum", f"--run_dir={run_dir}", *MICRO_ARGS, *stop]) == 3

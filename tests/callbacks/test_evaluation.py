@@ -20,8 +20,8 @@ class Schedule(CaptionEvaluation):
         super().__init__("toy", [("k", None, {})], FORMAT, None, tmp_path / "metrics.json", every_n_steps=every_n_steps)
         self.calls: list[tuple[int, bool]] = []
 
-    def _run(self, trainer, pl_module, final: bool) -> None:
-        self.calls.append((trainer.global_step, final))
+    def _run(self, trainer, pl_module, final: bool, again: bool = False) -> None:
+        self.calls.append((trainer.global_step, "again" if again else final))
 
 
 def _fit(callbacks: list, ckpt=None, **kwargs) -> None:
@@ -62,6 +62,17 @@ def test_a_stage_stopped_early_is_evaluated_where_it_stopped(tmp_path):
     schedule = Schedule(tmp_path)
     _fit([schedule, StopAt6()], max_steps=12)
     assert schedule.calls == [(4, False), (6, True)]
+
+
+def test_a_stage_stopped_on_an_evaluated_step_makes_that_evaluation_final(tmp_path):
+    # It captioned and logged the step once more (tests/test_tensorboard.py checks what reaches the log).
+    class StopAt4(L.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            trainer.should_stop |= trainer.global_step == 4
+
+    schedule = Schedule(tmp_path)
+    _fit([schedule, StopAt4()], max_steps=12)
+    assert schedule.calls == [(4, False), (4, "again")]
 
 
 def test_a_resumed_stage_does_not_repeat_the_evaluation_it_stopped_at(tmp_path):
