@@ -12,6 +12,7 @@ to bf16 too, which would round them for every later stage.
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,9 @@ from modules.vlm import VisionLanguageModel
 PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_DIR = "adapter"
 FULL_FILES = {"vision": "vision.safetensors", "lm": "lm.safetensors"}
+# What the handoff holds, written with it: a part found missing later (an adapter/ deleted by hand) is an error,
+# not a model loaded without it (scored and exported with the base LM's weights in its LoRA's place, unsaid).
+MANIFEST = "handoff.json"
 
 
 def has_lora(vlm: VisionLanguageModel) -> bool:
@@ -124,6 +128,8 @@ def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) ->
             save_file(state, str(out_dir / files[part]))
         if has_lora(vlm):
             vlm.lm.save_pretrained(out_dir / ADAPTER_DIR, state_dict=adapter)
+        held = [files[part] for part in files] + ([ADAPTER_DIR] if has_lora(vlm) else [])
+        (out_dir / MANIFEST).write_text(json.dumps({"files": held}))
     tensors = {**adapter, **{f"{part}.{name}": t for part, state in states.items() for name, t in state.items()}}
     return [name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]
 
@@ -143,11 +149,26 @@ def _read(path: Path) -> dict:
         ) from error
 
 
-def load_handoff(vlm: VisionLanguageModel, from_dir: Path) -> None:
+def check_handoff(from_dir: Path, label: str) -> None:
+    """Fails, `label` first (the flag or key that named the stage), when the handoff folder lacks the projector
+    or a part its manifest lists (handoffs written before the manifest: the projector only)."""
+    if not (from_dir / PROJECTOR_FILE).is_file():
+        raise FileNotFoundError(f"{label}: {from_dir} has no {PROJECTOR_FILE}; did that stage finish?")
+    manifest = from_dir / MANIFEST
+    listed = json.loads(manifest.read_text())["files"] if manifest.is_file() else []
+    missing = [name for name in listed if not (from_dir / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{label}: {from_dir} lacks {', '.join(missing)}, which its stage wrote ({MANIFEST}); loaded without it, "
+            f"the stage's weights would be lost unsaid. Restore it, or delete {from_dir.parent} to train that stage "
+            "again"
+        )
+
+
+def load_handoff(vlm: VisionLanguageModel, from_dir: Path, label: str = "init_from") -> None:
     """Loads the projector, fully trained parts and, if the folder has one, the LoRA adapter (trainable)."""
+    check_handoff(from_dir, label)
     projector = from_dir / PROJECTOR_FILE
-    if not projector.is_file():
-        raise FileNotFoundError(f"init_from: {from_dir} has no {PROJECTOR_FILE}; did that stage finish?")
     vlm.projector.load_state_dict(_read(projector))
     vlm.handed_from["projector"] = projector
     for group, name in FULL_FILES.items():  # before the adapter, which wraps the language model

@@ -24,7 +24,7 @@ import yaml
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from modules import modeling_vlm_curriculum
-from modules.handoff import has_lora, load_handoff
+from modules.handoff import check_handoff, has_lora, load_handoff
 from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens, is_model_folder
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
 from stages.config import EvalConfig, cast_as_trained, trained_dtype
@@ -74,7 +74,28 @@ class StageSource:
 
     @property
     def shard_dir(self) -> Path:
-        return input_path(self.config["inputs"]["shard_dir"], self.stage_dir.parent)
+        return self.input_folder("shard_dir")
+
+    def input_folder(self, key: str) -> Path:
+        """An input folder the stage recorded (`shard_dir`, `vision_path`, `lm_path`). A relative one is the run's
+        own; runs before 2026-11-23 recorded it relative to the working folder, whose folder of that name is taken
+        only if it is the one the stage trained on (its digest, where recorded): with the run's data/ gone, eval
+        in another run's folder scored that run's shards and called them rebuilt."""
+        from stages.curriculum import folder_digest, shards_digest
+
+        stored, run_dir = self.config["inputs"][key], self.stage_dir.parent
+        path, inside = input_path(stored, run_dir), run_dir / stored
+        if Path(stored).is_absolute() or path == inside:
+            return path
+        name = {"shard_dir": "shards", "vision_path": "vision", "lm_path": "lm"}[key]
+        recorded = self.config["inputs"].get("digests", {}).get(name)
+        if recorded is None:
+            return path
+        if key == "shard_dir":
+            now = shards_digest(path) if (path / "index.json").is_file() else None
+        else:
+            now = folder_digest(path)
+        return path if now == recorded else inside  # the run's own, missing: named as such where it is used
 
 
 def find_stage(run_or_stage: str | Path, stage: str | None = None, flag: str = "--run_dir") -> StageSource:
@@ -86,6 +107,14 @@ def find_stage(run_or_stage: str | Path, stage: str | None = None, flag: str = "
         raise FileNotFoundError(f"{flag}: {path} is no folder")
     if path.name == "export" and (path.parent / "config.yaml").is_file():  # a stage's export/: that stage
         path = path.parent
+    if stage is not None and (path / "config.yaml").is_file():  # --stage beside a stage folder: its run's stage
+        path = path.parent
+    if (path / EXPORT_RECORD).is_file():  # it said "a model folder without vlm_export.json" of an export
+        if not (path / EXPORT_RECORD).read_text().strip("{} \n"):  # eval reads a whole record before this
+            raise ValueError(f"{flag}: {path / EXPORT_RECORD} is empty; export the stage again")
+        raise FileNotFoundError(
+            f"{flag}: {path} is an export already, not a run or stage folder; score it with eval --model {path}"
+        )
     chosen = stage is None and not (path / "config.yaml").is_file()  # not a stage folder: the run's last stage
     if stage is None and not chosen:
         stage_dir = path
@@ -130,8 +159,7 @@ def load_stage_model(source: StageSource, dtype: torch.dtype | None = None, as_t
         dtype = torch.float64
     model = dict(source.config["model"])
     model_config = ModelConfig(**{**model, "lora": LoraSpec(**model["lora"])})
-    inputs, run_dir = source.config["inputs"], source.stage_dir.parent
-    vision, lm = (input_path(inputs[key], run_dir) for key in ("vision_path", "lm_path"))
+    vision, lm = (source.input_folder(key) for key in ("vision_path", "lm_path"))
     for folder, key in ((vision, "vision_path"), (lm, "lm_path")):
         if not is_model_folder(folder):  # named as the stage recorded it: eval and export have no such flag
             raise FileNotFoundError(f"{source.stage_dir}: the {key} it trained on, {folder}, is no model folder")
@@ -140,9 +168,10 @@ def load_stage_model(source: StageSource, dtype: torch.dtype | None = None, as_t
         log.warning("%s: %s changed since the stage trained on it: its projector and adapter are loaded on other "
                     "base weights (or the same ones, copied without their files' times)", source.stage_dir,
                     " and ".join(str(folder) for folder in changed))  # fmt: skip
+    check_handoff(source.stage_dir / "export", str(source.stage_dir))  # before the base models load
     vlm, tokenizer, processor = build_vlm(model_config, vision, lm)
     vlm.to(dtype=dtype)
-    load_handoff(vlm, source.stage_dir / "export")
+    load_handoff(vlm, source.stage_dir / "export", str(source.stage_dir))
     if as_trained:
         cast_as_trained(vlm, precision, strategy)
     return vlm, tokenizer, processor, model_config

@@ -362,6 +362,7 @@ def test_a_bf16_stage_exports_its_float32_language_model_unrounded(micro_run, tm
     base = load_file(Path(config["inputs"]["lm_path"]) / "model.safetensors")
     trained = {key: value + 1e-3 * torch.randn_like(value) for key, value in base.items()}  # off bf16's grid
     save_file(trained, str(stage / "export" / "lm.safetensors"))
+    (stage / "export" / "handoff.json").write_text(json.dumps({"files": ["projector.safetensors", "lm.safetensors"]}))
     merged = load_file(export_model(find_stage(stage), tmp_path / "exported") / "model.safetensors")
     for key, value in trained.items():
         assert torch.equal(merged[f"lm.{key}"], value), key
@@ -397,3 +398,47 @@ def test_an_export_under_a_file_is_named(micro_run, tmp_path, capsys):
     (tmp_path / "afile").write_text("not a folder")  # "[Errno 17] File exists", naming no flag
     assert main(["export", "--run_dir", str(micro_run), "--out_dir", str(tmp_path / "afile" / "sub")]) == 2
     assert f"error: --out_dir: {tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_damaged_stage_or_an_export_is_named_not_scored(micro_run, tmp_path, capsys):
+    # A LoRA stage whose adapter/ was deleted was scored and exported with the base LM (CHAIR-i 0.50 against its
+    # 0.75, unsaid); a stage without its export/ was blamed on "init_from", a flag neither command has; an export
+    # given to `export` was called "a model folder without vlm_export.json"; --stage beside a stage folder was
+    # looked for inside it.
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, copy_function=shutil.copy2, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    assert json.loads((run / "sft_long" / "export" / "handoff.json").read_text())["files"][-1] == "adapter"
+    shutil.rmtree(run / "sft_long" / "export" / "adapter")
+    assert main(["eval", "--model", str(run / "sft_long"), "--limit=2", "--max_new_tokens=2"]) == 2
+    assert f"{run / 'sft_long'}: {run / 'sft_long' / 'export'} lacks adapter, which its stage wrote" in (
+        capsys.readouterr().err
+    )
+    assert main(["export", "--run_dir", str(run), "--stage", "sft_long", "--out_dir", str(tmp_path / "hf")]) == 2
+    assert "lacks adapter" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    shutil.rmtree(run / "sft_medium" / "export")
+    assert main(["eval", "--model", str(run / "sft_medium"), "--limit=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'sft_medium'}: {run / 'sft_medium' / 'export'} has no projector.safetensors" in err
+    assert "init_from" not in err
+    assert (
+        main(["export", "--run_dir", str(run / "sft_short"), "--stage", "align", "--out_dir", str(tmp_path / "a")]) == 0
+    )
+    assert json.loads((tmp_path / "a" / EXPORT_RECORD).read_text())["stage"] == "align"
+    assert main(["export", "--run_dir", str(tmp_path / "a")]) == 2
+    assert f"{tmp_path / 'a'} is an export already, not a run or stage folder; score it with eval" in (
+        capsys.readouterr().err
+    )
+
+
+def test_eval_takes_no_other_runs_data_for_a_run_whose_own_is_gone(micro_run, tmp_path, monkeypatch, capsys):
+    # Relative input paths fell back to the working folder (as runs before 2026-11-23 recorded them): with the
+    # run's data/ gone, eval in another run's folder scored that run's shards and said they had been rebuilt.
+    run, other = tmp_path / "run", tmp_path / "other"
+    shutil.copytree(micro_run, run, copy_function=shutil.copy2, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    shutil.copytree(micro_run / "data", other / "data", copy_function=shutil.copy)  # new times: another build
+    shutil.rmtree(run / "data")
+    monkeypatch.chdir(other)
+    assert main(["eval", "--model", str(run / "sft_long"), "--limit=2", "--max_new_tokens=2"]) == 2
+    assert f"{run / 'data'}" in capsys.readouterr().err
+    shutil.copytree(micro_run / "data", run / "data", copy_function=shutil.copy2)  # its own again: scored
+    assert main(["eval", "--model", str(run / "sft_long"), "--limit=2", "--max_new_tokens=2"]) == 0
