@@ -54,25 +54,23 @@ def test_periodic_evaluation_also_runs_in_an_epoch_based_stage(tmp_path):
     assert by_steps.calls == [(4, False), (8, False), (12, True)], "the last step is the final evaluation's"
 
 
-def test_a_stage_stopped_early_is_evaluated_where_it_stopped(tmp_path):
-    class StopAt6(L.Callback):
+@pytest.mark.parametrize(
+    ("stop", "calls"),
+    [
+        (6, [(4, False), (6, True)]),
+        # Stopped on a step evaluated during training, that evaluation becomes the final one: it was captioned
+        # and logged once more (tests/test_tensorboard.py checks what reaches the log).
+        (4, [(4, False), (4, "again")]),
+    ],
+)
+def test_a_stage_stopped_early_is_evaluated_where_it_stopped(tmp_path, stop, calls):
+    class StopAt(L.Callback):
         def on_train_batch_end(self, trainer, *args) -> None:
-            trainer.should_stop |= trainer.global_step == 6
+            trainer.should_stop |= trainer.global_step == stop
 
     schedule = Schedule(tmp_path)
-    _fit([schedule, StopAt6()], max_steps=12)
-    assert schedule.calls == [(4, False), (6, True)]
-
-
-def test_a_stage_stopped_on_an_evaluated_step_makes_that_evaluation_final(tmp_path):
-    # It captioned and logged the step once more (tests/test_tensorboard.py checks what reaches the log).
-    class StopAt4(L.Callback):
-        def on_train_batch_end(self, trainer, *args) -> None:
-            trainer.should_stop |= trainer.global_step == 4
-
-    schedule = Schedule(tmp_path)
-    _fit([schedule, StopAt4()], max_steps=12)
-    assert schedule.calls == [(4, False), (4, "again")]
+    _fit([schedule, StopAt()], max_steps=12)
+    assert schedule.calls == calls
 
 
 def test_a_resumed_stage_does_not_repeat_the_evaluation_it_stopped_at(tmp_path):
