@@ -226,11 +226,18 @@ def clear_build(out_dir: Path, keep: tuple[str, ...] = ()) -> None:
 
 
 def run_data_stage(
-    recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None = None, seed: int = 0, in_run: bool = False
+    recipe: RecipeConfig,
+    out_dir: Path,
+    world: WorldConfig | None = None,
+    seed: int = 0,
+    in_run: bool = False,
+    captionless_ok: bool = False,
 ) -> dict:
     """Runs the recipe into `out_dir` (shards, report.json, report.md, and index.json last, when the build is
     whole); returns the report. `in_run`: `out_dir` is a curriculum's own data/, whose lock the caller holds,
-    in a run folder it has checked (where a build killed by an older version left work/ without a mark)."""
+    in a run folder it has checked (where a build killed by an older version left work/ without a mark).
+    `captionless_ok`: a build whose captions all lack a word is written, not refused (the BLIP-2 bench times a
+    random-weight stock op, whose captions are "? ? ?")."""
     check_process(recipe.process)  # before the earlier build is removed: a bad recipe leaves it as it was
     make_folder(out_dir, "--run_dir" if in_run else "--out_dir")
     # No other build or reader meanwhile (in a run, the caller holds the lock).
@@ -239,7 +246,7 @@ def run_data_stage(
             shards = [path.name for path in _shard_files(out_dir)]
             check_own_folder(out_dir, "--out_dir", (INDEX_NAME, BUILDING_NAME), [*BUILD_FILES, *shards])
         try:
-            return _build(recipe, out_dir, world, seed)
+            return _build(recipe, out_dir, world, seed, captionless_ok)
         except BaseException:
             _drop_work(out_dir / "work")
             raise
@@ -260,7 +267,7 @@ def _drop_work(work: Path) -> None:
             work.rmdir()
 
 
-def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed: int) -> dict:
+def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed: int, captionless_ok: bool) -> dict:
     if recipe.input.format != "synthetic" and not Path(recipe.input.path or "").is_file():
         # before the earlier build goes: a mistyped path left the folder without its shards
         raise FileNotFoundError(f"input.path: {recipe.input.path} does not exist")
@@ -288,7 +295,7 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
     check_captions(kept)
     renamed = distinct_keys(kept)
     kept, empty = _with_words(kept)
-    if not kept:  # all of them captions without a word: an empty index, which failed later naming a split's share
+    if not kept and not captionless_ok:  # an empty index, which failed later naming a split's share
         raise ValueError(
             f"recipe process: its ops kept {empty.total} of {len(rows)} samples, and none has a word in a caption "
             f"(empty_caption; first keys {empty.examples.get('empty_caption')})"
