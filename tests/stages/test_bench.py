@@ -263,10 +263,10 @@ def test_blip2_bench_keeps_what_it_measured_when_a_later_op_dies(tmp_path, monke
 
     real = stages.data.run_data_stage
 
-    def dies_on_the_stock_op(recipe, out):
+    def dies_on_the_stock_op(recipe, out, **kwargs):
         if "image_captioning_mapper" in recipe.process[0]:
             raise TimeoutError("killed by the device's time limit")
-        return real(recipe, out)
+        return real(recipe, out, **kwargs)
 
     monkeypatch.setattr(stages.data, "run_data_stage", dies_on_the_stock_op)
     with pytest.raises(TimeoutError):
