@@ -186,10 +186,10 @@ class AlertSinks(Callback):
         body = json.dumps({"text": f"vlm-curriculum: {alert.line()}", "alert": alert.record()}, allow_nan=False)
         if self._poster is None:
             self._posts, self._closed = queue.Queue(maxsize=self._queue_size), threading.Event()
-            poster = threading.Thread(target=self._deliver, args=(self._posts, self._closed), name="alert-webhook")
-            self._poster = poster
-            poster.daemon = True
-            poster.start()
+            self._poster = threading.Thread(
+                target=self._deliver, args=(self._posts, self._closed), name="alert-webhook", daemon=True
+            )
+            self._poster.start()
         try:
             self._posts.put_nowait(body.encode())
         except queue.Full:  # an alert every step against a dead endpoint: the file keeps them all

@@ -393,15 +393,10 @@ class CaptionEvaluation(L.Callback):
         answers = self._answers(trainer, pl_module, **synced) if final and self.vqa else None  # every rank: ZeRO-3
         if not trainer.is_global_zero:
             return
-        if again:
-            metrics, results = self._scored
-            new = {}
-        else:
-            metrics = new = score(results, self.buckets, self.synonyms)
-        if answers is not None:  # before logging: the final VQA scores belong in TensorBoard too
-            vqa = vqa_scores(answers)
-            metrics.update(vqa)
-            new = new or vqa
+        metrics, results = self._scored if again else (score(results, self.buckets, self.synonyms), results)
+        vqa = vqa_scores(answers) if answers is not None else {}  # before logging: they belong in TensorBoard too
+        metrics.update(vqa)
+        new = vqa if again else metrics  # what this call adds to the log
         step = trainer.global_step
         self._scored = (metrics, results)
         if self.history and self.history[-1]["global_step"] == step:  # a fit resumed from its last step scores it

@@ -128,7 +128,7 @@ def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) ->
             save_file(state, str(out_dir / files[part]))
         if has_lora(vlm):
             vlm.lm.save_pretrained(out_dir / ADAPTER_DIR, state_dict=adapter)
-        held = [files[part] for part in files] + ([ADAPTER_DIR] if has_lora(vlm) else [])
+        held = [*files.values(), *([ADAPTER_DIR] if has_lora(vlm) else [])]
         (out_dir / MANIFEST).write_text(json.dumps({"files": held}))
     tensors = {**adapter, **{f"{part}.{name}": t for part, state in states.items() for name, t in state.items()}}
     return [name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]

@@ -50,7 +50,7 @@ from callbacks.throughput import peak_rss_gib
 from modules.loading import LoraSpec
 from modules.speed import SpeedSpec, set_checkpointing
 from modules.training_module import AlignModule, LoRASFTModule, OptimSpec
-from stages.config import PRECISION_ALIASES
+from stages.config import unified_precision
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +276,7 @@ def plain_autocast(precision) -> torch.dtype | None:
     """The autocast dtype of the plain loop for the profile's precision: its half precision type, as a LLaVA-style
     script's `--bf16` / `--fp16` trains (float32 weights, half-precision compute); None for 32 and 64. It took bf16
     on CUDA and none on the CPU whatever the profile said, and a bf16 run was timed against a float32 loop."""
-    precision = str(precision or "32-true")
-    precision = PRECISION_ALIASES.get(precision, precision)
-    return {"bf16": torch.bfloat16, "16": torch.float16}.get(precision.split("-")[0])
+    return {"bf16": torch.bfloat16, "16": torch.float16}.get(unified_precision(precision).split("-")[0])
 
 
 def _plain_step(vlm, kind: str, lora, checkpointing: bool, batch: dict, device, steps: int, warmup: int, half) -> float:

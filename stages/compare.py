@@ -47,7 +47,8 @@ METRICS = [
 def _final_chain(cfg: CurriculumConfig) -> list[str]:
     """The stages the curriculum's final model was trained through, first to last (`init_from` followed back
     from the last stage): a stage off that chain trains nothing the final model holds."""
-    names, chain = list(cfg.stages), [list(cfg.stages)[-1]]
+    names = list(cfg.stages)
+    chain = [names[-1]]
     while (source := upstream_stage(names, names.index(chain[0]), cfg.stages[chain[0]].init_from)) != "base":
         chain.insert(0, source)
     return chain

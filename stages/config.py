@@ -34,12 +34,17 @@ PRECISIONS = (
 PRECISION_ALIASES = {"bf16": "bf16-mixed", "16": "16-mixed", "32": "32-true", "64": "64-true"}
 
 
+def unified_precision(precision) -> str:
+    """Lightning's full name of a precision setting (unset: 32-true)."""
+    precision = str(precision or "32-true")
+    return PRECISION_ALIASES.get(precision, precision)
+
+
 def trained_dtype(precision: str | None, strategy: str | None) -> torch.dtype | None:
     """The dtype Lightning casts the model to while it trains (a "-true" precision; DeepSpeed's bf16 or fp16: its
     parameters), which the evaluations during training saw; None for 32-true and the mixed precisions, which
     leave the model as built."""
-    precision = str(precision or "32-true")
-    precision = PRECISION_ALIASES.get(precision, precision)
+    precision = unified_precision(precision)
     deepspeed = strategy == "deepspeed"
     if precision == "bf16-true" or (deepspeed and precision == "bf16-mixed"):
         return torch.bfloat16

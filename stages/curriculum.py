@@ -99,12 +99,12 @@ def _data_inputs(recipe, cfg: CurriculumConfig) -> dict:
     }  # fmt: skip
 
 
-def data_fingerprint(recipe, cfg: CurriculumConfig, as_before: bool = False) -> str:
+def data_fingerprints(recipe, cfg: CurriculumConfig) -> tuple[str, str]:
     """What the shards are built from: the recipe as a mapping (its repr kept an op's arguments in the order
-    written: reordered, they rebuilt the shards and retrained every stage), its inputs, the shard format.
-    `as_before`: by the recipe's repr, as builds before 2026-12-07 were stamped, which stay valid."""
-    recipe_record = str(recipe) if as_before else asdict(recipe)
-    return fingerprint({"recipe": recipe_record, **_data_inputs(recipe, cfg), "format": SHARD_FORMAT})
+    written: reordered, they rebuilt the shards and retrained every stage), its inputs, the shard format; and the
+    same with the recipe's repr, as builds before 2026-12-07 were stamped, which stay valid."""
+    inputs = {**_data_inputs(recipe, cfg), "format": SHARD_FORMAT}
+    return fingerprint({"recipe": asdict(recipe), **inputs}), fingerprint({"recipe": str(recipe), **inputs})
 
 
 def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
@@ -119,11 +119,11 @@ def prepare_data(cfg: CurriculumConfig, run_dir: Path) -> Path:
         raise FileNotFoundError(f"--data.recipe: {recipe_path} does not exist")
     recipe = load_recipe(recipe_path)
     shard_dir = run_dir / "data"
-    wanted = data_fingerprint(recipe, cfg)
+    wanted, as_before = data_fingerprints(recipe, cfg)
     stamp = shard_dir / "recipe.json"
     if stamp.is_file():
         built = json.loads(stamp.read_text())
-        if built["fingerprint"] in (wanted, data_fingerprint(recipe, cfg, as_before=True)):
+        if built["fingerprint"] in (wanted, as_before):
             changed = _changed_images(built)
             if not changed:
                 return shard_dir
