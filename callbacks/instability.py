@@ -2,7 +2,8 @@
 
 Per optimizer step the callback sees:
 - the loss, in units that do not change with gradient accumulation: Lightning hands
-  `on_before_backward` the loss divided by `accumulate_grad_batches`, so it is multiplied back and
+  `on_before_backward` the loss divided by `accumulate_grad_batches` (and, with fp16, multiplied by the
+  loss scale, which is divided out), so it is multiplied back and
   averaged over the step's micro-batches (and divided by the module's `rank_factor`, if it has one:
   the weight of this rank's tokens among every rank's, which is not this rank's loss);
 - the global L2 norm of the gradients in `on_before_optimizer_step`, which Lightning calls after
@@ -76,6 +77,17 @@ def weights_lost(trainer, pl_module) -> bool:
 
     lost = any(not torch.isfinite(held(p)).all() for p in pl_module.parameters() if p.requires_grad)
     return trainer.strategy.reduce_boolean_decision(bool(lost), all=False)
+
+
+def loss_scale(trainer) -> float:
+    """The fp16 loss scale that the loss handed to `on_before_backward` carries (1.0 without one).
+
+    Lightning's mixed-precision plugins scale the loss by their GradScaler before they call the hook: judged
+    as it came, the loss of an fp16 run was thousands of times the true one, and each doubling of the scale
+    (every 2000 clean steps) read as a rise of the loss (two of them, a divergence). DeepSpeed scales inside
+    its engine's backward, after the hook, so its loss comes unscaled."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
 
 def check_action_under_deepspeed(action: str, where: str = "") -> None:
@@ -265,7 +277,8 @@ class InstabilityMonitor(L.Callback):
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         # This rank's own loss: a module that weighs ranks by their tokens scales the loss it returns.
         rank_factor = getattr(pl_module, "rank_factor", 1.0)
-        self._micro_losses.append(loss.detach().float() * trainer.accumulate_grad_batches / rank_factor)
+        unscaled = loss.detach().float() / loss_scale(trainer)
+        self._micro_losses.append(unscaled * trainer.accumulate_grad_batches / rank_factor)
 
     def _findings(self, loss: float, grad: float | None) -> list[tuple[str, float, float, str]]:
         """(kind, value, threshold, what the value is) of each alert the step raises."""

@@ -503,12 +503,18 @@ class CurriculumConfig:
             stage_trainer = self.trainer_of(name)
             stage_trainer.check(f"stages.{name}.trainer")
             self._check_same_processes(name, names[0])
-            if stage_trainer.max_steps in (None, -1) and stage_trainer.max_epochs in (None, -1):
+            if stage_trainer.max_steps in (None, -1) and stage_trainer.max_epochs == -1:
+                # It crashed in configure_optimizers (int(inf)) once the base models had loaded.
+                raise ValueError(
+                    f"stages.{name}: trainer.max_epochs -1 with no trainer.max_steps (here or in trainer) trains for "
+                    "ever, and the learning-rate schedule decays over the stage's length: set trainer.max_steps or "
+                    "a positive trainer.max_epochs"
+                )
+            if stage_trainer.max_steps in (None, -1) and stage_trainer.max_epochs is None:
                 logging.getLogger(__name__).warning(
                     "stages.%s: neither trainer.max_steps nor trainer.max_epochs is set (here or in trainer), so "
-                    "Lightning trains %s: set one of them",
+                    "Lightning trains 1000 epochs (its default): set one of them",
                     name,
-                    "for ever" if stage_trainer.max_epochs == -1 else "1000 epochs (its default)",
                 )
             check_speed(self.model.speed, stage_trainer)
             if stage_trainer.strategy == "deepspeed" and self.stability.instability.enabled:

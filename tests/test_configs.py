@@ -95,11 +95,15 @@ def test_a_stage_without_a_length_is_warned_about(caplog):
     stages = {
         "align": StageSpec(["projector"], 8, init_from="base"),
         "sft": StageSpec(["projector", "lora"], 20, trainer=TrainerConfig(max_steps=5)),
-        "sft_more": StageSpec(["projector", "lora"], 30, trainer=TrainerConfig(max_epochs=-1)),
     }
     caplog.set_level("WARNING", logger="stages.config")
     CurriculumConfig(stages=stages)
     assert "stages.align: neither trainer.max_steps nor trainer.max_epochs is set" in caplog.text
     assert "Lightning trains 1000 epochs (its default)" in caplog.text
-    assert "stages.sft_more: neither" in caplog.text and "Lightning trains for ever" in caplog.text
     assert "stages.sft:" not in caplog.text
+    # Endless training was let through with a warning, then crashed building the schedule (int(inf)).
+    stages["sft_more"] = StageSpec(["projector", "lora"], 30, trainer=TrainerConfig(max_epochs=-1))
+    with pytest.raises(ValueError, match=r"stages\.sft_more: trainer\.max_epochs -1 with no trainer\.max_steps"):
+        CurriculumConfig(stages=stages)
+    stages["sft_more"] = StageSpec(["projector", "lora"], 30, trainer=TrainerConfig(max_epochs=-1, max_steps=4))
+    CurriculumConfig(stages=stages)  # bounded by its steps

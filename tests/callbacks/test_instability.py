@@ -399,6 +399,21 @@ def test_fp16_overflows_are_left_to_the_loss_scaler_until_they_persist():
     assert ("non_finite", 20) in _kinds(monitor)
 
 
+def test_fp16_losses_are_judged_without_the_loss_scale():
+    # Lightning scales the loss before on_before_backward: judged as it came, a flat loss of ~1 read as ~10^4,
+    # and the scale's doublings (here every 25 clean steps, from 4 to 256) as a divergence at step 69.
+    from lightning.pytorch.plugins import MixedPrecision
+
+    monitor = InstabilityMonitor(InstabilityConfig(action="warn"), AlertSinks("toy"), "toy")
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=25)
+    module = ToyRegression()
+    t = trainer([monitor], max_steps=160, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    t.fit(module, loader(KeyedRegression()))
+    assert scaler.get_scale() == 256.0, "the scale grew as the test means it to"
+    assert list(monitor.loss_history)[-5:] == pytest.approx(module.step_losses[-5:], rel=1e-3)
+    assert monitor.alerts == []
+
+
 def test_a_resumed_deepspeed_step_is_judged_once_it_is_whole(monkeypatch, tmp_path):
     # Under DeepSpeed the step is judged when the engine has stepped (global_step moved). Resumed at step 8
     # with accumulation 2, the first micro-batch must not be taken for a finished step.
