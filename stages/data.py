@@ -178,11 +178,20 @@ def distinct_keys(rows: list[dict]) -> int:
 def caption_variants(row: dict) -> dict[str, str]:
     """The sample's captions by name: the project's ops write `caption_variants`; any other op (Data-Juicer's
     stock image_captioning_mapper, or none) leaves its caption in `text`, between Data-Juicer's special tokens.
-    An empty variant (a generation that produced nothing) is left out: it would fit every word budget and
-    train the model to stop at once."""
+    A variant without a word (a generation that produced nothing, or emoji or punctuation alone) is left out:
+    an empty one would fit every word budget and train the model to stop at once, and one of symbols alone counts
+    a word for the budgets, so a stage trained on it, and is no reference a text metric can score."""
     if row.get("caption_variants"):
-        return {name: text for name, text in json.loads(row["caption_variants"]).items() if text.strip()}
-    return {"caption": strip_dj_tokens(row["text"])}
+        variants = json.loads(row["caption_variants"]).items()
+    else:
+        variants = [("caption", strip_dj_tokens(row["text"]))]
+    return {name: text for name, text in variants if caption_words(text)}
+
+
+def wordless_variants(row: dict) -> list[str]:
+    """The names of the row's caption variants that `caption_variants` leaves out for want of a word."""
+    written = json.loads(row["caption_variants"]) if row.get("caption_variants") else {}
+    return sorted(set(written) - set(caption_variants(row)))
 
 
 def _shard_sample(row: dict) -> dict:
@@ -294,7 +303,7 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
         raise ValueError(f"recipe process: its ops kept none of {len(rows)} samples ({drops}; stats in {work})")
     check_captions(kept)
     renamed = distinct_keys(kept)
-    kept, empty = _with_words(kept)
+    kept, empty, wordless = _with_words(kept)
     if not kept and not captionless_ok:  # an empty index, which failed later naming a split's share
         raise ValueError(
             f"recipe process: its ops kept {empty.total} of {len(rows)} samples, and none has a word in a caption "
@@ -307,7 +316,7 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
     index = _write_shards(recipe, kept, named, out_dir)
     (out_dir / IMAGE_FILES_NAME).write_text(json.dumps(dict(sorted(skips.image_files.items()))))
     shutil.rmtree(work, ignore_errors=True)  # the images now live in the shards
-    report = build_report(recipe, rows, kept, accounting, skips, total, empty, renamed)
+    report = build_report(recipe, rows, kept, accounting, skips, total, empty, renamed, wordless)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     (out_dir / "report.md").write_text(report_markdown(report), encoding="utf-8")
     for split in SPLITS:  # on the disk before the index vouches for them
@@ -318,17 +327,20 @@ def _build(recipe: RecipeConfig, out_dir: Path, world: WorldConfig | None, seed:
     return report
 
 
-def _with_words(kept: list[dict]) -> tuple[list[dict], SkipLog]:
-    """The samples with a word in some caption variant, and those without, counted as `empty_caption`: a caption
+def _with_words(kept: list[dict]) -> tuple[list[dict], SkipLog, SkipLog]:
+    """The samples with a word in some caption variant; those without, counted as `empty_caption`: a caption
     op can leave a sample with nothing to train on (an empty generation), and a record's caption can hold no word
-    (emoji or punctuation alone), which no text metric can score."""
-    empty, written = SkipLog(), []
+    (emoji or punctuation alone), which no text metric can score; and, by variant name, the variants without a
+    word that the written samples leave out (they keep their other variants)."""
+    empty, variants, written = SkipLog(), SkipLog(), []
     for row in kept:
-        if any(caption_words(text) for text in caption_variants(row).values()):
+        if caption_variants(row):
             written.append(row)
+            for name in wordless_variants(row):
+                variants.skip(name, row["__key__"])
         else:
             empty.skip("empty_caption", row["__key__"])
-    return written, empty
+    return written, empty, variants
 
 
 def _write_shards(recipe: RecipeConfig, kept: list[dict], named: dict[str, str], out_dir: Path) -> dict:
@@ -351,7 +363,10 @@ def _write_shards(recipe: RecipeConfig, kept: list[dict], named: dict[str, str],
     return index
 
 
-def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int, empty: SkipLog, renamed: int = 0) -> dict:
+def build_report(
+    recipe, rows, kept, accounting, skips: SkipLog, total: int, empty: SkipLog, renamed: int = 0, wordless=None
+) -> dict:
+    wordless = wordless or SkipLog()
     raw = [r["raw_caption"] for r in rows]
     new = [r["text"] if r.get("caption_variants") else caption_variants(r)["caption"] for r in kept]
     equal = min(sum(len(tokens(t)) for t in raw), sum(len(tokens(t)) for t in new))
@@ -378,6 +393,7 @@ def build_report(recipe, rows, kept, accounting, skips: SkipLog, total: int, emp
         },  # fmt: skip
         "input_skips": {"counts": dict(skips.counts), "first_keys": skips.examples},
         "output_skips": {"counts": dict(empty.counts), "first_keys": empty.examples},
+        "wordless_variants": {"counts": dict(wordless.counts), "first_keys": wordless.examples},
         "ops": accounting,
         "text": {
             "raw": corpus_stats(raw, equal),
@@ -413,6 +429,11 @@ def report_markdown(report: dict) -> str:
     if dropped:
         lines += ["", "Dropped after the ops: " + ", ".join(f"{k} {v}" for k, v in dropped.items())]
         lines += [f"- {reason}: {', '.join(keys)}" for reason, keys in report["output_skips"]["first_keys"].items()]
+    wordless = report.get("wordless_variants", {}).get("counts", {})
+    if wordless:
+        lines += ["", "Caption variants left out, without a word (their samples keep the others): "]
+        lines[-1] += ", ".join(f"{k} {v}" for k, v in wordless.items())
+        lines += [f"- {name}: {', '.join(keys)}" for name, keys in report["wordless_variants"]["first_keys"].items()]
     lines += ["", "| corpus | texts | mean words | p50 | p95 | vocabulary | MTLD | MATTR | TTR (equal tokens) |"]
     lines += ["|---|---|---|---|---|---|---|---|---|"]
     for name, t in report["text"].items():

@@ -414,7 +414,13 @@ def text_metrics(predictions: list[str], references: list[list[str]]) -> dict[st
     predictions = [" ".join(caption_words(p)) for p in predictions]
     # Shortest first: BLEU's brevity penalty takes the reference closest in length, and torchmetrics breaks
     # a tie by list order where BLEU's definition (nltk, sacrebleu) takes the shorter one.
-    references = [sorted((" ".join(caption_words(r)) for r in rs), key=lambda r: len(r.split())) for rs in references]
+    # A reference without a word (an emoji-only caption variant of shards built before the data stage left those
+    # out) is none: as "" it gave BLEU's brevity penalty a length of 0 (BLEU-1 1.0 for 3 words of a 6-word
+    # reference) and counted in CIDEr-D's mean over references.
+    references = [
+        sorted((" ".join(words) for r in rs if (words := caption_words(r))), key=lambda r: len(r.split()))
+        for rs in references
+    ]
     scores = {f"bleu{n}": float(bleu_score(predictions, references, n_gram=n, smooth=True)) for n in range(1, 5)}
     scores["rouge_l"] = sum(rouge_l(p, r) for p, r in zip(predictions, references, strict=True)) / len(predictions)
     scores["cider_d"] = sum(cider_d(predictions, references)) / len(predictions)

@@ -142,6 +142,24 @@ def test_stock_image_captioning_mapper_through_the_same_recipe_format(llava, tmp
         assert record["caption_words"]["caption"] == len(caption.split())
 
 
+def test_caption_variants_without_a_word_are_left_out_and_counted():
+    # A variant of emoji alone was kept beside a real one: it counts a word, so a 1-word budget trained on it.
+    from stages.data import _with_words, build_report, caption_variants, report_markdown
+
+    def row(key: str, variants: dict) -> dict:
+        return {"__key__": key, "caption_variants": json.dumps(variants), "text": "", "raw_caption": ""}
+
+    rows = [row("a", {"short": "🔥🔥", "long": "a dog runs on the grass"}), row("b", {"short": "?!", "long": " "})]
+    assert caption_variants(rows[0]) == {"long": "a dog runs on the grass"}
+    kept, empty, wordless = _with_words(rows)
+    assert [r["__key__"] for r in kept] == ["a"] and dict(empty.counts) == {"empty_caption": 1}
+    assert dict(wordless.counts) == {"short": 1} and wordless.examples == {"short": ["a"]}
+    recipe = RecipeConfig(input=InputSpec(format="dj_jsonl", path="x.jsonl"), process=[])
+    report = build_report(recipe, rows, kept, [], SkipLog(), 2, empty, 0, wordless)
+    assert report["wordless_variants"]["counts"] == {"short": 1}
+    assert "without a word (their samples keep the others): short 1" in report_markdown(report)
+
+
 def test_samples_left_without_a_caption_are_counted_not_written(tmp_path):
     _image(tmp_path / "a.png")
     _image(tmp_path / "b.png")

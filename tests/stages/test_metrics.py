@@ -300,6 +300,15 @@ def test_bleu_takes_the_shorter_of_two_equally_close_references():
     assert shard_order == shortest_first
 
 
+def test_a_reference_without_a_word_is_none():
+    # An emoji-only caption variant (in shards built before the data stage left those out) became the reference
+    # "", whose length 0 took BLEU's brevity penalty away: BLEU-1 1.0 for 3 words against a 6-word caption.
+    real = ["a dog runs on the grass"]
+    alone, with_emoji = text_metrics(["a dog runs"], [real]), text_metrics(["a dog runs"], [[*real, "🔥🔥"]])
+    assert alone["bleu1"] == pytest.approx(math.exp(1 - 6 / 3))
+    assert with_emoji == pytest.approx(alone)
+
+
 def test_text_metrics_ignore_case_and_punctuation():
     scores = text_metrics(["A red circle."], [["a red circle"]])
     assert scores["bleu1"] == 1.0 and scores["rouge_l"] == pytest.approx(1.0)
