@@ -10,7 +10,8 @@ colour=red, size=large). In this world an object is identified by its colour and
 - attribute hallucination: among mentions whose shape is in the image, the share that no single
   object of that shape matches in both the colour and the size stated ("a large red circle" beside a
   small red circle and a large blue one is wrong);
-- recall: ground-truth objects whose (colour, shape) some mention names / all ground-truth objects;
+- recall: ground-truth objects whose (colour, shape) some mention names / all ground-truth objects (a
+  mention without a colour names none: "two stars" recalls no blue star);
 - all of these also per bucket of generated caption length: CHAIR-s rises with length by
   construction, so curricula are compared at matched lengths.
 
@@ -45,9 +46,12 @@ from dataclasses import dataclass
 from torchmetrics.functional.text import bleu_score
 
 from datamodules.text_stats import caption_words, word_count
-from datamodules.world import COLOURS, EXTRA_COLOURS, SHAPES, SIZES
+from datamodules.world import BACKGROUNDS, COLOURS, EXTRA_COLOURS, SHAPES, SIZES
 
 ALL_COLOURS = {**COLOURS, **EXTRA_COLOURS}
+MENTION_COLOURS = {**ALL_COLOURS, **BACKGROUNDS}
+"""The colour words a mention takes: the objects' and the backgrounds' (the model writes "gray" in every long
+caption; "a gray circle" must not read as a colourless mention of a circle, and earn recall for a red one)."""
 DEFAULT_BUCKETS = (8, 20, 48)
 """Caption-length bucket edges in words: the hallucination scores are also reported per bucket."""
 POPE_SETTINGS = ("random", "popular", "adversarial")
@@ -69,6 +73,9 @@ def _world_shape(word: str) -> str | None:
 
 
 def mentions(caption: str) -> list[Mention]:
+    """The caption's object mentions: each shape word with the colour and size words among the two words before
+    it, back to the shape word before (in "a red star circle" the circle has no colour). Every colour word the
+    world has counts, the backgrounds' too: "a gray circle" names a gray circle, which no image holds."""
     words = caption_words(caption)
     found = []
     for i, word in enumerate(words):
@@ -76,7 +83,9 @@ def mentions(caption: str) -> list[Mention]:
         if shape is None:
             continue
         before = words[max(0, i - 2) : i]
-        colour = next((w for w in reversed(before) if w in ALL_COLOURS), None)
+        while any(_world_shape(w) for w in before):
+            before = before[1:]
+        colour = next((w for w in reversed(before) if w in MENTION_COLOURS), None)
         size = next((w for w in before if w in SIZES), None)
         found.append(Mention(shape, colour, size))
     return found
@@ -92,7 +101,9 @@ def _wrong_attribute(mention: Mention, objects: list[dict]) -> bool:
 
 
 def _named(said: list[Mention], obj: dict) -> bool:
-    return any(m.shape == obj["shape"] and m.colour in (None, obj["colour"]) for m in said)
+    """Whether a mention names the object: its shape and its colour (\"a circle\" names no red circle: it earned
+    recall for every circle, and answered yes to every POPE probe of a circle)."""
+    return any(m.shape == obj["shape"] and m.colour == obj["colour"] for m in said)
 
 
 # Each hallucination rate's denominator, recorded beside it (floats, as every metric, for TensorBoard).

@@ -100,10 +100,25 @@ def test_by_length_buckets_split_on_generated_words():
 
 
 def test_a_mention_without_colour_is_judged_by_its_shape():
-    # "a circle" names the red circle (no hallucination, recalled); "a square" names nothing there.
+    # "a circle" beside the red circle is no hallucination, but names no red circle: it is not recalled (it was,
+    # so a caption without a colour word had recall 1.0); "a square" names nothing there.
     scores = hallucination(["a circle", "a square"], [[RED_CIRCLE], [RED_CIRCLE]])
-    assert (scores["chair_i"], scores["chair_s"], scores["recall"]) == (0.5, 0.5, 0.5)
-    assert hallucination(["two stars"], [[BLUE_STAR]])["recall"] == 1.0
+    assert (scores["chair_i"], scores["chair_s"], scores["recall"]) == (0.5, 0.5, 0.0)
+    assert hallucination(["two stars"], [[BLUE_STAR]])["recall"] == 0.0
+    assert hallucination(["two blue stars"], [[BLUE_STAR]])["recall"] == 1.0
+    # Nor does it answer yes to "is there a green circle?": adversarial POPE answered yes to every probe.
+    adversarial = pope(["k"], ["a circle and a star"], [[RED_CIRCLE, BLUE_STAR]])["adversarial"]
+    assert adversarial["yes_ratio"] == 0.0
+
+
+def test_background_colours_and_the_shape_before_bound_a_mention():
+    # "gray" is a background's colour: "a gray circle" named a colourless circle, recalled the red one.
+    gray = hallucination(["a gray circle"], [[RED_CIRCLE]])
+    assert (gray["chair_i"], gray["recall"], gray["attr_halluc"]) == (1.0, 0.0, 1.0)
+    # The red of "a red star circle" is the star's: the circle has no colour word (it read as a red circle).
+    assert [(m.shape, m.colour) for m in mentions("a red star circle")] == [("star", "red"), ("circle", None)]
+    blue_circle = {**RED_CIRCLE, "colour": "blue"}
+    assert hallucination(["a red star circle"], [[{**BLUE_STAR, "colour": "red"}, blue_circle]])["chair_i"] == 0.0
 
 
 def test_binary_scores_hand_computed():
