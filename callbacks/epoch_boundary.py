@@ -22,6 +22,7 @@ whereas a jump on the same data means the handoff lost something (the adapter, t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import statistics
 from dataclasses import asdict, dataclass
@@ -34,6 +35,8 @@ from typing_extensions import override
 from callbacks.alerts import Alert, AlertSinks, gather_findings
 from stages.launch import every_rank_state, own_rank_state
 from stages.paths import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -114,6 +117,22 @@ class BoundaryCheck(L.Callback):
     @override
     def on_train_start(self, trainer, pl_module) -> None:
         self._step = trainer.global_step  # resumed: steps before it are in all_losses already
+        batches = trainer.num_training_batches
+        if not self.config.enabled or not math.isfinite(batches):
+            return
+        steps = math.ceil(batches / trainer.accumulate_grad_batches)
+        epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf
+        if trainer.max_steps not in (None, -1):
+            epochs = min(epochs, math.ceil(trainer.max_steps / max(1, steps)))
+        if steps < self.config.k and epochs > 1 and trainer.is_global_zero:
+            # An epoch never reached its k-th step, where the check runs: no boundary was checked, unsaid.
+            log.warning(
+                "stage %s: its epochs have %d optimizer steps, fewer than stability.boundary.k=%d, so its epoch "
+                "boundaries are not checked; lower stability.boundary.k to check them",
+                self.stage,
+                steps,
+                self.config.k,
+            )
 
     def _trace(self, trainer) -> _EpochTrace:
         while len(self.epochs) <= trainer.current_epoch:
@@ -171,15 +190,20 @@ class BoundaryCheck(L.Callback):
         if epoch == 0:
             if len(self.previous_tail) < k:
                 return None
-            before, noise = self.previous_tail[-k:], spread(self.previous_tail)
+            before, noise = self.previous_tail[-k:], spread(self._settled(self.previous_tail))
             return self._judge(trainer, "stage_boundary", before, current.losses, noise, [])
         previous = self.epochs[epoch - 1]
         if len(previous.losses) < k:
             return None
-        # The noise comes from the epoch's own steps, not its first k (themselves right after a boundary).
-        settled = previous.losses[k:] if len(previous.losses) >= 3 * k else previous.losses
         causes = self._causes(trainer, previous, current)
-        return self._judge(trainer, "epoch_boundary", previous.losses[-k:], current.losses, spread(settled), causes)
+        noise = spread(self._settled(previous.losses))
+        return self._judge(trainer, "epoch_boundary", previous.losses[-k:], current.losses, noise, causes)
+
+    def _settled(self, losses: list[float]) -> list[float]:
+        """The losses the noise is measured on: without the first k (themselves right after a boundary, or a
+        stage's start, falling fast) when enough are left."""
+        k = self.config.k
+        return losses[k:] if len(losses) >= 3 * k else losses
 
     def _causes(self, trainer, previous: _EpochTrace, current: _EpochTrace) -> list[str]:
         causes = []

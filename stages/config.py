@@ -243,7 +243,8 @@ class StageSpec:
     warmup_steps: int = 20
     """Linear warm-up over these optimizer steps (at most half of the stage's: more is cut, with a warning)."""
     min_lr_ratio: float = 0.1
-    """The cosine schedule ends at this fraction of each peak rate (0: decays to zero, as LLaVA-1.5's does)."""
+    """The cosine schedule decays towards this fraction of each peak rate (0: to zero, as LLaVA-1.5's does),
+    reached after the stage's last step: the last step trains a little above it (as in Hugging Face's schedules)."""
     loss_weighting: str = "token"
     """"token": every caption token of an optimizer step weighs the same, across its accumulated micro-batches
     (as one big batch); "micro_batch": each micro-batch's mean weighs the same (the original LLaVA / MGM

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import statistics
 
 import lightning as L
@@ -85,6 +86,33 @@ def test_accumulation_change_is_named():
     trainer([schedule, check], max_steps=-1, max_epochs=4).fit(module, loader(KeyedRegression(size=2048), 64))
     assert [a.epoch for a in check.alerts] == [2]
     assert check.alerts[0].causes == ["accumulation_changed (4 -> 1)"]
+
+
+def test_epochs_shorter_than_k_are_said_to_go_unchecked(caplog):
+    # An epoch is checked at its k-th step: epochs of 2 steps were never checked, and nothing said so.
+    caplog.set_level("WARNING", logger="callbacks.epoch_boundary")
+    _fit(ToyRegression(lr=0.05), KeyedRegression(size=128), epochs=3)
+    assert "its epochs have 2 optimizer steps, fewer than stability.boundary.k=5" in caplog.text
+    caplog.clear()
+    _fit(ToyRegression(lr=0.05), KeyedRegression(size=128), epochs=3, config=BoundaryConfig(k=2))
+    _fit(ToyRegression(lr=0.05), KeyedRegression(size=128), epochs=1)  # no boundary to check
+    assert "optimizer steps, fewer than" not in caplog.text
+
+
+def test_the_stage_boundary_noise_leaves_out_the_previous_stage_start():
+    # As at an epoch boundary, the noise leaves out the first k losses (a stage's start, falling fast): over the
+    # whole tail it was twice as large here, and a jump of 0.04 on a loss of 1.0 (min_rel 0) went unseen.
+    from types import SimpleNamespace
+
+    from callbacks.epoch_boundary import _EpochTrace
+
+    rng = random.Random(0)
+    tail = [8.0, 5.0, 3.0, 2.0, 1.4] + [1.0 + rng.uniform(-0.01, 0.01) for _ in range(10)]
+    check = BoundaryCheck(BoundaryConfig(min_rel=0.0), AlertSinks("next"), "next", previous_tail=tail)
+    check.epochs = [_EpochTrace([1.04] * 5, [1e-3] * 5, [8] * 5, [], 1, steps=5)]
+    alert = check._finding(SimpleNamespace(current_epoch=0, global_step=5))
+    assert alert is not None and alert.kind == "stage_boundary"
+    assert alert.threshold == pytest.approx(4 * spread(tail[5:]))
 
 
 def test_stage_boundary_compares_with_the_previous_stage_tail():
