@@ -27,7 +27,7 @@ from modules import modeling_vlm_curriculum
 from modules.handoff import check_handoff, has_lora, load_handoff
 from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens, is_model_folder
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
-from stages.config import EvalConfig, cast_as_trained, trained_dtype
+from stages.config import EvalConfig, cast_as_trained, float32_masters, trained_dtype
 from stages.metrics import DEFAULT_BUCKETS, check_buckets
 from stages.paths import file_lock, follow_umask, input_path, make_folder
 from stages.report import STAGES_FILE, listed_stages, read_json, stage_configs, stage_problems
@@ -171,6 +171,8 @@ def load_stage_model(source: StageSource, dtype: torch.dtype | None = None, as_t
     check_handoff(source.stage_dir / "export", str(source.stage_dir))  # before the base models load
     vlm, tokenizer, processor = build_vlm(model_config, vision, lm)
     vlm.to(dtype=dtype)
+    if as_trained:
+        float32_masters(vlm, source.config["spec"]["trainable"], precision, strategy)
     load_handoff(vlm, source.stage_dir / "export", str(source.stage_dir))
     if as_trained:
         cast_as_trained(vlm, precision, strategy)

@@ -48,7 +48,7 @@ from modules.handoff import load_handoff, save_handoff
 from modules.loading import build_vlm, count_image_tokens
 from modules.training_module import AlignModule, LoRASFTModule, VLMModule
 from modules.vlm import VisionLanguageModel
-from stages.config import CurriculumConfig, StageSpec, TrainerConfig
+from stages.config import CurriculumConfig, StageSpec, float32_masters
 from stages.launch import launched_ranks
 from stages.paths import follow_umask, stored_path, sync_tree, write_text_atomic
 from stages.strategies import BesideCheckpointIO
@@ -223,21 +223,6 @@ def prepare_stage_folder(stage_dir: Path, stage_hash: str, resolved: dict, rank_
         else:
             stale.unlink()
     write_stage_config(stage_dir, stage_hash, resolved)
-
-
-def float32_masters(vlm: VisionLanguageModel, trainable: list[str], trainer: TrainerConfig) -> None:
-    """Casts a vision tower or LM that the stage trains in full to float32 when `model.dtype` stores it in bf16 or
-    fp16 and nothing else keeps master weights: under the mixed precisions and 32-true, AdamW wrote its updates
-    (about the rate, 1e-5) straight into bf16 weights, where most rounded away (3 steps moved 12% of a tiny LM's
-    weights, against 95% in float32). DeepSpeed keeps float32 masters of its own, and a "-true" precision casts
-    the model as the user asked, so neither is touched. Autocast still computes in half precision."""
-    if trainer.trained_dtype() is not None:
-        return
-    for group in ("vision", "lm"):
-        part = getattr(vlm, group)
-        if group in trainable and any(p.dtype in (torch.bfloat16, torch.float16) for p in part.parameters()):
-            log.info("%s trained in full: float32 master weights (model.dtype stores it in half precision)", group)
-            part.float()
 
 
 def make_module(spec: StageSpec, vlm: VisionLanguageModel, cfg: CurriculumConfig) -> VLMModule:
@@ -515,7 +500,8 @@ def run_stage(
     started = time.perf_counter()
     L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)
     vlm, tokenizer, processor = build_vlm(cfg.model, inputs.vision_path, inputs.lm_path)
-    float32_masters(vlm, cfg.stages[name].trainable, cfg.trainer_of(name))  # before the handoff: its low bits too
+    trainer_cfg = cfg.trainer_of(name)  # before the handoff: its low bits too
+    float32_masters(vlm, cfg.stages[name].trainable, trainer_cfg.precision, trainer_cfg.strategy)
     if init_dir is not None:
         if cfg.trainer_of(name).trained_dtype() == torch.float64:
             # Lightning casts to float64 only when the fit starts: loaded into float32 first, a float64 handoff

@@ -92,3 +92,9 @@ def test_an_lm_trained_in_full_from_bf16_storage_keeps_float32_masters(tmp_path)
     moved = sum((v.float() != base[k].to(torch.bfloat16).float()).sum().item() for k, v in trained.items())
     assert moved / sum(v.numel() for v in trained.values()) > 0.8
     assert {v.dtype for v in trained.values()} == {torch.float32}
+    # Scored again (`eval`), the stage is built as it trained: the float32 LM, not its weights rounded to bf16.
+    from stages.export import find_stage, load_stage_model
+
+    vlm = load_stage_model(find_stage(run, "sft_short"), as_trained=True)[0]
+    state = vlm.lm.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in trained.items())
