@@ -33,25 +33,40 @@ log = logging.getLogger(__name__)
 
 def metrics_line(metrics: dict) -> str:
     """The scalar metrics for the log: rates to 3 decimals, counts (the rates' denominators) whole."""
-    counts = set(DENOMINATORS.values())
+    counts = {*DENOMINATORS.values(), "cut_short"}
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
     return ", ".join(f"{k} {v:.0f}" if k in counts else f"{k} {v:.3f}" for k, v in scalars.items())
 
 
-_WARNED: set = set()  # said once: evaluated sets (by their first unannotated key), captions cut (by limit)
+_WARNED: set = set()  # said once: evaluated sets (by their first unannotated key)
 
 
-def generate_captions(
-    vlm, samples: list, fmt: PromptFormat, processor, batch_size: int, **generate_kwargs
-) -> list[str]:
-    """Captions for (key, image, metadata) samples. Every prompt has the same length, so no padding. Captions
-    that reach `max_new_tokens` before an end token are counted and said once (budgets are in words, limits in
-    tokens: a subword tokenizer's 48-word caption took 187)."""
+class Captions(list):
+    """Generated captions (a list of str), with `cut`: for each, whether it reached `max_new_tokens` before an
+    end token."""
+
+    def __init__(self, texts: list[str], cut: list[bool]) -> None:
+        super().__init__(texts)
+        self.cut = cut
+
+
+def warn_cut(where: str, cut: int, total: int, limit: int | None) -> None:
+    """Says how many captions an evaluation cut short (each final evaluation its own count: said once a process,
+    it named the first evaluation's and no stage's after it)."""
+    if cut:
+        log.warning("%s: %d of %d captions reached max_new_tokens=%d before an end token and were cut short: raise "
+                    "eval.max_new_tokens (eval: --max_new_tokens)", where, cut, total, limit)  # fmt: skip
+
+
+def generate_captions(vlm, samples: list, fmt: PromptFormat, processor, batch_size: int, **generate_kwargs) -> Captions:
+    """Captions for (key, image, metadata) samples. Every prompt has the same length, so no padding. Each caption
+    that reaches `max_new_tokens` before an end token is flagged (`Captions.cut`; budgets are in words, limits in
+    tokens: a subword tokenizer's 48-word caption took 187); the evaluations count them (`cut_short`)."""
     device = next(vlm.parameters()).device
     prefix = torch.tensor(fmt.prefix(), device=device)
     tokenizer = fmt.tokenizer
     captions: list[str] = []
-    limit, cut = generate_kwargs.get("max_new_tokens"), 0
+    limit, cut = generate_kwargs.get("max_new_tokens"), []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         pixels = processor([as_image(image) for _, image, _ in chunk], return_tensors="pt")["pixel_values"]
@@ -67,13 +82,9 @@ def generate_captions(
             **generate_kwargs,
         )
         captions += [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
-        if limit is not None and tokens.shape[1] >= limit:
-            cut += sum(not set(row) & set(fmt.stop_ids) for row in tokens.tolist())
-    if cut and ("cut", limit) not in _WARNED:
-        _WARNED.add(("cut", limit))
-        log.warning("%d of %d captions reached max_new_tokens=%d before an end token and were cut short: raise "
-                    "eval.max_new_tokens (eval: --max_new_tokens)", cut, len(samples), limit)  # fmt: skip
-    return captions
+        full = limit is not None and tokens.shape[1] >= limit
+        cut += [full and not set(row) & set(fmt.stop_ids) for row in tokens.tolist()]
+    return Captions(captions, cut)
 
 
 @contextmanager
@@ -345,6 +356,7 @@ class CaptionEvaluation(L.Callback):
         self.metrics: dict | None = None
         self.final_done = False  # on every rank (only rank 0 scores and holds `metrics`)
         self.history: list[dict] = []
+        self.cut_short = 0  # captions the last `caption` cut at max_new_tokens, every rank's
         self._last_step: int | None = None
         self._final_step: float = float("inf")
         # The step of this fit's last evaluation during training, and (rank 0) its scores and captions: a stage
@@ -378,9 +390,20 @@ class CaptionEvaluation(L.Callback):
         kwargs = {**self.generate_kwargs, **generate_kwargs}
         with eval_mode(owner if owner is not None else vlm):
             captions = generate_captions(vlm, mine, self.fmt, self.processor, self.batch_size, **kwargs)
-        results = [(key, meta, text) for (key, _, meta), text in zip(mine, captions, strict=True)][:real]
+        flagged = list(zip(mine, captions, captions.cut, strict=True))[:real]  # not the padding copies
+        results = [(key, meta, text, cut) for (key, _, meta), text, cut in flagged]
         # One process's own call (a stage scored again on rank 0 alone) gathers nothing, even in a process group.
-        return sorted(_gather(results) if world_size > 1 else results, key=lambda r: r[0])
+        results = _gather(results) if world_size > 1 else results
+        self.cut_short = sum(cut for *_, cut in results)  # every rank's, counted once
+        return sorted(((key, meta, text) for key, meta, text, _ in results), key=lambda r: r[0])
+
+    def _score(self, results: list[tuple[str, dict, str]]) -> dict:
+        """The scores of `caption`'s results, with how many captions it cut short."""
+        return {**score(results, self.buckets, self.synonyms), "cut_short": float(self.cut_short)}
+
+    def _warn_cut(self, metrics: dict) -> None:
+        limit = self.generate_kwargs["max_new_tokens"]
+        warn_cut(f"{self.stage} evaluation", int(metrics["cut_short"]), int(metrics["images"]), limit)
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool, again: bool = False) -> None:
         """Captions the held-out images (each rank a share) and, on rank 0, scores them, logs the scores, a table
@@ -393,7 +416,7 @@ class CaptionEvaluation(L.Callback):
         answers = self._answers(trainer, pl_module, **synced) if final and self.vqa else None  # every rank: ZeRO-3
         if not trainer.is_global_zero:
             return
-        metrics, results = self._scored if again else (score(results, self.buckets, self.synonyms), results)
+        metrics, results = self._scored if again else (self._score(results), results)
         vqa = vqa_scores(answers) if answers is not None else {}  # before logging: they belong in TensorBoard too
         metrics.update(vqa)
         new = vqa if again else metrics  # what this call adds to the log
@@ -413,12 +436,15 @@ class CaptionEvaluation(L.Callback):
                 grid = caption_grid([as_image(by_key[key]) for key, _, _ in shown], [text for _, _, text in shown])
                 writer.add_image(f"eval/{self.stage}/grid", grid, run_step(step - 1), dataformats="HWC")
         if final:
+            self._warn_cut(metrics)
             self._write_final(step, metrics, results)
 
     def _write_final(self, step: int, metrics: dict, results: list[tuple[str, dict, str]]) -> None:
         """metrics.json (with the history of the evaluations during training) and captions.jsonl."""
         self.metrics = metrics
         generation = {**self.generate_kwargs, "do_sample": False}  # generate_captions decodes greedily or by beam
+        if "vqa_exact" in metrics:
+            generation["vqa_num_beams"] = 1  # answer_questions decodes greedily, whatever the captions' num_beams
         record = {"stage": self.stage, "global_step": step, "generation": generation}
         record.update(metrics, **self.extra, history=self.history)
         self.out_path.parent.mkdir(parents=True, exist_ok=True)  # the runner makes it; a plain Trainer may not
@@ -434,7 +460,8 @@ class CaptionEvaluation(L.Callback):
         One process; the record's `history` is empty, this callback being new (the evaluations during
         training, made with other settings, are not repeated)."""
         results = self.caption(vlm)
-        metrics = score(results, self.buckets, self.synonyms)
+        metrics = self._score(results)
+        self._warn_cut(metrics)
         if self.vqa:
             with eval_mode(vlm):
                 answers = answer_questions(vlm, self.samples, self.fmt, self.processor, self.batch_size)

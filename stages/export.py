@@ -404,7 +404,15 @@ def evaluate_model(
 ) -> dict:
     """Captions the held-out `split` of the shards with an exported folder or a finished stage, on `device`
     ("auto": the GPU if there is one) and, if given, cast to `dtype`; the scores."""
-    from callbacks.evaluation import answer_questions, class_table, generate_captions, load_synonyms, score, vqa_scores
+    from callbacks.evaluation import (
+        answer_questions,
+        class_table,
+        generate_captions,
+        load_synonyms,
+        score,
+        vqa_scores,
+        warn_cut,
+    )
     from datamodules.caption_datamodule import CaptionDataModule
     from datamodules.captions import PromptFormat
     from datamodules.shards import INDEX_NAME
@@ -439,7 +447,8 @@ def evaluate_model(
     )
     results = [(key, meta, text) for (key, _, meta), text in zip(samples, captions, strict=True)]
     table = class_table(synonym_table, data.index, samples, shards)
-    metrics = score(sorted(results, key=lambda r: r[0]), buckets, table)
+    metrics = {**score(sorted(results, key=lambda r: r[0]), buckets, table), "cut_short": float(sum(captions.cut))}
+    warn_cut("eval", sum(captions.cut), len(samples), max_new_tokens)
     if vqa:
         answers = answer_questions(model, samples, fmt, target.processor, batch_size)
         if not answers:
@@ -448,7 +457,12 @@ def evaluate_model(
     return {
         "model": target.source,
         "data": {"shard_dir": str(shards), "split": split, "images": len(samples)},
-        "generation": {"max_new_tokens": max_new_tokens, "num_beams": num_beams, "do_sample": False},
+        "generation": {
+            "max_new_tokens": max_new_tokens,
+            "num_beams": num_beams,
+            "do_sample": False,
+            **({"vqa_num_beams": 1} if vqa else {}),  # answer_questions decodes greedily
+        },
         "device": {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)},
         "metrics": metrics,
         "captions": {key: text for key, _, text in results},

@@ -281,9 +281,13 @@ def _evaluation_section(run_dir: Path, stages: list[str]) -> list[str]:
     lines += [f"Held-out images: {images}; generation: `{json.dumps(generation)}`.", ""]
     vqa = [("vqa_exact", "VQA"), ("vqa_accuracy", "VQA acc")]  # exact match; VQAv2's, for several human answers
     table = TABLE + [(key, label) for key, label in vqa if any(key in metrics[name] for name in stages)]
+    # Captions cut at max_new_tokens, when an evaluation cut any: their lengths and scores are the limit's.
+    table += [("cut_short", "cut short")] if any(metrics[name].get("cut_short") for name in stages) else []
     lines += ["| stage | " + " | ".join(label for _, label in table) + " |", "|---" * (len(table) + 1) + "|"]
     for name in stages:
-        lines.append(f"| {name} | " + " | ".join(_fmt(metrics[name].get(key)) for key, _ in table) + " |")
+        row = [metrics[name].get(key) for key, _ in table]
+        row = [int(v) if key == "cut_short" and v is not None else v for (key, _), v in zip(table, row, strict=True)]
+        lines.append(f"| {name} | " + " | ".join(map(_fmt, row)) + " |")
     lines += ["", "Hallucination by generated caption length (compare stages within a row of equal length):", ""]
     lines += ["| stage | bucket | images | CHAIR-i | CHAIR-s | recall | words |", "|---" * 7 + "|"]
     for name in stages:

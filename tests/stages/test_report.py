@@ -16,7 +16,9 @@ def test_periodic_evaluation_is_logged_and_kept_in_metrics_json(micro_run):
     for name in ("align", "sft_short", "sft_medium", "sft_long"):
         metrics = json.loads((micro_run / name / "metrics.json").read_text())
         assert [h["global_step"] for h in metrics["history"]] == [2, 3]  # every 2 steps, and the stage's end
-        assert metrics["generation"] == {"max_new_tokens": 12, "num_beams": 1, "do_sample": False}
+        # VQA answers decode greedily whatever the captions' num_beams (the record said nothing of them).
+        generation = {"max_new_tokens": 12, "num_beams": 1, "do_sample": False, "vqa_num_beams": 1}
+        assert metrics["generation"] == generation
         assert metrics["history"][-1]["chair_i"] == metrics["chair_i"]
         assert sum(b["images"] for b in metrics["by_length"].values()) == metrics["images"] == 8
     events = RunEvents(micro_run / "tb")
@@ -218,13 +220,15 @@ def test_a_run_finished_before_stages_json_existed_still_reports(micro_run, tmp_
     run = tmp_path / "run"
     shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "base", "*.ckpt", "stages.json"))
     assert main(["report", "--run_dir", str(run)]) == 0
-    assert "| sft_long |" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "| sft_long |" in report and "| cut short |" in report  # the micro run's captions reach max_new_tokens
 
 
-def test_vqa_answers_get_the_tokens_their_references_take_and_cut_captions_are_said(micro_run, caplog):
+def test_vqa_answers_get_the_tokens_their_references_take_and_cut_captions_are_said(micro_run, tmp_path, caplog):
     """VQA answers were cut at a fixed 3 tokens ("yellow" takes 7 with a subword tokenizer: no exact match
-    whatever the model); captions cut at max_new_tokens were scored with nothing said."""
-    from callbacks.evaluation import answer_questions, generate_captions
+    whatever the model); captions cut at max_new_tokens were scored with nothing said, then said once a process
+    (the first evaluation's count; no later stage's), and counted nowhere."""
+    from callbacks.evaluation import CaptionEvaluation, answer_questions, generate_captions
     from datamodules.caption_datamodule import CaptionDataModule
     from datamodules.captions import PromptFormat
     from modules.loading import count_image_tokens
@@ -242,9 +246,14 @@ def test_vqa_answers_get_the_tokens_their_references_take_and_cut_captions_are_s
     vlm.generate = lambda *args, **kwargs: budgets.append(kwargs["max_new_tokens"]) or generate(*args, **kwargs)
     answer_questions(vlm, samples, fmt, processor, batch_size=8)
     assert set(budgets) == {9}, "its 7 words and end token, and one more: an answer cut there is no match"
+    assert generate_captions(vlm, samples, fmt, processor, 8, max_new_tokens=1).cut == [True, True]
     with caplog.at_level("WARNING"):
-        generate_captions(vlm, samples, fmt, processor, 8, max_new_tokens=1)
-    assert "2 of 2 captions reached max_new_tokens=1 before an end token" in caplog.text
+        for name in ("first", "second"):  # each stage's final evaluation says its own
+            evaluation = CaptionEvaluation(name, samples, fmt, processor, tmp_path / name / "metrics.json", 1)
+            assert evaluation.rescore(vlm, 3)["cut_short"] == 2.0
+            assert json.loads((tmp_path / name / "metrics.json").read_text())["cut_short"] == 2.0
+    for name in ("first", "second"):
+        assert f"{name} evaluation: 2 of 2 captions reached max_new_tokens=1 before an end token" in caplog.text
 
 
 def test_a_stage_scored_again_keeps_its_point_in_the_evaluation_plot(micro_run, tmp_path):
