@@ -42,12 +42,20 @@ DJ_CHUNK_END = "<|__dj__eoc|>"
 DJ_HUMAN, DJ_GPT = "[[human]]:", "[[gpt]]:"
 
 
-def dj_caption(text: str) -> str:
+DJ_ROLE = re.compile(r"\[\[[^\[\]\s]+\]\]:")  # a conversation's role marker: [[human]]:, [[gpt]]:, [[user]]:
+
+
+def dj_caption(text: str) -> str | None:
     """The caption of a Data-Juicer text: the text itself, or the first reply of a conversation in its role
-    markers (the prompt and <image> had stayed in the caption the model trained on)."""
+    markers (the prompt and <image> had stayed in the caption the model trained on); None for a conversation
+    with no `[[gpt]]:` reply (roles of other names: the whole prompt was taken for the caption). LLaVA's
+    `<image>` is dropped either way: Data-Juicer's `llava_to_dj --only_keep_caption` keeps it before the
+    caption, where it became a word of every caption and reference."""
     if DJ_GPT in text:
-        text = text.split(DJ_GPT, 1)[1].split(DJ_HUMAN, 1)[0].replace("<image>", " ")
-    return strip_dj_tokens(text)
+        text = text.split(DJ_GPT, 1)[1].split(DJ_HUMAN, 1)[0]
+    elif DJ_ROLE.search(text):
+        return None
+    return strip_dj_tokens(text.replace("<image>", " "))
 
 
 def strip_dj_tokens(text: str) -> str:
@@ -313,6 +321,10 @@ def read_dj_jsonl(path: Path, skips: SkipLog, image_root: Path | None = None) ->
             if not isinstance(record.get("text", ""), str):
                 skips.skip("bad_record", key)
                 continue
-            row = _record_row(record, key, dj_caption(record.get("text", "")), record.get("images"), base, skips)
+            caption = dj_caption(record.get("text", ""))
+            if caption is None:  # as the LLaVA reader counts a conversation without a gpt turn
+                skips.skip("no_caption", key)
+                continue
+            row = _record_row(record, key, caption, record.get("images"), base, skips)
             if row is not None:
                 yield row

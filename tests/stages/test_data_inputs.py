@@ -52,6 +52,24 @@ def test_a_data_juicer_conversation_gives_its_reply_as_the_caption(tmp_path):
     assert captions == ["a large brown dog on the grass", "a small cat"]
 
 
+def test_data_juicer_caption_only_records_lose_llava_image_token_and_other_roles_are_counted(tmp_path):
+    """`llava_to_dj --only_keep_caption` writes "<image>\n<caption>": the <image> stayed a word of the caption (and
+    of every reference and word count); a conversation whose roles are not human/gpt gave its whole prompt as
+    the caption, where the LLaVA reader counts it as no_caption."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    kept = {"text": "<image>\nA red square number 0. <|__dj__eoc|>", "images": ["a.png"]}
+    roles = {
+        "id": "r",
+        "text": "[[user]]: <image>\nDescribe it [[assistant]]: a bird <|__dj__eoc|>",
+        "images": ["a.png"],
+    }
+    (tmp_path / "in.jsonl").write_text(json.dumps(kept) + "\n" + json.dumps(roles) + "\n")
+    skips = SkipLog()
+    rows = list(read_dj_jsonl(tmp_path / "in.jsonl", skips))
+    assert [row["text"] for row in rows] == ["<__dj__image> A red square number 0."]
+    assert dict(skips.counts) == {"no_caption": 1} and skips.examples == {"no_caption": ["r"]}
+
+
 def test_half_an_emoji_skips_its_record_and_names_it(tmp_path):
     """An unpaired surrogate (an emoji cut in half) ended the whole build: "'utf-8' codec can't encode character
     '\\ud83d' ... surrogates not allowed", naming no file, record or key."""
