@@ -32,6 +32,11 @@ FULL_FILES = {"vision": "vision.safetensors", "lm": "lm.safetensors"}
 MANIFEST = "handoff.json"
 
 
+def full_parts(folder: Path) -> set[str]:
+    """The parts ("vision", "lm") a handoff folder carries in full: trained in full by its stage or an earlier one."""
+    return {group for group, name in FULL_FILES.items() if (folder / name).is_file()}
+
+
 def has_lora(vlm: VisionLanguageModel) -> bool:
     return isinstance(vlm.lm, PeftModel)
 

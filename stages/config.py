@@ -53,20 +53,23 @@ def trained_dtype(precision: str | None, strategy: str | None) -> torch.dtype | 
     return torch.float64 if precision == "64-true" else None
 
 
-def float32_masters(vlm: torch.nn.Module, trainable: list[str], precision: str | None, strategy: str | None) -> None:
-    """Casts a vision tower or LM that the stage trains in full to float32 when `model.dtype` stores it in bf16 or
-    fp16 and nothing else keeps master weights: under the mixed precisions and 32-true, AdamW wrote its updates
-    (about the rate, 1e-5) straight into bf16 weights, where most rounded away (3 steps moved 12% of a tiny LM's
-    weights, against 95% in float32). DeepSpeed keeps float32 masters of its own, and a "-true" precision casts
-    the model as the user asked, so neither is touched. Autocast still computes in half precision. A stage scored
-    again (`eval`) is built the same way, as its evaluations during training saw it."""
+def float32_masters(vlm: torch.nn.Module, full: set[str], precision: str | None, strategy: str | None) -> None:
+    """Casts the `full` parts ("vision", "lm": trained in full by this stage or an earlier one, whose handoff
+    carries them) to float32 when `model.dtype` stores them in bf16 or fp16 and nothing else casts the model.
+    Under the mixed precisions and 32-true, AdamW wrote its updates (about the rate, 1e-5) straight into bf16
+    weights, where most rounded away (3 steps moved 12% of a tiny LM's weights, against 95% in float32); and a
+    later stage loaded the float32 handoff into bf16, training its LoRA on a rounded LM that the export (float32)
+    did not merge it onto. DeepSpeed in bf16/fp16 keeps float32 masters of its own and casts the model, as a
+    "-true" precision does as the user asked: neither is touched. The weights then take float32 memory, and
+    under 32-true float32 compute (the mixed precisions autocast as before). A stage scored again (`eval`) is
+    built the same way, as its evaluations during training saw it."""
     if trained_dtype(precision, strategy) is not None:
         return
-    for group in ("vision", "lm"):
+    for group in sorted(full & {"vision", "lm"}):
         part = getattr(vlm, group)
-        if group in trainable and any(p.dtype in (torch.bfloat16, torch.float16) for p in part.parameters()):
+        if any(p.dtype in (torch.bfloat16, torch.float16) for p in part.parameters()):
             logging.getLogger(__name__).info(
-                "%s trained in full: float32 master weights (model.dtype stores it in half precision)", group
+                "%s trained in full: float32 weights (model.dtype stores it in half precision)", group
             )
             part.float()
 

@@ -24,7 +24,7 @@ import yaml
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from modules import modeling_vlm_curriculum
-from modules.handoff import check_handoff, has_lora, load_handoff
+from modules.handoff import check_handoff, full_parts, has_lora, load_handoff
 from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens, is_model_folder
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
 from stages.config import EvalConfig, cast_as_trained, float32_masters, trained_dtype
@@ -172,7 +172,8 @@ def load_stage_model(source: StageSource, dtype: torch.dtype | None = None, as_t
     vlm, tokenizer, processor = build_vlm(model_config, vision, lm)
     vlm.to(dtype=dtype)
     if as_trained:
-        float32_masters(vlm, source.config["spec"]["trainable"], precision, strategy)
+        full = set(source.config["spec"]["trainable"]) | full_parts(source.stage_dir / "export")
+        float32_masters(vlm, full, precision, strategy)
     load_handoff(vlm, source.stage_dir / "export", str(source.stage_dir))
     if as_trained:
         cast_as_trained(vlm, precision, strategy)

@@ -44,7 +44,7 @@ from callbacks.preemption import StopOnSigterm
 from callbacks.progress import stage_progress_bar
 from callbacks.throughput import Throughput
 from datamodules.caption_datamodule import CaptionDataModule
-from modules.handoff import load_handoff, save_handoff
+from modules.handoff import full_parts, load_handoff, save_handoff
 from modules.loading import build_vlm, count_image_tokens
 from modules.training_module import AlignModule, LoRASFTModule, VLMModule
 from modules.vlm import VisionLanguageModel
@@ -500,8 +500,9 @@ def run_stage(
     started = time.perf_counter()
     L.seed_everything(_stage_seed(cfg.seed, name), workers=True, verbose=False)
     vlm, tokenizer, processor = build_vlm(cfg.model, inputs.vision_path, inputs.lm_path)
-    trainer_cfg = cfg.trainer_of(name)  # before the handoff: its low bits too
-    float32_masters(vlm, cfg.stages[name].trainable, trainer_cfg.precision, trainer_cfg.strategy)
+    # Before the handoff loads: its low bits too, of a part trained in full here or carried from a stage that did.
+    full = set(cfg.stages[name].trainable) | (full_parts(init_dir) if init_dir is not None else set())
+    float32_masters(vlm, full, cfg.trainer_of(name).precision, cfg.trainer_of(name).strategy)
     if init_dir is not None:
         if cfg.trainer_of(name).trained_dtype() == torch.float64:
             # Lightning casts to float64 only when the fit starts: loaded into float32 first, a float64 handoff

@@ -80,11 +80,23 @@ def test_a_model_is_cast_as_its_training_cast_it():
     assert {p.dtype for p in mixed.parameters()} == {torch.float32}
 
 
-def test_an_lm_trained_in_full_from_bf16_storage_keeps_float32_masters(tmp_path):
+def test_an_lm_trained_in_full_from_bf16_storage_keeps_float32_masters(tmp_path, monkeypatch):
     """With `model.dtype: bfloat16` and no DeepSpeed, AdamW wrote its updates into the bf16 LM itself, where most
-    rounded away: 3 steps moved 12% of the LM's weights (95% with float32 storage)."""
+    rounded away: 3 steps moved 12% of the LM's weights (95% with float32 storage). Then the next stage loaded
+    the float32 handoff into bf16 (23% of the weights still moved), trained its LoRA there, and handed on the
+    float32 file, onto which the export merged that LoRA."""
     from safetensors.torch import load_file
 
+    import stages.stage
+    from modules.handoff import _full_state, load_handoff
+
+    loaded = {}
+
+    def load_and_look(vlm, from_dir):
+        load_handoff(vlm, from_dir)
+        loaded[Path(from_dir).parent.name] = _full_state(vlm, "lm")
+
+    monkeypatch.setattr(stages.stage, "load_handoff", load_and_look)
     run = tmp_path / "run"
     assert _run(run, "--model.dtype=bfloat16", "--stages.sft_short.trainable=[projector, lm]") == 0
     base, trained = load_file(run / "base/lm/model.safetensors"), load_file(run / "sft_short/export/lm.safetensors")
@@ -98,3 +110,8 @@ def test_an_lm_trained_in_full_from_bf16_storage_keeps_float32_masters(tmp_path)
     vlm = load_stage_model(find_stage(run, "sft_short"), as_trained=True)[0]
     state = vlm.lm.state_dict()
     assert all(torch.equal(state[k], v) for k, v in trained.items())
+    # The next stage (LoRA on the carried LM) trains on the float32 LM it is handed, as the export merges it.
+    assert all(torch.equal(loaded["sft_short"][k], v) for k, v in trained.items())
+    assert load_file(run / "sft_medium/export/lm.safetensors").keys() == trained.keys()
+    vlm = load_stage_model(find_stage(run, "sft_medium"), as_trained=True)[0]
+    assert all(torch.equal(_full_state(vlm, "lm")[k], v) for k, v in trained.items())
