@@ -43,19 +43,24 @@ DJ_HUMAN, DJ_GPT = "[[human]]:", "[[gpt]]:"
 
 
 DJ_ROLE = re.compile(r"\[\[[^\[\]\s]+\]\]:")  # a conversation's role marker: [[human]]:, [[gpt]]:, [[user]]:
+# llava_to_dj starts a conversation with its first role marker (after the image token): "[[WARNING]]:" inside a
+# caption is the caption's own text.
+DJ_CONVERSATION = re.compile(rf"\s*(?:{re.escape(DJ_IMAGE_TOKEN)}\s*)?{DJ_ROLE.pattern}")
 
 
 def dj_caption(text: str) -> str | None:
     """The caption of a Data-Juicer text: the text itself, or the first reply of a conversation in its role
-    markers (the prompt and <image> had stayed in the caption the model trained on); None for a conversation
-    with no `[[gpt]]:` reply (roles of other names: the whole prompt was taken for the caption). LLaVA's
-    `<image>` is dropped either way: Data-Juicer's `llava_to_dj --only_keep_caption` keeps it before the
-    caption, where it became a word of every caption and reference."""
+    markers (the prompt and <image> had stayed in the caption the model trained on), up to the next marker of
+    any role; None for a conversation with no `[[gpt]]:` reply (roles of other names: the whole prompt was taken
+    for the caption). LLaVA's `<image>` is dropped: Data-Juicer's `llava_to_dj --only_keep_caption` writes
+    "<image>\\n<caption>" (it was a word of every caption and reference), and of several such captions in one
+    record the first is taken, as of a conversation's replies."""
     if DJ_GPT in text:
-        text = text.split(DJ_GPT, 1)[1].split(DJ_HUMAN, 1)[0]
-    elif DJ_ROLE.search(text):
+        text = DJ_ROLE.split(text.split(DJ_GPT, 1)[1], maxsplit=1)[0]
+    elif DJ_CONVERSATION.match(text):
         return None
-    return strip_dj_tokens(text.replace("<image>", " "))
+    text = strip_dj_tokens(text)
+    return " ".join(next((part.split() for part in text.split("<image>") if part.strip()), []))
 
 
 def strip_dj_tokens(text: str) -> str:

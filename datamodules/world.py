@@ -290,9 +290,10 @@ def _draw_objects(draw, objects: list[WorldObject], rng: random.Random, image_si
     for obj in objects:
         radius = cell * (0.42 if obj.size == "large" else 0.24) * scale
         slack = cell / 2 - radius + overlap * cell
-        # The centre inside its own cell (a no-op without overlap: the jitter there is below half a cell).
-        cx = (obj.cell % 3 + 0.5) * cell + _clamp(rng.uniform(-slack, slack) * 0.8, cell / 2)
-        cy = (obj.cell // 3 + 0.5) * cell + _clamp(rng.uniform(-slack, slack) * 0.8, cell / 2)
+        # The centre inside its own cell (the bound is below half a cell anyway without overlap).
+        reach = min(0.8 * slack, 0.495 * cell)
+        cx = (obj.cell % 3 + 0.5) * cell + rng.uniform(-reach, reach)
+        cy = (obj.cell // 3 + 0.5) * cell + rng.uniform(-reach, reach)
         _shape(draw, obj.shape, cx, cy, radius, colour_rgb(obj.colour))
         mask = None
         if overlap:
@@ -300,11 +301,6 @@ def _draw_objects(draw, objects: list[WorldObject], rng: random.Random, image_si
             _shape(ImageDraw.Draw(mask), obj.shape, cx, cy, radius, 255)
         placed.append((cx, cy, mask))
     return placed
-
-
-def _clamp(offset: float, half: float) -> float:
-    """`offset` within (-half, half): a centre off its cell by that much stays in it."""
-    return max(-0.99 * half, min(0.99 * half, offset))
 
 
 def _shape(draw, shape: str, cx: float, cy: float, radius: float, fill) -> None:

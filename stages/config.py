@@ -69,7 +69,9 @@ def float32_masters(vlm: torch.nn.Module, full: set[str], precision: str | None,
         part = getattr(vlm, group)
         if any(p.dtype in (torch.bfloat16, torch.float16) for p in part.parameters()):
             logging.getLogger(__name__).info(
-                "%s trained in full: float32 weights (model.dtype stores it in half precision)", group
+                "%s trained in full (here or in a stage this one starts from): float32 weights, twice the memory "
+                "of model.dtype's half precision, so that its updates do not round away",
+                group,
             )
             part.float()
 

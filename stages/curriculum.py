@@ -61,6 +61,15 @@ log = logging.getLogger(__name__)
 SHARD_FORMAT = 2
 
 
+def shard_format(recipe, cfg: CurriculumConfig) -> int:
+    """`SHARD_FORMAT`, or 3 for the inputs whose shards changed on 2026-12-07 (Data-Juicer jsonl: LLaVA's <image>
+    left the captions, conversations without a gpt turn are skipped; a world with `overlap`: objects stay in their
+    cells and in view): theirs are rebuilt. Other builds keep their stamps, and their stages are not retrained."""
+    if recipe.input.format == "dj_jsonl" or (recipe.input.format == "synthetic" and cfg.world.overlap > 0):
+        return 3
+    return SHARD_FORMAT
+
+
 # An op argument whose name says it holds a path (stopwords_dir, mapping_file, model_path) and that names a file or
 # folder is an input of the build, unless its name says the op writes there (an image mapper's save_dir: every build
 # changes it). Other arguments are no paths even when a folder has their name (remove_specific_chars_mapper's
@@ -103,7 +112,7 @@ def data_fingerprints(recipe, cfg: CurriculumConfig) -> tuple[str, str]:
     """What the shards are built from: the recipe as a mapping (its repr kept an op's arguments in the order
     written: reordered, they rebuilt the shards and retrained every stage), its inputs, the shard format; and the
     same with the recipe's repr, as builds before 2026-12-07 were stamped, which stay valid."""
-    inputs = {**_data_inputs(recipe, cfg), "format": SHARD_FORMAT}
+    inputs = {**_data_inputs(recipe, cfg), "format": shard_format(recipe, cfg)}
     return fingerprint({"recipe": asdict(recipe), **inputs}), fingerprint({"recipe": str(recipe), **inputs})
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,14 @@ def test_the_recipe_fingerprint_is_its_content_not_its_argument_order():
     recipe = RecipeConfig(process=[{"words_num_filter": {"min_num": 3}}])
     old_stamp = fingerprint({"recipe": recipe, **_data_inputs(recipe, cfg), "format": SHARD_FORMAT})  # as written
     assert data_fingerprints(recipe, cfg)[1] == old_stamp
+    # Shards of the inputs whose reading or drawing changed are rebuilt; the default world's are not.
+    dj = RecipeConfig(input=InputSpec(format="dj_jsonl", path="in.jsonl"), process=[])
+    dj_before = fingerprint({"recipe": dj, **_data_inputs(dj, cfg), "format": SHARD_FORMAT})
+    assert dj_before not in data_fingerprints(dj, cfg)
+    overlapping = replace(cfg, world=WorldConfig(overlap=0.1))
+    assert data_fingerprints(recipe, overlapping)[1] != fingerprint(
+        {"recipe": recipe, **_data_inputs(recipe, overlapping), "format": SHARD_FORMAT}
+    )
 
 
 def test_the_same_recipe_and_inputs_give_byte_identical_shards(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from datamodules.data_inputs import SkipLog, read_dj_jsonl, read_llava_json
+from datamodules.data_inputs import SkipLog, dj_caption, read_dj_jsonl, read_llava_json
 from datamodules.shards import write_shards
 
 
@@ -68,6 +68,11 @@ def test_data_juicer_caption_only_records_lose_llava_image_token_and_other_roles
     rows = list(read_dj_jsonl(tmp_path / "in.jsonl", skips))
     assert [row["text"] for row in rows] == ["<__dj__image> A red square number 0."]
     assert dict(skips.counts) == {"no_caption": 1} and skips.examples == {"no_caption": ["r"]}
+    # A role marker inside a caption is its own text; a reply ends at the next marker of any role; of several
+    # caption-only captions, the first.
+    assert dj_caption("A sign reading [[WARNING]]: keep out") == "A sign reading [[WARNING]]: keep out"
+    assert dj_caption("[[user]]: q [[gpt]]: a bird [[user]]: q2") == "a bird"
+    assert dj_caption("<image>\ncap one\n<image>\ncap two <|__dj__eoc|>") == "cap one"
 
 
 def test_half_an_emoji_skips_its_record_and_names_it(tmp_path):
