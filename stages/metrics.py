@@ -266,25 +266,31 @@ def chair_synonyms(predictions: list[str], objects: list[list[str]], synonyms: d
     captions with one; recall is the share of an image's annotated classes that its caption names."""
     phrases = [(caption_words(w), cls.lower()) for cls, words in synonyms.items() for w in [cls, *words]]
     phrases = [(phrase, cls) for phrase, cls in phrases if phrase]  # a class name of punctuation alone names nothing
-    phrases = [(phrase[:-1], noun_forms(phrase[-1]), cls) for phrase, cls in phrases]
-    phrases.sort(key=lambda p: -len(p[0]))
-    # The phrases by their first word (longest first): trying every phrase at every word cost words x classes,
-    # 41 s for 256 captions against the 10,000 classes of an open-vocabulary data set (0.3 s now, same scores).
+    phrases = [(phrase[:-1], phrase[-1], noun_forms(phrase[-1]), cls) for phrase, cls in phrases]
+    # The phrases by their first word: trying every phrase at every word cost words x classes, 41 s for 256 captions
+    # against the 10,000 classes of an open-vocabulary data set (0.3 s now, same scores).
     by_first: dict[str, list] = {}
-    for head, last, cls in phrases:
-        for first in head[:1] or sorted(last):
-            by_first.setdefault(first, []).append((head, last, cls))
+    for head, noun, forms, cls in phrases:
+        for first in head[:1] or sorted(forms):
+            by_first.setdefault(first, []).append((head, noun, forms, cls))
     total = bad = with_bad = gt_total = gt_found = 0
     for caption, truth in zip(predictions, objects, strict=True):
         words = caption_words(caption)
         said, i = [], 0
         while i < len(words):
-            for head, last, cls in by_first.get(words[i], ()):
-                window = words[i : i + len(head) + 1]
-                if len(window) == len(head) + 1 and window[:-1] == head and window[-1] in last:
-                    said.append(cls)
-                    i += len(window)
-                    break
+            # The longest phrase that matches; of equally long ones, a class's own word before another's plural
+            # ("shorts" is the class shorts, not the plural of short; which won followed the table's order).
+            matches = [
+                (len(head) + 1, window[-1] == noun, cls)
+                for head, noun, forms, cls in by_first.get(words[i], ())
+                if len(window := words[i : i + len(head) + 1]) == len(head) + 1
+                and window[:-1] == head
+                and window[-1] in forms
+            ]
+            if matches:
+                length, _, cls = max(matches, key=lambda match: match[:2])
+                said.append(cls)
+                i += length
             else:
                 i += 1
         annotated = {cls.lower() for cls in truth}

@@ -99,6 +99,18 @@ def test_by_length_buckets_split_on_generated_words():
     assert list(by_length([long, *captions], [[RED_CIRCLE]] * 3, (8, 20))) == ["0-8", "9-20", "21+"]
 
 
+def test_a_class_named_exactly_beats_another_class_plural():
+    # "shorts" is a class of its own beside "short"; "glasses" beside "glass": the plural of the first in the table
+    # won (CHAIR-i 1.0 and recall 0 for "a man in shorts" annotated shorts), and the table's order decided.
+    for table in ({"short": [], "shorts": []}, {"shorts": [], "short": []}):
+        scores = chair_synonyms(["a man in shorts"], [["shorts"]], table)
+        assert (scores["chair_i"], scores["recall"]) == (0.0, 1.0)
+    scores = chair_synonyms(["two glass vases"], [["glass"]], {"glass": [], "glasses": []})
+    assert (scores["chair_i"], scores["recall"]) == (0.0, 1.0)
+    # A plural still names its class when no class has that name.
+    assert chair_synonyms(["two dogs"], [["dog"]], {"dog": [], "glasses": []})["recall"] == 1.0
+
+
 def test_a_mention_without_colour_is_judged_by_its_shape():
     # "a circle" beside the red circle is no hallucination, but names no red circle: it is not recalled (it was,
     # so a caption without a colour word had recall 1.0); "a square" names nothing there.
