@@ -62,10 +62,12 @@ SHARD_FORMAT = 2
 
 
 def shard_format(recipe, cfg: CurriculumConfig) -> int:
-    """`SHARD_FORMAT`, or 3 for the inputs whose shards changed on 2026-12-07 (Data-Juicer jsonl: LLaVA's <image>
-    left the captions, conversations without a gpt turn are skipped; a world with `overlap`: objects stay in their
-    cells and in view): theirs are rebuilt. Other builds keep their stamps, and their stages are not retrained."""
-    if recipe.input.format == "dj_jsonl" or (recipe.input.format == "synthetic" and cfg.world.overlap > 0):
+    """`SHARD_FORMAT`, or 3 for the inputs whose shards changed on 2026-12-07 (LLaVA and Data-Juicer inputs: a
+    sample names its image, so that the records of one image are evaluated together; Data-Juicer's: LLaVA's
+    <image> left the captions, conversations without a gpt turn are skipped; a world with `overlap`: objects stay
+    in their cells and in view): theirs are rebuilt. Other builds keep their stamps, and their stages are not
+    retrained."""
+    if recipe.input.format in ("llava", "dj_jsonl") or (recipe.input.format == "synthetic" and cfg.world.overlap > 0):
         return 3
     return SHARD_FORMAT
 

@@ -206,6 +206,8 @@ def _shard_sample(row: dict) -> dict:
         "raw_caption": row["raw_caption"],
         **{k: meta[k] for k in ("objects", "background", "questions", "id") if k in meta},
     }
+    if row.get("split_key", row["__key__"]) != row["__key__"]:  # the image, which other records may share
+        record["image"] = row["split_key"]
     return {"__key__": row["__key__"], extension: image_bytes, "json": json.dumps(record, sort_keys=True)}
 
 

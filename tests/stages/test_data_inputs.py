@@ -10,8 +10,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from datamodules.caption_datamodule import CaptionDataModule
 from datamodules.data_inputs import SkipLog, dj_caption, read_dj_jsonl, read_llava_json
 from datamodules.shards import write_shards
+from stages.data import InputSpec, RecipeConfig, run_data_stage
 
 
 def test_the_index_lists_every_shard_file_cut_by_samples_only_and_none_for_an_empty_split(tmp_path, monkeypatch):
@@ -161,3 +163,27 @@ def test_the_report_describes_each_caption_variant(tmp_path):
     assert text["variant short"]["mean_words"] == 2 and "| variant short | 1 | 2.0 |" in report_markdown(report)
     single = [{**raw, "caption_variants": json.dumps({"caption": "left left green"})}]
     assert "variant caption" not in build_report(RecipeConfig(), [raw], single, [], SkipLog(), 1, SkipLog())["text"]
+
+
+def test_the_records_of_one_image_are_evaluated_as_one_image_against_all_their_captions(tmp_path):
+    # COCO-style data (a record per caption) was scored record by record, each against its own caption: "images"
+    # counted records, BLEU-4 0.449 where the captions together gave 0.935, CHAIR weighed images by their records.
+    records = []
+    for i, captions in enumerate([["a dog on grass", "a brown dog running", "a dog in a park"], ["a red car"]]):
+        Image.new("RGB", (48, 48), (90 * i, 0, 0)).save(tmp_path / f"{i}.png")
+        for j, text in enumerate(captions):
+            turns = [{"from": "gpt", "value": text}]
+            records.append({"id": f"r{i}_{j}", "image": f"{i}.png", "split": "test", "conversations": turns})
+            records[-1]["objects"] = ["dog"] if i == 0 else ["car"]
+    records[1]["objects"] = ["dog", "grass"]
+    (tmp_path / "in.json").write_text(json.dumps(records))
+    recipe = RecipeConfig(input=InputSpec(format="llava", path=str(tmp_path / "in.json")), process=[])
+    run_data_stage(recipe, tmp_path / "out")
+    data = CaptionDataModule(tmp_path / "out", max_words=10**6)
+    samples = data.eval_samples("test")
+    assert [key for key, _, _ in samples] == ["r0_0", "r1_0"]
+    first = samples[0][2]
+    assert sorted(first["captions"].values()) == ["a brown dog running", "a dog in a park", "a dog on grass"]
+    assert first["objects"] == ["dog", "grass"]
+    assert [key for key, _, _ in data.eval_samples("test", limit=1)] == ["r0_0"]
+    assert len(data.eval_samples("test", limit=1)[0][2]["captions"]) == 3  # the later records' references too

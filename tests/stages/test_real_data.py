@@ -145,9 +145,7 @@ def test_llava_keys_splits_and_image_lists_are_kept_or_counted(tmp_path):
     report = run_data_stage(recipe, tmp_path / "out")
     assert report["input_skips"]["counts"] == {"duplicate_key": 1, "several_images": 1, "bad_split": 1}
     assert report["input_skips"]["first_keys"]["duplicate_key"] == ["dup"]
-    module = CaptionDataModule(tmp_path / "out", max_words=60)
-    by_split = {split: {key: meta for key, _, meta in module.eval_samples(split)} for split in ("train", "val", "test")}
-    every = {key: (split, meta) for split, samples in by_split.items() for key, meta in samples.items()}
+    every = _records(tmp_path / "out")
     renamed = next(key for key in every if key.startswith("a_b_"))
     assert set(every) == {"img_5", "dup", "mine", "also", "a_b", renamed, *(f"cap{i}" for i in range(6))}
     assert every["img_5"][1]["id"] == "img.5" and every[renamed][1]["id"] == "a.b"
@@ -306,11 +304,7 @@ def test_malformed_records_are_skipped_and_counted_not_a_traceback(tmp_path):
     report = run_data_stage(recipe, tmp_path / "out")
     assert report["input_skips"]["counts"] == {"bad_record": 4}
     assert report["input_skips"]["first_keys"]["bad_record"] == ["in-1", "null_turns", "list_answer", "number_image"]
-    keys = {
-        key
-        for split in ("train", "val", "test")
-        for key, _, _ in CaptionDataModule(tmp_path / "out", 60).eval_samples(split)
-    }
+    keys = set(_records(tmp_path / "out"))
     assert len(keys) == 3 and "ok" in keys and "a_b_c" in keys
 
     lines = ['{"text": null, "images": ["0.png"]}', "[1, 2]", "null", '{"text": "a cat", "images": 5}']
@@ -340,9 +334,20 @@ def test_shards_rebuild_when_a_model_folder_of_the_recipe_changes(tmp_path):
     assert _data_inputs(recipe, cfg) != before
 
 
+def _records(out: Path) -> dict[str, tuple[str, dict]]:
+    """Every record of the shards by key: (split, metadata); `eval_samples` joins the records of one image."""
+    import webdataset as wds
+
+    records = {}
+    for split, shards in read_index(out)["splits"].items():
+        urls = [str(out / shard["url"]) for shard in shards]
+        for sample in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()) if urls else []:
+            records[sample["__key__"]] = (split, json.loads(sample["json"]))
+    return records
+
+
 def _split_records(out: Path) -> dict[str, str]:
-    module = CaptionDataModule(out, max_words=60)
-    return {key: split for split in ("train", "val", "test") for key, _, _ in module.eval_samples(split)}
+    return {key: split for key, (split, _) in _records(out).items()}
 
 
 def test_a_named_split_holds_for_its_image_even_when_that_record_is_filtered_out(tmp_path):
