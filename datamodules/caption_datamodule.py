@@ -38,11 +38,15 @@ def merged_references(meta: dict, other: dict) -> dict:
     captions together gave 0.935, and CHAIR weighed images by their number of records)."""
     captions = {**meta["captions"], **{f"{other.get('key')}/{name}": text for name, text in other["captions"].items()}}
     merged = {**meta, "captions": captions}
-    if isinstance(meta.get("objects"), list) and isinstance(other.get("objects"), list):
-        classes = all(isinstance(c, str) for c in [*meta["objects"], *other["objects"]])
-        merged["objects"] = sorted({*meta["objects"], *other["objects"]}) if classes else meta["objects"]
-    if other.get("questions"):
-        merged["questions"] = [*meta.get("questions", []), *other["questions"]]
+    mine, theirs = meta.get("objects"), other.get("objects")
+    if isinstance(mine, list) and isinstance(theirs, list) and all(isinstance(c, str) for c in [*mine, *theirs]):
+        merged["objects"] = sorted({*mine, *theirs})
+    elif not isinstance(mine, list) and isinstance(theirs, list):  # annotated in a later record only
+        merged["objects"] = theirs
+    asked = {json.dumps(q, sort_keys=True) for q in meta.get("questions", [])}
+    new = [q for q in other.get("questions", []) if json.dumps(q, sort_keys=True) not in asked]
+    if new:  # every record of an image may carry its questions: each asked once
+        merged["questions"] = [*meta.get("questions", []), *new]
     return merged
 
 
@@ -429,8 +433,10 @@ class CaptionDataModule(L.LightningDataModule):
             image = meta.get("image", sample["__key__"])
             if image in samples:  # another record of an image (COCO: 5 captions, 5 records): its references too
                 samples[image] = (*samples[image][:2], merged_references(samples[image][2], meta))
-            elif limit is None or len(samples) < limit:  # the rest of the split is read for their references
-                data = _image_bytes(sample)
-                open_rgb(data)  # decoded once, so that a bad image fails here, not mid-training
-                samples[image] = (sample["__key__"], EncodedImage(data), meta)
+                continue
+            if limit is not None and len(samples) >= limit:  # the data stage writes an image's records together
+                break
+            data = _image_bytes(sample)
+            open_rgb(data)  # decoded once, so that a bad image fails here, not mid-training
+            samples[image] = (sample["__key__"], EncodedImage(data), meta)
         return list(samples.values())

@@ -349,11 +349,13 @@ def _write_shards(recipe: RecipeConfig, kept: list[dict], named: dict[str, str],
     """The shards of every split, and the index that lists them (not written yet)."""
     # A split a record names holds for every record of its image, filtered out or not (`named_splits`); the
     # others follow a hash of the image.
-    by_split: dict[str, list[dict]] = defaultdict(list)
+    # Within a split, the records of one image lie next to each other (in the order their images first come), so
+    # that evaluation, which takes an image with every record of it, can stop reading at its limit.
+    by_split: dict[str, dict[str, list[dict]]] = defaultdict(dict)
     for row in kept:
         key = row.get("split_key") or row["__key__"]
         split = row.get("split") or named.get(key) or split_of(key, recipe.val_share, recipe.test_share)
-        by_split[split].append(row)
+        by_split[split].setdefault(key, []).append(row)
     index = {"source": recipe.input.format, "splits": {}}
     # Every class annotated anywhere (real data's `objects` lists): CHAIR's table, where no synonyms are given.
     classes = {o for row in kept for o in json.loads(row["meta_json"]).get("objects") or [] if isinstance(o, str)}
@@ -361,7 +363,8 @@ def _write_shards(recipe: RecipeConfig, kept: list[dict], named: dict[str, str],
         index["object_classes"] = sorted(classes)
     for split in SPLITS:
         # Each image read as its shard is written: read all first, 1M images of 100 KB held 100 GB at once.
-        index["splits"][split] = write_shards(map(_shard_sample, by_split[split]), out_dir, split, recipe.shard_size)
+        rows = [row for image in by_split[split].values() for row in image]
+        index["splits"][split] = write_shards(map(_shard_sample, rows), out_dir, split, recipe.shard_size)
     return index
 
 

@@ -168,14 +168,16 @@ def test_the_report_describes_each_caption_variant(tmp_path):
 def test_the_records_of_one_image_are_evaluated_as_one_image_against_all_their_captions(tmp_path):
     # COCO-style data (a record per caption) was scored record by record, each against its own caption: "images"
     # counted records, BLEU-4 0.449 where the captions together gave 0.935, CHAIR weighed images by their records.
+    question = {"question": "is there a dog?", "answers": ["yes"] * 10}
+    texts = {"r0_0": "a dog on grass", "r1_0": "a red car", "r0_1": "a brown dog running", "r0_2": "a dog in a park"}
     records = []
-    for i, captions in enumerate([["a dog on grass", "a brown dog running", "a dog in a park"], ["a red car"]]):
-        Image.new("RGB", (48, 48), (90 * i, 0, 0)).save(tmp_path / f"{i}.png")
-        for j, text in enumerate(captions):
-            turns = [{"from": "gpt", "value": text}]
-            records.append({"id": f"r{i}_{j}", "image": f"{i}.png", "split": "test", "conversations": turns})
-            records[-1]["objects"] = ["dog"] if i == 0 else ["car"]
-    records[1]["objects"] = ["dog", "grass"]
+    for key, text in texts.items():  # the records of image 0 apart in the input, the first one unannotated
+        image = f"{key[1]}.png"
+        Image.new("RGB", (48, 48), (90 * int(key[1]), 0, 0)).save(tmp_path / image)
+        records.append({"id": key, "image": image, "split": "test", "conversations": [{"from": "gpt", "value": text}]})
+        if key != "r0_0":
+            records[-1] |= {"objects": ["dog", "grass"] if key == "r0_1" else ["car" if key == "r1_0" else "dog"]}
+        records[-1] |= {"questions": [question]} if key.startswith("r0") else {}
     (tmp_path / "in.json").write_text(json.dumps(records))
     recipe = RecipeConfig(input=InputSpec(format="llava", path=str(tmp_path / "in.json")), process=[])
     run_data_stage(recipe, tmp_path / "out")
@@ -184,6 +186,7 @@ def test_the_records_of_one_image_are_evaluated_as_one_image_against_all_their_c
     assert [key for key, _, _ in samples] == ["r0_0", "r1_0"]
     first = samples[0][2]
     assert sorted(first["captions"].values()) == ["a brown dog running", "a dog in a park", "a dog on grass"]
-    assert first["objects"] == ["dog", "grass"]
-    assert [key for key, _, _ in data.eval_samples("test", limit=1)] == ["r0_0"]
-    assert len(data.eval_samples("test", limit=1)[0][2]["captions"]) == 3  # the later records' references too
+    assert first["objects"] == ["dog", "grass"], "classes of the later records, the first one unannotated"
+    assert [q["question"] for q in first["questions"]] == ["is there a dog?"], "asked once, not once per record"
+    (only,) = data.eval_samples("test", limit=1)  # the records of an image lie together: read up to the limit
+    assert only[0] == "r0_0" and len(only[2]["captions"]) == 3
