@@ -23,7 +23,7 @@ import torch
 from data_juicer.ops.base_op import OPERATORS, UNFORKABLE, Mapper
 
 from datamodules.images import open_rgb
-from datamodules.text_stats import word_count
+from datamodules.text_stats import longest_caption
 from datamodules.world import CAPTION_KINDS, caption, scene_from_metadata
 
 VARIANTS_KEY = "caption_variants"
@@ -52,7 +52,7 @@ class OracleCaptionMapper(Mapper):
             scene = scene_from_metadata(json.loads(meta_json))
             captions = {kind: caption(scene, kind) for kind in self.variants}
             variants.append(json.dumps(captions))
-            texts.append(max(captions.values(), key=word_count))
+            texts.append(longest_caption(captions.values()))
         samples[VARIANTS_KEY] = variants
         samples[self.text_key] = texts
         return samples
@@ -150,5 +150,5 @@ class Blip2CaptionMapper(Mapper):
                 results[row][name] = _cap_words(text.strip(), self.max_words)
             clock = self._tick("decode", clock, device)
         samples[VARIANTS_KEY] = [json.dumps(r) for r in results]
-        samples[self.text_key] = [max(r.values(), key=word_count) for r in results]
+        samples[self.text_key] = [longest_caption(r.values()) for r in results]
         return samples

@@ -32,7 +32,7 @@ from datamodules.data_inputs import (
 )
 from datamodules.images import shard_image
 from datamodules.shards import INDEX_NAME, SPLITS, write_shards
-from datamodules.text_stats import caption_words, corpus_stats, tokens, word_count
+from datamodules.text_stats import caption_words, corpus_stats, longest_caption, tokens, word_count
 from datamodules.world import WorldConfig
 from stages.paths import check_own_folder, folder_lock, make_folder, sync_tree, write_text_atomic
 from stages.recipe_ops import check_process, run_ops, setup_ops
@@ -373,8 +373,7 @@ def build_report(
 ) -> dict:
     wordless = wordless or SkipLog()
     raw = [r["raw_caption"] for r in rows]
-    new = [r["text"] if r.get("caption_variants") else caption_variants(r)["caption"] for r in kept]
-    equal = min(sum(len(tokens(t)) for t in raw), sum(len(tokens(t)) for t in new))
+    new = [longest_caption(caption_variants(r).values()) for r in kept]  # what the shards hold, not a wordless one
     examples = [
         {"key": r["__key__"], "raw": r["raw_caption"], "captions": caption_variants(r)}
         for r in kept[: recipe.report_examples]
@@ -386,6 +385,10 @@ def build_report(
         for name, text in caption_variants(row).items():
             by_variant[name].append(text)
     several = len(by_variant) > 1  # one variant is the recaptioned row
+    compared = [raw, new, *(by_variant.values() if several else [])]
+    # TTR falls as a text grows: every corpus is cut to the tokens of the shortest (a short variant's was taken
+    # over its 10 tokens, the others over 80, and read 1.0 against 0.2).
+    equal = min(sum(len(tokens(t)) for t in texts) for texts in compared)
     variants = {f"variant {name}": corpus_stats(texts, equal) for name, texts in by_variant.items() if several}
     return {
         "recipe": asdict(recipe),

@@ -356,6 +356,9 @@ def test_words_of_every_script_are_compared_and_cjk_counts_by_character():
     assert caption_words("बिल्ली सोफे पर है") == ["बिल्ली", "सोफे", "पर", "है"], "vowel signs are in the word"
     assert caption_words("一只猫。") == ["一", "只", "猫"] and word_count("一只猫坐在沙发上。") == 8
     assert word_count("ｶﾒﾗ") == len(caption_words("ｶﾒﾗ")) == 3, "half-width kana, NFKC in both"
+    # The kana blocks' punctuation and sound marks are no words: "・・・" was a caption of 3 words, kept and trained.
+    assert caption_words("・・・") == caption_words("゛゛") == [] and caption_words("猫・犬") == ["猫", "犬"]
+    assert word_count("猫・犬") == 2
     assert word_count("a red circle - left-most.") == len("a red circle - left-most.".split()), "as indexes count"
     # A Latin word run into CJK characters stays a word (report statistics split the same way).
     from datamodules.text_stats import corpus_stats, tokens
