@@ -23,14 +23,24 @@ import torch
 from data_juicer.ops.base_op import OPERATORS, UNFORKABLE, Mapper
 
 from datamodules.images import open_rgb
-from datamodules.text_stats import longest_caption
+from datamodules.text_stats import longest_caption, word_count
 from datamodules.world import CAPTION_KINDS, caption, scene_from_metadata
 
 VARIANTS_KEY = "caption_variants"
 
 
 def _cap_words(text: str, max_words: int) -> str:
-    return " ".join(text.split()[:max_words])
+    """`text` cut to `max_words` words as the word budgets count them (`word_count`: a kana or CJK character is
+    one; split on whitespace alone, a Chinese caption of 11 characters passed a cap of 3 whole)."""
+    kept, count = [], 0
+    for token in text.split():
+        while token and count + word_count(token) > max_words:  # an unspaced token is cut character by character
+            token = token[:-1]
+        if not token:
+            break
+        kept.append(token)
+        count += word_count(token)
+    return " ".join(kept)
 
 
 @OPERATORS.register_module("oracle_caption_mapper")
@@ -91,6 +101,16 @@ class Blip2CaptionMapper(Mapper):
         super().__init__(*args, **kwargs)
         if not model_path:
             raise ValueError("blip2_caption_mapper.model_path: give a local folder with a BLIP-2 model")
+        for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("num_beams", num_beams, 1),
+                                   ("max_words", max_words, 1), ("min_new_tokens", min_new_tokens, 0)):  # fmt: skip
+            if not isinstance(value, int) or value < least:  # -1 dropped a word of every caption, 0 all of them
+                raise ValueError(f"blip2_caption_mapper.{name} must be an integer of at least {least}, got {value!r}")
+        if min_new_tokens > max_new_tokens:
+            raise ValueError(
+                f"blip2_caption_mapper.min_new_tokens ({min_new_tokens}) exceeds max_new_tokens ({max_new_tokens})"
+            )
+        if prompts is not None and (not prompts or not all(isinstance(t, str) for t in prompts.values())):
+            raise ValueError("blip2_caption_mapper.prompts: a mapping of variant names to prompt strings, one at least")
         self.model_path, self.max_new_tokens, self.num_beams, self.max_words = (
             model_path,
             max_new_tokens,
@@ -110,11 +130,17 @@ class Blip2CaptionMapper(Mapper):
 
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
             self._processor = Blip2Processor.from_pretrained(self.model_path, local_files_only=True)
-            self._model = (
-                Blip2ForConditionalGeneration.from_pretrained(self.model_path, local_files_only=True, dtype=dtype)
-                .to(device)
-                .eval()
+            model, info = Blip2ForConditionalGeneration.from_pretrained(
+                self.model_path, local_files_only=True, dtype=dtype, output_loading_info=True
             )
+            if info["missing_keys"]:  # transformers fills them with random weights, with a log line: random captions
+                missing = sorted(info["missing_keys"])
+                raise ValueError(
+                    f"blip2_caption_mapper.model_path: {self.model_path} holds no weights for {len(missing)} of "
+                    f"BLIP-2's tensors ({', '.join(missing[:3])}, ...): not a captioning checkpoint "
+                    "(Blip2ForConditionalGeneration; an image-text retrieval one has no language model)"
+                )
+            self._model = model.to(device).eval()
             self.seconds["load_model"] += time.perf_counter() - started
         return self._model, self._processor
 
@@ -127,7 +153,8 @@ class Blip2CaptionMapper(Mapper):
 
     @torch.no_grad()
     def process_batched(self, samples: dict, rank: int | None = None) -> dict:
-        device = f"cuda:{rank or 0}" if self.use_cuda() else "cpu"
+        # Data-Juicer numbers its workers 0 to num_proc - 1, which may be more than the GPUs (as its get_model does).
+        device = f"cuda:{(rank or 0) % torch.cuda.device_count()}" if self.use_cuda() else "cpu"
         model, processor = self._load(device)
         clock = time.perf_counter()
         images = [open_rgb(paths[0]) for paths in samples[self.image_key]]
