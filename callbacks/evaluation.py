@@ -23,7 +23,7 @@ from typing_extensions import override
 
 from datamodules.captions import PromptFormat
 from datamodules.images import as_image
-from datamodules.text_stats import word_count
+from datamodules.text_stats import longest_caption
 from stages.metrics import DEFAULT_BUCKETS, DENOMINATORS, caption_metrics, vqa_accuracy, vqa_exact
 from stages.paths import write_text_atomic
 from stages.tb_logger import text_writers
@@ -219,8 +219,8 @@ def score(
 
 
 def reference(meta: dict) -> str:
-    """The sample's longest caption variant: the ground truth shown beside a generated caption."""
-    return max(meta["captions"].values(), key=word_count)
+    """The sample's longest caption variant with a word: the ground truth shown beside a generated caption."""
+    return longest_caption(meta["captions"].values())
 
 
 def load_synonyms(path: str | Path | None, flag: str = "eval.synonyms") -> dict[str, list[str]] | None:

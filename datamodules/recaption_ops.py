@@ -16,6 +16,7 @@ Importing this module registers both with Data-Juicer's `OPERATORS`.
 
 from __future__ import annotations
 
+import bisect
 import json
 import time
 
@@ -32,10 +33,13 @@ VARIANTS_KEY = "caption_variants"
 def _cap_words(text: str, max_words: int) -> str:
     """`text` cut to `max_words` words as the word budgets count them (`word_count`: a kana or CJK character is
     one; split on whitespace alone, a Chinese caption of 11 characters passed a cap of 3 whole)."""
+    if max_words is None:
+        return text
     kept, count = [], 0
     for token in text.split():
-        while token and count + word_count(token) > max_words:  # an unspaced token is cut character by character
-            token = token[:-1]
+        if count + word_count(token) > max_words:  # the longest prefix that fits: an unspaced token's characters
+            fits = bisect.bisect_right(range(len(token) + 1), max_words - count, key=lambda n: word_count(token[:n]))
+            token = token[: fits - 1]
         if not token:
             break
         kept.append(token)
@@ -103,13 +107,17 @@ class Blip2CaptionMapper(Mapper):
             raise ValueError("blip2_caption_mapper.model_path: give a local folder with a BLIP-2 model")
         for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("num_beams", num_beams, 1),
                                    ("max_words", max_words, 1), ("min_new_tokens", min_new_tokens, 0)):  # fmt: skip
+            if name == "max_words" and value is None:  # no cap
+                continue
             if not isinstance(value, int) or value < least:  # -1 dropped a word of every caption, 0 all of them
                 raise ValueError(f"blip2_caption_mapper.{name} must be an integer of at least {least}, got {value!r}")
         if min_new_tokens > max_new_tokens:
             raise ValueError(
                 f"blip2_caption_mapper.min_new_tokens ({min_new_tokens}) exceeds max_new_tokens ({max_new_tokens})"
             )
-        if prompts is not None and (not prompts or not all(isinstance(t, str) for t in prompts.values())):
+        if prompts is not None and (
+            not isinstance(prompts, dict) or not prompts or not all(isinstance(t, str) for t in prompts.values())
+        ):
             raise ValueError("blip2_caption_mapper.prompts: a mapping of variant names to prompt strings, one at least")
         self.model_path, self.max_new_tokens, self.num_beams, self.max_words = (
             model_path,

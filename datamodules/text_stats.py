@@ -63,8 +63,8 @@ def longest_caption(texts) -> str:
 def tokens(text: str) -> list[str]:
     """Lower-cased words, without the punctuation around them: "Dog," and "dog" are one word type (raw
     captions are punctuated, generated ones mostly not; counted apart, raw text would look more diverse)."""
-    words = []
-    for word in (_strip_punctuation(word) for word in text.lower().split()):
+    words = []  # after NFKC, as `caption_words` and `word_count` read text (half-width kana, ligatures)
+    for word in (_strip_punctuation(word) for word in unicodedata.normalize("NFKC", text).lower().split()):
         if _UNSPACED_CHAR.search(word):  # a Chinese sentence was one word type: its characters are
             words += caption_words(word)
         elif word:

@@ -385,11 +385,12 @@ def build_report(
         for name, text in caption_variants(row).items():
             by_variant[name].append(text)
     several = len(by_variant) > 1  # one variant is the recaptioned row
-    compared = [raw, new, *(by_variant.values() if several else [])]
-    # TTR falls as a text grows: every corpus is cut to the tokens of the shortest (a short variant's was taken
-    # over its 10 tokens, the others over 80, and read 1.0 against 0.2).
-    equal = min(sum(len(tokens(t)) for t in texts) for texts in compared)
-    variants = {f"variant {name}": corpus_stats(texts, equal) for name, texts in by_variant.items() if several}
+    # TTR falls as a text grows, so it compares corpora cut to one token count: the raw and recaptioned texts at the
+    # shorter's, the variants at their shortest's (a short variant's was taken over its own 10 tokens beside the
+    # others' 80, and read 1.0 against 0.2; one count for all let one sparse variant cut every row to 4 tokens).
+    equal = min(sum(len(tokens(t)) for t in texts) for texts in (raw, new))
+    variant_equal = min((sum(len(tokens(t)) for t in texts) for texts in by_variant.values()), default=0)
+    variants = {f"variant {n}": corpus_stats(texts, variant_equal) for n, texts in by_variant.items() if several}
     return {
         "recipe": asdict(recipe),
         "samples": {
@@ -410,6 +411,13 @@ def build_report(
         },
         "examples": examples,
     }
+
+
+def _ttr(stats: dict) -> str:
+    """A corpus's TTR and the tokens it is taken over ("-" over none)."""
+    if not stats.get("ttr_tokens"):
+        return "-"
+    return f"{stats['ttr_equal_tokens']:.3g} @ {stats['ttr_tokens']}"
 
 
 def report_markdown(report: dict) -> str:
@@ -442,13 +450,13 @@ def report_markdown(report: dict) -> str:
         lines += ["", "Caption variants left out, without a word (their samples keep the others): "]
         lines[-1] += ", ".join(f"{k} {v}" for k, v in wordless.items())
         lines += [f"- {name}: {', '.join(keys)}" for name, keys in report["wordless_variants"]["first_keys"].items()]
-    lines += ["", "| corpus | texts | mean words | p50 | p95 | vocabulary | MTLD | MATTR | TTR (equal tokens) |"]
+    lines += ["", "| corpus | texts | mean words | p50 | p95 | vocabulary | MTLD | MATTR | TTR @ equal tokens |"]
     lines += ["|---|---|---|---|---|---|---|---|---|"]
     for name, t in report["text"].items():
         if t.get("texts"):
             lines.append(
                 f"| {name} | {t['texts']} | {t['mean_words']:.1f} | {t['p50_words']:.0f} | {t['p95_words']:.0f} | "
-                f"{t['vocabulary']} | {t['mtld']:.1f} | {t['mattr']:.3f} | {t['ttr_equal_tokens']:.3g} |"
+                f"{t['vocabulary']} | {t['mtld']:.1f} | {t['mattr']:.3f} | {_ttr(t)} |"
             )
     lines += ["", "Examples (raw -> recaptioned):", ""]
     for e in report["examples"]:  # the captions as written: CJK showed as \u4e00 escapes

@@ -163,13 +163,18 @@ def test_the_report_describes_each_caption_variant(tmp_path):
     assert text["variant short"]["mean_words"] == 2 and "| variant short | 1 | 2.0 |" in report_markdown(report)
     single = [{**raw, "caption_variants": json.dumps({"caption": "left left green"})}]
     assert "variant caption" not in build_report(RecipeConfig(), [raw], single, [], SkipLog(), 1, SkipLog())["text"]
-    # Every corpus's TTR over the tokens of the shortest (a short variant's was over its own fewer tokens: 1.0
-    # against 0.2); the recaptioned row is the longest variant with a word ("? ? ? ? ?" was measured, not shards').
+    # The variants' TTR over their shortest's tokens (a short variant's was over its own fewer tokens: 1.0 beside
+    # 0.2), raw and recaptioned over theirs, so that one sparse variant does not cut every row; the recaptioned row
+    # is the longest variant with a word ("? ? ? ? ?" was measured, not what the shards hold).
     rows = [{**raw, "raw_caption": "a b a b a b", "text": "? ? ? ? ?"}]
     kept = [{**rows[0], "caption_variants": json.dumps({"short": "a dog", "long": "b b b b b b", "odd": "? ? ? ? ?"})}]
-    text = build_report(RecipeConfig(), rows, kept, [], SkipLog(), 1, SkipLog())["text"]
-    assert {t["ttr_tokens"] for t in text.values()} == {2}
+    report = build_report(RecipeConfig(), rows, kept, [], SkipLog(), 1, SkipLog())
+    text = report["text"]
+    assert {name: t["ttr_tokens"] for name, t in text.items()} == {
+        "raw": 6, "recaptioned": 6, "variant short": 2, "variant long": 2
+    }  # fmt: skip
     assert text["recaptioned"]["mean_words"] == 6 and text["recaptioned"]["vocabulary"] == 1
+    assert "| variant short | 1 | 2.0 | 2 | 2 | 2 | 2.0 | 1.000 | 1 @ 2 |" in report_markdown(report)
     from datamodules.text_stats import longest_caption  # the caption ops' new text, which later filters read
 
     assert longest_caption(["a dog", "? ? ? ? ?"]) == "a dog" and longest_caption(["?", "! !"]) == "! !"
