@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -163,7 +164,7 @@ def test_compile_with_aot_autograd_matches_eager(micro_base):
     _assert_same(reference, _loss_and_grads(module, batch))
 
 
-@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="inductor builds C++ kernels on the CPU")
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")), reason="inductor builds C++ kernels on the CPU")
 def test_inductor_drops_what_eager_drops(micro_base):
     # Inductor drew its own dropout masks: with LoRA dropout 0.1 its loss was 6e-3 off eager's and its gradients
     # up to 1.8x apart, as far as eager's with another seed.
