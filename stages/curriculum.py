@@ -266,7 +266,7 @@ def warn_unknown_caption_tokens(tokenizer, shard_dir: Path, lm: Path, samples: i
     ids = [i for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in row]
     unknown = sum(i == tokenizer.unk_token_id for i in ids) / len(ids) if ids else 0.0
     if unknown > 0.5:
-        log.warning("%.0f%% of the caption tokens of %s's first %d training samples are unknown to %s's tokenizer: "
+        log.warning("%.0f%% of the caption tokens of %s's first %d training images are unknown to %s's tokenizer: "
                     "the model cannot learn them; use a language model whose tokenizer covers their words",
                     100 * unknown, shard_dir, len(texts), lm)  # fmt: skip
 
