@@ -124,14 +124,16 @@ class BoundaryCheck(L.Callback):
         epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf
         if trainer.max_steps not in (None, -1):
             epochs = min(epochs, math.ceil(trainer.max_steps / max(1, steps)))
-        if steps < self.config.k and epochs > 1 and trainer.is_global_zero:
+        stage_start = len(self.previous_tail) >= self.config.k  # checked at the first epoch's k-th step too
+        if steps < self.config.k and (epochs > 1 or stage_start) and trainer.is_global_zero:
             # An epoch never reached its k-th step, where the check runs: no boundary was checked, unsaid.
             log.warning(
                 "stage %s: its epochs have %d optimizer steps, fewer than stability.boundary.k=%d, so its epoch "
-                "boundaries are not checked; lower stability.boundary.k to check them",
+                "boundaries%s are not checked; lower stability.boundary.k to check them",
                 self.stage,
                 steps,
                 self.config.k,
+                " and its start (the stage boundary)" if stage_start else "",
             )
 
     def _trace(self, trainer) -> _EpochTrace:

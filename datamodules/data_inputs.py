@@ -55,10 +55,10 @@ def dj_caption(text: str) -> str | None:
     for the caption). LLaVA's `<image>` is dropped: Data-Juicer's `llava_to_dj --only_keep_caption` writes
     "<image>\\n<caption>" (it was a word of every caption and reference), and of several such captions in one
     record the first is taken, as of a conversation's replies."""
-    if DJ_GPT in text:
+    if DJ_CONVERSATION.match(text):  # "[[gpt]]:" inside a plain caption is its text, as any marker there is
+        if DJ_GPT not in text:
+            return None
         text = DJ_ROLE.split(text.split(DJ_GPT, 1)[1], maxsplit=1)[0]
-    elif DJ_CONVERSATION.match(text):
-        return None
     text = strip_dj_tokens(text)
     return " ".join(next((part.split() for part in text.split("<image>") if part.strip()), []))
 

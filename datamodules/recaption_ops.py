@@ -37,9 +37,12 @@ def _cap_words(text: str, max_words: int) -> str:
         return text
     kept, count = [], 0
     for token in text.split():
-        if count + word_count(token) > max_words:  # the longest prefix that fits: an unspaced token's characters
-            fits = bisect.bisect_right(range(len(token) + 1), max_words - count, key=lambda n: word_count(token[:n]))
-            token = token[: fits - 1]
+        if count + word_count(token) > max_words:  # an unspaced token (CJK): its longest prefix that fits
+            # word_count never falls as a prefix grows: bisect finds the first length that counts too many words.
+            too_long = bisect.bisect_right(
+                range(len(token) + 1), max_words - count, key=lambda n: word_count(token[:n])
+            )
+            token = token[: too_long - 1]
         if not token:
             break
         kept.append(token)

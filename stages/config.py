@@ -60,9 +60,9 @@ def float32_masters(vlm: torch.nn.Module, full: set[str], precision: str | None,
     weights, where most rounded away (3 steps moved 12% of a tiny LM's weights, against 95% in float32); and a
     later stage loaded the float32 handoff into bf16, training its LoRA on a rounded LM that the export (float32)
     did not merge it onto. DeepSpeed in bf16/fp16 keeps float32 masters of its own and casts the model, as a
-    "-true" precision does as the user asked: neither is touched. The weights then take float32 memory, and
-    under 32-true float32 compute (the mixed precisions autocast as before). A stage scored again (`eval`) is
-    built the same way, as its evaluations during training saw it."""
+    "-true" precision does as the user asked: neither is touched. The weights and their optimizer state then take
+    float32 memory, and under 32-true float32 compute (the mixed precisions autocast as before). A stage scored
+    again (`eval`) is built the same way, as its evaluations during training saw it."""
     if trained_dtype(precision, strategy) is not None:
         return
     for group in sorted(full & {"vision", "lm"}):

@@ -65,8 +65,9 @@ def shard_format(recipe, cfg: CurriculumConfig) -> int:
     """`SHARD_FORMAT`, or 3 for the inputs whose shards changed on 2026-12-07 (LLaVA and Data-Juicer inputs: a
     sample names its image, so that the records of one image are evaluated together; Data-Juicer's: LLaVA's
     <image> left the captions, conversations without a gpt turn are skipped; a world with `overlap`: objects stay
-    in their cells and in view): theirs are rebuilt. Other builds keep their stamps, and their stages are not
-    retrained."""
+    in their cells and in view, and its base models are pretrained again too): theirs are rebuilt. Other builds
+    keep their stamps, and their stages are not retrained (a synthetic build whose ops copy samples, as the stock
+    captioner does, names the copies' image only once it is rebuilt)."""
     if recipe.input.format in ("llava", "dj_jsonl") or (recipe.input.format == "synthetic" and cfg.world.overlap > 0):
         return 3
     return SHARD_FORMAT
@@ -300,7 +301,9 @@ def prepare_base_models(cfg: CurriculumConfig, run_dir: Path) -> tuple[Path, Pat
     if model.vision_path is not None and model.lm_path is not None:
         return Path(model.vision_path), Path(model.lm_path)
     base = run_dir / "base"
-    wanted = fingerprint({"base": cfg.base, "world": cfg.world, "seed": cfg.seed})
+    # A world with `overlap` is drawn otherwise since 2026-12-07 (`shard_format`): its tower is pretrained again too.
+    drawing = {"render": 2} if cfg.world.overlap > 0 else {}
+    wanted = fingerprint({"base": cfg.base, "world": cfg.world, "seed": cfg.seed, **drawing})
     stamp = base / "build.json"
     if not (stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] == wanted):
         base.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from modules.handoff import check_handoff, full_parts, has_lora, load_handoff
 from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens, is_model_folder
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
 from stages.config import EvalConfig, cast_as_trained, float32_masters, trained_dtype
-from stages.metrics import DEFAULT_BUCKETS, check_buckets
+from stages.metrics import DEFAULT_BUCKETS, DENOMINATORS, check_buckets
 from stages.paths import file_lock, follow_umask, input_path, make_folder
 from stages.report import STAGES_FILE, listed_stages, read_json, stage_configs, stage_problems
 
@@ -472,7 +472,12 @@ def evaluate_model(
 
 def metrics_table(metrics: dict) -> str:
     """A plain-text table of the flat metrics, then the per-length buckets (their columns as scored)."""
-    lines = [f"{name:<28} {value:8.4f}" for name, value in metrics.items() if not isinstance(value, dict)]
+    counts = {*DENOMINATORS.values(), "cut_short"}  # whole numbers, as the log prints them
+    lines = [
+        f"{name:<28} {value:8.0f}" if name in counts else f"{name:<28} {value:8.4f}"
+        for name, value in metrics.items()
+        if not isinstance(value, dict)
+    ]
     buckets = metrics.get("by_length", {})
     if buckets:
         columns = [

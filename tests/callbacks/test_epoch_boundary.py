@@ -97,6 +97,10 @@ def test_epochs_shorter_than_k_are_said_to_go_unchecked(caplog):
     _fit(ToyRegression(lr=0.05), KeyedRegression(size=128), epochs=3, config=BoundaryConfig(k=2))
     _fit(ToyRegression(lr=0.05), KeyedRegression(size=128), epochs=1)  # no boundary to check
     assert "optimizer steps, fewer than" not in caplog.text
+    # One epoch after a stage with the same budget: its start, checked at its k-th step, is not checked either.
+    check = BoundaryCheck(BoundaryConfig(), AlertSinks("toy"), "toy", previous_tail=[1.0] * 10)
+    trainer([check], max_steps=-1, max_epochs=1).fit(ToyRegression(lr=0.05), loader(KeyedRegression(size=128), 64))
+    assert "boundaries and its start (the stage boundary) are not checked" in caplog.text
 
 
 def test_the_stage_boundary_noise_leaves_out_the_previous_stage_start():

@@ -534,3 +534,24 @@ def test_an_op_that_fails_puts_the_start_method_back(tmp_path, monkeypatch):
         assert multiprocess.get_start_method(allow_none=True) == "spawn"
     finally:
         multiprocess.set_start_method(before, force=True)
+
+
+def test_base_models_of_an_overlapping_world_are_pretrained_again_once(tmp_path, monkeypatch):
+    """The world with `overlap` is drawn otherwise since 2026-12-07: its shards are rebuilt (format 3), and its tiny
+    tower, pretrained on the old drawing, has to be too, or a rerun and a fresh clone differ."""
+    import stages.curriculum as curriculum
+    from stages.config import CurriculumConfig, StageSpec
+    from stages.stage import fingerprint
+
+    built = []
+    monkeypatch.setattr(curriculum, "pretrain_vision", lambda *args: built.append("vision") or 1.0)
+    monkeypatch.setattr(curriculum, "pretrain_lm", lambda *args: built.append("lm") or 1.0)
+    stages = {"align": StageSpec(["projector"], 8, init_from="base")}
+    for overlap, again in ((0.0, False), (0.1, True)):
+        cfg = CurriculumConfig(stages=stages, world=WorldConfig(overlap=overlap))
+        (tmp_path / "base").mkdir(exist_ok=True)
+        before = fingerprint({"base": cfg.base, "world": cfg.world, "seed": cfg.seed})  # as stamped until then
+        (tmp_path / "base" / "build.json").write_text(json.dumps({"fingerprint": before}))
+        built.clear()
+        curriculum.prepare_base_models(cfg, tmp_path)
+        assert built == (["vision", "lm"] if again else [])

@@ -73,6 +73,7 @@ def test_data_juicer_caption_only_records_lose_llava_image_token_and_other_roles
     # A role marker inside a caption is its own text; a reply ends at the next marker of any role; of several
     # caption-only captions, the first.
     assert dj_caption("A sign reading [[WARNING]]: keep out") == "A sign reading [[WARNING]]: keep out"
+    assert dj_caption("A sign reading [[gpt]]: hello") == "A sign reading [[gpt]]: hello"
     assert dj_caption("[[user]]: q [[gpt]]: a bird [[user]]: q2") == "a bird"
     assert dj_caption("<image>\ncap one\n<image>\ncap two <|__dj__eoc|>") == "cap one"
 

@@ -111,3 +111,10 @@ def test_eval_help_names_the_splits_type(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "<lambda>" not in (out := capsys.readouterr().out) and "Literal['train', 'val', 'test']" in out
+
+
+def test_the_eval_table_prints_counts_whole():
+    from stages.export import metrics_table
+
+    table = metrics_table({"chair_i": 0.25, "images": 8.0, "cut_short": 2.0})
+    assert [line.split() for line in table.splitlines()] == [["chair_i", "0.2500"], ["images", "8"], ["cut_short", "2"]]
