@@ -24,7 +24,7 @@ from typing_extensions import override
 from datamodules.captions import PromptFormat
 from datamodules.images import as_image
 from datamodules.text_stats import longest_caption
-from stages.metrics import DEFAULT_BUCKETS, DENOMINATORS, caption_metrics, vqa_accuracy, vqa_exact
+from stages.metrics import COUNTS, DEFAULT_BUCKETS, caption_metrics, vqa_accuracy, vqa_exact
 from stages.paths import write_text_atomic
 from stages.tb_logger import text_writers
 
@@ -33,9 +33,8 @@ log = logging.getLogger(__name__)
 
 def metrics_line(metrics: dict) -> str:
     """The scalar metrics for the log: rates to 3 decimals, counts (the rates' denominators) whole."""
-    counts = {*DENOMINATORS.values(), "cut_short"}
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
-    return ", ".join(f"{k} {v:.0f}" if k in counts else f"{k} {v:.3f}" for k, v in scalars.items())
+    return ", ".join(f"{k} {v:.0f}" if k in COUNTS else f"{k} {v:.3f}" for k, v in scalars.items())
 
 
 _WARNED: set = set()  # said once: evaluated sets (by their first unannotated key)
@@ -192,10 +191,14 @@ def vqa_scores(answers: list[tuple[str, str, str, str, list[str]]]) -> dict[str,
 
 
 def score(
-    results: list[tuple[str, dict, str]], buckets: tuple[int, ...] = DEFAULT_BUCKETS, synonyms: dict | None = None
+    results: list[tuple[str, dict, str]],
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+    synonyms: dict | None = None,
+    cut_short: int | None = None,
 ) -> dict:
     """Metrics of (key, metadata, generated caption) triples; references are the sample's caption variants,
-    object annotations its `objects` (the world's, or class names of real data, scored with `synonyms`)."""
+    object annotations its `objects` (the world's, or class names of real data, scored with `synonyms`); with
+    `cut_short`, how many of the captions reached `max_new_tokens` before an end token."""
     objects = [meta.get("objects") for _, meta, _ in results]
     missing = sum(truth is None for truth in objects)
     first = next((key for (key, _, _), truth in zip(results, objects, strict=True) if truth is None), None)
@@ -208,7 +211,7 @@ def score(
             len(objects),
             first,
         )
-    return caption_metrics(
+    metrics = caption_metrics(
         [text for _, _, text in results],
         objects,
         [list(meta["captions"].values()) for _, meta, _ in results],
@@ -216,6 +219,7 @@ def score(
         buckets=buckets,
         synonyms=synonyms,
     )
+    return metrics if cut_short is None else {**metrics, "cut_short": float(cut_short)}
 
 
 def reference(meta: dict) -> str:
@@ -356,7 +360,6 @@ class CaptionEvaluation(L.Callback):
         self.metrics: dict | None = None
         self.final_done = False  # on every rank (only rank 0 scores and holds `metrics`)
         self.history: list[dict] = []
-        self.cut_short = 0  # captions the last `caption` cut at max_new_tokens, every rank's
         self._last_step: int | None = None
         self._final_step: float = float("inf")
         # The step of this fit's last evaluation during training, and (rank 0) its scores and captions: a stage
@@ -382,10 +385,11 @@ class CaptionEvaluation(L.Callback):
 
     def caption(
         self, vlm, rank: int = 0, world_size: int = 1, owner=None, **generate_kwargs
-    ) -> list[tuple[str, dict, str]]:
-        """(key, metadata, caption) for every sample, sorted by key, gathered from all ranks; `owner` (the
-        LightningModule, if any) is the module whose train mode is switched off meanwhile (see `eval_mode`);
-        `generate_kwargs` add to the configured generation settings."""
+    ) -> tuple[list[tuple[str, dict, str]], int]:
+        """(key, metadata, caption) for every sample, sorted by key, gathered from all ranks, and how many of the
+        captions reached max_new_tokens before an end token; `owner` (the LightningModule, if any) is the module
+        whose train mode is switched off meanwhile (see `eval_mode`); `generate_kwargs` add to the configured
+        generation settings."""
         mine, real = rank_share(self.samples, rank, world_size)
         kwargs = {**self.generate_kwargs, **generate_kwargs}
         with eval_mode(owner if owner is not None else vlm):
@@ -394,12 +398,8 @@ class CaptionEvaluation(L.Callback):
         results = [(key, meta, text, cut) for (key, _, meta), text, cut in flagged]
         # One process's own call (a stage scored again on rank 0 alone) gathers nothing, even in a process group.
         results = _gather(results) if world_size > 1 else results
-        self.cut_short = sum(cut for *_, cut in results)  # every rank's, counted once
-        return sorted(((key, meta, text) for key, meta, text, _ in results), key=lambda r: r[0])
-
-    def _score(self, results: list[tuple[str, dict, str]]) -> dict:
-        """The scores of `caption`'s results, with how many captions it cut short."""
-        return {**score(results, self.buckets, self.synonyms), "cut_short": float(self.cut_short)}
+        cut_short = sum(cut for *_, cut in results)  # every rank's, counted once
+        return sorted(((key, meta, text) for key, meta, text, _ in results), key=lambda r: r[0]), cut_short
 
     def _warn_cut(self, metrics: dict) -> None:
         limit = self.generate_kwargs["max_new_tokens"]
@@ -412,11 +412,11 @@ class CaptionEvaluation(L.Callback):
         VQA scores a final evaluation adds are new (captioned and logged once more, every value stood twice)."""
         synced = {"synced_gpus": True} if _zero3(trainer) and trainer.world_size > 1 else {}  # ranks in step
         if not again:
-            results = self.caption(pl_module.vlm, trainer.global_rank, trainer.world_size, pl_module, **synced)
+            results, cut = self.caption(pl_module.vlm, trainer.global_rank, trainer.world_size, pl_module, **synced)
         answers = self._answers(trainer, pl_module, **synced) if final and self.vqa else None  # every rank: ZeRO-3
         if not trainer.is_global_zero:
             return
-        metrics, results = self._scored if again else (self._score(results), results)
+        metrics, results = self._scored if again else (score(results, self.buckets, self.synonyms, cut), results)
         vqa = vqa_scores(answers) if answers is not None else {}  # before logging: they belong in TensorBoard too
         metrics.update(vqa)
         new = vqa if again else metrics  # what this call adds to the log
@@ -459,8 +459,8 @@ class CaptionEvaluation(L.Callback):
 
         One process; the record's `history` is empty, this callback being new (the evaluations during
         training, made with other settings, are not repeated)."""
-        results = self.caption(vlm)
-        metrics = self._score(results)
+        results, cut = self.caption(vlm)
+        metrics = score(results, self.buckets, self.synonyms, cut)
         self._warn_cut(metrics)
         if self.vqa:
             with eval_mode(vlm):

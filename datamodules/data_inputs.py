@@ -39,7 +39,7 @@ DJ_CHUNK_END = "<|__dj__eoc|>"
 
 # The role markers of Data-Juicer's multi-turn text (its llava_to_dj conversion): "[[human]]: <image>\nDescribe
 # the image. [[gpt]]: A dog ...". The caption is the first reply; the prompt and the image token are not.
-DJ_HUMAN, DJ_GPT = "[[human]]:", "[[gpt]]:"
+DJ_GPT = "[[gpt]]:"
 
 
 DJ_ROLE = re.compile(r"\[\[[^\[\]\s]+\]\]:")  # a conversation's role marker: [[human]]:, [[gpt]]:, [[user]]:

@@ -188,12 +188,6 @@ def caption_variants(row: dict) -> dict[str, str]:
     return {name: text for name, text in variants if caption_words(text)}
 
 
-def wordless_variants(row: dict) -> list[str]:
-    """The names of the row's caption variants that `caption_variants` leaves out for want of a word."""
-    written = json.loads(row["caption_variants"]) if row.get("caption_variants") else {}
-    return sorted(set(written) - set(caption_variants(row)))
-
-
 def _shard_sample(row: dict) -> dict:
     """A shard sample: the original image bytes and the caption variants with their word counts."""
     extension, image_bytes = shard_image(Path(row["images"][0]))
@@ -336,9 +330,9 @@ def _with_words(kept: list[dict]) -> tuple[list[dict], SkipLog, SkipLog]:
     word that the written samples leave out (they keep their other variants)."""
     empty, variants, written = SkipLog(), SkipLog(), []
     for row in kept:
-        if caption_variants(row):
+        if named := caption_variants(row):
             written.append(row)
-            for name in wordless_variants(row):
+            for name in sorted(set(json.loads(row.get("caption_variants") or "{}")) - set(named)):
                 variants.skip(name, row["__key__"])
         else:
             empty.skip("empty_caption", row["__key__"])
@@ -373,16 +367,17 @@ def build_report(
 ) -> dict:
     wordless = wordless or SkipLog()
     raw = [r["raw_caption"] for r in rows]
-    new = [longest_caption(caption_variants(r).values()) for r in kept]  # what the shards hold, not a wordless one
+    kept_variants = [caption_variants(r) for r in kept]
+    new = [longest_caption(v.values()) for v in kept_variants]  # what the shards hold, not a wordless variant
     examples = [
-        {"key": r["__key__"], "raw": r["raw_caption"], "captions": caption_variants(r)}
-        for r in kept[: recipe.report_examples]
+        {"key": r["__key__"], "raw": r["raw_caption"], "captions": v}
+        for r, v in zip(kept[: recipe.report_examples], kept_variants, strict=False)
     ]
     # Each caption variant on its own (short, detailed, ...): the early stages' word budgets pick the short ones,
     # which the recaptioned row (each sample's `text`, the longest variant) does not show.
     by_variant: dict[str, list[str]] = defaultdict(list)
-    for row in kept:
-        for name, text in caption_variants(row).items():
+    for variants_of_row in kept_variants:
+        for name, text in variants_of_row.items():
             by_variant[name].append(text)
     several = len(by_variant) > 1  # one variant is the recaptioned row
     # TTR falls as a text grows, so it compares corpora cut to one token count: the raw and recaptioned texts at the

@@ -28,7 +28,7 @@ from modules.handoff import check_handoff, full_parts, has_lora, load_handoff
 from modules.loading import LoraSpec, ModelConfig, build_vlm, count_image_tokens, is_model_folder
 from modules.modeling_vlm_curriculum import VLMCurriculumConfig, VLMCurriculumForCaptioning
 from stages.config import EvalConfig, cast_as_trained, float32_masters, trained_dtype
-from stages.metrics import DEFAULT_BUCKETS, DENOMINATORS, check_buckets
+from stages.metrics import COUNTS, DEFAULT_BUCKETS, check_buckets
 from stages.paths import file_lock, follow_umask, input_path, make_folder
 from stages.report import STAGES_FILE, listed_stages, read_json, stage_configs, stage_problems
 
@@ -448,7 +448,7 @@ def evaluate_model(
     )
     results = [(key, meta, text) for (key, _, meta), text in zip(samples, captions, strict=True)]
     table = class_table(synonym_table, data.index, samples, shards)
-    metrics = {**score(sorted(results, key=lambda r: r[0]), buckets, table), "cut_short": float(sum(captions.cut))}
+    metrics = score(sorted(results, key=lambda r: r[0]), buckets, table, sum(captions.cut))
     warn_cut("eval", sum(captions.cut), len(samples), max_new_tokens)
     if vqa:
         answers = answer_questions(model, samples, fmt, target.processor, batch_size)
@@ -472,9 +472,8 @@ def evaluate_model(
 
 def metrics_table(metrics: dict) -> str:
     """A plain-text table of the flat metrics, then the per-length buckets (their columns as scored)."""
-    counts = {*DENOMINATORS.values(), "cut_short"}  # whole numbers, as the log prints them
     lines = [
-        f"{name:<28} {value:8.0f}" if name in counts else f"{name:<28} {value:8.4f}"
+        f"{name:<28} {value:8.0f}" if name in COUNTS else f"{name:<28} {value:8.4f}"
         for name, value in metrics.items()
         if not isinstance(value, dict)
     ]

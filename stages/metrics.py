@@ -108,6 +108,8 @@ def _named(said: list[Mention], obj: dict) -> bool:
 
 # Each hallucination rate's denominator, recorded beside it (floats, as every metric, for TensorBoard).
 DENOMINATORS = {"chair_i": "mentions", "chair_s": "images", "recall": "objects", "attr_halluc": "attr_mentions"}
+COUNTS = {*DENOMINATORS.values(), "cut_short"}
+"""The metrics that are counts (floats all, for TensorBoard): shown as whole numbers."""
 
 
 def hallucination(predictions: list[str], objects: list[list[dict]]) -> dict[str, float]:

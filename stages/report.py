@@ -15,6 +15,7 @@ import yaml
 
 from stages.config import upstream_stage
 from stages.data import report_markdown
+from stages.metrics import COUNTS
 from stages.paths import input_path, write_text_atomic
 
 TABLE = [
@@ -286,7 +287,7 @@ def _evaluation_section(run_dir: Path, stages: list[str]) -> list[str]:
     lines += ["| stage | " + " | ".join(label for _, label in table) + " |", "|---" * (len(table) + 1) + "|"]
     for name in stages:
         row = [metrics[name].get(key) for key, _ in table]
-        row = [int(v) if key == "cut_short" and v is not None else v for (key, _), v in zip(table, row, strict=True)]
+        row = [int(v) if key in COUNTS and v is not None else v for (key, _), v in zip(table, row, strict=True)]
         lines.append(f"| {name} | " + " | ".join(map(_fmt, row)) + " |")
     lines += ["", "Hallucination by generated caption length (compare stages within a row of equal length):", ""]
     lines += ["| stage | bucket | images | CHAIR-i | CHAIR-s | recall | words |", "|---" * 7 + "|"]
