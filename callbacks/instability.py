@@ -479,6 +479,7 @@ class InstabilityMonitor(L.Callback):
             "diverged": self.diverged,
             "in_a_row": self._streak.in_a_row,
             "muted": self._streak.muted,
+            "overflows": self._overflows,  # a resumed run counted a collapsing fp16 scale's overflows from 0 again
         }
         return {
             **every_rank_state(history),
@@ -497,6 +498,7 @@ class InstabilityMonitor(L.Callback):
         self.lowest_median = mine["lowest_median"]
         self.diverged = mine.get("diverged", False)  # reported once, not again after a resume
         self._streak = Streak(mine.get("in_a_row", 0), mine.get("muted", False))
+        self._overflows = mine.get("overflows", 0)
         if self.config.action == "rewind":
             self._snapshot = state_dict.get("snapshot")
             self._healthy_since_snapshot = state_dict.get("healthy_since_snapshot", 0)

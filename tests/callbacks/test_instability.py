@@ -378,14 +378,14 @@ def test_a_warmup_longer_than_the_window_is_refused():
         InstabilityConfig(warmup=60)
 
 
-def _fp16_run(faults: dict, action: str = "warn", steps: int = 40):
+def _fp16_run(faults: dict, action: str = "warn", steps: int = 40, callbacks=(), ckpt_path=None):
     from lightning.pytorch.plugins import MixedPrecision
 
     monitor = InstabilityMonitor(InstabilityConfig(action=action), AlertSinks("toy"), "toy")
     # 6 overflows in a row at first while the scale comes down (at Lightning's default 2**16: one).
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
-    t = trainer([monitor], max_steps=steps, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
-    t.fit(ToyRegression(faults), loader(KeyedRegression()))
+    t = trainer([monitor, *callbacks], max_steps=steps, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    t.fit(ToyRegression(faults), loader(KeyedRegression()), ckpt_path=ckpt_path)
     return monitor, t
 
 
@@ -397,6 +397,19 @@ def test_fp16_overflows_are_left_to_the_loss_scaler_until_they_persist():
     assert _kinds(monitor) == [("non_finite", 27)]
     monitor, _ = _fp16_run({20: "nan"})  # a NaN loss is never the scaler's business
     assert ("non_finite", 20) in _kinds(monitor)
+
+
+def test_an_fp16_overflow_streak_survives_a_resume(tmp_path):
+    """Stopped after 5 overflows in a row (steps 20-24) and resumed, the run counted them from 0 again: the
+    alert the uninterrupted run gave at the 8th (step 27) never came."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    faults = {step: "inf_grad" for step in range(20, 32)}
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=25)
+    _fp16_run(faults, steps=25, callbacks=[saver])
+    (checkpoint,) = tmp_path.glob("*step=25.ckpt")
+    resumed, t = _fp16_run(faults, ckpt_path=checkpoint)
+    assert t.global_step == 40 and _kinds(resumed) == [("non_finite", 27)]
 
 
 def test_fp16_losses_are_judged_without_the_loss_scale():

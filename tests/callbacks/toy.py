@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 
@@ -109,7 +110,7 @@ def trainer(callbacks: list, max_steps: int = 60, max_epochs: int = -1, **kwargs
         max_epochs=max_epochs,
         callbacks=callbacks,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),  # only the test's own
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
