@@ -242,17 +242,19 @@ class CompareFailed(RuntimeError):
 
 def run_compare(profile: Path, seeds: list[int], root: Path, overrides: list[str]) -> dict:
     """Runs both arms for every seed (finished stages are skipped on a rerun) and writes the comparison."""
-    from stages.run import curriculum_config, curriculum_parser, not_a_mapping, with_project_configs
+    from stages.config_checks import mapping_error, not_a_mapping
+    from stages.run import curriculum_config, curriculum_parser, with_project_configs
 
     overrides = list(with_project_configs(tuple(overrides)))  # configs/... from any folder, as on the command line
     for token in overrides:
         if token.split("=", 1)[0] in ("--seed", "--run_dir"):  # every "seed" was the same run, or trained elsewhere
             raise ValueError(f"--override: {token.split('=', 1)[0]} is compare's own (--seeds, --root)")
     parser = curriculum_parser()
+    parser.argv = ("--config", str(profile), *overrides)  # what it parses, for its messages
     namespace = parser.parse_args(["--config", str(profile), *overrides])
     misplaced = not_a_mapping(CurriculumConfig, namespace)
     if misplaced:
-        raise ValueError(f"--override: {misplaced[0]} must be a mapping of its keys, got {misplaced[1]!r}")
+        raise ValueError(f"--override: {mapping_error(misplaced)}")  # the profile's own are checked before
     try:
         cfg = curriculum_config(parser.instantiate(namespace))
     except TypeError as error:

@@ -7,7 +7,6 @@ fully merged configuration, once its values pass their checks, and exits. Unknow
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import importlib.util
 import locale
@@ -45,15 +44,16 @@ if __name__ == "__main__" and sys.path and Path(sys.path[0] or ".").resolve() ==
     elif Path.cwd().resolve() != root:  # run from the repository, the working folder is the root
         sys.path[0] = str(root)
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from callbacks.preemption import sigterm_raises, stop_on_sigusr1
 from stages.config import CurriculumConfig, EvalConfig, check_seed
+from stages.config_checks import CommandParser, check_config_files, mapping_error, not_a_mapping
 from stages.exits import exit_code
 from stages.launch import LaunchError, watch_started_ranks
 from stages.metrics import DEFAULT_BUCKETS
-from stages.paths import names_a_file, project_file
+from stages.paths import project_file
 
 # `--help` shows each config field's docstring (the text under it in stages/config.py and the dataclasses).
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
@@ -63,7 +63,7 @@ DEFAULT_CURRICULUM = CONFIG_DIR / "curriculum" / "tiny.yaml"
 
 
 def curriculum_parser() -> ArgumentParser:
-    parser = ArgumentParser(
+    parser = CommandParser(
         description="Run a training curriculum: data, base models, then each stage (align, LoRA SFT, ...) "
         "with evaluation after each. Rerunning the same command skips finished stages and resumes "
         "an interrupted one from its last checkpoint.",
@@ -72,6 +72,7 @@ def curriculum_parser() -> ArgumentParser:
     )
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file(s); later ones override earlier.")
     parser.add_class_arguments(CurriculumConfig, fail_untyped=True, sub_configs=True)
+    parser.default_configs = (str(DEFAULT_CURRICULUM),)
     return parser
 
 
@@ -158,25 +159,6 @@ def eval_parser() -> ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON (with every caption)")
     return parser
-
-
-class CommandParser(ArgumentParser):
-    """jsonargparse's parser, with a hint where its message does not name the culprit: a misspelt stage name
-    in a dotted flag makes a new stage, which then lacks `trainable` or `max_words`."""
-
-    argv: tuple[str, ...] = ()  # the command line, set by main()
-
-    def error(self, message: str, ex: Exception | None = None):
-        if 'Parser key "stages"' in message and "arguments are required" in message:
-            names = sorted(
-                {arg.split(".")[1] for arg in self.argv if arg.startswith("--stages.") and arg.count(".") > 1}
-            )
-            culprit = f" (here one of {', '.join(f'--stages.{name}.*' for name in names)})" if names else ""
-            message += (
-                f"\n  A stage that only a dotted flag names{culprit} is a new stage, which needs trainable and "
-                "max_words: is a stage name misspelt? `--print_config` shows the stages of the config files."
-            )
-        super().error(message, ex)
 
 
 def build_parser() -> ArgumentParser:
@@ -304,44 +286,23 @@ def curriculum_config(values) -> CurriculumConfig:
     return CurriculumConfig(**{k: v for k, v in vars(values).items() if not k.startswith("__") and k != "config"})
 
 
+def popped_config_files(section) -> list[str]:
+    """The --config files of a parsed command's `section`, taken out of it (the CurriculumConfig has no such
+    key). An inline --config '{seed: 3}' is recorded as None: no file, so it names no run folder."""
+    return [str(p) for p in (section.pop("config", None) or []) if p is not None]
+
+
 def checked_curriculum(parser: ArgumentParser, args) -> tuple[CurriculumConfig, list[str]]:
     """(the checked CurriculumConfig, the --config files given) of parsed `curriculum` arguments; a value
     that fails its check ends the command with the field named."""
-    # An inline --config '{seed: 3}' is recorded as None: no file, so it names no run folder.
-    config_files = [str(p) for p in (args.curriculum.pop("config", None) or []) if p is not None]
+    config_files = popped_config_files(args.curriculum)
     misplaced = not_a_mapping(CurriculumConfig, args.curriculum)
     if misplaced:  # jsonargparse would fail with "functools.partial(...) argument after ** must be a mapping"
-        parser.error(f"{misplaced[0]} must be a mapping of its keys, got {misplaced[1]!r}")
+        parser.error(mapping_error(misplaced))
     try:
         return curriculum_config(parser.instantiate(args).curriculum), config_files
     except (ValueError, TypeError) as error:
         parser.error(str(error))
-
-
-def not_a_mapping(cls, values, where: str = "") -> tuple[str, object] | None:
-    """(dotted key, value) of the first section of the config (a dataclass field, or a stage) whose value is
-    not a mapping, as `world: 5` or `--stages.align.trainer [1]` give; None when every section is one."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        value = values.get(f.name) if isinstance(values, (dict, Namespace)) else None
-        hint, key = hints[f.name], f"{where}{f.name}"
-        if value is None:
-            continue
-        if dataclasses.is_dataclass(hint):
-            sections = {key: (hint, value)}
-        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
-            if not isinstance(value, (dict, Namespace)):
-                return key, value
-            sections = {f"{key}.{name}": (typing.get_args(hint)[1], item) for name, item in value.items()}
-        else:
-            continue
-        for section_key, (section_cls, section) in sections.items():
-            if not isinstance(section, (dict, Namespace)):
-                return section_key, section
-            found = not_a_mapping(section_cls, section, f"{section_key}.")
-            if found:
-                return found
-    return None
 
 
 def default_run_dir(config_files: list) -> Path:
@@ -367,29 +328,6 @@ def with_project_configs(argv: tuple[str, ...]) -> tuple[str, ...]:
         elif arg.startswith("--config="):
             out[i] = "--config=" + project_config(arg.split("=", 1)[1])
     return tuple(out)
-
-
-def check_config_files(parser: ArgumentParser, argv: tuple[str, ...]) -> None:
-    """A --config file that is not a YAML mapping ends the command naming the file: jsonargparse's message
-    named "<unicode string>"."""
-    import yaml
-
-    given = [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
-    given += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    for name in given:
-        path = Path(name)
-        if not names_a_file(path):
-            continue  # an inline '{seed: 3}', or a missing file, which jsonargparse names itself
-        try:
-            content = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            parser.error(f"--config {path}: not valid YAML: {error}")
-        except UnicodeDecodeError as error:  # a traceback
-            parser.error(f"--config {path}: not UTF-8 text ({error})")
-        if content is None:  # jsonargparse's message named nothing: "Unexpected config: "
-            parser.error(f"--config {path}: holds no config keys (empty, only comments, or null)")
-        if not isinstance(content, dict):
-            parser.error(f"--config {path}: holds a {type(content).__name__}, not a mapping of config keys")
 
 
 def run_curriculum_command(parser: ArgumentParser, args) -> int:
@@ -471,7 +409,7 @@ def run_bench_train(parser: ArgumentParser, args) -> int:
     from stages.curriculum import NoGPU
 
     sub = args.bench.train
-    config_files = [str(p) for p in (sub.pop("config", None) or [])]
+    config_files = popped_config_files(sub)
     options = {k: sub.pop(k) for k in ("steps", "warmup", "batch", "text_tokens", "variants", "kinds")}
     if options["variants"] == []:  # measured every default variant
         parser.error("--variants: name at least one variant, or leave it out for the default ones")
@@ -543,7 +481,8 @@ def run_command(argv: list[str] | None = None) -> int:
     """The command `argv` names, run; what stops it (a signal, a full disk) is raised, for `main` to end on.
     A command that runs others in its process (`compare`, `bench stability`) runs them with this."""
     parser = build_parser()
-    parser.argv = with_project_configs(tuple(sys.argv[1:] if argv is None else argv))
+    # Every CommandParser's: a subcommand's parser reports its own errors (the command line: see `stage_culprits`).
+    CommandParser.argv = with_project_configs(tuple(sys.argv[1:] if argv is None else argv))
     loads_models = parser.argv[:1] in (("curriculum",), ("eval",), ("export",), ("bench",))
     problem = image_processor_problem() if loads_models else None
     if problem:

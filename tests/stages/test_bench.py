@@ -121,6 +121,15 @@ def test_train_bench_refuses_unknown_variants(tmp_path, capsys, variant):
     assert f"--variants: {variant!r} is not a variant" in capsys.readouterr().err
 
 
+def test_train_bench_with_an_inline_config_names_its_folder_after_the_default(tmp_path, monkeypatch, capsys):
+    """An inline --config '{seed: 1}' is recorded as None: the bench's folder was runs/bench-train-None."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "train", "--config", "{seed: 1}", *TOY_PROFILE_ARGS, "--trainer.accelerator=cpu"]
+    assert main([*argv, '--variants=["fast"]']) == 2  # refused once the folder is made
+    assert "is not a variant" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["bench-train-tiny"]
+
+
 def test_train_bench_runs_under_deepspeed(tmp_path):
     """Lightning's DeepSpeed strategy read `batch_sampler.batch_size` of the bench's loader, which an
     unbatched loader does not have; and several engines are started one after another in one process."""

@@ -172,6 +172,60 @@ def test_a_config_file_without_keys_or_not_utf8_fails_naming_it(tmp_path, capsys
     assert exit_info.value.code == 2 and f"--config {path}: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("command", "content", "key"),
+    [
+        ("curriculum", "trainer:\n  # max_steps: 3\n", "trainer"),
+        ("curriculum", "stages:\n  align:\n    lr:\n", "stages.align.lr"),
+        ("data", "input:\n", "input"),
+        ("data", "world:\n", "world"),
+        ("compare", "trainer:\n", "trainer"),
+        ("bench train", "model:\n", "model"),
+    ],
+)
+def test_an_empty_section_of_a_config_file_is_named_with_the_file(tmp_path, capsys, command, content, key):
+    """A section whose keys are all commented out is null: jsonargparse said "functools.partial(...) argument
+    after ** must be a mapping, not NoneType" or "Unexpected config: input:", naming neither key nor file."""
+    path = tmp_path / "empty_section.yaml"
+    path.write_text(content)
+    flag = "--profile" if command == "compare" else "--config"
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                *command.split(),
+                flag,
+                str(path),
+                f"--root={tmp_path / 'c'}" if command == "compare" else "--print_config",
+            ]
+        )
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"{flag} {path}: {key} must be a mapping of its keys, got None (an empty section" in err
+
+
+STAGES = "stages:\n  align: {trainable: [projector], max_words: 8, init_from: base}\n"
+
+
+@pytest.mark.parametrize(
+    ("stage", "flag", "culprit"),
+    [
+        ("  sft_a: {trainable: [lora], max_words: 4O}\n", None, "stages.sft_a.max_words (--config {path})"),
+        ("  sft_b: {trainable: [lora], max_words: 9, trainer: {max_step: 7}}\n", None, "stages.sft_b.trainer.max_step"),
+        ("", "--stages.align.lr.projector=fast", "stages.align.lr.projector (the command line)"),
+        ("", "--stages.align.max_wrds=5", "stages.align.max_wrds (the command line)"),
+    ],
+)
+def test_a_bad_value_of_a_stage_names_the_stage(tmp_path, capsys, stage, flag, culprit):
+    """jsonargparse named the key within the stage ('Parser key "max_words": ... Got value: 4O'), not which of
+    the stages holds it."""
+    path = tmp_path / "stages.yaml"
+    path.write_text(STAGES + stage)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["curriculum", "--config", str(path), *([flag] if flag else []), "--print_config"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"Set in: {culprit.format(path=path)}" in err
+
+
 @pytest.mark.parametrize("under", [False, True])
 def test_an_output_folder_that_is_a_file_or_under_one_is_named(tmp_path, capsys, under):
     # mkdir's "[Errno 17] File exists" named no flag; a file on the way gave NotADirectoryError's traceback.
