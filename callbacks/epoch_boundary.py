@@ -121,19 +121,24 @@ class BoundaryCheck(L.Callback):
         if not self.config.enabled or not math.isfinite(batches):
             return
         steps = math.ceil(batches / trainer.accumulate_grad_batches)
-        epochs = trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf
+        total = steps * trainer.max_epochs if trainer.max_epochs not in (None, -1) else math.inf
         if trainer.max_steps not in (None, -1):
-            epochs = min(epochs, math.ceil(trainer.max_steps / max(1, steps)))
-        stage_start = len(self.previous_tail) >= self.config.k  # checked at the first epoch's k-th step too
-        if steps < self.config.k and (epochs > 1 or stage_start) and trainer.is_global_zero:
-            # An epoch never reached its k-th step, where the check runs: no boundary was checked, unsaid.
+            total = min(total, trainer.max_steps)
+        # A boundary is checked at the k-th step after it: one with fewer steps after it goes unchecked, unsaid.
+        k, unchecked = self.config.k, []
+        if len(self.previous_tail) >= k and min(steps, total) < k:  # the stage's start, checked as an epoch's
+            unchecked.append(f"its start (the stage boundary: {min(steps, total)} steps follow it)")
+        if total > steps and steps < k:
+            unchecked.append(f"its epoch boundaries (its epochs have {steps} optimizer steps)")
+        elif total > steps and 0 < total % steps < k:  # max_steps cuts the last epoch short
+            unchecked.append(f"the boundary before its last epoch (max_steps leaves it {total % steps} steps)")
+        if unchecked and trainer.is_global_zero:
             log.warning(
-                "stage %s: its epochs have %d optimizer steps, fewer than stability.boundary.k=%d, so its epoch "
-                "boundaries%s are not checked; lower stability.boundary.k to check them",
+                "stage %s: %s not checked, fewer than stability.boundary.k=%d optimizer steps; lower "
+                "stability.boundary.k to check them",
                 self.stage,
-                steps,
-                self.config.k,
-                " and its start (the stage boundary)" if stage_start else "",
+                " and ".join(unchecked),
+                k,
             )
 
     def _trace(self, trainer) -> _EpochTrace:

@@ -92,15 +92,35 @@ def test_epochs_shorter_than_k_are_said_to_go_unchecked(caplog):
     # An epoch is checked at its k-th step: epochs of 2 steps were never checked, and nothing said so.
     caplog.set_level("WARNING", logger="callbacks.epoch_boundary")
     _fit(ToyRegression(lr=0.05), KeyedRegression(size=128), epochs=3)
-    assert "its epochs have 2 optimizer steps, fewer than stability.boundary.k=5" in caplog.text
+    assert "its epoch boundaries (its epochs have 2 optimizer steps) not checked, fewer than stability." in caplog.text
     caplog.clear()
     _fit(ToyRegression(lr=0.05), KeyedRegression(size=128), epochs=3, config=BoundaryConfig(k=2))
     _fit(ToyRegression(lr=0.05), KeyedRegression(size=128), epochs=1)  # no boundary to check
-    assert "optimizer steps, fewer than" not in caplog.text
+    assert "not checked" not in caplog.text
     # One epoch after a stage with the same budget: its start, checked at its k-th step, is not checked either.
     check = BoundaryCheck(BoundaryConfig(), AlertSinks("toy"), "toy", previous_tail=[1.0] * 10)
     trainer([check], max_steps=-1, max_epochs=1).fit(ToyRegression(lr=0.05), loader(KeyedRegression(size=128), 64))
-    assert "boundaries and its start (the stage boundary) are not checked" in caplog.text
+    assert "its start (the stage boundary: 2 steps follow it) not checked" in caplog.text
+
+
+def test_a_short_stage_and_a_cut_last_epoch_are_said_to_go_unchecked(caplog):
+    """Epochs of 8 steps (k 5): a stage of 3 steps leaves its start unchecked, and max_steps 10 the boundary
+    before its second epoch (2 steps): the warning looked only at the length of a whole epoch."""
+    caplog.set_level("WARNING", logger="callbacks.epoch_boundary")
+    data = KeyedRegression(size=512)
+    check = BoundaryCheck(BoundaryConfig(), AlertSinks("toy"), "toy", previous_tail=[1.0] * 10)
+    trainer([check], max_steps=3).fit(ToyRegression(lr=0.05), loader(data, 64))
+    assert "its start (the stage boundary: 3 steps follow it) not checked" in caplog.text
+    caplog.clear()
+    trainer([BoundaryCheck(BoundaryConfig(), AlertSinks("toy"), "toy")], max_steps=10).fit(
+        ToyRegression(lr=0.05), loader(data, 64)
+    )
+    assert "the boundary before its last epoch (max_steps leaves it 2 steps) not checked" in caplog.text
+    caplog.clear()
+    trainer([BoundaryCheck(BoundaryConfig(), AlertSinks("toy"), "toy")], max_steps=13).fit(
+        ToyRegression(lr=0.05), loader(data, 64)
+    )
+    assert "not checked" not in caplog.text  # 5 steps after the boundary: checked
 
 
 def test_the_stage_boundary_noise_leaves_out_the_previous_stage_start():
