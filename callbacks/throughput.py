@@ -15,7 +15,10 @@ import time
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from typing_extensions import override
+
+from stages.launch import every_rank_state, several_ranks
 
 
 def peak_rss_gib() -> float:
@@ -32,6 +35,7 @@ class Throughput(L.Callback):
         self.ranks = 1  # the processes whose counts summary() adds up
         self._started: float | None = None
         self._logged_step: int | None = None
+        self.resumed_at: int | None = None  # the optimizer step a resumed fit started from
         self.device = torch.device("cpu")
 
     @override
@@ -56,6 +60,7 @@ class Throughput(L.Callback):
         # Resumed at a logged step: its figures were logged before its checkpoint. Unset, the resumed first
         # micro-batch (no optimizer step yet under accumulation) logged them again, timed on itself alone.
         self._logged_step = trainer.global_step
+        self.resumed_at = trainer.global_step or None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -95,10 +100,31 @@ class Throughput(L.Callback):
         self.tokens, self.samples = int(tokens), int(samples)
         self.train_s = float(trainer.strategy.reduce(seconds, reduce_op="max"))
 
+    @override
+    def state_dict(self) -> dict:
+        # The counts up to the checkpoint, every rank's: a resumed stage's figures counted from the resume (a stage
+        # killed at its last step read 0 samples), the batches that made its weights before it left out.
+        return every_rank_state({"tokens": self.tokens, "samples": self.samples, "train_s": self.train_s})
+
+    @override
+    def load_state_dict(self, state_dict: dict) -> None:
+        ranks = state_dict.get("ranks") or [state_dict]
+        world = dist.get_world_size() if several_ranks() else 1
+        if len(ranks) == world:
+            mine = ranks[dist.get_rank() if world > 1 else 0]
+        else:  # another number of ranks: the totals go to rank 0 (`on_train_end` adds the ranks' counts up)
+            first = not several_ranks() or dist.get_rank() == 0
+            mine = {
+                "tokens": sum(r["tokens"] for r in ranks) if first else 0,
+                "samples": sum(r["samples"] for r in ranks) if first else 0,
+                "train_s": max(r["train_s"] for r in ranks),
+            }
+        self.tokens, self.samples, self.train_s = int(mine["tokens"]), int(mine["samples"]), float(mine["train_s"])
+
     def summary(self) -> dict:
-        """Totals of the training batches of every rank (a resumed stage counts from the resume) over the slowest
-        rank's time in them, and this process's peak memory: its resident set, and on a GPU the most allocated
-        there since training started."""
+        """Totals of the training batches of every rank over the slowest rank's time in them (a resumed stage's
+        include those up to its checkpoint), and this process's peak memory: its resident set, and on a GPU the
+        most allocated there since training started (since the resume, `resumed_at_step`, for a resumed stage)."""
         result = {
             "ranks": self.ranks,
             "train_tokens": self.tokens,
@@ -108,6 +134,8 @@ class Throughput(L.Callback):
             "samples_per_s": round(self.samples / self.train_s, 2) if self.train_s else None,
             "peak_rss_gib": round(peak_rss_gib(), 3),
         }
+        if self.resumed_at is not None:
+            result["resumed_at_step"] = self.resumed_at
         if self.device.type == "cuda":
             result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         return result

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from datamodules.shards import INDEX_NAME
 from stages.config import upstream_stage
 from stages.data import report_markdown
 from stages.metrics import COUNTS
@@ -58,7 +59,7 @@ def _stages(run_dir: Path) -> list[str]:
 def stage_problems(run_dir: Path, configs: dict[str, dict]) -> dict[str, str]:
     """Stages whose files do not describe a finished run of their current config: unfinished (no done.json),
     changed since they finished, or trained from an upstream stage that has been rerun since."""
-    problems = {}
+    problems, digests = {}, {}
     names = list(configs)
     for index, (name, config) in enumerate(configs.items()):
         done = read_json(run_dir / name / "done.json")
@@ -72,11 +73,44 @@ def stage_problems(run_dir: Path, configs: dict[str, dict]) -> dict[str, str]:
             problems[name] = f"{count} of its trained tensors hold NaN or inf: its scores mean nothing"
         elif done["fingerprint"] != config["fingerprint"]:
             problems[name] = "its config changed after it finished; the results shown are of the older config"
+        elif changed := changed_inputs(run_dir, config["inputs"], digests):
+            problems[name] = (
+                f"its {' and '.join(changed)} changed after it trained (rebuilt since): the results shown are of the "
+                "older ones"
+            )
         elif upstream in configs and configs[upstream]["fingerprint"] != config["inputs"]["init_from"]:
             problems[name] = f"trained from an earlier {upstream}, which has been rerun since"
         elif upstream in problems:  # the last stage of a rerun killed two stages before it looked current
             problems[name] = f"trained from {upstream}, which is out of date itself"
+    scored = {name: read_json(run_dir / name / "done.json", {}).get("eval_fingerprint") for name in configs}
+    first = next((name for name in configs if scored[name]), None)
+    for name in configs:  # the rescoring a change of evaluation settings starts goes stage by stage
+        if name not in problems and scored[name] and scored[name] != scored[first]:
+            problems[name] = (
+                f"scored with other evaluation settings than {first} (a rescoring stopped part way?): its scores do "
+                "not compare with theirs"
+            )
     return problems
+
+
+def changed_inputs(run_dir: Path, inputs: dict, cache: dict) -> list[str]:
+    """The inputs (shards, vision, lm) a stage's config.yaml records whose folder's digest is not the one it
+    trained with: rebuilt by a rerun that stopped before this stage (a rerun would train it again). `cache`: the
+    digests of folders already read."""
+    from stages.curriculum import folder_digest, shards_digest  # imports torch: only for a report
+
+    folders = {"shards": "shard_dir", "vision": "vision_path", "lm": "lm_path"}
+    changed = []
+    for key, recorded in (inputs.get("digests") or {}).items():  # runs before digests were recorded: none
+        folder = input_path(inputs[folders[key]], run_dir)
+        if (key, folder) not in cache:
+            if key == "shards":
+                cache[key, folder] = shards_digest(folder) if (folder / INDEX_NAME).is_file() else "missing"
+            else:
+                cache[key, folder] = folder_digest(folder) if folder.is_dir() else "missing"
+        if cache[key, folder] != recorded:
+            changed.append({"shards": "shards", "vision": "vision tower", "lm": "language model"}[key])
+    return changed
 
 
 def stage_configs(run_dir: Path) -> dict[str, dict]:
@@ -277,9 +311,13 @@ def _evaluation_section(run_dir: Path, stages: list[str]) -> list[str]:
     lines = ["## Evaluation", ""]
     metrics = {name: read_json(run_dir / name / "metrics.json", {}) for name in stages}
     evaluated = [metrics[name] for name in stages if metrics[name]] or [{}]  # a run stopped early: its last one
-    generation = evaluated[-1].get("generation", {})
     images = int(evaluated[-1].get("images", 0))
-    lines += [f"Held-out images: {images}; generation: `{json.dumps(generation)}`.", ""]
+    settings = {name: json.dumps(metrics[name].get("generation", {})) for name in stages if metrics[name]}
+    if len(set(settings.values())) > 1:  # a rescoring with new settings stopped part way (see Stages)
+        generation = "; ".join(f"{name} `{value}`" for name, value in settings.items())
+    else:
+        generation = f"`{json.dumps(evaluated[-1].get('generation', {}))}`"
+    lines += [f"Held-out images: {images}; generation: {generation}.", ""]
     vqa = [("vqa_exact", "VQA"), ("vqa_accuracy", "VQA acc")]  # exact match; VQAv2's, for several human answers
     table = TABLE + [(key, label) for key, label in vqa if any(key in metrics[name] for name in stages)]
     # Captions cut at max_new_tokens, when an evaluation cut any: their lengths and scores are the limit's.
@@ -322,4 +360,10 @@ def _resources_section(run_dir: Path, stages: list[str]) -> list[str]:
             f"| {name} | {_fmt(done.get('wall_s'))} | {_fmt(r.get('train_s'))} | {_fmt(r.get('tokens_per_s'))} | "
             f"{_fmt(r.get('samples_per_s'))} | {_fmt(r.get('peak_rss_gib'))} | {_fmt(r.get('peak_gpu_gib'))} |"
         )
+    resumed = {name: read_json(run_dir / name / "done.json", {}).get("resources", {}) for name in stages}
+    resumed = {name: r["resumed_at_step"] for name, r in resumed.items() if r.get("resumed_at_step") is not None}
+    if resumed:
+        where = ", ".join(f"{name} at step {step}" for name, step in resumed.items())
+        lines += ["", f"Resumed ({where}): wall time and peak memory since the resume; train s and rates of every "
+                  "step kept."]  # fmt: skip
     return lines

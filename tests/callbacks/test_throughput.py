@@ -80,6 +80,31 @@ def test_a_resumed_run_does_not_log_the_step_it_resumed_at_again(tmp_path):
     assert fit(10, ckpt_path=tmp_path / "step5.ckpt") == [9]
 
 
+def test_a_resumed_stage_counts_the_samples_before_its_checkpoint(tmp_path):
+    """done.json's figures of a stage resumed after 6 of 10 steps counted only the 4 after the resume (a stage
+    killed after its last checkpoint read 0 samples); the checkpoint carries the counts."""
+
+    def fit(max_steps: int, ckpt_path=None) -> Throughput:
+        throughput = Throughput()
+        trainer = L.Trainer(
+            max_steps=max_steps, accumulate_grad_batches=2, callbacks=[throughput], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        )  # fmt: skip
+        trainer.fit(Masked(), loader(KeyedRegression(size=2048)), ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            trainer.save_checkpoint(tmp_path / f"step{max_steps}.ckpt")
+        return throughput
+
+    whole = fit(10).summary()
+    fit(6)
+    resumed = fit(10, ckpt_path=tmp_path / "step6.ckpt").summary()
+    assert resumed["train_samples"] == whole["train_samples"] == 10 * 2 * 32
+    assert resumed["train_tokens"] == whole["train_tokens"] and resumed["train_s"] > 0
+    assert resumed["resumed_at_step"] == 6 and "resumed_at_step" not in whole
+    at_end = fit(10, ckpt_path=tmp_path / "step10.ckpt").summary()  # resumed at its last step: no batch trained
+    assert at_end["train_samples"] == 10 * 2 * 32 and at_end["tokens_per_s"] is not None
+
+
 def test_a_fit_that_trains_no_batch_still_says_how_many_ranks_it_had():
     # Resumed at its last step, a fit skips its loop and on_train_end: a 2-rank stage's done.json said ranks 1.
     from types import SimpleNamespace

@@ -169,7 +169,7 @@ def test_the_report_names_unfinished_and_stale_stages(micro_run, tmp_path):
     import yaml
 
     run = tmp_path / "run"
-    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "base", "*.ckpt"))
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "*.ckpt"))
     assert "Not every stage's results are current" not in (micro_run / "report.md").read_text()
     # A rerun with a changed sft_short, interrupted in sft_medium: sft_short done anew (a new fingerprint),
     # sft_medium unfinished; then sft_medium's new config written too: sft_long is from the old sft_medium.
@@ -198,7 +198,7 @@ def test_the_report_of_an_interrupted_run_shows_what_was_evaluated(micro_run, tm
     # The last stage unfinished: the report read its (missing) metrics and said "Held-out images: 0;
     # generation: {}", and its steps cell "None"; the warn-only monitor showed as "instability: null".
     run = tmp_path / "run"
-    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "base", "*.ckpt"))
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "*.ckpt"))
     (run / "sft_long" / "done.json").unlink()
     (run / "sft_long" / "metrics.json").unlink()
     assert main(["report", "--run_dir", str(run)]) == 0
@@ -206,6 +206,42 @@ def test_the_report_of_an_interrupted_run_shows_what_was_evaluated(micro_run, tm
     assert "Held-out images: 8; generation: `{" in report and "generation: `{}`" not in report
     assert "| sft_long | projector, lora | 48 | - |" in report and "| None |" not in report
     assert "instability: null" not in report and "action warn" in report
+
+
+def test_the_report_names_stages_trained_on_inputs_rebuilt_since(micro_run, tmp_path):
+    """A rerun that rebuilt the shards (another world) and stopped before the first stage: every stage read as
+    current, their scores those of the old shards under the new shards' data report."""
+    import os
+
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "*.ckpt"))
+    assert main(["report", "--run_dir", str(run)]) == 0
+    assert "Not every stage's results are current" not in (run / "report.md").read_text()
+    shard = next((run / "data").glob("*.tar"))
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # rewritten, same size
+    assert main(["report", "--run_dir", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    for name in ("align", "sft_short", "sft_medium", "sft_long"):
+        assert f"- {name}: its shards changed after it trained (rebuilt since)" in report
+
+
+def test_the_report_names_stages_scored_with_other_evaluation_settings(micro_run, tmp_path):
+    """A rerun with new evaluation settings, stopped while it rescored sft_medium: align and sft_short scored
+    with 3 new tokens, the others with 12, and the report showed one generation setting and no problem."""
+    run = tmp_path / "run"
+    shutil.copytree(micro_run, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "*.ckpt"))
+    for name in ("align", "sft_short"):
+        done = json.loads((run / name / "done.json").read_text())
+        (run / name / "done.json").write_text(json.dumps({**done, "eval_fingerprint": "rescored"}))
+        metrics = json.loads((run / name / "metrics.json").read_text())
+        metrics["generation"]["max_new_tokens"] = 3
+        (run / name / "metrics.json").write_text(json.dumps(metrics))
+    assert main(["report", "--run_dir", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "- align:" not in report and "- sft_short:" not in report
+    for name in ("sft_medium", "sft_long"):
+        assert f"- {name}: scored with other evaluation settings than align" in report
+    assert 'generation: align `{"max_new_tokens": 3,' in report and 'sft_long `{"max_new_tokens": 12,' in report
 
 
 def test_report_names_a_folder_that_is_no_run_or_has_no_started_stage(tmp_path, capsys):
