@@ -30,11 +30,15 @@ def peak_rss_gib() -> float:
 class Throughput(L.Callback):
     def __init__(self, log_every: int = 50) -> None:
         self.log_every = log_every
-        self.tokens = self.samples = 0
+        self.tokens = self.samples = 0  # this rank's, with those of a checkpoint it resumed from
         self.train_s = 0.0
+        self.totals: tuple[int, int, float] | None = None  # every rank's (tokens, samples, slowest time), at the end
         self.ranks = 1  # the processes whose counts summary() adds up
         self._started: float | None = None
         self._logged_step: int | None = None
+        self._step = 0  # the optimizer step of the last batch counted
+        self._loaded: list[dict] | None = None  # every rank's counts in the checkpoint resumed from
+        self._trained = False  # a batch was counted in this fit
         self.resumed_at: int | None = None  # the optimizer step a resumed fit started from
         self.device = torch.device("cpu")
 
@@ -60,7 +64,8 @@ class Throughput(L.Callback):
         # Resumed at a logged step: its figures were logged before its checkpoint. Unset, the resumed first
         # micro-batch (no optimizer step yet under accumulation) logged them again, timed on itself alone.
         self._logged_step = trainer.global_step
-        self.resumed_at = trainer.global_step or None
+        if self.resumed_at is None:  # a checkpoint without this callback's state (written before it had one)
+            self.resumed_at = trainer.global_step or None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -79,6 +84,7 @@ class Throughput(L.Callback):
         self.train_s += time.perf_counter() - self._started
         self.tokens += int(batch["attention_mask"].sum())
         self.samples += len(batch["keys"])
+        self._trained, self._step = True, trainer.global_step
         step = trainer.global_step
         if step == self._logged_step:  # with accumulation, the micro-batches after a step share its number
             return
@@ -94,21 +100,24 @@ class Throughput(L.Callback):
             return
         # Every rank's tokens and samples over the slowest rank's time: the run's rate. Rank 0's alone, labelled
         # as the stage's, showed half the samples a 2-rank stage trained.
+        # Kept apart from this rank's own counts, which the last checkpoint (saved after this hook) holds.
         counts = torch.tensor([self.tokens, self.samples], dtype=torch.float64, device=pl_module.device)
         tokens, samples = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
         seconds = torch.tensor(self.train_s, dtype=torch.float64, device=pl_module.device)
-        self.tokens, self.samples = int(tokens), int(samples)
-        self.train_s = float(trainer.strategy.reduce(seconds, reduce_op="max"))
+        self.totals = int(tokens), int(samples), float(trainer.strategy.reduce(seconds, reduce_op="max"))
 
     @override
     def state_dict(self) -> dict:
         # The counts up to the checkpoint, every rank's: a resumed stage's figures counted from the resume (a stage
         # killed at its last step read 0 samples), the batches that made its weights before it left out.
-        return every_rank_state({"tokens": self.tokens, "samples": self.samples, "train_s": self.train_s})
+        mine = {"tokens": self.tokens, "samples": self.samples, "train_s": self.train_s, "step": self._step}
+        return every_rank_state(mine)
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
         ranks = state_dict.get("ranks") or [state_dict]
+        # Lightning calls no on_train_start when the checkpoint is at the fit's last step: marked here.
+        self._loaded, self.resumed_at = ranks, state_dict.get("step") or None
         world = dist.get_world_size() if several_ranks() else 1
         if len(ranks) == world:
             mine = ranks[dist.get_rank() if world > 1 else 0]
@@ -125,13 +134,20 @@ class Throughput(L.Callback):
         """Totals of the training batches of every rank over the slowest rank's time in them (a resumed stage's
         include those up to its checkpoint), and this process's peak memory: its resident set, and on a GPU the
         most allocated there since training started (since the resume, `resumed_at_step`, for a resumed stage)."""
+        if self.totals is not None:  # added up over the ranks at the end of training
+            tokens, samples, seconds = self.totals
+        elif self._loaded is not None and not self._trained:  # resumed at its last step: the checkpoint's
+            tokens, samples = (sum(int(r[key]) for r in self._loaded) for key in ("tokens", "samples"))
+            seconds = max(float(r["train_s"]) for r in self._loaded)
+        else:
+            tokens, samples, seconds = self.tokens, self.samples, self.train_s
         result = {
             "ranks": self.ranks,
-            "train_tokens": self.tokens,
-            "train_samples": self.samples,
-            "train_s": round(self.train_s, 2),
-            "tokens_per_s": round(self.tokens / self.train_s, 1) if self.train_s else None,
-            "samples_per_s": round(self.samples / self.train_s, 2) if self.train_s else None,
+            "train_tokens": tokens,
+            "train_samples": samples,
+            "train_s": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+            "samples_per_s": round(samples / seconds, 2) if seconds else None,
             "peak_rss_gib": round(peak_rss_gib(), 3),
         }
         if self.resumed_at is not None:

@@ -59,7 +59,7 @@ def _stages(run_dir: Path) -> list[str]:
 def stage_problems(run_dir: Path, configs: dict[str, dict]) -> dict[str, str]:
     """Stages whose files do not describe a finished run of their current config: unfinished (no done.json),
     changed since they finished, or trained from an upstream stage that has been rerun since."""
-    problems, digests = {}, {}
+    problems = {}
     names = list(configs)
     for index, (name, config) in enumerate(configs.items()):
         done = read_json(run_dir / name / "done.json")
@@ -73,18 +73,25 @@ def stage_problems(run_dir: Path, configs: dict[str, dict]) -> dict[str, str]:
             problems[name] = f"{count} of its trained tensors hold NaN or inf: its scores mean nothing"
         elif done["fingerprint"] != config["fingerprint"]:
             problems[name] = "its config changed after it finished; the results shown are of the older config"
-        elif changed := changed_inputs(run_dir, config["inputs"], digests):
-            problems[name] = (
-                f"its {' and '.join(changed)} changed after it trained (rebuilt since): the results shown are of the "
-                "older ones"
-            )
         elif upstream in configs and configs[upstream]["fingerprint"] != config["inputs"]["init_from"]:
             problems[name] = f"trained from an earlier {upstream}, which has been rerun since"
         elif upstream in problems:  # the last stage of a rerun killed two stages before it looked current
             problems[name] = f"trained from {upstream}, which is out of date itself"
+    return problems
+
+
+def report_problems(run_dir: Path, configs: dict[str, dict], problems: dict[str, str]) -> dict[str, str]:
+    """`problems` and what else makes a stage's results not the run's current ones, which the report says and
+    export and eval leave alone (the trained model is the same): inputs rebuilt or gone since it trained (a
+    rerun stopped before it would train it again), and scores of other evaluation settings than the first
+    stage's (a rescoring goes stage by stage: one stopped part way left scores that do not compare)."""
+    problems, digests = dict(problems), {}
+    for name, config in configs.items():
+        if name not in problems and (changed := changed_inputs(run_dir, config["inputs"], digests)):
+            problems[name] = f"its {'; its '.join(changed)}: the results shown are of the inputs it trained on"
     scored = {name: read_json(run_dir / name / "done.json", {}).get("eval_fingerprint") for name in configs}
     first = next((name for name in configs if scored[name]), None)
-    for name in configs:  # the rescoring a change of evaluation settings starts goes stage by stage
+    for name in configs:
         if name not in problems and scored[name] and scored[name] != scored[first]:
             problems[name] = (
                 f"scored with other evaluation settings than {first} (a rescoring stopped part way?): its scores do "
@@ -94,23 +101,29 @@ def stage_problems(run_dir: Path, configs: dict[str, dict]) -> dict[str, str]:
 
 
 def changed_inputs(run_dir: Path, inputs: dict, cache: dict) -> list[str]:
-    """The inputs (shards, vision, lm) a stage's config.yaml records whose folder's digest is not the one it
-    trained with: rebuilt by a rerun that stopped before this stage (a rerun would train it again). `cache`: the
-    digests of folders already read."""
+    """What became of the inputs (shards, vision, lm) a stage's config.yaml records whose folder's digest is not
+    the one it trained with: "shards changed since it trained ...", or "... are missing". `cache`: the digests
+    of folders already read."""
     from stages.curriculum import folder_digest, shards_digest  # imports torch: only for a report
 
-    folders = {"shards": "shard_dir", "vision": "vision_path", "lm": "lm_path"}
-    changed = []
+    names = {"shards": ("shard_dir", "shards"), "vision": ("vision_path", "vision tower"), "lm": ("lm_path", "LM")}
+    changed, missing = [], []
     for key, recorded in (inputs.get("digests") or {}).items():  # runs before digests were recorded: none
-        folder = input_path(inputs[folders[key]], run_dir)
-        if (key, folder) not in cache:
+        field, label = names[key]
+        folder = input_path(inputs[field], run_dir)
+        if (key, folder) not in cache:  # "missing" as `input_digests` records a folder that is not there
             if key == "shards":
                 cache[key, folder] = shards_digest(folder) if (folder / INDEX_NAME).is_file() else "missing"
             else:
                 cache[key, folder] = folder_digest(folder) if folder.is_dir() else "missing"
-        if cache[key, folder] != recorded:
-            changed.append({"shards": "shards", "vision": "vision tower", "lm": "language model"}[key])
-    return changed
+        if cache[key, folder] == "missing" != recorded:
+            missing.append(f"{label} ({folder})")
+        elif cache[key, folder] != recorded:
+            changed.append(label)
+    said = [f"{' and '.join(changed)} changed since it trained (rebuilt, or copied without their file times)"]
+    said = said if changed else []
+    said += [f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"] if missing else []
+    return said
 
 
 def stage_configs(run_dir: Path) -> dict[str, dict]:
@@ -256,7 +269,7 @@ def _stages_section(run_dir: Path, configs: dict[str, dict]) -> list[str]:
             f"{json.dumps({g: spec['lr'][g] for g in spec['trainable']})} | {spec['init_from']} | "
             f"`{config['fingerprint']}` |"
         )
-    problems = stage_problems(run_dir, configs)
+    problems = report_problems(run_dir, configs, stage_problems(run_dir, configs))
     if problems:
         lines += [
             "",

@@ -7,6 +7,10 @@ alone gets it before the first batch.
 `ddp_ranks.py OUT states VISION LM`: two processes in a gloo group, without Lightning: the checkpoint state of
 the training module's random generators, the instability monitor and the epoch-boundary check, saved as rank 0
 writes it and loaded on both ranks, gives each rank its own back (OUT/states<rank>.json says what each got).
+
+`ddp_ranks.py OUT throughput`: Lightning DDP over gloo, the throughput counts of a fit of 4 steps, of one resumed
+at its last step (nothing left to train), and of one resumed to 5 steps, in OUT/throughput.json; its last.ckpt
+is left in OUT/checkpoints for a resume on one rank.
 """
 
 from __future__ import annotations
@@ -95,11 +99,35 @@ def states(rank: int, out: Path, vision: str, lm: str) -> None:
     dist.destroy_process_group()
 
 
+def throughput(out: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from callbacks.throughput import Throughput
+    from tests.callbacks.test_throughput import Masked
+
+    def fit(max_steps: int, resume: bool) -> dict:
+        counter = Throughput()
+        saver = ModelCheckpoint(out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=2)
+        trainer = L.Trainer(
+            accelerator="cpu", devices=2, strategy="ddp", max_steps=max_steps, callbacks=[counter, saver],
+            logger=False, enable_progress_bar=False, enable_model_summary=False,
+        )  # fmt: skip
+        last = out / "checkpoints" / "last.ckpt"
+        trainer.fit(Masked(), loader(KeyedRegression(size=2048)), ckpt_path=last if resume else None)
+        return {k: v for k, v in counter.summary().items() if k in ("train_samples", "resumed_at_step")}
+
+    counts = {"fresh": fit(4, False), "at_end": fit(4, True), "on": fit(5, True)}
+    if dist.get_rank() == 0:
+        (out / "throughput.json").write_text(json.dumps(counts))
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
     if sys.argv[2] in ("sigterm", "sigterm_early"):
         sigterm(out, early=sys.argv[2] == "sigterm_early")
+    elif sys.argv[2] == "throughput":
+        throughput(out)
     else:
         torch.multiprocessing.spawn(states, args=(out, sys.argv[3], sys.argv[4]), nprocs=2)

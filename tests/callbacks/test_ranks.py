@@ -37,6 +37,34 @@ def test_a_resumed_rank_gets_its_own_random_stream_and_loss_statistics(tmp_path,
         assert got["loss_history"] == [float(rank)] * 3 and got["all_losses"] == [10.0 + rank]
 
 
+@pytest.mark.slow
+def test_two_ranks_throughput_counts_survive_resumes(tmp_path):
+    """Resumed at its last step (Lightning then skips on_train_end, where the ranks are added up), a 2-rank fit
+    said half its samples; the last.ckpt saved after on_train_end held the sum on every rank, and a resume on
+    one rank counted it twice (640 samples for 320)."""
+    import lightning as L
+
+    from callbacks.throughput import Throughput
+    from tests.callbacks.test_throughput import Masked
+    from tests.callbacks.toy import KeyedRegression, loader
+
+    done = run_fresh([sys.executable, SCRIPT, str(tmp_path), "throughput"], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads((tmp_path / "throughput.json").read_text())  # 2 ranks x 32 samples a step
+    assert counts == {
+        "fresh": {"train_samples": 256},
+        "at_end": {"train_samples": 256, "resumed_at_step": 4},
+        "on": {"train_samples": 320, "resumed_at_step": 4},
+    }
+    counter = Throughput()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=6, callbacks=[counter], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(Masked(), loader(KeyedRegression(size=2048)), ckpt_path=tmp_path / "checkpoints" / "last.ckpt")
+    assert counter.summary()["train_samples"] == 320 + 32 and counter.summary()["resumed_at_step"] == 5
+
+
 def test_only_rank_zero_prints_the_run_summary(micro_run, tmp_path, monkeypatch, capsys):
     # Every rank printed the summary table and the run folder; after a rerun that rescored a stage (rank 0 alone
     # rescores) the other ranks' tables lacked that stage.

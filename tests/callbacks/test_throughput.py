@@ -103,6 +103,7 @@ def test_a_resumed_stage_counts_the_samples_before_its_checkpoint(tmp_path):
     assert resumed["resumed_at_step"] == 6 and "resumed_at_step" not in whole
     at_end = fit(10, ckpt_path=tmp_path / "step10.ckpt").summary()  # resumed at its last step: no batch trained
     assert at_end["train_samples"] == 10 * 2 * 32 and at_end["tokens_per_s"] is not None
+    assert at_end["resumed_at_step"] == 10  # Lightning calls no on_train_start there
 
 
 def test_a_fit_that_trains_no_batch_still_says_how_many_ranks_it_had():

@@ -222,7 +222,17 @@ def test_the_report_names_stages_trained_on_inputs_rebuilt_since(micro_run, tmp_
     assert main(["report", "--run_dir", str(run)]) == 0
     report = (run / "report.md").read_text()
     for name in ("align", "sft_short", "sft_medium", "sft_long"):
-        assert f"- {name}: its shards changed after it trained (rebuilt since)" in report
+        assert f"- {name}: its shards changed since it trained (rebuilt, or copied without" in report
+    from stages.export import export_model, find_stage
+
+    export_model(find_stage(run), run / "exported")  # the trained model is as it was: export takes it
+    shutil.rmtree(run / "base")
+    assert main(["report", "--run_dir", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert (
+        f"its shards changed since it trained (rebuilt, or copied without their file times); its vision tower "
+        f"({run / 'base'}" in report
+    )
 
 
 def test_the_report_names_stages_scored_with_other_evaluation_settings(micro_run, tmp_path):
