@@ -5,6 +5,7 @@ stage's bad value (jsonargparse names the key within the stage, not the stage)."
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import typing
 from pathlib import Path
@@ -16,15 +17,31 @@ from stages.config import CurriculumConfig
 from stages.paths import names_a_file
 
 # jsonargparse's message on one stage's value names the key within the stage, never the stage.
-STAGE_VALUE = re.compile(
-    r'Parser key "(?P<key>[\w.]+)":\n(?:\s+.*\n)*?\s+.*(?:Got value|Given value): (?P<value>.*)'
-    r"|Option '(?P<option>\w+)' is not accepted"
-    r"|Group '(?P<group>[\w.]+)' does not accept option '(?P<group_option>\w+)'"
+KEY_BLOCK = re.compile(r'Parser key "(?P<key>[\w.]+)":')
+UNKNOWN_KEY = re.compile(
+    r"Option '(?P<option>\w+)' is not accepted|Group '(?P<group>[\w.]+)' does not accept option '(?P<group_option>\w+)'"
 )
 
 
-def stage_settings(argv: tuple[str, ...], default_configs: tuple[str, ...]) -> list[tuple[str, str, object, str]]:
-    """(stage, dotted key, value, where) of every stage key the config files and the flags of `argv` set."""
+def wanted_setting(message: str) -> tuple[str, str | None] | None:
+    """(dotted key within the stage, the value shown or None) that jsonargparse's message on a stage refuses."""
+    body = message.split("'stages.config.StageSpec'", 1)[-1]
+    key, unknown = KEY_BLOCK.search(body), UNKNOWN_KEY.search(body)
+    if key and (unknown is None or key.start() < unknown.start()):  # a value of the wrong type
+        block = body[key.end() :]
+        end = re.search(r'Parser key "|Problem with given class_path', block)
+        block = block[: end.start()] if end else block  # this key's lines only
+        # A union's inner errors show the value's items ("Got value: auto"); its last line, the whole value.
+        shown = re.findall(r"Given value: (.*)", block) or re.findall(r"Got value: (.*)", block)
+        return key["key"], shown[-1].strip() if shown else None
+    if unknown:
+        return unknown["option"] or f"{unknown['group']}.{unknown['group_option']}", None
+    return None
+
+
+def stage_settings(argv: tuple[str, ...], default_configs: tuple[str, ...], cwd: str) -> list[tuple]:
+    """(stage, dotted key, value, where) of every stage key the config files and the flags of `argv` set (the
+    files' names relative to `cwd`: jsonargparse works in a config file's folder while it reads it)."""
     settings = []
 
     def walk(stage: str, key: str, value: object, where: str) -> None:
@@ -34,8 +51,9 @@ def stage_settings(argv: tuple[str, ...], default_configs: tuple[str, ...]) -> l
 
     files = [*default_configs] + [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
     for name in files + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]:
+        path = Path(cwd) / name
         try:
-            content = yaml.safe_load(Path(name).read_text(encoding="utf-8")) if names_a_file(Path(name)) else None
+            content = yaml.safe_load(path.read_text(encoding="utf-8")) if names_a_file(path) else None
         except (OSError, yaml.YAMLError, UnicodeDecodeError):
             continue
         stages = content.get("stages") if isinstance(content, dict) else None
@@ -46,24 +64,31 @@ def stage_settings(argv: tuple[str, ...], default_configs: tuple[str, ...]) -> l
         if flag.startswith("--stages.") and flag.count(".") > 1:
             _, stage, key = flag.split(".", 2)
             value = value if given else argv[i + 1] if i + 1 < len(argv) else ""
+            try:  # as jsonargparse reads a flag's value: "[0, auto]" is a list
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
             settings.append((stage, key, value, "the command line"))
     return settings
 
 
-def stage_culprits(message: str, argv: tuple[str, ...], default_configs: tuple[str, ...]) -> list[str]:
-    """ "stages.<name>.<key> (where)" of the settings a jsonargparse message on a stage's value means."""
-    found = STAGE_VALUE.search(message.split("'stages.config.StageSpec'", 1)[-1])
-    if found is None:
+def stage_culprits(message: str, argv: tuple[str, ...], default_configs: tuple[str, ...], cwd: str) -> list[str]:
+    """ "stages.<name>.<key> (where)" of the settings a jsonargparse message on a stage's value means: those of
+    its key with the value it shows, or with it as an item (none when no setting has it: a guess could name a
+    valid one)."""
+    wanted = wanted_setting(message)
+    if wanted is None:
         return []
-    if found["key"]:  # a value of the wrong type: the settings of that key with that value
-        wanted = (found["key"], found["value"].strip())
-    else:  # an unknown key: every setting of it
-        wanted = (found["option"] or f"{found['group']}.{found['group_option']}", None)
     return [
         f"stages.{stage}.{key} ({where})"
-        for stage, key, value, where in stage_settings(argv, default_configs)
-        if key == wanted[0] and (wanted[1] is None or str(value) == wanted[1])
+        for stage, key, value, where in stage_settings(argv, default_configs, cwd)
+        if key == wanted[0] and (wanted[1] is None or wanted[1] in (str(value), *map(str, _items(value))))
     ]
+
+
+def _items(value: object) -> list:
+    """A list's items (jsonargparse may show the one it refuses), else none."""
+    return value if isinstance(value, list) else []
 
 
 class CommandParser(ArgumentParser):
@@ -72,11 +97,12 @@ class CommandParser(ArgumentParser):
     of one stage is named without its stage."""
 
     argv: tuple[str, ...] = ()  # the command line, set by main()
+    cwd = ""  # the working folder the command line's paths are relative to, set by main()
     default_configs: tuple[str, ...] = ()  # the curriculum's default config files, set by build_parser()
 
     def error(self, message: str, ex: Exception | None = None):
         if "Problem with given class_path 'stages.config.StageSpec'" in message:
-            culprits = stage_culprits(message, self.argv, self.default_configs)
+            culprits = stage_culprits(message, self.argv, self.default_configs, self.cwd or os.getcwd())
             if culprits:
                 message += "\n  Set in: " + "; ".join(dict.fromkeys(culprits))
         if 'Parser key "stages"' in message and "arguments are required" in message:

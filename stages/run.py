@@ -483,6 +483,7 @@ def run_command(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Every CommandParser's: a subcommand's parser reports its own errors (the command line: see `stage_culprits`).
     CommandParser.argv = with_project_configs(tuple(sys.argv[1:] if argv is None else argv))
+    CommandParser.cwd = os.getcwd()
     loads_models = parser.argv[:1] in (("curriculum",), ("eval",), ("export",), ("bench",))
     problem = image_processor_problem() if loads_models else None
     if problem:

@@ -203,7 +203,7 @@ def test_an_empty_section_of_a_config_file_is_named_with_the_file(tmp_path, caps
     assert f"{flag} {path}: {key} must be a mapping of its keys, got None (an empty section" in err
 
 
-STAGES = "stages:\n  align: {trainable: [projector], max_words: 8, init_from: base}\n"
+STAGES = "stages:\n  align: {trainable: [projector], max_words: 8, init_from: base, trainer: {devices: auto}}\n"
 
 
 @pytest.mark.parametrize(
@@ -213,6 +213,9 @@ STAGES = "stages:\n  align: {trainable: [projector], max_words: 8, init_from: ba
         ("  sft_b: {trainable: [lora], max_words: 9, trainer: {max_step: 7}}\n", None, "stages.sft_b.trainer.max_step"),
         ("", "--stages.align.lr.projector=fast", "stages.align.lr.projector (the command line)"),
         ("", "--stages.align.max_wrds=5", "stages.align.max_wrds (the command line)"),
+        # A union's inner error showed "Got value: auto", align's valid value: the hint named align.
+        ("  sft: {trainable: [lora], max_words: 9, trainer: {devices: [0, auto]}}\n", None, "stages.sft.trainer"),
+        ("  sft: {trainable: [lora, 3], max_words: 9}\n", None, "stages.sft.trainable"),
     ],
 )
 def test_a_bad_value_of_a_stage_names_the_stage(tmp_path, capsys, stage, flag, culprit):
@@ -223,7 +226,18 @@ def test_a_bad_value_of_a_stage_names_the_stage(tmp_path, capsys, stage, flag, c
     with pytest.raises(SystemExit) as exit_info:
         main(["curriculum", "--config", str(path), *([flag] if flag else []), "--print_config"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and f"Set in: {culprit.format(path=path)}" in err
+    set_in = err.split("Set in: ")[-1].splitlines()[0] if "Set in: " in err else ""
+    assert exit_info.value.code == 2 and set_in.startswith(culprit.format(path=path)) and ";" not in set_in, err
+
+
+def test_a_bad_stage_value_in_a_config_named_from_the_working_folder_names_the_stage(tmp_path, capsys, monkeypatch):
+    """jsonargparse reads a config file from the file's own folder: `cf/b.yaml` was not found again, no hint."""
+    (tmp_path / "cf").mkdir()
+    (tmp_path / "cf" / "b.yaml").write_text("stages:\n  align:\n    trainable: [projector]\n    max_words: abc\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["curriculum", "--config", "cf/b.yaml", "--print_config"])
+    assert "Set in: stages.align.max_words (--config cf/b.yaml)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("under", [False, True])
