@@ -5,8 +5,8 @@ A stage's `export/` folder holds `projector.safetensors`; once LoRA is in play, 
 (`trainable` "vision" / "lm"), `vision.safetensors` / `lm.safetensors` with their weights and buffers
 (BatchNorm statistics), carried by every later stage. The next stage's `init_from` names the folder to
 start from. Under DeepSpeed bf16/fp16 the trained weights are the optimizer's float32 master copies, and a
-part carried but frozen in a stage is handed on as the file it came from: DeepSpeed casts frozen weights
-to bf16 too, which would round them for every later stage.
+part (the adapter too) carried but frozen in a stage is handed on as the file it came from: DeepSpeed casts
+frozen weights to bf16 too, which would round them for every later stage.
 """
 
 from __future__ import annotations
@@ -117,6 +117,9 @@ def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) ->
     carried = {part: _carried(vlm, part) for part in files}
     trained = [part for part in files if carried[part] is None]
     lora = [(n, p) for n, p in vlm.lm.named_parameters() if "lora_" in n]
+    # An adapter carried but frozen here is copied as it came too (DeepSpeed bf16 had it rounded for later stages).
+    adapter_source = vlm.handed_from.get("adapter") if lora and not any(p.requires_grad for _, p in lora) else None
+    lora = lora if adapter_source is None else []
     with gathered([*(p for _, p in lora), *(p for part in trained for p in _part(vlm, part).parameters())]):
         states = {
             part: _cpu(vlm.projector.named_parameters()) if part == "projector" else _full_state(vlm, part)
@@ -131,7 +134,10 @@ def save_handoff(vlm: VisionLanguageModel, out_dir: Path, write: bool = True) ->
                 shutil.copyfile(source, out_dir / files[part])
         for part, state in states.items():
             save_file(state, str(out_dir / files[part]))
-        if has_lora(vlm):
+        if adapter_source is not None:
+            shutil.rmtree(out_dir / ADAPTER_DIR, ignore_errors=True)
+            shutil.copytree(adapter_source, out_dir / ADAPTER_DIR)
+        elif has_lora(vlm):
             vlm.lm.save_pretrained(out_dir / ADAPTER_DIR, state_dict=adapter)
         held = [*files.values(), *([ADAPTER_DIR] if has_lora(vlm) else [])]
         (out_dir / MANIFEST).write_text(json.dumps({"files": held}))
@@ -187,3 +193,4 @@ def load_handoff(vlm: VisionLanguageModel, from_dir: Path, label: str = "init_fr
         if has_lora(vlm):
             raise RuntimeError("load_handoff expects a language model without an adapter")
         vlm.lm = PeftModel.from_pretrained(vlm.lm, from_dir / ADAPTER_DIR, is_trainable=True)
+        vlm.handed_from["adapter"] = from_dir / ADAPTER_DIR

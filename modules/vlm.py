@@ -45,4 +45,5 @@ class VisionLanguageModel(ImageTokenMixin, nn.Module):
         self.grid = grid
         self.vision_layer = vision_layer
         self.full_groups: set[str] = set()  # "vision" / "lm" once trained in full: handed to later stages
-        self.handed_from: dict[str, Path] = {}  # "projector" / "vision" / "lm": the handoff file each came from
+        # "projector" / "vision" / "lm" / "adapter": the handoff file (adapter: folder) each came from
+        self.handed_from: dict[str, Path] = {}

@@ -196,6 +196,27 @@ class TrainerConfig:
                 ) from None
             except ValueError as error:
                 raise ValueError(f"{where}.deepspeed_config: {error}") from None
+            self._check_deepspeed_precision(where)
+
+    def _check_deepspeed_precision(self, where: str) -> None:
+        """Precisions DeepSpeed does not train as the project means them: float64 Lightning refuses (once the
+        stage built its Trainer, after the data, the base models and any earlier stage), and under ZeRO stage 0
+        DeepSpeed trains bf16 weights with no float32 master copy (its `DDP_BFLOAT16`), where most updates round
+        away: the handoff it saved was bf16."""
+        from stages.strategies import zero_stage
+
+        precision = unified_precision(self.precision)
+        if precision == "64-true":
+            raise ValueError(
+                f"{where}.precision {self.precision}: Lightning's DeepSpeed strategy does not train in float64; use "
+                f"{where}.strategy auto (or ddp) for float64 runs"
+            )
+        if precision in ("bf16-mixed", "bf16-true") and zero_stage(self.deepspeed_config) == 0:
+            raise ValueError(
+                f"{where}.deepspeed_config {self.deepspeed_config}: ZeRO stage 0 (or none) with precision "
+                f"{self.precision}: DeepSpeed then trains bf16 weights with no float32 master copy, where most "
+                "updates round away; use ZeRO stage 1 or more (configs/deepspeed/zero2.json)"
+            )
 
     def _check_devices(self, where: str) -> None:
         devices = self.devices

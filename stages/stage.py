@@ -64,7 +64,8 @@ def fingerprint(obj: object) -> str:
 # Recorded in a stage's config.yaml as given, but not part of its fingerprint: its `inputs` identify the folders
 # these name (a normalised path and a digest), so the same folder spelled otherwise (relative or absolute, with
 # a trailing slash) is the same input, and a recipe's effect is in the digest of the shards it built.
-AS_GIVEN = (("data", "shard_dir"), ("data", "recipe"), ("model", "vision_path"), ("model", "lm_path"))
+AS_GIVEN = (("data", "shard_dir"), ("data", "recipe"), ("model", "vision_path"), ("model", "lm_path"),
+            ("spec", "trainer", "deepspeed_config"))  # its content is: `deepspeed_config_digest`  # fmt: skip
 # Also left out: what only changes what is shown (TensorBoard's logging interval, the progress bar), never the
 # weights or the metrics.json of a stage; changing them retrained every stage.
 DISPLAY_ONLY = (("spec", "trainer", "enable_progress_bar"), ("spec", "trainer", "log_every_n_steps"))

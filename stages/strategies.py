@@ -161,6 +161,15 @@ TRAINER_OWNED = {
 }
 
 
+# DeepSpeed keys that replace what a stage's own settings decide: an "optimizer" block trained with its rate and
+# no warm-up or decay, the stage's lr.<group>, warmup_steps and min_lr_ratio unused, unsaid; a "scheduler" block
+# was ignored (Lightning steps the stage's schedule), unsaid.
+STAGE_OWNED = {
+    "optimizer": "the stage's AdamW: stages.<name>.lr.<group>",
+    "scheduler": "the stage's schedule: stages.<name>.warmup_steps and min_lr_ratio",
+}
+
+
 def read_config(path: str) -> dict:
     """The DeepSpeed JSON config at `path`; a ValueError naming the file when it is no JSON object or sets a
     key that the trainer's flags own."""
@@ -172,8 +181,9 @@ def read_config(path: str) -> dict:
     if not isinstance(config, dict):
         raise ValueError(f"{file} holds a JSON {type(config).__name__}, not an object of DeepSpeed settings")
     owned = [f"{key} (use --{TRAINER_OWNED[key]})" for key in config if key in TRAINER_OWNED]
+    owned += [f"{key} ({STAGE_OWNED[key]})" for key in config if key in STAGE_OWNED]
     if owned:
-        raise ValueError(f"{file} sets {', '.join(owned)}: Lightning fills these from the run's flags")
+        raise ValueError(f"{file} sets {', '.join(owned)}: the run's flags and stages decide these")
     return config
 
 

@@ -173,8 +173,9 @@ def test_bf16_handoff_keeps_float32_weights_of_tied_and_frozen_parts(tmp_path, m
     stages = {
         "align": {"trainable": ["projector", "lm"], "max_words": 8, "init_from": "base", "trainer": {"max_steps": 3}},
         "sft_short": {"trainable": ["lora"], "max_words": 8, "trainer": {"max_steps": 3}},
+        "projector_again": {"trainable": ["projector"], "max_words": 8, "trainer": {"max_steps": 2}},
     }
-    (tmp_path / "stages.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (tmp_path / "stages.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
     argv = [
         "curriculum", f"--run_dir={tmp_path / 'run'}", "--config", str(tmp_path / "stages.yaml"), *TWO_STAGES,
         f"--data.shard_dir={micro_world}", f"--model.vision_path={micro_base[0]}", f"--model.lm_path={lm}",
@@ -188,6 +189,9 @@ def test_bf16_handoff_keeps_float32_weights_of_tied_and_frozen_parts(tmp_path, m
     assert torch.equal(weights["lm_head.weight"], embedding), "the tied lm_head holds the master too"
     for name in ("projector.safetensors", "lm.safetensors"):  # frozen in sft_short: handed on as they came
         assert (sft / name).read_bytes() == (align / name).read_bytes(), name
+    # The adapter frozen in projector_again: it was saved from its bf16-cast parameters (4.8e-4 off).
+    again = tmp_path / "run" / "projector_again" / "export" / "adapter" / "adapter_model.safetensors"
+    assert again.read_bytes() == (sft / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
 def test_compile_under_zero3_is_refused_with_the_flags(tmp_path, capsys, micro_world, micro_base):
