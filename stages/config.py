@@ -135,9 +135,10 @@ class TrainerConfig:
             changes["deepspeed_config"] = None
         return replace(self, **changes)
 
-    def check(self, where: str = "trainer") -> None:
+    def check(self, where: str = "trainer", merged: bool = True) -> None:
         """Fails on values Lightning would reject only once a stage has started (or accept and misbehave on),
-        naming the field as `<where>.<field>`."""
+        naming the field as `<where>.<field>`. `merged`: a stage's settings as it trains (the run's own, which
+        every stage may override, are not judged as a combination of precision and DeepSpeed config)."""
         if self.max_steps is not None and self.max_steps != -1 and self.max_steps < 1:
             raise ValueError(f"{where}.max_steps must be at least 1 (or -1: the epochs decide), got {self.max_steps}")
         if self.max_epochs is not None and self.max_epochs != -1 and self.max_epochs < 1:
@@ -196,7 +197,8 @@ class TrainerConfig:
                 ) from None
             except ValueError as error:
                 raise ValueError(f"{where}.deepspeed_config: {error}") from None
-            self._check_deepspeed_precision(where)
+            if merged:  # a stage's settings as it trains: the run's may be overridden by every stage
+                self._check_deepspeed_precision(where)
 
     def _check_deepspeed_precision(self, where: str) -> None:
         """Precisions DeepSpeed does not train as the project means them: float64 Lightning refuses (once the
@@ -516,7 +518,7 @@ class CurriculumConfig:
         if self.run_dir is not None and not self.run_dir.strip():  # it ran in runs/<config name>, unsaid
             raise ValueError("run_dir: empty; name a folder, or leave it unset for runs/<name of the config>")
         check_seed(self.seed, "seed")
-        self.trainer.check("trainer")
+        self.trainer.check("trainer", merged=False)  # each stage's merged trainer is checked in full below
         names = list(self.stages)
         folded = [name.lower() for name in names]
         for index, (name, spec) in enumerate(self.stages.items()):

@@ -54,6 +54,19 @@ def test_precisions_deepspeed_does_not_train_as_meant_are_refused(tmp_path, caps
     assert message in err, err
 
 
+def test_a_run_level_combination_every_stage_overrides_is_not_refused(tmp_path):
+    """The run's bf16 under ZeRO stage 0 was refused though every stage trained in float32."""
+    from stages.config import CurriculumConfig, StageSpec, TrainerConfig
+
+    zero0 = tmp_path / "zero0.json"
+    zero0.write_text('{"zero_optimization": {"stage": 0}}')
+    run = TrainerConfig(strategy="deepspeed", deepspeed_config=str(zero0), precision="bf16-mixed", max_steps=2)
+    fp32 = StageSpec(["projector"], 8, "base", trainer=TrainerConfig(precision="32-true"))
+    CurriculumConfig(stages={"a": fp32}, trainer=run)
+    with pytest.raises(ValueError, match="stages.a.trainer.deepspeed_config .*ZeRO stage 0"):
+        CurriculumConfig(stages={"a": StageSpec(["projector"], 8, "base")}, trainer=run)
+
+
 def test_the_deepspeed_config_is_fingerprinted_by_its_content_not_its_name(tmp_path):
     """The same JSON named another way (an absolute path) retrained every finished stage, and emptied a killed
     stage's folder with its checkpoints."""
