@@ -62,57 +62,40 @@ def step_metrics(trainer: L.Trainer, metrics: dict) -> dict:
     return {"step": f"{trainer.global_step}" + (f"/{total}" if total is not None else ""), **metrics}
 
 
-class RichStageProgressBar(RichProgressBar):
+class _StageBar:
+    """What both bars add to Lightning's: the stage's name, the epoch's total in batches, a resumed epoch's bar,
+    the optimizer steps beside the metrics. Before the Lightning bar in the bases: its hooks come first."""
+
     def __init__(self, stage: str) -> None:
         super().__init__()
         self.stage = stage
 
     @property
-    @override
     def total_train_batches(self) -> int | float:
         return epoch_batches_to_run(self.trainer)
 
-    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         if trainer.fit_loop.restarted_mid_epoch:  # Lightning calls no on_train_epoch_start for a resumed epoch
             self.on_train_epoch_start(trainer, pl_module)
 
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        return step_metrics(trainer, super().get_metrics(trainer, pl_module))
+
+
+class RichStageProgressBar(_StageBar, RichProgressBar):
     @override
     def _get_train_description(self, current_epoch: int) -> str:
         text = stage_description(self.stage, self.trainer)
         # Rich pads it to the validation bar's description, as Lightning's own does, so the bars do not flicker.
         return f"{text:{len(self.validation_description)}}"
 
-    @override
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        return step_metrics(trainer, super().get_metrics(trainer, pl_module))
 
-
-class TQDMStageProgressBar(TQDMProgressBar):
-    def __init__(self, stage: str) -> None:
-        super().__init__()
-        self.stage = stage
-
-    @property
-    @override
-    def total_train_batches(self) -> int | float:
-        return epoch_batches_to_run(self.trainer)
-
-    @override
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        if trainer.fit_loop.restarted_mid_epoch:  # Lightning calls no on_train_epoch_start for a resumed epoch
-            self.on_train_epoch_start(trainer, pl_module)
-
+class TQDMStageProgressBar(_StageBar, TQDMProgressBar):
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description(stage_description(self.stage, trainer))
-
-    @override
-    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        return step_metrics(trainer, super().get_metrics(trainer, pl_module))
 
 
 def stage_progress_bar(stage: str) -> RichProgressBar | TQDMProgressBar:
