@@ -80,23 +80,26 @@ class PromptFormat:
         self._special = re.compile("|".join(map(re.escape, longest_first)))
 
     def asking(self, prompt: str) -> PromptFormat:
-        """The same layout with another prompt (a question in place of the captioning instruction)."""
-        return replace(self, prompt=prompt)
+        """The same layout with another prompt (a question in place of the captioning instruction), without the
+        tokenizer's special-token strings: a LLaVA record's "<image>\nWhat color is it?" failed the batch (one
+        image placeholder too many), "<|im_end|>" ended the chat template's user turn mid-question."""
+        return replace(self, prompt=self.plain(prompt))
 
     def prefix(self) -> list[int]:
         """What every caption follows: the image placeholders and the prompt."""
         return list(self._prefix)
 
     def plain(self, caption: str) -> str:
-        """`caption` without the tokenizer's special-token strings ("<image>", "<eos>", "<|im_end|>", ...): as
-        text they became those tokens, an extra image placeholder (failing the batch) or an end mid-caption.
+        """`caption` (or a question) without the tokenizer's special-token strings ("<image>", "<eos>",
+        "<|im_end|>", ...): as text they became those tokens, an extra image placeholder (failing the batch) or an
+        end mid-caption.
         A removal is logged once per token string."""
         found = set(self._special.findall(caption))
         if not found:
             return caption
         for token in found - _REMOVED:
             _REMOVED.add(token)
-            log.warning("a caption holds the tokenizer's special token %r as text: removed", token)
+            log.warning("a caption or question holds the tokenizer's special token %r as text: removed", token)
         return " ".join(self._special.sub(" ", caption).split())
 
     def encode(self, caption: str) -> tuple[list[int], list[int]]:

@@ -271,6 +271,12 @@ def check_prompt(tokenizer, config: ModelConfig) -> None:
     whose prompt and caption the tokenizer cannot keep apart)."""
     from datamodules.captions import caption_lead
 
+    image_token = getattr(tokenizer, "image_token", None)
+    if image_token and image_token in config.prompt:  # one placeholder too many: the first batch failed
+        raise ModelFolderError(
+            f"--model.prompt {config.prompt!r} holds the image token {image_token!r}: the image's tokens are placed "
+            "before the prompt by the model itself; leave it out of the prompt"
+        )
     unk = tokenizer.unk_token_id
     if unk is not None:  # a word-level tokenizer (the tiny base's) read words it lacks as <unk>, unsaid
         unknown = [w for w in config.prompt.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]]

@@ -418,3 +418,14 @@ def test_lora_on_a_tied_embedding_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"\['embed_tokens', 'lm_head'\]: its input and output embeddings"):
         lm = Qwen2ForCausalLM.from_pretrained(tmp_path / "True")
         attach_lora(SimpleNamespace(lm=lm), LoraSpec(target_modules=["embed_tokens", "lm_head"]))
+
+
+def test_a_prompt_holding_the_image_token_is_refused_before_any_work(micro_base):
+    """The plain layout took "<image> describe the image" as one placeholder more than the tower gives: the first
+    batch failed ("the batch's rows hold [4] <image> placeholders")."""
+    from modules.loading import ModelConfig, check_prompt
+
+    tokenizer = load_tokenizer(micro_base[1])
+    with pytest.raises(ModelFolderError, match="--model.prompt '<image> describe the image' holds the image token"):
+        check_prompt(tokenizer, ModelConfig(prompt="<image> describe the image"))
+    check_prompt(tokenizer, ModelConfig())
