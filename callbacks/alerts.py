@@ -91,6 +91,21 @@ def check_webhook_url(url: str) -> None:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"stability.webhook_url: {shown_url(url)} is not an http:// or https:// URL with a host")
+    try:
+        parts.port  # noqa: B018 (urllib reads the port here: "h:abc" or "h:99999" failed every post, counted)
+    except ValueError as error:
+        raise ValueError(f"stability.webhook_url: {shown_url(url)}: {error}") from None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failed post: urllib followed a 301/302/303 with a GET without the body, and its 200 counted
+    as delivered (an http:// URL redirected to https://, whose endpoint never got the alert)."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def shown_url(url: str) -> str:
@@ -207,7 +222,7 @@ class AlertSinks(Callback):
             failure = None
             try:  # the Request too: a value it refuses must not end the thread, leaving the queue unserved
                 request = urllib.request.Request(self.webhook_url, body, headers, method="POST")
-                with urllib.request.urlopen(request, timeout=5) as response:
+                with _OPENER.open(request, timeout=5) as response:
                     response.read()
             except Exception as error:  # delivery must never end a training run
                 failure = str(error)

@@ -60,7 +60,18 @@ class _Hook(BaseHTTPRequestHandler):
     release = threading.Event()
     hang_up = False  # once released, close the connection without an answer (a failed post)
 
+    redirect = False  # answer with a redirect, and a GET of it with 200 (an http:// URL moved to https://)
+
+    def do_GET(self):  # noqa: N802
+        self.send_response(200)
+        self.end_headers()
+
     def do_POST(self):  # noqa: N802 (http.server's naming)
+        if _Hook.redirect:
+            self.send_response(302)
+            self.send_header("Location", "/elsewhere")
+            self.end_headers()
+            return
         body = self.rfile.read(int(self.headers["Content-Length"]))
         _Hook.received.append(json.loads(body))
         _Hook.arrived.set()
@@ -81,7 +92,7 @@ def hook():
     _Hook.received.clear()
     _Hook.arrived.clear()
     _Hook.release.clear()
-    _Hook.hang_up = False
+    _Hook.hang_up = _Hook.redirect = False
     server = HTTPServer(("127.0.0.1", 0), _Hook)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -112,6 +123,21 @@ def test_a_dead_webhook_is_counted_not_raised():
     dead.emit(Alert("sft_long", 7, 0, "loss_spike", 12.0, 3.0, "warn"))
     dead.close()
     assert dead.webhook_failures == 1 and dead.counts["loss_spike"] == 1
+
+
+def test_a_redirected_post_is_counted_as_failed(hook):
+    """urllib followed the 302 with a GET without the alert, whose 200 counted as delivered."""
+    _Hook.redirect = True
+    sinks = AlertSinks("sft_long", webhook_url=hook)
+    sinks.emit(Alert("sft_long", 7, 0, "loss_spike", 12.0, 3.0, "warn"))
+    sinks.close()
+    assert sinks.webhook_failures == 1
+
+
+@pytest.mark.parametrize("url", ["http://h:abc/x", "https://h:99999/x"])
+def test_a_webhook_url_with_a_bad_port_is_refused(url):
+    with pytest.raises(ValueError, match="stability.webhook_url: .*[Pp]ort"):
+        AlertSinks("sft_long", webhook_url=url)
 
 
 @pytest.mark.parametrize("url", ["hooks.slack.com/services/T0/B0/secret", "file:///etc/hostname", "http:///x"])
