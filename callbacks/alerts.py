@@ -88,13 +88,15 @@ class Alert:
 def check_webhook_url(url: str) -> None:
     """An http(s) URL with a host, or a ValueError naming the key: a URL without its scheme crashed the poster
     thread at the first alert, and a file:// one counted as delivered."""
-    parts = urllib.parse.urlsplit(url)
+    try:  # urllib reads the port here: "h:abc" or "h:99999" failed every post (counted); "[::1" is no URL
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError as error:
+        raise ValueError(f"stability.webhook_url: not a URL ({error})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"stability.webhook_url: {shown_url(url)} is not an http:// or https:// URL with a host")
-    try:
-        parts.port  # noqa: B018 (urllib reads the port here: "h:abc" or "h:99999" failed every post, counted)
-    except ValueError as error:
-        raise ValueError(f"stability.webhook_url: {shown_url(url)}: {error}") from None
+    if port == 0:
+        raise ValueError(f"stability.webhook_url: {shown_url(url)}: port 0 takes no connection")
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -103,9 +105,6 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, *args, **kwargs):
         return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect)
 
 
 def shown_url(url: str) -> str:
@@ -222,7 +221,8 @@ class AlertSinks(Callback):
             failure = None
             try:  # the Request too: a value it refuses must not end the thread, leaving the queue unserved
                 request = urllib.request.Request(self.webhook_url, body, headers, method="POST")
-                with _OPENER.open(request, timeout=5) as response:
+                # Built per post: the proxy settings are read from the environment as a post is made.
+                with urllib.request.build_opener(_NoRedirect).open(request, timeout=5) as response:
                     response.read()
             except Exception as error:  # delivery must never end a training run
                 failure = str(error)

@@ -139,14 +139,19 @@ def answer_questions(
     device = next(vlm.parameters()).device
     tokenizer = fmt.tokenizer
     groups: dict[int, list[tuple]] = {}
-    longest = 0
+    longest, unasked = 0, 0
     for key, image, meta in samples:
         for q in meta.get("questions", []):
             asked = fmt.asking(q["question"])
+            if not asked.prompt.strip():  # nothing but special-token strings: a caption scored as its answer
+                unasked += 1
+                continue
             prompt = asked.prefix()
             groups.setdefault(len(prompt), []).append((key, q, image, prompt))
             for answer in q.get("answers", [q["answer"]]):
                 longest = max(longest, len(asked.encode(answer)[0]) - len(prompt))
+    if unasked:
+        log.warning("%d question(s) hold nothing but the tokenizer's special tokens: not asked", unasked)
     results = []
     for length in sorted(groups):  # the same groups, in the same order, on every rank
         rows, real = rank_share(groups[length], rank, world_size)

@@ -83,13 +83,13 @@ class PromptFormat:
         """The same layout with another prompt (a question in place of the captioning instruction), without the
         tokenizer's special-token strings: a LLaVA record's "<image>\nWhat color is it?" failed the batch (one
         image placeholder too many), "<|im_end|>" ended the chat template's user turn mid-question."""
-        return replace(self, prompt=self.plain(prompt))
+        return replace(self, prompt=self.plain(prompt, keep_lines=True))
 
     def prefix(self) -> list[int]:
         """What every caption follows: the image placeholders and the prompt."""
         return list(self._prefix)
 
-    def plain(self, caption: str) -> str:
+    def plain(self, caption: str, keep_lines: bool = False) -> str:
         """`caption` (or a question) without the tokenizer's special-token strings ("<image>", "<eos>",
         "<|im_end|>", ...): as text they became those tokens, an extra image placeholder (failing the batch) or an
         end mid-caption.
@@ -100,6 +100,9 @@ class PromptFormat:
         for token in found - _REMOVED:
             _REMOVED.add(token)
             log.warning("a caption or question holds the tokenizer's special token %r as text: removed", token)
+        if keep_lines:  # a question's lines (LLaVA's multiple-choice options) stay lines
+            lines = (" ".join(line.split()) for line in self._special.sub(" ", caption).splitlines())
+            return "\n".join(line for line in lines if line)
         return " ".join(self._special.sub(" ", caption).split())
 
     def encode(self, caption: str) -> tuple[list[int], list[int]]:

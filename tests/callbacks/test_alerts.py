@@ -134,9 +134,9 @@ def test_a_redirected_post_is_counted_as_failed(hook):
     assert sinks.webhook_failures == 1
 
 
-@pytest.mark.parametrize("url", ["http://h:abc/x", "https://h:99999/x"])
+@pytest.mark.parametrize("url", ["http://h:abc/x", "https://h:99999/x", "http://h:0/x", "http://[::1/x"])
 def test_a_webhook_url_with_a_bad_port_is_refused(url):
-    with pytest.raises(ValueError, match="stability.webhook_url: .*[Pp]ort"):
+    with pytest.raises(ValueError, match="stability.webhook_url: .*([Pp]ort|IPv6)"):
         AlertSinks("sft_long", webhook_url=url)
 
 

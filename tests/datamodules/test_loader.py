@@ -178,6 +178,8 @@ def test_special_token_text_in_a_caption_is_removed_not_tokenized(micro_base):
     assert ids.count(fmt.image_token_id) == 4 and labels.count(tokenizer.eos_token_id) == 1
     # A question too (LLaVA's records start theirs with "<image>\n"): one placeholder too many failed the VQA batch.
     assert fmt.asking("<image>\nwhat colour <eos> is it").prefix() == fmt.asking("what colour is it").prefix()
+    assert fmt.asking("<image>\nwhat colour is it ?\nA. red\nB. blue").prompt == "what colour is it ?\nA. red\nB. blue"
+    assert fmt.asking(" <image>\n").prompt == ""  # not asked (answer_questions): a caption scored as its answer
 
 
 def test_an_index_naming_a_command_or_another_folder_is_refused(micro_world, tmp_path, monkeypatch):

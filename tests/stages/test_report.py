@@ -144,6 +144,11 @@ def test_each_question_is_answered_from_its_own_prompt(micro_run):
             answer = tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
             expected.append((key, q["type"], q["answer"], answer, [q["answer"]]))
     assert sorted(answers) == sorted(expected) and len(answers) == 8
+    # A question of special tokens alone (LLaVA's "<image>\n" with its text lost) is not asked: asked nothing, the
+    # model captioned the image and the caption was scored as its answer.
+    key, image, meta = samples[0]
+    blank = [(key, image, {**meta, "questions": [{**meta["questions"][0], "question": "<image>\n"}]})]
+    assert answer_questions(vlm, blank, fmt, processor, batch_size=3, max_new_tokens=6) == []
 
 
 def test_a_moved_run_is_still_finished_and_reports_and_exports_from_anywhere(micro_run, tmp_path, monkeypatch, capsys):
