@@ -213,9 +213,9 @@ def shards_digest(shard_dir: Path) -> str:
 
 
 def input_digests(shard_dir: Path, vision: Path, lm: Path) -> dict[str, str]:
-    """The digests of a run's inputs, as its stages' fingerprints record them."""
+    """The digests of a run's inputs, as its stages' fingerprints record them ("missing": no such folder)."""
     return {
-        "shards": shards_digest(shard_dir),
+        "shards": shards_digest(shard_dir) if (shard_dir / INDEX_NAME).is_file() else "missing",
         "vision": folder_digest(vision) if vision.is_dir() else "missing",
         "lm": folder_digest(lm) if lm.is_dir() else "missing",
     }

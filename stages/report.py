@@ -13,7 +13,6 @@ from pathlib import Path
 
 import yaml
 
-from datamodules.shards import INDEX_NAME
 from stages.config import upstream_stage
 from stages.data import report_markdown
 from stages.metrics import COUNTS
@@ -103,23 +102,22 @@ def report_problems(run_dir: Path, configs: dict[str, dict], problems: dict[str,
 def changed_inputs(run_dir: Path, inputs: dict, cache: dict) -> list[str]:
     """What became of the inputs (shards, vision, lm) a stage's config.yaml records whose folder's digest is not
     the one it trained with: "shards changed since it trained ...", or "... are missing". `cache`: the digests
-    of folders already read."""
-    from stages.curriculum import folder_digest, shards_digest  # imports torch: only for a report
+    of the folders already read."""
+    from stages.curriculum import input_digests  # imports torch: only for a report
 
-    names = {"shards": ("shard_dir", "shards"), "vision": ("vision_path", "vision tower"), "lm": ("lm_path", "LM")}
+    folders = tuple(input_path(inputs[field], run_dir) for field in ("shard_dir", "vision_path", "lm_path"))
+    if folders not in cache:
+        cache[folders] = input_digests(*folders)
+    labels = {"shards": "shards", "vision": "vision tower", "lm": "LM"}
     changed, missing = [], []
-    for key, recorded in (inputs.get("digests") or {}).items():  # runs before digests were recorded: none
-        field, label = names[key]
-        folder = input_path(inputs[field], run_dir)
-        if (key, folder) not in cache:  # "missing" as `input_digests` records a folder that is not there
-            if key == "shards":
-                cache[key, folder] = shards_digest(folder) if (folder / INDEX_NAME).is_file() else "missing"
-            else:
-                cache[key, folder] = folder_digest(folder) if folder.is_dir() else "missing"
-        if cache[key, folder] == "missing" != recorded:
-            missing.append(f"{label} ({folder})")
-        elif cache[key, folder] != recorded:
-            changed.append(label)
+    for (key, now), folder in zip(cache[folders].items(), folders, strict=True):
+        recorded = (inputs.get("digests") or {}).get(key)  # runs before digests were recorded: none
+        if recorded is None or now == recorded:
+            continue
+        if now == "missing":
+            missing.append(f"{labels[key]} ({folder})")
+        else:
+            changed.append(labels[key])
     said = [f"{' and '.join(changed)} changed since it trained (rebuilt, or copied without their file times)"]
     said = said if changed else []
     said += [f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"] if missing else []
@@ -366,6 +364,7 @@ def _resources_section(run_dir: Path, stages: list[str]) -> list[str]:
     lines = ["", "## Resources", ""]
     header = "| stage | wall s | train s | tokens/s | samples/s | process peak RSS GiB | peak GPU GiB |"
     lines += [header, "|---" * 7 + "|"]
+    resumed = {}
     for name in stages:
         done = read_json(run_dir / name / "done.json", {})
         r = done.get("resources", {})
@@ -373,8 +372,8 @@ def _resources_section(run_dir: Path, stages: list[str]) -> list[str]:
             f"| {name} | {_fmt(done.get('wall_s'))} | {_fmt(r.get('train_s'))} | {_fmt(r.get('tokens_per_s'))} | "
             f"{_fmt(r.get('samples_per_s'))} | {_fmt(r.get('peak_rss_gib'))} | {_fmt(r.get('peak_gpu_gib'))} |"
         )
-    resumed = {name: read_json(run_dir / name / "done.json", {}).get("resources", {}) for name in stages}
-    resumed = {name: r["resumed_at_step"] for name, r in resumed.items() if r.get("resumed_at_step") is not None}
+        if r.get("resumed_at_step") is not None:
+            resumed[name] = r["resumed_at_step"]
     if resumed:
         where = ", ".join(f"{name} at step {step}" for name, step in resumed.items())
         lines += ["", f"Resumed ({where}): wall time and peak memory since the resume; train s and rates of every "
